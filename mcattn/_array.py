@@ -1,0 +1,256 @@
+"""Array boundary: what came in, how to compute on it, and how to give it back.
+
+Every public function calls :func:`import_arrays` once on entry and
+:meth:`ArrayBridge.export` once on exit. In between, the code sees only ``numpy.ndarray``
+(host) or ``cupy.ndarray`` (CUDA device) in float32 or float64.
+
+* NumPy and CuPy arrays pass through untouched.
+* PyTorch, JAX and TensorFlow tensors cross by DLPack, zero-copy where the framework
+  allows: ``np.from_dlpack`` / ``cupy.from_dlpack`` on the way in and the framework's
+  ``from_dlpack`` on the way out, so a torch CPU tensor comes back as a torch CPU tensor
+  and a CUDA tensor stays on its device.
+* float16 and bfloat16 are widened to float32 for the computation and the result is cast
+  back to the input dtype (bfloat16 in the framework itself, since NumPy has no bfloat16).
+* A torch tensor that requires grad is refused: mcattn's kernels have no backward, and
+  detaching silently would break training code without a word.
+"""
+
+from dataclasses import dataclass
+
+import array_api_compat as aac
+import numpy as np
+
+from .errors import DTypeError, GradientNotSupportedError
+
+__all__ = ["ArrayBridge", "import_arrays", "array_kind", "is_cupy", "host_copy"]
+
+_WIDENED = ("float16", "bfloat16")
+
+
+def array_kind(x):
+    """``"numpy"``, ``"cupy"``, ``"torch"``, ``"jax"``, ``"tensorflow"`` or ``"other"``."""
+    if isinstance(x, np.ndarray) or isinstance(x, np.generic):
+        return "numpy"
+    if aac.is_cupy_array(x):
+        return "cupy"
+    if aac.is_torch_array(x):
+        return "torch"
+    if aac.is_jax_array(x):
+        return "jax"
+    if type(x).__module__.startswith("tensorflow"):
+        return "tensorflow"
+    return "other"
+
+
+def is_cupy(x):
+    """True for a ``cupy.ndarray`` (without importing CuPy when it is absent)."""
+    return aac.is_cupy_array(x)
+
+
+def host_copy(x):
+    """A NumPy copy of a native array (``cupy`` arrays are copied to the host)."""
+    if is_cupy(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def _dtype_name(x):
+    dt = getattr(x, "dtype", None)
+    name = getattr(dt, "name", None) or str(dt)
+    return name.replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class ArrayBridge:
+    """How the caller's arrays were imported, so that the result goes back the same way.
+
+    Attributes
+    ----------
+    kind : str
+        Array library of the inputs (see :func:`array_kind`).
+    device : str
+        ``"cpu"`` or ``"cuda"`` (where the native arrays live).
+    input_dtype : str
+        dtype name of the first float input (``"float16"``, ``"bfloat16"``, ...).
+    """
+
+    kind: str
+    device: str
+    input_dtype: str
+
+    def export(self, out):
+        """Return a native result array in the caller's array type and dtype."""
+        if out is None:
+            return None
+        if self.kind in ("numpy", "other", "cupy"):
+            if self.input_dtype == "float16":
+                out = out.astype("float16")
+            return out
+        if self.kind == "torch":
+            import torch
+
+            t = torch.from_dlpack(out)
+            if self.input_dtype in _WIDENED:
+                t = t.to(getattr(torch, self.input_dtype))
+            return t
+        if self.kind == "jax":
+            import jax.numpy as jnp
+
+            a = jnp.from_dlpack(out)
+            if self.input_dtype in _WIDENED:
+                a = a.astype(getattr(jnp, self.input_dtype))
+            return a
+        if self.kind == "tensorflow":
+            import tensorflow as tf
+
+            t = tf.experimental.dlpack.from_dlpack(out.__dlpack__())
+            if self.input_dtype in _WIDENED:
+                t = tf.cast(t, getattr(tf, self.input_dtype))
+            return t
+        raise AssertionError(f"unknown array kind {self.kind}")  # pragma: no cover
+
+
+class _CapsuleHolder:
+    """Gives an old-style DLPack capsule the ``__dlpack__`` protocol NumPy/CuPy expect."""
+
+    def __init__(self, capsule, device):
+        self._capsule = capsule
+        self._device = device
+
+    def __dlpack__(self, **kwargs):
+        return self._capsule
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def _framework_to_native(x, kind, name):
+    """Widen bfloat16/float16 inside the framework, then cross by DLPack."""
+    if kind == "torch":
+        if x.requires_grad:
+            raise GradientNotSupportedError(
+                f"{name} is a torch tensor that requires grad; mcattn's kernels have no "
+                "backward pass. Call under torch.no_grad(), pass a detached tensor, or use "
+                "the autograd adapters in mcattn.frameworks.torch."
+            )
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on torch device {x.device}; only cpu and cuda are supported")
+        if x.dtype.is_floating_point and x.dtype.itemsize < 4:
+            import torch
+
+            x = x.to(torch.float32)
+        if x.device.type == "cuda":
+            import cupy
+
+            return cupy.from_dlpack(x)
+        return np.from_dlpack(x)
+    if kind == "jax":
+        if _dtype_name(x) in _WIDENED:
+            x = x.astype("float32")
+        platform = next(iter(x.devices())).platform
+        if platform == "gpu":
+            import cupy
+
+            return cupy.from_dlpack(x)
+        return np.from_dlpack(x)
+    if kind == "tensorflow":
+        import tensorflow as tf
+
+        if _dtype_name(x) in _WIDENED:
+            x = tf.cast(x, tf.float32)
+        on_gpu = "GPU" in (x.device or "")
+        if hasattr(x, "__dlpack__"):
+            holder = x
+        else:  # older TensorFlow: a capsule only
+            holder = _CapsuleHolder(tf.experimental.dlpack.to_dlpack(x), (2 if on_gpu else 1, 0))
+        if on_gpu:
+            import cupy
+
+            return cupy.from_dlpack(holder)
+        return np.from_dlpack(holder)
+    raise AssertionError(kind)  # pragma: no cover
+
+
+def import_arrays(arrays, *, float_names=None):
+    """Bring the caller's arrays to native NumPy/CuPy arrays.
+
+    Parameters
+    ----------
+    arrays : dict[str, array or None]
+        Inputs by argument name (names are used in error messages). ``None`` entries are
+        passed through.
+    float_names : sequence of str, optional
+        Arguments that must be floating point; their dtype decides the compute dtype
+        (float16/bfloat16 are widened to float32). Default: every argument.
+
+    Returns
+    -------
+    bridge : ArrayBridge
+    native : dict[str, numpy.ndarray or cupy.ndarray or None]
+
+    Raises
+    ------
+    TypeError
+        Arrays of different libraries are mixed (for example a torch ``q`` with a JAX ``k``).
+    DTypeError
+        A float argument holds integers, booleans or complex numbers.
+    GradientNotSupportedError
+        A torch tensor requires grad.
+    """
+    float_names = list(arrays) if float_names is None else list(float_names)
+    kinds = {}
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        kinds[name] = array_kind(x)
+    # The float arguments decide the array library; masks may be plain NumPy.
+    main = [kinds[n] for n in float_names if n in kinds]
+    if not main:
+        raise ValueError("no array arguments were given")
+    lead = main[0]
+    for name in float_names:
+        if name in kinds and kinds[name] != lead and {kinds[name], lead} != {"numpy", "other"}:
+            raise TypeError(
+                f"all array arguments must come from one library; {float_names[0]} is a "
+                f"{lead} array but {name} is a {kinds[name]} array"
+            )
+    input_dtype = None
+    native = {}
+    for name, x in arrays.items():
+        if x is None:
+            native[name] = None
+            continue
+        kind = kinds[name]
+        if name in float_names:
+            dname = _dtype_name(x) if kind not in ("other",) else np.asarray(x).dtype.name
+            if not _is_float_name(dname):
+                raise DTypeError(
+                    f"{name} must be a floating-point array (float16, bfloat16, float32 or "
+                    f"float64); got dtype {dname}"
+                )
+            if input_dtype is None:
+                input_dtype = dname
+        if kind == "numpy":
+            a = x
+        elif kind == "cupy":
+            a = x
+        elif kind == "other":
+            a = np.asarray(x)
+        else:
+            a = _framework_to_native(x, kind, name)
+        if name in float_names and a.dtype == np.float16:
+            a = a.astype(np.float32)
+        native[name] = a
+    devices = {"cuda" if is_cupy(a) else "cpu" for a in native.values() if a is not None}
+    if len(devices) > 1:
+        on = {n: ("cuda" if is_cupy(a) else "cpu") for n, a in native.items() if a is not None}
+        raise ValueError(
+            f"arguments live on different devices ({on}); mcattn never moves data between "
+            "host and device on its own — move them first"
+        )
+    bridge = ArrayBridge(kind=lead, device=devices.pop(), input_dtype=input_dtype)
+    return bridge, native
+
+
+def _is_float_name(name):
+    return name in ("float16", "bfloat16", "float32", "float64")

@@ -1,0 +1,77 @@
+"""Shared machinery of the Numba CPU kernels: the thread pool and BLAS threads.
+
+Kernels are ``@njit(nogil=True)`` functions that process a range ``[t0, t1)`` of
+independent tasks; :func:`run_tasks` cuts the task range into chunks and runs them on
+``config.num_threads()`` Python threads (the GIL is released inside the kernel). Why
+not ``prange``: the kernels call BLAS (``np.dot``) on small blocks, and OpenBLAS called
+from inside an OpenMP parallel region either warns and risks hanging or oversubscribes
+the cores; with plain threads and BLAS held to one thread during the call, each core
+runs exactly one kernel thread. Results never depend on the number of threads: a task
+always computes the same rows in the same order.
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import ThreadpoolController
+
+from . import config
+
+__all__ = ["run_tasks"]
+
+_lock = threading.Lock()
+_pool = None
+_pool_size = 0
+_controller = None
+
+
+def _get_pool(n):
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mcattn")
+            _pool_size = n
+        return _pool
+
+
+def _blas_one_thread():
+    global _controller
+    with _lock:
+        if _controller is None:
+            # Numba's np.dot calls SciPy's BLAS: load it first so the controller sees it.
+            import scipy.linalg.cython_blas  # noqa: F401
+
+            _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4):
+    """Run ``kernel(*args, t0, t1)`` over ``[0, num_tasks)`` on the CPU threads.
+
+    Parameters
+    ----------
+    kernel : numba dispatcher compiled with ``nogil=True``
+        Processes tasks ``t0 <= t < t1``; tasks must be independent.
+    num_tasks : int
+    *args
+        Passed to every call before ``t0, t1``.
+    chunks_per_thread : int
+        Chunks per thread, for load balance when tasks differ in cost (causal rows).
+    """
+    if num_tasks <= 0:
+        return
+    threads = min(config.num_threads(), num_tasks)
+    with _blas_one_thread():
+        if threads == 1:
+            kernel(*args, 0, num_tasks)
+            return
+        n_chunks = min(num_tasks, threads * chunks_per_thread)
+        bounds = [num_tasks * c // n_chunks for c in range(n_chunks + 1)]
+        pool = _get_pool(threads)
+        futures = [
+            pool.submit(kernel, *args, bounds[c], bounds[c + 1]) for c in range(n_chunks)
+        ]
+        for f in futures:
+            f.result()

@@ -1,0 +1,31 @@
+"""Tunable defaults, read at call time.
+
+Change a value by assignment (``mcattn.config.CPU_BLOCK_K = 256``); every call reads
+the module attribute when it runs, so tests and users can patch them without reloading
+anything. Numba kernels never read these globals themselves (Numba would freeze them
+at compile time): the launchers pass them in as arguments.
+"""
+
+import os
+
+#: Threads the CPU (Numba) kernels run on. ``None`` means ``os.cpu_count()``.
+NUM_THREADS = None
+
+#: Query rows per task of the CPU exact-attention kernel.
+CPU_BLOCK_Q = 256
+#: Keys per streamed block of the CPU exact-attention kernel (S block is BLOCK_Q x BLOCK_K).
+CPU_BLOCK_K = 512
+
+#: Keys per streamed block of the NumPy backend; the block is also capped so that a
+#: block of scores holds at most NUMPY_MAX_BLOCK_ELEMENTS numbers.
+NUMPY_BLOCK_K = 1024
+NUMPY_MAX_BLOCK_ELEMENTS = 1 << 22
+
+#: Threads per block (= query rows per block) of the GPU exact-attention kernels.
+CUDA_THREADS_PER_BLOCK = 64
+
+
+def num_threads():
+    """The number of CPU threads to use now (``NUM_THREADS`` or the CPU count)."""
+    n = NUM_THREADS if NUM_THREADS is not None else (os.cpu_count() or 1)
+    return max(1, int(n))
