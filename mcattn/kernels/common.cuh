@@ -1,0 +1,26 @@
+// Small helpers shared by mcattn's CUDA C kernels.
+//
+// The kernels are compiled three ways: by CuPy (NVRTC) on a GPU machine, by NVRTC alone
+// in the tests (sm_80, sm_90), and by the host C++ compiler under the test shim
+// (tests/cuda/shim/cuda_host_shim.h), which runs a block's threads as host threads. So
+// they use no CUDA headers and only what the shim provides: blockIdx/threadIdx/
+// blockDim/gridDim, __shared__, __syncthreads, __int_as_float/__longlong_as_double and
+// the C math functions. No warp intrinsics.
+#ifndef MCATTN_COMMON_CUH
+#define MCATTN_COMMON_CUH
+
+__device__ __forceinline__ float mcattn_exp(float x) { return expf(x); }
+__device__ __forceinline__ double mcattn_exp(double x) { return exp(x); }
+
+template <typename T> __device__ __forceinline__ T mcattn_neg_inf();
+template <> __device__ __forceinline__ float mcattn_neg_inf<float>() {
+    return __int_as_float(0xff800000);
+}
+template <> __device__ __forceinline__ double mcattn_neg_inf<double>() {
+    return __longlong_as_double(0xfff0000000000000LL);
+}
+
+__device__ __forceinline__ int mcattn_min(int a, int b) { return a < b ? a : b; }
+template <typename T> __device__ __forceinline__ T mcattn_max(T a, T b) { return a > b ? a : b; }
+
+#endif  // MCATTN_COMMON_CUH

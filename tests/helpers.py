@@ -1,0 +1,62 @@
+"""Helpers shared by the tests: references, error measures, optional imports."""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+__all__ = ["require", "rel_error", "dense_attention", "GPU_PRESENT"]
+
+GPU_PRESENT = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0")
+
+
+def require(module):
+    """Import an optional dependency; a missing one FAILS the test.
+
+    CI installs every optional dependency, so a missing one there is a broken install,
+    not a reason to skip. On a developer machine without them, set
+    ``MCATTN_ALLOW_MISSING=1`` to skip instead.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = (f"optional dependency {module!r} is missing ({exc}); install "
+                   "'mcattn[all]' or set MCATTN_ALLOW_MISSING=1 to skip")
+        if os.environ.get("MCATTN_ALLOW_MISSING") == "1":
+            pytest.skip(message)
+        pytest.fail(message)
+
+
+def rel_error(out, ref):
+    """``||out - ref|| / ||ref||`` in float64 (0 when both are 0)."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    denom = np.linalg.norm(ref)
+    num = np.linalg.norm(out - ref)
+    if denom == 0:
+        return float(num)
+    return float(num / denom)
+
+
+def dense_attention(q, k, v, *, mask=None, is_causal=False, scale=None):
+    """Float64 dense reference, independent of mcattn: full score matrix, then softmax.
+
+    ``mask`` is boolean (True = may attend) or additive float, broadcast to the scores.
+    Rows with no visible key are zeros.
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * (q @ np.swapaxes(k, -1, -2))
+    if mask is not None:
+        mask = np.asarray(mask)
+        s = np.where(mask, s, -np.inf) if mask.dtype == bool else s + mask
+    if is_causal:
+        nq, nk = s.shape[-2:]
+        s = np.where(np.tril(np.ones((nq, nk), dtype=bool)), s, -np.inf)
+    top = s.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    p = np.exp(s - top)
+    total = p.sum(axis=-1, keepdims=True)
+    p = np.where(total > 0, p / np.where(total > 0, total, 1.0), 0.0)
+    return p @ v
