@@ -25,6 +25,16 @@ from .errors import DTypeError, GradientNotSupportedError
 __all__ = ["ArrayBridge", "import_arrays", "array_kind", "is_cupy", "host_copy"]
 
 _WIDENED = ("float16", "bfloat16")
+_TF_ALIGNMENT = 64
+
+
+def _aligned_copy(a, alignment):
+    """A C-contiguous copy of ``a`` whose data starts on an ``alignment``-byte boundary."""
+    raw = np.empty(a.nbytes + alignment, dtype=np.uint8)
+    start = (-raw.ctypes.data) % alignment
+    out = raw[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def array_kind(x):
@@ -103,6 +113,8 @@ class ArrayBridge:
         if self.kind == "tensorflow":
             import tensorflow as tf
 
+            if isinstance(out, np.ndarray) and out.ctypes.data % _TF_ALIGNMENT:
+                out = _aligned_copy(out, _TF_ALIGNMENT)  # TensorFlow aborts on unaligned buffers
             t = tf.experimental.dlpack.from_dlpack(out.__dlpack__())
             if self.input_dtype in _WIDENED:
                 t = tf.cast(t, getattr(tf, self.input_dtype))

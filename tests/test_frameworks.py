@@ -1,0 +1,92 @@
+"""Array type in = array type out for torch, JAX and TensorFlow, through DLPack."""
+
+import numpy as np
+import pytest
+from helpers import dense_attention, rel_error, require
+
+import mcattn
+from mcattn._array import import_arrays
+from mcattn.errors import GradientNotSupportedError
+
+
+@pytest.fixture
+def qkv():
+    rng = np.random.default_rng(0)
+    return tuple(rng.standard_normal((2, 3, 10, 8), dtype=np.float32) for _ in range(3))
+
+
+def test_torch_in_torch_out(qkv):
+    torch = require("torch")
+    tq, tk, tv = (torch.from_numpy(a) for a in qkv)
+    kpm = torch.ones(2, 10, dtype=torch.bool)
+    kpm[1, 7:] = False
+    out = mcattn.attention(tq, tk, tv, key_padding_mask=kpm, is_causal=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=torch.tril(torch.ones(10, 10, dtype=torch.bool)) & kpm[:, None, None, :]
+    )
+    assert rel_error(out.numpy(), ref.numpy()) < 2e-6
+
+
+def test_torch_import_is_zero_copy(qkv):
+    torch = require("torch")
+    t = torch.from_numpy(qkv[0])
+    _, native = import_arrays({"q": t})
+    assert np.shares_memory(native["q"], qkv[0])
+    t_strided = t.transpose(-1, -2)  # a non-contiguous view crosses without a copy too
+    _, native = import_arrays({"q": t_strided})
+    assert np.shares_memory(native["q"], qkv[0])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_torch_dtypes_round_trip(qkv, dtype):
+    torch = require("torch")
+    tdt = getattr(torch, dtype)
+    tq, tk, tv = (torch.from_numpy(a).to(tdt) for a in qkv)
+    out = mcattn.attention(tq, tk, tv)
+    assert out.dtype == tdt
+    ref = dense_attention(*(t.to(torch.float64).numpy() for t in (tq, tk, tv)))
+    assert rel_error(out.to(torch.float64).numpy(), ref) < {"float16": 2e-3, "bfloat16": 1e-2,
+                                                            "float64": 1e-12}[dtype]
+
+
+def test_torch_requires_grad_is_refused(qkv):
+    torch = require("torch")
+    tq = torch.from_numpy(qkv[0]).requires_grad_(True)
+    tk, tv = (torch.from_numpy(a) for a in qkv[1:])
+    with pytest.raises(GradientNotSupportedError, match="q is a torch tensor that requires grad"):
+        mcattn.attention(tq, tk, tv)
+    with torch.no_grad():
+        assert isinstance(mcattn.attention(tq.detach(), tk, tv), torch.Tensor)
+
+
+def test_mixed_libraries_are_refused(qkv):
+    torch = require("torch")
+    with pytest.raises(TypeError, match="one library"):
+        mcattn.attention(torch.from_numpy(qkv[0]), *qkv[1:])
+
+
+def test_jax_in_jax_out(qkv):
+    jax = require("jax")
+    jnp = jax.numpy
+    jq, jk, jv = (jnp.asarray(a) for a in qkv)
+    out = mcattn.attention(jq, jk, jv, is_causal=True)
+    assert isinstance(out, jax.Array) and out.dtype == jnp.float32
+    assert rel_error(np.asarray(out), dense_attention(*qkv, is_causal=True)) < 2e-6
+    out16 = mcattn.attention(*(a.astype(jnp.bfloat16) for a in (jq, jk, jv)))
+    assert out16.dtype == jnp.bfloat16
+
+
+def test_tensorflow_in_tensorflow_out(qkv):
+    tf = require("tensorflow")
+    tq, tk, tv = (tf.constant(a) for a in qkv)
+    out = mcattn.attention(tq, tk, tv)
+    assert isinstance(out, tf.Tensor) and out.dtype == tf.float32
+    assert rel_error(out.numpy(), dense_attention(*qkv)) < 2e-6
+    out16 = mcattn.attention(*(tf.cast(t, tf.bfloat16) for t in (tq, tk, tv)))
+    assert out16.dtype == tf.bfloat16
+
+
+def test_python_lists_give_numpy(qkv):
+    out = mcattn.attention(*(a.tolist() for a in qkv))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
