@@ -1,0 +1,88 @@
+"""Shared pieces of the asv suites: inputs, baselines and same-process ratios.
+
+This machine is shared and noisy, so besides asv's own ``time_*`` figures every suite
+has ``track_*_ratio`` benchmarks: the time of an mcattn call divided by the time of a
+baseline (torch SDPA on the CPU, or NumPy) measured in the same process, interleaved,
+taking the best of several rounds. Only such ratios are comparable between runs.
+"""
+
+import time
+
+import numpy as np
+
+import mcattn
+
+
+def qkv(n, *, batch=1, heads=12, head_dim=64, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (batch, heads, n, head_dim)
+    return tuple(rng.standard_normal(shape, dtype=dtype) for _ in range(3))
+
+
+def sdpa(q, k, v, is_causal=False):
+    """torch.nn.functional.scaled_dot_product_attention on the CPU (the baseline)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.nn.functional.scaled_dot_product_attention(
+            torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), is_causal=is_causal
+        )
+
+
+def best_time(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def ratio(candidate, baseline, rounds=3, repeats=2):
+    """Best-of time of ``candidate`` over best-of time of ``baseline``, interleaved."""
+    candidate()
+    baseline()  # warm up both (JIT compilation, thread pools, caches)
+    t_cand = t_base = float("inf")
+    for _ in range(rounds):
+        t_cand = min(t_cand, best_time(candidate, repeats))
+        t_base = min(t_base, best_time(baseline, repeats))
+    return t_cand / t_base
+
+
+def rss_growth_mib(fn, interval=0.0005):
+    """Peak resident memory during ``fn()`` minus the resident memory before, in MiB.
+
+    A thread samples ``/proc/self/statm`` while ``fn`` runs (mcattn's kernels release the
+    GIL), so temporary buffers freed before ``fn`` returns are seen too.
+    """
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * page
+
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            done.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], rss())
+    return (peak[0] - base) / 2**20
+
+
+def exact(q, k, v, backend, is_causal=False):
+    return mcattn.attention(q, k, v, backend=backend, is_causal=is_causal, check_finite=False)
