@@ -40,12 +40,7 @@ def best_time(fn, repeats):
 
 def ratio(candidate, baseline, rounds=3, repeats=2):
     """Best-of time of ``candidate`` over best-of time of ``baseline``, interleaved."""
-    candidate()
-    baseline()  # warm up both (JIT compilation, thread pools, caches)
-    t_cand = t_base = float("inf")
-    for _ in range(rounds):
-        t_cand = min(t_cand, best_time(candidate, repeats))
-        t_base = min(t_base, best_time(baseline, repeats))
+    t_cand, t_base = interleaved_times(candidate, baseline, rounds, repeats)
     return t_cand / t_base
 
 
@@ -86,3 +81,35 @@ def rss_growth_mib(fn, interval=0.0005):
 
 def exact(q, k, v, backend, is_causal=False):
     return mcattn.attention(q, k, v, backend=backend, is_causal=is_causal, check_finite=False)
+
+
+def peak_growth_in_subprocess(setup, call, warmup):
+    """Peak RSS growth (MiB) of ``call`` in a fresh interpreter.
+
+    ``setup``, ``call`` and ``warmup`` are Python source lines run after
+    ``from benchmarks.common import *``; inputs are built in ``setup`` (not counted) and
+    ``warmup`` compiles/warms the code on small inputs first.
+    """
+    import os
+    import subprocess
+    import sys
+
+    bench_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "\n".join([
+        "import sys", f"sys.path.insert(0, {bench_dir!r})",
+        "from benchmarks.common import *", setup, warmup,
+        f"print(rss_growth_mib(lambda: {call}))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def interleaved_times(candidate, baseline, rounds=3, repeats=3):
+    """Best-of times ``(t_candidate, t_baseline)`` measured alternately after a warm-up."""
+    candidate()
+    baseline()
+    t_cand = t_base = float("inf")
+    for _ in range(rounds):
+        t_cand = min(t_cand, best_time(candidate, repeats))
+        t_base = min(t_base, best_time(baseline, repeats))
+    return t_cand, t_base

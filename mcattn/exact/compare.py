@@ -1,0 +1,14 @@
+"""Exact attention's entry in ``mcattn compare`` (the reference row)."""
+
+from ..registry import MethodEntry, Trial
+from . import attention
+
+
+def _run(inputs, value, seed):
+    out, info = attention(inputs.q, inputs.k, inputs.v, key_padding_mask=inputs.key_padding_mask,
+                          scale=inputs.scale, return_info=True)
+    return Trial(out=out, info=info, bound=0.0)
+
+
+ENTRY = MethodEntry(name="exact", knob=None, values=(None,), run=_run,
+                    bound_note="exact: no error")

@@ -1,0 +1,123 @@
+"""The methods ``mcattn compare`` knows, one entry each.
+
+A method joins the comparison by giving a :class:`MethodEntry` (conventionally
+``ENTRY`` in ``mcattn/<method>/compare.py``) and one line in :data:`METHOD_ENTRIES`;
+the CLI, the tables and the plot need no edit.
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import CallInfo
+
+__all__ = ["LayerInputs", "Trial", "MethodEntry", "METHOD_ENTRIES", "get_entries"]
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """Attention inputs of one layer of a real sample (float32 NumPy arrays).
+
+    Attributes
+    ----------
+    q, k, v : numpy.ndarray, shape ``[B, H, N, d]``
+    key_padding_mask : numpy.ndarray of bool, shape ``[B, N]``
+        True = a real token.
+    scale : float
+    x : numpy.ndarray, shape ``[B, N, d_model]``, or None
+        Input of the value projection (for methods that approximate it, like mca).
+    w_v : numpy.ndarray, shape ``[d_model, H * d]``, or None
+        Value weight in the ``y = x @ w_v + b_v`` convention.
+    b_v : numpy.ndarray, shape ``[H * d]``, or None
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    key_padding_mask: np.ndarray
+    scale: float
+    x: np.ndarray | None = None
+    w_v: np.ndarray | None = None
+    b_v: np.ndarray | None = None
+
+    @property
+    def has_projection(self):
+        return self.x is not None and self.w_v is not None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One run of a method on one layer.
+
+    Attributes
+    ----------
+    out : numpy.ndarray, shape ``[B, H, N, dv]``
+    info : CallInfo
+        Operation counts of the run (and the method's own figures).
+    bound : numpy.ndarray, float or None
+        The method's theoretical bound on the relative output error
+        ``||O~ - O|| / ||O||`` per ``[B, H]`` (or one number), None if it has none.
+    """
+
+    out: np.ndarray
+    info: CallInfo
+    bound: np.ndarray | float | None = None
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """How ``mcattn compare`` runs a method.
+
+    Attributes
+    ----------
+    name : str
+        Name on the command line and in the tables.
+    knob : str or None
+        The parameter swept (``"alpha"``, ``"num_features"``), None for exact.
+    values : tuple
+        Default sweep of the knob.
+    run : callable ``(inputs: LayerInputs, value, seed: int) -> Trial``
+    needs_projection : bool
+        The method needs ``x`` and ``w_v`` (a sample without them skips it).
+    bound_note : str
+        What the bound column means for this method (expected error, 1 - delta, ...).
+    """
+
+    name: str
+    knob: str | None
+    values: tuple
+    run: Callable
+    needs_projection: bool = False
+    bound_note: str = ""
+
+
+#: Method name -> "module:attribute" of its entry. Adding a method is one line here.
+METHOD_ENTRIES = {
+    "exact": "mcattn.exact.compare:ENTRY",
+}
+
+
+def get_entries(names=None):
+    """The entries of ``names`` (all when None), in registry order.
+
+    Raises
+    ------
+    ValueError
+        An unknown method name (the message lists the known ones).
+    """
+    known = list(METHOD_ENTRIES)
+    if names is None:
+        names = known
+    unknown = [n for n in names if n not in METHOD_ENTRIES]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; the methods are {known}")
+    entries = []
+    for name in known:
+        if name in names:
+            module, attr = METHOD_ENTRIES[name].split(":")
+            entries.append(getattr(importlib.import_module(module), attr))
+    return entries
+
+
