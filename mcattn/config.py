@@ -29,3 +29,13 @@ def num_threads():
     """The number of CPU threads to use now (``NUM_THREADS`` or the CPU count)."""
     n = NUM_THREADS if NUM_THREADS is not None else (os.cpu_count() or 1)
     return max(1, int(n))
+
+
+#: Random feature attention (mcattn.rfa): tokens per chunk of the chunked causal/gated
+#: form (exact products inside a chunk, a carried state between chunks).
+RFA_CHUNK_SIZE = 64
+#: Tokens per block of RFA's CPU kernel in the non-causal form (features are computed a
+#: block at a time, so memory stays O(block x features)).
+RFA_CPU_BLOCK = 256
+#: RFA's denominator floor, relative to its Cauchy-Schwarz bound (see mcattn.rfa).
+RFA_EPS = 1e-6
