@@ -151,6 +151,8 @@ class Problem:
     head_dim, value_dim : int
     features : frozenset of str
         Options in use, e.g. ``{"mask", "causal"}``.
+    sizes : tuple of (str, int)
+        Other sizes a kernel may limit, e.g. ``(("d_in", 384),)``.
     """
 
     device: str
@@ -158,6 +160,7 @@ class Problem:
     head_dim: int
     value_dim: int
     features: frozenset = field(default_factory=frozenset)
+    sizes: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,8 @@ class Kernel:
         Largest ``head_dim`` and ``value_dim`` it supports.
     features : frozenset of str
         Options it supports (a call using another option is refused with a reason).
+    max_sizes : tuple of (str, int)
+        Limits on the problem's other ``sizes``.
     """
 
     backend: str
@@ -185,6 +190,7 @@ class Kernel:
     dtypes: tuple = ("float32", "float64")
     max_head_dim: int | None = None
     features: frozenset = frozenset()
+    max_sizes: tuple = ()
 
     def devices(self):
         """Devices whose arrays this kernel accepts."""
@@ -208,6 +214,10 @@ class Kernel:
             widest = max(problem.head_dim, problem.value_dim)
             if widest > self.max_head_dim:
                 reasons.append(f"head dims up to {self.max_head_dim}; got {widest}")
+        limits = dict(self.max_sizes)
+        for name, size in problem.sizes:
+            if name in limits and size > limits[name]:
+                reasons.append(f"{name} up to {limits[name]}; got {size}")
         missing = sorted(problem.features - self.features)
         if missing:
             reasons.append(f"does not support {', '.join(missing)}")

@@ -88,6 +88,19 @@ class MaskSpec:
     mask_index: object
     is_causal: bool
 
+    def visible_keys(self, nq, nk):
+        """Host bool array ``[BH or 1, Nk]``: keys at least one query may attend to."""
+        causal = np.arange(nk) < nq if self.is_causal else np.ones(nk, dtype=bool)
+        if self.bias is None:
+            return causal[None, :]
+        finite = host_copy(self.bias) > -np.inf  # [M, R, Nk]
+        if self.is_causal:
+            keep = np.arange(nk)[None, :] <= np.arange(nq)[:, None]
+            per_slice = (finite & keep[None]).any(axis=1)
+        else:
+            per_slice = finite.any(axis=1)
+        return per_slice[self.mask_index]
+
     def allowed_per_row(self, nq, nk):
         """Host array ``[BH or 1, Nq]``: keys each query row may attend to."""
         causal_count = np.minimum(np.arange(nq) + 1, nk) if self.is_causal else np.full(nq, nk)

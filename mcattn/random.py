@@ -25,6 +25,9 @@ within that stream. One call yields four 32-bit words.
 * :func:`uniform` turns words 0 and 1 into a float64 in ``[0, 1)`` with 53 random bits:
   ``((w0 >> 5) * 2**26 + (w1 >> 6)) * 2**-53`` — integer work followed by an exact
   scaling, so every backend produces the same bits.
+* :func:`sample_uniform` is what the sampling kernels use: draw ``t`` of a stream is the
+  53-bit uniform of word pair ``t % 2`` (words 0, 1 or words 2, 3) of call ``t // 2``,
+  so one Philox call serves two samples.
 * :func:`normal` uses Box-Muller on words (0, 1) and (2, 3); it is only used on the host
   (random projection matrices are drawn once, in NumPy, and copied to the device).
 """
@@ -38,11 +41,13 @@ __all__ = [
     "philox4x32",
     "philox_words",
     "uniform",
+    "sample_uniform",
     "normal",
     "seed_to_key",
     "resolve_seed",
     "philox4x32_cpu",
     "uniform_cpu",
+    "sample_uniform_cpu",
     "cuda_device_functions",
 ]
 
@@ -59,6 +64,7 @@ _SHIFT32 = np.uint64(32)
 _SHIFT5 = np.uint64(5)
 _SHIFT6 = np.uint64(6)
 _TWO26 = np.uint64(1 << 26)
+_ONE = np.uint64(1)
 _TWO_M53 = 1.0 / 9007199254740992.0  # 2**-53
 
 
@@ -87,12 +93,33 @@ def _uniform53(w0, w1):
     return ((w0 >> _SHIFT5) * _TWO26 + (w1 >> _SHIFT6)) * _TWO_M53
 
 
-def _uniform_from_index(k0, k1, stream, index):
-    """One float64 uniform in [0, 1) for (key, stream, index); scalar or array."""
-    w0, w1, _, _ = _philox_rounds(
-        index & _MASK32, index >> _SHIFT32, stream & _MASK32, stream >> _SHIFT32, k0, k1
-    )
-    return _uniform53(w0, w1)
+def _make_draw_functions(rounds, u53):
+    """``(uniform, sample_uniform)`` built on a Philox and a word->float implementation.
+
+    Called with the plain Python functions (NumPy arrays), with their ``@njit`` versions
+    and with their numba.cuda device versions, so the counter layout is written once.
+    """
+
+    def uniform_from_index(k0, k1, stream, index):
+        """One float64 uniform in [0, 1) for (key, stream, index)."""
+        w0, w1, _, _ = rounds(
+            index & _MASK32, index >> _SHIFT32, stream & _MASK32, stream >> _SHIFT32, k0, k1
+        )
+        return u53(w0, w1)
+
+    def sample_uniform(k0, k1, stream, t):
+        """Draw ``t`` of a stream: word pair ``t % 2`` of Philox call ``t // 2``."""
+        index = t >> _ONE
+        w0, w1, w2, w3 = rounds(
+            index & _MASK32, index >> _SHIFT32, stream & _MASK32, stream >> _SHIFT32, k0, k1
+        )
+        odd = t & _ONE
+        return u53(w0 * (_ONE - odd) + w2 * odd, w1 * (_ONE - odd) + w3 * odd)
+
+    return uniform_from_index, sample_uniform
+
+
+_uniform_from_index, _sample_uniform = _make_draw_functions(_philox_rounds, _uniform53)
 
 
 def seed_to_key(seed):
@@ -201,6 +228,23 @@ def uniform(seed, stream, index):
     return np.asarray(_uniform_from_index(k0, k1, s, i), dtype=np.float64)
 
 
+def sample_uniform(seed, stream, t):
+    """Float64 uniforms of draws ``t`` of ``stream``, as the sampling kernels draw them.
+
+    Parameters
+    ----------
+    seed : int
+    stream, t : array_like of non-negative int, broadcast together
+
+    Returns
+    -------
+    numpy.ndarray of float64
+    """
+    k0, k1 = seed_to_key(seed)
+    s, i = np.broadcast_arrays(_as_u64(stream, "stream"), _as_u64(t, "t"))
+    return np.asarray(_sample_uniform(k0, k1, s, i), dtype=np.float64)
+
+
 def normal(seed, stream, index):
     """Standard normal float64 draws (Box-Muller on one Philox call per draw).
 
@@ -229,27 +273,20 @@ def _make_cpu_functions():
 
     rounds = njit(inline="always", cache=True)(_philox_rounds)
     u53 = njit(inline="always", cache=True)(_uniform53)
-
-    @njit(inline="always", cache=True)
-    def uniform_cpu(k0, k1, stream, index):
-        w0, w1, _, _ = rounds(
-            index & _MASK32, index >> _SHIFT32, stream & _MASK32, stream >> _SHIFT32, k0, k1
-        )
-        return u53(w0, w1)
-
-    return rounds, uniform_cpu
+    uniform, sample = _make_draw_functions(rounds, u53)
+    return rounds, njit(inline="always")(uniform), njit(inline="always")(sample)
 
 
 try:  # Numba is a hard dependency, but keep `import mcattn.random` cheap to reason about
-    philox4x32_cpu, uniform_cpu = _make_cpu_functions()
+    philox4x32_cpu, uniform_cpu, sample_uniform_cpu = _make_cpu_functions()
 except ImportError:  # pragma: no cover - numba is in install_requires
-    philox4x32_cpu = uniform_cpu = None
+    philox4x32_cpu = uniform_cpu = sample_uniform_cpu = None
 
 _CUDA_FUNCTIONS = None
 
 
 def cuda_device_functions():
-    """numba.cuda device functions ``(philox4x32, uniform)`` compiled from the same source.
+    """numba.cuda device functions ``(philox4x32, uniform, sample_uniform)`` from the same source.
 
     Arguments are uint64 scalars holding 32-bit words (``k0, k1``) or 64-bit numbers
     (``stream, index``); see the module docstring. Built on first use so that importing
@@ -261,13 +298,10 @@ def cuda_device_functions():
 
         rounds = cuda.jit(device=True, inline=True)(_philox_rounds)
         u53 = cuda.jit(device=True, inline=True)(_uniform53)
-
-        @cuda.jit(device=True, inline=True)
-        def uniform_gpu(k0, k1, stream, index):
-            w0, w1, _, _ = rounds(
-                index & _MASK32, index >> _SHIFT32, stream & _MASK32, stream >> _SHIFT32, k0, k1
-            )
-            return u53(w0, w1)
-
-        _CUDA_FUNCTIONS = (rounds, uniform_gpu)
+        uniform, sample = _make_draw_functions(rounds, u53)
+        _CUDA_FUNCTIONS = (
+            rounds,
+            cuda.jit(device=True, inline=True)(uniform),
+            cuda.jit(device=True, inline=True)(sample),
+        )
     return _CUDA_FUNCTIONS

@@ -29,7 +29,7 @@ PROBS_KERNELS = (
 )
 
 
-def exact_ops(inp):
+def exact_ops(inp, value_dim=None):
     """Operations exact attention needs for canonical inputs ``inp``.
 
     Only visible (query, key) pairs are counted: masked keys and the causal upper
@@ -42,6 +42,8 @@ def exact_ops(inp):
     Parameters
     ----------
     inp : mcattn._validate.AttentionInputs
+    value_dim : int, optional
+        Width of the values (default: that of ``inp.v``).
 
     Returns
     -------
@@ -53,7 +55,7 @@ def exact_ops(inp):
     bh = inp.q.shape[0]
     pairs = int(per_row.sum()) * (bh if per_row.shape[0] == 1 else 1)
     rows = int(np.count_nonzero(per_row)) * (bh if per_row.shape[0] == 1 else 1)
-    d, dv = inp.head_dim, inp.value_dim
+    d, dv = inp.head_dim, inp.value_dim if value_dim is None else value_dim
     counts = {
         "fp32_mul": pairs * (d + dv) + bh * inp.nq * d + rows * dv,
         "fp32_add": pairs * (d + dv + 2) + (pairs if inp.mask.bias is not None else 0),

@@ -51,4 +51,15 @@ __device__ __forceinline__ double mcattn_uniform(unsigned int k0, unsigned int k
     return mcattn_uniform53(w.w0, w.w1);
 }
 
+// Draw t of a stream, as every sampling kernel draws it: word pair t % 2 of call t / 2.
+__device__ __forceinline__ double mcattn_sample_uniform(unsigned int k0, unsigned int k1,
+                                                        unsigned long long stream,
+                                                        unsigned long long t) {
+    const unsigned long long index = t >> 1;
+    const mcattn_words4 w = mcattn_philox4x32_10(
+        (unsigned int)(index & 0xFFFFFFFFull), (unsigned int)(index >> 32),
+        (unsigned int)(stream & 0xFFFFFFFFull), (unsigned int)(stream >> 32), k0, k1);
+    return (t & 1ull) ? mcattn_uniform53(w.w2, w.w3) : mcattn_uniform53(w.w0, w.w1);
+}
+
 #endif  // MCATTN_PHILOX_CUH

@@ -1,0 +1,375 @@
+"""Monte-Carlo attention (MCA): the value projection by importance sampling.
+
+Kim & Ko, "MCA: Monte-Carlo Attention", AAAI 2022 (arXiv 2201.12854). Attention
+probabilities ``A = softmax(scale q k^T + mask)`` stay exact; each key token ``j`` gets
+``r_j = min(d_in, ceil((n * max_i A[i, j] / alpha)^2))`` samples of the inner index of
+its value projection ``x_j @ W_V`` (``n`` = number of valid keys), so tokens that
+receive little attention are projected coarsely and the salient ones precisely; the
+output is ``A @ V~``. With ceil (not the authors' floor) the paper's theorem holds
+exactly: ``E||O~_i - O_i|| <= (alpha / n) sum_j ||x_j|| ||W_h||_F`` (see
+:mod:`mcattn.mca.bounds`).
+
+Differences from the authors' code, all deliberate: valid (unpadded) key count ``n``
+instead of the padded length, ceil instead of floor, independent draws per (token, head)
+by default (``shared_draws=True`` reproduces their nested draws), batches, masks,
+causal attention, float64, and the honest operation count in ``info``.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._array import import_arrays
+from .._dispatch import Kernel, Problem, select_kernel
+from .._validate import check_finite_array, namespace_of, prepare_attention
+from ..cost import CallInfo, OpCounts
+from ..errors import DTypeError, ShapeError
+from ..exact import PROBS_KERNELS, exact_ops
+from ..random import resolve_seed
+from . import bounds
+from .naive import weight_probs
+
+__all__ = ["sampling_probs", "budgets", "value_projection", "attention", "MCAInfo", "bounds",
+           "PROJECTION_KERNELS"]
+
+_SAMPLINGS = ("weight", "optimal")
+_GPU_MAX_D_IN = 4096
+
+#: The sampled value-projection kernels, one per backend.
+PROJECTION_KERNELS = (
+    Kernel("numba", "mcattn.mca.cpu", "value_projection",
+           features=frozenset({"optimal", "shared_draws"})),
+    Kernel("numpy", "mcattn.mca.naive", "value_projection",
+           features=frozenset({"optimal", "shared_draws"})),
+    Kernel("cupy", "mcattn.mca.cupy", "value_projection", max_head_dim=128,
+           features=frozenset({"optimal"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
+    Kernel("cuda", "mcattn.mca.cuda", "value_projection", max_head_dim=128,
+           features=frozenset({"optimal"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
+)
+
+
+@dataclass(frozen=True)
+class MCAInfo(CallInfo):
+    """What an MCA call did (``return_info=True``).
+
+    Attributes
+    ----------
+    budgets : array of int, shape ``[..., H, Nk]``
+        Samples per key token and head (``>= d_in`` = computed exactly, 0 = masked).
+    macs_kept : float
+        The paper's "FLOPs kept": value-projection multiply-adds done over those of the
+        dense projection, on valid tokens (``mean(min(r_j, d_in)) / d_in``).
+    exact_fraction : float
+        Fraction of valid (token, head) pairs computed exactly.
+    projection_ops, dense_projection_ops : OpCounts
+        The sampled projection's operations (sampling work included) and the dense one's.
+    seed : int
+        The seed used (record it to reproduce a ``seed=None`` call).
+    alpha : float or None
+    sampling : str
+    shared_draws : bool
+    """
+
+    budgets: object = None
+    macs_kept: float = float("nan")
+    exact_fraction: float = float("nan")
+    projection_ops: OpCounts = None
+    dense_projection_ops: OpCounts = None
+    seed: int = 0
+    alpha: float | None = None
+    sampling: str = "weight"
+    shared_draws: bool = False
+
+
+def _check_weight(w, b, num_heads, d_in=None):
+    if w.ndim != 2:
+        raise ShapeError(f"w must have shape [d_in, num_heads * d_head]; got shape {w.shape}")
+    if not isinstance(num_heads, (int, np.integer)) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer; got {num_heads!r}")
+    if w.shape[1] % num_heads:
+        raise ShapeError(
+            f"num_heads={num_heads} does not divide the projection width w.shape[1]={w.shape[1]}"
+        )
+    if d_in is not None and w.shape[0] != d_in:
+        raise ShapeError(f"w must have d_in={d_in} rows to match x's last dim; got w {w.shape}")
+    if b is not None and b.shape != (w.shape[1],):
+        raise ShapeError(f"b must have shape [{w.shape[1]}] (the projection width); got {b.shape}")
+
+
+def _check_sampling(sampling, shared_draws):
+    if sampling not in _SAMPLINGS:
+        raise ValueError(f"sampling must be one of {_SAMPLINGS}; got {sampling!r}")
+    if shared_draws and sampling != "weight":
+        raise ValueError("shared_draws=True needs sampling='weight' (per-token probabilities "
+                         "cannot share one draw sequence)")
+
+
+def sampling_probs(w, num_heads):
+    """Weight-norm sampling probabilities of each head (cache them per weight).
+
+    Parameters
+    ----------
+    w : array, shape ``[d_in, num_heads * d_head]``
+        Value weight in the ``y = x @ w + b`` convention (torch's ``Linear.weight.T``).
+    num_heads : int
+
+    Returns
+    -------
+    array, shape ``[num_heads, d_in]``, float64
+        ``p_h(k) = ||w[k, cols_h]||^2 / ||w[:, cols_h]||_F^2``.
+    """
+    bridge, a = import_arrays({"w": w})
+    _check_weight(a["w"], None, num_heads)
+    xp = namespace_of(a["w"])
+    host = np.asarray(a["w"].get() if xp is not np else a["w"])
+    return bridge.export(xp.asarray(weight_probs(host, num_heads)))
+
+
+def budgets(probs_attn, alpha, d_in, *, key_padding_mask=None):
+    """Samples per key token: ``r_j = min(d_in, ceil((n * max_i A[i, j] / alpha)^2))``.
+
+    Parameters
+    ----------
+    probs_attn : array, shape ``[..., H, Nq, Nk]``
+        Attention probabilities (e.g. :func:`mcattn.attention_probs`).
+    alpha : float
+        Error knob, > 0: smaller is more accurate (``alpha -> 0`` computes every token
+        exactly).
+    d_in : int
+        Inner dimension of the value projection (the cap: ``r_j = d_in`` means exact).
+    key_padding_mask : array of bool, optional
+        ``[..., Nk]`` (broadcast against the leading dims of ``probs_attn`` without
+        ``H``): True = real key. ``n`` is its count of real keys and masked keys get 0;
+        without it ``n = Nk``.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape ``[..., H, Nk]``
+    """
+    bridge, a = import_arrays({"probs_attn": probs_attn, "key_padding_mask": key_padding_mask},
+                              float_names=("probs_attn",))
+    p = a["probs_attn"]
+    if p.ndim < 3:
+        raise ShapeError(f"probs_attn must have shape [..., H, Nq, Nk]; got {p.shape}")
+    kpm = a["key_padding_mask"]
+    valid = None
+    if kpm is not None:
+        if kpm.dtype != bool:
+            raise DTypeError(f"key_padding_mask must be boolean (True = real key); got {kpm.dtype}")
+        if kpm.shape[-1] != p.shape[-1]:
+            raise ShapeError(f"key_padding_mask must end in Nk={p.shape[-1]}; got {kpm.shape}")
+        valid = kpm[..., None, :]  # over heads
+    return bridge.export(_budgets(p, alpha, d_in, valid))
+
+
+def _budgets(p, alpha, d_in, valid):
+    """Budgets ``[..., H, Nk]`` from probabilities ``[..., H, Nq, Nk]`` and a valid-key mask."""
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha must be a positive number; got {alpha!r}") from None
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a positive finite number; got {alpha}")
+    if int(d_in) < 1:
+        raise ValueError(f"d_in must be >= 1; got {d_in}")
+    xp = namespace_of(p)
+    top = p.max(axis=-2).astype(np.float64) if p.shape[-2] else xp.zeros(p.shape[:-2] + p.shape[-1:])
+    if valid is None:
+        n = p.shape[-1]
+    else:
+        n = valid.sum(axis=-1, keepdims=True)
+        top = xp.where(valid, top, 0.0)
+    r = xp.ceil((n * top / alpha) ** 2)
+    return xp.minimum(r, int(d_in)).astype(np.int64)
+
+
+def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight",
+                     shared_draws=False, backend=None):
+    """The importance-sampled estimate of ``x @ w + b``, split into heads.
+
+    Parameters
+    ----------
+    x : array, shape ``[..., N, d_in]``
+    w : array, shape ``[d_in, num_heads * d_head]``
+    b : array, shape ``[num_heads * d_head]``, optional
+    num_heads : int
+    budgets : array of int, shape ``[..., num_heads, N]``
+        Samples per token and head; ``>= d_in`` computes the token exactly, 0 gives ``b``.
+    seed : int or numpy.random.Generator
+    sampling : {"weight", "optimal"}
+        ``"weight"``: ``p_h(k)`` proportional to ``||w[k, cols_h]||^2`` (the paper);
+        ``"optimal"``: per token, proportional to ``|x_jk| ||w[k, cols_h]||`` (the
+        variance-minimising choice of Drineas et al.; O(d_in) more work per token).
+    shared_draws : bool
+        One draw sequence per (batch row, head), tokens use its prefixes — the authors'
+        kernel; correlated errors across tokens, still unbiased.
+    backend : {None, "numpy", "numba", "cuda", "cupy"}
+
+    Returns
+    -------
+    array, shape ``[..., num_heads, N, d_head]``
+        Unbiased: its expectation over seeds is ``(x @ w + b)`` split into heads.
+    """
+    bridge, a = import_arrays({"x": x, "w": w, "b": b, "budgets": budgets},
+                              float_names=("x", "w", "b"))
+    x, w, b, r = a["x"], a["w"], a["b"], a["budgets"]
+    _check_sampling(sampling, shared_draws)
+    if x.ndim < 2:
+        raise ShapeError(f"x must have shape [..., N, d_in]; got {x.shape}")
+    _check_weight(w, b, num_heads, x.shape[-1])
+    lead, n, d_in = x.shape[:-2], x.shape[-2], x.shape[-1]
+    if r.dtype.kind not in "iu":
+        raise DTypeError(f"budgets must hold integers; got {r.dtype}")
+    if r.shape != lead + (num_heads, n):
+        raise ShapeError(f"budgets must have shape {lead + (num_heads, n)} ([..., H, N]); "
+                         f"got {r.shape}")
+    dtype = x.dtype
+    w, b = w.astype(dtype, copy=False), None if b is None else b.astype(dtype, copy=False)
+    batch = int(np.prod(lead, dtype=np.int64))
+    out, _ = _run_projection(x.reshape(batch, n, d_in), w, b, num_heads,
+                          r.reshape(batch, num_heads, n), resolve_seed(seed), sampling,
+                          shared_draws, backend)
+    return bridge.export(out.reshape(lead + out.shape[1:]))
+
+
+def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backend):
+    features = set()
+    if sampling == "optimal":
+        features.add("optimal")
+    if shared_draws:
+        features.add("shared_draws")
+    xp = namespace_of(x3)
+    problem = Problem(
+        device="cpu" if xp is np else "cuda", dtype=x3.dtype.name,
+        head_dim=w.shape[1] // num_heads, value_dim=w.shape[1] // num_heads,
+        features=frozenset(features), sizes=(("d_in", x3.shape[-1]),),
+    )
+    kernel = select_kernel("mca value projection", PROJECTION_KERNELS, problem, backend)
+    return kernel(x3, w, b, num_heads, r3, seed, sampling, shared_draws), kernel.backend
+
+
+def _projection_ops(r, d_in, dv, sampling, valid):
+    """Operations of the sampled projection given the budgets that were used."""
+    r = np.asarray(r, dtype=np.int64)
+    exact = r >= d_in
+    sampled = (r > 0) & ~exact
+    n_exact = int(exact.sum())
+    draws = int(r[sampled].sum())
+    steps = int(np.ceil(np.log2(max(d_in, 2))))
+    counts = {
+        "fp32_mul": (n_exact * d_in + draws) * dv + draws + int(sampled.sum()) * dv,
+        "fp32_add": (n_exact * d_in + draws) * dv + int((r > 0).sum()) * dv,
+        "fp32_div": draws,
+        "rng": 2 * draws,
+        "search_step": steps * draws,
+    }
+    if sampling == "optimal":  # per-token distribution: |x| ||W_k||, running sum, normalise
+        counts["fp32_mul"] += 2 * int(sampled.sum()) * d_in
+        counts["fp32_add"] += int(sampled.sum()) * d_in
+    n_valid = int(valid.sum())
+    dense = OpCounts({"fp32_mul": n_valid * d_in * dv, "fp32_add": n_valid * (d_in + 1) * dv})
+    return OpCounts(counts), dense
+
+
+def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
+              is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
+              backend=None, check_finite=True, return_info=False):
+    """Monte-Carlo attention: exact probabilities, sampled values, exact ``A @ V~``.
+
+    Parameters
+    ----------
+    q : array, shape ``[..., H, Nq, d_head]``
+    k : array, shape ``[..., H, Nk, d_head]``
+    x : array, shape ``[..., Nk, d_in]``
+        Input of the value projection (hidden states of the key tokens).
+    w_v : array, shape ``[d_in, H * d_v]``
+        Value weight, ``v = x @ w_v + b_v`` (torch's ``Linear.weight.T``).
+    b_v : array, shape ``[H * d_v]``, optional
+    num_heads : int
+        ``H``; must equal ``q.shape[-3]`` and divide ``w_v.shape[1]``.
+    alpha : float
+        Error knob (> 0); see :func:`budgets` and :mod:`mcattn.mca.bounds`.
+    attn_mask, key_padding_mask, is_causal, scale
+        As in :func:`mcattn.attention` (``key_padding_mask`` ``[B, Nk]``, True = real key).
+    seed : None, int or numpy.random.Generator
+        ``None`` draws a fresh seed (reported in ``info.seed``).
+    sampling : {"weight", "optimal"}
+    shared_draws : bool
+    backend : {None, "numpy", "numba", "cuda", "cupy"}
+        Backend of the sampled projection (probabilities and ``A @ V~`` use NumPy/CuPy).
+    check_finite : bool
+    return_info : bool
+        Also return an :class:`MCAInfo`.
+
+    Returns
+    -------
+    out : array, shape ``[..., H, Nq, d_v]``
+    info : MCAInfo
+        Only with ``return_info=True``.
+    """
+    bridge, a = import_arrays(
+        {"q": q, "k": k, "x": x, "w_v": w_v, "b_v": b_v, "attn_mask": attn_mask,
+         "key_padding_mask": key_padding_mask},
+        float_names=("q", "k", "x", "w_v", "b_v"),
+    )
+    q, k, x, w, b = a["q"], a["k"], a["x"], a["w_v"], a["b_v"]
+    _check_sampling(sampling, shared_draws)
+    for name, arr, layout in (("q", q, "[..., H, Nq, d_head]"), ("k", k, "[..., H, Nk, d_head]")):
+        if arr.ndim < 3:
+            raise ShapeError(f"{name} must have shape {layout}; got {arr.shape}")
+    if x.ndim < 2:
+        raise ShapeError(f"x must have shape [..., Nk, d_in]; got {x.shape}")
+    if q.shape[-3] != num_heads or k.shape[-3] != num_heads:
+        raise ShapeError(f"q and k must have num_heads={num_heads} heads in dim -3; got q "
+                         f"{q.shape} and k {k.shape}")
+    _check_weight(w, b, num_heads, x.shape[-1])
+    nk, d_in = x.shape[-2], x.shape[-1]
+    if k.shape[-2] != nk:
+        raise ShapeError(f"x must have one row per key: k has Nk={k.shape[-2]}, x has {nk} rows")
+    if x.dtype != q.dtype or w.dtype != q.dtype or (b is not None and b.dtype != q.dtype):
+        raise DTypeError(f"q, k, x, w_v, b_v must share one dtype; got q={q.dtype}, x={x.dtype}, "
+                         f"w_v={w.dtype}" + ("" if b is None else f", b_v={b.dtype}"))
+    if check_finite:
+        for name, arr in (("x", x), ("w_v", w), ("b_v", b)):
+            if arr is not None:
+                check_finite_array(name, arr)
+    inp = prepare_attention(q, k, k, attn_mask=a["attn_mask"],
+                            key_padding_mask=a["key_padding_mask"], is_causal=is_causal,
+                            scale=scale, check_finite=check_finite)
+    batch_shape = tuple(inp.batch_shape)  # [..., H]
+    lead = batch_shape[:-1]
+    try:
+        np.broadcast_shapes(lead, x.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"the batch dims of q/k {lead} and x {x.shape[:-2]} do not broadcast") from None
+    if x.shape[:-2] != lead:
+        x = namespace_of(x).broadcast_to(x, lead + (nk, d_in))
+    batch = int(np.prod(lead, dtype=np.int64))
+    xp = inp.xp
+    probs = select_kernel("attention_probs", PROBS_KERNELS, inp.problem(), None)(inp)
+    probs = probs.reshape(batch, num_heads, inp.nq, nk)
+    valid = inp.mask.visible_keys(inp.nq, nk)  # [BH or 1, Nk]
+    valid = np.broadcast_to(valid, (batch * num_heads, nk)).reshape(batch, num_heads, nk)
+    r = _budgets(probs, alpha, d_in, xp.asarray(valid))
+    seed = resolve_seed(seed)
+    values, used = _run_projection(xp.ascontiguousarray(x.reshape(batch, nk, d_in)), w, b,
+                                   num_heads, r, seed, sampling, shared_draws, backend)
+    out = xp.matmul(probs, values)
+    result = bridge.export(out.reshape(batch_shape + (inp.nq, out.shape[-1])))
+    if not return_info:
+        return result
+    dv = w.shape[1] // num_heads
+    r_host = np.asarray(r.get() if xp is not np else r)
+    proj_ops, dense_proj = _projection_ops(r_host, d_in, dv, sampling, valid)
+    attn_ops = exact_ops(inp, value_dim=dv)
+    budget_ops = OpCounts({"fp32_cmp": attn_ops["fp32_exp"], "fp32_mul": 3 * int(valid.sum())})
+    kept = np.minimum(r_host, d_in)[valid]
+    info = MCAInfo(
+        method="mca", backend=used, ops=attn_ops + budget_ops + proj_ops,
+        dense_ops=attn_ops + dense_proj, budgets=r_host.reshape(batch_shape + (nk,)),
+        macs_kept=float(kept.mean() / d_in) if kept.size else float("nan"),
+        exact_fraction=float((r_host[valid] >= d_in).mean()) if kept.size else float("nan"),
+        projection_ops=proj_ops, dense_projection_ops=dense_proj, seed=seed, alpha=float(alpha),
+        sampling=sampling, shared_draws=bool(shared_draws),
+    )
+    return result, info

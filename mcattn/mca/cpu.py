@@ -1,0 +1,181 @@
+"""Monte-Carlo value projection on the CPU (Numba), same draws as ``naive.py``.
+
+Independent draws: one task per (batch row, head, token) — the task number is the
+token's random stream — looping over its samples: a uniform from the shared Philox
+generator, an inverse-CDF binary search, ``d_head`` multiply-adds, accumulated in
+float64. ``shared_draws=True``: one task per (batch row, head) draws one index sequence
+and turns the work into a gather plus one matrix product over the reduced inner
+dimension (``tokens x max budget`` times ``max budget x d_head``).
+"""
+
+import numpy as np
+from numba import njit
+
+from .. import random as mrandom
+from .._cpu import run_tasks
+from .naive import SHARED_STREAM_BASE, cumulative, weight_probs
+
+__all__ = ["value_projection"]
+
+_sample_uniform = mrandom.sample_uniform_cpu
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _search(cdf, u):
+    """Smallest k with u < cdf[k] (cdf non-decreasing, cdf[-1] = 1 > u)."""
+    lo = 0
+    hi = cdf.shape[0] - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if u < cdf[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _is_zero_row(x, b, j):
+    for k in range(x.shape[2]):
+        if x[b, j, k] != 0:
+            return False
+    return True
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _project_exact(x, w, b, j, col0, acc):
+    """acc = x[b, j] @ w[:, col0 : col0 + len(acc)] in float64."""
+    for c in range(acc.shape[0]):
+        acc[c] = 0.0
+    for k in range(x.shape[2]):
+        xv = np.float64(x[b, j, k])
+        if xv != 0.0:
+            for c in range(acc.shape[0]):
+                acc[c] += xv * w[k, col0 + c]
+
+
+@njit(nogil=True, cache=True)
+def _independent_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, row_norms, k0, k1,
+                       optimal, out, t0, t1):
+    n_batch, n, d_in = x.shape
+    heads = budgets.shape[1]
+    dh = out.shape[3]
+    acc = np.empty(dh, np.float64)
+    cdf_tok = np.empty(d_in, np.float64)
+    p_tok = np.empty(d_in, np.float64)
+    for task in range(t0, t1):
+        b = task // (heads * n)
+        h = (task // n) % heads
+        j = task % n
+        col0 = h * dh
+        r = budgets[b, h, j]
+        for c in range(dh):
+            acc[c] = 0.0
+        if r >= d_in or (r > 0 and _is_zero_row(x, b, j)):  # exact (a zero row: bias only)
+            _project_exact(x, w, b, j, col0, acc)
+        elif r > 0:
+            cdf = cdf_weight[h]
+            p = p_weight[h]
+            if optimal:  # p_j(k) proportional to |x_jk| ||W_k||
+                total = 0.0
+                for k in range(d_in):
+                    p_tok[k] = abs(np.float64(x[b, j, k])) * row_norms[h, k]
+                    total += p_tok[k]
+                running = 0.0
+                for k in range(d_in):
+                    p_tok[k] /= total
+                    running += p_tok[k]
+                    cdf_tok[k] = running
+                cdf_tok[d_in - 1] = 1.0
+                cdf = cdf_tok
+                p = p_tok
+            stream = np.uint64(task)  # == (b * H + h) * N + j
+            for t in range(r):
+                k = _search(cdf, _sample_uniform(k0, k1, stream, np.uint64(t)))
+                coef = np.float64(x[b, j, k]) / p[k]
+                for c in range(dh):
+                    acc[c] += coef * w[k, col0 + c]
+            for c in range(dh):
+                acc[c] /= r
+        for c in range(dh):
+            value = acc[c]
+            if has_bias:
+                value += bias[col0 + c]
+            out[b, h, j, c] = value
+
+
+@njit(nogil=True, cache=True)
+def _shared_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, k0, k1, out, t0, t1):
+    n_batch, n, d_in = x.shape
+    heads = budgets.shape[1]
+    dh = out.shape[3]
+    for task in range(t0, t1):
+        b = task // heads
+        h = task % heads
+        col0 = h * dh
+        r = budgets[b, h]
+        # Tokens computed exactly, tokens sampled, and the longest prefix needed.
+        sampled = np.empty(n, np.int64)
+        n_sampled = 0
+        longest = 0
+        acc = np.zeros(dh, np.float64)
+        for j in range(n):
+            if r[j] > 0 and r[j] < d_in and not _is_zero_row(x, b, j):
+                sampled[n_sampled] = j
+                n_sampled += 1
+                longest = max(longest, r[j])
+                continue
+            if r[j] > 0:
+                _project_exact(x, w, b, j, col0, acc)
+            else:
+                acc[:] = 0.0
+            for c in range(dh):
+                out[b, h, j, c] = acc[c] + (bias[col0 + c] if has_bias else 0.0)
+        if n_sampled == 0:
+            continue
+        stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
+        index = np.empty(longest, np.int64)
+        w_sel = np.empty((longest, dh), np.float64)
+        inv_p = np.empty(longest, np.float64)
+        for t in range(longest):
+            k = _search(cdf_weight[h], _sample_uniform(k0, k1, stream, np.uint64(t)))
+            index[t] = k
+            inv_p[t] = 1.0 / p_weight[h, k]
+            for c in range(dh):
+                w_sel[t, c] = w[k, col0 + c]
+        # x[j, k_t] / p(k_t) on each token's prefix t < r_j, zero beyond it.
+        x_sel = np.zeros((n_sampled, longest), np.float64)
+        for i in range(n_sampled):
+            j = sampled[i]
+            for t in range(r[j]):
+                x_sel[i, t] = np.float64(x[b, j, index[t]]) * inv_p[t] / r[j]
+        prod = np.dot(x_sel, w_sel)
+        for i in range(n_sampled):
+            j = sampled[i]
+            for c in range(dh):
+                out[b, h, j, c] = prod[i, c] + (bias[col0 + c] if has_bias else 0.0)
+
+
+def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
+    """Numba version of :func:`mcattn.mca.naive.value_projection` (same signature, same draws)."""
+    batch, n, d_in = x.shape
+    dh = w.shape[1] // num_heads
+    out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    w64 = np.ascontiguousarray(w, dtype=np.float64)
+    p_weight = weight_probs(w, num_heads)
+    cdf_weight = cumulative(p_weight)
+    has_bias = bias is not None
+    bias64 = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else np.zeros(1)
+    budgets = np.ascontiguousarray(budgets, dtype=np.int64)
+    k0, k1 = mrandom.seed_to_key(seed)
+    x = np.ascontiguousarray(x)
+    if shared_draws:
+        run_tasks(_shared_tasks, batch * num_heads, x, w64, bias64, has_bias, budgets, cdf_weight,
+                  p_weight, k0, k1, out)
+        return out
+    row_norms = np.sqrt((w64.reshape(d_in, num_heads, dh) ** 2).sum(-1)).T.copy()
+    run_tasks(_independent_tasks, batch * num_heads * n, x, w64, bias64, has_bias, budgets,
+              cdf_weight, p_weight, row_norms, k0, k1, sampling == "optimal", out)
+    return out
