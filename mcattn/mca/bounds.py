@@ -19,11 +19,13 @@ possible.
 
 Theorem (per output row; the paper's, with the budget rounded up):
 
-    E||O~_i - O_i|| <= sum_j A_ij sqrt(E||V~_j - V_j||^2)
+    E||O~_i - O_i|| <= sqrt(sum_j A_ij^2 E||V~_j - V_j||^2)     (independent draws; ours)
+                    <= sum_j A_ij sqrt(E||V~_j - V_j||^2)
                     <= sum_j A_ij ||x_j|| ||W||_F / sqrt(r_j)          (weight sampling)
                     <= (alpha / n) sum_j ||x_j|| ||W||_F
 
-(triangle inequality, then Jensen). The last step needs ``sqrt(r_j) >= n v_j / alpha``
+(the first line is Jensen on the exact second moment of a sum of independent zero-mean
+terms; the paper goes through the triangle inequality instead). The last step needs ``sqrt(r_j) >= n v_j / alpha``
 with ``v_j = max_i A_ij >= A_ij``, which ``r_j = ceil((n v_j / alpha)^2)`` guarantees;
 with the authors' floor it can fail. ``n`` is the number of valid keys.
 
@@ -110,7 +112,8 @@ def token_variance_bound(x, w, num_heads, budgets):
     return np.where(sampled, bound / np.where(sampled, r, 1.0), 0.0)
 
 
-def expected_error_bound(probs_attn, x, w, num_heads, budgets, *, sampling="weight", tight=True):
+def expected_error_bound(probs_attn, x, w, num_heads, budgets, *, sampling="weight",
+                         kind="rms"):
     """Bound on ``E||O~_i - O_i||`` for every output row.
 
     Parameters
@@ -121,20 +124,27 @@ def expected_error_bound(probs_attn, x, w, num_heads, budgets, *, sampling="weig
     num_heads : int
     budgets : array of int, shape ``[B, H, Nk]``
     sampling : {"weight", "optimal"}
-    tight : bool, default True
-        ``sum_j A_ij sqrt(E||V~_j - V_j||^2)`` with the exact variance; False uses the
-        Lemma's bound ``||x_j|| ||W_h||_F / sqrt(r_j)`` (weight sampling only).
+    kind : {"rms", "triangle", "lemma"}
+        ``"rms"`` (default, sharpest): ``sqrt(sum_j A_ij^2 E||V~_j - V_j||^2)``, which is
+        ``sqrt(E||O~_i - O_i||^2)`` exactly when tokens draw independently (the default;
+        not with ``shared_draws=True``), and bounds the mean by Jensen.
+        ``"triangle"``: ``sum_j A_ij sqrt(E||V~_j - V_j||^2)`` (the paper's first step;
+        holds for correlated draws too). ``"lemma"``: ``sum_j A_ij ||x_j|| ||W_h||_F /
+        sqrt(r_j)``, the paper's bound before the budget is substituted (weight sampling).
 
     Returns
     -------
     numpy.ndarray, shape ``[B, H, Nq]``
     """
-    if tight:
-        var = token_variance(x, w, num_heads, budgets, sampling=sampling)
-    else:
-        var = token_variance_bound(x, w, num_heads, budgets)
     a = np.asarray(probs_attn, dtype=np.float64)
-    return np.einsum("bhij,bhj->bhi", a, np.sqrt(var))
+    if kind == "lemma":
+        return np.einsum("bhij,bhj->bhi", a, np.sqrt(token_variance_bound(x, w, num_heads, budgets)))
+    var = token_variance(x, w, num_heads, budgets, sampling=sampling)
+    if kind == "triangle":
+        return np.einsum("bhij,bhj->bhi", a, np.sqrt(var))
+    if kind == "rms":
+        return np.sqrt(np.einsum("bhij,bhj->bhi", a**2, var))
+    raise ValueError(f"kind must be 'rms', 'triangle' or 'lemma'; got {kind!r}")
 
 
 def _key_counts(x, key_padding_mask):
@@ -153,7 +163,7 @@ def alpha_error_bound(x, w, num_heads, alpha, *, key_padding_mask=None):
     x : array, shape ``[B, N, d_in]``
     w : array, shape ``[d_in, H * dh]``
     num_heads : int
-    alpha : float
+    alpha : float or array broadcastable to ``[B, H]``
     key_padding_mask : array of bool, shape ``[B, N]``, optional
         True = real key; ``n`` and the sum run over real keys.
 
@@ -166,7 +176,8 @@ def alpha_error_bound(x, w, num_heads, alpha, *, key_padding_mask=None):
     n, valid = _key_counts(x, key_padding_mask)
     x_norm_sum = (np.sqrt((x**2).sum(-1)) * valid).sum(-1)  # [B]
     w_norm = np.sqrt((wh**2).sum((1, 2)))  # [H]
-    return float(alpha) / np.maximum(n, 1)[:, None] * x_norm_sum[:, None] * w_norm[None, :]
+    alpha = np.asarray(alpha, dtype=np.float64)
+    return alpha / np.maximum(n, 1)[:, None] * x_norm_sum[:, None] * w_norm[None, :]
 
 
 def alpha_for_expected_error(target, x, w, num_heads, *, key_padding_mask=None):
@@ -217,7 +228,8 @@ def high_probability_bound(probs_attn, x, w, num_heads, budgets, delta, *, sampl
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1); got {delta}")
     if method == "markov":
-        return expected_error_bound(probs_attn, x, w, num_heads, budgets, sampling=sampling) / delta
+        return expected_error_bound(probs_attn, x, w, num_heads, budgets, sampling=sampling,
+                                    kind="triangle") / delta
     if method != "bernstein":
         raise ValueError(f"method must be 'bernstein' or 'markov'; got {method!r}")
     xs, wh = _heads(x, w, num_heads)
