@@ -25,9 +25,10 @@ Theorem (per output row; the paper's, with the budget rounded up):
                     <= (alpha / n) sum_j ||x_j|| ||W||_F
 
 (the first line is Jensen on the exact second moment of a sum of independent zero-mean
-terms; the paper goes through the triangle inequality instead). The last step needs ``sqrt(r_j) >= n v_j / alpha``
-with ``v_j = max_i A_ij >= A_ij``, which ``r_j = ceil((n v_j / alpha)^2)`` guarantees;
-with the authors' floor it can fail. ``n`` is the number of valid keys.
+terms; the paper goes through the triangle inequality instead). The last step needs
+``sqrt(r_j) >= n v_j / alpha`` with ``v_j = max_i A_ij >= A_ij``, which
+``r_j = ceil((n v_j / alpha)^2)`` guarantees; with the authors' floor it can fail.
+``n`` is the number of valid keys.
 
 High probability. Markov: ``P(||O~_i - O_i|| > E_i / delta) <= delta`` (the paper's form,
 stated correctly). Sharper, Bernstein for sums of independent bounded zero-mean vectors
