@@ -22,12 +22,12 @@ a *stream* is a 64-bit number that a method derives from what the draw belongs t
 example ``(batch * heads + head) * tokens + token``) and *index* numbers the draws
 within that stream. One call yields four 32-bit words.
 
-* :func:`uniform` turns words 0 and 1 into a float64 in ``[0, 1)`` with 53 random bits:
-  ``((w0 >> 5) * 2**26 + (w1 >> 6)) * 2**-53`` — integer work followed by an exact
+* :func:`uniform` turns words 0 and 1 into a float64 in ``[0, 1)``: the top 53 bits of
+  the 64-bit word ``w0 * 2**32 + w1`` times ``2**-53`` — integer work followed by an exact
   scaling, so every backend produces the same bits.
-* :func:`sample_uniform` is what the sampling kernels use: draw ``t`` of a stream is the
-  53-bit uniform of word pair ``t % 2`` (words 0, 1 or words 2, 3) of call ``t // 2``,
-  so one Philox call serves two samples.
+* :func:`sample_bits` / :func:`sample_uniform` are what the sampling kernels use: draw
+  ``t`` of a stream is the 64-bit word of pair ``t % 2`` (words 0, 1 or words 2, 3) of
+  call ``t // 2`` (one Philox call serves two samples), or its top 53 bits as a float.
 * :func:`normal` uses Box-Muller on words (0, 1) and (2, 3); it is only used on the host
   (random projection matrices are drawn once, in NumPy, and copied to the device).
 """
@@ -41,12 +41,14 @@ __all__ = [
     "philox4x32",
     "philox_words",
     "uniform",
+    "sample_bits",
     "sample_uniform",
     "normal",
     "seed_to_key",
     "resolve_seed",
     "philox4x32_cpu",
     "uniform_cpu",
+    "sample_bits_cpu",
     "sample_uniform_cpu",
     "cuda_device_functions",
 ]
@@ -61,9 +63,7 @@ _W0 = np.uint64(0x9E3779B9)
 _W1 = np.uint64(0xBB67AE85)
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
-_SHIFT5 = np.uint64(5)
-_SHIFT6 = np.uint64(6)
-_TWO26 = np.uint64(1 << 26)
+_SHIFT11 = np.uint64(11)
 _ONE = np.uint64(1)
 _TWO_M53 = 1.0 / 9007199254740992.0  # 2**-53
 
@@ -88,13 +88,18 @@ def _philox_rounds(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
+def _bits64(w0, w1):
+    """Two 32-bit words -> one 64-bit word ``w0 * 2**32 + w1``."""
+    return (w0 << _SHIFT32) | w1
+
+
 def _uniform53(w0, w1):
-    """Two 32-bit words -> float64 in [0, 1) with 53 random bits (exact on every backend)."""
-    return ((w0 >> _SHIFT5) * _TWO26 + (w1 >> _SHIFT6)) * _TWO_M53
+    """Two 32-bit words -> float64 in [0, 1): the top 53 bits of ``w0 * 2**32 + w1``."""
+    return (((w0 << _SHIFT32) | w1) >> _SHIFT11) * _TWO_M53
 
 
-def _make_draw_functions(rounds, u53):
-    """``(uniform, sample_uniform)`` built on a Philox and a word->float implementation.
+def _make_draw_functions(rounds, u53, bits64):
+    """``(uniform, sample_bits, sample_uniform)`` built on Philox and word converters.
 
     Called with the plain Python functions (NumPy arrays), with their ``@njit`` versions
     and with their numba.cuda device versions, so the counter layout is written once.
@@ -107,19 +112,25 @@ def _make_draw_functions(rounds, u53):
         )
         return u53(w0, w1)
 
-    def sample_uniform(k0, k1, stream, t):
-        """Draw ``t`` of a stream: word pair ``t % 2`` of Philox call ``t // 2``."""
+    def sample_bits(k0, k1, stream, t):
+        """Draw ``t`` of a stream as 64 bits: word pair ``t % 2`` of Philox call ``t // 2``."""
         index = t >> _ONE
         w0, w1, w2, w3 = rounds(
             index & _MASK32, index >> _SHIFT32, stream & _MASK32, stream >> _SHIFT32, k0, k1
         )
         odd = t & _ONE
-        return u53(w0 * (_ONE - odd) + w2 * odd, w1 * (_ONE - odd) + w3 * odd)
+        return bits64(w0 * (_ONE - odd) + w2 * odd, w1 * (_ONE - odd) + w3 * odd)
 
-    return uniform_from_index, sample_uniform
+    def sample_uniform(k0, k1, stream, t):
+        """Draw ``t`` of a stream as a float64 in [0, 1): its top 53 bits."""
+        return (sample_bits(k0, k1, stream, t) >> _SHIFT11) * _TWO_M53
+
+    return uniform_from_index, sample_bits, sample_uniform
 
 
-_uniform_from_index, _sample_uniform = _make_draw_functions(_philox_rounds, _uniform53)
+_uniform_from_index, _sample_bits, _sample_uniform = _make_draw_functions(
+    _philox_rounds, _uniform53, _bits64
+)
 
 
 def seed_to_key(seed):
@@ -228,6 +239,23 @@ def uniform(seed, stream, index):
     return np.asarray(_uniform_from_index(k0, k1, s, i), dtype=np.float64)
 
 
+def sample_bits(seed, stream, t):
+    """The 64 random bits of draws ``t`` of ``stream`` (uint64), as the kernels draw them.
+
+    Parameters
+    ----------
+    seed : int
+    stream, t : array_like of non-negative int, broadcast together
+
+    Returns
+    -------
+    numpy.ndarray of uint64
+    """
+    k0, k1 = seed_to_key(seed)
+    s, i = np.broadcast_arrays(_as_u64(stream, "stream"), _as_u64(t, "t"))
+    return np.asarray(_sample_bits(k0, k1, s, i), dtype=np.uint64)
+
+
 def sample_uniform(seed, stream, t):
     """Float64 uniforms of draws ``t`` of ``stream``, as the sampling kernels draw them.
 
@@ -273,20 +301,24 @@ def _make_cpu_functions():
 
     rounds = njit(inline="always", cache=True)(_philox_rounds)
     u53 = njit(inline="always", cache=True)(_uniform53)
-    uniform, sample = _make_draw_functions(rounds, u53)
-    return rounds, njit(inline="always")(uniform), njit(inline="always")(sample)
+    b64 = njit(inline="always", cache=True)(_bits64)
+    uniform, bits, sample = _make_draw_functions(rounds, u53, b64)
+    return (rounds, njit(inline="always")(uniform), njit(inline="always")(bits),
+            njit(inline="always")(sample))
 
 
 try:  # Numba is a hard dependency, but keep `import mcattn.random` cheap to reason about
-    philox4x32_cpu, uniform_cpu, sample_uniform_cpu = _make_cpu_functions()
+    philox4x32_cpu, uniform_cpu, sample_bits_cpu, sample_uniform_cpu = _make_cpu_functions()
 except ImportError:  # pragma: no cover - numba is in install_requires
-    philox4x32_cpu = uniform_cpu = sample_uniform_cpu = None
+    philox4x32_cpu = uniform_cpu = sample_bits_cpu = sample_uniform_cpu = None
 
 _CUDA_FUNCTIONS = None
 
 
 def cuda_device_functions():
-    """numba.cuda device functions ``(philox4x32, uniform, sample_uniform)`` from the same source.
+    """numba.cuda device functions ``(philox4x32, uniform, sample_uniform, sample_bits)``.
+
+    Compiled from the same Python source as the NumPy and Numba CPU versions.
 
     Arguments are uint64 scalars holding 32-bit words (``k0, k1``) or 64-bit numbers
     (``stream, index``); see the module docstring. Built on first use so that importing
@@ -298,10 +330,12 @@ def cuda_device_functions():
 
         rounds = cuda.jit(device=True, inline=True)(_philox_rounds)
         u53 = cuda.jit(device=True, inline=True)(_uniform53)
-        uniform, sample = _make_draw_functions(rounds, u53)
+        b64 = cuda.jit(device=True, inline=True)(_bits64)
+        uniform, bits, sample = _make_draw_functions(rounds, u53, b64)
         _CUDA_FUNCTIONS = (
             rounds,
             cuda.jit(device=True, inline=True)(uniform),
             cuda.jit(device=True, inline=True)(sample),
+            cuda.jit(device=True, inline=True)(bits),
         )
     return _CUDA_FUNCTIONS

@@ -34,11 +34,19 @@ __device__ __forceinline__ mcattn_words4 mcattn_philox4x32_10(
     return out;
 }
 
-// Two words -> double in [0, 1) with 53 random bits, bit-identical to random.uniform.
+// Two words -> the 64-bit word w0 * 2^32 + w1.
+__device__ __forceinline__ unsigned long long mcattn_bits64(unsigned int w0, unsigned int w1) {
+    return ((unsigned long long)w0 << 32) | (unsigned long long)w1;
+}
+
+// 64 bits -> double in [0, 1) from the top 53 bits (exact scaling).
+__device__ __forceinline__ double mcattn_bits_to_uniform(unsigned long long bits) {
+    return (double)(bits >> 11) * 1.1102230246251565404236316680908203125e-16;  // 2^-53
+}
+
+// Two words -> double in [0, 1), bit-identical to mcattn.random.uniform.
 __device__ __forceinline__ double mcattn_uniform53(unsigned int w0, unsigned int w1) {
-    const unsigned long long bits =
-        ((unsigned long long)(w0 >> 5) << 26) + (unsigned long long)(w1 >> 6);
-    return (double)bits * 1.1102230246251565404236316680908203125e-16;  // 2^-53
+    return mcattn_bits_to_uniform(mcattn_bits64(w0, w1));
 }
 
 // The uniform mcattn draws for (seed key, stream, index).
@@ -51,15 +59,23 @@ __device__ __forceinline__ double mcattn_uniform(unsigned int k0, unsigned int k
     return mcattn_uniform53(w.w0, w.w1);
 }
 
-// Draw t of a stream, as every sampling kernel draws it: word pair t % 2 of call t / 2.
-__device__ __forceinline__ double mcattn_sample_uniform(unsigned int k0, unsigned int k1,
-                                                        unsigned long long stream,
-                                                        unsigned long long t) {
+// Draw t of a stream as 64 bits, as every sampling kernel draws it: word pair t % 2 of
+// Philox call t / 2 (mcattn.random.sample_bits).
+__device__ __forceinline__ unsigned long long mcattn_sample_bits(unsigned int k0, unsigned int k1,
+                                                                 unsigned long long stream,
+                                                                 unsigned long long t) {
     const unsigned long long index = t >> 1;
     const mcattn_words4 w = mcattn_philox4x32_10(
         (unsigned int)(index & 0xFFFFFFFFull), (unsigned int)(index >> 32),
         (unsigned int)(stream & 0xFFFFFFFFull), (unsigned int)(stream >> 32), k0, k1);
-    return (t & 1ull) ? mcattn_uniform53(w.w2, w.w3) : mcattn_uniform53(w.w0, w.w1);
+    return (t & 1ull) ? mcattn_bits64(w.w2, w.w3) : mcattn_bits64(w.w0, w.w1);
+}
+
+// Draw t of a stream as a double in [0, 1) (mcattn.random.sample_uniform).
+__device__ __forceinline__ double mcattn_sample_uniform(unsigned int k0, unsigned int k1,
+                                                        unsigned long long stream,
+                                                        unsigned long long t) {
+    return mcattn_bits_to_uniform(mcattn_sample_bits(k0, k1, stream, t));
 }
 
 #endif  // MCATTN_PHILOX_CUH

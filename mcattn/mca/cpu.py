@@ -1,9 +1,10 @@
 """Monte-Carlo value projection on the CPU (Numba), same draws as ``naive.py``.
 
 Independent draws: one task per (batch row, head, token) — the task number is the
-token's random stream — looping over its samples: a uniform from the shared Philox
-generator, an inverse-CDF binary search, ``d_head`` multiply-adds, accumulated in
-float64. ``shared_draws=True``: one task per (batch row, head) draws one index sequence
+token's random stream — looping over its samples: 64 bits from the shared Philox
+generator, an index by the alias method (weight sampling, O(1), integer arithmetic) or
+by inverse-CDF binary search (optimal sampling), ``d_head`` multiply-adds, accumulated
+in float64. ``shared_draws=True``: one task per (batch row, head) draws one index sequence
 and turns the work into a gather plus one matrix product over the reduced inner
 dimension (``tokens x max budget`` times ``max budget x d_head``).
 """
@@ -13,11 +14,25 @@ from numba import njit
 
 from .. import random as mrandom
 from .._cpu import run_tasks
-from .naive import SHARED_STREAM_BASE, cumulative, weight_probs
+from .naive import SHARED_STREAM_BASE, alias_tables, weight_probs
 
 __all__ = ["value_projection"]
 
-_sample_uniform = mrandom.sample_uniform_cpu
+_sample_bits = mrandom.sample_bits_cpu
+_SHIFT11 = np.uint64(11)
+_TILE = 16  # tokens per matrix product in the shared-draws kernel
+_TWO_M53 = 2.0**-53
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _alias(bits, threshold, alias, shift, d_in):
+    """Index drawn by the alias method from 64 random bits (see naive.py)."""
+    c = (bits >> np.uint64(shift)) * np.uint64(d_in)
+    low = np.uint64(64 - shift)
+    k = np.int64(c >> low)
+    if (c & ((np.uint64(1) << low) - np.uint64(1))) < threshold[k]:
+        return k
+    return alias[k]
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -43,20 +58,20 @@ def _is_zero_row(x, b, j):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _project_exact(x, w, b, j, col0, acc):
-    """acc = x[b, j] @ w[:, col0 : col0 + len(acc)] in float64."""
+def _project_exact(x, wh, b, j, acc):
+    """acc = x[b, j] @ wh (one head's weight block ``[d_in, dh]``) in float64."""
     for c in range(acc.shape[0]):
         acc[c] = 0.0
     for k in range(x.shape[2]):
         xv = np.float64(x[b, j, k])
         if xv != 0.0:
             for c in range(acc.shape[0]):
-                acc[c] += xv * w[k, col0 + c]
+                acc[c] += xv * wh[k, c]
 
 
 @njit(nogil=True, cache=True)
-def _independent_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, row_norms, k0, k1,
-                       optimal, out, t0, t1):
+def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weight,
+                       row_norms, k0, k1, optimal, out, t0, t1):
     n_batch, n, d_in = x.shape
     heads = budgets.shape[1]
     dh = out.shape[3]
@@ -68,14 +83,25 @@ def _independent_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, row_
         h = (task // n) % heads
         j = task % n
         col0 = h * dh
+        wh = w[h]
         r = budgets[b, h, j]
         for c in range(dh):
             acc[c] = 0.0
         if r >= d_in or (r > 0 and _is_zero_row(x, b, j)):  # exact (a zero row: bias only)
-            _project_exact(x, w, b, j, col0, acc)
-        elif r > 0:
-            cdf = cdf_weight[h]
+            _project_exact(x, wh, b, j, acc)
+        elif r > 0 and not optimal:
+            stream = np.uint64(task)  # == (b * H + h) * N + j
             p = p_weight[h]
+            thr = threshold[h]
+            ali = alias[h]
+            for t in range(r):
+                k = _alias(_sample_bits(k0, k1, stream, np.uint64(t)), thr, ali, shift, d_in)
+                coef = np.float64(x[b, j, k]) / p[k]
+                for c in range(dh):
+                    acc[c] += coef * wh[k, c]
+            for c in range(dh):
+                acc[c] /= r
+        elif r > 0:
             if optimal:  # p_j(k) proportional to |x_jk| ||W_k||
                 total = 0.0
                 for k in range(d_in):
@@ -87,14 +113,13 @@ def _independent_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, row_
                     running += p_tok[k]
                     cdf_tok[k] = running
                 cdf_tok[d_in - 1] = 1.0
-                cdf = cdf_tok
-                p = p_tok
             stream = np.uint64(task)  # == (b * H + h) * N + j
             for t in range(r):
-                k = _search(cdf, _sample_uniform(k0, k1, stream, np.uint64(t)))
-                coef = np.float64(x[b, j, k]) / p[k]
+                u = (_sample_bits(k0, k1, stream, np.uint64(t)) >> _SHIFT11) * _TWO_M53
+                k = _search(cdf_tok, u)
+                coef = np.float64(x[b, j, k]) / p_tok[k]
                 for c in range(dh):
-                    acc[c] += coef * w[k, col0 + c]
+                    acc[c] += coef * wh[k, c]
             for c in range(dh):
                 acc[c] /= r
         for c in range(dh):
@@ -105,7 +130,8 @@ def _independent_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, row_
 
 
 @njit(nogil=True, cache=True)
-def _shared_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, k0, k1, out, t0, t1):
+def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weight, k0, k1, out,
+                  t0, t1):
     n_batch, n, d_in = x.shape
     heads = budgets.shape[1]
     dh = out.shape[3]
@@ -113,6 +139,7 @@ def _shared_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, k0, k1, o
         b = task // heads
         h = task % heads
         col0 = h * dh
+        wh = w[h]
         r = budgets[b, h]
         # Tokens computed exactly, tokens sampled, and the longest prefix needed.
         sampled = np.empty(n, np.int64)
@@ -126,7 +153,7 @@ def _shared_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, k0, k1, o
                 longest = max(longest, r[j])
                 continue
             if r[j] > 0:
-                _project_exact(x, w, b, j, col0, acc)
+                _project_exact(x, wh, b, j, acc)
             else:
                 acc[:] = 0.0
             for c in range(dh):
@@ -138,22 +165,30 @@ def _shared_tasks(x, w, bias, has_bias, budgets, cdf_weight, p_weight, k0, k1, o
         w_sel = np.empty((longest, dh), np.float64)
         inv_p = np.empty(longest, np.float64)
         for t in range(longest):
-            k = _search(cdf_weight[h], _sample_uniform(k0, k1, stream, np.uint64(t)))
+            k = _alias(_sample_bits(k0, k1, stream, np.uint64(t)), threshold[h], alias[h], shift,
+                       d_in)
             index[t] = k
             inv_p[t] = 1.0 / p_weight[h, k]
             for c in range(dh):
-                w_sel[t, c] = w[k, col0 + c]
-        # x[j, k_t] / p(k_t) on each token's prefix t < r_j, zero beyond it.
-        x_sel = np.zeros((n_sampled, longest), np.float64)
-        for i in range(n_sampled):
-            j = sampled[i]
-            for t in range(r[j]):
-                x_sel[i, t] = np.float64(x[b, j, index[t]]) * inv_p[t] / r[j]
-        prod = np.dot(x_sel, w_sel)
-        for i in range(n_sampled):
-            j = sampled[i]
-            for c in range(dh):
-                out[b, h, j, c] = prod[i, c] + (bias[col0 + c] if has_bias else 0.0)
+                w_sel[t, c] = wh[k, c]
+        # Tokens sorted by budget, in tiles of _TILE: a tile's product runs over the prefix
+        # its largest budget needs, so the work stays close to sum_j r_j * dh.
+        order = sampled[:n_sampled][np.argsort(-r[sampled[:n_sampled]], kind="mergesort")]
+        for start in range(0, n_sampled, _TILE):
+            stop = min(n_sampled, start + _TILE)
+            width = r[order[start]]
+            # x[j, k_t] / (p(k_t) r_j) on each token's prefix t < r_j, zero beyond it.
+            x_sel = np.zeros((stop - start, width), np.float64)
+            for i in range(stop - start):
+                j = order[start + i]
+                scale = 1.0 / r[j]
+                for t in range(r[j]):
+                    x_sel[i, t] = np.float64(x[b, j, index[t]]) * inv_p[t] * scale
+            prod = np.dot(x_sel, w_sel[:width])
+            for i in range(stop - start):
+                j = order[start + i]
+                for c in range(dh):
+                    out[b, h, j, c] = prod[i, c] + (bias[col0 + c] if has_bias else 0.0)
 
 
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
@@ -163,19 +198,21 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
     if out.size == 0:
         return out
-    w64 = np.ascontiguousarray(w, dtype=np.float64)
+    # Head-major weight blocks [H, d_in, dh]: one head's block stays in cache.
+    w64 = np.ascontiguousarray(
+        np.asarray(w, dtype=np.float64).reshape(d_in, num_heads, dh).transpose(1, 0, 2))
     p_weight = weight_probs(w, num_heads)
-    cdf_weight = cumulative(p_weight)
+    threshold, alias, shift = alias_tables(p_weight)
     has_bias = bias is not None
     bias64 = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else np.zeros(1)
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
     k0, k1 = mrandom.seed_to_key(seed)
     x = np.ascontiguousarray(x)
     if shared_draws:
-        run_tasks(_shared_tasks, batch * num_heads, x, w64, bias64, has_bias, budgets, cdf_weight,
-                  p_weight, k0, k1, out)
+        run_tasks(_shared_tasks, batch * num_heads, x, w64, bias64, has_bias, budgets, threshold,
+                  alias, shift, p_weight, k0, k1, out)
         return out
-    row_norms = np.sqrt((w64.reshape(d_in, num_heads, dh) ** 2).sum(-1)).T.copy()
+    row_norms = np.sqrt((w64**2).sum(-1))  # [H, d_in]
     run_tasks(_independent_tasks, batch * num_heads * n, x, w64, bias64, has_bias, budgets,
-              cdf_weight, p_weight, row_norms, k0, k1, sampling == "optimal", out)
+              threshold, alias, shift, p_weight, row_norms, k0, k1, sampling == "optimal", out)
     return out

@@ -12,20 +12,32 @@ or ``p = p_hj`` (``sampling="optimal"``: ``p_hj(k)`` proportional to
 ``r_j = 0`` (a masked key) gives ``b_h``; a token whose ``X[j]`` is zero is exact (``b_h``).
 
 Randomness (identical on every backend): draw ``t`` of token ``j`` of head ``h`` in batch
-row ``b`` is ``mcattn.random.sample_uniform(seed, stream, t)`` with
+row ``b`` uses the 64 bits ``mcattn.random.sample_bits(seed, stream, t)`` with
 ``stream = (b * H + h) * N + j``; with ``shared_draws=True`` all tokens of ``(b, h)`` use
-the prefixes of one sequence, ``stream = SHARED_STREAM_BASE + b * H + h``. The index is
-the smallest ``k`` with ``u < cdf[k]`` (``cdf`` the float64 cumulative probabilities,
-its last entry set to exactly 1), so zero-probability rows are never drawn.
+the prefixes of one sequence, ``stream = SHARED_STREAM_BASE + b * H + h``.
+
+* Weight sampling turns the bits into an index with Walker's alias method (one table
+  per head, built once per call on the host, O(1) per draw) in integer arithmetic only:
+  ``m = bits >> s`` (``s = ceil(log2 d_in)``), ``c = m * d_in`` (< 2**64), column
+  ``k = c >> (64 - s)``, kept if ``c mod 2**(64 - s) < threshold[k]``, else ``alias[k]``.
+  Integers make the draw bit-identical on CPUs and GPUs (no rounding, no fused
+  multiply-add can change it).
+* Optimal sampling (a distribution per token) uses the inverse CDF: ``u`` = the top 53
+  bits as a float in [0, 1), index = smallest ``k`` with ``u < cdf[k]`` (``cdf`` the
+  float64 cumulative probabilities, last entry exactly 1), so zero-probability rows are
+  never drawn.
 """
 
 import numpy as np
+from numba import njit
 
 from .. import random as mrandom
 
 __all__ = [
     "SHARED_STREAM_BASE",
     "weight_probs",
+    "alias_tables",
+    "alias_draw",
     "cumulative",
     "token_streams",
     "value_projection",
@@ -56,6 +68,80 @@ def weight_probs(w, num_heads):
     return np.where(total > 0, sq / np.where(total > 0, total, 1.0), 1.0 / d_in)
 
 
+def _vose(scaled, threshold, alias, unit):
+    """Vose's alias construction for one distribution (``scaled = p * d_in``, modified).
+
+    Fills ``threshold`` (integer acceptance levels out of ``unit``) and ``alias``.
+    """
+    n = scaled.shape[0]
+    small = np.empty(n, np.int64)
+    large = np.empty(n, np.int64)
+    n_small = 0
+    n_large = 0
+    for i in range(n):
+        alias[i] = i
+        if scaled[i] < 1.0:
+            small[n_small] = i
+            n_small += 1
+        else:
+            large[n_large] = i
+            n_large += 1
+    prob = np.ones(n)
+    while n_small > 0 and n_large > 0:
+        n_small -= 1
+        lo = small[n_small]
+        hi = large[n_large - 1]
+        prob[lo] = scaled[lo]
+        alias[lo] = hi
+        scaled[hi] = (scaled[hi] + scaled[lo]) - 1.0
+        if scaled[hi] < 1.0:  # hi moves to the small list
+            n_large -= 1
+            small[n_small] = hi
+            n_small += 1
+    for i in range(n):  # leftovers (rounding) keep their own column
+        threshold[i] = min(unit, np.uint64(prob[i] * unit))
+    return threshold, alias
+
+
+_vose_compiled = njit(cache=True)(_vose)
+
+
+def alias_tables(p):
+    """Walker alias tables for integer sampling from each row of ``p``.
+
+    Parameters
+    ----------
+    p : numpy.ndarray, shape ``[H, d_in]``
+        Probabilities (rows sum to 1).
+
+    Returns
+    -------
+    threshold : numpy.ndarray of uint64, shape ``[H, d_in]``
+    alias : numpy.ndarray of int64, shape ``[H, d_in]``
+    shift : int
+        ``s = max(1, ceil(log2 d_in))``; see the module docstring for the draw.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    d_in = p.shape[-1]
+    shift = max(1, (d_in - 1).bit_length())
+    unit = np.uint64(1) << np.uint64(64 - shift)
+    threshold = np.empty(p.shape, np.uint64)
+    alias = np.empty(p.shape, np.int64)
+    for h in range(p.shape[0]):
+        _vose_compiled(p[h] * d_in, threshold[h], alias[h], unit)
+    return threshold, alias, shift
+
+
+def alias_draw(bits, threshold, alias, shift):
+    """Indices drawn by the alias method from 64-bit words (vectorised over ``bits``)."""
+    d_in = threshold.shape[-1]
+    m = np.asarray(bits, dtype=np.uint64) >> np.uint64(shift)
+    c = m * np.uint64(d_in)
+    k = (c >> np.uint64(64 - shift)).astype(np.int64)
+    rem = c & ((np.uint64(1) << np.uint64(64 - shift)) - np.uint64(1))
+    return np.where(rem < threshold[k], k, alias[k])
+
+
 def cumulative(p):
     """Cumulative probabilities along the last axis, last entry exactly 1 (float64)."""
     cdf = np.cumsum(np.asarray(p, dtype=np.float64), axis=-1)
@@ -72,11 +158,15 @@ def token_streams(batch, heads, tokens):
 
 
 def _draws(seed, streams, counts):
-    """Uniforms of draws 0..counts[i]-1 of each stream, concatenated, and their owner."""
+    """64-bit words of draws 0..counts[i]-1 of each stream, concatenated, and their owner."""
     owner = np.repeat(np.arange(len(counts)), counts)
     starts = np.cumsum(counts) - counts
     t = np.arange(owner.size) - np.repeat(starts, counts)
-    return mrandom.sample_uniform(seed, streams[owner], t), owner
+    return mrandom.sample_bits(seed, streams[owner], t), owner
+
+
+def _to_uniform(bits):
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
@@ -108,7 +198,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
     if bias is not None:
         out += np.asarray(bias, dtype=np.float64).reshape(num_heads, 1, dh)
     p_weight = weight_probs(w, num_heads)
-    cdf_weight = cumulative(p_weight)
+    threshold, alias, shift = alias_tables(p_weight)
     row_norms = np.sqrt((w64**2).sum(-1)).T  # [H, d_in]
     streams = token_streams(batch, num_heads, n)
     for b in range(batch):
@@ -124,17 +214,18 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
             if shared_draws:
                 longest = int(counts.max())
                 stream = np.uint64(SHARED_STREAM_BASE + b * num_heads + h)
-                u = mrandom.sample_uniform(seed, stream, np.arange(longest))
-                k = np.searchsorted(cdf_weight[h], u, side="right")
+                bits = mrandom.sample_bits(seed, stream, np.arange(longest))
+                k = alias_draw(bits, threshold[h], alias[h], shift)
                 terms = xb[sampled][:, k] / p_weight[h, k]  # [tokens, longest]
                 terms *= np.arange(longest)[None, :] < counts[:, None]  # prefixes
                 out[b, h, sampled] += (terms @ w64[k, h]) / counts[:, None]
                 continue
-            u, owner = _draws(seed, streams[b, h, sampled], counts)
+            bits, owner = _draws(seed, streams[b, h, sampled], counts)
             if sampling == "weight":
-                k = np.searchsorted(cdf_weight[h], u, side="right")
+                k = alias_draw(bits, threshold[h], alias[h], shift)
                 p_k = p_weight[h, k]
             else:  # per-token probabilities |x_jk| ||W_k||: one cdf per token
+                u = _to_uniform(bits)
                 k = np.empty(u.size, dtype=np.int64)
                 p_k = np.empty(u.size)
                 for i, j in enumerate(sampled):
