@@ -19,6 +19,9 @@ from .naive import SHARED_STREAM_BASE, alias_tables, weight_probs
 __all__ = ["value_projection"]
 
 _sample_bits = mrandom.sample_bits_cpu
+_philox = mrandom.philox4x32_cpu
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
 _SHIFT11 = np.uint64(11)
 _TILE = 16  # tokens per matrix product in the shared-draws kernel
 _TWO_M53 = 2.0**-53
@@ -94,11 +97,17 @@ def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p
             p = p_weight[h]
             thr = threshold[h]
             ali = alias[h]
-            for t in range(r):
-                k = _alias(_sample_bits(k0, k1, stream, np.uint64(t)), thr, ali, shift, d_in)
-                coef = np.float64(x[b, j, k]) / p[k]
-                for c in range(dh):
-                    acc[c] += coef * wh[k, c]
+            for pair in range((r + 1) // 2):
+                # One Philox call gives draws 2 * pair and 2 * pair + 1 (= sample_bits).
+                index = np.uint64(pair)
+                w0, w1, w2, w3 = _philox(index & _MASK32, index >> _SHIFT32, stream & _MASK32,
+                                         stream >> _SHIFT32, k0, k1)
+                for half in range(min(2, r - 2 * pair)):
+                    bits = (w0 << _SHIFT32) | w1 if half == 0 else (w2 << _SHIFT32) | w3
+                    k = _alias(bits, thr, ali, shift, d_in)
+                    coef = np.float64(x[b, j, k]) / p[k]
+                    for c in range(dh):
+                        acc[c] += coef * wh[k, c]
             for c in range(dh):
                 acc[c] /= r
         elif r > 0:
