@@ -1,0 +1,425 @@
+"""Random feature attention on the CPU: Numba kernels, features computed a block at a time.
+
+Non-causal (two launches of :func:`mcattn._cpu.run_tasks`):
+
+1. one task per batch row walks over blocks of keys: projections ``U = K W^T`` (BLAS),
+   the feature map, the key weights with an online shift (a running maximum of the
+   log-weights; the state is rescaled when it grows), ``S += (w f)^T V`` (BLAS), ``z``,
+   the mass;
+2. one task per block of query rows: projections, features, ``num = F S`` (BLAS), the
+   floored denominators, the output.
+
+Causal and gated (one task per batch row, chunks in order): the chunked form of
+:func:`mcattn.rfa.naive.chunked` — ``A = F_q F_k^T`` (BLAS, ``C x C``) masked by the
+causal triangle (times ``exp(b_t - b_s)`` with a gate), ``num = A V + e^b (F_q S)``,
+then ``S <- e^{b_L} S + (F_k e^{b_L - b})^T V``. Memory beyond the inputs and the output is
+``O(C (d + D + m + dv) + C^2 + m dv)`` per thread: no feature matrix of the whole
+sequence, no ``T x m x dv`` prefix sum.
+
+Transcendentals: without SVML a libm call per feature would cost more than the matrix
+products, so float32 uses the vectorisable exp of :mod:`mcattn.exact.cpu` (all
+arguments are ``<= 0``: features ``exp(u - max u)``, weights, decays) and a vectorisable
+sin/cos (Cody-Waite reduction by ``pi/2`` in three parts, Taylor polynomials of degree
+9 and 10 on ``|r| <= pi/4``, truncation error below 2e-9; accurate for ``|u| < 1e4``).
+float64 uses libm.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .. import config
+from .._cpu import run_tasks
+from ..exact.cpu import _exp_block_f32, _exp_block_f64
+
+__all__ = ["forward"]
+
+_FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math assumptions
+_KIND_CODE = {"positive": 0, "sincos": 1, "arccos": 2}
+
+_TWO_OVER_PI = np.float32(2.0 / math.pi)
+_HALF = np.float32(0.5)
+# pi/2 = P1 + P2 + P3, P1 and P2 with few mantissa bits so that n * P1, n * P2 are exact.
+_P1 = np.float32(1.5703125)
+_P2 = np.float32(4.837512969970703125e-4)
+_P3 = np.float32(7.54978995489188216e-8)
+_S3, _S5, _S7, _S9 = (np.float32(c) for c in (-1 / 6, 1 / 120, -1 / 5040, 1 / 362880))
+_C2, _C4, _C6, _C8, _C10 = (np.float32(c) for c in (-1 / 2, 1 / 24, -1 / 720, 1 / 40320, -1 / 3628800))
+_ONE = np.float32(1.0)
+
+
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def _sincos_block_f32(u, f, rows, width, inv):
+    """``f[:, :width] = sin(u) * inv``, ``f[:, width:2 width] = cos(u) * inv`` (float32)."""
+    for r in range(rows):
+        for c in range(width):
+            x = u[r, c]
+            n = np.floor(x * _TWO_OVER_PI + _HALF)
+            y = ((x - n * _P1) - n * _P2) - n * _P3
+            y2 = y * y
+            s = y * (_ONE + y2 * (_S3 + y2 * (_S5 + y2 * (_S7 + y2 * _S9))))
+            co = _ONE + y2 * (_C2 + y2 * (_C4 + y2 * (_C6 + y2 * (_C8 + y2 * _C10))))
+            j = np.int32(n) & 3
+            sv = co if (j & 1) else s
+            cv = s if (j & 1) else co
+            if j & 2:
+                sv = -sv
+            if (j + 1) & 2:
+                cv = -cv
+            f[r, c] = sv * inv
+            f[r, width + c] = cv * inv
+
+
+@njit(nogil=True, cache=True)
+def _sincos_block_f64(u, f, rows, width, inv):
+    """``f[:, :width] = sin(u) * inv``, ``f[:, width:2 width] = cos(u) * inv`` (float64, libm)."""
+    for r in range(rows):
+        for c in range(width):
+            f[r, width + c] = math.cos(u[r, c]) * inv
+            f[r, c] = math.sin(u[r, c]) * inv
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _features(x, omega_t, factor, unit, kind, u, f, logw, fnorm, bits, exp_block, sincos_block):
+    """Features ``f [L, m]``, log-weights ``logw [L]`` and feature norms ``fnorm [L]`` of rows ``x [L, d]``.
+
+    ``omega_t`` is ``W^T`` ``[d, D]``; ``u`` ``[L, D]`` and ``bits`` are scratch. The rows
+    fed to the map are ``factor * x`` (``factor * x / |x|`` when ``unit``); since the
+    projection is linear the factor is applied to ``u``.
+    """
+    rows, d = x.shape
+    width = omega_t.shape[1]
+    inv = 1.0 / math.sqrt(width)
+    np.dot(x, omega_t, u)
+    for r in range(rows):
+        sq = x[r, 0] * x[r, 0] * 0
+        for c in range(d):
+            sq += x[r, c] * x[r, c]
+        scale = factor
+        if unit:
+            scale = factor / math.sqrt(sq) if sq > 0 else factor * 0
+        for c in range(width):
+            u[r, c] *= scale
+        logw[r] = 0.5 * scale * scale * sq  # |x'|^2 / 2
+    if kind == 0:  # positive: exp(u - max u) / sqrt(D), log-weight max u - |x'|^2 / 2
+        for r in range(rows):
+            top = u[r, 0]
+            for c in range(1, width):
+                top = max(top, u[r, c])
+            for c in range(width):
+                u[r, c] -= top
+            logw[r] = top - logw[r]
+        exp_block(u, bits, rows, width)
+        for r in range(rows):
+            for c in range(width):
+                f[r, c] = u[r, c] * inv
+    elif kind == 1:  # sincos: [sin u, cos u] / sqrt(D), log-weight |x'|^2 / 2 (the key factor)
+        sincos_block(u, f, rows, width, inv)
+    else:  # arccos: max(u, 0) / sqrt(D)
+        for r in range(rows):
+            logw[r] = 0.0
+            for c in range(width):
+                f[r, c] = max(u[r, c], 0.0) * inv
+    m = f.shape[1]
+    for r in range(rows):
+        acc = f[r, 0] * f[r, 0] * 0
+        for c in range(m):
+            acc += f[r, c] * f[r, c]
+        fnorm[r] = math.sqrt(acc)
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _finish_rows(num, den, ref, eps, out_rows, rows, dv):
+    """``out_rows = num / den`` with ``den`` floored at ``eps * ref``; returns the floored count."""
+    low = 0
+    for r in range(rows):
+        if ref[r] > 0:
+            d_r = den[r]
+            if d_r <= eps * ref[r]:
+                d_r = eps * ref[r]
+                low += 1
+            inv = 1.0 / d_r
+            for c in range(dv):
+                out_rows[r, c] = num[r, c] * inv
+        else:
+            for c in range(dv):
+                out_rows[r, c] = 0.0
+    return low
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _state_tasks(k, v, omega, heads, kind, unit, k_scale, key_bias, has_bias, block, S, z, mass,
+                 exp_block, sincos_block, bits_dtype, t0, t1):
+    """Non-causal phase 1: the state ``S [BH, m, dv]``, ``z``, mass of every batch row in ``[t0, t1)``."""
+    nk = k.shape[1]
+    width = omega.shape[1]
+    m, dv = S.shape[1], S.shape[2]
+    u = np.empty((block, width), k.dtype)
+    f = np.empty((block, m), k.dtype)
+    bits = np.empty((block, width), bits_dtype)
+    logw = np.empty(block, k.dtype)
+    fnorm = np.empty(block, k.dtype)
+    prod = np.empty((m, dv), k.dtype)
+    for bh in range(t0, t1):
+        omega_t = omega[bh % heads].T
+        Sb = S[bh]
+        zb = z[bh]
+        Sb[:, :] = 0.0
+        zb[:] = 0.0
+        total = 0.0
+        shift = -np.inf
+        for j0 in range(0, nk, block):
+            j1 = min(nk, j0 + block)
+            rows = j1 - j0
+            fr = f[:rows]
+            _features(k[bh, j0:j1], omega_t, k_scale, unit, kind, u[:rows], fr, logw, fnorm, bits,
+                      exp_block, sincos_block)
+            top = -np.inf
+            for r in range(rows):
+                if has_bias:
+                    logw[r] += key_bias[bh, j0 + r]
+                top = max(top, logw[r])
+            if top == -np.inf:  # every key of the block is masked
+                continue
+            if top > shift:  # rescale the state to the new shift (0 before any key)
+                rescale = math.exp(shift - top)
+                for a in range(m):
+                    zb[a] *= rescale
+                    for c in range(dv):
+                        Sb[a, c] *= rescale
+                total *= rescale
+                shift = top
+            for r in range(rows):
+                w = math.exp(logw[r] - shift)
+                total += w * fnorm[r]
+                for a in range(m):
+                    fr[r, a] *= w
+                    zb[a] += fr[r, a]
+            np.dot(fr.T, v[bh, j0:j1], prod)
+            for a in range(m):
+                for c in range(dv):
+                    Sb[a, c] += prod[a, c]
+        mass[bh] = total
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _readout_tasks(q, omega, heads, kind, unit, q_scale, S, z, mass, eps, block, out, clamped,
+                   exp_block, sincos_block, bits_dtype, t0, t1):
+    """Non-causal phase 2: outputs of query block ``task`` (``n_blocks`` per batch row)."""
+    nq = q.shape[1]
+    width = omega.shape[1]
+    m, dv = S.shape[1], S.shape[2]
+    n_blocks = (nq + block - 1) // block
+    u = np.empty((block, width), q.dtype)
+    f = np.empty((block, m), q.dtype)
+    bits = np.empty((block, width), bits_dtype)
+    logw = np.empty(block, q.dtype)
+    fnorm = np.empty(block, q.dtype)
+    num = np.empty((block, dv), q.dtype)
+    den = np.empty(block, q.dtype)
+    ref = np.empty(block, q.dtype)
+    for task in range(t0, t1):
+        bh = task // n_blocks
+        i0 = (task % n_blocks) * block
+        i1 = min(nq, i0 + block)
+        rows = i1 - i0
+        fr = f[:rows]
+        _features(q[bh, i0:i1], omega[bh % heads].T, q_scale, unit, kind, u[:rows], fr, logw, fnorm,
+                  bits, exp_block, sincos_block)
+        np.dot(fr, S[bh], num[:rows])
+        zb = z[bh]
+        for r in range(rows):
+            acc = fr[r, 0] * 0
+            for a in range(m):
+                acc += fr[r, a] * zb[a]
+            den[r] = acc
+            ref[r] = fnorm[r] * mass[bh]
+        clamped[task] = _finish_rows(num, den, ref, eps, out[bh, i0:i1], rows, dv)
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias, has_bias,
+                   log_gate, has_gate, chunk, eps, out, clamped, exp_block, sincos_block, bits_dtype,
+                   t0, t1):
+    """Causal / gated RFA of batch rows ``[t0, t1)``, chunk after chunk (see the module docstring)."""
+    n = q.shape[1]
+    width = omega.shape[1]
+    dv = v.shape[2]
+    m = 2 * width if kind == 1 else width
+    dt = q.dtype
+    u = np.empty((chunk, width), dt)
+    fq = np.empty((chunk, m), dt)
+    fk = np.empty((chunk, m), dt)
+    bits = np.empty((chunk, max(width, chunk)), bits_dtype)
+    logw_q = np.empty(chunk, dt)
+    logw = np.empty(chunk, dt)
+    qnorm = np.empty(chunk, dt)
+    knorm = np.empty(chunk, dt)
+    scores = np.empty(chunk * chunk, dt)  # flat: a contiguous L x L view for BLAS
+    decay = np.empty((chunk, chunk), dt)
+    cum = np.empty(chunk, dt)
+    into = np.empty(chunk, dt)
+    num = np.empty((chunk, dv), dt)
+    prod = np.empty((chunk, dv), dt)
+    den = np.empty(chunk, dt)
+    ref = np.empty(chunk, dt)
+    S = np.empty((m, dv), dt)
+    upd = np.empty((m, dv), dt)
+    z = np.empty(m, dt)
+    for bh in range(t0, t1):
+        omega_t = omega[bh % heads].T
+        S[:, :] = 0.0
+        z[:] = 0.0
+        mass = 0.0
+        shift = -np.inf
+        low = 0
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            L = c1 - c0
+            fqc = fq[:L]
+            fkc = fk[:L]
+            _features(q[bh, c0:c1], omega_t, q_scale, unit, kind, u[:L], fqc, logw_q, qnorm, bits,
+                      exp_block, sincos_block)
+            _features(k[bh, c0:c1], omega_t, k_scale, unit, kind, u[:L], fkc, logw, knorm, bits,
+                      exp_block, sincos_block)
+            top = -np.inf
+            for r in range(L):
+                if has_bias:
+                    logw[r] += key_bias[bh, c0 + r]
+                top = max(top, logw[r])
+            if top > shift:  # rescale the carried state to the new shift
+                rescale = math.exp(shift - top)
+                for a in range(m):
+                    z[a] *= rescale
+                    for c in range(dv):
+                        S[a, c] *= rescale
+                mass *= rescale
+                shift = top
+            for r in range(L):  # weighted key features (weight 0 while nothing is visible)
+                w = math.exp(logw[r] - shift) if shift > -np.inf else 0.0
+                knorm[r] *= w
+                for a in range(m):
+                    fkc[r, a] *= w
+            # Cumulative log-gates b_t (inclusive) and the decay matrix exp(b_t - b_s), s <= t.
+            dec = decay[:L, :L]
+            if has_gate:
+                acc = 0.0
+                for r in range(L):
+                    acc += log_gate[bh, c0 + r]
+                    cum[r] = acc
+                for t in range(L):
+                    for s in range(L):
+                        dec[t, s] = cum[t] - cum[s] if s <= t else -np.inf
+                    into[t] = cum[t]
+                exp_block(dec, bits, L, L)
+                bits_row = bits[:1, :L]
+                into_row = into[:L].reshape((1, L))
+                exp_block(into_row, bits_row, 1, L)
+            else:
+                for t in range(L):
+                    for s in range(L):
+                        dec[t, s] = 1.0 if s <= t else 0.0
+                    into[t] = 1.0
+            sc = scores[: L * L].reshape((L, L))
+            np.dot(fqc, fkc.T, sc)
+            for t in range(L):
+                acc_den = sc[t, 0] * 0
+                acc_ref = sc[t, 0] * 0
+                for s in range(L):
+                    sc[t, s] *= dec[t, s]
+                    acc_den += sc[t, s]
+                    acc_ref += dec[t, s] * knorm[s]
+                den[t] = acc_den
+                ref[t] = acc_ref
+            nm = num[:L]
+            np.dot(sc, v[bh, c0:c1], nm)
+            # Queries read the carried state, decayed by exp(b_t) within the chunk.
+            pr = prod[:L]
+            np.dot(fqc, S, pr)
+            for t in range(L):
+                e = into[t]
+                acc = fqc[t, 0] * 0
+                for a in range(m):
+                    acc += fqc[t, a] * z[a]
+                den[t] += e * acc
+                ref[t] = qnorm[t] * (ref[t] + e * mass)
+                for c in range(dv):
+                    nm[t, c] += e * pr[t, c]
+            low += _finish_rows(nm, den, ref, eps, out[bh, c0:c1], L, dv)
+            # Carry the state to the chunk end: key s decays by exp(b_L - b_s) = dec[L-1, s].
+            last = into[L - 1]
+            tail_mass = 0.0
+            for s in range(L):
+                tail = dec[L - 1, s]
+                tail_mass += tail * knorm[s]
+                for a in range(m):
+                    fkc[s, a] *= tail
+            np.dot(fkc.T, v[bh, c0:c1], upd)
+            for a in range(m):
+                acc = z[a] * last
+                for s in range(L):
+                    acc += fkc[s, a]
+                z[a] = acc
+                for c in range(dv):
+                    S[a, c] = S[a, c] * last + upd[a, c]
+            mass = mass * last + tail_mass
+        clamped[bh] = low
+
+
+def _common(rinp):
+    q = rinp.q
+    f32 = q.dtype == np.float32
+    return (
+        _KIND_CODE[rinp.kind],
+        _exp_block_f32 if f32 else _exp_block_f64,
+        _sincos_block_f32 if f32 else _sincos_block_f64,
+        np.int32 if f32 else np.int64,
+    )
+
+
+def forward(rinp):
+    """Random feature attention of canonical inputs on the CPU threads.
+
+    Parameters
+    ----------
+    rinp : mcattn.rfa._inputs.RFAInputs
+        NumPy arrays.
+
+    Returns
+    -------
+    out : numpy.ndarray ``[BH, Nq, dv]``
+    clamped : numpy.ndarray of int64 ``[BH]`` (or per task; only the sum is meaningful)
+    """
+    q, k, v = rinp.q, rinp.k, rinp.v
+    bh, nq, _ = q.shape
+    dv, m = rinp.value_dim, rinp.feature_dim
+    dt = q.dtype.type
+    out = np.zeros((bh, nq, dv), q.dtype)
+    kind, exp_block, sincos_block, bits_dtype = _common(rinp)
+    has_bias = rinp.key_bias is not None
+    key_bias = rinp.key_bias if has_bias else np.zeros((1, 1), q.dtype)
+    omega = rinp.omega
+    heads = omega.shape[0]
+    if rinp.is_causal:
+        has_gate = rinp.log_gate is not None
+        log_gate = rinp.log_gate if has_gate else np.zeros((1, 1), q.dtype)
+        chunk = max(1, min(int(rinp.chunk_size), nq))
+        clamped = np.zeros(bh, np.int64)
+        run_tasks(_chunked_tasks, bh, q, k, v, omega, heads, kind, rinp.unit, dt(rinp.q_scale),
+                  dt(rinp.k_scale), key_bias, has_bias, log_gate, has_gate, chunk, dt(rinp.eps), out,
+                  clamped, exp_block, sincos_block, bits_dtype, chunks_per_thread=1)
+        return out, clamped
+    block = max(1, int(config.RFA_CPU_BLOCK))
+    S = np.empty((bh, m, dv), q.dtype)
+    z = np.empty((bh, m), q.dtype)
+    mass = np.empty(bh, q.dtype)
+    run_tasks(_state_tasks, bh, k, v, omega, heads, kind, rinp.unit, dt(rinp.k_scale), key_bias,
+              has_bias, max(1, min(block, rinp.nk)), S, z, mass, exp_block, sincos_block, bits_dtype,
+              chunks_per_thread=1)
+    qblock = max(1, min(block, nq))
+    n_tasks = bh * ((nq + qblock - 1) // qblock)
+    clamped = np.zeros(n_tasks, np.int64)
+    run_tasks(_readout_tasks, n_tasks, q, omega, heads, kind, rinp.unit, dt(rinp.q_scale), S, z, mass,
+              dt(rinp.eps), qblock, out, clamped, exp_block, sincos_block, bits_dtype)
+    return out, clamped
