@@ -1,0 +1,164 @@
+"""Monte-Carlo value projection with numba.cuda (same draws as ``naive.py`` and ``cpu.py``).
+
+One thread per (batch row, head, token): the thread number is the token's random stream.
+Weight sampling uses the host-built alias tables (integer arithmetic, so the indices are
+bit-identical to the CPU's); optimal sampling builds the token's CDF in the thread's
+local memory (``d_in <= MAX_D_IN``) and searches it. Accumulation in float64.
+"""
+
+import functools
+
+import numpy as np
+from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
+
+from .. import random as mrandom
+from .._array import is_cupy
+from .naive import alias_tables, weight_probs
+
+__all__ = ["value_projection", "make_kernel", "MAX_HEAD_DIM", "MAX_D_IN", "ptx_signatures"]
+
+MAX_HEAD_DIM = 128
+MAX_D_IN = 4096
+THREADS_PER_BLOCK = 128
+
+
+@functools.cache
+def make_kernel(optimal):
+    """The kernel for weight (``optimal=False``) or per-token optimal sampling."""
+    from numba import float64
+
+    _, _, _, sample_bits = mrandom.cuda_device_functions()
+    maxd = MAX_HEAD_DIM
+    max_in = MAX_D_IN if optimal else 1
+    shift11 = np.uint64(11)
+    two_m53 = 2.0**-53
+
+    @cuda.jit
+    def mca_projection(x, wh, bias, has_bias, budgets, threshold, alias, shift, p_weight,
+                       row_norms, k0, k1, out):
+        task = cuda.grid(1)
+        n_batch, n, d_in = x.shape
+        heads = budgets.shape[1]
+        dh = out.shape[3]
+        if task >= n_batch * heads * n:
+            return
+        b = task // (heads * n)
+        h = (task // n) % heads
+        j = task % n
+        r = budgets[b, h, j]
+        acc = cuda.local.array(maxd, float64)
+        cdf = cuda.local.array(max_in, float64)
+        for c in range(dh):
+            acc[c] = 0.0
+        zero_row = True
+        for k in range(d_in):
+            if x[b, j, k] != 0:
+                zero_row = False
+        if r >= d_in or (r > 0 and zero_row):  # exact (a zero row gives the bias only)
+            for k in range(d_in):
+                xv = float64(x[b, j, k])
+                for c in range(dh):
+                    acc[c] += xv * wh[h, k, c]
+        elif r > 0:
+            stream = np.uint64(task)
+            total = 0.0
+            if optimal:
+                for k in range(d_in):
+                    total += abs(float64(x[b, j, k])) * row_norms[h, k]
+                running = 0.0
+                for k in range(d_in):
+                    running += abs(float64(x[b, j, k])) * row_norms[h, k] / total
+                    cdf[k] = running
+                cdf[d_in - 1] = 1.0
+            for t in range(r):
+                bits = sample_bits(k0, k1, stream, np.uint64(t))
+                if optimal:
+                    u = float64(bits >> shift11) * two_m53
+                    lo = 0
+                    hi = d_in - 1
+                    while lo < hi:
+                        mid = (lo + hi) >> 1
+                        if u < cdf[mid]:
+                            hi = mid
+                        else:
+                            lo = mid + 1
+                    k = lo
+                    p = abs(float64(x[b, j, k])) * row_norms[h, k] / total
+                else:
+                    low = np.uint64(64 - shift)
+                    scaled = (bits >> np.uint64(shift)) * np.uint64(d_in)
+                    k = np.int64(scaled >> low)
+                    if (scaled & ((np.uint64(1) << low) - np.uint64(1))) >= threshold[h, k]:
+                        k = alias[h, k]
+                    p = p_weight[h, k]
+                coef = float64(x[b, j, k]) / p
+                for c in range(dh):
+                    acc[c] += coef * wh[h, k, c]
+            for c in range(dh):
+                acc[c] /= r
+        for c in range(dh):
+            value = acc[c]
+            if has_bias:
+                value += bias[h * dh + c]
+            out[b, h, j, c] = value
+
+    return mca_projection
+
+
+def ptx_signatures():
+    """``(name, python function, argument types)`` of the kernels, for compile_ptx tests."""
+    from numba import float32, float64, int64, types, uint64
+
+    sigs = []
+    for optimal in (False, True):
+        for name, nb in (("float32", float32), ("float64", float64)):
+            args = (nb[:, :, ::1], float64[:, :, ::1], float64[::1], types.boolean,
+                    int64[:, :, ::1], uint64[:, ::1], int64[:, ::1], int64, float64[:, ::1],
+                    float64[:, ::1], uint64, uint64, nb[:, :, :, ::1])
+            label = "optimal" if optimal else "weight"
+            sigs.append((f"mca_projection_{label}_{name}", make_kernel(optimal).py_func, args))
+    return sigs
+
+
+def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
+    """numba.cuda version of :func:`mcattn.mca.naive.value_projection` (same draws).
+
+    Takes CuPy arrays, or NumPy arrays under the simulator; returns the same kind.
+    """
+    if shared_draws:  # the dispatcher never sends this here; keep the promise explicit
+        raise NotImplementedError("the cuda backend draws independently per token")
+    on_device = is_cupy(x)
+    host = (lambda a: a.get()) if on_device else np.asarray
+    batch, n, d_in = x.shape
+    dh = w.shape[1] // num_heads
+    w_host = np.asarray(host(w), dtype=np.float64)
+    p_weight = weight_probs(w_host, num_heads)
+    threshold, alias, shift = alias_tables(p_weight)
+    wh = np.ascontiguousarray(w_host.reshape(d_in, num_heads, dh).transpose(1, 0, 2))
+    row_norms = np.sqrt((wh**2).sum(-1))
+    bias64 = np.zeros(1) if bias is None else np.asarray(host(bias), dtype=np.float64)
+    k0, k1 = mrandom.seed_to_key(seed)
+    bring = cuda.as_cuda_array if on_device else cuda.to_device
+    if on_device:
+        import cupy
+
+        out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
+        d_out = cuda.as_cuda_array(out)
+        d_budgets = bring(cupy.ascontiguousarray(budgets, dtype=np.int64))
+    else:
+        out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
+        d_out = cuda.device_array(out.shape, out.dtype)
+        d_budgets = cuda.to_device(np.ascontiguousarray(budgets, dtype=np.int64))
+    total = batch * num_heads * n
+    if total:
+        kernel = make_kernel(sampling == "optimal")
+        blocks = (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+        kernel[blocks, THREADS_PER_BLOCK](
+            bring(x) if on_device else cuda.to_device(np.ascontiguousarray(x)),
+            cuda.to_device(wh), cuda.to_device(bias64), bias is not None, d_budgets,
+            cuda.to_device(threshold), cuda.to_device(alias), np.int64(shift),
+            cuda.to_device(p_weight), cuda.to_device(row_norms), k0, k1, d_out,
+        )
+    if not on_device:
+        out[...] = d_out.copy_to_host()
+    return out

@@ -1,0 +1,49 @@
+"""Monte-Carlo value projection on CUDA GPUs through a CuPy RawKernel (``kernels/mca.cu``)."""
+
+import numpy as np
+
+from .. import random as mrandom
+from .._cupy import raw_module
+from .naive import alias_tables, weight_probs
+
+__all__ = ["value_projection"]
+
+_SOURCE = "mca/kernels/mca.cu"
+THREADS_PER_BLOCK = 128
+
+
+def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
+    """CuPy version of :func:`mcattn.mca.naive.value_projection` (same draws).
+
+    Parameters and result as there, with CuPy arrays; ``d_head <= 128``,
+    ``d_in <= 4096``; independent draws only.
+    """
+    import cupy
+
+    if shared_draws:  # the dispatcher never sends this here; keep the promise explicit
+        raise NotImplementedError("the cupy backend draws independently per token")
+    batch, n, d_in = x.shape
+    dh = w.shape[1] // num_heads
+    w_host = np.asarray(w.get(), dtype=np.float64)
+    p_weight = weight_probs(w_host, num_heads)
+    threshold, alias, shift = alias_tables(p_weight)
+    wh = np.ascontiguousarray(w_host.reshape(d_in, num_heads, dh).transpose(1, 0, 2))
+    row_norms = np.sqrt((wh**2).sum(-1))
+    bias64 = np.zeros(1) if bias is None else np.asarray(bias.get(), dtype=np.float64)
+    k0, k1 = mrandom.seed_to_key(seed)
+    out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
+    total = batch * num_heads * n
+    if total == 0:
+        return out
+    suffix = "f32" if x.dtype == np.float32 else "f64"
+    name = f"mcattn_mca_projection_{sampling}_{suffix}"
+    kernel = raw_module(_SOURCE).get_function(name)
+    dev = cupy.asarray
+    kernel(
+        ((total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK,), (THREADS_PER_BLOCK,),
+        (cupy.ascontiguousarray(x), dev(wh), dev(bias64), np.int32(bias is not None),
+         cupy.ascontiguousarray(budgets, dtype=np.int64), dev(threshold), dev(alias),
+         np.int32(shift), dev(p_weight), dev(row_norms), np.uint32(k0), np.uint32(k1), out,
+         np.int32(batch), np.int32(num_heads), np.int32(n), np.int32(d_in), np.int32(dh)),
+    )
+    return out
