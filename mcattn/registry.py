@@ -79,6 +79,10 @@ class MethodEntry:
     values : tuple
         Default sweep of the knob.
     run : callable ``(inputs: LayerInputs, value, seed: int) -> Trial``
+        What is timed.
+    bound : callable ``(inputs, value, trial, exact_out) -> array or None``, optional
+        Computes the bound after the timed run (so that its cost is not timed); it
+        overrides ``trial.bound``.
     needs_projection : bool
         The method needs ``x`` and ``w_v`` (a sample without them skips it).
     bound_note : str
@@ -89,6 +93,7 @@ class MethodEntry:
     knob: str | None
     values: tuple
     run: Callable
+    bound: Callable | None = None
     needs_projection: bool = False
     bound_note: str = ""
 
@@ -96,6 +101,7 @@ class MethodEntry:
 #: Method name -> "module:attribute" of its entry. Adding a method is one line here.
 METHOD_ENTRIES = {
     "exact": "mcattn.exact.compare:ENTRY",
+    "mca": "mcattn.mca.compare:ENTRY",
 }
 
 
