@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 #: case name -> "module:function" returning (title, iterable of row dicts)
 CASES = {
     "exact": "benchmarks.bench_exact:ratio_rows",
+    "mca": "benchmarks.bench_mca:ratio_rows",
 }
 
 

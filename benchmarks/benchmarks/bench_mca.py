@@ -1,0 +1,157 @@
+"""asv suite of Monte-Carlo attention: the sampled value projection against the dense GEMM.
+
+Budgets come from the real attention of the embedded MiniLM sample (every layer), at
+the alphas of the real-attention table, so the work is what MCA does on real inputs.
+"""
+
+import numpy as np
+
+import mcattn
+from mcattn import mca
+
+from .common import interleaved_times
+
+ALPHAS = [0.1, 0.2, 0.4, 0.6, 1.0]
+
+
+def real_problem(alpha, dtype=np.float32):
+    """Per layer: (x [B, N, d_in], w [d_in, H dh], b, budgets [B, H, N]) from the sample."""
+    from mcattn.data import load_sample
+
+    sample = load_sample()
+    kpm = sample.key_padding_mask
+    layers = []
+    for layer in range(sample.num_layers):
+        probs = mcattn.attention_probs(sample.q[layer], sample.k[layer], key_padding_mask=kpm,
+                                       scale=sample.scale)
+        r = mca.budgets(probs, alpha, sample.x.shape[-1], key_padding_mask=kpm)
+        layers.append((sample.x[layer].astype(dtype), sample.w_v[layer].astype(dtype),
+                       sample.b_v[layer].astype(dtype), r))
+    return sample.num_heads, layers, kpm
+
+
+def dense_projection(layers, heads):
+    for x, w, b, _ in layers:
+        (x @ w + b).reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3).copy()
+
+
+def sampled_projection(layers, heads, shared, backend="numba", sampling="weight"):
+    for x, w, b, r in layers:
+        mca.value_projection(x, w, b, num_heads=heads, budgets=r, seed=0, shared_draws=shared,
+                             backend=backend, sampling=sampling)
+
+
+def macs_kept(layers, kpm):
+    kept = total = 0
+    for x, _, _, r in layers:
+        valid = np.broadcast_to(kpm[:, None, :], r.shape)
+        kept += np.minimum(r, x.shape[-1])[valid].sum()
+        total += valid.sum() * x.shape[-1]
+    return kept / total
+
+
+class McaProjection:
+    """Sampled projection (independent or shared draws) vs dense x @ W_V, real budgets."""
+
+    params = (ALPHAS, ["independent", "shared"])
+    param_names = ["alpha", "draws"]
+    timeout = 600
+
+    def setup(self, alpha, draws):
+        self.heads, self.layers, self.kpm = real_problem(alpha)
+        self.shared = draws == "shared"
+        sampled_projection(self.layers, self.heads, self.shared)  # compile
+
+    def time_sampled(self, alpha, draws):
+        sampled_projection(self.layers, self.heads, self.shared)
+
+    def time_dense(self, alpha, draws):
+        dense_projection(self.layers, self.heads)
+
+    def track_ratio_to_dense(self, alpha, draws):
+        """Sampled projection time / dense GEMM time, same process (lower is better)."""
+        t_s, t_d = interleaved_times(lambda: sampled_projection(self.layers, self.heads, self.shared),
+                                     lambda: dense_projection(self.layers, self.heads))
+        return t_s / t_d
+
+    track_ratio_to_dense.unit = "ratio"
+
+    def track_macs_kept(self, alpha, draws):
+        """The paper's "FLOPs kept": projection multiply-adds done / dense (valid tokens)."""
+        return macs_kept(self.layers, self.kpm)
+
+    track_macs_kept.unit = "fraction"
+
+
+class McaAttention:
+    """Whole MCA attention on the real sample vs exact attention, same process."""
+
+    params = [[0.2, 1.0]]
+    param_names = ["alpha"]
+    timeout = 600
+
+    def setup(self, alpha):
+        from mcattn.data import load_sample
+
+        self.sample = load_sample()
+        self.alpha = alpha
+        self.run_mca()
+        self.run_exact()
+
+    def run_mca(self):
+        s = self.sample
+        for layer in range(s.num_layers):
+            mca.attention(s.q[layer], s.k[layer], s.x[layer], s.w_v[layer], s.b_v[layer],
+                          num_heads=s.num_heads, alpha=self.alpha, scale=s.scale, seed=0,
+                          key_padding_mask=s.key_padding_mask)
+
+    def run_exact(self):
+        s = self.sample
+        for layer in range(s.num_layers):
+            v = (s.x[layer] @ s.w_v[layer] + s.b_v[layer])
+            v = v.reshape(v.shape[0], v.shape[1], s.num_heads, -1).transpose(0, 2, 1, 3)
+            mcattn.attention(s.q[layer], s.k[layer], v, key_padding_mask=s.key_padding_mask,
+                             scale=s.scale)
+
+    def time_mca(self, alpha):
+        self.run_mca()
+
+    def track_ratio_to_exact(self, alpha):
+        """MCA attention (probabilities + sampled projection + A V~) / exact with dense V."""
+        t_m, t_e = interleaved_times(self.run_mca, self.run_exact)
+        return t_m / t_e
+
+    track_ratio_to_exact.unit = "ratio"
+
+
+def ratio_rows(argv):
+    """Rows of ``python benchmarks/ratio.py mca``: sampled projection time / dense GEMM time."""
+    import argparse
+
+    import numba
+
+    parser = argparse.ArgumentParser(prog="ratio.py mca")
+    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+    title = (f"mca value projection (numba {numba.__version__}) / dense x @ W_V (NumPy BLAS), "
+             f"budgets from real MiniLM attention, all 6 layers, {args.dtype}, "
+             f"{mcattn.config.num_threads()} threads")
+
+    def rows():
+        for alpha in args.alphas:
+            heads, layers, kpm = real_problem(alpha, np.dtype(args.dtype))
+            row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm)}
+            for label, shared, sampling in (("indep", False, "weight"), ("shared", True, "weight"),
+                                            ("optimal", False, "optimal")):
+                t_s, t_d = interleaved_times(
+                    lambda: sampled_projection(layers, heads, shared, sampling=sampling),  # noqa: B023
+                    lambda: dense_projection(layers, heads),  # noqa: B023
+                    rounds=args.rounds,
+                )
+                row[f"{label}/dense"] = t_s / t_d
+            row["dense_ms"] = t_d * 1e3
+            yield row
+
+    return title, rows()
