@@ -17,3 +17,15 @@ def _gpu_present():
 GPU_PRESENT = _gpu_present()
 if not GPU_PRESENT:
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+if not GPU_PRESENT:
+    import sys
+
+    if "numba" in sys.modules:
+        from numba import config as _numba_config
+
+        if not _numba_config.ENABLE_CUDASIM:
+            raise RuntimeError(
+                "Numba was imported before tests/conftest.py could enable the CUDA simulator "
+                "(a pytest plugin or option imported it); set NUMBA_ENABLE_CUDASIM=1 yourself"
+            )
