@@ -240,22 +240,26 @@ def _readout_tasks(q, omega, heads, kind, unit, q_scale, S, z, mass, eps, block,
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
 def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias, has_bias,
-                   log_gate, has_gate, chunk, eps, out, clamped, exp_block, sincos_block, bits_dtype,
-                   t0, t1):
-    """Causal / gated RFA of batch rows ``[t0, t1)``, chunk after chunk (see the module docstring)."""
+                   log_gate, has_gate, chunk, block, eps, out, clamped, exp_block, sincos_block,
+                   bits_dtype, t0, t1):
+    """Causal / gated RFA of batch rows ``[t0, t1)``, chunk after chunk (see the module docstring).
+
+    Features are computed for ``block`` rows (a multiple of ``chunk``) at once: BLAS is
+    about twice as fast on 256-row projections as on 64-row ones.
+    """
     n = q.shape[1]
     width = omega.shape[1]
     dv = v.shape[2]
     m = 2 * width if kind == 1 else width
     dt = q.dtype
-    u = np.empty((chunk, width), dt)
-    fq = np.empty((chunk, m), dt)
-    fk = np.empty((chunk, m), dt)
-    bits = np.empty((chunk, max(width, chunk)), bits_dtype)
-    logw_q = np.empty(chunk, dt)
-    logw = np.empty(chunk, dt)
-    qnorm = np.empty(chunk, dt)
-    knorm = np.empty(chunk, dt)
+    u = np.empty((block, width), dt)
+    fq = np.empty((block, m), dt)
+    fk = np.empty((block, m), dt)
+    bits = np.empty((block, max(width, chunk)), bits_dtype)
+    logw_q = np.empty(block, dt)
+    logw = np.empty(block, dt)
+    qnorm = np.empty(block, dt)
+    knorm = np.empty(block, dt)
     scores = np.empty(chunk * chunk, dt)  # flat: a contiguous L x L view for BLAS
     decay = np.empty((chunk, chunk), dt)
     cum = np.empty(chunk, dt)
@@ -274,19 +278,17 @@ def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias
         mass = 0.0
         shift = -np.inf
         low = 0
-        for c0 in range(0, n, chunk):
-            c1 = min(n, c0 + chunk)
-            L = c1 - c0
-            fqc = fq[:L]
-            fkc = fk[:L]
-            _features(q[bh, c0:c1], omega_t, q_scale, unit, kind, u[:L], fqc, logw_q, qnorm, bits,
+        for b0 in range(0, n, block):
+            b1 = min(n, b0 + block)
+            R = b1 - b0
+            _features(q[bh, b0:b1], omega_t, q_scale, unit, kind, u[:R], fq[:R], logw_q, qnorm, bits,
                       exp_block, sincos_block)
-            _features(k[bh, c0:c1], omega_t, k_scale, unit, kind, u[:L], fkc, logw, knorm, bits,
+            _features(k[bh, b0:b1], omega_t, k_scale, unit, kind, u[:R], fk[:R], logw, knorm, bits,
                       exp_block, sincos_block)
             top = -np.inf
-            for r in range(L):
+            for r in range(R):
                 if has_bias:
-                    logw[r] += key_bias[bh, c0 + r]
+                    logw[r] += key_bias[bh, b0 + r]
                 top = max(top, logw[r])
             if top > shift:  # rescale the carried state to the new shift
                 rescale = math.exp(shift - top)
@@ -296,75 +298,104 @@ def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias
                         S[a, c] *= rescale
                 mass *= rescale
                 shift = top
-            for r in range(L):  # weighted key features (weight 0 while nothing is visible)
+            for r in range(R):  # weighted key features (weight 0 while nothing is visible)
                 w = math.exp(logw[r] - shift) if shift > -np.inf else 0.0
                 knorm[r] *= w
                 for a in range(m):
-                    fkc[r, a] *= w
-            # Cumulative log-gates b_t (inclusive) and the decay matrix exp(b_t - b_s), s <= t.
-            dec = decay[:L, :L]
-            if has_gate:
-                acc = 0.0
-                for r in range(L):
-                    acc += log_gate[bh, c0 + r]
-                    cum[r] = acc
-                for t in range(L):
-                    for s in range(L):
-                        dec[t, s] = cum[t] - cum[s] if s <= t else -np.inf
-                    into[t] = cum[t]
-                exp_block(dec, bits, L, L)
-                bits_row = bits[:1, :L]
-                into_row = into[:L].reshape((1, L))
-                exp_block(into_row, bits_row, 1, L)
-            else:
-                for t in range(L):
-                    for s in range(L):
-                        dec[t, s] = 1.0 if s <= t else 0.0
-                    into[t] = 1.0
-            sc = scores[: L * L].reshape((L, L))
-            np.dot(fqc, fkc.T, sc)
-            for t in range(L):
-                acc_den = sc[t, 0] * 0
-                acc_ref = sc[t, 0] * 0
-                for s in range(L):
-                    sc[t, s] *= dec[t, s]
-                    acc_den += sc[t, s]
-                    acc_ref += dec[t, s] * knorm[s]
-                den[t] = acc_den
-                ref[t] = acc_ref
-            nm = num[:L]
-            np.dot(sc, v[bh, c0:c1], nm)
-            # Queries read the carried state, decayed by exp(b_t) within the chunk.
-            pr = prod[:L]
-            np.dot(fqc, S, pr)
-            for t in range(L):
-                e = into[t]
-                acc = fqc[t, 0] * 0
-                for a in range(m):
-                    acc += fqc[t, a] * z[a]
-                den[t] += e * acc
-                ref[t] = qnorm[t] * (ref[t] + e * mass)
-                for c in range(dv):
-                    nm[t, c] += e * pr[t, c]
-            low += _finish_rows(nm, den, ref, eps, out[bh, c0:c1], L, dv)
-            # Carry the state to the chunk end: key s decays by exp(b_L - b_s) = dec[L-1, s].
-            last = into[L - 1]
-            tail_mass = 0.0
-            for s in range(L):
-                tail = dec[L - 1, s]
-                tail_mass += tail * knorm[s]
-                for a in range(m):
-                    fkc[s, a] *= tail
-            np.dot(fkc.T, v[bh, c0:c1], upd)
-            for a in range(m):
-                acc = z[a] * last
-                for s in range(L):
-                    acc += fkc[s, a]
-                z[a] = acc
-                for c in range(dv):
-                    S[a, c] = S[a, c] * last + upd[a, c]
-            mass = mass * last + tail_mass
+                    fk[r, a] *= w
+            for c0 in range(b0, b1, chunk):
+                c1 = min(b1, c0 + chunk)
+                L = c1 - c0
+                o = c0 - b0
+                mass, chunk_low = _chunk_step(
+                    fq[o : o + L], fk[o : o + L], qnorm[o : o + L], knorm[o : o + L], v[bh, c0:c1],
+                    log_gate[bh, c0:c1] if has_gate else log_gate[0, :0], has_gate, S, z, mass, eps,
+                    out[bh, c0:c1], scores, decay, cum, into, num, prod, den, ref, upd, bits, exp_block)
+                low += chunk_low
         clamped[bh] = low
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _chunk_step(fqc, fkc, qnorm, knorm, vc, log_gate, has_gate, S, z, mass, eps, out_rows, scores,
+                decay, cum, into, num, prod, den, ref, upd, bits, exp_block):
+    """One chunk of ``L`` tokens: outputs from intra-chunk products plus the carried state, then
+    the state carried to the chunk end. ``fkc`` holds weighted key features (scaled here by
+    their decay to the chunk end). Returns the new mass and the floored rows."""
+    L, m = fqc.shape
+    dv = vc.shape[1]
+    sc = scores[: L * L].reshape((L, L))
+    np.dot(fqc, fkc.T, sc)
+    dec = decay[:L, :L]
+    key_mass = mass * 0
+    if has_gate:
+        # Cumulative log-gates b_t (inclusive) and the decay matrix exp(b_t - b_s), s <= t.
+        acc = 0.0
+        for r in range(L):
+            acc += log_gate[r]
+            cum[r] = acc
+        for t in range(L):
+            for s in range(L):
+                dec[t, s] = cum[t] - cum[s] if s <= t else -np.inf
+            into[t] = cum[t]
+        exp_block(dec, bits, L, L)
+        exp_block(into[:L].reshape((1, L)), bits[:1, :L], 1, L)
+        for t in range(L):
+            acc_den = sc[t, 0] * 0
+            acc_ref = sc[t, 0] * 0
+            for s in range(L):
+                sc[t, s] *= dec[t, s]
+                acc_den += sc[t, s]
+                acc_ref += dec[t, s] * knorm[s]
+            den[t] = acc_den
+            ref[t] = acc_ref
+    else:  # causal mask only: zero the upper triangle, prefix sums of the key norms
+        run = knorm[0] * 0
+        for t in range(L):
+            acc_den = sc[t, 0] * 0
+            for s in range(t + 1):
+                acc_den += sc[t, s]
+            for s in range(t + 1, L):
+                sc[t, s] = 0.0
+            run += knorm[t]
+            den[t] = acc_den
+            ref[t] = run
+            into[t] = 1.0
+        key_mass = run
+    nm = num[:L]
+    np.dot(sc, vc, nm)
+    # Queries read the carried state, decayed by exp(b_t) within the chunk.
+    pr = prod[:L]
+    np.dot(fqc, S, pr)
+    for t in range(L):
+        e = into[t]
+        acc = fqc[t, 0] * 0
+        for a in range(m):
+            acc += fqc[t, a] * z[a]
+        den[t] += e * acc
+        ref[t] = qnorm[t] * (ref[t] + e * mass)
+        for c in range(dv):
+            nm[t, c] += e * pr[t, c]
+    low = _finish_rows(nm, den, ref, eps, out_rows, L, dv)
+    # Carry the state to the chunk end: key s decays by exp(b_L - b_s) = dec[L-1, s].
+    last = into[L - 1]
+    tail_mass = mass * 0
+    if has_gate:
+        for s in range(L):
+            tail = dec[L - 1, s]
+            tail_mass += tail * knorm[s]
+            for a in range(m):
+                fkc[s, a] *= tail
+    else:
+        tail_mass += key_mass
+    np.dot(fkc.T, vc, upd)
+    for a in range(m):
+        acc = z[a] * last
+        for s in range(L):
+            acc += fkc[s, a]
+        z[a] = acc
+        for c in range(dv):
+            S[a, c] = S[a, c] * last + upd[a, c]
+    return mass * last + tail_mass, low
 
 
 def _common(rinp):
@@ -405,9 +436,10 @@ def forward(rinp):
         has_gate = rinp.log_gate is not None
         log_gate = rinp.log_gate if has_gate else np.zeros((1, 1), q.dtype)
         chunk = max(1, min(int(rinp.chunk_size), nq))
+        block = chunk * max(1, int(config.RFA_CPU_BLOCK) // chunk)
         clamped = np.zeros(bh, np.int64)
         run_tasks(_chunked_tasks, bh, q, k, v, omega, heads, kind, rinp.unit, dt(rinp.q_scale),
-                  dt(rinp.k_scale), key_bias, has_bias, log_gate, has_gate, chunk, dt(rinp.eps), out,
+                  dt(rinp.k_scale), key_bias, has_bias, log_gate, has_gate, chunk, block, dt(rinp.eps), out,
                   clamped, exp_block, sincos_block, bits_dtype, chunks_per_thread=1)
         return out, clamped
     block = max(1, int(config.RFA_CPU_BLOCK))
