@@ -85,6 +85,8 @@ class MethodEntry:
         overrides ``trial.bound``.
     needs_projection : bool
         The method needs ``x`` and ``w_v`` (a sample without them skips it).
+    eval_values : tuple, optional
+        Knob values for ``mcattn evaluate`` (inside the model); default ``values``.
     bound_note : str
         What the bound column means for this method (expected error, 1 - delta, ...).
     """
@@ -95,6 +97,7 @@ class MethodEntry:
     run: Callable
     bound: Callable | None = None
     needs_projection: bool = False
+    eval_values: tuple | None = None
     bound_note: str = ""
 
 

@@ -40,7 +40,7 @@ def _bound(inputs, alpha, trial, exact_out):
 
 ENTRY = MethodEntry(
     name="mca", knob="alpha", values=(0.1, 0.2, 0.4, 0.6, 1.0), run=_run, bound=_bound,
-    needs_projection=True,
+    needs_projection=True, eval_values=(0.05, 0.1, 0.2, 0.4),
     bound_note="mca: the paper's Theorem (Frobenius form, expected error, independent draws) "
                "relative to ||O||",
 )
