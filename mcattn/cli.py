@@ -39,8 +39,11 @@ def _cmd_compare(args):
     source = args.sample or "the embedded MiniLM sample"
     print(f"mcattn compare on {source}: {sample.num_layers} layers, batch "
           f"{sample.q.shape[1]}, {sample.num_heads} heads, lengths {list(map(int, sample.lengths))}")
-    print("errors: ||O~ - O|| / ||O|| per (layer, sequence, head) over real tokens; ops and energy "
-          "relative to exact attention on the same unpadded inputs; time measured in this run")
+    print("errors: ||O~ - O|| / ||O|| per (layer, sequence, head) over real tokens; bound: the "
+          "method's theoretical bound on that error (median)")
+    scope = ("value projection + attention" if sample.has_projection else "attention")
+    print(f"ops, energy (45 nm table) and time relative to exact, for {scope}, on the unpadded "
+          "inputs; time measured in this run")
     print(format_table(rows))
     skipped = [e for e in (methods or METHOD_ENTRIES) if e not in {r.method for r in rows}]
     if skipped:

@@ -70,7 +70,9 @@ class AttentionSample:
 
     def layer(self, i):
         """The arrays of layer ``i`` as a dict (``q, k, v, x, w_v, b_v, key_padding_mask``)."""
-        pick = (lambda a: None if a is None else a[i])
+        def pick(a):
+            return None if a is None else a[i]
+
         return {"q": self.q[i], "k": self.k[i], "v": self.v[i], "x": pick(self.x),
                 "w_v": pick(self.w_v), "b_v": pick(self.b_v),
                 "key_padding_mask": self.key_padding_mask, "scale": self.scale}
@@ -119,7 +121,8 @@ def load_sample(path=None):
         An ``.npz`` file; default: the packaged MiniLM sample (:data:`SAMPLE_PATH`).
         Required keys: ``q``, ``k``, ``v`` as ``[B, H, N, d]`` (one layer) or
         ``[L, B, H, N, d]`` (``v`` may be left out when ``x``, ``w_v``, ``b_v`` are
-        given: it is recomputed as ``x @ w_v + b_v``, as in the packaged sample). Optional: ``key_padding_mask`` ``[B, N]`` bool (default all
+        given: it is recomputed as ``x @ w_v + b_v``, as in the packaged sample).
+        Optional: ``key_padding_mask`` ``[B, N]`` bool (default all
         True), ``scale`` (default ``1/sqrt(d)``), and ``x`` ``[L, B, N, d_model]``,
         ``w_v`` ``[L, d_model, H*d]``, ``b_v`` ``[L, H*d]`` (all three or none; the
         leading ``L`` may be dropped for one layer).

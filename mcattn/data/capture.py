@@ -109,7 +109,8 @@ def capture(out_path):
         "command": "python -m mcattn.data.capture",
     }
     np.savez_compressed(
-        out_path, q=q.astype(np.float16), k=k.astype(np.float16), x=x.astype(np.float16), w_v=w_v.astype(np.float16), b_v=b_v.astype(np.float16),
+        out_path, q=q.astype(np.float16), k=k.astype(np.float16), x=x.astype(np.float16),
+        w_v=w_v.astype(np.float16), b_v=b_v.astype(np.float16),
         key_padding_mask=mask, scale=np.float64(scale), format=np.array(FORMAT),
         provenance=np.array(json.dumps(provenance)),
     )
