@@ -18,11 +18,9 @@ approximates the projection, is measured on the same footing as the others.
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-
-from dataclasses import replace
 
 from .cost import OpCounts
 from .registry import LayerInputs, get_entries

@@ -297,4 +297,4 @@ def test_real_attention_sample_within_bound():
         theorem = bounds.alpha_error_bound(x, w, sample.num_heads, alpha, key_padding_mask=kpm)
         assert np.mean(err_rows[kpm[:, None, :].repeat(sample.num_heads, 1)]) < theorem.mean()
         errors.append(rel_error(out * rows, exact * rows))
-    assert errors[0] < errors[1] < 1.0
+    assert errors[0] < errors[1]  # more samples, less error
