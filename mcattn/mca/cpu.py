@@ -60,18 +60,6 @@ def _is_zero_row(x, b, j):
     return True
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _project_exact(x, wh, b, j, acc):
-    """acc = x[b, j] @ wh (one head's weight block ``[d_in, dh]``) in float64."""
-    for c in range(acc.shape[0]):
-        acc[c] = 0.0
-    for k in range(x.shape[2]):
-        xv = np.float64(x[b, j, k])
-        if xv != 0.0:
-            for c in range(acc.shape[0]):
-                acc[c] += xv * wh[k, c]
-
-
 @njit(nogil=True, cache=True)
 def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weight,
                        row_norms, k0, k1, optimal, out, t0, t1):
@@ -90,8 +78,10 @@ def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p
         r = budgets[b, h, j]
         for c in range(dh):
             acc[c] = 0.0
-        if r >= d_in or (r > 0 and _is_zero_row(x, b, j)):  # exact (a zero row: bias only)
-            _project_exact(x, wh, b, j, acc)
+        if r >= d_in:  # exact: done by one BLAS product per head in value_projection
+            continue
+        if r > 0 and _is_zero_row(x, b, j):  # a zero row is exact: the bias only
+            pass
         elif r > 0 and not optimal:
             stream = np.uint64(task)  # == (b * H + h) * N + j
             p = p_weight[h]
@@ -156,17 +146,15 @@ def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weig
         longest = 0
         acc = np.zeros(dh, np.float64)
         for j in range(n):
-            if r[j] > 0 and r[j] < d_in and not _is_zero_row(x, b, j):
+            if r[j] >= d_in:  # exact: done by one BLAS product per head in value_projection
+                continue
+            if r[j] > 0 and not _is_zero_row(x, b, j):
                 sampled[n_sampled] = j
                 n_sampled += 1
                 longest = max(longest, r[j])
                 continue
-            if r[j] > 0:
-                _project_exact(x, wh, b, j, acc)
-            else:
-                acc[:] = 0.0
-            for c in range(dh):
-                out[b, h, j, c] = acc[c] + (bias[col0 + c] if has_bias else 0.0)
+            for c in range(dh):  # masked key or zero row: the bias only
+                out[b, h, j, c] = bias[col0 + c] if has_bias else 0.0
         if n_sampled == 0:
             continue
         stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
@@ -200,6 +188,24 @@ def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weig
                     out[b, h, j, c] = prod[i, c] + (bias[col0 + c] if has_bias else 0.0)
 
 
+def _exact_tokens(x, wh, bias, budgets, out):
+    """Tokens with ``r >= d_in``: one BLAS product per head (float64), written into ``out``.
+
+    On real attention most of the kept work is such tokens (the salient ones); a GEMM
+    does it many times faster than a per-token loop.
+    """
+    d_in = x.shape[2]
+    heads, _, dh = wh.shape
+    for h in range(heads):
+        b_idx, j_idx = np.nonzero(budgets[:, h, :] >= d_in)
+        if b_idx.size == 0:
+            continue
+        rows = x[b_idx, j_idx].astype(np.float64) @ wh[h]
+        if bias is not None:
+            rows += bias[h * dh : (h + 1) * dh]
+        out[b_idx, h, j_idx] = rows
+
+
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
     """Numba version of :func:`mcattn.mca.naive.value_projection` (same signature, same draws)."""
     batch, n, d_in = x.shape
@@ -217,6 +223,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
     k0, k1 = mrandom.seed_to_key(seed)
     x = np.ascontiguousarray(x)
+    _exact_tokens(x, w64, bias64 if has_bias else None, budgets, out)
     if shared_draws:
         run_tasks(_shared_tasks, batch * num_heads, x, w64, bias64, has_bias, budgets, threshold,
                   alias, shift, p_weight, k0, k1, out)
