@@ -144,7 +144,6 @@ def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weig
         sampled = np.empty(n, np.int64)
         n_sampled = 0
         longest = 0
-        acc = np.zeros(dh, np.float64)
         for j in range(n):
             if r[j] >= d_in:  # exact: done by one BLAS product per head in value_projection
                 continue
