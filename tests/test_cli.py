@@ -1,0 +1,112 @@
+"""The ``mcattn`` command, the method registry and the comparison engine."""
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import mcattn
+from mcattn import cli, registry
+from mcattn.compare import relative_errors, run_comparison
+from mcattn.data import load_sample
+from mcattn.registry import MethodEntry, Trial
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compare_writes_table_json_and_plot(tmp_path, capsys):
+    js, png = tmp_path / "c.json", tmp_path / "p.png"
+    code, out, _ = _run(["compare", "--methods", "mca", "--layers", "0", "--repeats", "1",
+                         "--json", str(js), "--plot", str(png), "--no-progress"], capsys)
+    assert code == 0
+    assert "exact" in out and "mca" in out and "alpha" in out
+    rows = json.loads(js.read_text())["rows"]
+    assert rows[0]["method"] == "exact" and rows[0]["error_median"] == 0.0
+    mca_rows = [r for r in rows if r["method"] == "mca"]
+    assert [r["value"] for r in mca_rows] == list(mcattn.mca.compare.ENTRY.values)
+    errors = [r["error_median"] for r in mca_rows]
+    assert errors == sorted(errors)  # larger alpha, larger error
+    assert all(r["bound_median"] >= r["error_median"] for r in mca_rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_on_a_user_sample_without_projection(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, **{n: rng.standard_normal((1, 2, 9, 8)).astype(np.float32) for n in "qkv"})
+    code, out, _ = _run(["compare", "--sample", str(path), "--methods", "exact", "mca",
+                         "--repeats", "1", "--no-progress"], capsys)
+    assert code == 0
+    assert "skipped" in out and "mca" in out.split("skipped")[1]
+
+
+def test_compare_rejects_unknown_methods_and_bad_files(tmp_path, capsys):
+    code, _, err = _run(["compare", "--methods", "magic", "--no-progress"], capsys)
+    assert code == 2 and "unknown method" in err and "magic" in err
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not numpy")
+    code, _, err = _run(["compare", "--sample", str(bad), "--no-progress"], capsys)
+    assert code == 2 and "not an .npz" in err
+
+
+def test_backends_command(capsys):
+    code, out, _ = _run(["backends"], capsys)
+    assert code == 0
+    assert [line.split()[0] for line in out.strip().splitlines()] == ["numpy", "numba", "cuda",
+                                                                       "cupy"]
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = _run([], capsys)
+    assert code == 2 and "compare" in out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "mcattn.cli", "backends"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "numba" in result.stdout
+
+
+def test_registry_lists_entries_and_rejects_unknown():
+    names = [e.name for e in registry.get_entries()]
+    assert names[0] == "exact" and "mca" in names
+    with pytest.raises(ValueError, match="unknown method"):
+        registry.get_entries(["nope"])
+
+
+def test_a_new_method_plugs_in_with_one_registry_line(monkeypatch):
+    """A method added by one entry runs through compare with no CLI or engine edit."""
+
+    def run(inputs, value, seed):  # exact attention on values scaled by (1 + value)
+        out, info = mcattn.attention(inputs.q, inputs.k, inputs.v * (1 + value),
+                                     key_padding_mask=inputs.key_padding_mask,
+                                     scale=inputs.scale, return_info=True)
+        return Trial(out=out, info=info, bound=value)
+
+    module = types.ModuleType("fake_method")
+    module.ENTRY = MethodEntry(name="scaled", knob="eps", values=(0.0, 0.1), run=run)
+    monkeypatch.setitem(sys.modules, "fake_method", module)
+    monkeypatch.setitem(registry.METHOD_ENTRIES, "scaled", "fake_method:ENTRY")
+    rows = run_comparison(load_sample(), ["scaled"], repeats=1, layers=[0, 1])
+    got = {r.value: r for r in rows if r.method == "scaled"}
+    assert got[0.0].error_median == pytest.approx(0.0, abs=1e-6)
+    assert got[0.1].error_median == pytest.approx(0.1, rel=1e-4)  # ||0.1 O|| / ||O||
+    assert got[0.1].bound_median == 0.1
+
+
+def test_relative_errors_ignore_padding():
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((2, 3, 5, 4))
+    out = ref.copy()
+    kpm = np.array([[True] * 5, [True, True, True, False, False]])
+    out[1, :, 3:] += 100.0  # garbage on padded rows must not count
+    out[0] *= 1.5
+    errors = relative_errors(out, ref, kpm)
+    assert np.allclose(errors[0], 0.5) and np.allclose(errors[1], 0.0)
