@@ -14,7 +14,7 @@ from numba import njit
 
 from .. import random as mrandom
 from .._cpu import run_tasks
-from .naive import SHARED_STREAM_BASE, alias_tables, weight_probs
+from .naive import SHARED_STREAM_BASE, weight_tables
 
 __all__ = ["value_projection"]
 
@@ -212,22 +212,19 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
     if out.size == 0:
         return out
-    # Head-major weight blocks [H, d_in, dh]: one head's block stays in cache.
-    w64 = np.ascontiguousarray(
-        np.asarray(w, dtype=np.float64).reshape(d_in, num_heads, dh).transpose(1, 0, 2))
-    p_weight = weight_probs(w, num_heads)
-    threshold, alias, shift = alias_tables(p_weight)
+    tables = weight_tables(w, num_heads)
     has_bias = bias is not None
     bias64 = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else np.zeros(1)
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
     k0, k1 = mrandom.seed_to_key(seed)
     x = np.ascontiguousarray(x)
-    _exact_tokens(x, w64, bias64 if has_bias else None, budgets, out)
+    _exact_tokens(x, tables.wh, bias64 if has_bias else None, budgets, out)
+    t = tables
     if shared_draws:
-        run_tasks(_shared_tasks, batch * num_heads, x, w64, bias64, has_bias, budgets, threshold,
-                  alias, shift, p_weight, k0, k1, out)
+        run_tasks(_shared_tasks, batch * num_heads, x, t.wh, bias64, has_bias, budgets,
+                  t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out)
         return out
-    row_norms = np.sqrt((w64**2).sum(-1))  # [H, d_in]
-    run_tasks(_independent_tasks, batch * num_heads * n, x, w64, bias64, has_bias, budgets,
-              threshold, alias, shift, p_weight, row_norms, k0, k1, sampling == "optimal", out)
+    run_tasks(_independent_tasks, batch * num_heads * n, x, t.wh, bias64, has_bias, budgets,
+              t.threshold, t.alias, t.shift, t.p_weight, t.row_norms, k0, k1,
+              sampling == "optimal", out)
     return out

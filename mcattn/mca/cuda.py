@@ -13,7 +13,7 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 
 from .. import random as mrandom
 from .._array import is_cupy
-from .naive import alias_tables, weight_probs
+from .naive import weight_tables
 
 __all__ = ["value_projection", "make_kernel", "MAX_HEAD_DIM", "MAX_D_IN", "ptx_signatures"]
 
@@ -131,11 +131,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     host = (lambda a: a.get()) if on_device else np.asarray
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    w_host = np.asarray(host(w), dtype=np.float64)
-    p_weight = weight_probs(w_host, num_heads)
-    threshold, alias, shift = alias_tables(p_weight)
-    wh = np.ascontiguousarray(w_host.reshape(d_in, num_heads, dh).transpose(1, 0, 2))
-    row_norms = np.sqrt((wh**2).sum(-1))
+    t = weight_tables(host(w), num_heads)
     bias64 = np.zeros(1) if bias is None else np.asarray(host(bias), dtype=np.float64)
     k0, k1 = mrandom.seed_to_key(seed)
     bring = cuda.as_cuda_array if on_device else cuda.to_device
@@ -155,9 +151,9 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         blocks = (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
         kernel[blocks, THREADS_PER_BLOCK](
             bring(x) if on_device else cuda.to_device(np.ascontiguousarray(x)),
-            cuda.to_device(wh), cuda.to_device(bias64), bias is not None, d_budgets,
-            cuda.to_device(threshold), cuda.to_device(alias), np.int64(shift),
-            cuda.to_device(p_weight), cuda.to_device(row_norms), k0, k1, d_out,
+            cuda.to_device(t.wh), cuda.to_device(bias64), bias is not None, d_budgets,
+            cuda.to_device(t.threshold), cuda.to_device(t.alias), np.int64(t.shift),
+            cuda.to_device(t.p_weight), cuda.to_device(t.row_norms), k0, k1, d_out,
         )
     if not on_device:
         out[...] = d_out.copy_to_host()

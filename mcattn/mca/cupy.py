@@ -4,7 +4,7 @@ import numpy as np
 
 from .. import random as mrandom
 from .._cupy import raw_module
-from .naive import alias_tables, weight_probs
+from .naive import weight_tables
 
 __all__ = ["value_projection"]
 
@@ -24,11 +24,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         raise NotImplementedError("the cupy backend draws independently per token")
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    w_host = np.asarray(w.get(), dtype=np.float64)
-    p_weight = weight_probs(w_host, num_heads)
-    threshold, alias, shift = alias_tables(p_weight)
-    wh = np.ascontiguousarray(w_host.reshape(d_in, num_heads, dh).transpose(1, 0, 2))
-    row_norms = np.sqrt((wh**2).sum(-1))
+    t = weight_tables(w.get(), num_heads)
     bias64 = np.zeros(1) if bias is None else np.asarray(bias.get(), dtype=np.float64)
     k0, k1 = mrandom.seed_to_key(seed)
     out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
@@ -41,9 +37,9 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     dev = cupy.asarray
     kernel(
         ((total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK,), (THREADS_PER_BLOCK,),
-        (cupy.ascontiguousarray(x), dev(wh), dev(bias64), np.int32(bias is not None),
-         cupy.ascontiguousarray(budgets, dtype=np.int64), dev(threshold), dev(alias),
-         np.int32(shift), dev(p_weight), dev(row_norms), np.uint32(k0), np.uint32(k1), out,
+        (cupy.ascontiguousarray(x), dev(t.wh), dev(bias64), np.int32(bias is not None),
+         cupy.ascontiguousarray(budgets, dtype=np.int64), dev(t.threshold), dev(t.alias),
+         np.int32(t.shift), dev(t.p_weight), dev(t.row_norms), np.uint32(k0), np.uint32(k1), out,
          np.int32(batch), np.int32(num_heads), np.int32(n), np.int32(d_in), np.int32(dh)),
     )
     return out

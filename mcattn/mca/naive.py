@@ -35,6 +35,8 @@ from .. import random as mrandom
 
 __all__ = [
     "SHARED_STREAM_BASE",
+    "WeightTables",
+    "weight_tables",
     "weight_probs",
     "alias_tables",
     "alias_draw",
@@ -140,6 +142,37 @@ def alias_draw(bits, threshold, alias, shift):
     k = (c >> np.uint64(64 - shift)).astype(np.int64)
     rem = c & ((np.uint64(1) << np.uint64(64 - shift)) - np.uint64(1))
     return np.where(rem < threshold[k], k, alias[k])
+
+
+class WeightTables:
+    """Everything the kernels need from one value weight, computed once (float64).
+
+    Attributes
+    ----------
+    wh : numpy.ndarray, shape ``[H, d_in, dh]``
+        Head-major weight blocks (one head's block stays in cache).
+    p_weight : numpy.ndarray, shape ``[H, d_in]``
+        Weight-norm sampling probabilities.
+    threshold, alias : numpy.ndarray, shape ``[H, d_in]``
+        Alias tables of ``p_weight`` (uint64, int64); ``shift`` the draw's bit shift.
+    row_norms : numpy.ndarray, shape ``[H, d_in]``
+        ``||W[k, cols_h]||`` (optimal sampling).
+    """
+
+    def __init__(self, w, num_heads):
+        w = np.asarray(w, dtype=np.float64)
+        d_in, width = w.shape
+        dh = width // num_heads
+        self.num_heads = num_heads
+        self.wh = np.ascontiguousarray(w.reshape(d_in, num_heads, dh).transpose(1, 0, 2))
+        self.p_weight = weight_probs(w, num_heads)
+        self.threshold, self.alias, self.shift = alias_tables(self.p_weight)
+        self.row_norms = np.sqrt((self.wh**2).sum(-1))
+
+
+def weight_tables(w, num_heads):
+    """:class:`WeightTables` of a host weight ``[d_in, H * dh]``."""
+    return WeightTables(w, num_heads)
 
 
 def cumulative(p):
