@@ -105,6 +105,7 @@ class MethodEntry:
 METHOD_ENTRIES = {
     "exact": "mcattn.exact.compare:ENTRY",
     "mca": "mcattn.mca.compare:ENTRY",
+    "rfa": "mcattn.rfa.compare:ENTRY",
 }
 
 

@@ -421,7 +421,7 @@ def output_error_bound(q, k, v, features, *, delta=0.1, normalize=None, scale=No
 
 def features_for_output_error(target, q, k, v, *, kind="positive", sigma=1.0, delta=0.1,
                               normalize=None, scale=None, key_padding_mask=None, is_causal=False,
-                              gate=None, num_heads=None, max_features=2**30):
+                              gate=None, num_heads=None):
     """Smallest ``D`` whose :func:`output_error_bound` relative bound meets ``target`` in every batch row.
 
     Parameters
@@ -434,13 +434,13 @@ def features_for_output_error(target, q, k, v, *, kind="positive", sigma=1.0, de
     sigma : float
     num_heads : int, optional
         As in :class:`RandomFeatures` (only shapes matter here).
-    max_features : int
-        Give up above this (returns ``None``).
 
     Returns
     -------
-    int or None
-        ``None`` when no ``D <= max_features`` reaches the target.
+    int or float
+        An ``int`` up to ``2**53``; above, a float (the count is then only of
+        theoretical interest); ``inf`` when no ``D`` meets the target (a row whose
+        spread bound is infinite, e.g. a zero denominator).
     """
     from .features import RandomFeatures
 
@@ -452,21 +452,29 @@ def features_for_output_error(target, q, k, v, *, kind="positive", sigma=1.0, de
     rinp = _prepare(template, q, k, v, normalize, scale, key_padding_mask, is_causal, gate)
     rho, exact, value_norm, visible = _rho_unit(rinp)
 
-    def worst(D):
-        return float(_bound_from_rho(rho, value_norm, visible, D, delta, exact)[1].max(initial=0.0))
+    def meets(D):
+        return float(_bound_from_rho(rho, value_norm, visible, D, delta, exact)[1].max(initial=0.0)) <= target
 
-    if worst(max_features) > target:
-        return None
-    lo, hi = 1, 1
-    while worst(hi) > target:
-        lo, hi = hi, hi * 2
-    while lo < hi:  # smallest D in [lo, hi] meeting the target (the bound falls with D)
-        mid = (lo + hi) // 2
-        if worst(mid) <= target:
+    if not meets(1e300):
+        return math.inf
+    if meets(1):
+        return 1
+    lo, hi = 0.0, 300.0  # log10 D: the bound falls monotonically in D
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if meets(10.0**mid):
             hi = mid
         else:
-            lo = mid + 1
-    return hi
+            lo = mid
+    D = 10.0**hi
+    if D > 2.0**53:
+        return D
+    D = math.ceil(D)
+    while D > 1 and meets(D - 1):  # the exact integer (the bisection stops within rounding)
+        D -= 1
+    while not meets(D):
+        D += 1
+    return D
 
 
 def _host(x):
