@@ -339,3 +339,4 @@ def cuda_device_functions():
             cuda.jit(device=True, inline=True)(bits),
         )
     return _CUDA_FUNCTIONS
+

@@ -67,7 +67,8 @@ def weight_probs(w, num_heads):
     dh = width // num_heads
     sq = (np.asarray(w, dtype=np.float64).reshape(d_in, num_heads, dh) ** 2).sum(-1).T
     total = sq.sum(-1, keepdims=True)
-    return np.where(total > 0, sq / np.where(total > 0, total, 1.0), 1.0 / d_in)
+    p = np.where(total > 0, sq / np.where(total > 0, total, 1.0), 1.0 / d_in)
+    return np.ascontiguousarray(p)  # kernels index it as C-contiguous [H, d_in]
 
 
 def _vose(scaled, threshold, alias, unit):

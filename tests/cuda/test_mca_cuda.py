@@ -56,3 +56,22 @@ def test_cuda_attention_matches_numba_attention():
     out = mca.attention(q, k, x, w, None, num_heads=2, alpha=0.7, key_padding_mask=kpm, seed=5,
                         backend="cuda")
     assert rel_error(out, ref) < 1e-13
+
+
+@pytest.mark.parametrize("seed,stream,first", [(1, 0, 0), (2**33 + 1, 2**41, 2**32 - 3)])
+def test_numba_cuda_philox_equals_numpy(seed, stream, first):
+    from mcattn import random as mrandom
+
+    from mcattn._random_cuda import philox_words_kernel as kernel
+    n = 40
+    words = np.zeros((n, 4), np.uint32)
+    uniforms = np.zeros(n)
+    k0, k1 = mrandom.seed_to_key(seed)
+    if GPU_PRESENT:
+        import cupy
+
+        words, uniforms = cupy.asarray(words), cupy.asarray(uniforms)
+    kernel[2, 32](k0, k1, np.uint64(stream), np.uint64(first), words, uniforms)
+    index = np.arange(first, first + n, dtype=np.uint64)
+    assert np.array_equal(_host(words), mrandom.philox_words(seed, stream, index))
+    assert np.array_equal(_host(uniforms), mrandom.uniform(seed, stream, index))
