@@ -61,7 +61,6 @@ def test_cuda_attention_matches_numba_attention():
 @pytest.mark.parametrize("seed,stream,first", [(1, 0, 0), (2**33 + 1, 2**41, 2**32 - 3)])
 def test_numba_cuda_philox_equals_numpy(seed, stream, first):
     from mcattn import random as mrandom
-
     from mcattn._random_cuda import philox_words_kernel as kernel
     n = 40
     words = np.zeros((n, 4), np.uint32)
