@@ -27,7 +27,8 @@ float64 uses libm.
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .. import config
 from .._cpu import run_tasks
@@ -80,8 +81,34 @@ def _sincos_block_f64(u, f, rows, width, inv):
             f[r, c] = math.sin(u[r, c]) * inv
 
 
+def _exp_block(s, bits, rows, cols):
+    """``s = exp(s)`` in place on ``s[:rows, :cols]`` (typed by dtype: see the overload)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+def _sincos_block(u, f, rows, width, inv):
+    """``f = [sin u, cos u] * inv`` (typed by dtype: see the overload)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+# Chosen at typing time from the dtype, so the kernels take no function arguments: a
+# function-typed argument would make Numba's on-disk cache miss in every new process.
+@overload(_exp_block, jit_options={"nogil": True})
+def _exp_block_typed(s, bits, rows, cols):
+    if s.dtype == types.float32:
+        return lambda s, bits, rows, cols: _exp_block_f32(s, bits, rows, cols)
+    return lambda s, bits, rows, cols: _exp_block_f64(s, bits, rows, cols)
+
+
+@overload(_sincos_block, jit_options={"nogil": True})
+def _sincos_block_typed(u, f, rows, width, inv):
+    if u.dtype == types.float32:
+        return lambda u, f, rows, width, inv: _sincos_block_f32(u, f, rows, width, inv)
+    return lambda u, f, rows, width, inv: _sincos_block_f64(u, f, rows, width, inv)
+
+
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
-def _features(x, omega_t, factor, unit, kind, u, f, logw, fnorm, bits, exp_block, sincos_block):
+def _features(x, omega_t, factor, unit, kind, u, f, logw, fnorm, bits):
     """Features ``f [L, m]``, log-weights ``logw [L]`` and feature norms ``fnorm [L]`` of rows ``x [L, d]``.
 
     ``omega_t`` is ``W^T`` ``[d, D]``; ``u`` ``[L, D]`` and ``bits`` are scratch. The rows
@@ -110,12 +137,12 @@ def _features(x, omega_t, factor, unit, kind, u, f, logw, fnorm, bits, exp_block
             for c in range(width):
                 u[r, c] -= top
             logw[r] = top - logw[r]
-        exp_block(u, bits, rows, width)
+        _exp_block(u, bits, rows, width)
         for r in range(rows):
             for c in range(width):
                 f[r, c] = u[r, c] * inv
     elif kind == 1:  # sincos: [sin u, cos u] / sqrt(D), log-weight |x'|^2 / 2 (the key factor)
-        sincos_block(u, f, rows, width, inv)
+        _sincos_block(u, f, rows, width, inv)
     else:  # arccos: max(u, 0) / sqrt(D)
         for r in range(rows):
             logw[r] = 0.0
@@ -150,7 +177,7 @@ def _finish_rows(num, den, ref, eps, out_rows, rows, dv):
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
 def _state_tasks(k, v, omega, heads, kind, unit, k_scale, key_bias, has_bias, block, S, z, mass,
-                 exp_block, sincos_block, bits_dtype, t0, t1):
+                 bits_dtype, t0, t1):
     """Non-causal phase 1: the state ``S [BH, m, dv]``, ``z``, mass of every batch row in ``[t0, t1)``."""
     nk = k.shape[1]
     width = omega.shape[1]
@@ -173,8 +200,7 @@ def _state_tasks(k, v, omega, heads, kind, unit, k_scale, key_bias, has_bias, bl
             j1 = min(nk, j0 + block)
             rows = j1 - j0
             fr = f[:rows]
-            _features(k[bh, j0:j1], omega_t, k_scale, unit, kind, u[:rows], fr, logw, fnorm, bits,
-                      exp_block, sincos_block)
+            _features(k[bh, j0:j1], omega_t, k_scale, unit, kind, u[:rows], fr, logw, fnorm, bits)
             top = -np.inf
             for r in range(rows):
                 if has_bias:
@@ -205,7 +231,7 @@ def _state_tasks(k, v, omega, heads, kind, unit, k_scale, key_bias, has_bias, bl
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
 def _readout_tasks(q, omega, heads, kind, unit, q_scale, S, z, mass, eps, block, out, clamped,
-                   exp_block, sincos_block, bits_dtype, t0, t1):
+                   bits_dtype, t0, t1):
     """Non-causal phase 2: outputs of query block ``task`` (``n_blocks`` per batch row)."""
     nq = q.shape[1]
     width = omega.shape[1]
@@ -226,7 +252,7 @@ def _readout_tasks(q, omega, heads, kind, unit, q_scale, S, z, mass, eps, block,
         rows = i1 - i0
         fr = f[:rows]
         _features(q[bh, i0:i1], omega[bh % heads].T, q_scale, unit, kind, u[:rows], fr, logw, fnorm,
-                  bits, exp_block, sincos_block)
+                  bits)
         np.dot(fr, S[bh], num[:rows])
         zb = z[bh]
         for r in range(rows):
@@ -240,8 +266,7 @@ def _readout_tasks(q, omega, heads, kind, unit, q_scale, S, z, mass, eps, block,
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
 def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias, has_bias,
-                   log_gate, has_gate, chunk, block, eps, out, clamped, exp_block, sincos_block,
-                   bits_dtype, t0, t1):
+                   log_gate, has_gate, chunk, block, eps, out, clamped, bits_dtype, t0, t1):
     """Causal / gated RFA of batch rows ``[t0, t1)``, chunk after chunk (see the module docstring).
 
     Features are computed for ``block`` rows (a multiple of ``chunk``) at once: BLAS is
@@ -281,10 +306,8 @@ def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias
         for b0 in range(0, n, block):
             b1 = min(n, b0 + block)
             R = b1 - b0
-            _features(q[bh, b0:b1], omega_t, q_scale, unit, kind, u[:R], fq[:R], logw_q, qnorm, bits,
-                      exp_block, sincos_block)
-            _features(k[bh, b0:b1], omega_t, k_scale, unit, kind, u[:R], fk[:R], logw, knorm, bits,
-                      exp_block, sincos_block)
+            _features(q[bh, b0:b1], omega_t, q_scale, unit, kind, u[:R], fq[:R], logw_q, qnorm, bits)
+            _features(k[bh, b0:b1], omega_t, k_scale, unit, kind, u[:R], fk[:R], logw, knorm, bits)
             top = -np.inf
             for r in range(R):
                 if has_bias:
@@ -310,14 +333,14 @@ def _chunked_tasks(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias
                 mass, chunk_low = _chunk_step(
                     fq[o : o + L], fk[o : o + L], qnorm[o : o + L], knorm[o : o + L], v[bh, c0:c1],
                     log_gate[bh, c0:c1] if has_gate else log_gate[0, :0], has_gate, S, z, mass, eps,
-                    out[bh, c0:c1], scores, decay, cum, into, num, prod, den, ref, upd, bits, exp_block)
+                    out[bh, c0:c1], scores, decay, cum, into, num, prod, den, ref, upd, bits)
                 low += chunk_low
         clamped[bh] = low
 
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
 def _chunk_step(fqc, fkc, qnorm, knorm, vc, log_gate, has_gate, S, z, mass, eps, out_rows, scores,
-                decay, cum, into, num, prod, den, ref, upd, bits, exp_block):
+                decay, cum, into, num, prod, den, ref, upd, bits):
     """One chunk of ``L`` tokens: outputs from intra-chunk products plus the carried state, then
     the state carried to the chunk end. ``fkc`` holds weighted key features (scaled here by
     their decay to the chunk end). Returns the new mass and the floored rows."""
@@ -337,8 +360,8 @@ def _chunk_step(fqc, fkc, qnorm, knorm, vc, log_gate, has_gate, S, z, mass, eps,
             for s in range(L):
                 dec[t, s] = cum[t] - cum[s] if s <= t else -np.inf
             into[t] = cum[t]
-        exp_block(dec, bits, L, L)
-        exp_block(into[:L].reshape((1, L)), bits[:1, :L], 1, L)
+        _exp_block(dec, bits, L, L)
+        _exp_block(into[:L].reshape((1, L)), bits[:1, :L], 1, L)
         for t in range(L):
             acc_den = sc[t, 0] * 0
             acc_ref = sc[t, 0] * 0
@@ -398,17 +421,6 @@ def _chunk_step(fqc, fkc, qnorm, knorm, vc, log_gate, has_gate, S, z, mass, eps,
     return mass * last + tail_mass, low
 
 
-def _common(rinp):
-    q = rinp.q
-    f32 = q.dtype == np.float32
-    return (
-        _KIND_CODE[rinp.kind],
-        _exp_block_f32 if f32 else _exp_block_f64,
-        _sincos_block_f32 if f32 else _sincos_block_f64,
-        np.int32 if f32 else np.int64,
-    )
-
-
 def forward(rinp):
     """Random feature attention of canonical inputs on the CPU threads.
 
@@ -427,7 +439,8 @@ def forward(rinp):
     dv, m = rinp.value_dim, rinp.feature_dim
     dt = q.dtype.type
     out = np.zeros((bh, nq, dv), q.dtype)
-    kind, exp_block, sincos_block, bits_dtype = _common(rinp)
+    kind = _KIND_CODE[rinp.kind]
+    bits_dtype = np.int32 if q.dtype == np.float32 else np.int64
     has_bias = rinp.key_bias is not None
     key_bias = rinp.key_bias if has_bias else np.zeros((1, 1), q.dtype)
     omega = rinp.omega
@@ -440,18 +453,17 @@ def forward(rinp):
         clamped = np.zeros(bh, np.int64)
         run_tasks(_chunked_tasks, bh, q, k, v, omega, heads, kind, rinp.unit, dt(rinp.q_scale),
                   dt(rinp.k_scale), key_bias, has_bias, log_gate, has_gate, chunk, block, dt(rinp.eps), out,
-                  clamped, exp_block, sincos_block, bits_dtype, chunks_per_thread=1)
+                  clamped, bits_dtype, chunks_per_thread=1)
         return out, clamped
     block = max(1, int(config.RFA_CPU_BLOCK))
     S = np.empty((bh, m, dv), q.dtype)
     z = np.empty((bh, m), q.dtype)
     mass = np.empty(bh, q.dtype)
     run_tasks(_state_tasks, bh, k, v, omega, heads, kind, rinp.unit, dt(rinp.k_scale), key_bias,
-              has_bias, max(1, min(block, rinp.nk)), S, z, mass, exp_block, sincos_block, bits_dtype,
-              chunks_per_thread=1)
+              has_bias, max(1, min(block, rinp.nk)), S, z, mass, bits_dtype, chunks_per_thread=1)
     qblock = max(1, min(block, nq))
     n_tasks = bh * ((nq + qblock - 1) // qblock)
     clamped = np.zeros(n_tasks, np.int64)
     run_tasks(_readout_tasks, n_tasks, q, omega, heads, kind, rinp.unit, dt(rinp.q_scale), S, z, mass,
-              dt(rinp.eps), qblock, out, clamped, exp_block, sincos_block, bits_dtype)
+              dt(rinp.eps), qblock, out, clamped, bits_dtype)
     return out, clamped

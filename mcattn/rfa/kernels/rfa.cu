@@ -179,32 +179,39 @@ __device__ void mcattn_rfa_output(const T* __restrict__ fq, const T* __restrict_
     }
 }
 
+// Argument lists of the extern "C" kernels (also used by the host-shim launchers).
+#define MCATTN_RFA_FEATURES_ARGS(T)                                                        \
+    const T *x, const T *omega, T *f, T *logw, T *fnorm, long long rows, int n, int d,     \
+        int width, int heads, T factor, int unit, int kind
+#define MCATTN_RFA_FEATURES_PASS x, omega, f, logw, fnorm, rows, n, d, width, heads, factor, unit, kind
+#define MCATTN_RFA_STATES_ARGS(T)                                                          \
+    const T *kw, const T *v, const T *knorm, const T *cum, int has_gate, T *states, T *mass, \
+        long long bh_count, int n, int m, int dv, int chunk, int n_chunks
+#define MCATTN_RFA_STATES_PASS \
+    kw, v, knorm, cum, has_gate, states, mass, bh_count, n, m, dv, chunk, n_chunks
+#define MCATTN_RFA_SCAN_ARGS(T) \
+    T *states, T *mass, const T *chunk_decay, long long bh_count, int n_chunks, int m, int dv
+#define MCATTN_RFA_SCAN_PASS states, mass, chunk_decay, bh_count, n_chunks, m, dv
+#define MCATTN_RFA_OUTPUT_ARGS(T)                                                           \
+    const T *fq, const T *qnorm, const T *kw, const T *v, const T *knorm, const T *cum,     \
+        int has_gate, const T *states, const T *mass, T *out, int *flags, long long bh_count, \
+        int nq, int nk, int m, int dv, int chunk, int n_chunks, int causal, T eps
+#define MCATTN_RFA_OUTPUT_PASS                                                             \
+    fq, qnorm, kw, v, knorm, cum, has_gate, states, mass, out, flags, bh_count, nq, nk, m, dv, \
+        chunk, n_chunks, causal, eps
+
 #define MCATTN_RFA_KERNELS(T, SUFFIX)                                                          \
-    extern "C" __global__ void mcattn_rfa_features_##SUFFIX(                                   \
-        const T* x, const T* omega, T* f, T* logw, T* fnorm, long long rows, int n, int d,     \
-        int width, int heads, T factor, int unit, int kind) {                                  \
-        mcattn_rfa_features<T>(x, omega, f, logw, fnorm, rows, n, d, width, heads, factor,     \
-                               unit, kind);                                                    \
+    extern "C" __global__ void mcattn_rfa_features_##SUFFIX(MCATTN_RFA_FEATURES_ARGS(T)) {     \
+        mcattn_rfa_features<T>(MCATTN_RFA_FEATURES_PASS);                                      \
     }                                                                                          \
-    extern "C" __global__ void mcattn_rfa_states_##SUFFIX(                                     \
-        const T* kw, const T* v, const T* knorm, const T* cum, int has_gate, T* states,        \
-        T* mass, long long bh_count, int n, int m, int dv, int chunk, int n_chunks) {          \
-        mcattn_rfa_states<T>(kw, v, knorm, cum, has_gate, states, mass, bh_count, n, m, dv,    \
-                             chunk, n_chunks);                                                 \
+    extern "C" __global__ void mcattn_rfa_states_##SUFFIX(MCATTN_RFA_STATES_ARGS(T)) {         \
+        mcattn_rfa_states<T>(MCATTN_RFA_STATES_PASS);                                          \
     }                                                                                          \
-    extern "C" __global__ void mcattn_rfa_scan_##SUFFIX(T* states, T* mass,                    \
-                                                        const T* chunk_decay,                  \
-                                                        long long bh_count, int n_chunks,      \
-                                                        int m, int dv) {                       \
-        mcattn_rfa_scan<T>(states, mass, chunk_decay, bh_count, n_chunks, m, dv);              \
+    extern "C" __global__ void mcattn_rfa_scan_##SUFFIX(MCATTN_RFA_SCAN_ARGS(T)) {             \
+        mcattn_rfa_scan<T>(MCATTN_RFA_SCAN_PASS);                                              \
     }                                                                                          \
-    extern "C" __global__ void mcattn_rfa_output_##SUFFIX(                                     \
-        const T* fq, const T* qnorm, const T* kw, const T* v, const T* knorm, const T* cum,    \
-        int has_gate, const T* states, const T* mass, T* out, int* flags, long long bh_count,  \
-        int nq, int nk, int m, int dv, int chunk, int n_chunks, int causal, T eps) {           \
-        mcattn_rfa_output<T, 128>(fq, qnorm, kw, v, knorm, cum, has_gate, states, mass, out,   \
-                                  flags, bh_count, nq, nk, m, dv, chunk, n_chunks, causal,     \
-                                  eps);                                                        \
+    extern "C" __global__ void mcattn_rfa_output_##SUFFIX(MCATTN_RFA_OUTPUT_ARGS(T)) {         \
+        mcattn_rfa_output<T, 128>(MCATTN_RFA_OUTPUT_PASS);                                     \
     }
 
 MCATTN_RFA_KERNELS(float, f32)
