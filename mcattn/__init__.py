@@ -7,7 +7,7 @@ DLPack, and returns the same array type. :func:`backends` tells which kernels ca
 on this machine.
 """
 
-from . import config, cost, errors, random
+from . import config, cost, errors, mca, random, rfa
 from ._dispatch import backends
 from .cost import CallInfo, OpCounts
 from .exact import attention, attention_probs
@@ -20,6 +20,8 @@ __all__ = [
     "backends",
     "CallInfo",
     "OpCounts",
+    "mca",
+    "rfa",
     "config",
     "cost",
     "errors",
