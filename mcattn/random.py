@@ -202,6 +202,13 @@ def philox4x32(counter, key):
     return np.stack(words, axis=-1).astype(np.uint32)
 
 
+def _host_draws(draw, seed, stream, index, dtype):
+    """``draw(k0, k1, stream, index)`` on NumPy arrays broadcast together."""
+    k0, k1 = seed_to_key(seed)
+    s, i = np.broadcast_arrays(_as_u64(stream, "stream"), _as_u64(index, "index"))
+    return np.asarray(draw(k0, k1, s, i), dtype=dtype)
+
+
 def philox_words(seed, stream, index):
     """The four 32-bit words mcattn draws for ``(seed, stream, index)``.
 
@@ -234,9 +241,7 @@ def uniform(seed, stream, index):
     -------
     numpy.ndarray of float64, shape ``broadcast(stream, index).shape``
     """
-    k0, k1 = seed_to_key(seed)
-    s, i = np.broadcast_arrays(_as_u64(stream, "stream"), _as_u64(index, "index"))
-    return np.asarray(_uniform_from_index(k0, k1, s, i), dtype=np.float64)
+    return _host_draws(_uniform_from_index, seed, stream, index, np.float64)
 
 
 def sample_bits(seed, stream, t):
@@ -251,9 +256,7 @@ def sample_bits(seed, stream, t):
     -------
     numpy.ndarray of uint64
     """
-    k0, k1 = seed_to_key(seed)
-    s, i = np.broadcast_arrays(_as_u64(stream, "stream"), _as_u64(t, "t"))
-    return np.asarray(_sample_bits(k0, k1, s, i), dtype=np.uint64)
+    return _host_draws(_sample_bits, seed, stream, t, np.uint64)
 
 
 def sample_uniform(seed, stream, t):
@@ -268,9 +271,7 @@ def sample_uniform(seed, stream, t):
     -------
     numpy.ndarray of float64
     """
-    k0, k1 = seed_to_key(seed)
-    s, i = np.broadcast_arrays(_as_u64(stream, "stream"), _as_u64(t, "t"))
-    return np.asarray(_sample_uniform(k0, k1, s, i), dtype=np.float64)
+    return _host_draws(_sample_uniform, seed, stream, t, np.float64)
 
 
 def normal(seed, stream, index):
