@@ -391,3 +391,40 @@ def test_empty_and_float16_and_torch():
     ref_g = rfa.attention(*(a.astype(np.float32) for a in (q, k, v)), features=feats, is_causal=True,
                           gate=np.full((2, 6), 0.5, np.float32))
     assert rel_error(out_t.numpy(), ref_g) < 1e-6
+
+
+# --- real attention ---------------------------------------------------------------------------------
+def test_real_attention_backends_forms_and_convergence():
+    from mcattn.data import load_sample
+
+    s = load_sample()
+    q, k, v = (a[3, :2] for a in (s.q, s.k, s.v))  # layer 3, two sentences (106 and 122 tokens)
+    kpm = s.key_padding_mask[:2]
+    real = np.broadcast_to(kpm[:, None, :], q.shape[:3])
+    ref = dense_attention(q, k, v, mask=kpm[:, None, None, :], scale=s.scale)
+    for kind in KINDS:
+        feats = rfa.RandomFeatures(32, 32, kind=kind, num_heads=12, seed=1)
+        for is_causal in (False, True):
+            kw = dict(features=feats, key_padding_mask=kpm, scale=s.scale, is_causal=is_causal,
+                      return_info=True)
+            fast, info = rfa.attention(q, k, v, backend="numba", **kw)
+            slow, slow_info = rfa.attention(*(a.astype(np.float64) for a in (q, k, v)), backend="numpy", **kw)
+            if kind != "sincos":  # sin/cos rows at the floor are decided by rounding
+                assert rel_error(fast[real], slow[real]) < 1e-5
+            assert abs(info.clamped - slow_info.clamped) <= 0.01 * info.rows
+    # The estimators converge on real inputs: arccos to arc-cosine attention like 1/sqrt(D),
+    # positive features to softmax attention (slowly: MiniLM's rows are long).
+    rinp = _prepare(rfa.RandomFeatures(32, 1, kind="arccos", num_heads=12), q, k, v, key_padding_mask=kpm,
+                    scale=s.scale)
+    target = naive.target_attention(rinp).reshape(v.shape)
+    errs = {}
+    for kind, goal in (("arccos", target), ("positive", ref)):
+        for D in (16, 256, 4096):
+            runs = [rel_error(rfa.attention(q, k, v, key_padding_mask=kpm, scale=s.scale,
+                                            features=rfa.RandomFeatures(32, D, kind=kind, num_heads=12,
+                                                                        seed=seed))[real], goal[real])
+                    for seed in range(3)]
+            errs[kind, D] = np.mean(runs)
+    slope = np.log(errs["arccos", 4096] / errs["arccos", 16]) / np.log(256)
+    assert -0.6 < slope < -0.4, errs
+    assert errs["positive", 4096] < errs["positive", 256] < errs["positive", 16]
