@@ -34,7 +34,7 @@ from .. import config
 from .._cpu import run_tasks
 from ..exact.cpu import _exp_block_f32, _exp_block_f64
 
-__all__ = ["forward"]
+__all__ = ["forward", "step"]
 
 _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math assumptions
 _KIND_CODE = {"positive": 0, "sincos": 1, "arccos": 2}
@@ -419,6 +419,80 @@ def _chunk_step(fqc, fkc, qnorm, knorm, vc, log_gate, has_gate, S, z, mass, eps,
         for c in range(dv):
             S[a, c] = S[a, c] * last + upd[a, c]
     return mass * last + tail_mass, low
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _step_rows(q, k, v, omega, heads, kind, unit, q_scale, k_scale, key_bias, has_bias, log_gate,
+               has_gate, eps, S, z, mass, shift, out, flags, bits_dtype):
+    """One decoding token for every batch row (see :func:`mcattn.rfa.naive.step`), in place."""
+    width = omega.shape[1]
+    m, dv = S.shape[1], S.shape[2]
+    dt = q.dtype
+    u = np.empty((1, width), dt)
+    fq = np.empty((1, m), dt)
+    fk = np.empty((1, m), dt)
+    bits = np.empty((1, width), bits_dtype)
+    logw_q = np.empty(1, dt)
+    logw_k = np.empty(1, dt)
+    qnorm = np.empty(1, dt)
+    knorm = np.empty(1, dt)
+    num = np.empty((1, dv), dt)
+    den = np.empty(1, dt)
+    ref = np.empty(1, dt)
+    for bh in range(q.shape[0]):
+        omega_t = omega[bh % heads].T
+        _features(q[bh], omega_t, q_scale, unit, kind, u, fq, logw_q, qnorm, bits)
+        _features(k[bh], omega_t, k_scale, unit, kind, u, fk, logw_k, knorm, bits)
+        Sb, zb = S[bh], z[bh]
+        rescale = 1.0
+        if has_gate:
+            rescale = math.exp(log_gate[bh, 0])
+        lw = logw_k[0] + key_bias[bh, 0] if has_bias else logw_k[0]
+        if lw > shift[bh]:  # a new largest log-weight: move the state to it
+            rescale *= math.exp(shift[bh] - lw)
+            shift[bh] = lw
+        w = math.exp(lw - shift[bh]) if shift[bh] > -np.inf else 0.0
+        mass[bh] = mass[bh] * rescale + w * knorm[0]
+        acc_den = fq[0, 0] * 0
+        for a in range(m):
+            wk = w * fk[0, a]
+            zb[a] = zb[a] * rescale + wk
+            acc_den += fq[0, a] * zb[a]
+            for c in range(dv):
+                Sb[a, c] = Sb[a, c] * rescale + wk * v[bh, 0, c]
+        np.dot(fq, Sb, num)
+        den[0] = acc_den
+        ref[0] = qnorm[0] * mass[bh]
+        flags[bh] = _finish_rows(num, den, ref, eps, out[bh : bh + 1], 1, dv)
+
+
+def step(state, rinp):
+    """One decoding token (``Nq = Nk = 1``) on the CPU; the state is updated in place.
+
+    Parameters
+    ----------
+    state : mcattn.rfa.naive.RFAState
+        NumPy arrays.
+    rinp : mcattn.rfa._inputs.RFAInputs
+        The token's canonical inputs.
+
+    Returns
+    -------
+    out : numpy.ndarray ``[BH, dv]``
+    clamped : numpy.ndarray of int64 ``[BH]``
+    """
+    q = rinp.q
+    bh = q.shape[0]
+    dt = q.dtype.type
+    out = np.empty((bh, rinp.value_dim), q.dtype)
+    flags = np.zeros(bh, np.int64)
+    has_bias, has_gate = rinp.key_bias is not None, rinp.log_gate is not None
+    dummy = np.zeros((1, 1), q.dtype)
+    _step_rows(q, rinp.k, rinp.v, rinp.omega, rinp.omega.shape[0], _KIND_CODE[rinp.kind], rinp.unit,
+               dt(rinp.q_scale), dt(rinp.k_scale), rinp.key_bias if has_bias else dummy, has_bias,
+               rinp.log_gate if has_gate else dummy, has_gate, dt(rinp.eps), state.S, state.z, state.mass,
+               state.shift, out, flags, np.int32 if q.dtype == np.float32 else np.int64)
+    return out, flags
 
 
 def forward(rinp):

@@ -101,10 +101,15 @@ class RFADecoder:
         gate = None if gate_t is None else expand(gate_t, -1)
         bridge, rinp, _ = self._prepare(expand(q_t, -2), expand(k_t, -2), expand(v_t, -2), gate,
                                         check_finite)
-        fq, fk, lk = naive.row_features(rinp)
-        log_gate = None if rinp.log_gate is None else rinp.log_gate[:, 0]
-        out, low = naive.step(self.state, fq[:, 0], fk[:, 0], lk[:, 0], rinp.v[:, 0], log_gate,
-                              rinp.eps, rinp.xp)
+        if rinp.xp is np:  # host arrays: one fused Numba pass over the batch rows
+            from . import cpu
+
+            out, low = cpu.step(self.state, rinp)
+        else:
+            fq, fk, lk = naive.row_features(rinp)
+            log_gate = None if rinp.log_gate is None else rinp.log_gate[:, 0]
+            out, low = naive.step(self.state, fq[:, 0], fk[:, 0], lk[:, 0], rinp.v[:, 0], log_gate,
+                                  rinp.eps, rinp.xp)
         self.position += 1
         self.clamped += int(low.sum())
         return bridge.export(out.reshape(tuple(rinp.batch_shape) + (rinp.value_dim,)))
