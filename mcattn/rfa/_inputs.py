@@ -1,6 +1,5 @@
 """Checked, canonical inputs of one random-feature-attention call (shared by the backends)."""
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -223,8 +222,3 @@ def prepare_rfa(features, q, k, v, *, attn_mask, key_padding_mask, gate, is_caus
         is_causal=bool(is_causal), chunk_size=_check_chunk(chunk_size), eps=_check_eps(eps),
         batch_shape=inp.batch_shape,
     ), inp
-
-
-def replace(rinp, **changes):
-    """A copy of ``rinp`` with some fields changed."""
-    return dataclasses.replace(rinp, **changes)
