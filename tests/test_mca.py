@@ -298,3 +298,20 @@ def test_real_attention_sample_within_bound():
         assert np.mean(err_rows[kpm[:, None, :].repeat(sample.num_heads, 1)]) < theorem.mean()
         errors.append(rel_error(out * rows, exact * rows))
     assert errors[0] < errors[1]  # more samples, less error
+
+
+def test_precomputed_weight_tables():
+    rng = np.random.default_rng(15)
+    q, k, x, w, b = _attention_problem(rng)
+    tables = mca.weight_tables(w, 3)
+    for backend in ("numpy", "numba"):
+        plain = mca.attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=1)
+        cached = mca.attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=1, tables=tables,
+                               backend=backend)
+        assert rel_error(cached, plain) < 1e-13
+    with pytest.raises(ShapeError, match="tables were built"):
+        mca.attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=1,
+                      tables=mca.weight_tables(w[:, :12], 3))
+    with pytest.raises(TypeError, match="weight_tables"):
+        mca.value_projection(x, w, b, num_heads=3, budgets=np.ones((2, 3, 10), int), seed=0,
+                             tables="cached")

@@ -15,7 +15,8 @@ ALPHAS = [0.1, 0.2, 0.4, 0.6, 1.0]
 
 
 def real_problem(alpha, dtype=np.float32):
-    """Per layer: (x [B, N, d_in], w [d_in, H dh], b, budgets [B, H, N]) from the sample."""
+    """Per layer: (x [B, N, d_in], w [d_in, H dh], b, budgets [B, H, N], tables) from the
+    sample; the weight tables are built once per layer, as a model would at load time."""
     from mcattn.data import load_sample
 
     sample = load_sample()
@@ -25,25 +26,26 @@ def real_problem(alpha, dtype=np.float32):
         probs = mcattn.attention_probs(sample.q[layer], sample.k[layer], key_padding_mask=kpm,
                                        scale=sample.scale)
         r = mca.budgets(probs, alpha, sample.x.shape[-1], key_padding_mask=kpm)
-        layers.append((sample.x[layer].astype(dtype), sample.w_v[layer].astype(dtype),
-                       sample.b_v[layer].astype(dtype), r))
+        w = sample.w_v[layer].astype(dtype)
+        layers.append((sample.x[layer].astype(dtype), w, sample.b_v[layer].astype(dtype), r,
+                       mca.weight_tables(w, sample.num_heads)))
     return sample.num_heads, layers, kpm
 
 
 def dense_projection(layers, heads):
-    for x, w, b, _ in layers:
+    for x, w, b, _, _ in layers:
         (x @ w + b).reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3).copy()
 
 
 def sampled_projection(layers, heads, shared, backend="numba", sampling="weight"):
-    for x, w, b, r in layers:
+    for x, w, b, r, tables in layers:
         mca.value_projection(x, w, b, num_heads=heads, budgets=r, seed=0, shared_draws=shared,
-                             backend=backend, sampling=sampling)
+                             backend=backend, sampling=sampling, tables=tables)
 
 
 def macs_kept(layers, kpm):
     kept = total = 0
-    for x, _, _, r in layers:
+    for x, _, _, r, _ in layers:
         valid = np.broadcast_to(kpm[:, None, :], r.shape)
         kept += np.minimum(r, x.shape[-1])[valid].sum()
         total += valid.sum() * x.shape[-1]

@@ -52,16 +52,8 @@ def _search(cdf, u):
     return lo
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _is_zero_row(x, b, j):
-    for k in range(x.shape[2]):
-        if x[b, j, k] != 0:
-            return False
-    return True
-
-
 @njit(nogil=True, cache=True)
-def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weight,
+def _independent_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shift, p_weight,
                        row_norms, k0, k1, optimal, out, t0, t1):
     n_batch, n, d_in = x.shape
     heads = budgets.shape[1]
@@ -80,7 +72,7 @@ def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p
             acc[c] = 0.0
         if r >= d_in:  # exact: done by one BLAS product per head in value_projection
             continue
-        if r > 0 and _is_zero_row(x, b, j):  # a zero row is exact: the bias only
+        if r > 0 and not nonzero[b, j]:  # a zero row is exact: the bias only
             pass
         elif r > 0 and not optimal:
             stream = np.uint64(task)  # == (b * H + h) * N + j
@@ -129,8 +121,8 @@ def _independent_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p
 
 
 @njit(nogil=True, cache=True)
-def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weight, k0, k1, out,
-                  t0, t1):
+def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shift, p_weight, k0,
+                  k1, out, t0, t1):
     n_batch, n, d_in = x.shape
     heads = budgets.shape[1]
     dh = out.shape[3]
@@ -147,7 +139,7 @@ def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weig
         for j in range(n):
             if r[j] >= d_in:  # exact: done by one BLAS product per head in value_projection
                 continue
-            if r[j] > 0 and not _is_zero_row(x, b, j):
+            if r[j] > 0 and nonzero[b, j]:
                 sampled[n_sampled] = j
                 n_sampled += 1
                 longest = max(longest, r[j])
@@ -188,7 +180,7 @@ def _shared_tasks(x, w, bias, has_bias, budgets, threshold, alias, shift, p_weig
 
 
 def _exact_tokens(x, wh, bias, budgets, out):
-    """Tokens with ``r >= d_in``: one BLAS product per head (float64), written into ``out``.
+    """Tokens with ``r >= d_in``: one BLAS product per head (in ``x``'s precision).
 
     On real attention most of the kept work is such tokens (the salient ones); a GEMM
     does it many times faster than a per-token loop.
@@ -199,32 +191,34 @@ def _exact_tokens(x, wh, bias, budgets, out):
         b_idx, j_idx = np.nonzero(budgets[:, h, :] >= d_in)
         if b_idx.size == 0:
             continue
-        rows = x[b_idx, j_idx].astype(np.float64) @ wh[h]
+        rows = x[b_idx, j_idx] @ wh[h]
         if bias is not None:
             rows += bias[h * dh : (h + 1) * dh]
         out[b_idx, h, j_idx] = rows
 
 
-def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
+def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False,
+                     tables=None):
     """Numba version of :func:`mcattn.mca.naive.value_projection` (same signature, same draws)."""
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
     if out.size == 0:
         return out
-    tables = weight_tables(w, num_heads)
+    tables = weight_tables(w, num_heads) if tables is None else tables
     has_bias = bias is not None
     bias64 = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else np.zeros(1)
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
     k0, k1 = mrandom.seed_to_key(seed)
     x = np.ascontiguousarray(x)
-    _exact_tokens(x, tables.wh, bias64 if has_bias else None, budgets, out)
+    _exact_tokens(x, tables.wh_as(x.dtype), bias if has_bias else None, budgets, out)
     t = tables
+    nonzero = x.any(axis=-1)  # [B, N]: a zero input row is exact (bias only)
     if shared_draws:
-        run_tasks(_shared_tasks, batch * num_heads, x, t.wh, bias64, has_bias, budgets,
+        run_tasks(_shared_tasks, batch * num_heads, x, nonzero, t.wh, bias64, has_bias, budgets,
                   t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out)
         return out
-    run_tasks(_independent_tasks, batch * num_heads * n, x, t.wh, bias64, has_bias, budgets,
+    run_tasks(_independent_tasks, batch * num_heads * n, x, nonzero, t.wh, bias64, has_bias, budgets,
               t.threshold, t.alias, t.shift, t.p_weight, t.row_norms, k0, k1,
               sampling == "optimal", out)
     return out

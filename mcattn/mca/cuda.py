@@ -120,7 +120,8 @@ def ptx_signatures():
     return sigs
 
 
-def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
+def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False,
+                     tables=None):
     """numba.cuda version of :func:`mcattn.mca.naive.value_projection` (same draws).
 
     Takes CuPy arrays, or NumPy arrays under the simulator; returns the same kind.
@@ -131,7 +132,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     host = (lambda a: a.get()) if on_device else np.asarray
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    t = weight_tables(host(w), num_heads)
+    t = weight_tables(host(w), num_heads) if tables is None else tables
     bias64 = np.zeros(1) if bias is None else np.asarray(host(bias), dtype=np.float64)
     k0, k1 = mrandom.seed_to_key(seed)
     bring = cuda.as_cuda_array if on_device else cuda.to_device

@@ -12,7 +12,8 @@ _SOURCE = "mca/kernels/mca.cu"
 THREADS_PER_BLOCK = 128
 
 
-def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False):
+def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False,
+                     tables=None):
     """CuPy version of :func:`mcattn.mca.naive.value_projection` (same draws).
 
     Parameters and result as there, with CuPy arrays; ``d_head <= 128``,
@@ -24,7 +25,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         raise NotImplementedError("the cupy backend draws independently per token")
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    t = weight_tables(w.get(), num_heads)
+    t = weight_tables(w.get(), num_heads) if tables is None else tables
     bias64 = np.zeros(1) if bias is None else np.asarray(bias.get(), dtype=np.float64)
     k0, k1 = mrandom.seed_to_key(seed)
     out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)

@@ -169,6 +169,20 @@ class WeightTables:
         self.p_weight = weight_probs(w, num_heads)
         self.threshold, self.alias, self.shift = alias_tables(self.p_weight)
         self.row_norms = np.sqrt((self.wh**2).sum(-1))
+        self._cast = {np.dtype(np.float64): self.wh}
+
+    @property
+    def shape(self):
+        """``(d_in, H * dh)``: the shape of the weight the tables were built from."""
+        heads, d_in, dh = self.wh.shape
+        return (d_in, heads * dh)
+
+    def wh_as(self, dtype):
+        """The head-major blocks in ``dtype`` (cached)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._cast:
+            self._cast[dtype] = self.wh.astype(dtype)
+        return self._cast[dtype]
 
 
 def weight_tables(w, num_heads):
@@ -204,7 +218,7 @@ def _to_uniform(bits):
 
 
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
-                     shared_draws=False):
+                     shared_draws=False, tables=None):
     """Importance-sampled value projection, split into heads.
 
     Parameters
@@ -219,6 +233,8 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
     sampling : {"weight", "optimal"}
     shared_draws : bool
         One draw sequence per (batch row, head); tokens use its prefixes.
+    tables : WeightTables, optional
+        Precomputed :func:`weight_tables` of ``w`` (otherwise built here).
 
     Returns
     -------
@@ -231,8 +247,8 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
     out = np.zeros((batch, num_heads, n, dh))
     if bias is not None:
         out += np.asarray(bias, dtype=np.float64).reshape(num_heads, 1, dh)
-    p_weight = weight_probs(w, num_heads)
-    threshold, alias, shift = alias_tables(p_weight)
+    tables = weight_tables(w, num_heads) if tables is None else tables
+    p_weight, threshold, alias, shift = tables.p_weight, tables.threshold, tables.alias, tables.shift
     row_norms = np.sqrt((w64**2).sum(-1)).T  # [H, d_in]
     streams = token_streams(batch, num_heads, n)
     for b in range(batch):
