@@ -4,14 +4,8 @@ A task is one block of ``BLOCK_Q`` query rows of one batch row. It walks over bl
 ``BLOCK_K`` keys: ``S = Q K^T`` by BLAS, the running max/sum update, ``exp`` by a
 vectorisable polynomial (float32) or libm (float64), and ``acc += P V`` by BLAS. Scratch
 is ``O(BLOCK_Q * BLOCK_K)`` per thread, so memory is ``O(N d)`` whatever ``N`` is; with
-``is_causal`` the key blocks after a query block are skipped.
-
-Why a polynomial exp: without Intel's SVML, ``math.exp`` in a Numba loop is a scalar
-libm call per score, several times slower than the matrix products around it. The float32
-kernel evaluates ``2**t`` as ``2**round(t) * p(t - round(t))`` with ``p`` the degree-7
-Taylor polynomial of ``2**f`` on ``|f| <= 1/2`` (truncation error below 6e-9, under
-float32 rounding) and builds ``2**round(t)`` from its exponent bits. Two plain loops,
-both of which LLVM vectorises.
+``is_causal`` the key blocks after a query block are skipped. The exp is
+:func:`mcattn._cpu_math.exp_block` (why a polynomial: see there).
 """
 
 import math
@@ -21,49 +15,16 @@ from numba import njit
 
 from .. import config
 from .._cpu import run_tasks
+from .._cpu_math import bits_dtype, exp_block
 
 __all__ = ["forward"]
-
-_LOG2E = np.float32(1.4426950408889634)
-_LN2 = math.log(2.0)
-# Taylor coefficients (ln 2)^n / n! of 2**f = exp(f ln 2), n = 0..7.
-_C = [np.float32(_LN2**n / math.factorial(n)) for n in range(8)]
-_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7 = _C
-_HALF = np.float32(0.5)
-_FLOOR_EXP = np.float32(-127.0)  # 2**-127 -> exponent bits 0 -> exactly 0 (underflow)
-_BIAS = np.int32(127)
-_MANT = np.int32(23)
 
 _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math assumptions
 
 
-@njit(nogil=True, cache=True, fastmath={"contract"})
-def _exp_block_f32(s, bits, rows, cols):
-    """In place ``s[:rows, :cols] = exp(s)`` for ``s <= 0`` (or -inf), float32."""
-    for r in range(rows):
-        for c in range(cols):
-            t = max(s[r, c] * _LOG2E, _FLOOR_EXP)
-            n = np.floor(t + _HALF)
-            f = t - n
-            s[r, c] = _C0 + f * (_C1 + f * (_C2 + f * (_C3 + f * (_C4 + f * (_C5 + f * (_C6 + f * _C7))))))
-            bits[r, c] = (np.int32(n) + _BIAS) << _MANT
-    scale = bits.view(np.float32)
-    for r in range(rows):
-        for c in range(cols):
-            s[r, c] *= scale[r, c]
-
-
-@njit(nogil=True, cache=True)
-def _exp_block_f64(s, bits, rows, cols):
-    """In place ``s[:rows, :cols] = exp(s)``, float64, libm (accuracy first)."""
-    for r in range(rows):
-        for c in range(cols):
-            s[r, c] = math.exp(s[r, c])
-
-
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
 def _exact_tasks(q, k, v, out, scale, bias, mask_index, has_bias, is_causal, block_q, block_k,
-                 exp_block, bits_dtype, t0, t1):
+                 bits_type, t0, t1):
     bh_count, nq, d = q.shape
     nk = k.shape[1]
     dv = v.shape[2]
@@ -72,7 +33,7 @@ def _exact_tasks(q, k, v, out, scale, bias, mask_index, has_bias, is_causal, blo
     # Per-call scratch (each thread runs its own call): O(block_q * (d + dv + block_k)).
     score_buf = np.empty(block_q * block_k, q.dtype)
     prob_buf = np.empty(block_q * block_k, q.dtype)
-    bits_buf = np.empty(block_q * block_k, bits_dtype)
+    bits_buf = np.empty(block_q * block_k, bits_type)
     qs = np.empty((block_q, d), q.dtype)
     acc = np.empty((block_q, dv), q.dtype)
     pv = np.empty((block_q * dv,), q.dtype)
@@ -161,9 +122,7 @@ def forward(inp):
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
-    exp_block = _exp_block_f32 if q.dtype == np.float32 else _exp_block_f64
     n_tasks = bh * ((nq + block_q - 1) // block_q)
-    bits_dtype = np.int32 if q.dtype == np.float32 else np.int64
     run_tasks(_exact_tasks, n_tasks, q, k, v, out, q.dtype.type(inp.scale), bias, mask_index,
-              has_bias, bool(inp.mask.is_causal), block_q, block_k, exp_block, bits_dtype)
+              has_bias, bool(inp.mask.is_causal), block_q, block_k, bits_dtype(q.dtype))
     return out

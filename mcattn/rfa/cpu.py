@@ -32,7 +32,7 @@ from numba.extending import overload
 
 from .. import config
 from .._cpu import run_tasks
-from ..exact.cpu import _exp_block_f32, _exp_block_f64
+from .._cpu_math import exp_block as _exp_block
 
 __all__ = ["forward", "step"]
 
@@ -81,11 +81,6 @@ def _sincos_block_f64(u, f, rows, width, inv):
             f[r, c] = math.sin(u[r, c]) * inv
 
 
-def _exp_block(s, bits, rows, cols):
-    """``s = exp(s)`` in place on ``s[:rows, :cols]`` (typed by dtype: see the overload)."""
-    raise NotImplementedError("only callable from Numba-compiled code")
-
-
 def _sincos_block(u, f, rows, width, inv):
     """``f = [sin u, cos u] * inv`` (typed by dtype: see the overload)."""
     raise NotImplementedError("only callable from Numba-compiled code")
@@ -93,13 +88,6 @@ def _sincos_block(u, f, rows, width, inv):
 
 # Chosen at typing time from the dtype, so the kernels take no function arguments: a
 # function-typed argument would make Numba's on-disk cache miss in every new process.
-@overload(_exp_block, jit_options={"nogil": True})
-def _exp_block_typed(s, bits, rows, cols):
-    if s.dtype == types.float32:
-        return lambda s, bits, rows, cols: _exp_block_f32(s, bits, rows, cols)
-    return lambda s, bits, rows, cols: _exp_block_f64(s, bits, rows, cols)
-
-
 @overload(_sincos_block, jit_options={"nogil": True})
 def _sincos_block_typed(u, f, rows, width, inv):
     if u.dtype == types.float32:
