@@ -4,9 +4,9 @@ Independent draws: one task per (batch row, head, token) — the task number is 
 token's random stream — looping over its samples: 64 bits from the shared Philox
 generator, an index by the alias method (weight sampling, O(1), integer arithmetic) or
 by inverse-CDF binary search (optimal sampling), ``d_head`` multiply-adds, accumulated
-in float64. ``shared_draws=True``: one task per (batch row, head) draws one index sequence
-and turns the work into a gather plus one matrix product over the reduced inner
-dimension (``tokens x max budget`` times ``max budget x d_head``).
+in float64. ``shared_draws=True``: one task per (batch row, head) draws one index sequence; with
+the tokens sorted by budget, draw ``t`` serves the prefix of tokens whose budget exceeds
+``t``, so each drawn weight row is loaded once for all of them and no draw is wasted.
 """
 
 import numpy as np
@@ -23,7 +23,6 @@ _philox = mrandom.philox4x32_cpu
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 _SHIFT11 = np.uint64(11)
-_TILE = 16  # tokens per matrix product in the shared-draws kernel
 _TWO_M53 = 2.0**-53
 
 
@@ -148,35 +147,26 @@ def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shif
                 out[b, h, j, c] = bias[col0 + c] if has_bias else 0.0
         if n_sampled == 0:
             continue
+        # Tokens sorted by budget (largest first): draw t serves the tokens whose budget
+        # exceeds t, a prefix of that order, and its weight row is loaded once for all.
+        order = sampled[:n_sampled][np.argsort(-r[sampled[:n_sampled]], kind="mergesort")]
+        acc = np.zeros((n_sampled, dh), np.float64)
+        active = n_sampled
         stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
-        index = np.empty(longest, np.int64)
-        w_sel = np.empty((longest, dh), np.float64)
-        inv_p = np.empty(longest, np.float64)
         for t in range(longest):
+            while active > 0 and r[order[active - 1]] <= t:
+                active -= 1
             k = _alias(_sample_bits(k0, k1, stream, np.uint64(t)), threshold[h], alias[h], shift,
                        d_in)
-            index[t] = k
-            inv_p[t] = 1.0 / p_weight[h, k]
-            for c in range(dh):
-                w_sel[t, c] = wh[k, c]
-        # Tokens sorted by budget, in tiles of _TILE: a tile's product runs over the prefix
-        # its largest budget needs, so the work stays close to sum_j r_j * dh.
-        order = sampled[:n_sampled][np.argsort(-r[sampled[:n_sampled]], kind="mergesort")]
-        for start in range(0, n_sampled, _TILE):
-            stop = min(n_sampled, start + _TILE)
-            width = r[order[start]]
-            # x[j, k_t] / (p(k_t) r_j) on each token's prefix t < r_j, zero beyond it.
-            x_sel = np.zeros((stop - start, width), np.float64)
-            for i in range(stop - start):
-                j = order[start + i]
-                scale = 1.0 / r[j]
-                for t in range(r[j]):
-                    x_sel[i, t] = np.float64(x[b, j, index[t]]) * inv_p[t] * scale
-            prod = np.dot(x_sel, w_sel[:width])
-            for i in range(stop - start):
-                j = order[start + i]
+            inv_p = 1.0 / p_weight[h, k]
+            for i in range(active):
+                coef = np.float64(x[b, order[i], k]) * inv_p
                 for c in range(dh):
-                    out[b, h, j, c] = prod[i, c] + (bias[col0 + c] if has_bias else 0.0)
+                    acc[i, c] += coef * wh[k, c]
+        for i in range(n_sampled):
+            j = order[i]
+            for c in range(dh):
+                out[b, h, j, c] = acc[i, c] / r[j] + (bias[col0 + c] if has_bias else 0.0)
 
 
 def _exact_tokens(x, wh, bias, budgets, out):
@@ -215,8 +205,9 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     t = tables
     nonzero = x.any(axis=-1)  # [B, N]: a zero input row is exact (bias only)
     if shared_draws:
+        # Few, uneven tasks (one per batch row and head): small chunks balance the threads.
         run_tasks(_shared_tasks, batch * num_heads, x, nonzero, t.wh, bias64, has_bias, budgets,
-                  t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out)
+                  t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out, chunks_per_thread=16)
         return out
     run_tasks(_independent_tasks, batch * num_heads * n, x, nonzero, t.wh, bias64, has_bias, budgets,
               t.threshold, t.alias, t.shift, t.p_weight, t.row_norms, k0, k1,
