@@ -21,6 +21,7 @@ from ._dispatch import Problem
 from .errors import DTypeError, NonFiniteError, ShapeError
 
 __all__ = [
+    "QKVShapes",
     "AttentionInputs",
     "MaskSpec",
     "prepare_attention",
@@ -115,26 +116,11 @@ class MaskSpec:
         return per_slice[self.mask_index]
 
 
-@dataclass(frozen=True)
-class AttentionInputs:
-    """Checked, canonical inputs of one attention call.
+class QKVShapes:
+    """Shape properties of canonical ``q [BH, Nq, d]``, ``k [BH, Nk, d]``, ``v [BH, Nk, dv]``.
 
-    Attributes
-    ----------
-    q, k, v : array
-        ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]`` C-contiguous, compute dtype.
-    mask : MaskSpec
-    scale : float
-    batch_shape : tuple of int
-        Broadcast leading dims (output is ``batch_shape + (Nq, dv)``).
+    Mixed into the frozen dataclasses that carry checked inputs to kernels.
     """
-
-    q: object
-    k: object
-    v: object
-    mask: MaskSpec
-    scale: float
-    batch_shape: tuple
 
     @property
     def xp(self):
@@ -163,6 +149,28 @@ class AttentionInputs:
     @property
     def out_shape(self):
         return tuple(self.batch_shape) + (self.nq, self.value_dim)
+
+
+@dataclass(frozen=True)
+class AttentionInputs(QKVShapes):
+    """Checked, canonical inputs of one attention call.
+
+    Attributes
+    ----------
+    q, k, v : array
+        ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]`` C-contiguous, compute dtype.
+    mask : MaskSpec
+    scale : float
+    batch_shape : tuple of int
+        Broadcast leading dims (output is ``batch_shape + (Nq, dv)``).
+    """
+
+    q: object
+    k: object
+    v: object
+    mask: MaskSpec
+    scale: float
+    batch_shape: tuple
 
     def problem(self, extra_features=()):
         """The :class:`~mcattn._dispatch.Problem` kernels are selected on."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import config
-from .._validate import check_finite_array, prepare_attention
+from .._validate import QKVShapes, check_finite_array, prepare_attention
 from ..errors import DTypeError, ShapeError
 
 __all__ = ["RFAInputs", "prepare_rfa", "check_normalize", "row_scales"]
@@ -63,7 +63,7 @@ def _check_chunk(chunk_size):
 
 
 @dataclass(frozen=True)
-class RFAInputs:
+class RFAInputs(QKVShapes):
     """Canonical inputs of one call.
 
     Attributes
@@ -107,16 +107,6 @@ class RFAInputs:
     batch_shape: tuple
 
     @property
-    def xp(self):
-        from .._validate import namespace_of
-
-        return namespace_of(self.q)
-
-    @property
-    def dtype(self):
-        return self.q.dtype
-
-    @property
     def heads(self):
         return self.omega.shape[0]
 
@@ -128,17 +118,6 @@ class RFAInputs:
     def feature_dim(self):
         return 2 * self.num_features if self.kind == "sincos" else self.num_features
 
-    @property
-    def nq(self):
-        return self.q.shape[1]
-
-    @property
-    def nk(self):
-        return self.k.shape[1]
-
-    @property
-    def value_dim(self):
-        return self.v.shape[2]
 
 
 def _key_bias(mask, bh, xp):
