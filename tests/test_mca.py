@@ -190,6 +190,8 @@ def test_budgets_formula_uses_ceil_and_valid_keys():
     expected[..., 4:] = 0  # masked keys cost nothing
     assert np.array_equal(r, expected.astype(int))
     assert np.all(mca.budgets(probs, 1e-9, 100) == 100)  # alpha -> 0: exact
+    as_mask = np.broadcast_to(kpm[:, None, None, :], probs.shape)  # the same keys, as attn_mask
+    assert np.array_equal(mca.budgets(probs, 0.7, 100, attn_mask=as_mask), r)
     with pytest.raises(ValueError, match="alpha must be a positive"):
         mca.budgets(probs, 0.0, 100)
     with pytest.raises(ValueError, match="alpha must be a positive"):

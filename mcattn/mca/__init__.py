@@ -157,7 +157,7 @@ def _check_tables(tables, w, num_heads):
                          f"heads; this call has w {tuple(w.shape)} and num_heads={num_heads}")
 
 
-def budgets(probs_attn, alpha, d_in, *, key_padding_mask=None):
+def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None):
     """Samples per key token: ``r_j = min(d_in, ceil((n * max_i A[i, j] / alpha)^2))``.
 
     Parameters
@@ -169,28 +169,43 @@ def budgets(probs_attn, alpha, d_in, *, key_padding_mask=None):
         exactly).
     d_in : int
         Inner dimension of the value projection (the cap: ``r_j = d_in`` means exact).
+    attn_mask : array, optional
+        The attention mask the probabilities were computed with, broadcastable to
+        ``[..., H, Nq, Nk]`` (boolean True = may attend, or additive float with ``-inf``):
+        a key no query may attend is masked.
     key_padding_mask : array of bool, optional
         ``[..., Nk]`` (broadcast against the leading dims of ``probs_attn`` without
-        ``H``): True = real key. ``n`` is its count of real keys and masked keys get 0;
-        without it ``n = Nk``.
+        ``H``): True = real key.
+
+    ``n`` is the number of unmasked keys (``Nk`` without masks); masked keys get 0.
 
     Returns
     -------
     numpy.ndarray of int64, shape ``[..., H, Nk]``
     """
-    bridge, a = import_arrays({"probs_attn": probs_attn, "key_padding_mask": key_padding_mask},
-                              float_names=("probs_attn",))
+    bridge, a = import_arrays({"probs_attn": probs_attn, "attn_mask": attn_mask,
+                               "key_padding_mask": key_padding_mask}, float_names=("probs_attn",))
     p = a["probs_attn"]
     if p.ndim < 3:
         raise ShapeError(f"probs_attn must have shape [..., H, Nq, Nk]; got {p.shape}")
-    kpm = a["key_padding_mask"]
+    xp = namespace_of(p)
     valid = None
+    kpm = a["key_padding_mask"]
     if kpm is not None:
         if kpm.dtype != bool:
             raise DTypeError(f"key_padding_mask must be boolean (True = real key); got {kpm.dtype}")
         if kpm.shape[-1] != p.shape[-1]:
             raise ShapeError(f"key_padding_mask must end in Nk={p.shape[-1]}; got {kpm.shape}")
         valid = kpm[..., None, :]  # over heads
+    mask = a["attn_mask"]
+    if mask is not None:
+        allowed = mask if mask.dtype == bool else mask > -np.inf
+        try:
+            allowed = xp.broadcast_to(allowed, p.shape)
+        except ValueError:
+            raise ShapeError(f"attn_mask must be broadcastable to {p.shape}; got {mask.shape}") from None
+        seen = allowed.any(axis=-2)  # a key is valid if some query may attend to it
+        valid = seen if valid is None else valid & seen
     return bridge.export(_budgets(p, alpha, d_in, valid))
 
 
