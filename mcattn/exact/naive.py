@@ -102,11 +102,15 @@ def probs(inp):
     out = xp.zeros((bh, nq, nk), dtype=inp.dtype)
     if bh == 0 or nq == 0 or nk == 0:
         return out
-    for b0 in range(bh):
-        s = masked_scores(inp, b0, b0 + 1, 0, nq, 0, nk)
+    # Several batch rows per step when rows are short, keeping a step's temporaries
+    # cache-sized (about 2**16 numbers).
+    step = max(1, (1 << 16) // max(1, nq * nk))
+    for b0 in range(0, bh, step):
+        b1 = min(bh, b0 + step)
+        s = masked_scores(inp, b0, b1, 0, nq, 0, nk)
         top = s.max(axis=-1, keepdims=True)
         top = xp.where(xp.isfinite(top), top, dt(0))
         p = xp.exp(s - top)
         total = p.sum(axis=-1, keepdims=True)
-        out[b0 : b0 + 1] = xp.where(total > 0, p / xp.where(total > 0, total, dt(1)), dt(0))
+        out[b0:b1] = xp.where(total > 0, p / xp.where(total > 0, total, dt(1)), dt(0))
     return out
