@@ -148,6 +148,9 @@ def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, prog
     total = len(layers) * sum(len(e.values) for e in runnable)
     bar = progress(total) if progress is not None else None
     exact_entry = next(e for e in runnable if e.name == "exact")
+    warm = layer_inputs(sample, layers[0])
+    for entry in runnable:  # compile / load the kernels before anything is timed
+        _run_in_scope(entry, warm, entry.values[0], seed)
     runs = {}  # (method, value) -> lists of per-layer results
     try:
         for layer in layers:
