@@ -1,12 +1,15 @@
 """Monte-Carlo value projection on the CPU (Numba), same draws as ``naive.py``.
 
-Independent draws: one task per (batch row, head, token) — the task number is the
-token's random stream — looping over its samples: 64 bits from the shared Philox
-generator, an index by the alias method (weight sampling, O(1), integer arithmetic) or
-by inverse-CDF binary search (optimal sampling), ``d_head`` multiply-adds, accumulated
-in float64. ``shared_draws=True``: one task per (batch row, head) draws one index sequence; with
-the tokens sorted by budget, draw ``t`` serves the prefix of tokens whose budget exceeds
+Independent draws: one task per (batch row, head, token), looping over the token's
+samples: 64 bits from the shared Philox generator (one call per two draws), an index by
+the alias method (weight sampling, O(1), integer arithmetic) or by inverse-CDF binary
+search (optimal sampling), ``d_head`` multiply-adds accumulated in float64.
+``shared_draws=True``: one task per (batch row, head) draws one index sequence; with the
+tokens sorted by budget, draw ``t`` serves the prefix of tokens whose budget exceeds
 ``t``, so each drawn weight row is loaded once for all of them and no draw is wasted.
+Tokens whose budget reaches ``d_in`` are computed by one BLAS product per head; weights
+are read in the input precision. Tasks run batch row fastest, so that any contiguous
+range of them mixes long and short sequences and the threads stay balanced.
 """
 
 import numpy as np
@@ -61,9 +64,12 @@ def _independent_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias,
     cdf_tok = np.empty(d_in, np.float64)
     p_tok = np.empty(d_in, np.float64)
     for task in range(t0, t1):
-        b = task // (heads * n)
-        h = (task // n) % heads
-        j = task % n
+        # Batch row fastest, so that every chunk of tasks mixes long and short sequences
+        # (balance); the random stream is the token's own number whatever the order.
+        b = task % n_batch
+        h = (task // n_batch) % heads
+        j = task // (n_batch * heads)
+        stream = np.uint64((b * heads + h) * n + j)
         col0 = h * dh
         wh = w[h]
         r = budgets[b, h, j]
@@ -74,7 +80,6 @@ def _independent_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias,
         if r > 0 and not nonzero[b, j]:  # a zero row is exact: the bias only
             pass
         elif r > 0 and not optimal:
-            stream = np.uint64(task)  # == (b * H + h) * N + j
             p = p_weight[h]
             thr = threshold[h]
             ali = alias[h]
@@ -103,7 +108,6 @@ def _independent_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias,
                     running += p_tok[k]
                     cdf_tok[k] = running
                 cdf_tok[d_in - 1] = 1.0
-            stream = np.uint64(task)  # == (b * H + h) * N + j
             for t in range(r):
                 u = (_sample_bits(k0, k1, stream, np.uint64(t)) >> _SHIFT11) * _TWO_M53
                 k = _search(cdf_tok, u)
@@ -126,8 +130,10 @@ def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shif
     heads = budgets.shape[1]
     dh = out.shape[3]
     for task in range(t0, t1):
-        b = task // heads
-        h = task % heads
+        # Batch row fastest: a contiguous range of tasks mixes long and short sequences,
+        # so a few large chunks balance the threads without many small ones.
+        b = task % n_batch
+        h = task // n_batch
         col0 = h * dh
         wh = w[h]
         r = budgets[b, h]
@@ -151,6 +157,7 @@ def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shif
         # exceeds t, a prefix of that order, and its weight row is loaded once for all.
         order = sampled[:n_sampled][np.argsort(-r[sampled[:n_sampled]], kind="mergesort")]
         acc = np.zeros((n_sampled, dh), np.float64)
+        row = np.empty(dh, np.float64)
         active = n_sampled
         stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
         for t in range(longest):
@@ -159,10 +166,12 @@ def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shif
             k = _alias(_sample_bits(k0, k1, stream, np.uint64(t)), threshold[h], alias[h], shift,
                        d_in)
             inv_p = 1.0 / p_weight[h, k]
+            for c in range(dh):  # the drawn row, in float64, once for all tokens
+                row[c] = np.float64(wh[k, c])
             for i in range(active):
                 coef = np.float64(x[b, order[i], k]) * inv_p
                 for c in range(dh):
-                    acc[i, c] += coef * wh[k, c]
+                    acc[i, c] += coef * row[c]
         for i in range(n_sampled):
             j = order[i]
             for c in range(dh):
@@ -203,13 +212,14 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     x = np.ascontiguousarray(x)
     _exact_tokens(x, tables.wh_as(x.dtype), bias if has_bias else None, budgets, out)
     t = tables
+    # Weights in the input precision (half the cache traffic for float32); sums in float64.
+    wh = t.wh_as(x.dtype)
     nonzero = x.any(axis=-1)  # [B, N]: a zero input row is exact (bias only)
     if shared_draws:
-        # Few, uneven tasks (one per batch row and head): small chunks balance the threads.
-        run_tasks(_shared_tasks, batch * num_heads, x, nonzero, t.wh, bias64, has_bias, budgets,
-                  t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out, chunks_per_thread=16)
+        run_tasks(_shared_tasks, batch * num_heads, x, nonzero, wh, bias64, has_bias, budgets,
+                  t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out, chunks_per_thread=2)
         return out
-    run_tasks(_independent_tasks, batch * num_heads * n, x, nonzero, t.wh, bias64, has_bias, budgets,
+    run_tasks(_independent_tasks, batch * num_heads * n, x, nonzero, wh, bias64, has_bias, budgets,
               t.threshold, t.alias, t.shift, t.p_weight, t.row_norms, k0, k1,
               sampling == "optimal", out)
     return out
