@@ -10,13 +10,15 @@ on this machine.
 from . import config, cost, errors, mca, random, rfa
 from ._dispatch import backends
 from .cost import CallInfo, OpCounts
-from .exact import attention, attention_probs
+from .exact import attention_probs
+from .front import attention, methods
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "attention_probs",
+    "methods",
     "backends",
     "CallInfo",
     "OpCounts",

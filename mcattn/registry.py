@@ -89,6 +89,17 @@ class MethodEntry:
         Knob values for ``mcattn evaluate`` (inside the model); default ``values``.
     bound_note : str
         What the bound column means for this method (expected error, 1 - delta, ...).
+    attention : callable, optional
+        What ``mcattn.attention(q, k, v, method=name, **knobs)`` calls: a function
+        ``(q, k, v, *, attn_mask, key_padding_mask, is_causal, scale, backend,
+        check_finite, return_info, **knobs)``. Its other keyword-only parameters are the
+        method's knobs (listed by :func:`mcattn.methods`).
+    description : str
+        One line for ``mcattn.methods()`` and ``mcattn methods``.
+    dask_plan : callable ``(knobs, batch_shape) -> mcattn._dask.DaskPlan``, optional
+        How the method runs on dask chunks; default: the same knobs for every chunk
+        (right for deterministic methods). Random methods key their draws by the global
+        batch/head indices here, so chunking changes nothing.
     """
 
     name: str
@@ -99,6 +110,9 @@ class MethodEntry:
     needs_projection: bool = False
     eval_values: tuple | None = None
     bound_note: str = ""
+    attention: Callable | None = None
+    description: str = ""
+    dask_plan: Callable | None = None
 
 
 #: Method name -> "module:attribute" of its entry. Adding a method is one line here.

@@ -11,4 +11,5 @@ def _run(inputs, value, seed):
 
 
 ENTRY = MethodEntry(name="exact", knob=None, values=(None,), run=_run,
-                    bound_note="exact: no error")
+                    bound_note="exact: no error", attention=attention,
+                    description="exact softmax attention (streaming, O(N d) memory): the baseline")

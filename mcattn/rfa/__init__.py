@@ -41,6 +41,7 @@ import numpy as np
 from .._array import import_arrays
 from .._dispatch import Kernel, select_kernel
 from ..cost import CallInfo, OpCounts
+from ..errors import ShapeError
 from . import bounds
 from ._inputs import prepare_rfa
 from .decoding import RFACrossAttention, RFADecoder
@@ -178,7 +179,25 @@ def rfa_ops(rinp):
     return OpCounts({"fp32_mul": mul, "fp32_add": add, "fp32_exp": exp, "fp32_cmp": cmp, "fp32_div": div})
 
 
-def attention(q, k, v, *, features, is_causal=False, gate=None, normalize=None, attn_mask=None,
+def _resolve_features(features, num_features, kind, seed, q):
+    """``features``, or features drawn from ``num_features``/``kind``/``seed`` for ``q``."""
+    if features is not None:
+        if num_features is not None or seed is not None or kind != "positive":
+            raise TypeError("give either features= or num_features= (with kind=, seed=), not both")
+        if not isinstance(features, RandomFeatures):
+            raise TypeError(f"features must be a mcattn.rfa.RandomFeatures; got {type(features).__name__}")
+        return features
+    if num_features is None:
+        raise TypeError("random feature attention needs features= (a RandomFeatures) or num_features=")
+    shape = tuple(q.shape)
+    if len(shape) < 2:
+        raise ShapeError(f"q must have shape [..., Nq, d]; got shape {shape}")
+    heads = int(shape[-3]) if len(shape) >= 3 else None
+    return RandomFeatures(int(shape[-1]), num_features, kind=kind, num_heads=heads, seed=seed)
+
+
+def attention(q, k, v, *, features=None, num_features=None, kind="positive", seed=None,
+              is_causal=False, gate=None, normalize=None, attn_mask=None,
               key_padding_mask=None, scale=None, chunk_size=None, eps=None, backend=None,
               check_finite=True, return_info=False):
     """Random feature attention.
@@ -191,8 +210,14 @@ def attention(q, k, v, *, features, is_causal=False, gate=None, normalize=None, 
     v : array, shape ``[..., Nk, dv]``
         Leading dims broadcast (``[B, H]`` typical; ``[..., H]`` when the features were
         drawn per head).
-    features : RandomFeatures
-        Projections and feature map (``head_dim`` must equal ``d``).
+    features : RandomFeatures, optional
+        Projections and feature map (``head_dim`` must equal ``d``). Build them once and
+        reuse them across calls; or give ``num_features`` instead.
+    num_features, kind, seed : optional
+        Without ``features``: draw ``RandomFeatures(d, num_features, kind=kind,
+        num_heads=H, seed=seed)`` for this call (``H = q.shape[-3]``, one draw per head;
+        shared by every head when ``q`` has fewer than 3 dims). ``seed=None`` draws a
+        fresh seed (``info.seed`` reports it). Not allowed together with ``features``.
     is_causal : bool, default False
         Query ``i`` sees keys ``j <= i`` (top-left aligned).
     gate : array, shape ``[..., N]``, optional
@@ -242,8 +267,7 @@ def attention(q, k, v, *, features, is_causal=False, gate=None, normalize=None, 
     >>> out.shape, info.clamped
     ((1, 12, 1024, 64), 0)
     """
-    if not isinstance(features, RandomFeatures):
-        raise TypeError(f"features must be a mcattn.rfa.RandomFeatures; got {type(features).__name__}")
+    features = _resolve_features(features, num_features, kind, seed, q)
     bridge, a = import_arrays(
         {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
          "gate": gate},

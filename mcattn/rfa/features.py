@@ -95,9 +95,10 @@ class RandomFeatures:
     num_heads : int, optional
         Draw an independent ``W`` per head. Attention inputs must then have batch shape
         ``[..., num_heads]`` (the dim before ``N``). Default: one ``W`` for every head.
-    seed : int, numpy.random.Generator or None, default 0
+    seed : int, numpy.random.Generator or None, default None
         Philox key of the draws (:func:`mcattn.random.resolve_seed`); ``None`` draws a
-        fresh seed, recorded in :attr:`seed`.
+        fresh seed, recorded in :attr:`seed` (the rule of every random method in mcattn:
+        pass an int to reproduce).
 
     Attributes
     ----------
@@ -123,7 +124,7 @@ class RandomFeatures:
     """
 
     def __init__(self, head_dim, num_features, *, kind="positive", orthogonal=True, sigma=1.0,
-                 num_heads=None, seed=0):
+                 num_heads=None, seed=None):
         self.head_dim = _positive_int("head_dim", head_dim)
         self.num_features = _positive_int("num_features", num_features)
         if kind not in KINDS:
@@ -147,6 +148,42 @@ class RandomFeatures:
         self.projections = omega
         self._cache = {}
         self._lock = threading.Lock()
+
+    def __getstate__(self):  # picklable (dask ships features to workers): no lock, no cache
+        state = dict(self.__dict__)
+        del state["_lock"], state["_cache"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def select_heads(self, heads):
+        """The features of some heads only (for a batch split across heads, e.g. by dask).
+
+        Parameters
+        ----------
+        heads : array_like of int
+            Global head indices, in the order of the heads of the inputs.
+
+        Returns
+        -------
+        RandomFeatures
+            Same kind, seed and projections for those heads (``num_heads=len(heads)``);
+            ``self`` when the projections are shared by every head.
+        """
+        if self.num_heads is None:
+            return self
+        heads = np.asarray(heads, dtype=np.int64).reshape(-1)
+        if heads.size == 0 or heads.min() < 0 or heads.max() >= self.num_heads:
+            raise ValueError(f"heads must lie in [0, {self.num_heads}); got {heads.tolist()}")
+        part = object.__new__(RandomFeatures)
+        part.__setstate__(dict(self.__getstate__(), num_heads=int(heads.size)))
+        omega = np.ascontiguousarray(self.projections[heads])
+        omega.setflags(write=False)
+        part.projections = omega
+        return part
 
     @property
     def feature_dim(self):
