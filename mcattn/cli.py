@@ -2,6 +2,7 @@
 
 ``mcattn compare``   every method on real attention: error, bound, cost, time (the main job)
 ``mcattn evaluate``  methods inside the real model, on real tasks (needs ``mcattn[eval]``)
+``mcattn methods``   the methods of ``mcattn.attention(..., method=...)`` and their knobs
 ``mcattn backends``  which backends can run here, and why not
 """
 
@@ -52,11 +53,19 @@ def _cmd_compare(args):
         payload = {"sample": str(source), "provenance": sample.provenance,
                    "rows": [r.as_dict() for r in rows]}
         with open(args.json, "w") as fh:
-            json.dump(payload, fh, indent=2, default=str)
+            json.dump(payload, fh, indent=2, default=str, allow_nan=False)
         print(f"wrote {args.json}")
     if args.plot:
         plot_pareto(rows, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_methods(args):
+    from .front import methods
+
+    for spec in methods():
+        print(spec)
     return 0
 
 
@@ -104,6 +113,9 @@ def build_parser():
     evaluate.add_argument("--json", metavar="FILE")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    methods = sub.add_parser("methods", help="the methods mcattn.attention runs, with their knobs")
+    methods.set_defaults(func=_cmd_methods)
 
     backends = sub.add_parser("backends", help="which backends can run here")
     backends.set_defaults(func=_cmd_backends)

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .compare import json_safe
+
 __all__ = ["EvalRow", "load_tasks", "run_evaluation", "format_table", "main"]
 
 
@@ -112,10 +114,10 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
     list of EvalRow
         Exact attention first.
     """
-    from .frameworks.torch import ADAPTERS, use_method
+    from .frameworks.torch import use_method
     from .registry import get_entries
 
-    entries = [e for e in get_entries(methods) if e.name in ADAPTERS]
+    entries = [e for e in get_entries(methods) if e.attention is not None]
     model = _load_model() if model is None else model
     tasks = load_tasks() if tasks is None else tasks
     bert = model[0].auto_model
@@ -183,6 +185,7 @@ def main(args):
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": [asdict(r) for r in rows]}, fh, indent=2, default=str)
+            json.dump({"rows": [json_safe(asdict(r)) for r in rows]}, fh, indent=2, default=str,
+                      allow_nan=False)
         print(f"wrote {args.json}")
     return 0

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import dense_attention, rel_error
+from helpers import dense_attention, rel_error, require
 
 from mcattn import config, rfa
 from mcattn.errors import BackendError, DTypeError, NonFiniteError, ShapeError
@@ -383,7 +383,7 @@ def test_empty_and_float16_and_torch():
     assert out.dtype == np.float16
     ref = rfa.attention(*(a.astype(np.float32) for a in (q, k, v)), features=feats, is_causal=True)
     assert rel_error(out, ref) < 1e-3
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     tq, tk, tv = (torch.from_numpy(a.astype(np.float32)) for a in (q, k, v))
     out_t = rfa.attention(tq, tk, tv, features=feats, is_causal=True,
                           gate=torch.full((2, 6), 0.5))

@@ -36,6 +36,25 @@ def test_method_attention_on_tensors():
     assert isinstance(out, torch.Tensor) and torch.allclose(out, ref, atol=1e-5)
     with pytest.raises(ValueError, match="unknown method"):
         method_attention("magic", q, k, v)
+    out = method_attention("rfa", q, k, v, num_features=16, seed=0)  # through the front door
+    import mcattn
+
+    assert torch.equal(out, mcattn.attention(q, k, v, method="rfa", num_features=16, seed=0))
+    with pytest.raises(TypeError, match="no knob 'alpha'"):
+        method_attention("rfa", q, k, v, alpha=0.1)
+
+
+def test_use_method_checks_knobs_before_running(model):
+    from mcattn.frameworks.torch import use_method
+
+    bert = model[0].auto_model
+    with pytest.raises(TypeError, match="no knob 'num_features'"):
+        with use_method(bert, "mca", num_features=3):
+            pass
+    with pytest.raises(TypeError, match="needs the knob"):
+        with use_method(bert, "mca"):  # alpha missing
+            pass
+    assert bert.config._attn_implementation != "mcattn"  # nothing was swapped in
 
 
 def test_use_method_exact_reproduces_the_model(model):
@@ -62,11 +81,12 @@ def test_use_method_mca_error_shrinks_with_alpha(model):
     bert = model[0].auto_model
     exact = _encode(model)
     cosines = []
-    for alpha in (0.01, 0.3):
+    for alpha in (0.01, 0.1, 0.3):
         with use_method(bert, "mca", alpha=alpha, seed=0):
             approx = _encode(model)
         cosines.append(float((exact * approx).sum(1).mean()))
-    assert cosines[0] > 0.999 and cosines[1] < cosines[0]
+    # Measured on these sentences: 0.9999, 0.84-0.88 (seeds 0-2), 0.26-0.33.
+    assert cosines[0] > 0.999 and 0.75 < cosines[1] < 0.97 and 0.05 < cosines[2] < cosines[1]
     value = bert.encoder.layer[0].attention.self.value
     assert not value._forward_pre_hooks and not hasattr(value, "_mcattn_input")  # cleaned up
 
@@ -84,6 +104,17 @@ def test_evaluation_pipeline_on_a_small_task(model):
     assert rows[0].method == "exact" and rows[0].cosine_to_exact == pytest.approx(1.0)
     assert [r.value for r in rows[1:]] == list(__import__("mcattn").mca.compare.ENTRY.eval_values)
     assert "Lee Pearson" in format_table(rows)
-    emb = _encode(model)
-    assert -1 <= lee_pearson(np.concatenate([emb, emb]), ratings) <= 1
-    assert 0 <= polarity_accuracy(np.repeat(emb, 5, axis=0), np.array([1, 0, 1] * 5)) <= 1
+    # mca rows: cosine to exact falls with alpha (eval_values increase).
+    cosines = [r.cosine_to_exact for r in rows[1:]]
+    assert cosines[0] > 0.95 and all(a > b for a, b in zip(cosines, cosines[1:]))
+    # lee_pearson is the Pearson correlation of the document cosine similarities with the
+    # upper triangle of the ratings: check it against a direct computation.
+    emb = rng.standard_normal((6, 5))
+    sim = emb @ emb.T / np.outer(np.linalg.norm(emb, axis=1), np.linalg.norm(emb, axis=1))
+    iu = np.triu_indices(6, 1)
+    assert lee_pearson(emb, ratings) == pytest.approx(np.corrcoef(sim[iu], ratings[iu])[0, 1], abs=1e-12)
+    # Separable embeddings give accuracy 1, and label noise brings it to chance.
+    labels = np.array([0, 1] * 20)
+    separable = rng.standard_normal((40, 4)) + 4.0 * labels[:, None]
+    assert polarity_accuracy(separable, labels) == 1.0
+    assert polarity_accuracy(rng.standard_normal((40, 4)), labels) < 0.8

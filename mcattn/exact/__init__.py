@@ -135,7 +135,7 @@ def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False
 
 
 def attention_probs(q, k, *, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
-                    backend=None, check_finite=True):
+                    backend=None, check_finite=True, return_info=False):
     """The attention probability matrix ``softmax(scale * q k^T + mask)``.
 
     This matrix is ``Nq x Nk`` by nature: use it when the probabilities themselves are
@@ -148,11 +148,16 @@ def attention_probs(q, k, *, attn_mask=None, key_padding_mask=None, is_causal=Fa
     k : array, shape ``[..., Nk, d]``
     attn_mask, key_padding_mask, is_causal, scale, backend, check_finite
         As in :func:`attention`.
+    return_info : bool, default False
+        Also return a :class:`~mcattn.cost.CallInfo`: the scores, the softmax and one
+        multiply per visible entry to normalise it (no ``P V``).
 
     Returns
     -------
     array, shape ``[..., Nq, Nk]``
         Rows sum to 1; a row with no visible key is all zeros.
+    info : CallInfo
+        Only with ``return_info=True``.
     """
     bridge, a = import_arrays(
         {"q": q, "k": k, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask},
@@ -165,4 +170,9 @@ def attention_probs(q, k, *, attn_mask=None, key_padding_mask=None, is_causal=Fa
     )
     kernel = select_kernel("attention_probs", PROBS_KERNELS, inp.problem(), backend)
     out = kernel(inp).reshape(tuple(inp.batch_shape) + (inp.nq, inp.nk))
-    return bridge.export(out)
+    result = bridge.export(out)
+    if not return_info:
+        return result
+    scores = exact_ops(inp, value_dim=0)
+    ops = scores + OpCounts({"fp32_mul": scores["fp32_exp"]})  # one normalising multiply per entry
+    return result, CallInfo(method="attention_probs", backend=kernel.backend, ops=ops, dense_ops=ops)

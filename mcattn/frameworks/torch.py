@@ -9,10 +9,10 @@
   an attention function with transformers' ``AttentionInterface`` and points the model's
   config at it, then restores the previous implementation.
 
-Methods plug in through :data:`ADAPTERS`: a function ``(module, q, k, v, mask, scale,
-options) -> out [B, H, Nq, dv]`` with ``mask`` boolean ``[B, 1, Nq, Nk]`` (True = may
-attend) or None. ``mca`` reads the value projection's input from a forward pre-hook on
-the module's ``value`` Linear and its weight as ``value.weight.T``.
+Every method goes through the front door :func:`mcattn.attention` (``method=``, knobs by
+keyword); a method that needs more than q, k, v from the model gives a function in
+:data:`MODULE_KNOBS`: ``mca`` reads the value projection's input from a forward pre-hook
+on the module's ``value`` Linear and its weight as ``value.weight.T``.
 """
 
 import contextlib
@@ -23,67 +23,51 @@ import torch
 
 import mcattn
 
-__all__ = ["attention", "method_attention", "use_method", "ADAPTERS"]
+__all__ = ["attention", "method_attention", "use_method", "MODULE_KNOBS"]
 
 
-def attention(q, k, v, **kwargs):
-    """Exact attention on torch tensors (see :func:`mcattn.attention`), under no_grad."""
+def attention(q, k, v=None, *, method="exact", **kwargs):
+    """Any method on torch tensors through :func:`mcattn.attention`, under ``no_grad``."""
     with torch.no_grad():
-        return mcattn.attention(q, k, v, **kwargs)
+        return mcattn.attention(q, k, v, method=method, **kwargs)
 
 
-def _key_padding(mask):
-    """[B, Nk] True = real key, from a [B, 1, Nq, Nk] boolean mask (None -> None)."""
-    if mask is None:
-        return None
-    return mask[:, 0].any(dim=-2)
-
-
-def _exact(module, q, k, v, mask, scale, options):
-    return mcattn.attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def _mca(module, q, k, v, mask, scale, options):
-    from mcattn import mca
-
-    x = getattr(module.value, "_mcattn_input", None)
+def _mca_knobs(module, q, knobs, calls):
+    """mca's projection inputs from the model: the value Linear's input and weight."""
+    x = getattr(module.value, "_mcattn_input", None) if module is not None else None
     if x is None:
         raise RuntimeError("mca needs the value projection's input; use_method installs a hook "
                            "on module.value that was not run")
-    w = module.value.weight.detach().T
-    b = module.value.bias.detach() if module.value.bias is not None else None
-    seed = options.get("seed")
+    extra = {"x": x.detach(), "w_v": module.value.weight.detach().T.contiguous(),
+             "b_v": module.value.bias.detach() if module.value.bias is not None else None}
+    seed = knobs.get("seed")
     if seed is not None:  # a different, reproducible seed for every call
-        seed = int(seed) * 1_000_003 + next(options["_calls"])
-    return mca.attention(q, k, x.detach(), w.contiguous(), b, num_heads=q.shape[1],
-                         alpha=options["alpha"], attn_mask=mask, scale=scale, seed=seed,
-                         sampling=options.get("sampling", "weight"))
+        extra["seed"] = int(seed) * 1_000_003 + next(calls)
+    return extra
 
 
-def _rfa(module, q, k, v, mask, scale, options):
-    from mcattn import rfa
-
-    features = options.get("_features")
-    if features is None or features.head_dim != q.shape[-1]:
-        features = rfa.RandomFeatures(q.shape[-1], options["num_features"],
-                                      kind=options.get("kind", "positive"),
-                                      seed=options.get("seed", 0))
-        options["_features"] = features
-    return rfa.attention(q, k, v, features=features, key_padding_mask=_key_padding(mask),
-                         scale=scale)
+#: Method name -> ``(module, q, knobs, calls) -> dict`` of knobs a method takes from the
+#: model itself (mca: the value projection). Every other method needs only q, k, v.
+MODULE_KNOBS = {"mca": _mca_knobs}
+_MODULE_SUPPLIED = {"mca": ("x", "w_v", "b_v")}
 
 
-#: Method name -> adapter ``(module, q, k, v, mask, scale, options) -> [B, H, Nq, dv]``.
-ADAPTERS = {"exact": _exact, "mca": _mca, "rfa": _rfa}
+def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _calls=None, **knobs):
+    """Run ``method`` on torch tensors ``[B, H, N, d]`` inside a model; a torch tensor back.
 
+    ``mask`` is boolean ``[B, 1, Nq, Nk]`` (True = may attend) or None; the method's knobs
+    are checked by :func:`mcattn.front.check_knobs`. Methods that compute the values
+    themselves (mca) get them from ``module`` (:data:`MODULE_KNOBS`).
+    """
+    from ..front import check_knobs
 
-def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, **options):
-    """Run ``method`` on torch tensors ``[B, H, N, d]`` and return a torch tensor."""
-    if method not in ADAPTERS:
-        raise ValueError(f"unknown method {method!r}; the adapters are {sorted(ADAPTERS)}")
-    options.setdefault("_calls", itertools.count())
+    calls = itertools.count() if _calls is None else _calls
+    extra = MODULE_KNOBS[method](module, q, knobs, calls) if method in MODULE_KNOBS else {}
+    merged = dict(knobs, **extra)
+    _, spec = check_knobs(method, merged)
     with torch.no_grad():
-        return ADAPTERS[method](module, q, k, v, mask, scale, options)
+        return mcattn.attention(q, k, v if spec.needs_values else None, method=method,
+                                attn_mask=mask, scale=scale, **merged)
 
 
 _NAME = "mcattn"
@@ -108,10 +92,11 @@ def use_method(model, method, **options):
         A model whose attention goes through transformers' ``AttentionInterface`` (BERT
         and most encoder models of transformers >= 4.48).
     method : str
-        A key of :data:`ADAPTERS` (``"exact"``, ``"mca"``, ``"rfa"``).
+        One of :func:`mcattn.methods` (``"exact"``, ``"mca"``, ``"rfa"``, ...).
     **options
-        The method's knobs: ``alpha``, ``sampling``, ``seed`` for mca; ``num_features``,
-        ``kind``, ``seed`` for rfa.
+        The method's knobs (as for :func:`mcattn.attention`): ``alpha``, ``sampling``,
+        ``seed`` for mca (its ``x``, ``w_v``, ``b_v`` come from the model); ``num_features``,
+        ``kind``, ``seed`` for rfa. Checked before the model runs.
 
     Examples
     --------
@@ -121,8 +106,10 @@ def use_method(model, method, **options):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if method not in ADAPTERS:
-        raise ValueError(f"unknown method {method!r}; the adapters are {sorted(ADAPTERS)}")
+    from ..front import check_knobs
+
+    needed = set(_MODULE_SUPPLIED.get(method, ()))
+    check_knobs(method, dict(options, **{name: None for name in needed}))  # fail before running
     options = dict(options, _calls=itertools.count())
 
     def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

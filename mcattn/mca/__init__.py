@@ -157,7 +157,7 @@ def _check_tables(tables, w, num_heads):
                          f"heads; this call has w {tuple(w.shape)} and num_heads={num_heads}")
 
 
-def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None):
+def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None, is_causal=False):
     """Samples per key token: ``r_j = min(d_in, ceil((n * max_i A[i, j] / alpha)^2))``.
 
     Parameters
@@ -176,12 +176,18 @@ def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None):
     key_padding_mask : array of bool, optional
         ``[..., Nk]`` (broadcast against the leading dims of ``probs_attn`` without
         ``H``): True = real key.
+    is_causal : bool, default False
+        The probabilities were computed with a causal mask: a key that no query may see
+        (``j >= Nq``, or allowed by ``attn_mask`` only for queries before it) is masked.
+        With the masks and ``is_causal`` of an :func:`attention` call, the budgets equal
+        the ones that call used (``info.budgets``).
 
     ``n`` is the number of unmasked keys (``Nk`` without masks); masked keys get 0.
 
     Returns
     -------
-    numpy.ndarray of int64, shape ``[..., H, Nk]``
+    array of int64, shape ``[..., H, Nk]``
+        Of the array type of ``probs_attn`` (NumPy, CuPy, torch, ...).
     """
     bridge, a = import_arrays({"probs_attn": probs_attn, "attn_mask": attn_mask,
                                "key_padding_mask": key_padding_mask}, float_names=("probs_attn",))
@@ -198,8 +204,12 @@ def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None):
             raise ShapeError(f"key_padding_mask must end in Nk={p.shape[-1]}; got {kpm.shape}")
         valid = kpm[..., None, :]  # over heads
     mask = a["attn_mask"]
-    if mask is not None:
-        allowed = mask if mask.dtype == bool else mask > -np.inf
+    nq, nk = p.shape[-2], p.shape[-1]
+    if mask is not None or is_causal:
+        allowed = xp.ones((1, 1), bool) if mask is None else (
+            mask if mask.dtype == bool else mask > -np.inf)
+        if is_causal:  # top-left aligned, as attention's is_causal
+            allowed = allowed & (xp.arange(nk)[None, :] <= xp.arange(nq)[:, None])
         try:
             allowed = xp.broadcast_to(allowed, p.shape)
         except ValueError:
@@ -273,8 +283,9 @@ def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight
     if r.shape != lead + (num_heads, n):
         raise ShapeError(f"budgets must have shape {lead + (num_heads, n)} ([..., H, N]); "
                          f"got {r.shape}")
-    dtype = x.dtype
-    w, b = w.astype(dtype, copy=False), None if b is None else b.astype(dtype, copy=False)
+    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        raise DTypeError(f"x, w, b must share one dtype (as in attention); got x={x.dtype}, "
+                         f"w={w.dtype}" + ("" if b is None else f", b={b.dtype}"))
     batch = int(np.prod(lead, dtype=np.int64))
     out, _ = _run_projection(x.reshape(batch, n, d_in), w, b, num_heads,
                           r.reshape(batch, num_heads, n), resolve_seed(seed), sampling,
