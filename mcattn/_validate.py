@@ -28,6 +28,7 @@ __all__ = [
     "namespace_of",
     "check_finite_array",
     "default_scale",
+    "sum_to_shape",
 ]
 
 
@@ -186,6 +187,24 @@ class AttentionInputs(QKVShapes):
             value_dim=self.value_dim,
             features=frozenset(features),
         )
+
+
+def sum_to_shape(grad, shape):
+    """The gradient of an input of ``shape`` that was broadcast to ``grad.shape``.
+
+    Sums ``grad`` over the leading dims the input lacked and over the dims where the
+    input had size 1 (the adjoint of broadcasting).
+    """
+    shape = tuple(shape)
+    extra = grad.ndim - len(shape)
+    if extra < 0:
+        raise ShapeError(f"cannot reduce a gradient of shape {grad.shape} to {shape}")
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    ones = tuple(i for i, (n, g) in enumerate(zip(shape, grad.shape)) if n == 1 and g != 1)
+    if ones:
+        grad = grad.sum(axis=ones, keepdims=True)
+    return grad.reshape(shape)
 
 
 def _compute_dtype(named):

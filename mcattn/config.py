@@ -16,6 +16,10 @@ CPU_BLOCK_Q = 256
 #: Keys per streamed block of the CPU exact-attention kernel (S block is BLOCK_Q x BLOCK_K).
 CPU_BLOCK_K = 512
 
+#: Query and key rows per block of the CPU exact-attention backward (one batch row per task).
+CPU_BWD_BLOCK_Q = 128
+CPU_BWD_BLOCK_K = 256
+
 #: Keys per streamed block of the NumPy backend; the block is also capped so that a
 #: block of scores holds at most NUMPY_MAX_BLOCK_ELEMENTS numbers.
 NUMPY_BLOCK_K = 1024

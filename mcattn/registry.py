@@ -96,6 +96,10 @@ class MethodEntry:
         method's knobs (listed by :func:`mcattn.methods`).
     description : str
         One line for ``mcattn.methods()`` and ``mcattn methods``.
+    grad : str, optional
+        Module with the method's training functions (``forward``, ``backward``,
+        ``TRAINABLE``; see ``mcattn/exact/grad.py``), used by the autograd adapters of
+        :mod:`mcattn.frameworks`. None: the method has no backward yet.
     dask_plan : callable ``(knobs, batch_shape) -> mcattn._dask.DaskPlan``, optional
         How the method runs on dask chunks; default: the same knobs for every chunk
         (right for deterministic methods). Random methods key their draws by the global
@@ -112,6 +116,7 @@ class MethodEntry:
     bound_note: str = ""
     attention: Callable | None = None
     description: str = ""
+    grad: str | None = None
     dask_plan: Callable | None = None
 
 

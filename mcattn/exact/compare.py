@@ -11,5 +11,5 @@ def _run(inputs, value, seed):
 
 
 ENTRY = MethodEntry(name="exact", knob=None, values=(None,), run=_run,
-                    bound_note="exact: no error", attention=attention,
+                    bound_note="exact: no error", attention=attention, grad="mcattn.exact.grad",
                     description="exact softmax attention (streaming, O(N d) memory): the baseline")

@@ -17,13 +17,13 @@ from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
 
-__all__ = ["forward"]
+__all__ = ["forward", "forward_lse", "backward"]
 
 _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math assumptions
 
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
-def _exact_tasks(q, k, v, out, scale, bias, mask_index, has_bias, is_causal, block_q, block_k,
+def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal, block_q, block_k,
                  bits_type, t0, t1):
     bh_count, nq, d = q.shape
     nk = k.shape[1]
@@ -98,10 +98,18 @@ def _exact_tasks(q, k, v, out, scale, bias, mask_index, has_bias, is_causal, blo
             inv = 1.0 / l[i] if l[i] > 0 else 0.0
             for c in range(dv):
                 out[bh, i0 + i, c] = acc[i, c] * inv
+            # Row log-sum-exp of the scaled, masked scores (-inf for a row with no visible
+            # key), saved for the backward pass.
+            lse[bh, i0 + i] = m[i] + math.log(l[i]) if l[i] > 0 else neg_inf
 
 
 def forward(inp):
-    """Exact attention of canonical inputs on the CPU threads.
+    """Exact attention of canonical inputs on the CPU threads (see :func:`forward_lse`)."""
+    return forward_lse(inp)[0]
+
+
+def forward_lse(inp):
+    """Exact attention of canonical inputs on the CPU threads, and the rows' log-sum-exp.
 
     Parameters
     ----------
@@ -110,19 +118,137 @@ def forward(inp):
 
     Returns
     -------
-    numpy.ndarray, shape ``[BH, Nq, dv]``
+    out : numpy.ndarray, shape ``[BH, Nq, dv]``
+    lse : numpy.ndarray, shape ``[BH, Nq]``
+        ``log sum_j exp(scale q_i k_j + bias_ij)`` over visible keys; -inf for a row with
+        none.
     """
     q, k, v = inp.q, inp.k, inp.v
     bh, nq, _ = q.shape
     out = np.zeros((bh, nq, v.shape[2]), dtype=q.dtype)
+    lse = np.full((bh, nq), -np.inf, dtype=q.dtype)
     if bh == 0 or nq == 0 or inp.nk == 0:
-        return out
+        return out, lse
     block_q = max(1, min(int(config.CPU_BLOCK_Q), nq))
     block_k = max(1, min(int(config.CPU_BLOCK_K), inp.nk))
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
     n_tasks = bh * ((nq + block_q - 1) // block_q)
-    run_tasks(_exact_tasks, n_tasks, q, k, v, out, q.dtype.type(inp.scale), bias, mask_index,
+    run_tasks(_exact_tasks, n_tasks, q, k, v, out, lse, q.dtype.type(inp.scale), bias, mask_index,
               has_bias, bool(inp.mask.is_causal), block_q, block_k, bits_dtype(q.dtype))
-    return out
+    return out, lse
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _exact_backward_tasks(q, k, v, out, dout, lse, dq, dk, dv, scale, bias, mask_index, has_bias,
+                          is_causal, block_q, block_k, bits_type, t0, t1):
+    """Gradients of one batch row per task, recomputing the probabilities block by block.
+
+    With ``P = exp(S - lse)`` and ``D_i = dout_i . out_i``: ``dV = P^T dout``,
+    ``dS = P * (dout V^T - D)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``. A task owns
+    its batch row's ``dq``, so no two threads write the same memory.
+    """
+    bh_count, nq, d = q.shape
+    nk = k.shape[1]
+    dvw = v.shape[2]
+    row_bias = bias.shape[1] > 1
+    neg_inf = -np.inf
+    qs = np.empty((nq, d), q.dtype)
+    drow = np.empty(nq, q.dtype)
+    s_buf = np.empty(block_q * block_k, q.dtype)
+    dp_buf = np.empty(block_q * block_k, q.dtype)
+    bits_buf = np.empty(block_q * block_k, bits_type)
+    dk_acc = np.empty((block_k, d), q.dtype)
+    dv_acc = np.empty((block_k, dvw), q.dtype)
+    dk_part = np.empty((block_k, d), q.dtype)
+    dv_part = np.empty((block_k, dvw), q.dtype)
+    dq_part = np.empty((block_q, d), q.dtype)
+    for bh in range(t0, t1):
+        slot = mask_index[bh] if has_bias else 0
+        for i in range(nq):
+            total = q[bh, i, 0] * 0
+            for c in range(dvw):
+                total += dout[bh, i, c] * out[bh, i, c]
+            drow[i] = total
+            for c in range(d):
+                qs[i, c] = q[bh, i, c] * scale
+                dq[bh, i, c] = 0.0
+        for j0 in range(0, nk, block_k):
+            j1 = min(nk, j0 + block_k)
+            ncols = j1 - j0
+            dk_acc[:ncols] = 0.0
+            dv_acc[:ncols] = 0.0
+            first = (j0 // block_q) * block_q if is_causal else 0  # earlier queries see no key here
+            for i0 in range(first, nq, block_q):
+                i1 = min(nq, i0 + block_q)
+                nrows = i1 - i0
+                p = s_buf[: nrows * ncols].reshape((nrows, ncols))
+                np.dot(qs[i0:i1], k[bh, j0:j1].T, p)
+                for i in range(nrows):
+                    top = lse[bh, i0 + i]
+                    r = i0 + i if row_bias else 0
+                    for j in range(ncols):
+                        sij = p[i, j]
+                        if has_bias:
+                            sij += bias[slot, r, j0 + j]
+                        if (is_causal and j0 + j > i0 + i) or top == neg_inf:
+                            sij = neg_inf
+                        p[i, j] = sij - top if sij != neg_inf else neg_inf
+                exp_block(p, bits_buf[: nrows * ncols].reshape((nrows, ncols)), nrows, ncols)
+                np.dot(p.T, dout[bh, i0:i1], dv_part[:ncols])
+                dp = dp_buf[: nrows * ncols].reshape((nrows, ncols))
+                np.dot(dout[bh, i0:i1], v[bh, j0:j1].T, dp)
+                for i in range(nrows):
+                    for j in range(ncols):
+                        dp[i, j] = p[i, j] * (dp[i, j] - drow[i0 + i])
+                np.dot(dp, k[bh, j0:j1], dq_part[:nrows])
+                np.dot(dp.T, qs[i0:i1], dk_part[:ncols])
+                for i in range(nrows):
+                    for c in range(d):
+                        dq[bh, i0 + i, c] += dq_part[i, c] * scale
+                for j in range(ncols):
+                    for c in range(d):
+                        dk_acc[j, c] += dk_part[j, c]
+                    for c in range(dvw):
+                        dv_acc[j, c] += dv_part[j, c]
+            for j in range(ncols):
+                for c in range(d):
+                    dk[bh, j0 + j, c] = dk_acc[j, c]
+                for c in range(dvw):
+                    dv[bh, j0 + j, c] = dv_acc[j, c]
+
+
+def backward(inp, out, lse, dout):
+    """Gradients of exact attention on the CPU threads.
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+        The forward's canonical inputs (NumPy).
+    out : numpy.ndarray, shape ``[BH, Nq, dv]``
+    lse : numpy.ndarray, shape ``[BH, Nq]``
+        From :func:`forward_lse`.
+    dout : numpy.ndarray, shape ``[BH, Nq, dv]``
+        Gradient of the loss with respect to ``out``.
+
+    Returns
+    -------
+    dq, dk, dv : numpy.ndarray
+        ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]``. Memory ``O(N d)`` besides them:
+        the probabilities are recomputed block by block, never stored.
+    """
+    q, k, v = inp.q, inp.k, inp.v
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    if q.shape[0] == 0 or inp.nq == 0 or inp.nk == 0:
+        return dq, dk, dv
+    block_q = max(1, min(int(config.CPU_BWD_BLOCK_Q), inp.nq))
+    block_k = max(1, min(int(config.CPU_BWD_BLOCK_K), inp.nk))
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
+    mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
+    cast = [np.ascontiguousarray(a, dtype=q.dtype) for a in (out, dout, lse)]
+    run_tasks(_exact_backward_tasks, q.shape[0], q, k, v, *cast, dq, dk, dv, q.dtype.type(inp.scale),
+              bias, mask_index, has_bias, bool(inp.mask.is_causal), block_q, block_k,
+              bits_dtype(q.dtype), chunks_per_thread=1)
+    return dq, dk, dv

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import config
 
-__all__ = ["forward", "probs", "masked_scores"]
+__all__ = ["forward", "forward_lse", "backward", "probs", "masked_scores"]
 
 
 def masked_scores(inp, b0, b1, i0, i1, j0, j1):
@@ -39,7 +39,12 @@ def _blocks(inp):
 
 
 def forward(inp):
-    """Exact attention of canonical inputs.
+    """Exact attention of canonical inputs (see :func:`forward_lse`)."""
+    return forward_lse(inp)[0]
+
+
+def forward_lse(inp):
+    """Exact attention of canonical inputs, and each row's log-sum-exp.
 
     Parameters
     ----------
@@ -48,15 +53,18 @@ def forward(inp):
 
     Returns
     -------
-    array, shape ``[BH, Nq, dv]``
+    out : array, shape ``[BH, Nq, dv]``
         ``softmax(scale q k^T + bias) v``; a query row with no visible key is zero.
+    lse : array, shape ``[BH, Nq]``
+        ``log sum_j exp(scale q_i k_j + bias_ij)``; -inf for a row with no visible key.
     """
     xp = inp.xp
     dt = inp.dtype.type
     bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
     out = xp.zeros((bh, nq, inp.value_dim), dtype=inp.dtype)
+    lse = xp.full((bh, nq), -np.inf, dtype=inp.dtype)
     if bh == 0 or nq == 0 or nk == 0:
-        return out
+        return out, lse
     bb, bq, bk = _blocks(inp)
     for b0 in range(0, bh, bb):
         b1 = min(bh, b0 + bb)
@@ -81,7 +89,55 @@ def forward(inp):
                 m = m_new
             safe = xp.where(l > 0, l, dt(1))
             out[b0:b1, i0:i1] = xp.where((l > 0)[..., None], acc / safe[..., None], dt(0))
-    return out
+            lse[b0:b1, i0:i1] = xp.where(l > 0, m + xp.log(safe), dt(-np.inf))
+    return out, lse
+
+
+def backward(inp, out, lse, dout):
+    """Gradients of exact attention, recomputing the probabilities block by block.
+
+    With ``P = exp(S - lse)`` (``S`` the scaled, masked scores) and
+    ``D_i = sum_c dout_ic out_ic``: ``dV = P^T dout``, ``dS = P * (dout V^T - D)``,
+    ``dQ = scale dS K`` and ``dK = scale dS^T Q``. Masks get no gradient.
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+    out : array, shape ``[BH, Nq, dv]``
+    lse : array, shape ``[BH, Nq]``
+        From :func:`forward_lse`.
+    dout : array, shape ``[BH, Nq, dv]``
+
+    Returns
+    -------
+    dq, dk, dv : arrays of the shapes of ``inp.q``, ``inp.k``, ``inp.v``
+    """
+    xp = inp.xp
+    dq, dk, dv = xp.zeros_like(inp.q), xp.zeros_like(inp.k), xp.zeros_like(inp.v)
+    bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
+    if bh == 0 or nq == 0 or nk == 0:
+        return dq, dk, dv
+    scale = inp.dtype.type(inp.scale)
+    delta = (dout * out).sum(-1)  # [BH, Nq]
+    finite = xp.isfinite(lse)
+    shift = xp.where(finite, lse, inp.dtype.type(0))
+    bb, bq, bk = _blocks(inp)
+    for b0 in range(0, bh, bb):
+        b1 = min(bh, b0 + bb)
+        for i0 in range(0, nq, bq):
+            i1 = min(nq, i0 + bq)
+            for j0 in range(0, nk, bk):
+                j1 = min(nk, j0 + bk)
+                s = masked_scores(inp, b0, b1, i0, i1, j0, j1)
+                p = xp.exp(s - shift[b0:b1, i0:i1, None])
+                p = xp.where(finite[b0:b1, i0:i1, None], p, inp.dtype.type(0))
+                g = dout[b0:b1, i0:i1]
+                dv[b0:b1, j0:j1] += xp.matmul(p.transpose(0, 2, 1), g)
+                ds = p * (xp.matmul(g, inp.v[b0:b1, j0:j1].transpose(0, 2, 1))
+                          - delta[b0:b1, i0:i1, None])
+                dq[b0:b1, i0:i1] += scale * xp.matmul(ds, inp.k[b0:b1, j0:j1])
+                dk[b0:b1, j0:j1] += scale * xp.matmul(ds.transpose(0, 2, 1), inp.q[b0:b1, i0:i1])
+    return dq, dk, dv
 
 
 def probs(inp):

@@ -1,9 +1,9 @@
 """PyTorch adapter: mcattn methods on torch tensors, and inside Hugging Face models.
 
 * :func:`attention` / :func:`method_attention` run a method on torch tensors (CPU or
-  CUDA) through DLPack and return torch tensors, without gradients (mcattn's kernels
-  have no backward; inputs that require grad are refused by the library, here they are
-  run under ``torch.no_grad()`` explicitly, for inference).
+  CUDA) through DLPack and return torch tensors. With grad mode on and an input that
+  requires grad, the call is an autograd node whose backward runs the method's backward
+  kernels (``mcattn/<method>/grad.py``); otherwise it is the plain forward.
 * :func:`use_method` swaps a method into the self-attention of a transformers model for
   the duration of a ``with`` block, without copying or touching any weight: it registers
   an attention function with transformers' ``AttentionInterface`` and points the model's
@@ -23,13 +23,82 @@ import torch
 
 import mcattn
 
+from . import _grad
+
 __all__ = ["attention", "method_attention", "use_method", "MODULE_KNOBS"]
 
 
+class _MethodFunction(torch.autograd.Function):
+    """One method call as an autograd node: the library's forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, module, names, common, static, *tensors):
+        from .._array import import_arrays
+
+        present = {n: t.detach() for n, t in zip(names, tensors) if t is not None}
+        float_names = [n for n in names if n not in _grad.MASKS and n in present]
+        bridge, native = import_arrays(present, float_names=float_names)
+        q, k, v = native["q"], native["k"], native.get("v")
+        masks = {n: native.get(n) for n in _grad.MASKS}
+        knobs = dict(static, **{n: a for n, a in native.items() if n not in ("q", "k", "v") + _grad.MASKS})
+        out, residuals = module.forward(q, k, v, **common, **masks, **knobs)
+        ctx.saved = (module, bridge, q, k, v, out, residuals, masks, knobs, common)
+        ctx.names = names
+        return bridge.export(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .._array import import_arrays
+
+        module, bridge, q, k, v, out, residuals, masks, knobs, common = ctx.saved
+        _, native = import_arrays({"dout": dout.detach().contiguous()})
+        g = native["dout"].astype(out.dtype, copy=False)
+        grads = module.backward(q, k, v, out, residuals, g, **common, **masks, **knobs)
+        result = [None, None, None, None]
+        for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):
+            result.append(bridge.export(grads[name]) if needed and name in grads else None)
+        return tuple(result)
+
+
 def attention(q, k, v=None, *, method="exact", **kwargs):
-    """Any method on torch tensors through :func:`mcattn.attention`, under ``no_grad``."""
-    with torch.no_grad():
-        return mcattn.attention(q, k, v, method=method, **kwargs)
+    """Any method on torch tensors, differentiable where the method has a backward.
+
+    Parameters
+    ----------
+    q, k, v : torch.Tensor
+        As :func:`mcattn.attention` (``v=None`` for mca).
+    method : str
+    **kwargs
+        The common arguments (masks, ``is_causal``, ``scale``, ``backend``) and the
+        method's knobs. A trainable knob given as a tensor that requires grad (rfa's
+        ``gate``, ...) receives a gradient.
+
+    Returns
+    -------
+    torch.Tensor, shape ``[..., Nq, dv]``
+        Part of the autograd graph when grad mode is on and an input requires grad; the
+        backward runs the method's backward kernels. Otherwise the plain forward (same
+        speed as :func:`mcattn.attention`).
+    """
+    common = {n: kwargs.pop(n) for n in list(kwargs) if n in _COMMON}
+    inputs = [q, k, v] + [a for a in kwargs.values() if isinstance(a, torch.Tensor)]
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if not wants_grad:
+        with torch.no_grad():
+            return mcattn.attention(q, k, v, method=method, **common, **kwargs)
+    if common.pop("return_info", False):
+        raise ValueError("return_info=True is not available while recording gradients")
+    _, _, module = _grad.training_module(method, kwargs)
+    trainable, static = _grad.split_knobs(module, kwargs)
+    for name, value in static.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise mcattn.errors.GradientNotSupportedError(
+                f"{method}'s knob {name!r} requires grad but has no gradient here (trainable: "
+                f"{', '.join(module.TRAINABLE) or 'none'})")
+    masks = {n: common.pop(n, None) for n in _grad.MASKS}
+    names = ("q", "k", "v") + tuple(masks) + tuple(trainable)
+    tensors = (q, k, v) + tuple(masks.values()) + tuple(trainable.values())
+    return _MethodFunction.apply(module, names, common, static, *tensors)
 
 
 def _mca_knobs(module, q, knobs, calls):
@@ -52,6 +121,9 @@ MODULE_KNOBS = {"mca": _mca_knobs}
 _MODULE_SUPPLIED = {"mca": ("x", "w_v", "b_v")}
 
 
+_COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")
+
+
 def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _calls=None, **knobs):
     """Run ``method`` on torch tensors ``[B, H, N, d]`` inside a model; a torch tensor back.
 
@@ -65,9 +137,8 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
     extra = MODULE_KNOBS[method](module, q, knobs, calls) if method in MODULE_KNOBS else {}
     merged = dict(knobs, **extra)
     _, spec = check_knobs(method, merged)
-    with torch.no_grad():
-        return mcattn.attention(q, k, v if spec.needs_values else None, method=method,
-                                attn_mask=mask, scale=scale, **merged)
+    return attention(q, k, v if spec.needs_values else None, method=method, attn_mask=mask,
+                     scale=scale, **merged)
 
 
 _NAME = "mcattn"
