@@ -114,11 +114,18 @@ def mca_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", thre
     total = batch * num_heads * n
     suffix = "f32" if x.dtype == np.float32 else "f64"
     fn = getattr(library("mca"), f"launch_mcattn_mca_projection_{sampling}_{suffix}")
-    fn.argtypes = [_U, _U, _P, _P, _P, _I, _P, _P, _P, _I, _P, _P, _U, _U, _P, _I, _I, _I, _I, _I]
-    fn((total + threads - 1) // threads, threads, _ptr(np.ascontiguousarray(x)), _ptr(t.wh),
-       _ptr(bias64), int(bias is not None), _ptr(np.ascontiguousarray(budgets, dtype=np.int64)),
-       _ptr(t.threshold), _ptr(t.alias), t.shift, _ptr(t.p_weight), _ptr(t.row_norms),
-       int(k0), int(k1), _ptr(out), batch, num_heads, n, d_in, dh)
+    fn.argtypes = [_U, _U, _P, _P, _P, _I, _P, _P, _P, _I, _P, _P, _U, _U, _P, _I, _I, _I, _I, _I,
+                   _P, _I64, _I64]
+    from mcattn.mca._gpu import scratch_plan
+
+    chunk, starts = scratch_plan(total, d_in, sampling == "optimal")
+    cdf = np.zeros((d_in, chunk) if sampling == "optimal" else (1,))
+    for task0 in starts:
+        count = min(chunk, total - task0)
+        fn((count + threads - 1) // threads, threads, _ptr(np.ascontiguousarray(x)), _ptr(t.wh),
+           _ptr(bias64), int(bias is not None), _ptr(np.ascontiguousarray(budgets, dtype=np.int64)),
+           _ptr(t.threshold), _ptr(t.alias), t.shift, _ptr(t.p_weight), _ptr(t.row_norms),
+           int(k0), int(k1), _ptr(out), batch, num_heads, n, d_in, dh, _ptr(cdf), task0, chunk)
     return out
 
 

@@ -139,3 +139,24 @@ def test_mca_kernel_draws_the_cpu_samples(sampling, dtype, tol):
         out = host_kernels.mca_projection(x, w, b, 3, r, 2024, sampling)
     assert out.dtype == dtype
     assert rel_error(out, ref) < tol
+
+
+def test_mca_kernel_optimal_scratch_in_several_launches(monkeypatch):
+    from mcattn import config
+    from mcattn.mca import cpu
+
+    monkeypatch.setattr(config, "CUDA_SCRATCH_BYTES", 8 * 40 * 5)  # 5 tokens per launch
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 40))
+    w = rng.standard_normal((40, 12))
+    r = rng.integers(0, 50, (2, 3, 6))
+    ref = cpu.value_projection(x, w, None, 3, r, 11, "optimal")
+    if GPU_PRESENT:
+        import cupy
+
+        out = mcattn.mca.value_projection(cupy.asarray(x), cupy.asarray(w), num_heads=3,
+                                          budgets=cupy.asarray(r), seed=11, sampling="optimal",
+                                          backend="cupy").get()
+    else:
+        out = host_kernels.mca_projection(x, w, None, 3, r, 11, "optimal")
+    assert rel_error(out, ref) < 1e-13
