@@ -3,7 +3,7 @@
 import numpy as np
 
 from .. import random as mrandom
-from .._cupy import raw_module
+from .._cupy import block_threads, raw_module
 from ._gpu import scratch_plan
 from .naive import weight_tables
 
@@ -35,6 +35,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         return out
     suffix = "f32" if x.dtype == np.float32 else "f64"
     kernel = raw_module(_SOURCE).get_function(f"mcattn_mca_projection_{sampling}_{suffix}")
+    threads = block_threads(kernel, THREADS_PER_BLOCK)
     chunk, starts = scratch_plan(total, d_in, sampling == "optimal")
     cdf = cupy.empty((d_in, chunk) if sampling == "optimal" else (1,), dtype=np.float64)
     dev = cupy.asarray
@@ -44,6 +45,6 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
             np.int32(batch), np.int32(num_heads), np.int32(n), np.int32(d_in), np.int32(dh), cdf)
     for task0 in starts:
         count = min(chunk, total - task0)
-        kernel(((count + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK,), (THREADS_PER_BLOCK,),
+        kernel(((count + threads - 1) // threads,), (threads,),
                args + (np.int64(task0), np.int64(chunk)))
     return out

@@ -1,6 +1,7 @@
 """Every CUDA source and numba.cuda kernel compiles for sm_80 and sm_90."""
 
 import importlib
+import re
 
 import pytest
 from cuda_compile import (ARCHITECTURES, NUMBA_CUDA_MODULES, numba_ptx_results, nvrtc_compile,
@@ -86,3 +87,22 @@ def test_resource_check_catches_a_large_stack():
     assert res == {"registers": 255, "stack": 33792, "shared": 49664}
     problems = resource_problems("k", res, 512)
     assert len(problems) == 3, problems
+
+
+#: A float32 value widened to float64: the mark of float64 arithmetic on float32 data.
+#: (libdevice's sinf/cosf reduce huge arguments with int64 -> float64 steps; those stay.)
+_F32_TO_F64 = re.compile(r"^\s*cvt(\.\w+)*\.f64\.f32\b", re.M)
+
+
+def test_numba_float32_kernels_compute_in_float32(ptx_results):
+    """No float64 arithmetic in float32 kernels (a bare 0.0 or math.inf literal promotes)."""
+    offenders = {}
+    for r in ptx_results:
+        module = importlib.import_module(r["module"])
+        if "float32" not in r["kernel"] or getattr(module, "FLOAT64_ACCUMULATION", False):
+            continue
+        with open(r["ptx_path"]) as fh:
+            hits = _F32_TO_F64.findall(fh.read())
+        if hits:
+            offenders[f"{r['module']}.{r['kernel']} cc{r['cc']}"] = len(hits)
+    assert not offenders, f"float64 instructions in float32 kernels: {offenders}"
