@@ -3,15 +3,21 @@
 Sources live beside each method (``mcattn/<method>/kernels/*.cu``) and share the
 headers in ``mcattn/kernels/`` (``common.cuh``, ``philox.cuh``). :func:`raw_module`
 compiles a source with CuPy's NVRTC the first time it is needed on a device and keeps
-the module for later calls. The tests compile the same sources with NVRTC for sm_80 and
+the module for later calls. CuPy's own disk cache keys on the source text and the
+options but does not read the headers found through ``-I``, so the options carry a
+hash of the headers (:func:`compile_options`): an edited ``philox.cuh`` recompiles. The tests compile the same sources with NVRTC for sm_80 and
 sm_90 and with the host compiler under a shim (see docs/cuda-testing.md).
 """
 
+import hashlib
 import threading
 from pathlib import Path
 
+from . import config
+from .errors import ConfigError
+
 __all__ = ["PACKAGE_DIR", "INCLUDE_DIR", "kernel_path", "kernel_source", "raw_module",
-           "KERNEL_SOURCES"]
+           "KERNEL_SOURCES", "compile_options", "header_digest", "block_threads"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR / "kernels"
@@ -48,6 +54,24 @@ def kernel_source(relative):
     return kernel_path(relative).read_text()
 
 
+def header_digest(relative):
+    """SHA-256 (hex, 16 digits) of every header a source may include.
+
+    The headers of ``mcattn/kernels/`` and of the source's own folder, by name and content.
+    """
+    digest = hashlib.sha256()
+    folders = sorted({INCLUDE_DIR, kernel_path(relative).parent})
+    for path in sorted(p for folder in folders for p in folder.glob("*.cuh")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def compile_options(relative):
+    """NVRTC options of a source: C++14, the include folders and the headers' hash."""
+    return ("--std=c++14", f"-I{INCLUDE_DIR}", f"-I{kernel_path(relative).parent}",
+            f"-DMCATTN_HEADERS_SHA256={header_digest(relative)}")
+
+
 def raw_module(relative):
     """The ``cupy.RawModule`` of a source on the current device (compiled once per device)."""
     import cupy
@@ -56,9 +80,40 @@ def raw_module(relative):
     with _lock:
         module = _modules.get(key)
         if module is None:
-            module = cupy.RawModule(
-                code=kernel_source(relative),
-                options=("--std=c++14", f"-I{INCLUDE_DIR}"),
-            )
+            module = cupy.RawModule(code=kernel_source(relative), options=compile_options(relative))
             _modules[key] = module
     return module
+
+
+def block_threads(kernel, threads=None):
+    """Threads per block for a launch of ``kernel``, checked against what it can run.
+
+    Parameters
+    ----------
+    kernel : cupy.RawKernel or a numba.cuda dispatcher specialised for its arguments
+        Anything with ``max_threads_per_block`` (CuPy) or ``get_max_threads_per_block()``
+        (numba.cuda); neither (the simulator) skips the kernel check.
+    threads : int, optional
+        Default ``config.CUDA_THREADS_PER_BLOCK``.
+
+    Raises
+    ------
+    ConfigError
+        ``threads`` is not in 1..1024, or exceeds the kernel's limit (its registers per
+        thread times the block must fit the SM's register file).
+    """
+    threads = config.CUDA_THREADS_PER_BLOCK if threads is None else threads
+    if isinstance(threads, bool) or int(threads) != threads or not 1 <= int(threads) <= 1024:
+        raise ConfigError(f"CUDA_THREADS_PER_BLOCK must be an integer in 1..1024; got {threads!r}")
+    threads = int(threads)
+    limit = getattr(kernel, "max_threads_per_block", None)
+    if limit is None and hasattr(kernel, "get_max_threads_per_block"):
+        try:
+            limit = kernel.get_max_threads_per_block()
+        except Exception:  # noqa: BLE001 - not compiled for one signature: nothing to check
+            limit = None
+    if limit is not None and threads > int(limit):
+        name = getattr(kernel, "name", None) or getattr(getattr(kernel, "py_func", None), "__name__", "kernel")
+        raise ConfigError(f"{name} runs at most {int(limit)} threads per block on this GPU "
+                          f"(registers per thread); CUDA_THREADS_PER_BLOCK is {threads}")
+    return threads

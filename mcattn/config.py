@@ -28,6 +28,10 @@ NUMPY_MAX_BLOCK_ELEMENTS = 1 << 22
 #: Threads per block (= query rows per block) of the GPU exact-attention kernels.
 CUDA_THREADS_PER_BLOCK = 64
 
+#: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
+#: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
+CUDA_SCRATCH_BYTES = 1 << 27
+
 
 def num_threads():
     """The number of CPU threads to use now (``NUM_THREADS`` or the CPU count)."""

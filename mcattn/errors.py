@@ -14,6 +14,7 @@ __all__ = [
     "BackendError",
     "GradientNotSupportedError",
     "SampleFileError",
+    "ConfigError",
 ]
 
 
@@ -58,3 +59,8 @@ class GradientNotSupportedError(McattnError, TypeError):
 
 class SampleFileError(McattnError, ValueError):
     """A real-attention sample file is missing, unreadable or not in mcattn's format."""
+
+
+class ConfigError(McattnError, ValueError):
+    """A value in :mod:`mcattn.config` cannot be used (e.g. more GPU threads per block
+    than a compiled kernel allows)."""

@@ -12,8 +12,8 @@ import math
 import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
-from .. import config
 from .._array import is_cupy
+from .._cupy import block_threads
 
 __all__ = ["forward", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
 
@@ -30,6 +30,8 @@ def make_kernel(dtype_name):
     nb_type = float32 if dtype_name == "float32" else float64
     tile = _TILE[dtype_name]
     maxd = MAX_HEAD_DIM
+    # Typed constants: a bare 0.0 or -math.inf would promote the float32 kernel to float64.
+    zero, one, neg_inf = nb_type(0.0), nb_type(1.0), nb_type(-math.inf)
 
     @cuda.jit
     def exact_forward(q, k, v, out, bias, mask_index, scale, has_bias, is_causal):
@@ -47,11 +49,11 @@ def make_kernel(dtype_name):
         dv = v.shape[2]
         active = i < nq
         for c in range(d):
-            q_row[c] = q[bh, i, c] * scale if active else 0.0
+            q_row[c] = q[bh, i, c] * scale if active else zero
         for c in range(dv):
             acc[c] = 0.0
-        m = -math.inf
-        l = 0.0
+        m = neg_inf
+        l = zero
         slot = mask_index[bh] if has_bias else 0
         row = i if bias.shape[1] > 1 else 0
         key_end = nk
@@ -67,16 +69,16 @@ def make_kernel(dtype_name):
             if active:
                 top = m
                 for r in range(width):
-                    s = 0.0
+                    s = zero
                     for c in range(d):
                         s += q_row[c] * k_tile[r, c]
                     if has_bias:
                         s += bias[slot, row, j0 + r]
                     if is_causal and j0 + r > i:
-                        s = -math.inf
+                        s = neg_inf
                     scores[r] = s
                     top = max(top, s)
-                if top != -math.inf:  # else nothing visible yet: the tile adds nothing
+                if top != neg_inf:  # else nothing visible yet: the tile adds nothing
                     rescale = math.exp(m - top)  # 0 on the first visible tile
                     l *= rescale
                     for c in range(dv):
@@ -89,7 +91,7 @@ def make_kernel(dtype_name):
                     m = top
             cuda.syncthreads()
         if active:
-            inv = 1.0 / l if l > 0.0 else 0.0
+            inv = one / l if l > zero else zero
             for c in range(dv):
                 out[bh, i, c] = acc[c] * inv
 
@@ -144,7 +146,7 @@ def forward(inp):
         bias = cupy.asarray(bias)
         mask_index = cupy.asarray(mask_index)
     kernel = make_kernel(q.dtype.name)
-    threads = int(config.CUDA_THREADS_PER_BLOCK)
+    threads = block_threads(kernel)
     d_bias = bring(bias)
     for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535
         b1 = min(bh, b0 + _MAX_GRID_Y)

@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from .. import config
-from .._cupy import raw_module
+from .._cupy import block_threads, raw_module
 
 __all__ = ["forward"]
 
@@ -36,7 +35,7 @@ def forward(inp):
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else cupy.zeros((1, 1, 1), q.dtype)
     mask_index = cupy.asarray(inp.mask.mask_index if has_bias else np.zeros(1, np.int64))
-    threads = int(config.CUDA_THREADS_PER_BLOCK)
+    threads = block_threads(kernel)
     for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535
         b1 = min(bh, b0 + _MAX_GRID_Y)
         kernel(

@@ -2,8 +2,10 @@
 
 One thread per (batch row, head, token): the thread number is the token's random stream.
 Weight sampling uses the host-built alias tables (integer arithmetic, so the indices are
-bit-identical to the CPU's); optimal sampling builds the token's CDF in the thread's
-local memory (``d_in <= MAX_D_IN``) and searches it. Accumulation in float64.
+bit-identical to the CPU's); optimal sampling builds the token's CDF in a global scratch
+``[d_in, chunk]`` (one column per thread; see ``_gpu.scratch_plan``) and searches it. A
+per-thread local array would reserve ``8 d_in`` bytes of stack for every resident
+thread. Accumulation in float64.
 """
 
 import functools
@@ -13,13 +15,16 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 
 from .. import random as mrandom
 from .._array import is_cupy
+from ._gpu import scratch_plan
 from .naive import weight_tables
 
-__all__ = ["value_projection", "make_kernel", "MAX_HEAD_DIM", "MAX_D_IN", "ptx_signatures"]
+__all__ = ["value_projection", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
 
 MAX_HEAD_DIM = 128
-MAX_D_IN = 4096
 THREADS_PER_BLOCK = 128
+#: The float32 kernels accumulate in float64 by design (as the CPU kernel and mca.cu),
+#: which exempts them from the "no float64 arithmetic in float32 kernels" test.
+FLOAT64_ACCUMULATION = True
 
 
 @functools.cache
@@ -29,25 +34,24 @@ def make_kernel(optimal):
 
     _, _, _, sample_bits = mrandom.cuda_device_functions()
     maxd = MAX_HEAD_DIM
-    max_in = MAX_D_IN if optimal else 1
     shift11 = np.uint64(11)
     two_m53 = 2.0**-53
 
     @cuda.jit
     def mca_projection(x, wh, bias, has_bias, budgets, threshold, alias, shift, p_weight,
-                       row_norms, k0, k1, out):
-        task = cuda.grid(1)
+                       row_norms, k0, k1, out, cdf, task0, chunk):
+        slot = cuda.grid(1)
+        task = task0 + slot
         n_batch, n, d_in = x.shape
         heads = budgets.shape[1]
         dh = out.shape[3]
-        if task >= n_batch * heads * n:
+        if slot >= chunk or task >= n_batch * heads * n:
             return
         b = task // (heads * n)
         h = (task // n) % heads
         j = task % n
         r = budgets[b, h, j]
         acc = cuda.local.array(maxd, float64)
-        cdf = cuda.local.array(max_in, float64)
         for c in range(dh):
             acc[c] = 0.0
         zero_row = True
@@ -68,8 +72,8 @@ def make_kernel(optimal):
                 running = 0.0
                 for k in range(d_in):
                     running += abs(float64(x[b, j, k])) * row_norms[h, k] / total
-                    cdf[k] = running
-                cdf[d_in - 1] = 1.0
+                    cdf[k, slot] = running
+                cdf[d_in - 1, slot] = 1.0
             for t in range(r):
                 bits = sample_bits(k0, k1, stream, np.uint64(t))
                 if optimal:
@@ -78,7 +82,7 @@ def make_kernel(optimal):
                     hi = d_in - 1
                     while lo < hi:
                         mid = (lo + hi) >> 1
-                        if u < cdf[mid]:
+                        if u < cdf[mid, slot]:
                             hi = mid
                         else:
                             lo = mid + 1
@@ -114,7 +118,7 @@ def ptx_signatures():
         for name, nb in (("float32", float32), ("float64", float64)):
             args = (nb[:, :, ::1], float64[:, :, ::1], float64[::1], types.boolean,
                     int64[:, :, ::1], uint64[:, ::1], int64[:, ::1], int64, float64[:, ::1],
-                    float64[:, ::1], uint64, uint64, nb[:, :, :, ::1])
+                    float64[:, ::1], uint64, uint64, nb[:, :, :, ::1], float64[:, ::1], int64, int64)
             label = "optimal" if optimal else "weight"
             sigs.append((f"mca_projection_{label}_{name}", make_kernel(optimal).py_func, args))
     return sigs
@@ -148,14 +152,18 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         d_budgets = cuda.to_device(np.ascontiguousarray(budgets, dtype=np.int64))
     total = batch * num_heads * n
     if total:
-        kernel = make_kernel(sampling == "optimal")
-        blocks = (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-        kernel[blocks, THREADS_PER_BLOCK](
-            bring(x) if on_device else cuda.to_device(np.ascontiguousarray(x)),
-            cuda.to_device(t.wh), cuda.to_device(bias64), bias is not None, d_budgets,
-            cuda.to_device(t.threshold), cuda.to_device(t.alias), np.int64(t.shift),
-            cuda.to_device(t.p_weight), cuda.to_device(t.row_norms), k0, k1, d_out,
-        )
+        optimal = sampling == "optimal"
+        kernel = make_kernel(optimal)
+        chunk, starts = scratch_plan(total, d_in, optimal)
+        cdf = cuda.device_array((d_in, chunk) if optimal else (1, 1), np.float64)
+        args = (bring(x) if on_device else cuda.to_device(np.ascontiguousarray(x)),
+                cuda.to_device(t.wh), cuda.to_device(bias64), bias is not None, d_budgets,
+                cuda.to_device(t.threshold), cuda.to_device(t.alias), np.int64(t.shift),
+                cuda.to_device(t.p_weight), cuda.to_device(t.row_norms), k0, k1, d_out, cdf)
+        for task0 in starts:
+            count = min(chunk, total - task0)
+            blocks = (count + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
+            kernel[blocks, THREADS_PER_BLOCK](*args, np.int64(task0), np.int64(chunk))
     if not on_device:
         out[...] = d_out.copy_to_host()
     return out

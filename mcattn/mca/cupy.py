@@ -3,7 +3,8 @@
 import numpy as np
 
 from .. import random as mrandom
-from .._cupy import raw_module
+from .._cupy import block_threads, raw_module
+from ._gpu import scratch_plan
 from .naive import weight_tables
 
 __all__ = ["value_projection"]
@@ -16,8 +17,8 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
                      tables=None):
     """CuPy version of :func:`mcattn.mca.naive.value_projection` (same draws).
 
-    Parameters and result as there, with CuPy arrays; ``d_head <= 128``,
-    ``d_in <= 4096``; independent draws only.
+    Parameters and result as there, with CuPy arrays; ``d_head <= 128``; independent
+    draws only.
     """
     import cupy
 
@@ -33,14 +34,17 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     if total == 0:
         return out
     suffix = "f32" if x.dtype == np.float32 else "f64"
-    name = f"mcattn_mca_projection_{sampling}_{suffix}"
-    kernel = raw_module(_SOURCE).get_function(name)
+    kernel = raw_module(_SOURCE).get_function(f"mcattn_mca_projection_{sampling}_{suffix}")
+    threads = block_threads(kernel, THREADS_PER_BLOCK)
+    chunk, starts = scratch_plan(total, d_in, sampling == "optimal")
+    cdf = cupy.empty((d_in, chunk) if sampling == "optimal" else (1,), dtype=np.float64)
     dev = cupy.asarray
-    kernel(
-        ((total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK,), (THREADS_PER_BLOCK,),
-        (cupy.ascontiguousarray(x), dev(t.wh), dev(bias64), np.int32(bias is not None),
-         cupy.ascontiguousarray(budgets, dtype=np.int64), dev(t.threshold), dev(t.alias),
-         np.int32(t.shift), dev(t.p_weight), dev(t.row_norms), np.uint32(k0), np.uint32(k1), out,
-         np.int32(batch), np.int32(num_heads), np.int32(n), np.int32(d_in), np.int32(dh)),
-    )
+    args = (cupy.ascontiguousarray(x), dev(t.wh), dev(bias64), np.int32(bias is not None),
+            cupy.ascontiguousarray(budgets, dtype=np.int64), dev(t.threshold), dev(t.alias),
+            np.int32(t.shift), dev(t.p_weight), dev(t.row_norms), np.uint32(k0), np.uint32(k1), out,
+            np.int32(batch), np.int32(num_heads), np.int32(n), np.int32(d_in), np.int32(dh), cdf)
+    for task0 in starts:
+        count = min(chunk, total - task0)
+        kernel(((count + threads - 1) // threads,), (threads,),
+               args + (np.int64(task0), np.int64(chunk)))
     return out

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
-from .. import config
+from .._cupy import block_threads
 from .._array import is_cupy
 from . import _gpu
 
@@ -28,6 +28,8 @@ def make_kernels(dtype_name):
 
     nb_type = float32 if dtype_name == "float32" else float64
     maxd = MAX_HEAD_DIM
+    # Typed constants: a bare 0.0 or 1.0 (or `x * 0`) would promote float32 code to float64.
+    zero, one, half, neg_inf = nb_type(0.0), nb_type(1.0), nb_type(0.5), nb_type(-math.inf)
 
     @cuda.jit
     def rfa_features(x, omega, f, logw, fnorm, factor, unit, kind):
@@ -40,16 +42,16 @@ def make_kernels(dtype_name):
         i = row % n
         heads, width = omega.shape[0], omega.shape[1]
         h = bh % heads
-        sq = x[bh, i, 0] * 0
+        sq = zero
         for c in range(d):
             sq += x[bh, i, c] * x[bh, i, c]
         scale = factor
         if unit:
-            scale = factor / math.sqrt(sq) if sq > 0 else factor * 0
-        inv = 1.0 / math.sqrt(width)
-        top = -math.inf
+            scale = factor / math.sqrt(sq) if sq > zero else zero
+        inv = one / math.sqrt(nb_type(width))
+        top = neg_inf
         for r in range(width):
-            u = x[bh, i, 0] * 0
+            u = zero
             for c in range(d):
                 u += omega[h, r, c] * x[bh, i, c]
             u *= scale
@@ -57,11 +59,11 @@ def make_kernels(dtype_name):
                 f[bh, i, r] = math.sin(u) * inv
                 f[bh, i, width + r] = math.cos(u) * inv
             elif kind == 2:
-                f[bh, i, r] = max(u, 0.0) * inv
+                f[bh, i, r] = max(u, zero) * inv
             else:
                 f[bh, i, r] = u
                 top = max(top, u)
-        half_sq = 0.5 * scale * scale * sq
+        half_sq = half * scale * scale * sq
         if kind == 0:
             for r in range(width):
                 f[bh, i, r] = math.exp(f[bh, i, r] - top) * inv
@@ -71,7 +73,7 @@ def make_kernels(dtype_name):
         else:
             logw[bh, i] = 0.0
         m = f.shape[2]
-        acc = f[bh, i, 0] * 0
+        acc = zero
         for r in range(m):
             acc += f[bh, i, r] * f[bh, i, r]
         fnorm[bh, i] = math.sqrt(acc)
@@ -91,19 +93,19 @@ def make_kernels(dtype_name):
         bh = tid // (width * n_chunks)
         s0 = ch * chunk
         s1 = min(n, s0 + chunk)
-        b_last = cum[bh, s1 - 1] if has_gate else 0.0
-        acc = knorm[bh, 0] * 0
+        b_last = cum[bh, s1 - 1] if has_gate else zero
+        acc = zero
         if e == width - 1:
             for s in range(s0, s1):
-                tail = math.exp(b_last - cum[bh, s]) if has_gate else 1.0
+                tail = math.exp(b_last - cum[bh, s]) if has_gate else one
                 acc += tail * knorm[bh, s]
             mass[bh, ch] = acc
             return
         r = e // (dv + 1)
         c = e % (dv + 1)
         for s in range(s0, s1):
-            tail = math.exp(b_last - cum[bh, s]) if has_gate else 1.0
-            val = v[bh, s, c] if c < dv else 1.0
+            tail = math.exp(b_last - cum[bh, s]) if has_gate else one
+            val = v[bh, s, c] if c < dv else one
             acc += tail * kw[bh, s, r] * val
         states[bh, ch, r, c] = acc
 
@@ -117,7 +119,7 @@ def make_kernels(dtype_name):
             return
         bh = tid // width
         e = tid % width
-        run = mass[bh, 0] * 0
+        run = zero
         for ch in range(n_chunks):
             if e == width - 1:
                 local = mass[bh, ch]
@@ -139,8 +141,8 @@ def make_kernels(dtype_name):
         bh = row // nq
         i = row % nq
         ch = i // chunk if causal else 0
-        into = math.exp(cum[bh, i]) if (causal and has_gate) else 1.0
-        den = fq[bh, i, 0] * 0
+        into = math.exp(cum[bh, i]) if (causal and has_gate) else one
+        den = zero
         for c in range(dv):
             num[c] = 0.0
         for r in range(m):
@@ -154,8 +156,8 @@ def make_kernels(dtype_name):
         ref = into * mass[bh, ch]
         if causal:
             for s in range(ch * chunk, i + 1):
-                dec = math.exp(cum[bh, i] - cum[bh, s]) if has_gate else 1.0
-                dot = fq[bh, i, 0] * 0
+                dec = math.exp(cum[bh, i] - cum[bh, s]) if has_gate else one
+                dot = zero
                 for r in range(m):
                     dot += fq[bh, i, r] * kw[bh, s, r]
                 a = dec * dot
@@ -165,11 +167,11 @@ def make_kernels(dtype_name):
                 ref += dec * knorm[bh, s]
         ref *= qnorm[bh, i]
         flags[bh, i] = 0
-        if ref > 0:
+        if ref > zero:
             if den <= eps * ref:
                 den = eps * ref
                 flags[bh, i] = 1
-            inv = 1.0 / den
+            inv = one / den
             for c in range(dv):
                 out[bh, i, c] = num[c] * inv
         else:
@@ -203,7 +205,7 @@ class _Launch:
     def __init__(self, rinp):
         self.rinp = rinp
         self.kernels = make_kernels(rinp.dtype.name)
-        self.threads = int(config.CUDA_THREADS_PER_BLOCK)
+        self.threads = block_threads(None)
         self.on_device = is_cupy(rinp.q)
         self.omega = self._in(rinp.omega)
         self.dt = rinp.dtype.type

@@ -5,8 +5,7 @@ The algorithm and the array code between the kernels are in :mod:`mcattn.rfa._gp
 
 import numpy as np
 
-from .. import config
-from .._cupy import raw_module
+from .._cupy import block_threads, raw_module
 from . import _gpu
 
 __all__ = ["forward", "KERNEL_NAMES", "SOURCE"]
@@ -25,7 +24,7 @@ class _Launch:
         module = raw_module(SOURCE)
         self.kernel = {part: module.get_function(f"mcattn_rfa_{part}_{suffix}")
                        for part in ("features", "states", "scan", "output")}
-        self.threads = int(config.CUDA_THREADS_PER_BLOCK)
+        self.threads = min(block_threads(k) for k in self.kernel.values())
         self.dt = rinp.dtype.type
 
     def _grid(self, total):

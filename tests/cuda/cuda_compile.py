@@ -2,8 +2,11 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from mcattn._cupy import INCLUDE_DIR, kernel_path
 
@@ -43,8 +46,9 @@ def _check(nvrtc, err, what):
 
 
 _PTX_SCRIPT = r"""
-import importlib, json, sys
+import importlib, json, os, sys
 from numba import cuda
+out_dir = sys.argv[2] if len(sys.argv) > 2 else None
 results = []
 for module in sys.argv[1].split(","):
     try:
@@ -56,23 +60,146 @@ for module in sys.argv[1].split(","):
         for cc in ((8, 0), (9, 0)):
             try:
                 ptx, _ = cuda.compile_ptx(func, args, cc=cc)
-                results.append({"module": module, "kernel": name, "cc": cc, "bytes": len(ptx),
-                                "entry": ".entry" in ptx})
+                entry = {"module": module, "kernel": name, "cc": cc, "bytes": len(ptx),
+                         "entry": ".entry" in ptx}
+                if out_dir:
+                    entry["ptx_path"] = os.path.join(out_dir, f"{name}_sm{cc[0]}{cc[1]}.ptx")
+                    with open(entry["ptx_path"], "w") as fh:
+                        fh.write(ptx)
+                results.append(entry)
             except Exception as exc:  # report every failure, not only the first
                 results.append({"module": module, "kernel": name, "cc": cc, "error": repr(exc)})
 print(json.dumps(results))
 """
 
 
-def numba_ptx_results(modules=NUMBA_CUDA_MODULES):
+def numba_ptx_results(modules=NUMBA_CUDA_MODULES, ptx_dir=None):
     """compile_ptx of every numba.cuda kernel, run in a subprocess WITHOUT the simulator.
 
     (The test session runs with NUMBA_ENABLE_CUDASIM=1, under which compile_ptx is not
-    available.) Returns a list of dicts, one per (kernel, compute capability).
+    available.) Returns a list of dicts, one per (kernel, compute capability); with
+    ``ptx_dir`` each PTX is written there and its path is the entry ``"ptx_path"``.
     """
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, ",".join(modules)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    argv = [sys.executable, "-c", _PTX_SCRIPT, ",".join(modules)] + ([str(ptx_dir)] if ptx_dir else [])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"compile_ptx subprocess failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- Resources per kernel: what ptxas allocates (stack, registers, static shared memory) ---
+
+#: Per-thread stack above which a kernel fails the resource test: the driver reserves
+#: the stack of every resident thread (2048 per SM), so 33 KiB per thread is ~9 GB.
+MAX_STACK_BYTES = 4096
+#: Registers of one SM (sm_80 and sm_90) and the static shared memory a block may use.
+SM_REGISTERS = 65536
+MAX_STATIC_SHARED = 48 * 1024
+
+
+def ptxas_resources(ptx, arch):
+    """``{kernel: {"registers", "stack", "shared"}}`` that ptxas allocates for ``ptx``.
+
+    Runs ``ptxas -v`` when the ptxas on the PATH accepts the PTX's ISA version; the PTX of
+    a newer NVRTC/NVVM than the installed toolkit (``.version`` too new) goes through the
+    ptxas inside nvJitLink (``cuda.bindings.nvjitlink``, ``-verbose``), which has the
+    PTX producer's version. Returns ``(resources, tool)``.
+    """
+    ptx = ptx.rstrip("\0")  # NVRTC's PTX ends with the C string's terminator
+    log, tool = None, None
+    ptxas = shutil.which("ptxas")
+    if ptxas:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as fh:
+                fh.write(ptx)
+            done = subprocess.run([ptxas, "-v", f"-arch={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                log, tool = done.stdout + done.stderr, ptxas
+            elif "Unsupported .version" not in done.stderr:
+                raise RuntimeError(f"ptxas failed for {arch}:\n{done.stderr[-3000:]}")
+    if log is None:
+        log, tool = _nvjitlink_verbose(ptx, arch), "nvJitLink"
+    return _parse_ptxas(log), tool
+
+
+def _nvjitlink_verbose(ptx, arch):
+    from cuda.bindings import nvjitlink
+
+    handle = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernels.ptx")
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    return log.decode(errors="replace")
+
+
+def _parse_ptxas(log):
+    kernels, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = kernels.setdefault(m.group(1), {"registers": 0, "stack": 0, "shared": 0})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame", line)
+        if m:
+            current["stack"] = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            m = re.search(r"(\d+) bytes smem", line)
+            current["shared"] = int(m.group(1)) if m else 0
+    return kernels
+
+
+def max_threads_for_registers(registers):
+    """Largest block (a multiple of 32) whose registers fit one SM (8-register granules per thread)."""
+    per_thread = -(-max(registers, 1) // 8) * 8
+    return min(1024, SM_REGISTERS // (per_thread * 32) * 32)
+
+
+def resource_problems(name, res, block):
+    """Why a kernel's resources are unsafe for blocks of ``block`` threads (empty when fine)."""
+    problems = []
+    if res["stack"] > MAX_STACK_BYTES:
+        problems.append(f"{name}: {res['stack']} bytes of stack per thread > {MAX_STACK_BYTES}")
+    if res["registers"] * block > SM_REGISTERS or max_threads_for_registers(res["registers"]) < block:
+        problems.append(f"{name}: {res['registers']} registers x {block} threads exceed the SM's "
+                        f"{SM_REGISTERS}")
+    if res["shared"] > MAX_STATIC_SHARED:
+        problems.append(f"{name}: {res['shared']} bytes of static shared memory > {MAX_STATIC_SHARED}")
+    return problems
+
+
+def resource_table(arch="sm_90"):
+    """Lines ``kernel registers stack shared max-block tool`` for every kernel (CUDA C and numba)."""
+    from mcattn._cupy import KERNEL_SOURCES
+
+    rows = []
+    for source in sorted(KERNEL_SOURCES):
+        resources, tool = ptxas_resources(nvrtc_compile(source, arch), arch)
+        rows += [(f"{source}:{name}", res, tool) for name, res in sorted(resources.items())]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in numba_ptx_results(ptx_dir=tmp):
+            if tuple(r.get("cc", ())) == (int(arch[3]), int(arch[4])) and "ptx_path" in r:
+                with open(r["ptx_path"]) as fh:
+                    resources, tool = ptxas_resources(fh.read(), arch)
+                rows += [(f"{r['module']}:{r['kernel']}", res, tool) for res in resources.values()]
+    lines = [f"{'kernel':66s} {'regs':>4s} {'stack':>6s} {'smem':>6s} {'max block':>9s}  ptxas"]
+    for name, res, tool in rows:
+        lines.append(f"{name:66s} {res['registers']:4d} {res['stack']:6d} {res['shared']:6d} "
+                     f"{max_threads_for_registers(res['registers']):9d}  {os.path.basename(tool)}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    print("\n".join(resource_table(sys.argv[1] if len(sys.argv) > 1 else "sm_90")))

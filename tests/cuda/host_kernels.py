@@ -1,10 +1,9 @@
-"""Build mcattn's CUDA C sources with the host compiler under the shim and call them.
+"""Build a host-shim unit with the host compiler and load it (the shim's own self-test).
 
-``library(unit)`` compiles ``hostshim/<unit>_host.cpp`` (which includes the shim, then a
-kernel source of the package, then ``extern "C"`` launchers) into a shared library once
-per content hash and loads it with ctypes. The ``run_*`` functions mirror the CuPy
-launchers of the package (same grid, same arguments), so a test runs the very kernel
-CuPy would run; with a real GPU the tests call the CuPy launchers instead.
+``library(unit)`` compiles ``hostshim/<unit>_host.cpp`` (the shim, then CUDA C code, then
+``extern "C"`` launchers) into a shared library once per content hash and loads it with
+ctypes. The package's kernels are NOT launched from here: the tests run them through
+mcattn's own CuPy launchers with the fake CuPy of ``fake_cupy.py``.
 """
 
 import ctypes
@@ -15,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-import mcattn
-from mcattn import random as mrandom
 from mcattn._cupy import INCLUDE_DIR, PACKAGE_DIR
 
 SHIM_DIR = Path(__file__).resolve().parent / "hostshim"
@@ -26,8 +23,6 @@ _LIBS = {}
 _P = ctypes.c_void_p
 _U = ctypes.c_uint
 _I = ctypes.c_int
-_U64 = ctypes.c_ulonglong
-_I64 = ctypes.c_longlong
 
 
 def _inputs(unit):
@@ -65,61 +60,6 @@ def library(unit):
 def _ptr(a):
     assert a.flags.c_contiguous, "kernel arguments must be C-contiguous"
     return ctypes.c_void_p(a.ctypes.data)
-
-
-def philox_words(seed, stream, first_index, n, threads=32):
-    """``mcattn_philox_words`` on the host: ``(words [n, 4] uint32, uniforms [n])``."""
-    fn = library("random").launch_mcattn_philox_words
-    fn.argtypes = [_U, _U, _U, _U, _U64, _U64, _I64, _P, _P]
-    words = np.zeros((n, 4), np.uint32)
-    uniforms = np.zeros(n)
-    k0, k1 = mrandom.seed_to_key(seed)
-    fn((n + threads - 1) // threads, threads, int(k0), int(k1), stream, first_index, n,
-       _ptr(words), _ptr(uniforms))
-    return words, uniforms
-
-
-def exact_forward(inp, threads=None):
-    """``mcattn_exact_forward_f32/_f64`` on the host for canonical inputs (NumPy)."""
-    threads = int(threads or mcattn.config.CUDA_THREADS_PER_BLOCK)
-    q, k, v = inp.q, inp.k, inp.v
-    bh, nq, d = q.shape
-    nk, dv = inp.nk, inp.value_dim
-    out = np.zeros((bh, nq, dv), q.dtype)
-    if bh == 0 or nq == 0 or nk == 0:
-        return out
-    suffix = "f32" if q.dtype == np.float32 else "f64"
-    scalar = ctypes.c_float if suffix == "f32" else ctypes.c_double
-    fn = getattr(library("exact"), f"launch_mcattn_exact_forward_{suffix}")
-    fn.argtypes = [_U, _U, _U, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, scalar, _I, _I, _I]
-    has_bias = inp.mask.bias is not None
-    bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
-    index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
-    fn((nq + threads - 1) // threads, bh, threads, _ptr(q), _ptr(k), _ptr(v), _ptr(out),
-       _ptr(np.ascontiguousarray(bias)), _ptr(np.ascontiguousarray(index)), nq, nk, d, dv,
-       inp.scale, int(has_bias), bias.shape[1], int(inp.mask.is_causal))
-    return out
-
-
-def mca_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", threads=32):
-    """``mcattn_mca_projection_*`` on the host, arguments as ``mcattn.mca.cupy`` passes them."""
-    from mcattn.mca.naive import weight_tables
-
-    batch, n, d_in = x.shape
-    dh = w.shape[1] // num_heads
-    t = weight_tables(w, num_heads)
-    bias64 = np.zeros(1) if bias is None else np.ascontiguousarray(bias, dtype=np.float64)
-    k0, k1 = mrandom.seed_to_key(seed)
-    out = np.zeros((batch, num_heads, n, dh), x.dtype)
-    total = batch * num_heads * n
-    suffix = "f32" if x.dtype == np.float32 else "f64"
-    fn = getattr(library("mca"), f"launch_mcattn_mca_projection_{sampling}_{suffix}")
-    fn.argtypes = [_U, _U, _P, _P, _P, _I, _P, _P, _P, _I, _P, _P, _U, _U, _P, _I, _I, _I, _I, _I]
-    fn((total + threads - 1) // threads, threads, _ptr(np.ascontiguousarray(x)), _ptr(t.wh),
-       _ptr(bias64), int(bias is not None), _ptr(np.ascontiguousarray(budgets, dtype=np.int64)),
-       _ptr(t.threshold), _ptr(t.alias), t.shift, _ptr(t.p_weight), _ptr(t.row_norms),
-       int(k0), int(k1), _ptr(out), batch, num_heads, n, d_in, dh)
-    return out
 
 
 def block_sum(values, active, blocks):

@@ -44,6 +44,23 @@ def test_cuda_kernel_draws_the_cpu_samples(sampling, dtype):
     assert rel_error(_host(out), ref) < (1e-13 if dtype == np.float64 else 1e-6)
 
 
+def test_optimal_cdf_scratch_split_into_launches(monkeypatch):
+    """A scratch smaller than the call: several launches, the same draws as the CPU."""
+    from mcattn import config
+    from mcattn.mca._gpu import scratch_plan
+
+    monkeypatch.setattr(config, "CUDA_SCRATCH_BYTES", 8 * 24 * 7)  # 7 tokens' CDFs
+    assert scratch_plan(30, 24, True) == (7, range(0, 30, 7))
+    assert scratch_plan(30, 24, False) == (30, range(0, 30, 30))
+    rng = np.random.default_rng(2)
+    x, w, b, r = _problem(rng)  # 2 x 3 x 5 = 30 tasks: launches of 7, 7, 7, 7, 2
+    ref = cpu.value_projection(x, w, b, 3, r, 7, "optimal")
+    dx, dw, db, dr = _to_device(x, w, b, r)
+    out = mca.value_projection(dx, dw, db, num_heads=3, budgets=dr, seed=7, sampling="optimal",
+                               backend="cuda")
+    assert rel_error(_host(out), ref) < 1e-13
+
+
 def test_cuda_attention_matches_numba_attention():
     rng = np.random.default_rng(1)
     q, k = (rng.standard_normal((1, 2, 6, 4)) for _ in range(2))

@@ -1,13 +1,14 @@
 """RFA's GPU kernels against the NumPy reference.
 
 numba.cuda kernels run in the simulator without a GPU (tiny grids, marker ``cudasim``);
-the CUDA C RawKernels of ``kernels/rfa.cu`` run on the host under the shim of
-``host_kernels`` (launchers in ``hostshim/rfa_host.cpp``, marker ``hostshim``), through the
-same host-side algorithm (``mcattn.rfa._gpu``) CuPy uses. With a GPU both run on it.
+the CUDA C RawKernels of ``kernels/rfa.cu`` run through ``mcattn.rfa.cupy``'s own launches
+with the fake CuPy of ``fake_cupy.py`` (kernels on the host under the shim, marker
+``hostshim``). With a GPU both run on it.
 """
 
 import numpy as np
 import pytest
+from fake_cupy import cupy_context
 from helpers import GPU_PRESENT, rel_error
 
 from mcattn import config, rfa
@@ -74,79 +75,17 @@ def test_cuda_unit_form_cross_lengths_and_masked_rows():
 
 
 # --- the CUDA C RawKernels (kernels/rfa.cu): on the host under the shim, or on the GPU ------------
-class _HostLaunch:
-    """The launches of ``mcattn.rfa.cupy`` (same grids, same arguments) on the host shim."""
-
-    def __init__(self, rinp, threads):
-        import ctypes
-
-        import host_kernels
-
-        from mcattn.rfa import _gpu
-
-        lib = host_kernels.library("rfa")
-        suffix = "f32" if rinp.dtype == np.float32 else "f64"
-        real = ctypes.c_float if suffix == "f32" else ctypes.c_double
-        P, I, I64, U = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_uint
-        signatures = {
-            "features": [P, P, P, P, P, I64, I, I, I, I, real, I, I],
-            "states": [P, P, P, P, I, P, P, I64, I, I, I, I, I],
-            "scan": [P, P, P, I64, I, I, I],
-            "output": [P, P, P, P, P, P, I, P, P, P, P, I64, I, I, I, I, I, I, I, real],
-        }
-        self.fn = {}
-        for part, args in signatures.items():
-            fn = getattr(lib, f"launch_mcattn_rfa_{part}_{suffix}")
-            fn.argtypes = [U, U] + args
-            self.fn[part] = fn
-        self.rinp, self.threads, self.kind = rinp, threads, _gpu.KIND_CODE[rinp.kind]
-
-    def _call(self, part, total, *args):
-        if total:
-            self.fn[part]((total + self.threads - 1) // self.threads, self.threads,
-                          *(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args))
-
-    def features(self, x, factor, f, logw, fnorm):
-        bh, n, d = x.shape
-        om = self.rinp.omega
-        self._call("features", bh * n, x, om, f, logw, fnorm, bh * n, n, d, om.shape[1], om.shape[0],
-                   factor, int(self.rinp.unit), self.kind)
-
-    def states(self, kw, v, knorm, cum, has_gate, states, mass, chunk):
-        bh, n_chunks, m, w1 = states.shape
-        self._call("states", bh * n_chunks * (m * w1 + 1), kw, v, knorm, cum, int(has_gate), states, mass,
-                   bh, kw.shape[1], m, w1 - 1, chunk, n_chunks)
-
-    def scan(self, states, mass, chunk_decay):
-        bh, n_chunks, m, w1 = states.shape
-        self._call("scan", bh * (m * w1 + 1), states, mass, chunk_decay, bh, n_chunks, m, w1 - 1)
-
-    def output(self, fq, qnorm, kw, v, knorm, cum, has_gate, states, mass, out, flags, chunk, causal):
-        bh, nq, m = fq.shape
-        self._call("output", bh * nq, fq, qnorm, kw, v, knorm, cum, int(has_gate), states, mass, out, flags,
-                   bh, nq, kw.shape[1], m, v.shape[2], chunk, states.shape[1], int(causal), self.rinp.eps)
-
-
 def _rawkernel_attention(q, k, v, threads=16, **kw):
-    """``rfa.attention`` through the CuPy RawKernels (GPU) or the same kernels on the host shim."""
-    if GPU_PRESENT:
+    """``rfa.attention(backend="cupy")``: mcattn.rfa.cupy's own launches, on the GPU or (no GPU)
+    through the fake CuPy, whose kernels run on the host shim."""
+    with cupy_context() as cp:
         config.CUDA_THREADS_PER_BLOCK = threads
-        dq, dk, dv_ = _device(q, k, v)
+        dq, dk, dv_ = (cp.asarray(a) for a in (q, k, v))
         for name in ("gate", "key_padding_mask"):
             if kw.get(name) is not None:
-                kw[name] = _device(kw[name])[0]
+                kw[name] = cp.asarray(kw[name])
         out, info = rfa.attention(dq, dk, dv_, backend="cupy", return_info=True, **kw)
         return _host(out), info.clamped
-    from mcattn.rfa import _gpu
-    from mcattn.rfa._inputs import prepare_rfa
-
-    options = dict(attn_mask=None, key_padding_mask=None, gate=None, is_causal=False, normalize=None,
-                   scale=None, chunk_size=None, eps=None, check_finite=True)
-    features = kw.pop("features")
-    options.update(kw)
-    rinp, inp = prepare_rfa(features, q, k, v, **options)
-    out, clamped = _gpu.run(rinp, _HostLaunch(rinp, threads))
-    return out.reshape(inp.out_shape), int(clamped.sum())
 
 
 @pytest.mark.hostshim
