@@ -3,6 +3,7 @@
 ``mcattn compare``   every method on real attention: error, bound, cost, time (the main job)
 ``mcattn evaluate``  methods inside the real model, on real tasks (needs ``mcattn[eval]``)
 ``mcattn backends``  which backends can run here, and why not
+``mcattn energy``    each method's operations priced by kind, next to the papers' claims
 """
 
 import argparse
@@ -74,6 +75,26 @@ def _cmd_evaluate(args):
     return evaluate_main(args)
 
 
+def _cmd_energy(args):
+    from .energy import EnergyConfig, format_report, load_table, run
+
+    table, replaced = load_table(args.table)
+    cfg = EnergyConfig(d_model=args.d_model, heads=args.heads, length=args.length,
+                       ones_fraction=args.ones_fraction, latte_keep=args.latte_keep,
+                       rfa_features=args.rfa_features)
+    try:
+        result = run(cfg, table, mca=not args.no_mca)
+    except ValueError as exc:
+        print(f"mcattn energy: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result, replaced))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mcattn", description="Approximate softmax attention: compare methods on real attention.")
@@ -104,6 +125,27 @@ def build_parser():
     evaluate.add_argument("--json", metavar="FILE")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    energy = sub.add_parser(
+        "energy", help="each method's operations priced per kind (45 nm table), papers' claims",
+        description="Count one attention block's operations per method for a model "
+                    "configuration, price them with an energy table and set the figures "
+                    "next to the E-Att, MCA, LATTE and RFA papers' claims. Defaults: E-Att's "
+                    "Transformer-base (d_model 512, 8 heads), 32 tokens.")
+    energy.add_argument("--d-model", type=int, default=512)
+    energy.add_argument("--heads", type=int, default=8)
+    energy.add_argument("--length", type=int, default=32, help="tokens per sequence")
+    energy.add_argument("--ones-fraction", type=float, default=0.5,
+                        help="E-Att: fraction of binarised inputs that are 1")
+    energy.add_argument("--latte-keep", type=float, default=0.15,
+                        help="LATTE: fraction of keys kept (0.15: ~85%% filtered)")
+    energy.add_argument("--rfa-features", type=int, default=128)
+    energy.add_argument("--table", metavar="FILE",
+                        help="JSON object kind -> picojoules replacing entries of the 45 nm table")
+    energy.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    energy.add_argument("--no-mca", action="store_true",
+                        help="skip MCA's figures on the real sample (the slow part)")
+    energy.set_defaults(func=_cmd_energy)
 
     backends = sub.add_parser("backends", help="which backends can run here")
     backends.set_defaults(func=_cmd_backends)
