@@ -25,7 +25,7 @@ def _progress_factory(enabled):
 def _cmd_compare(args):
     from .compare import format_table, plot_pareto, run_comparison
     from .data import load_sample
-    from .registry import METHOD_ENTRIES
+    from .registry import METHOD_ENTRIES, get_entries
 
     sample = load_sample(args.sample)
     methods = args.methods
@@ -46,6 +46,10 @@ def _cmd_compare(args):
     print(f"ops, energy (45 nm table) and time relative to exact, for {scope}, on the unpadded "
           "inputs; time measured in this run")
     print(format_table(rows))
+    ran = {r.method for r in rows}
+    for entry in get_entries([m for m in METHOD_ENTRIES if m in ran]):
+        if entry.table_note:
+            print(f"note: {entry.table_note}")
     skipped = [e for e in (methods or METHOD_ENTRIES) if e not in {r.method for r in rows}]
     if skipped:
         print(f"(skipped, the sample has no value-projection inputs: {', '.join(skipped)})")

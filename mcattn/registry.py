@@ -89,6 +89,9 @@ class MethodEntry:
         Knob values for ``mcattn evaluate`` (inside the model); default ``values``.
     bound_note : str
         What the bound column means for this method (expected error, 1 - delta, ...).
+    table_note : str
+        A line printed under the ``mcattn compare`` table when the method ran (e.g. that
+        the method needs training), empty for none.
     """
 
     name: str
@@ -99,6 +102,7 @@ class MethodEntry:
     needs_projection: bool = False
     eval_values: tuple | None = None
     bound_note: str = ""
+    table_note: str = ""
 
 
 #: Method name -> "module:attribute" of its entry. Adding a method is one line here.
@@ -106,6 +110,7 @@ METHOD_ENTRIES = {
     "exact": "mcattn.exact.compare:ENTRY",
     "mca": "mcattn.mca.compare:ENTRY",
     "rfa": "mcattn.rfa.compare:ENTRY",
+    "eatt": "mcattn.eatt.compare:ENTRY",
 }
 
 

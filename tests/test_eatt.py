@@ -321,3 +321,15 @@ def test_layer_errors():
         eatt.layer(x[0], w, w, w, num_heads=2)
     with pytest.raises(ShapeError, match=r"\[8, width\]"):
         eatt.layer(x, np.zeros((7, 4)), w, w, num_heads=2)
+
+
+def test_compare_table_says_eatt_needs_training(capsys):
+    from mcattn.cli import main
+
+    assert main(["compare", "--methods", "eatt", "--layers", "0", "--repeats", "1",
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "eatt needs training" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("eatt ")]
+    assert [r[2] for r in rows] == ["l1", "hamming"]
+    assert all(float(r[3]) > 0.1 for r in rows)  # large error: untrained
