@@ -4,6 +4,7 @@
 ``mcattn evaluate``  methods inside the real model, on real tasks (needs ``mcattn[eval]``)
 ``mcattn methods``   the methods of ``mcattn.attention(..., method=...)`` and their knobs
 ``mcattn backends``  which backends can run here, and why not
+``mcattn energy``    each method's operations priced by kind, next to the papers' claims
 """
 
 import argparse
@@ -25,7 +26,7 @@ def _progress_factory(enabled):
 def _cmd_compare(args):
     from .compare import format_table, plot_pareto, run_comparison
     from .data import load_sample
-    from .registry import METHOD_ENTRIES
+    from .registry import METHOD_ENTRIES, get_entries
 
     sample = load_sample(args.sample)
     methods = args.methods
@@ -46,6 +47,10 @@ def _cmd_compare(args):
     print(f"ops, energy (45 nm table) and time relative to exact, for {scope}, on the unpadded "
           "inputs; time measured in this run")
     print(format_table(rows))
+    ran = {r.method for r in rows}
+    for entry in get_entries([m for m in METHOD_ENTRIES if m in ran]):
+        if entry.table_note:
+            print(f"note: {entry.table_note}")
     skipped = [e for e in (methods or METHOD_ENTRIES) if e not in {r.method for r in rows}]
     if skipped:
         print(f"(skipped, the sample has no value-projection inputs: {', '.join(skipped)})")
@@ -83,6 +88,26 @@ def _cmd_evaluate(args):
     return evaluate_main(args)
 
 
+def _cmd_energy(args):
+    from .energy import EnergyConfig, format_report, load_table, run
+
+    table, replaced = load_table(args.table)
+    cfg = EnergyConfig(d_model=args.d_model, heads=args.heads, length=args.length,
+                       ones_fraction=args.ones_fraction, latte_keep=args.latte_keep,
+                       rfa_features=args.rfa_features)
+    try:
+        result = run(cfg, table, mca=not args.no_mca)
+    except ValueError as exc:
+        print(f"mcattn energy: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result, replaced))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mcattn", description="Approximate softmax attention: compare methods on real attention.")
@@ -116,6 +141,26 @@ def build_parser():
 
     methods = sub.add_parser("methods", help="the methods mcattn.attention runs, with their knobs")
     methods.set_defaults(func=_cmd_methods)
+    energy = sub.add_parser(
+        "energy", help="each method's operations priced per kind (45 nm table), papers' claims",
+        description="Count one attention block's operations per method for a model "
+                    "configuration, price them with an energy table and set the figures "
+                    "next to the E-Att, MCA, LATTE and RFA papers' claims. Defaults: E-Att's "
+                    "Transformer-base (d_model 512, 8 heads), 32 tokens.")
+    energy.add_argument("--d-model", type=int, default=512)
+    energy.add_argument("--heads", type=int, default=8)
+    energy.add_argument("--length", type=int, default=32, help="tokens per sequence")
+    energy.add_argument("--ones-fraction", type=float, default=0.5,
+                        help="E-Att: fraction of binarised inputs that are 1")
+    energy.add_argument("--latte-keep", type=float, default=0.15,
+                        help="LATTE: fraction of keys kept (0.15: ~85%% filtered)")
+    energy.add_argument("--rfa-features", type=int, default=128)
+    energy.add_argument("--table", metavar="FILE",
+                        help="JSON object kind -> picojoules replacing entries of the 45 nm table")
+    energy.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    energy.add_argument("--no-mca", action="store_true",
+                        help="skip MCA's figures on the real sample (the slow part)")
+    energy.set_defaults(func=_cmd_energy)
 
     backends = sub.add_parser("backends", help="which backends can run here")
     backends.set_defaults(func=_cmd_backends)

@@ -12,6 +12,9 @@ times it was done. Kinds name the precision and the operation:
 ``int32_add`` ...  integer ops by width: ``int32``, ``int8``, ``int4`` with ``_add``/``_mul``
 ``rng``            one 32-bit random word drawn (Philox), for sampling methods
 ``search_step``    one step of a binary search (a compare and a load)
+``select``         a 32-bit word passed on or dropped by one control bit (a gated add input)
+``bit_xor64``      XOR of two 64-bit words
+``popcount64``     number of set bits of a 64-bit word
 =================  =====================================================================
 
 Float work is counted as fp32 whatever the array dtype: the counts describe the
@@ -34,6 +37,13 @@ arithmetic or random numbers; mcattn's conventions (stated so they can be replac
 * ``rng``: a Philox-4x32-10 call is 10 rounds of two 32x32 multiplies and a few xors;
   per 32-bit word that is 5 int32 mul + 5 int32 add = 16 pJ;
 * ``search_step``: an int32 compare (0.1 pJ); memory traffic is not modelled.
+* ``select`` (E-Att's selective projection): priced as an int32 add (0.1 pJ). A 32-bit
+  2:1 select is 32 AND/multiplexer gates; an int32 adder has 32 full adders of several
+  gates each, so this is an upper bound (the table has no gate-level figure);
+* ``bit_xor64``: an int32 add (0.1 pJ), an upper bound on the same argument (64 XOR
+  gates; the 32 full adders of an int32 add hold two XORs each);
+* ``popcount64``: an adder tree (32 1-bit, 16 2-bit, 8 3-bit, 4 4-bit, 2 5-bit and one
+  6-bit add: 120 full-adder bits), priced as 120/32 int32 adds = 0.375 pJ.
 
 Pass your own table (a dict of the same keys) to :func:`energy_pj` to price differently.
 """
@@ -62,6 +72,9 @@ HOROWITZ_45NM_PJ = MappingProxyType(
         "int4_mul": 0.1,
         "rng": 5 * 3.1 + 5 * 0.1,
         "search_step": 0.1,
+        "select": 0.1,
+        "bit_xor64": 0.1,
+        "popcount64": 120 / 32 * 0.1,
     }
 )
 

@@ -104,6 +104,9 @@ class MethodEntry:
         How the method runs on dask chunks; default: the same knobs for every chunk
         (right for deterministic methods). Random methods key their draws by the global
         batch/head indices here, so chunking changes nothing.
+    table_note : str
+        A line printed under the ``mcattn compare`` table when the method ran (e.g. that
+        the method needs training), empty for none.
     """
 
     name: str
@@ -118,6 +121,7 @@ class MethodEntry:
     description: str = ""
     grad: str | None = None
     dask_plan: Callable | None = None
+    table_note: str = ""
 
 
 #: Method name -> "module:attribute" of its entry. Adding a method is one line here.
@@ -125,6 +129,7 @@ METHOD_ENTRIES = {
     "exact": "mcattn.exact.compare:ENTRY",
     "mca": "mcattn.mca.compare:ENTRY",
     "rfa": "mcattn.rfa.compare:ENTRY",
+    "eatt": "mcattn.eatt.compare:ENTRY",
 }
 
 

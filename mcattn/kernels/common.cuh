@@ -20,7 +20,18 @@ template <> __device__ __forceinline__ double mcattn_neg_inf<double>() {
     return __longlong_as_double(0xfff0000000000000LL);
 }
 
+__device__ __forceinline__ float mcattn_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double mcattn_abs(double x) { return fabs(x); }
+
 __device__ __forceinline__ int mcattn_min(int a, int b) { return a < b ? a : b; }
 template <typename T> __device__ __forceinline__ T mcattn_max(T a, T b) { return a > b ? a : b; }
+
+// Set bits of a 64-bit word: the __popcll intrinsic on the device, the compiler builtin
+// under the host shim (tests/cuda/hostshim).
+#ifdef MCATTN_HOST_SHIM
+__device__ __forceinline__ int mcattn_popcll(unsigned long long x) { return __builtin_popcountll(x); }
+#else
+__device__ __forceinline__ int mcattn_popcll(unsigned long long x) { return __popcll(x); }
+#endif
 
 #endif  // MCATTN_COMMON_CUH

@@ -80,3 +80,31 @@ def atomic_sum(values, threads=16):
     fn((values.size + threads - 1) // threads, threads, _ptr(values), _ptr(total), _ptr(count),
        values.size)
     return total[0], int(count[0])
+
+
+def eatt_forward(inp, alignment, threads=None):
+    """``mcattn_eatt_forward_f32/_f64`` on the host, arguments as ``mcattn.eatt.cupy`` passes them."""
+    from mcattn.eatt import naive
+    from mcattn.eatt._gpu import kernel_arrays
+
+    threads = int(threads or mcattn.config.CUDA_THREADS_PER_BLOCK)
+    bh, nq, d = inp.q.shape
+    nk, dv = inp.nk, inp.value_dim
+    out = np.zeros((bh, nq, dv), inp.dtype)
+    if bh == 0 or nq == 0 or nk == 0:
+        return out
+    codes = None
+    if alignment == "hamming":
+        codes = (naive.pack_bits(inp.q > 0), naive.pack_bits(inp.k > 0))
+    q, k, qc, kc, table = kernel_arrays(inp, alignment, codes, np)
+    suffix = "f32" if inp.dtype == np.float32 else "f64"
+    fn = getattr(library("eatt"), f"launch_mcattn_eatt_forward_{suffix}")
+    fn.argtypes = [_U, _U, _U] + [_P] * 9 + [_I] * 9
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), inp.dtype)
+    index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
+    fn((nq + threads - 1) // threads, bh, threads, _ptr(q), _ptr(k), _ptr(qc), _ptr(kc),
+       _ptr(table), _ptr(inp.v), _ptr(out), _ptr(np.ascontiguousarray(bias)),
+       _ptr(np.ascontiguousarray(index)), nq, nk, d, (d + 63) // 64, dv, int(has_bias),
+       bias.shape[1], int(inp.mask.is_causal), int(alignment == "hamming"))
+    return out

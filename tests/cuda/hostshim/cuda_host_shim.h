@@ -12,6 +12,7 @@
 //   __syncthreads()       std::barrier of the block; a thread that returns early leaves
 //                         the barrier (arrive_and_drop), as exited CUDA threads do
 //   __int_as_float __float_as_int __longlong_as_double __double_as_longlong
+//   __popcll              __builtin_popcountll
 //   atomicAdd (int, unsigned, unsigned long long, float, double) via std::atomic_ref
 //   the C math functions (expf, exp, fabs, sqrtf, ...) from <cmath>
 //   grid and block limits of CUDA (gridDim.x < 2^31, y and z <= 65535, block <= 1024
@@ -184,6 +185,7 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); ret
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, sizeof i); return i; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, sizeof d); return d; }
 inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, sizeof i); return i; }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 
 template <typename T>
 inline T atomicAdd(T* address, T value) {
