@@ -30,8 +30,9 @@ def _pairs_of_row(lat, b, mode):
     elif mode == "relative":
         top = np.where(visible, u, ninf).max(axis=-1, keepdims=True)
         key = c[:, None] * (top - u)
-    else:  # absolute (and topk by rank): larger estimates first
-        key = -(c[:, None] * u)
+    else:  # absolute (and topk by rank): larger estimates first; a row's best is always kept
+        top = np.where(visible, u, ninf).max(axis=-1, keepdims=True)
+        key = np.where(u == top, ninf, -(c[:, None] * u))
     return key, probs, visible
 
 
@@ -52,7 +53,8 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
     mode : {"relative", "absolute", "topk", "safe"}
         The keep rule the thresholds are for.
     attn_mask, key_padding_mask, is_causal, scale
-        As :func:`mcattn.latte.attention`.
+        As :func:`mcattn.latte.attention`. In self-attention (``Nq == Nk``) the query
+        rows at padding positions of ``key_padding_mask`` are left out of the statistics.
 
     Returns
     -------
@@ -82,11 +84,19 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
                         want_mass=False)
     heads = head_count(lat.inp.batch_shape)
     bh = lat.inp.q.shape[0]
+    # Query rows at padding positions (self-attention) are not calibration data.
+    real_rows = np.ones((bh, lat.inp.nq), dtype=bool)
+    kpm = host["key_padding_mask"]
+    if kpm is not None and lat.inp.nq == lat.inp.nk:
+        kpm = np.asarray(kpm, dtype=bool).reshape(-1, lat.inp.nk)
+        per_batch = bh // max(1, lat.inp.batch_shape[0]) if lat.inp.batch_shape else bh
+        real_rows = kpm[np.minimum(np.arange(bh) // per_batch, kpm.shape[0] - 1)]
     out = np.zeros(heads, dtype=np.int64 if mode == "topk" else np.float64)
     for h in range(heads):
         keys, masses, ranks, rows, counts = [], [], [], 0, []
         for b in range(h, bh, heads):
             key, probs, visible = _pairs_of_row(lat, b, mode)
+            visible = visible & real_rows[b][:, None]
             keys.append(key[visible])
             masses.append(probs[visible])
             rows += int(np.count_nonzero(visible.any(axis=-1)))
@@ -118,7 +128,7 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
             index = min(int(np.searchsorted(kept, target - 1e-12)), key.size - 1)
         theta = float(key[index])
         if mode == "absolute":
-            out[h] = -theta - _NUDGE * max(1.0, abs(theta))
+            out[h] = np.inf if theta == -np.inf else -theta - _NUDGE * max(1.0, abs(theta))
         else:
             out[h] = max(0.0, theta + _NUDGE * max(1.0, abs(theta)))
     return out
