@@ -47,3 +47,7 @@ RFA_CHUNK_SIZE = 64
 RFA_CPU_BLOCK = 256
 #: RFA's denominator floor, relative to its Cauchy-Schwarz bound (see mcattn.rfa).
 RFA_EPS = 1e-6
+
+#: LATTE (mcattn.latte): query rows per task of the CPU kernel (its scratch is one row of
+#: estimates per query of the block, BLOCK_Q x Nk float32).
+LATTE_CPU_BLOCK_Q = 64

@@ -1,0 +1,243 @@
+"""LATTE on the CPU: a streaming Numba kernel (integer estimate per block, then only kept keys).
+
+A task is one block of ``LATTE_CPU_BLOCK_Q`` query rows of one batch row:
+
+1. the MS4B estimate of the block, ``hi(q8) . hi(k8)`` for every key, is one BLAS
+   float32 product of the nibble matrices (small integers: exact in float32 up to
+   ``d = 262144``); ``safe`` adds one product of width ``3d`` for the error bound;
+2. per query row, the keep rule in exact float64 arithmetic (the same operations as
+   :mod:`mcattn.latte.naive`, so the kept sets are identical) gives the list of kept keys;
+3. only the kept keys are visited: their score (``q8 . k8`` as a float32 dot of int8
+   values, exact, or ``q . k``), the softmax, and ``sum p_j v_j``.
+
+Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (one row of estimates per query of
+the block): no ``Nq x Nk`` buffer. With ``want_mass`` the exact scores of the block are
+computed too (one more BLAS product) to report the dropped attention mass.
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .. import config
+from .._cpu import run_tasks
+from .._cpu_math import bits_dtype, exp_block
+from .naive import MODES
+
+__all__ = ["forward", "kept_mask", "kernel_arrays"]
+
+
+@njit(nogil=True, cache=True)
+def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, scale, theta, mode,
+                 int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass, write_mask,
+                 do_output, out, kept_out, dropped_out, mask_out, bits_type, t0, t1):
+    bh_count, nq, d = hi_q.shape
+    nk = hi_k.shape[1]
+    dv = v.shape[2]
+    row_bias = bias.shape[1] > 1
+    n_qblocks = (nq + block_q - 1) // block_q
+    est_buf = np.empty(block_q * nk, np.float32)
+    err_buf = np.empty(block_q * nk if mode == 3 else 1, np.float32)
+    true_buf = np.empty(block_q * nk if want_mass else 1, qf.dtype)
+    low = np.empty(nk, np.float64)
+    up = np.empty(nk, np.float64)
+    idx = np.empty(nk, np.int64)
+    sel = np.empty(nk, np.float64)
+    sc = np.empty((1, max(nk, 1)), v.dtype)
+    bits = np.empty((1, max(nk, 1)), bits_type)
+    acc = np.empty(dv, v.dtype)
+    ninf = -np.inf
+    for task in range(t0, t1):
+        bh = task // n_qblocks
+        i0 = (task % n_qblocks) * block_q
+        i1 = min(nq, i0 + block_q)
+        nrows = i1 - i0
+        kend = min(nk, i1) if is_causal else nk
+        slot = mask_index[bh] if has_bias else 0
+        if kend == 0:
+            continue
+        est = est_buf[: nrows * kend].reshape((nrows, kend))
+        np.dot(hi_q[bh, i0:i1], hi_k[bh, :kend].T, est)
+        if mode == 3:
+            err = err_buf[: nrows * kend].reshape((nrows, kend))
+            np.dot(aq[bh, i0:i1], bk[bh, :kend].T, err)
+        if want_mass:
+            ts = true_buf[: nrows * kend].reshape((nrows, kend))
+            np.dot(qf[bh, i0:i1], kf[bh, :kend].T, ts)
+        th = theta[bh]
+        for i in range(nrows):
+            row = i0 + i
+            rend = min(kend, row + 1) if is_causal else kend
+            r = row if row_bias else 0
+            c = scale * np.float64(s_q[bh, row])
+            # Estimates in units of c (exact products), -inf for invisible keys.
+            top = ninf
+            visible = 0
+            for j in range(rend):
+                val = 256.0 * np.float64(est[i, j]) * np.float64(s_k[bh, j])
+                if has_bias:
+                    b = bias[slot, r, j]
+                    if b == ninf:
+                        low[j] = ninf
+                        up[j] = ninf
+                        continue
+                    val = val + np.float64(b) / c
+                visible += 1
+                if mode == 3:
+                    e = (np.float64(err[i, j]) + (2.0 * (l1q[bh, row] + l1k[bh, j]) + d) / 4.0) \
+                        * np.float64(s_k[bh, j])
+                    low[j] = val - e
+                    up[j] = val + e
+                else:
+                    low[j] = val
+                    up[j] = val
+                top = max(top, low[j])
+            n = 0
+            if visible > 0:
+                if mode == 0 or mode == 3:
+                    cut = top - th / c
+                elif mode == 1:
+                    cut = min(th / c, top)
+                else:
+                    kk = np.int64(th)
+                    if visible <= kk:
+                        cut = ninf
+                    else:
+                        m = 0
+                        for j in range(rend):
+                            if low[j] != ninf:
+                                sel[m] = low[j]
+                                m += 1
+                        cut = np.partition(sel[:m], m - kk)[m - kk]
+                for j in range(rend):
+                    if up[j] != ninf and up[j] >= cut:
+                        idx[n] = j
+                        n += 1
+            kept_out[bh, row] = n
+            if write_mask:
+                for t in range(n):
+                    mask_out[bh, row, idx[t]] = True
+            if want_mass:
+                tmax = ninf
+                for j in range(rend):
+                    if low[j] != ninf:
+                        sval = np.float64(ts[i, j]) * scale
+                        if has_bias:
+                            sval += np.float64(bias[slot, r, j])
+                        sel[j] = sval
+                        tmax = max(tmax, sval)
+                    else:
+                        sel[j] = ninf
+                total = 0.0
+                dropped = 0.0
+                t = 0
+                for j in range(rend):
+                    if sel[j] == ninf:
+                        continue
+                    w = math.exp(sel[j] - tmax)
+                    total += w
+                    if t < n and idx[t] == j:
+                        t += 1
+                    else:
+                        dropped += w
+                dropped_out[bh, row] = dropped / total if total > 0 else 0.0
+            if not do_output or n == 0:
+                continue
+            # Scores of the kept keys only.
+            smax = ninf
+            for t in range(n):
+                j = idx[t]
+                dot = qa[bh, row, 0] * 0
+                for cc in range(d):
+                    dot += qa[bh, row, cc] * ka[bh, j, cc]
+                if int8_scores:
+                    sval = c * np.float64(s_k[bh, j]) * np.float64(dot)
+                else:
+                    sval = np.float64(dot) * scale
+                if has_bias:
+                    sval += np.float64(bias[slot, r, j])
+                sc[0, t] = sval
+                smax = max(smax, sc[0, t])
+            for t in range(n):
+                sc[0, t] -= smax
+            exp_block(sc, bits, 1, n)
+            total = sc[0, 0] * 0
+            for cc in range(dv):
+                acc[cc] = 0.0
+            for t in range(n):
+                p = sc[0, t]
+                total += p
+                j = idx[t]
+                for cc in range(dv):
+                    acc[cc] += p * v[bh, j, cc]
+            inv = 1.0 / total
+            for cc in range(dv):
+                out[bh, row, cc] = acc[cc] * inv
+
+
+def kernel_arrays(lat):
+    """Host arrays the kernels take: nibble matrices (float32) and, for ``safe``, the bound's."""
+    q8 = lat.q8.astype(np.int16)
+    k8 = lat.k8.astype(np.int16)
+    hq, lq = q8 >> 4, q8 & 15
+    hk, lk = k8 >> 4, k8 & 15
+    arrays = {"hi_q": hq.astype(np.float32), "hi_k": hk.astype(np.float32)}
+    if lat.mode == "safe":
+        arrays["aq"] = np.ascontiguousarray(
+            np.concatenate([16 * np.abs(hq), 16 * lq, lq], axis=-1).astype(np.float32))
+        arrays["bk"] = np.ascontiguousarray(
+            np.concatenate([lk, np.abs(hk), lk], axis=-1).astype(np.float32))
+        arrays["l1q"] = np.abs(q8).sum(-1).astype(np.float64)
+        arrays["l1k"] = np.abs(k8).sum(-1).astype(np.float64)
+    else:
+        arrays["aq"] = arrays["bk"] = np.zeros((1, 1, 1), np.float32)
+        arrays["l1q"] = arrays["l1k"] = np.zeros((1, 1), np.float64)
+    return arrays
+
+
+def _run(lat, *, do_output, write_mask):
+    inp = lat.inp
+    q, k, v = inp.q, inp.k, inp.v
+    bh, nq, nk = q.shape[0], inp.nq, inp.nk
+    out = np.zeros((bh, nq, v.shape[2]), dtype=q.dtype)
+    kept = np.zeros((bh, nq), dtype=np.int64)
+    dropped = np.zeros((bh, nq), dtype=np.float64)
+    mask_out = np.zeros((bh, nq, nk) if write_mask else (1, 1, 1), dtype=np.bool_)
+    if bh == 0 or nq == 0 or nk == 0:
+        return out, kept, dropped, mask_out
+    arrays = kernel_arrays(lat)
+    int8_scores = lat.exact_scores == "int8"
+    if int8_scores:
+        qa, ka = lat.q8.astype(np.float32), lat.k8.astype(np.float32)
+    else:
+        qa, ka = q, k
+    block_q = max(1, min(int(config.LATTE_CPU_BLOCK_Q), nq))
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
+    mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
+    n_tasks = bh * ((nq + block_q - 1) // block_q)
+    run_tasks(_latte_tasks, n_tasks, arrays["hi_q"], arrays["hi_k"], arrays["aq"], arrays["bk"],
+              arrays["l1q"], arrays["l1k"], qa, ka, q, k, v, lat.s_q, lat.s_k, float(inp.scale),
+              lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
+              bool(inp.mask.is_causal), block_q, bool(lat.want_mass), write_mask, do_output,
+              out, kept, dropped, mask_out, bits_dtype(q.dtype))
+    return out, kept, dropped, mask_out
+
+
+def forward(lat):
+    """LATTE attention of canonical inputs on the CPU threads.
+
+    Returns
+    -------
+    out : numpy.ndarray, ``[BH, Nq, dv]``
+    kept : numpy.ndarray of int64, ``[BH, Nq]``
+    dropped : numpy.ndarray of float64, ``[BH, Nq]``, or None without ``lat.want_mass``
+    """
+    out, kept, dropped, _ = _run(lat, do_output=True, write_mask=False)
+    return out, kept, dropped if lat.want_mass else None
+
+
+def kept_mask(lat):
+    """The kept sets, bool ``[BH, Nq, Nk]``, from the same kernel."""
+    return _run(lat, do_output=False, write_mask=True)[3]
