@@ -7,7 +7,7 @@ DLPack, and returns the same array type. :func:`backends` tells which kernels ca
 on this machine.
 """
 
-from . import config, cost, errors, mca, random, rfa
+from . import config, cost, eigen, errors, mca, random, rfa
 from ._dispatch import backends
 from .cost import CallInfo, OpCounts
 from .exact import attention, attention_probs
@@ -22,6 +22,7 @@ __all__ = [
     "OpCounts",
     "mca",
     "rfa",
+    "eigen",
     "config",
     "cost",
     "errors",
