@@ -7,7 +7,7 @@ DLPack, and returns the same array type. :func:`backends` tells which kernels ca
 on this machine.
 """
 
-from . import config, cost, eatt, errors, latte, mca, random, rfa
+from . import config, cost, eatt, eigen, errors, latte, mca, random, rfa
 from ._dispatch import backends
 from .cost import CallInfo, OpCounts
 from .exact import attention_probs
@@ -26,6 +26,7 @@ __all__ = [
     "mca",
     "rfa",
     "eatt",
+    "eigen",
     "config",
     "cost",
     "errors",
