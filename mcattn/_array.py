@@ -11,8 +11,9 @@ Every public function calls :func:`import_arrays` once on entry and
   and a CUDA tensor stays on its device.
 * float16 and bfloat16 are widened to float32 for the computation and the result is cast
   back to the input dtype (bfloat16 in the framework itself, since NumPy has no bfloat16).
-* A torch tensor that requires grad is refused: mcattn's kernels have no backward, and
-  detaching silently would break training code without a word.
+* A torch tensor that requires grad is refused: the array API is forward only (the
+  autograd adapters in ``mcattn.frameworks`` wire the backward kernels), and detaching
+  silently would break training code without a word.
 """
 
 from dataclasses import dataclass

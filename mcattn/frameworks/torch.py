@@ -83,9 +83,12 @@ def attention(q, k, v=None, *, method="exact", **kwargs):
     common = {n: kwargs.pop(n) for n in list(kwargs) if n in _COMMON}
     inputs = [q, k, v] + [a for a in kwargs.values() if isinstance(a, torch.Tensor)]
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    if not wants_grad:
+    if not wants_grad:  # inference: the library's plain forward on detached tensors
+        detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
         with torch.no_grad():
-            return mcattn.attention(q, k, v, method=method, **common, **kwargs)
+            return mcattn.attention(detach(q), detach(k), detach(v), method=method,
+                                    **{n: detach(a) for n, a in common.items()},
+                                    **{n: detach(a) for n, a in kwargs.items()})
     if common.pop("return_info", False):
         raise ValueError("return_info=True is not available while recording gradients")
     _, _, module = _grad.training_module(method, kwargs)
