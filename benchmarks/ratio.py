@@ -27,6 +27,7 @@ CASES = {
     "mca": "benchmarks.bench_mca:ratio_rows",
     "rfa": "benchmarks.bench_rfa:ratio_rows",
     "train": "benchmarks.bench_train:ratio_rows",
+    "eatt": "benchmarks.bench_eatt:ratio_rows",
 }
 
 

@@ -80,9 +80,6 @@ class EnergyConfig:
 def _check(cfg):
     if cfg.d_model < 1 or cfg.heads < 1 or cfg.d_model % cfg.heads:
         raise ValueError(f"heads ({cfg.heads}) must divide d_model ({cfg.d_model})")
-    if (cfg.d_model // cfg.heads) % cfg.heads:
-        raise ValueError(f"E-Att's query/key width d_model/h = {cfg.d_model // cfg.heads} must split "
-                         f"into {cfg.heads} heads")
     if cfg.length < 1:
         raise ValueError(f"length must be >= 1; got {cfg.length}")
     for name in ("ones_fraction", "latte_keep", "mca_kept"):
@@ -108,10 +105,11 @@ def vanilla_block(cfg):
 
 def eatt_block(cfg, alignment="l1"):
     """E-Att: binarised input, selective Q/K projections of total width ``d_model / h``
-    (``d_model / h^2`` per head), L1 alignment; V and O as in the vanilla block."""
+    (``d_model / h^2`` per head, rounded down, at least 1), L1 alignment; V and O as in
+    the vanilla block."""
     _check(cfg)
     t, d = cfg.length, cfg.d_model
-    d_qk = d // cfg.heads
+    d_qk = _eatt_qk_head_dim(cfg) * cfg.heads
     ones = int(round(cfg.ones_fraction * t * d))
     select = projection_ops(t, ones, d, d_qk, True)
     blocks = vanilla_block(cfg)
@@ -119,6 +117,11 @@ def eatt_block(cfg, alignment="l1"):
             **_attention_core(cfg, alignment, d_qk // cfg.heads),
             "softmax_pv": blocks["softmax_pv"], "v_projection": blocks["v_projection"],
             "out_projection": blocks["out_projection"]}
+
+
+def _eatt_qk_head_dim(cfg):
+    """E-Att's per-head query/key width: ``d_model / h^2``, rounded down, at least 1."""
+    return max(1, cfg.d_model // (cfg.heads * cfg.heads))
 
 
 def eatt_hamming_block(cfg):
@@ -356,7 +359,7 @@ ASSUMPTIONS = [
     "one self-attention block of one sequence, batch 1, no mask, every token sees every token",
     "float work priced as fp32 (Horowitz 2014, 45 nm); memory traffic is not modelled",
     "projections have biases; a multiply-add is one fp32_mul and one fp32_add",
-    "E-Att: query/key width d_model/h in total (d_model/h^2 per head); half of the "
+    "E-Att: query/key width d_model/h in total (d_model/h^2 per head, rounded down); half of the "
     "binarised inputs are 1 (--ones-fraction); a select is priced as an int32 add (upper "
     "bound); the L1 |.| is a sign-bit clear (free); q, k rows scaled once by 1/sqrt(d)",
     "LATTE: analytical count (int4 estimate on all pairs, int8 on the kept pairs, softmax "

@@ -333,3 +333,23 @@ def test_compare_table_says_eatt_needs_training(capsys):
     rows = [line.split() for line in text.splitlines() if line.startswith("eatt ")]
     assert [r[2] for r in rows] == ["l1", "hamming"]
     assert all(float(r[3]) > 0.1 for r in rows)  # large error: untrained
+
+
+def test_torch_tensors_in_torch_tensors_out():
+    from helpers import require
+
+    torch = require("torch")
+    x = torch.randn(2, 3, 70)
+    b = eatt.binarize(x)
+    assert isinstance(b, torch.Tensor) and b.dtype == torch.bool
+    words = eatt.pack_bits(b)
+    assert isinstance(words, torch.Tensor) and tuple(words.shape) == (2, 3, 2)
+    assert bool((eatt.unpack_bits(words, 70) == b).all())
+    w = torch.randn(70, 5)
+    y = eatt.selective_projection(words, w)
+    assert isinstance(y, torch.Tensor) and rel_error(y.numpy(), (b.float() @ w).numpy()) < 1e-6
+    q = torch.randn(1, 2, 5, 8)
+    out = eatt.attention(q, q, q, alignment="hamming")
+    assert isinstance(out, torch.Tensor)
+    assert rel_error(out.numpy(), hamming_reference(q.numpy(), q.numpy(), q.numpy())) < 2e-6
+    assert eatt.attention(q.half(), q.half(), q.half()).dtype == torch.float16

@@ -49,6 +49,7 @@ def _eatt_tasks(hamming, qs, ks, qc, kc, neg_table, v, out, bias, mask_index, ha
     n_qblocks = (nq + block_q - 1) // block_q
     score_buf = np.empty(block_q * block_k, v.dtype)
     bits_buf = np.empty(block_q * block_k, bits_type)
+    kt_buf = np.empty(block_k * (1 if hamming else d), v.dtype)
     acc = np.empty((block_q, dv), v.dtype)
     pv = np.empty(block_q * dv, v.dtype)
     m = np.empty(block_q, v.dtype)
@@ -80,12 +81,19 @@ def _eatt_tasks(hamming, qs, ks, qc, kc, neg_table, v, out, bias, mask_index, ha
                             h += popcount64(qc[bh, i0 + i, w] ^ kc[bh, j0 + j, w])
                         s[i, j] = neg_table[h]
             else:
+                # Keys transposed once per block, so that the innermost loop runs over
+                # contiguous keys (vectorised, no horizontal sum per pair).
+                kt = kt_buf[: d * ncols].reshape((d, ncols))
+                for j in range(ncols):
+                    for c in range(d):
+                        kt[c, j] = ks[bh, j0 + j, c]
                 for i in range(nrows):
                     for j in range(ncols):
-                        dist = zero
-                        for c in range(d):
-                            dist += abs(qs[bh, i0 + i, c] - ks[bh, j0 + j, c])
-                        s[i, j] = -dist
+                        s[i, j] = zero
+                    for c in range(d):
+                        qv = qs[bh, i0 + i, c]
+                        for j in range(ncols):
+                            s[i, j] -= abs(qv - kt[c, j])
             for i in range(nrows):
                 if has_bias:
                     r = i0 + i if row_bias else 0

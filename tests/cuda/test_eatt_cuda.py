@@ -110,8 +110,7 @@ def test_cuda_c_masks_and_block_sizes(alignment):
 
 @pytest.mark.nvrtc
 def test_cuda_c_uses_the_popcount_instruction():
-    from cuda_compile import ARCHITECTURES, nvrtc_compile
+    from cuda_compile import nvrtc_compile
 
-    for arch in ARCHITECTURES:
-        ptx = nvrtc_compile("eatt/kernels/eatt.cu", arch)
-        assert "popc.b64" in ptx  # mcattn_popcll -> __popcll on the device
+    # (test_cuda_compile compiles every source for sm_80 and sm_90; one is enough here)
+    assert "popc.b64" in nvrtc_compile("eatt/kernels/eatt.cu", "sm_80")  # __popcll on the device
