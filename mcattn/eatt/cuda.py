@@ -33,6 +33,8 @@ def make_kernel(dtype_name):
     tile = _TILE[dtype_name]
     maxd = MAX_HEAD_DIM
     maxw = MAX_WORDS
+    # Typed constants: a bare 0.0 or -math.inf would promote the float32 kernel to float64.
+    zero, one, neg_inf = nb_type(0.0), nb_type(1.0), nb_type(-math.inf)
 
     @cuda.jit
     def eatt_forward(q, k, qc, kc, neg_table, v, out, bias, mask_index, has_bias, is_causal,
@@ -61,11 +63,11 @@ def make_kernel(dtype_name):
                     q_code[w] = 0
         else:
             for c in range(d):
-                q_row[c] = q[bh, i, c] if active else 0.0
+                q_row[c] = q[bh, i, c] if active else zero
         for c in range(dv):
-            acc[c] = 0.0
-        m = -math.inf
-        l = 0.0
+            acc[c] = zero
+        m = neg_inf
+        l = zero
         slot = mask_index[bh] if has_bias else 0
         row = i if bias.shape[1] > 1 else 0
         key_end = nk
@@ -91,17 +93,17 @@ def make_kernel(dtype_name):
                             h += cuda.popc(q_code[w] ^ c_tile[r, w])
                         s = neg_table[h]
                     else:
-                        dist = 0.0
+                        dist = zero
                         for c in range(d):
                             dist += abs(q_row[c] - k_tile[r, c])
                         s = -dist
                     if has_bias:
                         s += bias[slot, row, j0 + r]
                     if is_causal and j0 + r > i:
-                        s = -math.inf
+                        s = neg_inf
                     scores[r] = s
                     top = max(top, s)
-                if top != -math.inf:  # else nothing visible yet: the tile adds nothing
+                if top != neg_inf:  # else nothing visible yet: the tile adds nothing
                     rescale = math.exp(m - top)  # 0 on the first visible tile
                     l *= rescale
                     for c in range(dv):
@@ -114,7 +116,7 @@ def make_kernel(dtype_name):
                     m = top
             cuda.syncthreads()
         if active:
-            inv = 1.0 / l if l > 0.0 else 0.0
+            inv = one / l if l > zero else zero
             for c in range(dv):
                 out[bh, i, c] = acc[c] * inv
 
