@@ -3,6 +3,7 @@
 ``mcattn compare``   every method on real attention: error, bound, cost, time (the main job)
 ``mcattn evaluate``  methods inside the real model, on real tasks (needs ``mcattn[eval]``)
 ``mcattn backends``  which backends can run here, and why not
+``mcattn selftest``  every method on every backend against the NumPy reference (+ GPU timings)
 """
 
 import argparse
@@ -74,6 +75,12 @@ def _cmd_evaluate(args):
     return evaluate_main(args)
 
 
+def _cmd_selftest(args):
+    from .selftest import main as selftest_main
+
+    return selftest_main(args)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mcattn", description="Approximate softmax attention: compare methods on real attention.")
@@ -107,6 +114,18 @@ def build_parser():
 
     backends = sub.add_parser("backends", help="which backends can run here")
     backends.set_defaults(func=_cmd_backends)
+
+    selftest = sub.add_parser(
+        "selftest", help="check every method on every backend against the NumPy reference",
+        description="Run each method's kernels on small inputs with every backend and compare "
+                    "with the float64 NumPy backend; backends that cannot run here say why. "
+                    "Exit status 1 when a result is wrong.")
+    selftest.add_argument("--json", metavar="FILE", help="write the table (and timings) as JSON")
+    selftest.add_argument("--bench", action="store_true",
+                          help="also time the GPU backends against torch SDPA (N = 1k..16k)")
+    selftest.add_argument("--backends", nargs="+", metavar="NAME", help="backends to check")
+    selftest.add_argument("--methods", nargs="+", metavar="NAME", help="methods to check")
+    selftest.set_defaults(func=_cmd_selftest)
     return parser
 
 

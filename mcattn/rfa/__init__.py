@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._array import import_arrays
+from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
 from ..cost import CallInfo, OpCounts
 from . import bounds
@@ -178,6 +179,7 @@ def rfa_ops(rinp):
     return OpCounts({"fp32_mul": mul, "fp32_add": add, "fp32_exp": exp, "fp32_cmp": cmp, "fp32_div": div})
 
 
+@on_input_device
 def attention(q, k, v, *, features, is_causal=False, gate=None, normalize=None, attn_mask=None,
               key_padding_mask=None, scale=None, chunk_size=None, eps=None, backend=None,
               check_finite=True, return_info=False):
