@@ -209,8 +209,7 @@ def test_mca_device_tables_are_cached_per_weight(cupy_or_fake, monkeypatch):
     assert len(tables._device_copies) == 1
 
 
-@needs_fake
-def test_torch_inputs_are_kept_alive_for_cupys_stream(cupy_or_fake, monkeypatch):
+def test_torch_inputs_are_kept_alive_for_cupys_stream(monkeypatch):
     """A torch CUDA input read on another stream than torch's is record_stream'ed on it."""
     import types
 
@@ -218,8 +217,10 @@ def test_torch_inputs_are_kept_alive_for_cupys_stream(cupy_or_fake, monkeypatch)
 
     from mcattn._array import _torch_keep_for_cupy_stream
 
-    torch = require("torch")
-    cp = cupy_or_fake
+    torch = require("torch")  # (before any fake cupy: torch's import looks for cupyx)
+    cupy_stream = {"ptr": 0}
+    cp = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        get_current_stream=lambda: types.SimpleNamespace(ptr=cupy_stream["ptr"])))
     fake_stream = lambda ptr: types.SimpleNamespace(cuda_stream=ptr)  # noqa: E731
     monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device=None: fake_stream(ptr))
     monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: fake_stream(0))
@@ -231,8 +232,8 @@ def test_torch_inputs_are_kept_alive_for_cupys_stream(cupy_or_fake, monkeypatch)
     assert recorded == []
     current["ptr"] = 0x70C4  # torch works on a side stream, CuPy on its default stream
     _torch_keep_for_cupy_stream(tensor, cp)
-    with cp.cuda.ExternalStream(0xC0DE):
-        _torch_keep_for_cupy_stream(tensor, cp)
+    cupy_stream["ptr"] = 0xC0DE
+    _torch_keep_for_cupy_stream(tensor, cp)
     assert recorded == [0, 0xC0DE]
 
 
