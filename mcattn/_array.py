@@ -116,6 +116,10 @@ class ArrayBridge:
 
             if isinstance(out, np.ndarray) and out.ctypes.data % _TF_ALIGNMENT:
                 out = _aligned_copy(out, _TF_ALIGNMENT)  # TensorFlow aborts on unaligned buffers
+            if is_cupy(out):  # TensorFlow's DLPack import takes no stream: finish ours first
+                import cupy
+
+                cupy.cuda.get_current_stream().synchronize()
             t = tf.experimental.dlpack.from_dlpack(out.__dlpack__())
             if self.input_dtype in _WIDENED:
                 t = tf.cast(t, getattr(tf, self.input_dtype))
@@ -155,7 +159,11 @@ def _framework_to_native(x, kind, name):
         if x.device.type == "cuda":
             import cupy
 
-            return cupy.from_dlpack(x)
+            # CuPy hands its current stream to torch's __dlpack__, which orders torch's
+            # pending work on x before it; the kernels then read x on CuPy's stream.
+            native = cupy.from_dlpack(x)
+            _torch_keep_for_cupy_stream(x, cupy)
+            return native
         return np.from_dlpack(x)
     if kind == "jax":
         if _dtype_name(x) in _WIDENED:
@@ -174,14 +182,33 @@ def _framework_to_native(x, kind, name):
         on_gpu = "GPU" in (x.device or "")
         if hasattr(x, "__dlpack__"):
             holder = x
-        else:  # older TensorFlow: a capsule only
-            holder = _CapsuleHolder(tf.experimental.dlpack.to_dlpack(x), (2 if on_gpu else 1, 0))
+        else:  # older TensorFlow: a capsule only, on the GPU its device string names
+            from ._device import tf_device_id
+
+            device = (2, tf_device_id(x.device) or 0) if on_gpu else (1, 0)
+            holder = _CapsuleHolder(tf.experimental.dlpack.to_dlpack(x), device)
         if on_gpu:
             import cupy
 
             return cupy.from_dlpack(holder)
         return np.from_dlpack(holder)
     raise AssertionError(kind)  # pragma: no cover
+
+
+def _torch_keep_for_cupy_stream(tensor, cupy):
+    """Tell torch's caching allocator that ``tensor`` is used on CuPy's current stream.
+
+    Otherwise, when the caller drops the tensor right after the call, torch may hand its
+    memory to new work on torch's stream while mcattn's kernels still read it on CuPy's
+    (torch's ``record_stream`` contract). Nothing to do when both streams are the same.
+    """
+    import torch
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    stream = (torch.cuda.ExternalStream(ptr, device=tensor.device) if ptr
+              else torch.cuda.default_stream(tensor.device))
+    if stream.cuda_stream != torch.cuda.current_stream(tensor.device).cuda_stream:
+        tensor.record_stream(stream)
 
 
 def import_arrays(arrays, *, float_names=None):
@@ -261,6 +288,10 @@ def import_arrays(arrays, *, float_names=None):
             f"arguments live on different devices ({on}); mcattn never moves data between "
             "host and device on its own — move them first"
         )
+    gpus = {n: int(a.device.id) for n, a in native.items() if a is not None and is_cupy(a)}
+    if len(set(gpus.values())) > 1:
+        raise ValueError(f"arguments live on different GPUs ({gpus}); mcattn never moves data "
+                         "between devices on its own — move them first")
     bridge = ArrayBridge(kind=lead, device=devices.pop(), input_dtype=input_dtype)
     return bridge, native
 

@@ -10,6 +10,7 @@ sm_90 and with the host compiler under a shim (see docs/cuda-testing.md).
 """
 
 import hashlib
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from . import config
 from .errors import ConfigError
 
 __all__ = ["PACKAGE_DIR", "INCLUDE_DIR", "kernel_path", "kernel_source", "raw_module",
-           "KERNEL_SOURCES", "compile_options", "header_digest", "block_threads"]
+           "KERNEL_SOURCES", "compile_options", "header_digest", "block_threads", "numba_stream"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR / "kernels"
@@ -118,3 +119,25 @@ def block_threads(kernel, threads=None):
         raise ConfigError(f"{name} runs at most {int(limit)} threads per block on this GPU "
                           f"(registers per thread); CUDA_THREADS_PER_BLOCK is {threads}")
     return threads
+
+
+def numba_stream():
+    """CuPy's current stream for a numba.cuda launch (``0``: the default stream).
+
+    numba.cuda kernels run between CuPy operations (allocations, array code, other
+    RawKernels) that CuPy queues on its current stream; launching them on numba's own
+    default stream instead would race with a non-default CuPy stream. Under the
+    simulator, or before CuPy was imported, there is nothing to order with.
+    """
+    from ._dispatch import cuda_simulator_enabled
+
+    if cuda_simulator_enabled() or "cupy" not in sys.modules:
+        return 0
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    if not ptr:  # CuPy's legacy default stream is numba's default stream
+        return 0
+    from numba import cuda
+
+    return cuda.external_stream(ptr)

@@ -225,6 +225,11 @@ class Kernel:
 
     def __call__(self, *args, **kwargs):
         impl = getattr(importlib.import_module(self.module), self.function)
+        if _DEVICE[self.backend] == "cuda":  # run on the GPU that holds the inputs
+            from ._device import device_context, find_device
+
+            with device_context(find_device(*args, *kwargs.values()), numba=self.backend == "cuda"):
+                return impl(*args, **kwargs)
         return impl(*args, **kwargs)
 
 

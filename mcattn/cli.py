@@ -5,6 +5,7 @@
 ``mcattn methods``   the methods of ``mcattn.attention(..., method=...)`` and their knobs
 ``mcattn backends``  which backends can run here, and why not
 ``mcattn energy``    each method's operations priced by kind, next to the papers' claims
+``mcattn selftest``  every method on every backend against the NumPy reference (+ GPU timings)
 """
 
 import argparse
@@ -106,6 +107,10 @@ def _cmd_energy(args):
             json.dump(result, fh, indent=2)
         print(f"wrote {args.json}")
     return 0
+def _cmd_selftest(args):
+    from .selftest import main as selftest_main
+
+    return selftest_main(args)
 
 
 def build_parser():
@@ -164,6 +169,18 @@ def build_parser():
 
     backends = sub.add_parser("backends", help="which backends can run here")
     backends.set_defaults(func=_cmd_backends)
+
+    selftest = sub.add_parser(
+        "selftest", help="check every method on every backend against the NumPy reference",
+        description="Run each method's kernels on small inputs with every backend and compare "
+                    "with the float64 NumPy backend; backends that cannot run here say why. "
+                    "Exit status 1 when a result is wrong.")
+    selftest.add_argument("--json", metavar="FILE", help="write the table (and timings) as JSON")
+    selftest.add_argument("--bench", action="store_true",
+                          help="also time the GPU backends against torch SDPA (N = 1k..16k)")
+    selftest.add_argument("--backends", nargs="+", metavar="NAME", help="backends to check")
+    selftest.add_argument("--methods", nargs="+", metavar="NAME", help="methods to check")
+    selftest.set_defaults(func=_cmd_selftest)
     return parser
 
 

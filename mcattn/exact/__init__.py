@@ -7,6 +7,7 @@ meaning ``1/sqrt(d)``). A query row with no visible key returns zeros.
 """
 
 from .._array import import_arrays
+from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
 from .._validate import prepare_attention
 from ..cost import CallInfo, OpCounts
@@ -66,6 +67,7 @@ def exact_ops(inp, value_dim=None):
     return OpCounts(counts)
 
 
+@on_input_device
 def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
               backend=None, check_finite=True, return_info=False):
     """Exact softmax attention.
@@ -134,6 +136,7 @@ def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False
     return result, CallInfo(method="exact", backend=kernel.backend, ops=ops, dense_ops=ops)
 
 
+@on_input_device
 def attention_probs(q, k, *, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
                     backend=None, check_finite=True, return_info=False):
     """The attention probability matrix ``softmax(scale * q k^T + mask)``.

@@ -13,7 +13,7 @@ import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
 from .._array import is_cupy
-from .._cupy import block_threads
+from .._cupy import block_threads, numba_stream
 
 __all__ = ["forward", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
 
@@ -148,10 +148,11 @@ def forward(inp):
     kernel = make_kernel(q.dtype.name)
     threads = block_threads(kernel)
     d_bias = bring(bias)
+    stream = numba_stream()  # CuPy's current stream (0 under the simulator)
     for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535
         b1 = min(bh, b0 + _MAX_GRID_Y)
         d_out = bring(out[b0:b1]) if on_device else cuda.device_array((b1 - b0, nq, dv), q.dtype)
-        kernel[((nq + threads - 1) // threads, b1 - b0), threads](
+        kernel[((nq + threads - 1) // threads, b1 - b0), threads, stream](
             bring(q[b0:b1]), bring(k[b0:b1]), bring(v[b0:b1]), d_out, d_bias,
             bring(mask_index[b0:b1]), q.dtype.type(inp.scale), has_bias,
             bool(inp.mask.is_causal),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._array import import_arrays
+from .._device import on_input_device
 from .._dispatch import Kernel, Problem, select_kernel
 from .._validate import check_finite_array, namespace_of, prepare_attention
 from ..cost import CallInfo, OpCounts
@@ -104,6 +105,7 @@ def _check_sampling(sampling, shared_draws):
                          "cannot share one draw sequence)")
 
 
+@on_input_device
 def sampling_probs(w, num_heads):
     """Weight-norm sampling probabilities of each head (cache them per weight).
 
@@ -125,6 +127,7 @@ def sampling_probs(w, num_heads):
     return bridge.export(xp.asarray(weight_probs(host, num_heads)))
 
 
+@on_input_device
 def weight_tables(w, num_heads):
     """Precompute what the kernels need from a value weight (cache it per weight).
 
@@ -157,6 +160,7 @@ def _check_tables(tables, w, num_heads):
                          f"heads; this call has w {tuple(w.shape)} and num_heads={num_heads}")
 
 
+@on_input_device
 def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None, is_causal=False):
     """Samples per key token: ``r_j = min(d_in, ceil((n * max_i A[i, j] / alpha)^2))``.
 
@@ -240,6 +244,7 @@ def _budgets(p, alpha, d_in, valid):
     return xp.minimum(r, int(d_in)).astype(np.int64)
 
 
+@on_input_device
 def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight",
                      shared_draws=False, backend=None, tables=None):
     """The importance-sampled estimate of ``x @ w + b``, split into heads.
@@ -333,6 +338,7 @@ def _projection_ops(r, d_in, dv, sampling, valid):
     return OpCounts(counts), dense
 
 
+@on_input_device
 def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
               backend=None, check_finite=True, return_info=False, tables=None):

@@ -15,7 +15,8 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 
 from .. import random as mrandom
 from .._array import is_cupy
-from ._gpu import scratch_plan
+from .._cupy import block_threads, numba_stream
+from ._gpu import device_tables, scratch_plan
 from .naive import weight_tables
 
 __all__ = ["value_projection", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
@@ -133,37 +134,41 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     if shared_draws:  # the dispatcher never sends this here; keep the promise explicit
         raise NotImplementedError("the cuda backend draws independently per token")
     on_device = is_cupy(x)
-    host = (lambda a: a.get()) if on_device else np.asarray
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    t = weight_tables(host(w), num_heads) if tables is None else tables
-    bias64 = np.zeros(1) if bias is None else np.asarray(host(bias), dtype=np.float64)
     k0, k1 = mrandom.seed_to_key(seed)
-    bring = cuda.as_cuda_array if on_device else cuda.to_device
-    if on_device:
+    stream = numba_stream()
+    total = batch * num_heads * n
+    optimal = sampling == "optimal"
+    chunk, starts = scratch_plan(total, d_in, optimal)
+    if on_device:  # everything on the device, on CuPy's stream; tables cached per weight
         import cupy
 
+        t, dev = device_tables(w, num_heads, tables)
         out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
-        d_out = cuda.as_cuda_array(out)
-        d_budgets = bring(cupy.ascontiguousarray(budgets, dtype=np.int64))
-    else:
+        bias64 = cupy.zeros(1) if bias is None else cupy.ascontiguousarray(bias, dtype=np.float64)
+        arrays = (cupy.ascontiguousarray(x), dev["wh"], bias64,
+                  cupy.ascontiguousarray(budgets, dtype=np.int64), dev["threshold"], dev["alias"],
+                  dev["p_weight"], dev["row_norms"], out,
+                  cupy.empty((d_in, chunk) if optimal else (1, 1), np.float64))
+        d = [cuda.as_cuda_array(a) for a in arrays]
+    else:  # the simulator: host arrays
+        t = weight_tables(np.asarray(w), num_heads) if tables is None else tables
         out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
-        d_out = cuda.device_array(out.shape, out.dtype)
-        d_budgets = cuda.to_device(np.ascontiguousarray(budgets, dtype=np.int64))
-    total = batch * num_heads * n
+        bias64 = np.zeros(1) if bias is None else np.asarray(bias, dtype=np.float64)
+        arrays = (np.ascontiguousarray(x), t.wh, bias64, np.ascontiguousarray(budgets, dtype=np.int64),
+                  t.threshold, t.alias, t.p_weight, t.row_norms, out,
+                  np.empty((d_in, chunk) if optimal else (1, 1)))
+        d = [cuda.to_device(a) for a in arrays]
     if total:
-        optimal = sampling == "optimal"
         kernel = make_kernel(optimal)
-        chunk, starts = scratch_plan(total, d_in, optimal)
-        cdf = cuda.device_array((d_in, chunk) if optimal else (1, 1), np.float64)
-        args = (bring(x) if on_device else cuda.to_device(np.ascontiguousarray(x)),
-                cuda.to_device(t.wh), cuda.to_device(bias64), bias is not None, d_budgets,
-                cuda.to_device(t.threshold), cuda.to_device(t.alias), np.int64(t.shift),
-                cuda.to_device(t.p_weight), cuda.to_device(t.row_norms), k0, k1, d_out, cdf)
+        threads = block_threads(kernel, THREADS_PER_BLOCK)
+        args = (d[0], d[1], d[2], bias is not None, d[3], d[4], d[5], np.int64(t.shift), d[6], d[7],
+                k0, k1, d[8], d[9])
         for task0 in starts:
             count = min(chunk, total - task0)
-            blocks = (count + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
-            kernel[blocks, THREADS_PER_BLOCK](*args, np.int64(task0), np.int64(chunk))
+            kernel[(count + threads - 1) // threads, threads, stream](*args, np.int64(task0),
+                                                                      np.int64(chunk))
     if not on_device:
-        out[...] = d_out.copy_to_host()
+        out[...] = d[8].copy_to_host()
     return out

@@ -4,8 +4,7 @@ import numpy as np
 
 from .. import random as mrandom
 from .._cupy import block_threads, raw_module
-from ._gpu import scratch_plan
-from .naive import weight_tables
+from ._gpu import device_tables, scratch_plan
 
 __all__ = ["value_projection"]
 
@@ -26,8 +25,8 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         raise NotImplementedError("the cupy backend draws independently per token")
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    t = weight_tables(w.get(), num_heads) if tables is None else tables
-    bias64 = np.zeros(1) if bias is None else np.asarray(bias.get(), dtype=np.float64)
+    t, dev = device_tables(w, num_heads, tables)  # no host round trip per call
+    bias64 = cupy.zeros(1) if bias is None else cupy.ascontiguousarray(bias, dtype=np.float64)
     k0, k1 = mrandom.seed_to_key(seed)
     out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
     total = batch * num_heads * n
@@ -38,10 +37,9 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     threads = block_threads(kernel, THREADS_PER_BLOCK)
     chunk, starts = scratch_plan(total, d_in, sampling == "optimal")
     cdf = cupy.empty((d_in, chunk) if sampling == "optimal" else (1,), dtype=np.float64)
-    dev = cupy.asarray
-    args = (cupy.ascontiguousarray(x), dev(t.wh), dev(bias64), np.int32(bias is not None),
-            cupy.ascontiguousarray(budgets, dtype=np.int64), dev(t.threshold), dev(t.alias),
-            np.int32(t.shift), dev(t.p_weight), dev(t.row_norms), np.uint32(k0), np.uint32(k1), out,
+    args = (cupy.ascontiguousarray(x), dev["wh"], bias64, np.int32(bias is not None),
+            cupy.ascontiguousarray(budgets, dtype=np.int64), dev["threshold"], dev["alias"],
+            np.int32(t.shift), dev["p_weight"], dev["row_norms"], np.uint32(k0), np.uint32(k1), out,
             np.int32(batch), np.int32(num_heads), np.int32(n), np.int32(d_in), np.int32(dh), cdf)
     for task0 in starts:
         count = min(chunk, total - task0)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._array import import_arrays
+from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
 from ..cost import CallInfo, OpCounts
 from ..errors import ShapeError
@@ -196,6 +197,7 @@ def _resolve_features(features, num_features, kind, seed, q):
     return RandomFeatures(int(shape[-1]), num_features, kind=kind, num_heads=heads, seed=seed)
 
 
+@on_input_device
 def attention(q, k, v, *, features=None, num_features=None, kind="positive", seed=None,
               is_causal=False, gate=None, normalize=None, attn_mask=None,
               key_padding_mask=None, scale=None, chunk_size=None, eps=None, backend=None,

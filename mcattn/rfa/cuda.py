@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
-from .._cupy import block_threads
+from .._cupy import block_threads, numba_stream
 from .._array import is_cupy
 from . import _gpu
 
@@ -206,6 +206,7 @@ class _Launch:
         self.rinp = rinp
         self.kernels = make_kernels(rinp.dtype.name)
         self.threads = block_threads(None)
+        self.stream = numba_stream()  # CuPy's current stream: ordered with the array code between
         self.on_device = is_cupy(rinp.q)
         self.omega = self._in(rinp.omega)
         self.dt = rinp.dtype.type
@@ -218,7 +219,7 @@ class _Launch:
         feats = self.kernels[0]
         blocks = self._blocks(x.shape[0] * x.shape[1])
         dx, df, dl, dn = (self._in(a) for a in (x, f, logw, fnorm))
-        feats[blocks, self.threads](dx, self.omega, df, dl, dn, self.dt(factor), bool(rinp.unit),
+        feats[blocks, self.threads, self.stream](dx, self.omega, df, dl, dn, self.dt(factor), bool(rinp.unit),
                                     _gpu.KIND_CODE[rinp.kind])
         if not self.on_device:
             f[...], logw[...], fnorm[...] = df.copy_to_host(), dl.copy_to_host(), dn.copy_to_host()
@@ -231,14 +232,14 @@ class _Launch:
         blocks = self._blocks(states.shape[0] * states.shape[1] * width)
         args = [self._in(a) for a in (kw, v, knorm, cum)]
         ds, dm = self._in(states), self._in(mass)
-        self.kernels[1][blocks, self.threads](*args, bool(has_gate), ds, dm, int(chunk))
+        self.kernels[1][blocks, self.threads, self.stream](*args, bool(has_gate), ds, dm, int(chunk))
         if not self.on_device:
             states[...], mass[...] = ds.copy_to_host(), dm.copy_to_host()
 
     def scan(self, states, mass, chunk_decay):
         blocks = self._blocks(states.shape[0] * (states.shape[2] * states.shape[3] + 1))
         ds, dm = self._in(states), self._in(mass)
-        self.kernels[2][blocks, self.threads](ds, dm, self._in(chunk_decay))
+        self.kernels[2][blocks, self.threads, self.stream](ds, dm, self._in(chunk_decay))
         if not self.on_device:
             states[...], mass[...] = ds.copy_to_host(), dm.copy_to_host()
 
@@ -247,7 +248,7 @@ class _Launch:
         args = [self._in(a) for a in (fq, qnorm, kw, v, knorm, cum)]
         rest = [self._in(a) for a in (states, mass)]
         do, dflags = self._in(out), self._in(flags)
-        self.kernels[3][blocks, self.threads](*args, bool(has_gate), *rest, do, dflags, int(chunk),
+        self.kernels[3][blocks, self.threads, self.stream](*args, bool(has_gate), *rest, do, dflags, int(chunk),
                                               bool(causal), self.dt(self.rinp.eps))
         if not self.on_device:
             out[...], flags[...] = do.copy_to_host(), dflags.copy_to_host()

@@ -132,6 +132,7 @@ class ndarray:  # noqa: N801 - the name CuPy uses
         self._device = device
 
     device = property(lambda self: Device(self._device))
+    data = property(lambda self: types.SimpleNamespace(ptr=self._a.ctypes.data, device_id=self._device))
 
     def get(self, stream=None):
         return np.array(self._a)
@@ -215,6 +216,8 @@ def from_dlpack(obj):
 
 
 def __getattr__(name):  # every other function: NumPy's, on unwrapped arguments
+    if name.startswith("_"):  # never NumPy's __path__ & co: `import cupy._core` must fail
+        raise AttributeError(f"fake cupy has no attribute {name!r}")
     attr = getattr(np, name)
     if callable(attr) and not isinstance(attr, type):
         return lambda *args, **kwargs: _wrap(attr(*_unwrap(args), **_unwrap(kwargs)))

@@ -109,3 +109,141 @@ def test_every_registered_source_runs_through_the_fake(cupy_or_fake):
             kernel = module.get_function(name)
             if not GPU_PRESENT:
                 assert kernel.params, name
+
+
+# --- device in = device out ---------------------------------------------------------------
+@needs_fake
+def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
+    """Inputs on GPU 1 while GPU 0 is current: kernels launch on 1 (the fake refuses a
+    launch whose arrays live on another device) and the results come back on 1."""
+    from mcattn import rfa
+
+    cp = cupy_or_fake
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((1, 2, 7, 4)) for _ in range(3))
+    x, w = rng.standard_normal((1, 7, 10)), rng.standard_normal((10, 8))
+    with cp.cuda.Device(1):
+        dq, dk, dv, dx, dw = (cp.asarray(a) for a in (q, k, v, x, w))
+    assert cp.cuda.runtime.getDevice() == 0
+    feats = rfa.RandomFeatures(4, 8, num_heads=2, seed=0)
+    results = {
+        "exact": mcattn.attention(dq, dk, dv, backend="cupy"),
+        "probs": mcattn.attention_probs(dq, dk, backend="cupy"),
+        "mca": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy"),
+        "rfa": rfa.attention(dq, dk, dv, features=feats, backend="cupy"),
+    }
+    for name, out in results.items():
+        assert out.device.id == 1, name
+    assert {launch["device"] for launch in cp.LAUNCHES} == {1}
+    assert cp.cuda.runtime.getDevice() == 0  # restored
+    assert rel_error(results["exact"].get(), mcattn.attention(q, k, v)) < 1e-13
+
+
+@needs_fake
+def test_inputs_on_two_gpus_are_refused(cupy_or_fake):
+    cp = cupy_or_fake
+    q = cp.zeros((1, 3, 4))
+    with cp.cuda.Device(1):
+        k = cp.zeros((1, 3, 4))
+    with pytest.raises(ValueError, match="different GPUs"):
+        mcattn.attention(q, k, q, backend="cupy")
+
+
+def test_tensorflow_device_ids():
+    from mcattn._device import tf_device_id
+
+    assert tf_device_id("/job:localhost/replica:0/task:0/device:GPU:1") == 1
+    assert tf_device_id("/job:localhost/replica:0/task:0/device:GPU:0") == 0
+    assert tf_device_id("/job:localhost/replica:0/task:0/device:CPU:0") is None
+    assert tf_device_id("") is None
+
+
+@needs_fake
+def test_numba_launches_use_cupys_current_stream(cupy_or_fake, monkeypatch):
+    """numba.cuda kernels are queued on CuPy's current stream (cuda.external_stream)."""
+    from numba import cuda
+
+    from mcattn import _cupy, _dispatch
+
+    cp = cupy_or_fake
+    made = []
+    monkeypatch.setattr(_dispatch, "cuda_simulator_enabled", lambda: False)
+    monkeypatch.setattr(cuda, "external_stream", lambda ptr: made.append(ptr) or ("stream", ptr),
+                        raising=False)
+    assert _cupy.numba_stream() == 0  # CuPy's legacy default stream is numba's default
+    with cp.cuda.ExternalStream(0xBEEF):
+        assert _cupy.numba_stream() == ("stream", 0xBEEF)
+    assert made == [0xBEEF]
+
+
+@needs_fake
+def test_mca_device_tables_are_cached_per_weight(cupy_or_fake, monkeypatch):
+    """No host round trip of the weight per call; an in-place change is noticed."""
+    from mcattn.mca import _gpu
+
+    cp = cupy_or_fake
+    _gpu.clear_table_cache()
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((1, 5, 12)), rng.standard_normal((12, 8))
+    r = rng.integers(0, 12, (1, 2, 5))
+    dx, dw, dr = cp.asarray(x), cp.asarray(w), cp.asarray(r)
+    gets = []
+    original = cp.ndarray.get
+    monkeypatch.setattr(cp.ndarray, "get", lambda self, stream=None: gets.append(self.shape) or original(self))
+    kw = dict(num_heads=2, budgets=dr, seed=3, backend="cupy")
+    first = mca.value_projection(dx, dw, **kw).get()
+    second = mca.value_projection(dx, dw, **kw).get()
+    assert np.array_equal(first, second)
+    assert gets.count((12, 8)) == 1  # the weight crossed to the host once
+    dw[0, 0] += 1.0  # in place: the tables must be rebuilt
+    third = mca.value_projection(dx, dw, **kw).get()
+    w2 = w.copy()
+    w2[0, 0] += 1.0
+    assert rel_error(third, mca.value_projection(x, w2, num_heads=2, budgets=r, seed=3)) < 1e-13
+    tables = mca.weight_tables(w, 2)
+    gets.clear()
+    mca.value_projection(dx, dw, tables=mca.weight_tables(dw, 2), **kw)
+    mca.value_projection(dx, cp.asarray(w), tables=tables, **kw)
+    mca.value_projection(dx, cp.asarray(w), tables=tables, **kw)
+    assert gets.count((12, 8)) == 1  # only weight_tables(dw) itself; tables= needs none
+    assert len(tables._device_copies) == 1
+
+
+def test_torch_inputs_are_kept_alive_for_cupys_stream(monkeypatch):
+    """A torch CUDA input read on another stream than torch's is record_stream'ed on it."""
+    import types
+
+    from helpers import require
+
+    from mcattn._array import _torch_keep_for_cupy_stream
+
+    torch = require("torch")  # (before any fake cupy: torch's import looks for cupyx)
+    cupy_stream = {"ptr": 0}
+    cp = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        get_current_stream=lambda: types.SimpleNamespace(ptr=cupy_stream["ptr"])))
+    fake_stream = lambda ptr: types.SimpleNamespace(cuda_stream=ptr)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device=None: fake_stream(ptr))
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: fake_stream(0))
+    current = {"ptr": 0}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake_stream(current["ptr"]))
+    recorded = []
+    tensor = types.SimpleNamespace(device="cuda:1", record_stream=lambda s: recorded.append(s.cuda_stream))
+    _torch_keep_for_cupy_stream(tensor, cp)  # both on the default stream: nothing to do
+    assert recorded == []
+    current["ptr"] = 0x70C4  # torch works on a side stream, CuPy on its default stream
+    _torch_keep_for_cupy_stream(tensor, cp)
+    cupy_stream["ptr"] = 0xC0DE
+    _torch_keep_for_cupy_stream(tensor, cp)
+    assert recorded == [0, 0xC0DE]
+
+
+@needs_fake
+def test_selftest_runs_every_method_through_the_cupy_launchers(cupy_or_fake):
+    """mcattn selftest's cupy rows, with the fake: each CHECKS entry through its launcher."""
+    from mcattn import selftest
+
+    rows = selftest.run_selftest(["cupy"], list(selftest.CHECKS))
+    assert rows and all(r.status == "pass" for r in rows), [r for r in rows if r.status != "pass"]
+    launched = {x["kernel"] for x in cupy_or_fake.LAUNCHES}
+    assert any(k.startswith("mcattn_mca_projection") for k in launched)
+    assert any(k.startswith("mcattn_rfa_") for k in launched)

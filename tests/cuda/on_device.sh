@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One-shot check of mcattn on a machine with an NVIDIA GPU (docs/cuda-testing.md).
+#
+# Run from the repository root: tests/cuda/on_device.sh
+# Expects Python 3.12 with CuPy (CUDA 13), numba-cuda, torch, JAX and pytest installed and
+# NO network: mcattn is installed from this working tree without touching those packages
+# (pip --no-deps --no-build-isolation); a pure-Python dependency missing there is taken
+# from the wheels folder .whl/ prepared beforehand (command in docs/cuda-testing.md).
+# Then the CUDA test lanes run on the real device (not the simulator), then
+# `mcattn selftest --bench --json`. Results go to docs/measurements/gpu-*.txt|json.
+# Finishes within 8 minutes (time limits per step: 30 + 60 + 240 + 150 s); prints a short summary last;
+# exits 1 when anything failed or mismatched.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+OUT_DIR=docs/measurements
+mkdir -p "$OUT_DIR"
+export NUMBA_ENABLE_CUDASIM=0 PYTHONUNBUFFERED=1
+START=$(date +%s)
+declare -a SUMMARY=()
+FAILED=0
+step() {  # step NAME SECONDS LOGFILE COMMAND...: run with a time limit, record the outcome
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$log") 2>&1
+    local rc=$?
+    local took=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 0 ]; then
+        SUMMARY+=("ok    $name (${took}s)")
+    else
+        [ $rc -eq 124 ] && SUMMARY+=("FAIL  $name: timed out after ${limit}s") \
+                        || SUMMARY+=("FAIL  $name: exit $rc (${took}s), see $log")
+        FAILED=1
+    fi
+    return $rc
+}
+
+# 1. The machine.
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    echo "on_device.sh: no NVIDIA GPU here (nvidia-smi -L failed); this script is for a GPU machine" >&2
+    exit 1
+fi
+{
+    echo "# tests/cuda/on_device.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
+    $PY - <<'EOF'
+import importlib, platform
+print("python", platform.python_version())
+for name in ("numpy", "cupy", "numba", "numba.cuda", "cuda.bindings", "torch", "jax", "pytest"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        print(name, "MISSING", exc)
+EOF
+} > "$OUT_DIR/gpu-environment.txt" 2>&1
+cat "$OUT_DIR/gpu-environment.txt"
+
+# 2. Install mcattn from the tree; missing pure-Python dependencies from .whl/.
+MISSING=$($PY - <<'EOF'
+import configparser, importlib.metadata as md, re
+cfg = configparser.ConfigParser()
+cfg.read("setup.cfg")
+needs = [re.split(r"[<>=!~ ;\[]", r.strip())[0] for r in cfg["options"]["install_requires"].split("\n") if r.strip()]
+needs += ["pytest-timeout"]
+missing = []
+for dist in needs:
+    try:
+        md.version(dist)
+    except md.PackageNotFoundError:
+        missing.append(dist)
+print(" ".join(missing))
+EOF
+)
+if [ -n "$MISSING" ]; then
+    echo "installing from .whl/: $MISSING"
+    step "install missing dependencies ($MISSING)" 30 /tmp/mcattn-wheels.log \
+        $PY -m pip install -q --no-index --no-deps --find-links .whl $MISSING
+fi
+step "pip install -e . (no deps, no build isolation)" 60 /tmp/mcattn-install.log \
+    $PY -m pip install -q --no-build-isolation --no-deps -e .
+
+# 3. The CUDA test lanes on the device (conftest leaves the simulator off).
+step "pytest tests/cuda on the GPU" 240 "$OUT_DIR/gpu-pytest.txt" \
+    $PY -m pytest tests/cuda -q -p no:cacheprovider -o addopts="-ra --strict-markers" --timeout=200
+
+# 4. The self-test with GPU timings next to torch SDPA.
+step "mcattn selftest --bench" 150 "$OUT_DIR/gpu-selftest.txt" \
+    $PY -m mcattn.cli selftest --bench --json "$OUT_DIR/gpu-selftest.json"
+
+# 5. Summary, last.
+echo
+echo "=== on_device.sh summary ($(( $(date +%s) - START ))s, $(head -2 "$OUT_DIR/gpu-environment.txt" | tail -1)) ==="
+grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /'
+grep -E "^selftest:" "$OUT_DIR/gpu-selftest.txt" | tail -1
+grep -E "FAIL|error " "$OUT_DIR/gpu-selftest.txt" | head -5
+printf '%s\n' "${SUMMARY[@]}"
+if [ $FAILED -ne 0 ]; then
+    echo "on_device.sh: FAILED (see above); results in $OUT_DIR/gpu-*"
+    exit 1
+fi
+echo "on_device.sh: all passed; results in $OUT_DIR/gpu-*"
