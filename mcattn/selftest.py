@@ -108,11 +108,31 @@ def _rfa_bench(put, backend, n):
     return lambda: rfa.attention(q, k, v, features=feats, backend=backend)
 
 
+def _eatt(put, backend, dtype):
+    from . import eatt
+
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, (2, 2, 33, 16), dtype, put)
+    l1 = eatt.attention(q, k, v, alignment="l1", is_causal=True, backend=backend)
+    hamming = eatt.attention(q, k, v, alignment="hamming", backend=backend)
+    from ._validate import namespace_of
+
+    return namespace_of(l1).concatenate([l1, hamming], axis=-1)
+
+
+def _eatt_bench(put, backend, n):
+    from . import eatt
+
+    q, k, v = _qkv(np.random.default_rng(4), (1, 8, n, 64), np.float32, put)
+    return lambda: eatt.attention(q, k, v, alignment="l1", backend=backend)
+
+
 #: method -> Check. One entry per method; every backend is tried with each.
 CHECKS = {
     "exact": Check(_exact, {"float32": 1e-5, "float64": 1e-12}, _exact_bench),
     "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
+    "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),
 }
 
 DTYPES = ("float32", "float64")
