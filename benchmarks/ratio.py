@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CASES = {
     "exact": "benchmarks.bench_exact:ratio_rows",
     "mca": "benchmarks.bench_mca:ratio_rows",
+    "mca_uniform": "benchmarks.bench_mca:uniform_ratio_rows",
     "rfa": "benchmarks.bench_rfa:ratio_rows",
     "train": "benchmarks.bench_train:ratio_rows",
     "eatt": "benchmarks.bench_eatt:ratio_rows",

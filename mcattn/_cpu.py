@@ -17,7 +17,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import config
 
-__all__ = ["run_tasks"]
+__all__ = ["run_tasks", "map_threads"]
 
 _lock = threading.Lock()
 _pool = None
@@ -75,3 +75,22 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4):
         ]
         for f in futures:
             f.result()
+
+
+def map_threads(fn, items):
+    """``[fn(item) for item in items]`` on the CPU threads, BLAS held to one thread each.
+
+    For tasks made of NumPy calls that release the GIL (small BLAS products, gathers):
+    one task per thread at a time instead of one multi-threaded BLAS call after another,
+    which on small products spends its time waking threads (and waits for a descheduled
+    one on a busy machine).
+    """
+    items = list(items)
+    if not items:
+        return []
+    threads = min(config.num_threads(), len(items))
+    with _blas_one_thread():
+        if threads == 1:
+            return [fn(item) for item in items]
+        return list(_get_pool(threads).map(fn, items))
+

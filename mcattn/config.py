@@ -51,3 +51,9 @@ RFA_EPS = 1e-6
 #: LATTE (mcattn.latte): query rows per task of the CPU kernel (its scratch is one row of
 #: estimates per query of the block, BLOCK_Q x Nk float32).
 LATTE_CPU_BLOCK_Q = 64
+
+#: Monte-Carlo attention with shared draws: budgets of a head are rounded up into groups
+#: spanning at most this relative width (more samples, never fewer), so that the
+#: projection is a few reduced GEMMs (mcattn.mca.shared). 0 keeps the budgets as computed.
+MCA_SHARED_SLACK = 0.25
+

@@ -8,6 +8,7 @@ import numpy as np
 
 import mcattn
 from mcattn import mca
+from mcattn.mca.shared import round_budgets
 
 from .common import interleaved_times
 
@@ -39,8 +40,78 @@ def dense_projection(layers, heads):
 
 def sampled_projection(layers, heads, shared, backend="numba", sampling="weight"):
     for x, w, b, r, tables in layers:
+        if shared:  # what mca.attention does with shared draws: budgets rounded up first
+            r = round_budgets(r, x.shape[-1], mcattn.config.MCA_SHARED_SLACK)
         mca.value_projection(x, w, b, num_heads=heads, budgets=r, seed=0, shared_draws=shared,
                              backend=backend, sampling=sampling, tables=tables)
+
+
+def packed_dense_projection(layers, heads, kpm):
+    """The dense GEMM on the real tokens only (no padding)."""
+    for x, w, b, _, _ in layers:
+        (x[kpm] @ w + b).reshape(-1, heads, w.shape[1] // heads).transpose(1, 0, 2).copy()
+
+
+def uniform_problem(fraction, n=4096, d_in=384, heads=12, head_dim=32, dtype=np.float32, seed=0):
+    """One layer of random inputs with every token's budget ``round(fraction * d_in)``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, n, d_in)).astype(dtype)
+    w = (rng.standard_normal((d_in, heads * head_dim)) / np.sqrt(d_in)).astype(dtype)
+    b = np.zeros(heads * head_dim, dtype)
+    r = np.full((1, heads, n), max(1, round(fraction * d_in)), np.int64)
+    return heads, [(x, w, b, r, mca.weight_tables(w, heads))]
+
+
+def uniform_ratio_rows(argv):
+    """Rows of ``python benchmarks/ratio.py mca_uniform``: uniform budgets, B=1, N=4096."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ratio.py mca_uniform")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.4])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    title = (f"mca value projection / dense x @ W_V (NumPy BLAS), uniform budgets, B=1 N={args.n} "
+             f"d_in=384, 12 heads of 32, float32, {mcattn.config.num_threads()} threads")
+
+    def rows():
+        for fraction in args.fractions:
+            heads, layers = uniform_problem(fraction, n=args.n)
+            sampled_projection(layers, heads, True)  # warm
+            row = {"macs_kept": fraction}
+            for label, shared in (("shared", True), ("indep", False)):
+                t_s, t_d = interleaved_times(
+                    lambda: sampled_projection(layers, heads, shared),  # noqa: B023
+                    lambda: dense_projection(layers, heads),  # noqa: B023
+                    rounds=args.rounds,
+                )
+                row[f"{label}/dense"] = t_s / t_d
+            row["dense_ms"] = t_d * 1e3
+            yield row
+
+    return title, rows()
+
+
+class McaSharedUniform:
+    """Shared draws as reduced GEMMs at uniform budgets (10/20/40 % of the MACs), N=4096."""
+
+    params = [[0.1, 0.2, 0.4]]
+    param_names = ["fraction"]
+    timeout = 600
+
+    def setup(self, fraction):
+        self.heads, self.layers = uniform_problem(fraction)
+
+    def time_shared(self, fraction):
+        sampled_projection(self.layers, self.heads, True)
+
+    def track_ratio_to_dense(self, fraction):
+        """Shared-draw projection time / dense GEMM time, interleaved (lower is better)."""
+        t_s, t_d = interleaved_times(lambda: sampled_projection(self.layers, self.heads, True),
+                                     lambda: dense_projection(self.layers, self.heads), rounds=3)
+        return t_s / t_d
+
+    track_ratio_to_dense.unit = "ratio"
 
 
 def macs_kept(layers, kpm):
@@ -154,6 +225,18 @@ def ratio_rows(argv):
                 )
                 row[f"{label}/dense"] = t_s / t_d
             row["dense_ms"] = t_d * 1e3
+            t_s, t_p = interleaved_times(
+                lambda: sampled_projection(layers, heads, True),  # noqa: B023
+                lambda: packed_dense_projection(layers, heads, kpm),  # noqa: B023
+                rounds=args.rounds,
+            )
+            row["shared/packed"] = t_s / t_p
+            t_s, t_p = interleaved_times(
+                lambda: sampled_projection(layers, heads, True),  # noqa: B023
+                lambda: packed_dense_projection(layers, heads, kpm),  # noqa: B023
+                rounds=args.rounds,
+            )
+            row["shared/packed"] = t_s / t_p
             yield row
 
     return title, rows()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import config
 from .._array import import_arrays
 from .._device import on_input_device
 from .._dispatch import Kernel, Problem, select_kernel
@@ -43,9 +44,9 @@ PROJECTION_KERNELS = (
     Kernel("numpy", "mcattn.mca.naive", "value_projection",
            features=frozenset({"optimal", "shared_draws"})),
     Kernel("cupy", "mcattn.mca.cupy", "value_projection", max_head_dim=128,
-           features=frozenset({"optimal"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
+           features=frozenset({"optimal", "shared_draws"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
     Kernel("cuda", "mcattn.mca.cuda", "value_projection", max_head_dim=128,
-           features=frozenset({"optimal"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
+           features=frozenset({"optimal", "shared_draws"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
 )
 
 
@@ -339,6 +340,30 @@ def _projection_ops(r, d_in, dv, sampling, valid):
 
 
 @on_input_device
+def _shared_projection_ops(r, x, w, num_heads, seed, tables):
+    """Operations of the reduced-GEMM shared-draw projection (:mod:`mcattn.mca.shared`).
+
+    One draw sequence per (batch row, head) of the longest budget (2 random words and
+    ``log2 d_in`` search steps per draw, as the per-draw kernels), the merge weights
+    (a divide per distinct drawn row), the reduced GEMMs' multiply-adds as done, exact
+    tokens' dense rows, and a normalising multiply per sampled token and column.
+    """
+    from .shared import reduced_macs
+
+    d_in, dh = x.shape[-1], w.shape[1] // num_heads
+    host = lambda a: np.asarray(a.get() if hasattr(a, "get") else a)  # noqa: E731
+    nonzero = host(x.any(axis=-1))
+    tables = weight_tables(host(w), num_heads) if tables is None else tables
+    exact = (r >= d_in) & nonzero[:, None, :]
+    sampled = (r > 0) & (r < d_in) & nonzero[:, None, :]
+    longest = int(np.where(sampled, r, 0).max(axis=-1).sum())
+    macs, merge = reduced_macs(r, d_in, dh, seed, tables, nonzero)
+    macs += int(exact.sum()) * d_in * dh
+    steps = int(np.ceil(np.log2(max(d_in, 2))))
+    return OpCounts({"fp32_mul": macs + merge + int(sampled.sum()) * dh, "fp32_add": macs,
+                     "fp32_div": longest, "rng": 2 * longest, "search_step": steps * longest})
+
+
 def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
               backend=None, check_finite=True, return_info=False, tables=None):
@@ -363,6 +388,11 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         ``None`` draws a fresh seed (reported in ``info.seed``).
     sampling : {"weight", "optimal"}
     shared_draws : bool
+        One draw sequence per (batch row, head), tokens use its prefixes: computed as a few
+        GEMMs over the distinct drawn rows (:mod:`mcattn.mca.shared`). Budgets are first
+        rounded up so that each head has few distinct values (``config.MCA_SHARED_SLACK``:
+        a group of budgets spans at most that relative width; 0 keeps them as computed);
+        ``info.budgets`` reports the rounded budgets, ``info.ops`` the work done.
     backend : {None, "numpy", "numba", "cuda", "cupy"}
         Backend of the sampled projection (probabilities and ``A @ V~`` use NumPy/CuPy).
     check_finite : bool
@@ -422,6 +452,12 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     valid = inp.mask.visible_keys(inp.nq, nk)  # [BH or 1, Nk]
     valid = np.broadcast_to(valid, (batch * num_heads, nk)).reshape(batch, num_heads, nk)
     r = _budgets(probs, alpha, d_in, xp.asarray(valid))
+    if shared_draws:  # round up to few distinct budgets: fewer, larger GEMMs (mca.shared)
+        from .shared import round_budgets
+
+        r_host = round_budgets(np.asarray(r.get() if xp is not np else r), d_in,
+                               float(config.MCA_SHARED_SLACK))
+        r = xp.asarray(r_host)
     seed = resolve_seed(seed)
     values, used = _run_projection(xp.ascontiguousarray(x.reshape(batch, nk, d_in)), w, b,
                                    num_heads, r, seed, sampling, shared_draws, backend, tables)
@@ -432,6 +468,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     dv = w.shape[1] // num_heads
     r_host = np.asarray(r.get() if xp is not np else r)
     proj_ops, dense_proj = _projection_ops(r_host, d_in, dv, sampling, valid)
+    if shared_draws:
+        proj_ops = _shared_projection_ops(r_host, x.reshape(batch, nk, d_in), w, num_heads, seed,
+                                          tables)
     attn_ops = exact_ops(inp, value_dim=dv)
     budget_ops = OpCounts({"fp32_cmp": attn_ops["fp32_exp"], "fp32_mul": 3 * int(valid.sum())})
     kept = np.minimum(r_host, d_in)[valid]

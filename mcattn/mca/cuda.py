@@ -131,8 +131,14 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
 
     Takes CuPy arrays, or NumPy arrays under the simulator; returns the same kind.
     """
-    if shared_draws:  # the dispatcher never sends this here; keep the promise explicit
-        raise NotImplementedError("the cuda backend draws independently per token")
+    if shared_draws and is_cupy(x):  # reduced GEMMs on cuBLAS (mcattn.mca.shared)
+        from .shared import value_projection as shared_projection
+
+        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
+    if shared_draws:  # the simulator's host arrays: the same reduced GEMMs with NumPy
+        from .shared import value_projection as shared_projection
+
+        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
     on_device = is_cupy(x)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads

@@ -21,8 +21,10 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     """
     import cupy
 
-    if shared_draws:  # the dispatcher never sends this here; keep the promise explicit
-        raise NotImplementedError("the cupy backend draws independently per token")
+    if shared_draws:  # reduced GEMMs on cuBLAS (mcattn.mca.shared)
+        from .shared import value_projection as shared_projection
+
+        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     t, dev = device_tables(w, num_heads, tables)  # no host round trip per call
