@@ -274,9 +274,9 @@ def test_bad_input():
         mca.attention(q, k, x, w, b, num_heads=3, alpha=1, seed=0, sampling="uniform")
     with pytest.raises(ShapeError, match="budgets must have shape"):
         mca.value_projection(x, w, b, num_heads=3, budgets=np.ones((2, 3, 9), int), seed=0)
-    with pytest.raises(BackendError, match="shared_draws"):
-        mca.value_projection(x, w, b, num_heads=3, budgets=np.ones((2, 3, 10), int), seed=0,
-                             shared_draws=True, backend="cuda")
+    with pytest.raises(BackendError, match="d_in up to 4096"):
+        mca.value_projection(np.ones((1, 2, 5000)), np.ones((5000, 6)), None, num_heads=3,
+                             budgets=np.ones((1, 3, 2), int), seed=0, backend="cuda")
 
 
 def test_sampling_probs():

@@ -339,7 +339,6 @@ def _projection_ops(r, d_in, dv, sampling, valid):
     return OpCounts(counts), dense
 
 
-@on_input_device
 def _shared_projection_ops(r, x, w, num_heads, seed, tables):
     """Operations of the reduced-GEMM shared-draw projection (:mod:`mcattn.mca.shared`).
 
@@ -364,6 +363,7 @@ def _shared_projection_ops(r, x, w, num_heads, seed, tables):
                      "fp32_div": longest, "rng": 2 * longest, "search_step": steps * longest})
 
 
+@on_input_device
 def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
               backend=None, check_finite=True, return_info=False, tables=None):
