@@ -131,12 +131,16 @@ def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
         "probs": mcattn.attention_probs(dq, dk, backend="cupy"),
         "mca": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy"),
         "rfa": rfa.attention(dq, dk, dv, features=feats, backend="cupy"),
+        "mca shared": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy",
+                                    shared_draws=True),
     }
     for name, out in results.items():
         assert out.device.id == 1, name
     assert {launch["device"] for launch in cp.LAUNCHES} == {1}
     assert cp.cuda.runtime.getDevice() == 0  # restored
     assert rel_error(results["exact"].get(), mcattn.attention(q, k, v)) < 1e-13
+    host_shared = mca.attention(q, k, x, w, num_heads=2, alpha=0.5, seed=1, shared_draws=True)
+    assert rel_error(results["mca shared"].get(), host_shared) < 1e-13  # the CuPy reduced GEMMs
 
 
 @needs_fake
