@@ -140,3 +140,23 @@ def atomic_sum(values, threads=16):
     fn((values.size + threads - 1) // threads, threads, _ptr(values), _ptr(total), _ptr(count),
        values.size)
     return total[0], int(count[0])
+
+
+def latte_forward(lat, threads=16, *, do_output=True, write_mask=False):
+    """``mcattn_latte_forward_f32/_f64`` on the host, arguments as ``mcattn.latte.cupy`` passes them.
+
+    Returns ``(out, kept, dropped, mask_out)``.
+    """
+    from mcattn.latte.cupy import kernel_arguments
+
+    outputs, args = kernel_arguments(lat, np, do_output=do_output, write_mask=write_mask)
+    bh, nq = lat.inp.q.shape[:2]
+    if bh == 0 or nq == 0 or lat.inp.nk == 0:
+        return outputs
+    suffix = "f32" if lat.inp.dtype == np.float32 else "f64"
+    fn = getattr(library("latte"), f"launch_mcattn_latte_forward_{suffix}")
+    fn.argtypes = [_U, _U, _U] + [_P] * 15 + [_I] * 4 + [ctypes.c_double] + [_I] * 8
+    pointers = [_ptr(np.ascontiguousarray(a)) for a in args[:15]]
+    scalars = [int(a) for a in args[15:19]] + [float(args[19])] + [int(a) for a in args[20:]]
+    fn((nq + threads - 1) // threads, bh, threads, *pointers, *scalars)
+    return outputs
