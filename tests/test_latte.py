@@ -423,3 +423,22 @@ def test_bad_calibration_targets():
         latte.calibrate(q, k, target_keep=1.5)
     with pytest.raises(ValueError, match="mode must be one of"):
         latte.calibrate(q, k, target_keep=0.5, mode="nope")
+
+
+def test_torch_adapter_uses_the_layer_thresholds():
+    torch = require("torch")
+    from types import SimpleNamespace
+
+    from mcattn.frameworks.torch import method_attention
+    from mcattn.latte.compare import sample_thresholds
+
+    q, k, v = _qkv((1, 12), n=20, d=8, seed=19)
+    mask = np.ones((1, 1, 20, 20), bool)
+    mask[..., 15:] = False
+    out = method_attention("latte", *(torch.from_numpy(a) for a in (q, k, v)),
+                           module=SimpleNamespace(layer_idx=3), mask=torch.from_numpy(mask),
+                           target_mass=0.99)
+    theta = sample_thresholds(0.99)
+    assert theta.shape == (6, 12)
+    ref = latte.attention(q, k, v, threshold=theta[3], key_padding_mask=mask[:, 0, 0])
+    assert isinstance(out, torch.Tensor) and np.array_equal(out.numpy(), ref)

@@ -73,8 +73,20 @@ def _rfa(module, q, k, v, mask, scale, options):
                          scale=scale)
 
 
+def _latte(module, q, k, v, mask, scale, options):
+    from mcattn import latte
+    from mcattn.latte.compare import sample_thresholds
+
+    thresholds = options.get("thresholds")
+    if thresholds is None:  # per layer and head, calibrated once for the target mass
+        thresholds = options["thresholds"] = sample_thresholds(options["target_mass"])
+    theta = thresholds[module.layer_idx]
+    return latte.attention(q, k, v, threshold=theta, key_padding_mask=_key_padding(mask),
+                           scale=scale)
+
+
 #: Method name -> adapter ``(module, q, k, v, mask, scale, options) -> [B, H, Nq, dv]``.
-ADAPTERS = {"exact": _exact, "mca": _mca, "rfa": _rfa}
+ADAPTERS = {"exact": _exact, "mca": _mca, "rfa": _rfa, "latte": _latte}
 
 
 def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, **options):

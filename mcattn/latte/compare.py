@@ -5,7 +5,7 @@ import numpy as np
 from ..registry import MethodEntry, Trial
 from . import attention, bounds, calibrate, kept_mask
 
-__all__ = ["ENTRY", "thresholds_for", "relative_bound"]
+__all__ = ["ENTRY", "thresholds_for", "sample_thresholds", "relative_bound"]
 
 _CACHE = {}
 
@@ -20,6 +20,25 @@ def thresholds_for(inputs, target_mass):
     if key not in _CACHE:
         _CACHE[key] = (inputs.q, calibrate(inputs.q, inputs.k, target_mass=float(target_mass),
                                            key_padding_mask=inputs.key_padding_mask, scale=inputs.scale))
+    return _CACHE[key][1]
+
+
+def sample_thresholds(target_mass):
+    """Thresholds ``[L, H]`` per layer and head of all-MiniLM-L6-v2 for ``target_mass``.
+
+    Calibrated on the embedded sample (:func:`mcattn.data.load_sample`: its 8 texts are 2
+    Lee documents and 6 polarity sentences, 8 of the 250 texts ``mcattn evaluate`` embeds).
+    Used by the torch adapter inside the model.
+    """
+    from .. import data
+
+    key = ("sample", float(target_mass))
+    if key not in _CACHE:
+        s = data.load_sample()
+        _CACHE[key] = (None, np.stack([
+            calibrate(s.q[i], s.k[i], target_mass=float(target_mass),
+                      key_padding_mask=s.key_padding_mask, scale=float(s.scale))
+            for i in range(s.num_layers)]))
     return _CACHE[key][1]
 
 
@@ -57,6 +76,7 @@ def _bound(inputs, target_mass, trial, exact_out):
 
 ENTRY = MethodEntry(
     name="latte", knob="target_mass", values=(0.9, 0.99, 0.999), run=_run, bound=_bound,
+    eval_values=(0.9, 0.99, 0.999),
     bound_note="latte: relative thresholds per head calibrated in-sample to keep the target share "
                "of attention mass; deterministic bound from the dropped-mass bound and the int8 "
                "score error, relative to ||O||",
