@@ -39,7 +39,7 @@ from ..compare import relative_errors
 from ..exact import attention as exact_attention
 from . import attention, calibrate
 
-__all__ = ["main", "evaluate", "capture_windows", "oracle_attention"]
+__all__ = ["main", "evaluate", "capture_windows", "oracle_attention", "in_model_filtering"]
 
 START = "<!-- latte-real-attention:start -->"
 END = "<!-- latte-real-attention:end -->"
@@ -206,6 +206,57 @@ def evaluate(lengths=LENGTHS, windows=WINDOWS, sample=None):
     return rows
 
 
+def in_model_filtering(target_masses=(0.9, 0.99, 0.999)):
+    """Filtered fraction inside all-MiniLM-L6-v2 on the texts ``mcattn evaluate`` embeds.
+
+    Each text is embedded alone (no padding) with LATTE in all six layers at thresholds
+    calibrated on the embedded sample (:func:`mcattn.latte.compare.sample_thresholds`);
+    returns ``{target_mass: {"filtered": fraction of (query, key) pairs dropped, over all
+    layers, heads and texts, "per_layer": [...]}}``.
+    """
+    import torch  # noqa: F401
+
+    from ..evaluate import _load_model, load_tasks
+    from ..frameworks import torch as adapter
+    from .compare import sample_thresholds
+
+    model = _load_model()
+    bert = model[0].auto_model
+    tasks = load_tasks()
+    texts = tasks["lee_docs"] + tasks["polarity_texts"]
+    result = {}
+    for mass in target_masses:
+        counts = np.zeros((bert.config.num_hidden_layers, 2))
+        theta = sample_thresholds(mass)
+
+        def counting(module, q, k, v, mask, scale, options, counts=counts, theta=theta):
+            out, info = attention(q, k, v, threshold=theta[module.layer_idx],
+                                  key_padding_mask=adapter._key_padding(mask), scale=scale,
+                                  return_info=True)
+            counts[module.layer_idx] += (info.kept, info.visible)
+            return out
+
+        adapter.ADAPTERS["latte-counting"] = counting
+        try:
+            with adapter.use_method(bert, "latte-counting"):
+                model.encode(texts, batch_size=1, convert_to_numpy=True, show_progress_bar=False)
+        finally:
+            del adapter.ADAPTERS["latte-counting"]
+        result[mass] = {"filtered": float(1 - counts[:, 0].sum() / counts[:, 1].sum()),
+                        "per_layer": (1 - counts[:, 0] / counts[:, 1]).tolist()}
+    return result
+
+
+def format_in_model(result):
+    """Markdown table of :func:`in_model_filtering`."""
+    layers = len(next(iter(result.values()))["per_layer"])
+    lines = ["| target mass | filtered (all layers) | " + " | ".join(f"L{i}" for i in range(layers)) + " |",
+             "|---:|---:|" + "---:|" * layers]
+    for mass, r in result.items():
+        lines.append(f"| {mass:g} | {_pct(r['filtered'])} | " + " | ".join(_pct(x) for x in r["per_layer"]) + " |")
+    return "\n".join(lines)
+
+
 def _pct(x):
     return f"{100 * x:.1f}%"
 
@@ -264,7 +315,17 @@ def main(argv=None):
     parser.add_argument("--windows", type=int, default=WINDOWS)
     parser.add_argument("--write", metavar="MARKDOWN", help=f"replace the text between {START} and {END}")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--in-model", action="store_true",
+                        help="only the filtered fraction inside the model on the evaluation texts")
     args = parser.parse_args(argv)
+    if args.in_model:
+        result = in_model_filtering()
+        sys.stdout.write(format_in_model(result) + "\n")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"command": "python -m mcattn.latte.evaluate --in-model",
+                           "result": {str(k): v for k, v in result.items()}}, fh, indent=1)
+        return 0
     rows = evaluate(tuple(args.lengths), args.windows)
     table = format_tables(rows)
     command = "python -m mcattn.latte.evaluate"
