@@ -29,6 +29,7 @@ CASES = {
     "rfa": "benchmarks.bench_rfa:ratio_rows",
     "train": "benchmarks.bench_train:ratio_rows",
     "eatt": "benchmarks.bench_eatt:ratio_rows",
+    "latte": "benchmarks.bench_latte:ratio_rows",
 }
 
 

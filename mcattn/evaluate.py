@@ -96,6 +96,12 @@ def _embed(model, texts):
                                    show_progress_bar=False), dtype=np.float64)
 
 
+def _knob_names(method):
+    from .front import methods
+
+    return next(m.knobs for m in methods() if m.name == method)
+
+
 def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=None):
     """Score exact attention and each method's knob values on both tasks.
 
@@ -129,7 +135,9 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
     rows, reference = [], None
     try:
         for name, knob, value in runs:
-            options = {} if knob is None else {knob: value, "seed": seed}
+            options = {} if knob is None else {knob: value}
+            if knob is not None and "seed" in _knob_names(name):
+                options["seed"] = seed
             with use_method(bert, name, **options):
                 lee = _embed(model, tasks["lee_docs"])
                 pol = _embed(model, tasks["polarity_texts"])

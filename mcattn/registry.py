@@ -130,6 +130,7 @@ METHOD_ENTRIES = {
     "mca": "mcattn.mca.compare:ENTRY",
     "rfa": "mcattn.rfa.compare:ENTRY",
     "eatt": "mcattn.eatt.compare:ENTRY",
+    "latte": "mcattn.latte.compare:ENTRY",
 }
 
 

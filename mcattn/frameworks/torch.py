@@ -17,6 +17,7 @@ on the module's ``value`` Linear and its weight as ``value.weight.T``.
 
 import contextlib
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import mcattn
 
 from . import _grad
 
-__all__ = ["attention", "method_attention", "use_method", "MODULE_KNOBS"]
+__all__ = ["attention", "method_attention", "use_method", "MODULE_KNOBS", "ModuleKnobs"]
 
 
 class _MethodFunction(torch.autograd.Function):
@@ -105,23 +106,56 @@ def attention(q, k, v=None, *, method="exact", **kwargs):
 
 
 def _mca_knobs(module, q, knobs, calls):
-    """mca's projection inputs from the model: the value Linear's input and weight."""
+    """mca's knobs from the model: the value Linear's input, weight and bias, a seed per call."""
     x = getattr(module.value, "_mcattn_input", None) if module is not None else None
     if x is None:
         raise RuntimeError("mca needs the value projection's input; use_method installs a hook "
                            "on module.value that was not run")
-    extra = {"x": x.detach(), "w_v": module.value.weight.detach().T.contiguous(),
-             "b_v": module.value.bias.detach() if module.value.bias is not None else None}
+    extra = dict(knobs, x=x.detach(), w_v=module.value.weight.detach().T.contiguous(),
+                 b_v=module.value.bias.detach() if module.value.bias is not None else None)
     seed = knobs.get("seed")
     if seed is not None:  # a different, reproducible seed for every call
         extra["seed"] = int(seed) * 1_000_003 + next(calls)
     return extra
 
 
-#: Method name -> ``(module, q, knobs, calls) -> dict`` of knobs a method takes from the
-#: model itself (mca: the value projection). Every other method needs only q, k, v.
-MODULE_KNOBS = {"mca": _mca_knobs}
-_MODULE_SUPPLIED = {"mca": ("x", "w_v", "b_v")}
+def _latte_knobs(module, q, knobs, calls):
+    """latte's ``target_mass=``: thresholds per layer and head calibrated on the embedded
+    sample (all-MiniLM-L6-v2's own attention), this layer's row as ``threshold``."""
+    knobs = dict(knobs)
+    target = knobs.pop("target_mass", None)
+    if target is not None:
+        from mcattn.latte.compare import sample_thresholds
+
+        knobs["threshold"] = sample_thresholds(target)[module.layer_idx]
+    return knobs
+
+
+@dataclass(frozen=True)
+class ModuleKnobs:
+    """How a method takes knobs from the model it is swapped into.
+
+    Attributes
+    ----------
+    resolve : callable ``(module, q, knobs, calls) -> knobs``
+        The knobs of one call, given the attention module.
+    supplies : tuple of str
+        Knobs it fills in (the user does not give them).
+    consumes : tuple of str
+        Model-level options it turns into knobs (not knobs of the method itself).
+    """
+
+    resolve: object
+    supplies: tuple = ()
+    consumes: tuple = ()
+
+
+#: Method name -> :class:`ModuleKnobs`, for methods that need more than q, k, v from the
+#: model (mca: the value projection; latte: per-layer thresholds from ``target_mass``).
+MODULE_KNOBS = {
+    "mca": ModuleKnobs(_mca_knobs, supplies=("x", "w_v", "b_v")),
+    "latte": ModuleKnobs(_latte_knobs, supplies=("threshold",), consumes=("target_mass",)),
+}
 
 
 _COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")
@@ -137,8 +171,7 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
     from ..front import check_knobs
 
     calls = itertools.count() if _calls is None else _calls
-    extra = MODULE_KNOBS[method](module, q, knobs, calls) if method in MODULE_KNOBS else {}
-    merged = dict(knobs, **extra)
+    merged = MODULE_KNOBS[method].resolve(module, q, knobs, calls) if method in MODULE_KNOBS else knobs
     _, spec = check_knobs(method, merged)
     return attention(q, k, v if spec.needs_values else None, method=method, attn_mask=mask,
                      scale=scale, **merged)
@@ -182,8 +215,9 @@ def use_method(model, method, **options):
 
     from ..front import check_knobs
 
-    needed = set(_MODULE_SUPPLIED.get(method, ()))
-    check_knobs(method, dict(options, **{name: None for name in needed}))  # fail before running
+    hook = MODULE_KNOBS.get(method, ModuleKnobs(None))
+    given = {n: v for n, v in options.items() if n not in hook.consumes}
+    check_knobs(method, dict(given, **{name: None for name in hook.supplies}))  # fail before running
     options = dict(options, _calls=itertools.count())
 
     def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

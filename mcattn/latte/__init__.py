@@ -52,17 +52,22 @@ __all__ = [
 
 MODES = tuple(naive.MODES)
 
-_ALL = frozenset({"mask", "causal"})
+_GPU = frozenset({"mask", "causal"})  # no topk on the GPU (its selection needs the row stored)
+_ALL = _GPU | {"topk"}
 
 #: LATTE attention kernels: ``forward(lat) -> (out, kept per row, dropped mass per row or None)``.
 KERNELS = (
     Kernel("numba", "mcattn.latte.cpu", "forward", max_head_dim=1024, features=_ALL),
     Kernel("numpy", "mcattn.latte.naive", "forward", features=_ALL | {"soft"}),
+    Kernel("cupy", "mcattn.latte.cupy", "forward", max_head_dim=128, features=_GPU),
+    Kernel("cuda", "mcattn.latte.cuda", "forward", max_head_dim=128, features=_GPU),
 )
 #: Kept-set kernels: ``kept_mask(lat) -> bool [BH, Nq, Nk]``.
 MASK_KERNELS = (
     Kernel("numba", "mcattn.latte.cpu", "kept_mask", max_head_dim=1024, features=_ALL),
     Kernel("numpy", "mcattn.latte.naive", "kept_mask", features=_ALL),
+    Kernel("cupy", "mcattn.latte.cupy", "kept_mask", max_head_dim=128, features=_GPU),
+    Kernel("cuda", "mcattn.latte.cuda", "kept_mask", max_head_dim=128, features=_GPU),
 )
 
 
@@ -226,7 +231,9 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
         backend; the backward pass belongs to the autograd adapters).
     temperature : float, default 1.0
         Of the soft mask, > 0.
-    backend : {None, "numpy", "numba"}
+    backend : {None, "numpy", "numba", "cuda", "cupy"}
+        ``None`` picks the fastest capable backend for the inputs' device (GPU kernels:
+        head dims <= 128, no ``topk``).
     check_finite : bool, default True
     return_info : bool, default False
         Also return a :class:`LatteInfo` (this computes the exact attention mass of the
@@ -268,7 +275,7 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
                         is_causal=is_causal, scale=scale, exact_scores=exact_scores,
                         check_finite=check_finite, want_mass=return_info and not soft)
     inp = lat.inp
-    problem = inp.problem({"soft"} if soft else ())
+    problem = inp.problem(({"soft"} if soft else set()) | ({"topk"} if mode == "topk" else set()))
     kernel = select_kernel("latte attention", KERNELS, problem, backend)
     if soft:
         out, frac = naive.soft_forward(lat, float(temperature))
@@ -378,7 +385,8 @@ def kept_mask(q, k, *, threshold, mode="relative", attn_mask=None, key_padding_m
     bridge, lat = _prepare_plain(q, k, attn_mask, key_padding_mask, is_causal, scale,
                                  threshold, mode, check_finite)
     inp = lat.inp
-    kernel = select_kernel("latte kept_mask", MASK_KERNELS, inp.problem(), backend)
+    kernel = select_kernel("latte kept_mask", MASK_KERNELS,
+                           inp.problem({"topk"} if mode == "topk" else ()), backend)
     out = kernel(lat)
     return bridge.export(out.reshape(tuple(inp.batch_shape) + (inp.nq, inp.nk)))
 

@@ -28,10 +28,114 @@ from .naive import MODES
 __all__ = ["forward", "kept_mask", "kernel_arrays"]
 
 
+_FAST = {"nsz", "contract", "reassoc"}  # order of sums only, for the kept scores and P V
+
+
 @njit(nogil=True, cache=True)
-def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, scale, theta, mode,
-                 int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass, write_mask,
-                 do_output, out, kept_out, dropped_out, mask_out, bits_type, t0, t1):
+def _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes):
+    """``low[j] = 256 hh_ij s_k[j] (+ bias / c)``, -inf if masked; returns the row max.
+
+    Exact IEEE steps (no fast-math: the kept sets must match the reference bit for bit);
+    the max runs in 8 independent lanes so that LLVM vectorises it.
+    """
+    for j in range(rend):
+        low[j] = np.float64(est[i, j]) * sk256[bh, j]
+    if has_bias:
+        for j in range(rend):
+            b = bias[slot, r, j]
+            low[j] = -np.inf if b == -np.inf else low[j] + np.float64(b) / c
+    for a in range(8):
+        lanes[a] = -np.inf
+    m = rend // 8 * 8
+    for j in range(0, m, 8):
+        for a in range(8):
+            x = low[j + a]
+            lanes[a] = x if x > lanes[a] else lanes[a]
+    top = -np.inf
+    for a in range(8):
+        top = max(top, lanes[a])
+    for j in range(m, rend):
+        top = max(top, low[j])
+    return top
+
+
+@njit(nogil=True, cache=True)
+def _select(low, up, top, rend, mode, th, c, sel, idx):
+    """The kept keys of one row into ``idx``; returns their count (the rule of naive.keep_rows)."""
+    ninf = -np.inf
+    if top == ninf:  # nothing visible
+        return 0
+    if mode == 0 or mode == 3:
+        cut = top - th / c
+    elif mode == 1:
+        cut = min(th / c, top)
+    else:
+        kk = np.int64(th)
+        m = 0
+        for j in range(rend):
+            if low[j] != ninf:
+                sel[m] = low[j]
+                m += 1
+        if m <= kk:
+            cut = ninf
+        else:
+            cut = np.partition(sel[:m], m - kk)[m - kk]
+    n = 0
+    if cut == ninf:
+        for j in range(rend):
+            if up[j] != ninf:
+                idx[n] = j
+                n += 1
+        return n
+    for j in range(rend):
+        if up[j] >= cut:
+            idx[n] = j
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _kept_output(qa, ka, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c, scale, idx, n,
+                 sc, bits, acc, out):
+    """Softmax over the kept keys ``idx[:n]`` and ``sum p v`` into ``out[bh, row]``."""
+    ninf = -np.inf
+    smax = ninf
+    qrow = qa[bh, row]
+    for t in range(n):
+        j = idx[t]
+        krow = ka[bh, j]
+        dot = qrow[0] * 0
+        for cc in range(qrow.shape[0]):  # int8 values in float32: exact in any order
+            dot += qrow[cc] * krow[cc]
+        if int8_scores:
+            sval = c * np.float64(s_k[bh, j]) * np.float64(dot)
+        else:
+            sval = np.float64(dot) * scale
+        if has_bias:
+            sval += np.float64(bias[slot, r, j])
+        sc[0, t] = sval
+        smax = max(smax, sc[0, t])
+    for t in range(n):
+        sc[0, t] -= smax
+    exp_block(sc, bits, 1, n)
+    total = sc[0, 0] * 0
+    acc[:] = 0.0
+    for t in range(n):
+        p = sc[0, t]
+        total += p
+        vrow = v[bh, idx[t]]
+        for cc in range(vrow.shape[0]):
+            acc[cc] += p * vrow[cc]
+    inv = 1.0 / total
+    orow = out[bh, row]
+    for cc in range(orow.shape[0]):
+        orow[cc] = acc[cc] * inv
+
+
+@njit(nogil=True, cache=True)
+def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, sk256, scale, theta,
+                 mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
+                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type, t0, t1):
     bh_count, nq, d = hi_q.shape
     nk = hi_k.shape[1]
     dv = v.shape[2]
@@ -41,12 +145,13 @@ def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, scal
     err_buf = np.empty(block_q * nk if mode == 3 else 1, np.float32)
     true_buf = np.empty(block_q * nk if want_mass else 1, qf.dtype)
     low = np.empty(nk, np.float64)
-    up = np.empty(nk, np.float64)
+    up = np.empty(nk, np.float64) if mode == 3 else low
     idx = np.empty(nk, np.int64)
     sel = np.empty(nk, np.float64)
     sc = np.empty((1, max(nk, 1)), v.dtype)
     bits = np.empty((1, max(nk, 1)), bits_type)
     acc = np.empty(dv, v.dtype)
+    lanes = np.empty(8, np.float64)
     ninf = -np.inf
     for task in range(t0, t1):
         bh = task // n_qblocks
@@ -66,54 +171,26 @@ def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, scal
             ts = true_buf[: nrows * kend].reshape((nrows, kend))
             np.dot(qf[bh, i0:i1], kf[bh, :kend].T, ts)
         th = theta[bh]
+        if not do_select:  # (benchmarks: the estimate product alone)
+            continue
         for i in range(nrows):
             row = i0 + i
             rend = min(kend, row + 1) if is_causal else kend
             r = row if row_bias else 0
             c = scale * np.float64(s_q[bh, row])
-            # Estimates in units of c (exact products), -inf for invisible keys.
-            top = ninf
-            visible = 0
-            for j in range(rend):
-                val = 256.0 * np.float64(est[i, j]) * np.float64(s_k[bh, j])
-                if has_bias:
-                    b = bias[slot, r, j]
-                    if b == ninf:
-                        low[j] = ninf
-                        up[j] = ninf
-                        continue
-                    val = val + np.float64(b) / c
-                visible += 1
-                if mode == 3:
-                    e = (np.float64(err[i, j]) + (2.0 * (l1q[bh, row] + l1k[bh, j]) + d) / 4.0) \
-                        * np.float64(s_k[bh, j])
-                    low[j] = val - e
-                    up[j] = val + e
-                else:
-                    low[j] = val
-                    up[j] = val
-                top = max(top, low[j])
-            n = 0
-            if visible > 0:
-                if mode == 0 or mode == 3:
-                    cut = top - th / c
-                elif mode == 1:
-                    cut = min(th / c, top)
-                else:
-                    kk = np.int64(th)
-                    if visible <= kk:
-                        cut = ninf
-                    else:
-                        m = 0
-                        for j in range(rend):
-                            if low[j] != ninf:
-                                sel[m] = low[j]
-                                m += 1
-                        cut = np.partition(sel[:m], m - kk)[m - kk]
+            top = _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes)
+            if mode == 3:  # widen by the error bound: lower and upper estimates
+                top = ninf
                 for j in range(rend):
-                    if up[j] != ninf and up[j] >= cut:
-                        idx[n] = j
-                        n += 1
+                    if low[j] != ninf:
+                        e = (np.float64(err[i, j]) + (2.0 * (l1q[bh, row] + l1k[bh, j]) + d) / 4.0) \
+                            * np.float64(s_k[bh, j])
+                        up[j] = low[j] + e
+                        low[j] = low[j] - e
+                        top = max(top, low[j])
+                    else:
+                        up[j] = ninf
+            n = _select(low, up, top, rend, mode, th, c, sel, idx)
             kept_out[bh, row] = n
             if write_mask:
                 for t in range(n):
@@ -121,7 +198,7 @@ def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, scal
             if want_mass:
                 tmax = ninf
                 for j in range(rend):
-                    if low[j] != ninf:
+                    if up[j] != ninf:
                         sval = np.float64(ts[i, j]) * scale
                         if has_bias:
                             sval += np.float64(bias[slot, r, j])
@@ -142,38 +219,9 @@ def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, scal
                     else:
                         dropped += w
                 dropped_out[bh, row] = dropped / total if total > 0 else 0.0
-            if not do_output or n == 0:
-                continue
-            # Scores of the kept keys only.
-            smax = ninf
-            for t in range(n):
-                j = idx[t]
-                dot = qa[bh, row, 0] * 0
-                for cc in range(d):
-                    dot += qa[bh, row, cc] * ka[bh, j, cc]
-                if int8_scores:
-                    sval = c * np.float64(s_k[bh, j]) * np.float64(dot)
-                else:
-                    sval = np.float64(dot) * scale
-                if has_bias:
-                    sval += np.float64(bias[slot, r, j])
-                sc[0, t] = sval
-                smax = max(smax, sc[0, t])
-            for t in range(n):
-                sc[0, t] -= smax
-            exp_block(sc, bits, 1, n)
-            total = sc[0, 0] * 0
-            for cc in range(dv):
-                acc[cc] = 0.0
-            for t in range(n):
-                p = sc[0, t]
-                total += p
-                j = idx[t]
-                for cc in range(dv):
-                    acc[cc] += p * v[bh, j, cc]
-            inv = 1.0 / total
-            for cc in range(dv):
-                out[bh, row, cc] = acc[cc] * inv
+            if do_output and n > 0:
+                _kept_output(qa, ka, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
+                             scale, idx, n, sc, bits, acc, out)
 
 
 def kernel_arrays(lat):
@@ -196,7 +244,7 @@ def kernel_arrays(lat):
     return arrays
 
 
-def _run(lat, *, do_output, write_mask):
+def _run(lat, *, do_output, write_mask, select=True):
     inp = lat.inp
     q, k, v = inp.q, inp.k, inp.v
     bh, nq, nk = q.shape[0], inp.nq, inp.nk
@@ -218,9 +266,10 @@ def _run(lat, *, do_output, write_mask):
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
     n_tasks = bh * ((nq + block_q - 1) // block_q)
     run_tasks(_latte_tasks, n_tasks, arrays["hi_q"], arrays["hi_k"], arrays["aq"], arrays["bk"],
-              arrays["l1q"], arrays["l1k"], qa, ka, q, k, v, lat.s_q, lat.s_k, float(inp.scale),
+              arrays["l1q"], arrays["l1k"], qa, ka, q, k, v, lat.s_q, lat.s_k,
+              256.0 * lat.s_k.astype(np.float64), float(inp.scale),
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
-              bool(inp.mask.is_causal), block_q, bool(lat.want_mass), write_mask, do_output,
+              bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,
               out, kept, dropped, mask_out, bits_dtype(q.dtype))
     return out, kept, dropped, mask_out
 

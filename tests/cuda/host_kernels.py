@@ -108,3 +108,23 @@ def eatt_forward(inp, alignment, threads=None):
        _ptr(np.ascontiguousarray(index)), nq, nk, d, (d + 63) // 64, dv, int(has_bias),
        bias.shape[1], int(inp.mask.is_causal), int(alignment == "hamming"))
     return out
+
+
+def latte_forward(lat, threads=16, *, do_output=True, write_mask=False):
+    """``mcattn_latte_forward_f32/_f64`` on the host, arguments as ``mcattn.latte.cupy`` passes them.
+
+    Returns ``(out, kept, dropped, mask_out)``.
+    """
+    from mcattn.latte.cupy import kernel_arguments
+
+    outputs, args = kernel_arguments(lat, np, do_output=do_output, write_mask=write_mask)
+    bh, nq = lat.inp.q.shape[:2]
+    if bh == 0 or nq == 0 or lat.inp.nk == 0:
+        return outputs
+    suffix = "f32" if lat.inp.dtype == np.float32 else "f64"
+    fn = getattr(library("latte"), f"launch_mcattn_latte_forward_{suffix}")
+    fn.argtypes = [_U, _U, _U] + [_P] * 15 + [_I] * 4 + [ctypes.c_double] + [_I] * 8
+    pointers = [_ptr(np.ascontiguousarray(a)) for a in args[:15]]
+    scalars = [int(a) for a in args[15:19]] + [float(args[19])] + [int(a) for a in args[20:]]
+    fn((nq + threads - 1) // threads, bh, threads, *pointers, *scalars)
+    return outputs

@@ -1,0 +1,166 @@
+// LATTE attention for CuPy: MS4B estimate, per-head keep rule, softmax over kept keys.
+//
+// Grid (ceil(Nq / blockDim.x), BH); one thread per query row, two passes over the keys
+// (the algorithm of mcattn/latte/cuda.py, which documents it):
+//   1. hh = hi(q8) . hi(k8) in integers, u = hh * sk256[j] (+ bias / c) in double -- an
+//      exact product -- and the row maximum (safe mode: of u - err, err from the nibbles);
+//   2. keep u (safe: u + err) >= cut, score the kept keys (q8 . k8 in integers, or q . k),
+//      online softmax and sum p v; with want_mass, the exact scores of every visible key
+//      for the dropped attention mass.
+// The keep rule uses the same IEEE double operations as the CPU kernel (products that are
+// exact, one division and one subtraction per row), so the kept sets are identical. The
+// topk mode is not offered here.
+//
+// Layout (C-contiguous): q8, k8 int8 [BH, N, d]; qf, kf [BH, N, d] and v [BH, Nk, dv] in
+// T; s_q [BH, Nq], s_k [BH, Nk] float; sk256 [BH, Nk] double (= 256 s_k); theta [BH]
+// double; bias [M, bias_rows, Nk] T selected by mask_index [BH]; out [BH, Nq, dv] T;
+// kept [BH, Nq] long long; dropped [BH, Nq] double; mask_out [BH, Nq, Nk] bool (if
+// write_mask). Requires d, dv <= MAXD.
+#include "common.cuh"
+
+__device__ __forceinline__ int mcattn_iabs(int x) { return x < 0 ? -x : x; }
+
+template <typename T, int MAXD>
+__device__ void mcattn_latte_forward(
+    const signed char* __restrict__ q8, const signed char* __restrict__ k8,
+    const T* __restrict__ qf, const T* __restrict__ kf, const T* __restrict__ v,
+    const float* __restrict__ s_q, const float* __restrict__ s_k,
+    const double* __restrict__ sk256, const double* __restrict__ theta,
+    const T* __restrict__ bias, const long long* __restrict__ mask_index, T* __restrict__ out,
+    long long* __restrict__ kept, double* __restrict__ dropped, bool* __restrict__ mask_out,
+    int nq, int nk, int d, int dv, double scale, int mode, int int8_scores, int has_bias,
+    int bias_rows, int is_causal, int want_mass, int write_mask, int do_output) {
+    const long long bh = blockIdx.y;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nq) return;
+    const double ninf = mcattn_neg_inf<double>();
+    int qh[MAXD], ql[MAXD];
+    T qrow[MAXD], acc[MAXD];
+    int l1q = 0;
+    for (int c = 0; c < d; ++c) {
+        const int x = q8[(bh * nq + i) * d + c];
+        qh[c] = x >> 4;
+        ql[c] = x & 15;
+        l1q += mcattn_iabs(x);
+        qrow[c] = qf[(bh * nq + i) * d + c];
+    }
+    const T* bias_row = 0;
+    if (has_bias)
+        bias_row = bias + (mask_index[bh] * bias_rows + (bias_rows > 1 ? i : 0)) * (long long)nk;
+    const double cq = scale * (double)s_q[bh * nq + i];
+    const int rend = is_causal ? mcattn_min(nk, i + 1) : nk;
+    const double th = theta[bh];
+    const signed char* krows = k8 + bh * (long long)nk * d;
+    // Pass 1: the row maximum of the (lower) estimate.
+    double top = ninf;
+    for (int j = 0; j < rend; ++j) {
+        double b = 0.0;
+        if (has_bias) {
+            b = (double)bias_row[j];
+            if (b == ninf) continue;
+        }
+        int hh = 0, nib = 0, l1k = 0;
+        for (int c = 0; c < d; ++c) {
+            const int y = krows[(long long)j * d + c];
+            const int yh = y >> 4;
+            hh += qh[c] * yh;
+            if (mode == 3) {
+                const int yl = y & 15;
+                nib += 16 * (mcattn_iabs(qh[c]) * yl + ql[c] * mcattn_iabs(yh)) + ql[c] * yl;
+                l1k += mcattn_iabs(y);
+            }
+        }
+        double val = (double)hh * sk256[bh * nk + j];
+        if (has_bias) val = val + b / cq;
+        if (mode == 3)
+            val = val - ((double)nib + (2.0 * ((double)l1q + (double)l1k) + d) / 4.0) *
+                            (double)s_k[bh * nk + j];
+        top = mcattn_max(top, val);
+    }
+    long long n = 0;
+    if (top != ninf) {
+        const double cut = mode == 1 ? (th / cq < top ? th / cq : top) : top - th / cq;
+        T m = mcattn_neg_inf<T>(), tot = T(0);
+        for (int c = 0; c < dv; ++c) acc[c] = T(0);
+        double tm = ninf, t_all = 0.0, t_drop = 0.0;
+        for (int j = 0; j < rend; ++j) {
+            double b = 0.0;
+            if (has_bias) {
+                b = (double)bias_row[j];
+                if (b == ninf) continue;
+            }
+            int hh = 0, nib = 0, l1k = 0, dot8 = 0;
+            for (int c = 0; c < d; ++c) {
+                const int y = krows[(long long)j * d + c];
+                const int yh = y >> 4;
+                hh += qh[c] * yh;
+                dot8 += (16 * qh[c] + ql[c]) * y;
+                if (mode == 3) {
+                    const int yl = y & 15;
+                    nib += 16 * (mcattn_iabs(qh[c]) * yl + ql[c] * mcattn_iabs(yh)) + ql[c] * yl;
+                    l1k += mcattn_iabs(y);
+                }
+            }
+            double val = (double)hh * sk256[bh * nk + j];
+            if (has_bias) val = val + b / cq;
+            if (mode == 3)
+                val = val + ((double)nib + (2.0 * ((double)l1q + (double)l1k) + d) / 4.0) *
+                                (double)s_k[bh * nk + j];
+            const bool keep = val >= cut;
+            T fdot = T(0);
+            if (want_mass || (keep && !int8_scores))
+                for (int c = 0; c < d; ++c) fdot += qrow[c] * kf[(bh * nk + j) * d + c];
+            if (want_mass) {
+                const double ts = (double)fdot * scale + b;
+                if (ts > tm) {
+                    const double r = exp(tm - ts);
+                    t_all *= r;
+                    t_drop *= r;
+                    tm = ts;
+                }
+                const double w = exp(ts - tm);
+                t_all += w;
+                if (!keep) t_drop += w;
+            }
+            if (!keep) continue;
+            if (write_mask) mask_out[(bh * nq + i) * (long long)nk + j] = true;
+            ++n;
+            if (!do_output) continue;
+            const T s = int8_scores ? (T)(cq * (double)s_k[bh * nk + j] * (double)dot8 + b)
+                                    : (T)((double)fdot * scale + b);
+            if (s > m) {
+                const T r = mcattn_exp(m - s);
+                tot *= r;
+                for (int c = 0; c < dv; ++c) acc[c] *= r;
+                m = s;
+            }
+            const T p = mcattn_exp(s - m);
+            tot += p;
+            for (int c = 0; c < dv; ++c) acc[c] += p * v[(bh * nk + j) * dv + c];
+        }
+        if (want_mass) dropped[bh * nq + i] = t_all > 0.0 ? t_drop / t_all : 0.0;
+        if (do_output) {
+            const T inv = T(1) / tot;
+            for (int c = 0; c < dv; ++c) out[(bh * nq + i) * dv + c] = acc[c] * inv;
+        }
+    }
+    kept[bh * nq + i] = n;
+}
+
+#define MCATTN_LATTE_ARGS(T)                                                                   \
+    const signed char *q8, const signed char *k8, const T *qf, const T *kf, const T *v,        \
+        const float *s_q, const float *s_k, const double *sk256, const double *theta,          \
+        const T *bias, const long long *mask_index, T *out, long long *kept, double *dropped,   \
+        bool *mask_out, int nq, int nk, int d, int dv, double scale, int mode, int int8_scores, \
+        int has_bias, int bias_rows, int is_causal, int want_mass, int write_mask, int do_output
+#define MCATTN_LATTE_PASS                                                                    \
+    q8, k8, qf, kf, v, s_q, s_k, sk256, theta, bias, mask_index, out, kept, dropped, mask_out, \
+        nq, nk, d, dv, scale, mode, int8_scores, has_bias, bias_rows, is_causal, want_mass,    \
+        write_mask, do_output
+
+extern "C" __global__ void mcattn_latte_forward_f32(MCATTN_LATTE_ARGS(float)) {
+    mcattn_latte_forward<float, 128>(MCATTN_LATTE_PASS);
+}
+extern "C" __global__ void mcattn_latte_forward_f64(MCATTN_LATTE_ARGS(double)) {
+    mcattn_latte_forward<double, 128>(MCATTN_LATTE_PASS);
+}
