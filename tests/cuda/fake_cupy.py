@@ -104,6 +104,9 @@ class Device:
     def use(self):
         _state.device = self.id
 
+    def synchronize(self):  # host memory: every "kernel" has finished when it returns
+        pass
+
     def __enter__(self):
         self._saved.append(_current())
         self.use()

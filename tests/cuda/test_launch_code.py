@@ -247,3 +247,21 @@ def test_selftest_runs_every_method_through_the_cupy_launchers(cupy_or_fake):
     launched = {x["kernel"] for x in cupy_or_fake.LAUNCHES}
     assert any(k.startswith("mcattn_mca_projection") for k in launched)
     assert any(k.startswith("mcattn_rfa_") for k in launched)
+
+
+@needs_fake
+def test_selftest_bench_runs_the_gpu_path(cupy_or_fake, monkeypatch):
+    """--bench's timing loop over every method with a bench entry (tiny N, fake GPU)."""
+    from mcattn import selftest
+
+    monkeypatch.setattr(selftest, "_torch_cuda", lambda: None)  # no torch GPU here
+    monkeypatch.setattr(selftest, "backend_status", lambda name: __import__(
+        "mcattn._dispatch", fromlist=["x"]).BackendStatus(name, "cuda", name == "cupy", "fake"))
+    for name in [m for m in selftest.CHECKS if m not in ("exact", "mca")]:  # the shim is slow
+        monkeypatch.delitem(selftest.CHECKS, name)
+    rows, reason = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=1e9)
+    assert reason is None
+    assert {(r["method"], r["n"]) for r in rows if r["ms"] is not None} == {
+        ("exact", 16), ("exact", 32), ("mca", 16), ("mca", 32)}, rows
+    rows, _ = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=0.0)  # sizes stop growing
+    assert {(r["method"], r["n"]) for r in rows} == {("exact", 16), ("mca", 16)}
