@@ -109,10 +109,12 @@ def block_threads(kernel, threads=None):
     threads = int(threads)
     limit = getattr(kernel, "max_threads_per_block", None)
     if limit is None and hasattr(kernel, "get_max_threads_per_block"):
-        try:
+        try:  # numba.cuda: one value when specialised, else {signature: value} of those compiled
             limit = kernel.get_max_threads_per_block()
-        except Exception:  # noqa: BLE001 - not compiled for one signature: nothing to check
+        except Exception:  # noqa: BLE001 - nothing compiled yet: nothing to check
             limit = None
+        if isinstance(limit, dict):
+            limit = min(limit.values(), default=None)
     if limit is not None and threads > int(limit):
         name = getattr(kernel, "name", None) or getattr(getattr(kernel, "py_func", None), "__name__", "kernel")
         raise ConfigError(f"{name} runs at most {int(limit)} threads per block on this GPU "
