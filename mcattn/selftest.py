@@ -15,7 +15,6 @@ import json
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -109,24 +108,12 @@ def _rfa_bench(put, backend, n):
     return lambda: rfa.attention(q, k, v, features=feats, backend=backend)
 
 
-def _eatt(put, backend, dtype):
-    from . import eatt
-
-    rng = np.random.default_rng(3)
-    q, k, v = _qkv(rng, (2, 2, 23, 8), dtype, put)
-    return eatt.attention(q, k, v, alignment="l1", is_causal=True, backend=backend)
-
-
-_ALL_CHECKS = {
+#: method -> Check. One entry per method; every backend is tried with each.
+CHECKS = {
     "exact": Check(_exact, {"float32": 1e-5, "float64": 1e-12}, _exact_bench),
     "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
-    "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}),
 }
-#: method -> Check. One entry per method; every backend is tried with each. (Entries of
-#: methods whose package is not part of this build are left out.)
-CHECKS = {name: check for name, check in _ALL_CHECKS.items()
-          if (Path(__file__).resolve().parent / name / "__init__.py").is_file()}
 
 DTYPES = ("float32", "float64")
 BENCH_SIZES = (1024, 2048, 4096, 8192, 16384)
