@@ -265,7 +265,8 @@ def _device_count():
 cuda = types.SimpleNamespace(
     Device=Device, ExternalStream=ExternalStream, Stream=lambda non_blocking=False: ExternalStream(0x5EED),
     get_current_stream=_get_current_stream,
-    runtime=types.SimpleNamespace(getDevice=_current, getDeviceCount=_device_count, setDevice=lambda i: Device(i).use()),
+    runtime=types.SimpleNamespace(getDevice=_current, getDeviceCount=_device_count,
+                                  setDevice=lambda i: Device(i).use()),
     CUDADriverError=CUDADriverError,
 )
 

@@ -189,7 +189,8 @@ def test_mca_device_tables_are_cached_per_weight(cupy_or_fake, monkeypatch):
     dx, dw, dr = cp.asarray(x), cp.asarray(w), cp.asarray(r)
     gets = []
     original = cp.ndarray.get
-    monkeypatch.setattr(cp.ndarray, "get", lambda self, stream=None: gets.append(self.shape) or original(self))
+    monkeypatch.setattr(cp.ndarray, "get",
+                        lambda self, stream=None: gets.append(self.shape) or original(self))
     kw = dict(num_heads=2, budgets=dr, seed=3, backend="cupy")
     first = mca.value_projection(dx, dw, **kw).get()
     second = mca.value_projection(dx, dw, **kw).get()
