@@ -266,3 +266,16 @@ def test_selftest_bench_runs_the_gpu_path(cupy_or_fake, monkeypatch):
         ("exact", 16), ("exact", 32), ("mca", 16), ("mca", 32)}, rows
     rows, _ = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=0.0)  # sizes stop growing
     assert {(r["method"], r["n"]) for r in rows} == {("exact", 16), ("mca", 16)}
+
+
+@needs_fake
+def test_raw_modules_are_compiled_with_the_headers_hash(cupy_or_fake):
+    """The options CuPy receives carry the headers' hash (its cache key), per device."""
+    from mcattn import _cupy
+
+    module = raw_module("kernels/random.cu")
+    assert module.options == _cupy.compile_options("kernels/random.cu")
+    assert f"-DMCATTN_HEADERS_SHA256={_cupy.header_digest('kernels/random.cu')}" in module.options
+    assert raw_module("kernels/random.cu") is module  # compiled once per device
+    with cupy_or_fake.cuda.Device(1):
+        assert raw_module("kernels/random.cu") is not module
