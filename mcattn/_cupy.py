@@ -5,8 +5,9 @@ headers in ``mcattn/kernels/`` (``common.cuh``, ``philox.cuh``). :func:`raw_modu
 compiles a source with CuPy's NVRTC the first time it is needed on a device and keeps
 the module for later calls. CuPy's own disk cache keys on the source text and the
 options but does not read the headers found through ``-I``, so the options carry a
-hash of the headers (:func:`compile_options`): an edited ``philox.cuh`` recompiles. The tests compile the same sources with NVRTC for sm_80 and
-sm_90 and with the host compiler under a shim (see docs/cuda-testing.md).
+hash of the headers (:func:`compile_options`): an edited ``philox.cuh`` recompiles. The
+tests compile the same sources with NVRTC for sm_80 and sm_90 and with the host
+compiler under a shim (see docs/cuda-testing.md).
 """
 
 import hashlib
@@ -111,12 +112,15 @@ def block_threads(kernel, threads=None):
     threads = int(threads)
     limit = getattr(kernel, "max_threads_per_block", None)
     if limit is None and hasattr(kernel, "get_max_threads_per_block"):
-        try:
+        try:  # numba.cuda: one value when specialised, else {signature: value} of those compiled
             limit = kernel.get_max_threads_per_block()
-        except Exception:  # noqa: BLE001 - not compiled for one signature: nothing to check
+        except Exception:  # noqa: BLE001 - nothing compiled yet: nothing to check
             limit = None
+        if isinstance(limit, dict):
+            limit = min(limit.values(), default=None)
     if limit is not None and threads > int(limit):
-        name = getattr(kernel, "name", None) or getattr(getattr(kernel, "py_func", None), "__name__", "kernel")
+        py_func = getattr(kernel, "py_func", None)
+        name = getattr(kernel, "name", None) or getattr(py_func, "__name__", "kernel")
         raise ConfigError(f"{name} runs at most {int(limit)} threads per block on this GPU "
                           f"(registers per thread); CUDA_THREADS_PER_BLOCK is {threads}")
     return threads

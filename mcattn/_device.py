@@ -35,6 +35,13 @@ def tf_device_id(device):
 
 def device_id(x):
     """The CUDA device id of one array (``None`` for host arrays and non-arrays)."""
+    try:
+        return _device_id(x)
+    except Exception:  # noqa: BLE001 - e.g. a JAX tracer has no device: leave the current one
+        return None
+
+
+def _device_id(x):
     kind = array_kind(x)
     if kind == "cupy":
         return int(x.device.id)

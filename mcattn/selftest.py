@@ -171,7 +171,8 @@ class Row:
 
 def _placer(backend):
     """``put``: NumPy for host backends, CuPy for GPU backends (host arrays under the simulator)."""
-    if backend_status(backend).device == "cuda" and not backend_status(backend).reason.startswith("numba.cuda simulator"):
+    status = backend_status(backend)
+    if status.device == "cuda" and not status.reason.startswith("numba.cuda simulator"):
         import cupy
 
         return cupy.asarray
@@ -214,7 +215,8 @@ def run_selftest(backends=None, methods=None):
                     continue
                 scale = float(np.max(np.abs(ref))) or 1.0
                 row.max_error = float(np.max(np.abs(out.astype(np.float64) - ref))) / scale
-                ok = out.dtype == np.dtype(dtype) and np.isfinite(row.max_error) and row.max_error <= row.tolerance
+                ok = (out.dtype == np.dtype(dtype) and np.isfinite(row.max_error)
+                      and row.max_error <= row.tolerance)
                 row.status = "pass" if ok else "FAIL"
                 if out.dtype != np.dtype(dtype):
                     row.note = f"result dtype {out.dtype}"

@@ -219,8 +219,8 @@ class _Launch:
         feats = self.kernels[0]
         blocks = self._blocks(x.shape[0] * x.shape[1])
         dx, df, dl, dn = (self._in(a) for a in (x, f, logw, fnorm))
-        feats[blocks, self.threads, self.stream](dx, self.omega, df, dl, dn, self.dt(factor), bool(rinp.unit),
-                                    _gpu.KIND_CODE[rinp.kind])
+        feats[blocks, self.threads, self.stream](dx, self.omega, df, dl, dn, self.dt(factor),
+                                                 bool(rinp.unit), _gpu.KIND_CODE[rinp.kind])
         if not self.on_device:
             f[...], logw[...], fnorm[...] = df.copy_to_host(), dl.copy_to_host(), dn.copy_to_host()
 
@@ -248,8 +248,8 @@ class _Launch:
         args = [self._in(a) for a in (fq, qnorm, kw, v, knorm, cum)]
         rest = [self._in(a) for a in (states, mass)]
         do, dflags = self._in(out), self._in(flags)
-        self.kernels[3][blocks, self.threads, self.stream](*args, bool(has_gate), *rest, do, dflags, int(chunk),
-                                              bool(causal), self.dt(self.rinp.eps))
+        self.kernels[3][blocks, self.threads, self.stream](
+            *args, bool(has_gate), *rest, do, dflags, int(chunk), bool(causal), self.dt(self.rinp.eps))
         if not self.on_device:
             out[...], flags[...] = do.copy_to_host(), dflags.copy_to_host()
 

@@ -144,7 +144,17 @@ def _nvjitlink_verbose(ptx, arch):
 
 def _parse_ptxas(log):
     kernels, current = {}, None
-    for line in log.splitlines():
+    for line in log.replace("\0", "").splitlines():
+        # nvJitLink's summary ("Function properties for 'k':" then "used ... bytes smem")
+        # also counts module-level shared arrays (numba.cuda's), which ptxas' line omits.
+        m = re.search(r"Function properties for '([^']+)':", line)
+        if m and m.group(1) in kernels:
+            current = kernels[m.group(1)]
+            continue
+        m = re.search(r"used \d+ registers.*?(\d+) bytes smem", line)
+        if m and current is not None and not line.lstrip().startswith("ptxas"):
+            current["shared"] = max(current["shared"], int(m.group(1)))
+            continue
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
             current = kernels.setdefault(m.group(1), {"registers": 0, "stack": 0, "shared": 0})
@@ -158,7 +168,7 @@ def _parse_ptxas(log):
         if m:
             current["registers"] = int(m.group(1))
             m = re.search(r"(\d+) bytes smem", line)
-            current["shared"] = int(m.group(1)) if m else 0
+            current["shared"] = max(current["shared"], int(m.group(1)) if m else 0)
     return kernels
 
 

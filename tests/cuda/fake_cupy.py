@@ -104,6 +104,9 @@ class Device:
     def use(self):
         _state.device = self.id
 
+    def synchronize(self):  # host memory: every "kernel" has finished when it returns
+        pass
+
     def __enter__(self):
         self._saved.append(_current())
         self.use()
@@ -262,7 +265,8 @@ def _device_count():
 cuda = types.SimpleNamespace(
     Device=Device, ExternalStream=ExternalStream, Stream=lambda non_blocking=False: ExternalStream(0x5EED),
     get_current_stream=_get_current_stream,
-    runtime=types.SimpleNamespace(getDevice=_current, getDeviceCount=_device_count, setDevice=lambda i: Device(i).use()),
+    runtime=types.SimpleNamespace(getDevice=_current, getDeviceCount=_device_count,
+                                  setDevice=lambda i: Device(i).use()),
     CUDADriverError=CUDADriverError,
 )
 

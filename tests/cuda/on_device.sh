@@ -45,14 +45,14 @@ fi
     echo "# tests/cuda/on_device.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi failed"
     $PY - <<'EOF'
-import importlib, platform
+import importlib.metadata as md, platform
 print("python", platform.python_version())
-for name in ("numpy", "cupy", "numba", "numba.cuda", "cuda.bindings", "torch", "jax", "pytest"):
+for dist in ("numpy", "cupy-cuda13x", "cupy-cuda12x", "numba", "numba-cuda", "cuda-bindings",
+             "nvidia-cuda-nvrtc", "torch", "jax", "pytest", "array-api-compat"):
     try:
-        mod = importlib.import_module(name)
-        print(name, getattr(mod, "__version__", "?"))
-    except Exception as exc:
-        print(name, "MISSING", exc)
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "not installed")
 EOF
 } > "$OUT_DIR/gpu-environment.txt" 2>&1
 cat "$OUT_DIR/gpu-environment.txt"
@@ -89,12 +89,34 @@ step "pytest tests/cuda on the GPU" 240 "$OUT_DIR/gpu-pytest.txt" \
 step "mcattn selftest --bench" 150 "$OUT_DIR/gpu-selftest.txt" \
     $PY -m mcattn.cli selftest --bench --json "$OUT_DIR/gpu-selftest.json"
 
+# On a GPU machine the GPU backends must have run: a GPU row that did not pass, or a bench
+# without GPU timings, fails the script.
+if $PY - "$OUT_DIR/gpu-selftest.json" > /tmp/mcattn-gpu-rows.txt 2>&1 <<'PYEOF'
+import json, sys
+try:
+    payload = json.load(open(sys.argv[1]))
+except Exception as exc:
+    sys.exit(f"no selftest JSON: {exc}")
+bad = [f"{r['backend']} {r['method']} {r['dtype']}: {r['status']} {r['note']}" for r in payload["rows"]
+       if r["backend"] in ("cupy", "cuda") and r["status"] != "pass"]
+if not any(r.get("ms") for r in payload.get("bench", [])):
+    bad.append("no GPU timing in the bench")
+print("\n".join(bad) or "every GPU row passed")
+sys.exit(1 if bad else 0)
+PYEOF
+then
+    SUMMARY+=("ok    GPU backends ran (cupy and cuda rows, bench)")
+else
+    SUMMARY+=("FAIL  GPU backends: $(head -3 /tmp/mcattn-gpu-rows.txt | tr '\n' ';')")
+    FAILED=1
+fi
+
 # 5. Summary, last.
 echo
 echo "=== on_device.sh summary ($(( $(date +%s) - START ))s, $(head -2 "$OUT_DIR/gpu-environment.txt" | tail -1)) ==="
 grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /'
 grep -E "^selftest:" "$OUT_DIR/gpu-selftest.txt" | tail -1
-grep -E "FAIL|error " "$OUT_DIR/gpu-selftest.txt" | head -5
+grep -E "^\S+ +\S+ +\S+ +(FAIL|error) " "$OUT_DIR/gpu-selftest.txt" | head -5
 printf '%s\n' "${SUMMARY[@]}"
 if [ $FAILED -ne 0 ]; then
     echo "on_device.sh: FAILED (see above); results in $OUT_DIR/gpu-*"

@@ -87,6 +87,11 @@ def test_resource_check_catches_a_large_stack():
     assert res == {"registers": 255, "stack": 33792, "shared": 49664}
     problems = resource_problems("k", res, 512)
     assert len(problems) == 3, problems
+    # nvJitLink's summary counts module-level shared arrays (numba.cuda) that ptxas' line omits
+    linked = log.replace(", 49664 bytes smem", "") + (
+        "info    : Function properties for 'k':\n"
+        "info    : used 255 registers, used 1 barriers, 33792 stack, 50000 bytes smem, 0 bytes lmem\n")
+    assert _parse_ptxas(linked)["k"]["shared"] == 50000
 
 
 #: A float32 value widened to float64: the mark of float64 arithmetic on float32 data.

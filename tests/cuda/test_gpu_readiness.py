@@ -52,3 +52,16 @@ def test_block_threads_asks_numba_dispatchers():
     with pytest.raises(ConfigError, match="at most 256"):
         _cupy.block_threads(Dispatcher(), 512)
     assert _cupy.block_threads(Dispatcher(), 256) == 256
+
+    class Unspecialised(Dispatcher):  # several signatures compiled: {signature: limit}
+        def get_max_threads_per_block(self):
+            return {("float32",): 640, ("float64",): 384}
+
+    with pytest.raises(ConfigError, match="at most 384"):
+        _cupy.block_threads(Unspecialised(), 512)
+
+    class Fresh(Dispatcher):  # nothing compiled yet
+        def get_max_threads_per_block(self):
+            return {}
+
+    assert _cupy.block_threads(Fresh(), 1024) == 1024

@@ -193,7 +193,8 @@ def test_mca_device_tables_are_cached_per_weight(cupy_or_fake, monkeypatch):
     dx, dw, dr = cp.asarray(x), cp.asarray(w), cp.asarray(r)
     gets = []
     original = cp.ndarray.get
-    monkeypatch.setattr(cp.ndarray, "get", lambda self, stream=None: gets.append(self.shape) or original(self))
+    monkeypatch.setattr(cp.ndarray, "get",
+                        lambda self, stream=None: gets.append(self.shape) or original(self))
     kw = dict(num_heads=2, budgets=dr, seed=3, backend="cupy")
     first = mca.value_projection(dx, dw, **kw).get()
     second = mca.value_projection(dx, dw, **kw).get()
@@ -251,3 +252,34 @@ def test_selftest_runs_every_method_through_the_cupy_launchers(cupy_or_fake):
     launched = {x["kernel"] for x in cupy_or_fake.LAUNCHES}
     assert any(k.startswith("mcattn_mca_projection") for k in launched)
     assert any(k.startswith("mcattn_rfa_") for k in launched)
+
+
+@needs_fake
+def test_selftest_bench_runs_the_gpu_path(cupy_or_fake, monkeypatch):
+    """--bench's timing loop over every method with a bench entry (tiny N, fake GPU)."""
+    from mcattn import selftest
+
+    monkeypatch.setattr(selftest, "_torch_cuda", lambda: None)  # no torch GPU here
+    monkeypatch.setattr(selftest, "backend_status", lambda name: __import__(
+        "mcattn._dispatch", fromlist=["x"]).BackendStatus(name, "cuda", name == "cupy", "fake"))
+    for name in [m for m in selftest.CHECKS if m not in ("exact", "mca")]:  # the shim is slow
+        monkeypatch.delitem(selftest.CHECKS, name)
+    rows, reason = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=1e9)
+    assert reason is None
+    assert {(r["method"], r["n"]) for r in rows if r["ms"] is not None} == {
+        ("exact", 16), ("exact", 32), ("mca", 16), ("mca", 32)}, rows
+    rows, _ = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=0.0)  # sizes stop growing
+    assert {(r["method"], r["n"]) for r in rows} == {("exact", 16), ("mca", 16)}
+
+
+@needs_fake
+def test_raw_modules_are_compiled_with_the_headers_hash(cupy_or_fake):
+    """The options CuPy receives carry the headers' hash (its cache key), per device."""
+    from mcattn import _cupy
+
+    module = raw_module("kernels/random.cu")
+    assert module.options == _cupy.compile_options("kernels/random.cu")
+    assert f"-DMCATTN_HEADERS_SHA256={_cupy.header_digest('kernels/random.cu')}" in module.options
+    assert raw_module("kernels/random.cu") is module  # compiled once per device
+    with cupy_or_fake.cuda.Device(1):
+        assert raw_module("kernels/random.cu") is not module
