@@ -7,6 +7,15 @@ DLPack, and returns the same array type. :func:`backends` tells which kernels ca
 on this machine.
 """
 
+import numpy as _np
+
+if not hasattr(_np, "row_stack"):
+    # numba-cuda <= 0.30.4 registers an overload of np.row_stack when numba.cuda is first
+    # imported; NumPy 2.5 removed that deprecated alias of vstack, so importing numba.cuda
+    # fails there (seen on the H200 machine: numpy 2.5.2, numba-cuda 0.30.4). Restore the
+    # alias, as NumPy itself defined it, until numba-cuda drops the overload.
+    _np.row_stack = _np.vstack
+
 from . import config, cost, eatt, eigen, errors, latte, mca, random, rfa
 from ._dispatch import backends
 from .cost import CallInfo, OpCounts
