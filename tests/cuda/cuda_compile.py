@@ -49,6 +49,7 @@ def _check(nvrtc, err, what):
 
 _PTX_SCRIPT = r"""
 import importlib, json, os, sys
+import mcattn  # first: its NumPy 2.5 compatibility alias for numba-cuda
 from numba import cuda
 out_dir = sys.argv[2] if len(sys.argv) > 2 else None
 results = []
