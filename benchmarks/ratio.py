@@ -26,6 +26,7 @@ CASES = {
     "exact": "benchmarks.bench_exact:ratio_rows",
     "mca": "benchmarks.bench_mca:ratio_rows",
     "rfa": "benchmarks.bench_rfa:ratio_rows",
+    "eigen": "benchmarks.bench_eigen:ratio_rows",
 }
 
 

@@ -106,6 +106,7 @@ METHOD_ENTRIES = {
     "exact": "mcattn.exact.compare:ENTRY",
     "mca": "mcattn.mca.compare:ENTRY",
     "rfa": "mcattn.rfa.compare:ENTRY",
+    "eigen": "mcattn.eigen.compare:ENTRY",
 }
 
 

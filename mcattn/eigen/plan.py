@@ -27,9 +27,9 @@ from .basis import EigenBasis, select_columns
 __all__ = ["Plan", "make_plan", "ESTIMATORS", "reconstruction_map", "DEFAULT_FIXED_FRACTION"]
 
 ESTIMATORS = ("conditional", "deim")
-#: With ``columns=m`` (an int) and ``per_query=None``: a quarter of the budget is fixed
+#: With ``columns=m`` (an int) and ``per_query=None``: an eighth of the budget is fixed
 #: (Q-DEIM) columns, the rest is chosen per query (docs/eigen.md, "what made the error fall").
-DEFAULT_FIXED_FRACTION = 0.25
+DEFAULT_FIXED_FRACTION = 0.125
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,9 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     ----------
     basis : EigenBasis or sequence of EigenBasis
         One basis for every head, or one per head (``H`` of them).
-    columns : int, array ``[m]``, or sequence of ``H`` arrays
-        An int is a budget of ``m`` columns per query: ``per_query`` of them (default
-        three quarters) are chosen per query, the rest are fixed columns picked by
+    columns : int, array ``[m]``, sequence of ``H`` arrays, or Plan
+        A :class:`Plan` is returned as it is (build it once, reuse it). An int is a budget of ``m`` columns per query: ``per_query`` of them (default
+        seven eighths) are chosen per query, the rest are fixed columns picked by
         ``column_method`` from each head's basis. Arrays are the fixed columns.
     rank : int, optional
         Components used (default: each basis' rank).
@@ -132,6 +132,8 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     column_method : str
         For an int ``columns``; see :func:`~mcattn.eigen.basis.select_columns`.
     """
+    if isinstance(columns, Plan):  # built once, reused across calls
+        return columns
     bases = (basis,) if isinstance(basis, EigenBasis) else tuple(basis)
     if not bases or not all(isinstance(b, EigenBasis) for b in bases):
         raise TypeError("basis must be an EigenBasis or a non-empty sequence of them (one per head)")
