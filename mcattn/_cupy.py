@@ -29,6 +29,7 @@ KERNEL_SOURCES = {
         "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
         "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
     ),
+    "eigen/kernels/eigen.cu": ("mcattn_eigen_forward_f32", "mcattn_eigen_forward_f64"),
 }
 
 _lock = threading.Lock()

@@ -89,7 +89,9 @@ def reconstruction_map(basis, columns, rank=None, estimator="conditional"):
         g = np.linalg.pinv(u[:, cols]) @ u
     else:
         cov = (u.T * b.explained_variance) @ u
-        cov[np.diag_indices_from(cov)] += max(b.noise_variance(), 1e-12 * max(b.total_variance, 1e-300))
+        # A floor keeps C[S, S] invertible when the fit left no variance outside the basis.
+        floor = 1e-12 * (b.total_variance / b.length if b.total_variance > 0 else 1.0)
+        cov[np.diag_indices_from(cov)] += max(b.noise_variance(), floor)
         g = np.linalg.solve(cov[np.ix_(cols, cols)], cov[cols, :])
     means = b.position_mean if b.position_mean is not None else b.mean[None, :]
     offset = means - means[:, cols] @ g

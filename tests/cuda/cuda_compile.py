@@ -10,7 +10,8 @@ from mcattn._cupy import INCLUDE_DIR, kernel_path
 ARCHITECTURES = ("sm_80", "sm_90")
 
 #: Modules with numba.cuda kernels; each has ptx_signatures() -> [(name, pyfunc, argtypes)].
-NUMBA_CUDA_MODULES = ("mcattn._random_cuda", "mcattn.exact.cuda", "mcattn.mca.cuda", "mcattn.rfa.cuda")
+NUMBA_CUDA_MODULES = ("mcattn._random_cuda", "mcattn.exact.cuda", "mcattn.mca.cuda", "mcattn.rfa.cuda",
+                      "mcattn.eigen.cuda")
 
 
 def nvrtc_compile(relative_source, arch):
