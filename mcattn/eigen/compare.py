@@ -79,6 +79,7 @@ def _bound(inputs, num_columns, trial, exact_out):
 
 ENTRY = MethodEntry(
     name="eigen", knob="num_columns", values=(16, 32, 48, 64), run=_run, bound=_bound,
+    eval_values=(16, 32, 64),
     bound_note=f"eigen: rank {RANK} per-head bases fitted on this layer's full-length sequences "
                "(in-sample for those); deterministic bound (holds for every row) relative to ||O||",
 )

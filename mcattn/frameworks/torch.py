@@ -73,8 +73,14 @@ def _rfa(module, q, k, v, mask, scale, options):
                          scale=scale)
 
 
+def _eigen(module, q, k, v, mask, scale, options):
+    from mcattn.eigen.torch_adapter import adapter
+
+    return adapter(module, q, k, v, mask, scale, options)
+
+
 #: Method name -> adapter ``(module, q, k, v, mask, scale, options) -> [B, H, Nq, dv]``.
-ADAPTERS = {"exact": _exact, "mca": _mca, "rfa": _rfa}
+ADAPTERS = {"exact": _exact, "mca": _mca, "rfa": _rfa, "eigen": _eigen}
 
 
 def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, **options):
