@@ -29,14 +29,18 @@ def _best(fn, repeats=5):
 def main():
     rng = np.random.default_rng(0)
     print(f"# eigen / exact on {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}")
-    print(f"{'N':>6} {'cols':>5} {'eigen_cupy_ms':>14} {'eigen_cuda_ms':>14} {'exact_cupy_ms':>14} {'sdpa_ms':>9}")
+    names = ("N", "cols", "eigen_cupy_ms", "eigen_cuda_ms", "exact_cupy_ms", "sdpa_ms")
+    print(" ".join(f"{x:>14}" for x in names))
     for n in (96, 256, 512, 1024):
         q, k, v = (rng.standard_normal((1, 12, n, 32)).astype(np.float32) for _ in range(3))
         bases = eigen.fit_heads(q, k, rank=16, center=True)
         plan = eigen.make_plan(bases, max(16, n // 3))
         gq, gk, gv = (cupy.asarray(a) for a in (q, k, v))
-        t_ec = _best(lambda: eigen.attention(gq, gk, gv, basis=bases, columns=plan, backend="cupy"))  # noqa: B023
-        t_nc = _best(lambda: eigen.attention(gq, gk, gv, basis=bases, columns=plan, backend="cuda"))  # noqa: B023
+        def run(backend):
+            return eigen.attention(gq, gk, gv, basis=bases, columns=plan, backend=backend)  # noqa: B023
+
+        t_ec = _best(lambda: run("cupy"))
+        t_nc = _best(lambda: run("cuda"))
         t_ex = _best(lambda: attention(gq, gk, gv, backend="cupy"))  # noqa: B023
         try:
             import torch
@@ -45,8 +49,9 @@ def main():
             t_sd = _best(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv))  # noqa: B023
         except Exception:  # noqa: BLE001 - torch is optional here
             t_sd = float("nan")
-        print(f"{n:>6} {plan.num_fixed + plan.per_query:>5} {t_ec * 1e3:>14.3f} {t_nc * 1e3:>14.3f} "
-              f"{t_ex * 1e3:>14.3f} {t_sd * 1e3:>9.3f}", flush=True)
+        times = tuple(f"{t * 1e3:.3f}" for t in (t_ec, t_nc, t_ex, t_sd))
+        cells = (n, plan.num_fixed + plan.per_query) + times
+        print(" ".join(f"{x:>14}" for x in cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def eigen_ops(inp, plan):
     partial = rows * m * d + chosen * d
     recon = rows * m * nk
     counts = {
-        "fp32_mul": rows * d + partial + recon + pairs * dv + live * (dv + 0),
+        "fp32_mul": rows * d + partial + recon + pairs * dv + live * dv,
         "fp32_add": partial + recon + rows * nk + pairs * (dv + 2)
                     + (rows * nk if inp.mask.bias is not None else 0),
         "fp32_cmp": pairs + (3 * rows * nk if plan.per_query else 0),
@@ -202,7 +202,8 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
         (query ``i`` is position ``i`` of the window).
     columns : int, array ``[m]``, sequence of ``H`` arrays, or Plan
         A :class:`~mcattn.eigen.plan.Plan` from :func:`make_plan` skips building the
-        maps again (``rank``, ``per_query``, ``estimator`` are then ignored). An int ``m`` is a budget per query row: ``per_query`` columns (default seven
+        maps again (``rank``, ``per_query``, ``estimator`` are then ignored). An int ``m``
+        is a budget per query row: ``per_query`` columns (default seven
         eighths of ``m``; 0 with ``estimator="deim"``) are chosen per query, the others
         are Q-DEIM columns of each head's basis. Arrays are the fixed columns themselves
         (distinct, in ``[0, n)``, at least ``rank`` of them for ``"deim"``).

@@ -265,7 +265,6 @@ def fit(rows, *, rank=None, method="full", center=True, seed=None):
         raise ValueError(f"method must be 'full' or 'randomized'; got {method!r}")
     if center not in CENTER_MODES:
         raise ValueError(f"center must be True, False or 'position'; got {center!r}")
-    positions = center == "position"
     if _is_dask(rows):
         return _fit_dask(rows, rank, center)
     if isinstance(rows, Iterable) and not hasattr(rows, "shape"):
@@ -294,7 +293,6 @@ def fit(rows, *, rank=None, method="full", center=True, seed=None):
         extra = scipy.linalg.null_space(vt)[:, : rank - len(explained)].T
         vt = np.vstack([vt, extra])
         explained = np.concatenate([explained, np.zeros(len(extra))])
-    del positions
     return EigenBasis(mean=mean, components=_fix_signs(vt), explained_variance=explained,
                       total_variance=total, n_rows=x.shape[0], position_mean=pos)
 

@@ -40,7 +40,9 @@ def forward(inp, plan):
         b1 = min(bh, b0 + _MAX_GRID_Y)
         # The kernel takes heads from the batch row index: shift it for later chunks.
         shift = b0 % plan.num_heads
-        c, w, bs = (cupy.roll(a, -shift, axis=0) for a in (cols, weights, base)) if shift else (cols, weights, base)
+        c, w, bs = cols, weights, base
+        if shift:
+            c, w, bs = (cupy.roll(a, -shift, axis=0) for a in (cols, weights, base))
         kernel(
             ((nq + threads - 1) // threads, b1 - b0), (threads,),
             (q[b0:b1], k[b0:b1], v[b0:b1], out[b0:b1], c, w, bs, bias, index[b0:b1], np.int32(nq),

@@ -89,7 +89,8 @@ def _softmax_out(s, v):
     return (p / p.sum(-1, keepdims=True)) @ v
 
 
-def reconstruction_table(data, ranks=(8, 16, 24), extra=(0, 8, 24), methods=("qdeim", "uniform", "first", "random")):
+def reconstruction_table(data, ranks=(8, 16, 24), extra=(0, 8, 24),
+                         methods=("qdeim", "uniform", "first", "random")):
     """Markdown: DEIM reconstruction error and bounds against rank, columns and column method.
 
     Figures averaged over the 6 layers; per layer one basis (heads pooled) fitted on the

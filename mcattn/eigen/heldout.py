@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from . import attention, fit, fit_heads, score_rows, select_columns
+from . import attention, fit, fit_heads, score_rows
 from .plan import _pick_columns
 
 __all__ = ["VARIANTS", "run", "format_table", "main"]

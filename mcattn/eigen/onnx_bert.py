@@ -121,7 +121,8 @@ class NumpyBert:
             ctx = (s / s.sum(-1, keepdims=True)) @ v
             ctx = ctx.transpose(0, 2, 1, 3).reshape(bsz, n, -1)
             x = _layer_norm(x + proj("attention.output.dense", ctx),
-                            w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"])
+                            w[p + "attention.output.LayerNorm.weight"],
+                            w[p + "attention.output.LayerNorm.bias"])
             hidden = _gelu(proj("intermediate.dense", x))
             x = _layer_norm(x + proj("output.dense", hidden),
                             w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"])

@@ -123,7 +123,8 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     basis : EigenBasis or sequence of EigenBasis
         One basis for every head, or one per head (``H`` of them).
     columns : int, array ``[m]``, sequence of ``H`` arrays, or Plan
-        A :class:`Plan` is returned as it is (build it once, reuse it). An int is a budget of ``m`` columns per query: ``per_query`` of them (default
+        A :class:`Plan` is returned as it is (build it once, reuse it). An int is a
+        budget of ``m`` columns per query: ``per_query`` of them (default
         seven eighths) are chosen per query, the rest are fixed columns picked by
         ``column_method`` from each head's basis. Arrays are the fixed columns.
     rank : int, optional
@@ -169,7 +170,8 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
         per_query = 0 if per_query is None else per_query
         arr = [columns] if np.ndim(columns) == 1 else list(columns)
         if len(arr) not in (1, len(bases)):
-            raise ShapeError(f"columns: one array for all heads or one per head ({len(bases)}); got {len(arr)}")
+            raise ShapeError(f"columns: one array for all heads or one per head ({len(bases)}); "
+                             f"got {len(arr)}")
         col_sets = [check_columns(c, n, r if estimator == "deim" else 1) for c in arr]
         if len({len(c) for c in col_sets}) != 1:
             raise ShapeError("every head needs the same number of columns")

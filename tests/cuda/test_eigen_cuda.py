@@ -1,4 +1,4 @@
-"""Eigen reconstruction's GPU kernels against the CPU kernel: numba.cuda (simulator) and CUDA C (host shim)."""
+"""eigen's GPU kernels against the CPU kernel: numba.cuda (simulator), CUDA C (host shim)."""
 
 import numpy as np
 import pytest
