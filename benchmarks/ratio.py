@@ -30,6 +30,7 @@ CASES = {
     "train": "benchmarks.bench_train:ratio_rows",
     "eatt": "benchmarks.bench_eatt:ratio_rows",
     "latte": "benchmarks.bench_latte:ratio_rows",
+    "eigen": "benchmarks.bench_eigen:ratio_rows",
 }
 
 

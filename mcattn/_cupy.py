@@ -39,6 +39,7 @@ KERNEL_SOURCES = {
     ),
     "eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64"),
     "latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64"),
+    "eigen/kernels/eigen.cu": ("mcattn_eigen_forward_f32", "mcattn_eigen_forward_f64"),
 }
 
 _lock = threading.Lock()

@@ -131,6 +131,7 @@ METHOD_ENTRIES = {
     "rfa": "mcattn.rfa.compare:ENTRY",
     "eatt": "mcattn.eatt.compare:ENTRY",
     "latte": "mcattn.latte.compare:ENTRY",
+    "eigen": "mcattn.eigen.compare:ENTRY",
 }
 
 

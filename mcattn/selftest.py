@@ -143,6 +143,16 @@ def _latte_bench(put, backend, n):
     return lambda: latte.attention(q, k, v, threshold=4.0, backend=backend)
 
 
+def _eigen(put, backend, dtype):
+    from . import eigen
+
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, 40, 8)) for _ in range(3))
+    basis = eigen.fit(eigen.score_rows(q, k), rank=6)  # fitted on the host, float64
+    q, k, v = (put(a.astype(dtype)) for a in (q, k, v))
+    return eigen.attention(q, k, v, basis=basis, columns=12, backend=backend)
+
+
 #: method -> Check. One entry per method; every backend is tried with each.
 CHECKS = {
     "exact": Check(_exact, {"float32": 1e-5, "float64": 1e-12}, _exact_bench),
@@ -150,6 +160,7 @@ CHECKS = {
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
     "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),
     "latte": Check(_latte, {"float32": 1e-5, "float64": 1e-12}, _latte_bench),
+    "eigen": Check(_eigen, {"float32": 1e-5, "float64": 1e-12}),
 }
 
 DTYPES = ("float32", "float64")

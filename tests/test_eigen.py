@@ -114,7 +114,7 @@ def test_overlap_is_one_for_the_same_basis_and_chance_for_unrelated_ones():
     assert np.allclose(eigen.principal_angles(b, b), 0.0, atol=1e-6)
     # Independent random subspaces of R^60 of rank 6: E overlap = r/n = 0.1.
     values = [eigen.overlap(eigen.fit(rng.standard_normal((200, 60)), rank=6),
-                            eigen.fit(rng.standard_normal((200, 60)), rank=6)) for _ in range(20)]
+                            eigen.fit(rng.standard_normal((200, 60)), rank=6)) for _ in range(10)]
     assert abs(np.mean(values) - 0.1) < 0.03
     with pytest.raises(ShapeError):
         eigen.overlap(b, eigen.fit(rng.standard_normal((10, 8))))

@@ -17,7 +17,7 @@ and :func:`principal_angles` compare subspaces of layers and models, and
 4. softmax and ``@ V``.
 
 The defaults (per-head bases fitted with ``center="position"``, the conditional
-estimator, a quarter of the column budget fixed and the rest chosen per query) are what
+estimator, an eighth of the column budget fixed and the rest chosen per query) are what
 brought the output error on held-out real attention from about 0.7 (plain PCA + Q-DEIM)
 down; the figures are in docs/eigen.md. Bounds: :mod:`mcattn.eigen.bounds`.
 """
@@ -152,10 +152,11 @@ def eigen_ops(inp, plan):
     """Operations of one call, from what the kernels do; also the MAC figures of :class:`EigenInfo`.
 
     Per query row: ``d`` multiplies to scale ``q``; ``m d`` multiply-adds for the fixed
-    columns; ``m n`` for the reconstruction plus ``n`` adds of the mean; ``n`` compares
-    per chosen column to pick the ``per_query`` largest and ``d`` multiply-adds per
-    chosen column; then, per visible key, the softmax (compare, subtract, exp, add) and
-    ``dv`` multiply-adds; a divide and ``dv`` multiplies per row with a visible key.
+    columns; ``m n`` for the reconstruction plus ``n`` adds of the mean; with
+    ``per_query``, about ``3 n`` compares to pick the largest (an ``O(n)`` partition,
+    about ``2 n`` expected, and a pass) and ``d`` multiply-adds per chosen column; then,
+    per visible key, the softmax (compare, subtract, exp, add) and ``dv`` multiply-adds;
+    a divide and ``dv`` multiplies per row with a visible key.
 
     Returns
     -------
@@ -172,10 +173,10 @@ def eigen_ops(inp, plan):
     partial = rows * m * d + chosen * d
     recon = rows * m * nk
     counts = {
-        "fp32_mul": rows * d + partial + recon + pairs * dv + live * (dv + 0),
+        "fp32_mul": rows * d + partial + recon + pairs * dv + live * dv,
         "fp32_add": partial + recon + rows * nk + pairs * (dv + 2)
                     + (rows * nk if inp.mask.bias is not None else 0),
-        "fp32_cmp": pairs + (chosen * nk if plan.per_query else 0),
+        "fp32_cmp": pairs + (3 * rows * nk if plan.per_query else 0),
         "fp32_exp": pairs,
         "fp32_div": live,
     }
@@ -199,9 +200,11 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
         One basis for all rows, or one per head: ``H`` bases for inputs whose last batch
         dim is ``H`` (``[B, H, N, d]``). A position-centred basis needs ``Nq == n``
         (query ``i`` is position ``i`` of the window).
-    columns : int, array ``[m]`` or sequence of ``H`` arrays
-        An int ``m`` is a budget per query row: ``per_query`` columns (default three
-        quarters of ``m``; 0 with ``estimator="deim"``) are chosen per query, the others
+    columns : int, array ``[m]``, sequence of ``H`` arrays, or Plan
+        A :class:`~mcattn.eigen.plan.Plan` from :func:`make_plan` skips building the
+        maps again (``rank``, ``per_query``, ``estimator`` are then ignored). An int ``m``
+        is a budget per query row: ``per_query`` columns (default seven
+        eighths of ``m``; 0 with ``estimator="deim"``) are chosen per query, the others
         are Q-DEIM columns of each head's basis. Arrays are the fixed columns themselves
         (distinct, in ``[0, n)``, at least ``rank`` of them for ``"deim"``).
     rank : int, optional

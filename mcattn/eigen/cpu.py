@@ -1,12 +1,12 @@
 """Eigen reconstruction attention on the CPU: one Numba pass per query row.
 
-A task is a block of query rows of one batch row. For each row the kernel computes the
-fixed columns' scores, the reconstruction ``base + a_S @ G`` (a loop LLVM vectorises),
+A task is a block of query rows of one batch row. For the block the kernel computes the
+fixed columns' scores and the reconstruction ``base + a_S @ G`` by BLAS; per row it
 writes the computed columns back exactly, applies the mask, picks the ``per_query``
-largest visible reconstructed scores outside the fixed columns (a selection pass per
-pick, ties to the lower index, as :mod:`mcattn.eigen.naive`), computes them exactly, and
-finishes with the softmax (:func:`mcattn._cpu_math.exp_block`) and ``P @ V``. Scratch is
-``O(n + m)`` per thread.
+largest visible reconstructed scores outside the fixed columns (one ``O(n)`` partition
+for the threshold, ties to the lower index, as :mod:`mcattn.eigen.naive`), computes them exactly, and
+finishes with the softmax (:func:`mcattn._cpu_math.exp_block`) and ``P @ V`` (BLAS).
+Scratch is ``O(BLOCK_Q (n + m + d + dv))`` per thread.
 """
 
 import numpy as np
@@ -31,84 +31,97 @@ def _eigen_tasks(q, k, v, out, scale, cols, weights, base, per_query, bias, mask
     positional = base.shape[1] > 1
     row_bias = bias.shape[1] > 1
     n_qblocks = (nq + block_q - 1) // block_q
-    a_s = np.empty(m, q.dtype)
-    s = np.empty((1, nk), q.dtype)
-    bits = np.empty((1, nk), bits_type)
-    taken = np.zeros(nk, np.uint8)
-    acc = np.empty(dv, q.dtype)
-    qs = np.empty(d, q.dtype)
+    qs = np.empty((block_q, d), q.dtype)
+    ks = np.empty((m, d), q.dtype)
+    a_s = np.empty((block_q, m), q.dtype)
+    s = np.empty((block_q, nk), q.dtype)
+    bits = np.empty((block_q, nk), bits_type)
+    cand = np.empty(nk, q.dtype)
+    work = np.empty(nk, q.dtype)
+    total = np.empty(block_q, q.dtype)
+    pv = np.empty((block_q, dv), q.dtype)
     neg_inf = -np.inf
     for task in range(t0, t1):
         b = task // n_qblocks
         i0 = (task % n_qblocks) * block_q
         i1 = min(nq, i0 + block_q)
+        rows = i1 - i0
         h = b % heads
         slot = mask_index[b] if has_bias else 0
-        for i in range(i0, i1):
+        for i in range(rows):
             for c in range(d):
-                qs[c] = q[b, i, c] * scale
-            for t in range(m):
-                acc0 = qs[0] * 0
-                kj = cols[h, t]
-                for c in range(d):
-                    acc0 += qs[c] * k[b, kj, c]
-                a_s[t] = acc0
-            pos = i if positional else 0
+                qs[i, c] = q[b, i0 + i, c] * scale
+        for t in range(m):
+            for c in range(d):
+                ks[t, c] = k[b, cols[h, t], c]
+        # Fixed columns and the reconstruction, a block of rows at a time (BLAS).
+        np.dot(qs[:rows], ks.T, a_s[:rows])
+        np.dot(a_s[:rows], weights[h], s[:rows])
+        for i in range(rows):
+            pos = i0 + i if positional else 0
             for j in range(nk):
-                s[0, j] = base[h, pos, j]
+                s[i, j] += base[h, pos, j]
             for t in range(m):
-                w = a_s[t]
-                for j in range(nk):
-                    s[0, j] += w * weights[h, t, j]
-            for t in range(m):
-                s[0, cols[h, t]] = a_s[t]
-            r = i if row_bias else 0
+                s[i, cols[h, t]] = a_s[i, t]
+            r = i0 + i if row_bias else 0
             if has_bias:
                 for j in range(nk):
-                    s[0, j] += bias[slot, r, j]
+                    s[i, j] += bias[slot, r, j]
             if is_causal:
-                for j in range(i + 1, nk):
-                    s[0, j] = neg_inf
+                for j in range(i0 + i + 1, nk):
+                    s[i, j] = neg_inf
             if per_query > 0:
+                # The per_query largest visible scores outside the fixed columns: one
+                # O(n) partition finds the threshold, ties go to the lower index.
+                live = 0
                 for j in range(nk):
-                    taken[j] = 0
+                    cand[j] = s[i, j]
                 for t in range(m):
-                    taken[cols[h, t]] = 1
-                for _ in range(per_query):
-                    best = -1
+                    cand[cols[h, t]] = neg_inf
+                for j in range(nk):
+                    if cand[j] > neg_inf:
+                        live += 1
+                want = min(per_query, live)
+                if want > 0:
                     for j in range(nk):
-                        if taken[j] == 0 and s[0, j] > neg_inf and (best < 0 or s[0, j] > s[0, best]):
-                            best = j
-                    if best < 0:
-                        break
-                    taken[best] = 1
-                    acc0 = qs[0] * 0
-                    for c in range(d):
-                        acc0 += qs[c] * k[b, best, c]
-                    if has_bias:
-                        acc0 += bias[slot, r, best]
-                    s[0, best] = acc0
+                        work[j] = cand[j]
+                    thresh = np.partition(work, nk - want)[nk - want]
+                    above = 0
+                    for j in range(nk):
+                        if cand[j] > thresh:
+                            above += 1
+                    ties = want - above
+                    for j in range(nk):
+                        c0 = cand[j]
+                        if c0 > thresh or (c0 == thresh and ties > 0):
+                            if c0 == thresh:
+                                ties -= 1
+                            acc0 = qs[i, 0] * 0
+                            for c in range(d):
+                                acc0 += qs[i, c] * k[b, j, c]
+                            if has_bias:
+                                acc0 += bias[slot, r, j]
+                            s[i, j] = acc0
             top = neg_inf
             for j in range(nk):
-                top = max(top, s[0, j])
-            if top == neg_inf:
-                for c in range(dv):
-                    out[b, i, c] = 0.0
-                continue
+                top = max(top, s[i, j])
+            if top == neg_inf:  # no visible key: a zero row
+                for j in range(nk):
+                    s[i, j] = neg_inf
+                top = 0.0
             for j in range(nk):
-                s[0, j] -= top
-            exp_block(s, bits, 1, nk)
-            total = s[0, 0] * 0
-            for c in range(dv):
-                acc[c] = 0.0
+                s[i, j] -= top
+        exp_block(s, bits, rows, nk)
+        for i in range(rows):
+            acc0 = s[i, 0] * 0
             for j in range(nk):
-                p = s[0, j]
-                total += p
-                for c in range(dv):
-                    acc[c] += p * v[b, j, c]
-            inv = 1.0 / total
+                acc0 += s[i, j]
+            total[i] = acc0
+        np.dot(s[:rows], v[b], pv[:rows])
+        for i in range(rows):
+            inv = 1.0 / total[i] if total[i] > 0 else 0.0
             for c in range(dv):
-                out[b, i, c] = acc[c] * inv
+                out[b, i0 + i, c] = pv[i, c] * inv
 
 
 def forward(inp, plan):

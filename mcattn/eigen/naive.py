@@ -63,7 +63,8 @@ def reconstruct(inp, plan, b):
             chosen = [j for j in order[i, : plan.per_query] if host[i, j] > -np.inf]
             if chosen:
                 idx = np.asarray(chosen)
-                s[i, idx] = q[i] @ k[idx].T + (0 if bias is None else bias[i if bias.shape[0] > 1 else 0, idx])
+                extra_bias = 0 if bias is None else bias[i if bias.shape[0] > 1 else 0, idx]
+                s[i, idx] = q[i] @ k[idx].T + extra_bias
                 extra[i, : len(idx)] = idx
     return s, extra
 

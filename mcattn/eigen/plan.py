@@ -27,9 +27,9 @@ from .basis import EigenBasis, select_columns
 __all__ = ["Plan", "make_plan", "ESTIMATORS", "reconstruction_map", "DEFAULT_FIXED_FRACTION"]
 
 ESTIMATORS = ("conditional", "deim")
-#: With ``columns=m`` (an int) and ``per_query=None``: a quarter of the budget is fixed
+#: With ``columns=m`` (an int) and ``per_query=None``: an eighth of the budget is fixed
 #: (Q-DEIM) columns, the rest is chosen per query (docs/eigen.md, "what made the error fall").
-DEFAULT_FIXED_FRACTION = 0.25
+DEFAULT_FIXED_FRACTION = 0.125
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ def reconstruction_map(basis, columns, rank=None, estimator="conditional"):
         g = np.linalg.pinv(u[:, cols]) @ u
     else:
         cov = (u.T * b.explained_variance) @ u
-        cov[np.diag_indices_from(cov)] += max(b.noise_variance(), 1e-12 * max(b.total_variance, 1e-300))
+        # A floor keeps C[S, S] invertible when the fit left no variance outside the basis.
+        floor = 1e-12 * (b.total_variance / b.length if b.total_variance > 0 else 1.0)
+        cov[np.diag_indices_from(cov)] += max(b.noise_variance(), floor)
         g = np.linalg.solve(cov[np.ix_(cols, cols)], cov[cols, :])
     means = b.position_mean if b.position_mean is not None else b.mean[None, :]
     offset = means - means[:, cols] @ g
@@ -120,9 +122,10 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     ----------
     basis : EigenBasis or sequence of EigenBasis
         One basis for every head, or one per head (``H`` of them).
-    columns : int, array ``[m]``, or sequence of ``H`` arrays
-        An int is a budget of ``m`` columns per query: ``per_query`` of them (default
-        three quarters) are chosen per query, the rest are fixed columns picked by
+    columns : int, array ``[m]``, sequence of ``H`` arrays, or Plan
+        A :class:`Plan` is returned as it is (build it once, reuse it). An int is a
+        budget of ``m`` columns per query: ``per_query`` of them (default
+        seven eighths) are chosen per query, the rest are fixed columns picked by
         ``column_method`` from each head's basis. Arrays are the fixed columns.
     rank : int, optional
         Components used (default: each basis' rank).
@@ -132,6 +135,8 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     column_method : str
         For an int ``columns``; see :func:`~mcattn.eigen.basis.select_columns`.
     """
+    if isinstance(columns, Plan):  # built once, reused across calls
+        return columns
     bases = (basis,) if isinstance(basis, EigenBasis) else tuple(basis)
     if not bases or not all(isinstance(b, EigenBasis) for b in bases):
         raise TypeError("basis must be an EigenBasis or a non-empty sequence of them (one per head)")
@@ -165,7 +170,8 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
         per_query = 0 if per_query is None else per_query
         arr = [columns] if np.ndim(columns) == 1 else list(columns)
         if len(arr) not in (1, len(bases)):
-            raise ShapeError(f"columns: one array for all heads or one per head ({len(bases)}); got {len(arr)}")
+            raise ShapeError(f"columns: one array for all heads or one per head ({len(bases)}); "
+                             f"got {len(arr)}")
         col_sets = [check_columns(c, n, r if estimator == "deim" else 1) for c in arr]
         if len({len(c) for c in col_sets}) != 1:
             raise ShapeError("every head needs the same number of columns")

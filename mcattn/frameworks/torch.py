@@ -143,11 +143,16 @@ class ModuleKnobs:
         Knobs it fills in (the user does not give them).
     consumes : tuple of str
         Model-level options it turns into knobs (not knobs of the method itself).
+    call : callable ``(module, q, k, v, mask, scale, options) -> out``, optional
+        Runs the method inside the model itself (eigen: bases fitted per layer and length
+        on calibration text, exact attention where the length is within the columns);
+        forward only.
     """
 
     resolve: object
     supplies: tuple = ()
     consumes: tuple = ()
+    call: object = None
 
 
 #: Method name -> :class:`ModuleKnobs`, for methods that need more than q, k, v from the
@@ -155,7 +160,16 @@ class ModuleKnobs:
 MODULE_KNOBS = {
     "mca": ModuleKnobs(_mca_knobs, supplies=("x", "w_v", "b_v")),
     "latte": ModuleKnobs(_latte_knobs, supplies=("threshold",), consumes=("target_mass",)),
+    "eigen": ModuleKnobs(None, supplies=("basis", "columns"), consumes=("num_columns",),
+                         call=lambda *args: _eigen_call(*args)),
 }
+
+
+def _eigen_call(module, q, k, v, mask, scale, options):
+    from mcattn.eigen.torch_adapter import adapter
+
+    with torch.no_grad():
+        return adapter(module, q.detach(), k.detach(), v.detach(), mask, scale, options)
 
 
 _COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")
@@ -171,7 +185,10 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
     from ..front import check_knobs
 
     calls = itertools.count() if _calls is None else _calls
-    merged = MODULE_KNOBS[method].resolve(module, q, knobs, calls) if method in MODULE_KNOBS else knobs
+    hook = MODULE_KNOBS.get(method)
+    if hook is not None and hook.call is not None:
+        return hook.call(module, q, k, v, mask, scale, knobs)
+    merged = hook.resolve(module, q, knobs, calls) if hook is not None else knobs
     _, spec = check_knobs(method, merged)
     return attention(q, k, v if spec.needs_values else None, method=method, attn_mask=mask,
                      scale=scale, **merged)

@@ -15,7 +15,8 @@ ARCHITECTURES = ("sm_80", "sm_90")
 #: Modules with numba.cuda kernels; each has ptx_signatures() -> [(name, pyfunc, argtypes)].
 NUMBA_CUDA_MODULES = ("mcattn._random_cuda", "mcattn.exact.cuda", "mcattn.mca.cuda", "mcattn.rfa.cuda",
                       "mcattn.eatt.cuda",
-                      "mcattn.latte.cuda")
+                      "mcattn.latte.cuda",
+                      "mcattn.eigen.cuda")
 
 
 def nvrtc_compile(relative_source, arch):

@@ -128,3 +128,26 @@ def latte_forward(lat, threads=16, *, do_output=True, write_mask=False):
     scalars = [int(a) for a in args[15:19]] + [float(args[19])] + [int(a) for a in args[20:]]
     fn((nq + threads - 1) // threads, bh, threads, *pointers, *scalars)
     return outputs
+
+
+def eigen_forward(inp, plan, threads=None):
+    """``mcattn_eigen_forward_f32/_f64`` on the host, arguments as ``mcattn.eigen.cupy`` passes them."""
+    from mcattn.eigen._gpu import plan_arrays
+
+    threads = int(threads or mcattn.config.CUDA_THREADS_PER_BLOCK)
+    q, k, v = inp.q, inp.k, inp.v
+    bh, nq, d = q.shape
+    nk, dv = inp.nk, inp.value_dim
+    out = np.zeros((bh, nq, dv), q.dtype)
+    if bh == 0 or nq == 0 or nk == 0:
+        return out
+    cols, weights, base, bias, index, has_bias = plan_arrays(inp, plan, np)
+    suffix = "f32" if q.dtype == np.float32 else "f64"
+    scalar = ctypes.c_float if suffix == "f32" else ctypes.c_double
+    fn = getattr(library("eigen"), f"launch_mcattn_eigen_forward_{suffix}")
+    fn.argtypes = [_U, _U, _U] + [_P] * 9 + [_I] * 8 + [scalar, _I, _I, _I]
+    fn((nq + threads - 1) // threads, bh, threads, _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(cols),
+       _ptr(weights), _ptr(base), _ptr(bias), _ptr(index), nq, nk, d, dv, plan.num_heads,
+       plan.num_fixed, base.shape[1], plan.per_query, inp.scale, int(has_bias), bias.shape[1],
+       int(inp.mask.is_causal))
+    return out
