@@ -69,10 +69,10 @@ _ALL = frozenset({"mask", "causal"})
 KERNELS = (
     Kernel("numba", "mcattn.eigen.cpu", "forward", features=_ALL),
     Kernel("numpy", "mcattn.eigen.naive", "forward", features=_ALL),
-    Kernel("cupy", "mcattn.eigen.cupy", "forward", max_head_dim=128, features=_ALL,
-           max_sizes=(("n", 1024), ("m", 256))),
-    Kernel("cuda", "mcattn.eigen.cuda", "forward", max_head_dim=128, features=_ALL,
-           max_sizes=(("n", 1024), ("m", 256))),
+    Kernel("cupy", "mcattn.eigen.cupy", "forward", max_head_dim=64, features=_ALL,
+           max_sizes=(("n", 256), ("m", 64))),
+    Kernel("cuda", "mcattn.eigen.cuda", "forward", max_head_dim=64, features=_ALL,
+           max_sizes=(("n", 256), ("m", 64))),
 )
 
 

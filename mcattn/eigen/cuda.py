@@ -18,7 +18,9 @@ from ._gpu import plan_arrays
 
 __all__ = ["forward", "make_kernel", "MAX_HEAD_DIM", "MAX_N", "MAX_M", "ptx_signatures"]
 
-MAX_HEAD_DIM, MAX_N, MAX_M = 128, 1024, 256
+# Per-thread local arrays: these limits keep the stack under 4 KiB in float64
+# (tests/cuda/test_cuda_compile.py); longer windows run on the CPU backends.
+MAX_HEAD_DIM, MAX_N, MAX_M = 64, 256, 64
 _MAX_GRID_Y = 65535
 
 
@@ -29,6 +31,8 @@ def make_kernel(dtype_name):
 
     nb_type = float32 if dtype_name == "float32" else float64
     maxd, maxn, maxm = MAX_HEAD_DIM, MAX_N, MAX_M
+    # Typed constants: a bare 0.0 or -math.inf would promote the float32 kernel to float64.
+    zero, one, neg_inf = nb_type(0.0), nb_type(1.0), nb_type(-math.inf)
 
     @cuda.jit
     def eigen_forward(q, k, v, out, cols, weights, base, per_query, bias, mask_index, scale,
@@ -52,7 +56,7 @@ def make_kernel(dtype_name):
         for c in range(d):
             qs[c] = q[b, i, c] * scale
         for t in range(m):
-            dot = 0.0
+            dot = zero
             for c in range(d):
                 dot += qs[c] * k[b, cols[h, t], c]
             a_s[t] = dot
@@ -73,34 +77,34 @@ def make_kernel(dtype_name):
                 s[j] += bias[slot, row, j]
         if is_causal:
             for j in range(i + 1, nk):
-                s[j] = -math.inf
+                s[j] = neg_inf
         for _ in range(per_query):
             best = -1
             for j in range(nk):
-                if taken[j] == 0 and s[j] > -math.inf and (best < 0 or s[j] > s[best]):
+                if taken[j] == 0 and s[j] > neg_inf and (best < 0 or s[j] > s[best]):
                     best = j
             if best < 0:
                 break
             taken[best] = 1
-            dot = 0.0
+            dot = zero
             for c in range(d):
                 dot += qs[c] * k[b, best, c]
             if has_bias:
                 dot += bias[slot, row, best]
             s[best] = dot
-        top = -math.inf
+        top = neg_inf
         for j in range(nk):
             top = max(top, s[j])
         for c in range(dv):
-            acc[c] = 0.0
-        total = 0.0
-        if top != -math.inf:
+            acc[c] = zero
+        total = zero
+        if top != neg_inf:
             for j in range(nk):
                 p = math.exp(s[j] - top)
                 total += p
                 for c in range(dv):
                     acc[c] += p * v[b, j, c]
-        inv = 1.0 / total if total > 0.0 else 0.0
+        inv = one / total if total > zero else zero
         for c in range(dv):
             out[b, i, c] = acc[c] * inv
 

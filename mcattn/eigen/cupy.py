@@ -13,7 +13,7 @@ _MAX_GRID_Y = 65535
 
 
 def forward(inp, plan):
-    """Eigen reconstruction attention of canonical CuPy inputs (n <= 1024, m <= 256, d, dv <= 128).
+    """Eigen reconstruction attention of canonical CuPy inputs (n <= 256, m <= 64, d, dv <= 64).
 
     Parameters
     ----------

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import mcattn
 from mcattn._cupy import INCLUDE_DIR, PACKAGE_DIR
 
 SHIM_DIR = Path(__file__).resolve().parent / "hostshim"
