@@ -93,13 +93,11 @@ def estimate_units(lat, b):
 
     The estimate in logit units is ``c[:, None] * u``.
     """
-    xp = lat.inp.xp
     hq, _ = nibbles(lat.q8[b])
     hk, _ = nibbles(lat.k8[b])
     hh = hq @ hk.T
     c = lat.inp.scale * lat.s_q[b].astype(np.float64)
     u = (256 * hh).astype(np.float64) * lat.s_k[b].astype(np.float64)[None, :]
-    del xp
     return u, c
 
 
