@@ -4,8 +4,6 @@ Thresholds are calibrated per head (:func:`mcattn.latte.calibrate`, relative mod
 first 64 query rows to keep 15% of the keys; the realised keep fraction is tracked.
 """
 
-import numpy as np
-
 from mcattn import latte
 
 from .common import exact, interleaved_times, peak_growth_in_subprocess, qkv

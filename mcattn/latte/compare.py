@@ -95,7 +95,7 @@ def dask_plan(knobs, batch_shape):
 
 ENTRY = MethodEntry(
     name="latte", knob="target_mass", values=(0.9, 0.99, 0.999), run=_run, bound=_bound,
-    eval_values=(0.9, 0.99, 0.999),
+    eval_values=(0.5, 0.7, 0.9, 0.99, 0.999),
     bound_note="latte: relative thresholds per head calibrated in-sample to keep the target share "
                "of attention mass; deterministic bound from the dropped-mass bound and the int8 "
                "score error, relative to ||O||",

@@ -11,7 +11,8 @@ A task is one block of ``LATTE_CPU_BLOCK_Q`` query rows of one batch row:
    values, exact, or ``q . k``), the softmax, and ``sum p_j v_j``.
 
 Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (one row of estimates per query of
-the block): no ``Nq x Nk`` buffer. With ``want_mass`` the exact scores of the block are
+the block) plus the current head's nibble and int8 matrices (``Nk x d``): no ``Nq x Nk``
+buffer. With ``want_mass`` the exact scores of the block are
 computed too (one more BLAS product) to report the dropped attention mass.
 """
 
@@ -95,15 +96,14 @@ def _select(low, up, top, rend, mode, th, c, sel, idx):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _kept_output(qa, ka, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c, scale, idx, n,
-                 sc, bits, acc, out):
+def _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c, scale, idx,
+                 n, sc, bits, acc, out):
     """Softmax over the kept keys ``idx[:n]`` and ``sum p v`` into ``out[bh, row]``."""
     ninf = -np.inf
     smax = ninf
-    qrow = qa[bh, row]
     for t in range(n):
         j = idx[t]
-        krow = ka[bh, j]
+        krow = krows[j]
         dot = qrow[0] * 0
         for cc in range(qrow.shape[0]):  # int8 values in float32: exact in any order
             dot += qrow[cc] * krow[cc]
@@ -133,15 +133,21 @@ def _kept_output(qa, ka, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, 
 
 
 @njit(nogil=True, cache=True)
-def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, sk256, scale, theta,
+def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
                  do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type, t0, t1):
-    bh_count, nq, d = hi_q.shape
-    nk = hi_k.shape[1]
+    bh_count, nq, d = q8.shape
+    nk = k8.shape[1]
     dv = v.shape[2]
     row_bias = bias.shape[1] > 1
     n_qblocks = (nq + block_q - 1) // block_q
     est_buf = np.empty(block_q * nk, np.float32)
+    # Nibble and int8 matrices of the current head only (small integers, exact in floats).
+    hk = np.empty((nk, d), np.float32)
+    hq = np.empty((block_q, d), np.float32)
+    kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
+    qbuf = np.empty(d, qf.dtype)
+    current = -1
     err_buf = np.empty(block_q * nk if mode == 3 else 1, np.float32)
     true_buf = np.empty(block_q * nk if want_mass else 1, qf.dtype)
     low = np.empty(nk, np.float64)
@@ -162,8 +168,19 @@ def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, sk25
         slot = mask_index[bh] if has_bias else 0
         if kend == 0:
             continue
+        if bh != current:
+            for j in range(nk):
+                for cc in range(d):
+                    x = k8[bh, j, cc]
+                    hk[j, cc] = x >> 4
+                    if int8_scores:
+                        kbuf[j, cc] = x
+            current = bh
+        for i in range(nrows):
+            for cc in range(d):
+                hq[i, cc] = q8[bh, i0 + i, cc] >> 4
         est = est_buf[: nrows * kend].reshape((nrows, kend))
-        np.dot(hi_q[bh, i0:i1], hi_k[bh, :kend].T, est)
+        np.dot(hq[:nrows], hk[:kend].T, est)
         if mode == 3:
             err = err_buf[: nrows * kend].reshape((nrows, kend))
             np.dot(aq[bh, i0:i1], bk[bh, :kend].T, err)
@@ -220,28 +237,34 @@ def _latte_tasks(hi_q, hi_k, aq, bk, l1q, l1k, qa, ka, qf, kf, v, s_q, s_k, sk25
                         dropped += w
                 dropped_out[bh, row] = dropped / total if total > 0 else 0.0
             if do_output and n > 0:
-                _kept_output(qa, ka, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
+                if int8_scores:
+                    for cc in range(d):
+                        qbuf[cc] = q8[bh, row, cc]
+                    qrow = qbuf
+                    krows = kbuf
+                else:
+                    qrow = qf[bh, row]
+                    krows = kf[bh]
+                _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
                              scale, idx, n, sc, bits, acc, out)
 
 
 def kernel_arrays(lat):
-    """Host arrays the kernels take: nibble matrices (float32) and, for ``safe``, the bound's."""
+    """Host arrays of ``safe`` mode: the nibble matrices of its error bound (float32) and row norms."""
+    if lat.mode != "safe":
+        empty = np.zeros((1, 1, 1), np.float32)
+        return {"aq": empty, "bk": empty, "l1q": np.zeros((1, 1)), "l1k": np.zeros((1, 1))}
     q8 = lat.q8.astype(np.int16)
     k8 = lat.k8.astype(np.int16)
     hq, lq = q8 >> 4, q8 & 15
     hk, lk = k8 >> 4, k8 & 15
-    arrays = {"hi_q": hq.astype(np.float32), "hi_k": hk.astype(np.float32)}
-    if lat.mode == "safe":
-        arrays["aq"] = np.ascontiguousarray(
-            np.concatenate([16 * np.abs(hq), 16 * lq, lq], axis=-1).astype(np.float32))
-        arrays["bk"] = np.ascontiguousarray(
-            np.concatenate([lk, np.abs(hk), lk], axis=-1).astype(np.float32))
-        arrays["l1q"] = np.abs(q8).sum(-1).astype(np.float64)
-        arrays["l1k"] = np.abs(k8).sum(-1).astype(np.float64)
-    else:
-        arrays["aq"] = arrays["bk"] = np.zeros((1, 1, 1), np.float32)
-        arrays["l1q"] = arrays["l1k"] = np.zeros((1, 1), np.float64)
-    return arrays
+    return {
+        "aq": np.ascontiguousarray(np.concatenate([16 * np.abs(hq), 16 * lq, lq], axis=-1),
+                                   dtype=np.float32),
+        "bk": np.ascontiguousarray(np.concatenate([lk, np.abs(hk), lk], axis=-1), dtype=np.float32),
+        "l1q": np.abs(q8).sum(-1).astype(np.float64),
+        "l1k": np.abs(k8).sum(-1).astype(np.float64),
+    }
 
 
 def _run(lat, *, do_output, write_mask, select=True):
@@ -256,17 +279,13 @@ def _run(lat, *, do_output, write_mask, select=True):
         return out, kept, dropped, mask_out
     arrays = kernel_arrays(lat)
     int8_scores = lat.exact_scores == "int8"
-    if int8_scores:
-        qa, ka = lat.q8.astype(np.float32), lat.k8.astype(np.float32)
-    else:
-        qa, ka = q, k
     block_q = max(1, min(int(config.LATTE_CPU_BLOCK_Q), nq))
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
     n_tasks = bh * ((nq + block_q - 1) // block_q)
-    run_tasks(_latte_tasks, n_tasks, arrays["hi_q"], arrays["hi_k"], arrays["aq"], arrays["bk"],
-              arrays["l1q"], arrays["l1k"], qa, ka, q, k, v, lat.s_q, lat.s_k,
+    run_tasks(_latte_tasks, n_tasks, lat.q8, lat.k8, arrays["aq"], arrays["bk"],
+              arrays["l1q"], arrays["l1k"], q, k, v, lat.s_q, lat.s_k,
               256.0 * lat.s_k.astype(np.float64), float(inp.scale),
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
               bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,

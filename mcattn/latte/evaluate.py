@@ -206,7 +206,7 @@ def evaluate(lengths=LENGTHS, windows=WINDOWS, sample=None):
     return rows
 
 
-def in_model_filtering(target_masses=(0.9, 0.99, 0.999)):
+def in_model_filtering(target_masses=(0.5, 0.7, 0.9, 0.99, 0.999)):
     """Filtered fraction inside all-MiniLM-L6-v2 on the texts ``mcattn evaluate`` embeds.
 
     Each text is embedded alone (no padding) with LATTE in all six layers at thresholds

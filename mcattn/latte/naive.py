@@ -50,12 +50,19 @@ def quantize_rows(x):
         a zero row. ``|x - scale * x8| <= scale / 2`` elementwise.
     """
     xp = _xp(x)
-    xf = x.astype(np.float64)
-    amax = xp.abs(xf).max(axis=-1, keepdims=True) if x.shape[-1] else xp.zeros(x.shape[:-1] + (1,))
-    scale = (amax / 127.0).astype(np.float32)
-    scale = xp.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    x8 = xp.clip(xp.rint(xf / scale.astype(np.float64)), -127, 127).astype(np.int8)
-    return x8, scale
+    d = x.shape[-1] if x.ndim else 1
+    rows = x.reshape(-1, d)
+    x8 = xp.empty(rows.shape, dtype=np.int8)
+    scale = xp.empty((rows.shape[0], 1), dtype=np.float32)
+    step = max(1, (1 << 18) // max(d, 1))  # rows per chunk: float64 temporaries stay small
+    for r0 in range(0, rows.shape[0], step):
+        xf = rows[r0:r0 + step].astype(np.float64)
+        amax = xp.abs(xf).max(axis=-1, keepdims=True) if d else xp.zeros((xf.shape[0], 1))
+        s = (amax / 127.0).astype(np.float32)
+        s = xp.where(s > 0, s, np.float32(1.0)).astype(np.float32)
+        scale[r0:r0 + step] = s
+        x8[r0:r0 + step] = xp.clip(xp.rint(xf / s.astype(np.float64)), -127, 127)
+    return x8.reshape(x.shape), scale.reshape(x.shape[:-1] + (1,))
 
 
 def nibbles(x8):
@@ -93,13 +100,11 @@ def estimate_units(lat, b):
 
     The estimate in logit units is ``c[:, None] * u``.
     """
-    xp = lat.inp.xp
     hq, _ = nibbles(lat.q8[b])
     hk, _ = nibbles(lat.k8[b])
     hh = hq @ hk.T
     c = lat.inp.scale * lat.s_q[b].astype(np.float64)
     u = (256 * hh).astype(np.float64) * lat.s_k[b].astype(np.float64)[None, :]
-    del xp
     return u, c
 
 
