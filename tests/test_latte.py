@@ -464,3 +464,24 @@ def test_use_method_latte_inside_the_model():
         cos[mass] = float(((emb * ref).sum(1) / (np.linalg.norm(emb, axis=1)
                                                  * np.linalg.norm(ref, axis=1))).min())
     assert cos[0.999] > 0.99 and cos[0.999] > cos[0.9]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_numba_blocks_and_threads_do_not_change_the_result(mode, monkeypatch):
+    from mcattn import config
+
+    q, k, v = _qkv((2, 3), n=29, nk=29, seed=20)
+    kpm = np.random.default_rng(21).random((2, 29)) > 0.2
+    ref = latte.attention(q, k, v, threshold=THRESHOLD[mode], mode=mode, key_padding_mask=kpm,
+                          is_causal=True, backend="numpy")
+    kept_ref = latte.kept_mask(q, k, threshold=THRESHOLD[mode], mode=mode, key_padding_mask=kpm,
+                               is_causal=True, backend="numpy")
+    for block, threads in ((1, 1), (8, 2), (7, 3)):
+        monkeypatch.setattr(config, "LATTE_CPU_BLOCK_Q", block)
+        monkeypatch.setattr(config, "NUM_THREADS", threads)
+        out = latte.attention(q, k, v, threshold=THRESHOLD[mode], mode=mode, key_padding_mask=kpm,
+                              is_causal=True, backend="numba")
+        kept = latte.kept_mask(q, k, threshold=THRESHOLD[mode], mode=mode, key_padding_mask=kpm,
+                               is_causal=True, backend="numba")
+        assert np.array_equal(kept, kept_ref)
+        assert rel_error(out, ref) < 2e-6

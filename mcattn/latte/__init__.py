@@ -52,22 +52,21 @@ __all__ = [
 
 MODES = tuple(naive.MODES)
 
-_GPU = frozenset({"mask", "causal"})  # no topk on the GPU (its selection needs the row stored)
-_ALL = _GPU | {"topk"}
+_ALL = frozenset({"mask", "causal", "topk"})
 
 #: LATTE attention kernels: ``forward(lat) -> (out, kept per row, dropped mass per row or None)``.
 KERNELS = (
     Kernel("numba", "mcattn.latte.cpu", "forward", max_head_dim=1024, features=_ALL),
     Kernel("numpy", "mcattn.latte.naive", "forward", features=_ALL | {"soft"}),
-    Kernel("cupy", "mcattn.latte.cupy", "forward", max_head_dim=128, features=_GPU),
-    Kernel("cuda", "mcattn.latte.cuda", "forward", max_head_dim=128, features=_GPU),
+    Kernel("cupy", "mcattn.latte.cupy", "forward", max_head_dim=128, features=_ALL),
+    Kernel("cuda", "mcattn.latte.cuda", "forward", max_head_dim=128, features=_ALL),
 )
 #: Kept-set kernels: ``kept_mask(lat) -> bool [BH, Nq, Nk]``.
 MASK_KERNELS = (
     Kernel("numba", "mcattn.latte.cpu", "kept_mask", max_head_dim=1024, features=_ALL),
     Kernel("numpy", "mcattn.latte.naive", "kept_mask", features=_ALL),
-    Kernel("cupy", "mcattn.latte.cupy", "kept_mask", max_head_dim=128, features=_GPU),
-    Kernel("cuda", "mcattn.latte.cuda", "kept_mask", max_head_dim=128, features=_GPU),
+    Kernel("cupy", "mcattn.latte.cupy", "kept_mask", max_head_dim=128, features=_ALL),
+    Kernel("cuda", "mcattn.latte.cuda", "kept_mask", max_head_dim=128, features=_ALL),
 )
 
 
@@ -233,7 +232,7 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
         Of the soft mask, > 0.
     backend : {None, "numpy", "numba", "cuda", "cupy"}
         ``None`` picks the fastest capable backend for the inputs' device (GPU kernels:
-        head dims <= 128, no ``topk``).
+        head dims <= 128).
     check_finite : bool, default True
     return_info : bool, default False
         Also return a :class:`LatteInfo` (this computes the exact attention mass of the

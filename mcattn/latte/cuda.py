@@ -11,8 +11,10 @@ walks over the keys twice:
    scores of every visible key too, for the dropped mass.
 
 The rule is evaluated with the same IEEE operations as :mod:`mcattn.latte.cpu`, so the
-kept sets are the CPU kernel's, key for key. ``topk`` is not offered on the GPU (its
-per-row selection needs the row's estimates stored). Memory O(N d).
+kept sets are the CPU kernel's, key for key. ``topk`` finds each row's cut without
+storing the row: a bisection in value space snapped to the row's values
+(:func:`kth_largest`; a few dozen extra passes over the keys, so it is the slow mode on
+the GPU). Memory O(N d).
 """
 
 import functools
@@ -38,10 +40,72 @@ FLOAT64_ACCUMULATION = True
 @functools.cache
 def make_kernel(dtype_name):
     """The numba.cuda kernel for one compute dtype (``"float32"`` or ``"float64"``)."""
-    from numba import float32, float64, int32
+    from numba import float32, float64, int32, int64
 
     nb_type = float32 if dtype_name == "float32" else float64
     maxd = MAX_HEAD_DIM
+
+    @cuda.jit(device=True, inline=True)
+    def unit(qh, k8, bh, j, d, sk256, bias, slot, r, has_bias, c):
+        """``u`` of key ``j`` (as the CPU kernel computes it), -inf if masked."""
+        b = 0.0
+        if has_bias:
+            b = float64(bias[slot, r, j])
+            if b == -math.inf:
+                return -math.inf
+        hh = 0
+        for cc in range(d):
+            hh += qh[cc] * (int32(k8[bh, j, cc]) >> 4)
+        val = float64(hh) * sk256[bh, j]
+        if has_bias:
+            val = val + b / c
+        return val
+
+    @cuda.jit(device=True, inline=True)
+    def kth_largest(qh, k8, bh, rend, d, sk256, bias, slot, r, has_bias, c, kk, top):
+        """The ``kk``-th largest visible ``u`` of the row (a value of the row, ties counted).
+
+        Bisection in value space between a value ``lo`` with at least ``kk`` values
+        ``>= lo`` and a bound ``hb`` with fewer than ``kk`` values ``>= hb``, each step
+        snapped to a value of the row; it ends when no value lies strictly between them,
+        and then ``lo`` is the answer (the CPU kernel's partition gives the same value).
+        """
+        lo = math.inf
+        count_top = 0
+        for j in range(rend):
+            x = unit(qh, k8, bh, j, d, sk256, bias, slot, r, has_bias, c)
+            if x != -math.inf:
+                lo = min(lo, x)
+                if x == top:
+                    count_top += 1
+        if count_top >= kk:
+            return top
+        hb = top
+        for _ in range(4096):  # halving a double interval ends well before this
+            between = 0
+            first = math.inf
+            for j in range(rend):
+                x = unit(qh, k8, bh, j, d, sk256, bias, slot, r, has_bias, c)
+                if x > lo and x < hb:
+                    between += 1
+                    first = min(first, x)
+            if between == 0:
+                return lo
+            mid = lo + (hb - lo) * 0.5
+            if not (mid > lo and mid < hb):
+                mid = first
+            above = 0
+            snap = math.inf
+            for j in range(rend):
+                x = unit(qh, k8, bh, j, d, sk256, bias, slot, r, has_bias, c)
+                if x >= mid:
+                    above += 1
+                    snap = min(snap, x)
+            if above >= kk:
+                lo = snap
+            else:
+                hb = mid
+        return lo
 
     @cuda.jit
     def latte_forward(q8, k8, qf, kf, v, s_q, s_k, sk256, theta, bias, mask_index, out, kept_out,
@@ -74,6 +138,7 @@ def make_kernel(dtype_name):
         th = theta[bh]
         # Pass 1: the row maximum of the (lower) estimate.
         top = ninf
+        visible = 0
         for j in range(rend):
             b = 0.0
             if has_bias:
@@ -98,10 +163,17 @@ def make_kernel(dtype_name):
                 e = (float64(nib) + (2.0 * (float64(l1q) + float64(l1k)) + d) / 4.0) * float64(s_k[bh, j])
                 val = val - e
             top = max(top, val)
+            visible += 1
         n = 0
         if top != ninf:
             if mode == 1:
                 cut = min(th / c, top)
+            elif mode == 2:
+                kk = int64(th)
+                if visible <= kk:
+                    cut = ninf
+                else:
+                    cut = kth_largest(qh, k8, bh, rend, d, sk256, bias, slot, r, has_bias, c, kk, top)
             else:
                 cut = top - th / c
             # Pass 2: keep, score, online softmax; exact scores of all keys for the dropped mass.

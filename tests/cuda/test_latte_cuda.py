@@ -1,5 +1,5 @@
-"""LATTE's GPU kernels keep the CPU kernel's keys, key for key: numba.cuda (simulator or GPU)
-and the CUDA C RawKernel (host shim or GPU)."""
+"""LATTE's GPU kernels keep the CPU kernel's keys, key for key, in every mode: numba.cuda
+(simulator or GPU) and the CUDA C RawKernel (host shim or GPU)."""
 
 import numpy as np
 import pytest
@@ -7,14 +7,13 @@ from helpers import GPU_PRESENT, rel_error
 
 import mcattn
 from mcattn import data, latte
-from mcattn.errors import BackendError
 from mcattn.latte import cpu
 from mcattn.latte._inputs import prepare_latte
 
 if not GPU_PRESENT:
     import host_kernels
 
-MODES = {"relative": 1.5, "absolute": 0.3, "safe": 2.0}
+MODES = {"relative": 1.5, "absolute": 0.3, "safe": 2.0, "topk": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +114,13 @@ def test_gpu_kernels_on_real_attention(backend):
     _compare(backend, q, k, v, theta, "relative", key_padding_mask=kpm, scale=s.scale)
 
 
-def test_gpu_backends_refuse_topk():
-    q = np.zeros((1, 4, 8), np.float32)
-    with pytest.raises(BackendError, match="does not support topk"):
-        latte.attention(q, q, q, threshold=2, mode="topk", backend="cuda")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_topk_with_ties_and_short_rows(backend):
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 2, 9, 6))
+    k = rng.standard_normal((1, 2, 9, 6))
+    k[..., 3:6, :] = k[..., 2:3, :]  # four equal keys: ties at the cut are all kept
+    v = rng.standard_normal((1, 2, 9, 6))
+    for kk in (1, 3, 4, 20):
+        _compare(backend, q, k, v, kk, "topk")
+    _compare(backend, q, k, v, 2, "topk", is_causal=True)  # rows with fewer keys than k

@@ -9,7 +9,8 @@
 //      for the dropped attention mass.
 // The keep rule uses the same IEEE double operations as the CPU kernel (products that are
 // exact, one division and one subtraction per row), so the kept sets are identical. The
-// topk mode is not offered here.
+// topk cut is found without storing the row: a bisection in value space snapped to the
+// row's values (mcattn_latte_kth_largest; extra passes over the keys).
 //
 // Layout (C-contiguous): q8, k8 int8 [BH, N, d]; qf, kf [BH, N, d] and v [BH, Nk, dv] in
 // T; s_q [BH, Nq], s_k [BH, Nk] float; sk256 [BH, Nk] double (= 256 s_k); theta [BH]
@@ -19,6 +20,69 @@
 #include "common.cuh"
 
 __device__ __forceinline__ int mcattn_iabs(int x) { return x < 0 ? -x : x; }
+
+// u of key j (the CPU kernel's operations), -inf when masked.
+template <typename T>
+__device__ double mcattn_latte_unit(const int* qh, const signed char* krows, const double* sk,
+                                    const T* bias_row, int has_bias, double cq, int d, int j) {
+    double b = 0.0;
+    if (has_bias) {
+        b = (double)bias_row[j];
+        if (b == mcattn_neg_inf<double>()) return b;
+    }
+    int hh = 0;
+    for (int c = 0; c < d; ++c) hh += qh[c] * (((int)krows[(long long)j * d + c]) >> 4);
+    double val = (double)hh * sk[j];
+    if (has_bias) val = val + b / cq;
+    return val;
+}
+
+// The kk-th largest visible u of the row (ties counted): bisection between lo (at least
+// kk values >= lo, a value of the row) and hb (fewer than kk values >= hb), snapped to the
+// row's values; when no value lies strictly between them, lo is the answer.
+template <typename T>
+__device__ double mcattn_latte_kth_largest(const int* qh, const signed char* krows,
+                                           const double* sk, const T* bias_row, int has_bias,
+                                           double cq, int d, int rend, long long kk, double top) {
+    const double ninf = mcattn_neg_inf<double>(), inf = -ninf;
+    double lo = inf;
+    long long count_top = 0;
+    for (int j = 0; j < rend; ++j) {
+        const double x = mcattn_latte_unit<T>(qh, krows, sk, bias_row, has_bias, cq, d, j);
+        if (x != ninf) {
+            lo = x < lo ? x : lo;
+            if (x == top) ++count_top;
+        }
+    }
+    if (count_top >= kk) return top;
+    double hb = top;
+    for (int step = 0; step < 4096; ++step) {
+        long long between = 0;
+        double first = inf;
+        for (int j = 0; j < rend; ++j) {
+            const double x = mcattn_latte_unit<T>(qh, krows, sk, bias_row, has_bias, cq, d, j);
+            if (x > lo && x < hb) {
+                ++between;
+                first = x < first ? x : first;
+            }
+        }
+        if (between == 0) return lo;
+        double mid = lo + (hb - lo) * 0.5;
+        if (!(mid > lo && mid < hb)) mid = first;
+        long long above = 0;
+        double snap = inf;
+        for (int j = 0; j < rend; ++j) {
+            const double x = mcattn_latte_unit<T>(qh, krows, sk, bias_row, has_bias, cq, d, j);
+            if (x >= mid) {
+                ++above;
+                snap = x < snap ? x : snap;
+            }
+        }
+        if (above >= kk) lo = snap;
+        else hb = mid;
+    }
+    return lo;
+}
 
 template <typename T, int MAXD>
 __device__ void mcattn_latte_forward(
@@ -53,6 +117,7 @@ __device__ void mcattn_latte_forward(
     const signed char* krows = k8 + bh * (long long)nk * d;
     // Pass 1: the row maximum of the (lower) estimate.
     double top = ninf;
+    long long visible = 0;
     for (int j = 0; j < rend; ++j) {
         double b = 0.0;
         if (has_bias) {
@@ -76,10 +141,21 @@ __device__ void mcattn_latte_forward(
             val = val - ((double)nib + (2.0 * ((double)l1q + (double)l1k) + d) / 4.0) *
                             (double)s_k[bh * nk + j];
         top = mcattn_max(top, val);
+        ++visible;
     }
     long long n = 0;
     if (top != ninf) {
-        const double cut = mode == 1 ? (th / cq < top ? th / cq : top) : top - th / cq;
+        double cut;
+        if (mode == 1) {
+            cut = th / cq < top ? th / cq : top;
+        } else if (mode == 2) {
+            const long long kk = (long long)th;
+            cut = visible <= kk ? ninf
+                                : mcattn_latte_kth_largest<T>(qh, krows, sk256 + bh * nk, bias_row,
+                                                              has_bias, cq, d, rend, kk, top);
+        } else {
+            cut = top - th / cq;
+        }
         T m = mcattn_neg_inf<T>(), tot = T(0);
         for (int c = 0; c < dv; ++c) acc[c] = T(0);
         double tm = ninf, t_all = 0.0, t_drop = 0.0;
