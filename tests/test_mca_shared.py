@@ -32,6 +32,17 @@ def test_reduced_gemms_equal_the_per_draw_reference(dtype):
         assert rel_error(got, ref) < 1e-13, backend
 
 
+def test_numba_routes_long_sequences_to_the_gemms_and_both_agree(monkeypatch):
+    rng = np.random.default_rng(4)
+    x, w, b, r = _problem(rng)
+    short = mca.value_projection(x, w, b, num_heads=3, budgets=r, seed=5, shared_draws=True,
+                                 backend="numba")  # 40 tokens: the per-draw kernel
+    monkeypatch.setattr(config, "MCA_SHARED_GEMM_MIN_TOKENS", 40)
+    long = mca.value_projection(x, w, b, num_heads=3, budgets=r, seed=5, shared_draws=True,
+                                backend="numba")  # the reduced GEMMs
+    assert rel_error(long, short) < 1e-13
+
+
 def test_uniform_budgets_and_single_token_edges():
     rng = np.random.default_rng(1)
     x, w, b, _ = _problem(rng, n=17)
@@ -76,6 +87,7 @@ def test_rounded_shared_draws_are_unbiased():
 def test_attention_reports_rounded_budgets_and_the_bound_holds_on_real_attention(monkeypatch):
     from mcattn.data import load_sample
 
+    monkeypatch.setattr(config, "MCA_SHARED_GEMM_MIN_TOKENS", 64)  # the GEMM path, rounding on
     sample = load_sample()
     layer, heads = 4, sample.num_heads
     q, k, x = sample.q[layer], sample.k[layer], sample.x[layer]

@@ -40,7 +40,8 @@ def dense_projection(layers, heads):
 
 def sampled_projection(layers, heads, shared, backend="numba", sampling="weight"):
     for x, w, b, r, tables in layers:
-        if shared:  # what mca.attention does with shared draws: budgets rounded up first
+        if shared and x.shape[1] >= mcattn.config.MCA_SHARED_GEMM_MIN_TOKENS:
+            # what mca.attention does before the reduced GEMMs: budgets rounded up first
             r = round_budgets(r, x.shape[-1], mcattn.config.MCA_SHARED_SLACK)
         mca.value_projection(x, w, b, num_heads=heads, budgets=r, seed=0, shared_draws=shared,
                              backend=backend, sampling=sampling, tables=tables)

@@ -389,10 +389,11 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     sampling : {"weight", "optimal"}
     shared_draws : bool
         One draw sequence per (batch row, head), tokens use its prefixes: computed as a few
-        GEMMs over the distinct drawn rows (:mod:`mcattn.mca.shared`). Budgets are first
-        rounded up so that each head has few distinct values (``config.MCA_SHARED_SLACK``:
-        a group of budgets spans at most that relative width; 0 keeps them as computed);
-        ``info.budgets`` reports the rounded budgets, ``info.ops`` the work done.
+        GEMMs over the distinct drawn rows (:mod:`mcattn.mca.shared`) on a GPU and for
+        sequences of at least ``config.MCA_SHARED_GEMM_MIN_TOKENS`` tokens on the CPU; there
+        the budgets are first rounded up so that each head has few distinct values
+        (``config.MCA_SHARED_SLACK``: a group spans at most that relative width; 0 keeps
+        them as computed). ``info.budgets`` reports the budgets used, ``info.ops`` the work.
     backend : {None, "numpy", "numba", "cuda", "cupy"}
         Backend of the sampled projection (probabilities and ``A @ V~`` use NumPy/CuPy).
     check_finite : bool
@@ -452,7 +453,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     valid = inp.mask.visible_keys(inp.nq, nk)  # [BH or 1, Nk]
     valid = np.broadcast_to(valid, (batch * num_heads, nk)).reshape(batch, num_heads, nk)
     r = _budgets(probs, alpha, d_in, xp.asarray(valid))
-    if shared_draws:  # round up to few distinct budgets: fewer, larger GEMMs (mca.shared)
+    if shared_draws and (xp is not np or nk >= int(config.MCA_SHARED_GEMM_MIN_TOKENS)):
+        # The reduced-GEMM path (GPU, or long sequences on the CPU): round up to few
+        # distinct budgets, so fewer, larger GEMMs (mcattn.mca.shared).
         from .shared import round_budgets
 
         r_host = round_budgets(np.asarray(r.get() if xp is not np else r), d_in,

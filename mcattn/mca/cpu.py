@@ -4,7 +4,11 @@ Independent draws: one task per (batch row, head, token), looping over the token
 samples: 64 bits from the shared Philox generator (one call per two draws), an index by
 the alias method (weight sampling, O(1), integer arithmetic) or by inverse-CDF binary
 search (optimal sampling), ``d_head`` multiply-adds accumulated in float64.
-``shared_draws=True`` goes to :mod:`mcattn.mca.shared` (reduced GEMMs by BLAS).
+``shared_draws=True``: sequences of at least ``config.MCA_SHARED_GEMM_MIN_TOKENS`` tokens
+go to :mod:`mcattn.mca.shared` (reduced GEMMs by BLAS); shorter ones run one task per
+(batch row, head) that draws one index sequence and, with the tokens sorted by budget,
+serves the prefix of tokens whose budget exceeds each draw ``t`` (each drawn weight row is
+loaded once for all of them).
 Tokens whose budget reaches ``d_in`` are computed by one BLAS product per head; weights
 are read in the input precision. Tasks run batch row fastest, so that any contiguous
 range of them mixes long and short sequences and the threads stay balanced.
@@ -13,9 +17,10 @@ range of them mixes long and short sequences and the threads stay balanced.
 import numpy as np
 from numba import njit
 
+from .. import config
 from .. import random as mrandom
 from .._cpu import run_tasks
-from .naive import weight_tables
+from .naive import SHARED_STREAM_BASE, weight_tables
 
 __all__ = ["value_projection"]
 
@@ -139,10 +144,68 @@ def _exact_tokens(x, wh, bias, budgets, out):
         out[b_idx, h, j_idx] = rows
 
 
+@njit(nogil=True, cache=True)
+def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shift, p_weight, k0,
+                  k1, out, t0, t1):
+    n_batch, n, d_in = x.shape
+    heads = budgets.shape[1]
+    dh = out.shape[3]
+    for task in range(t0, t1):
+        # Batch row fastest: a contiguous range of tasks mixes long and short sequences,
+        # so a few large chunks balance the threads without many small ones.
+        b = task % n_batch
+        h = task // n_batch
+        col0 = h * dh
+        wh = w[h]
+        r = budgets[b, h]
+        # Tokens computed exactly, tokens sampled, and the longest prefix needed.
+        sampled = np.empty(n, np.int64)
+        n_sampled = 0
+        longest = 0
+        for j in range(n):
+            if r[j] >= d_in:  # exact: done by one BLAS product per head in value_projection
+                continue
+            if r[j] > 0 and nonzero[b, j]:
+                sampled[n_sampled] = j
+                n_sampled += 1
+                longest = max(longest, r[j])
+                continue
+            for c in range(dh):  # masked key or zero row: the bias only
+                out[b, h, j, c] = bias[col0 + c] if has_bias else 0.0
+        if n_sampled == 0:
+            continue
+        # Tokens sorted by budget (largest first): draw t serves the tokens whose budget
+        # exceeds t, a prefix of that order, and its weight row is loaded once for all.
+        order = sampled[:n_sampled][np.argsort(-r[sampled[:n_sampled]], kind="mergesort")]
+        acc = np.zeros((n_sampled, dh), np.float64)
+        row = np.empty(dh, np.float64)
+        active = n_sampled
+        stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
+        for t in range(longest):
+            while active > 0 and r[order[active - 1]] <= t:
+                active -= 1
+            k = _alias(_sample_bits(k0, k1, stream, np.uint64(t)), threshold[h], alias[h], shift,
+                       d_in)
+            inv_p = 1.0 / p_weight[h, k]
+            for c in range(dh):  # the drawn row, in float64, once for all tokens
+                row[c] = np.float64(wh[k, c])
+            for i in range(active):
+                coef = np.float64(x[b, order[i], k]) * inv_p
+                for c in range(dh):
+                    acc[i, c] += coef * row[c]
+        for i in range(n_sampled):
+            j = order[i]
+            for c in range(dh):
+                out[b, h, j, c] = acc[i, c] / r[j] + (bias[col0 + c] if has_bias else 0.0)
+
+
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False,
                      tables=None):
     """Numba version of :func:`mcattn.mca.naive.value_projection` (same signature, same draws)."""
-    if shared_draws:  # reduced GEMMs over the distinct drawn rows (mcattn.mca.shared)
+    if shared_draws and x.shape[1] >= int(config.MCA_SHARED_GEMM_MIN_TOKENS):
+        # Long sequences: reduced GEMMs over the distinct drawn rows (mcattn.mca.shared).
+        # Short ones (real sentences) stay in the per-draw kernel below: there, a few
+        # small GEMMs per head cost more in calls than the draws themselves.
         from .shared import value_projection as shared_projection
 
         return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
@@ -162,6 +225,10 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     # Weights in the input precision (half the cache traffic for float32); sums in float64.
     wh = t.wh_as(x.dtype)
     nonzero = x.any(axis=-1)  # [B, N]: a zero input row is exact (bias only)
+    if shared_draws:
+        run_tasks(_shared_tasks, batch * num_heads, x, nonzero, wh, bias64, has_bias, budgets,
+                  t.threshold, t.alias, t.shift, t.p_weight, k0, k1, out, chunks_per_thread=2)
+        return out
     run_tasks(_independent_tasks, batch * num_heads * n, x, nonzero, wh, bias64, has_bias, budgets,
               t.threshold, t.alias, t.shift, t.p_weight, t.row_norms, k0, k1,
               sampling == "optimal", out)

@@ -133,16 +133,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         out += bias.reshape(num_heads, 1, dh).astype(x.dtype, copy=False)
     # (A zero input row needs no special case here: its estimate is exactly the bias.)
 
-    # x transposed once per batch row: a segment then reads its drawn rows of x^T (a few
-    # contiguous rows) instead of a strided column gather over all of x, for every head.
-    x_t = [xp.ascontiguousarray(x[b].T) for b in range(batch)]
-
     def project(task):  # one (batch row, head): writes out[b, h] only
         b, h = task
-        r = r_host[b, h]
+        xb, r = x[b], r_host[b, h]
         exact = np.flatnonzero(r >= d_in)
         if exact.size:
-            out[b, h, exact] += x[b][xp.asarray(exact)] @ wh[h]
+            out[b, h, xp.asarray(exact)] += xb[xp.asarray(exact)] @ wh[h]
         sampled = np.flatnonzero((r > 0) & (r < d_in))
         if sampled.size == 0:
             return
@@ -151,21 +147,24 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         bits = mrandom.sample_bits(seed, np.uint64(SHARED_STREAM_BASE + b * num_heads + h),
                                    np.arange(int(counts[-1])))
         k = alias_draw(bits, tables.threshold[h], tables.alias[h], tables.shift)
-        acc_t = xp.zeros((dh, tokens.size), dtype=x.dtype)  # transposed: [dh, sorted tokens]
+        run = tokens[-1] - tokens[0] == tokens.size - 1 and bool(np.all(np.diff(tokens) == 1))
+        rows_of = (lambda part: slice(part[0], part[-1] + 1)) if run else xp.asarray
+        acc = None
         for start, rows, weights in segment_plan(k, tables.p_weight[h], counts):
             w_seg = wh[h][xp.asarray(rows)] * xp.asarray(weights, dtype=x.dtype)[:, None]
-            x_seg = x_t[b][xp.asarray(rows)]  # [drawn rows, N]
-            part = tokens[start:]
-            if part[-1] - part[0] == part.size - 1 and np.all(np.diff(part) == 1):
-                x_seg = x_seg[:, part[0]:part[-1] + 1]  # a run of tokens: a view
+            # The drawn columns of x (one gather), then the tokens that reach the segment
+            # (a slice when the sorted tokens are a run, as with uniform budgets): a
+            # C-contiguous block, so the product is one BLAS call with an [N, dh] result.
+            x_seg = xp.take(xb, xp.asarray(rows), axis=1)
+            if start or not run or tokens.size != n:
+                x_seg = x_seg[rows_of(tokens[start:])]
+            part = x_seg @ w_seg
+            if acc is None:
+                acc = part  # the first segment reaches every sampled token
             else:
-                x_seg = x_seg[:, xp.asarray(part)]
-            acc_t[:, start:] += w_seg.T @ x_seg
-        acc_t /= xp.asarray(counts, dtype=x.dtype)[None, :]
-        if tokens[-1] - tokens[0] == tokens.size - 1 and np.all(np.diff(tokens) == 1):
-            out[b, h, tokens[0]:tokens[-1] + 1] += acc_t.T
-        else:
-            out[b, h, xp.asarray(tokens)] += acc_t.T
+                acc[start:] += part
+        acc /= xp.asarray(counts, dtype=x.dtype)[:, None]
+        out[b, h, rows_of(tokens)] += acc
 
     tasks = [(b, h) for b in range(batch) for h in range(num_heads)]
     if xp is np:  # small products: one per thread, single-threaded BLAS
