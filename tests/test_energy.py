@@ -102,8 +102,26 @@ def test_command_json_follows_from_the_table(tmp_path, capsys):
     assert result["claims"]["eatt"]["alignment"] == pytest.approx(align, rel=1e-12)
     whole = 1 - sum(ea.values()) / sum(ex.values())
     assert result["claims"]["eatt"]["attention_with_out_projection"] == pytest.approx(whole, rel=1e-12)
-    assert result["methods"]["latte"]["analytical"] is True
+    assert not any(m["analytical"] for m in result["methods"].values())
     assert result["config"]["length"] == 48
+
+
+def test_latte_block_is_latte_own_count():
+    """The LATTE row is what mcattn.latte reports for the same call (relative, int8 scores)."""
+    import numpy as np
+
+    from mcattn import latte
+
+    cfg = energy.EnergyConfig(d_model=64, heads=2, length=20, latte_keep=0.25)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 20, 32)) for _ in range(3))
+    theta = latte.calibrate(q[None], k[None], target_keep=0.25)
+    _, info = latte.attention(q, k, v, threshold=theta, return_info=True)
+    block = energy.latte_block(cfg)["scores"]
+    kept = int(round(info.keep_fraction * 2 * 20 * 20))
+    # Same counts per visible pair; the kept-pair terms scale with the kept count.
+    assert block["int4_mul"] - 3 * 5 * 20 * 2 * 32 == info.ops["int4_mul"] - 3 * kept * 32
+    assert block["fp32_exp"] == 5 * 20 * 2 and info.ops["fp32_exp"] == kept
 
 
 def test_command_with_a_table_file(tmp_path, capsys):
