@@ -158,7 +158,7 @@ def test_torch_without_grad_takes_the_plain_path_and_errors_are_clear():
     assert out.grad_fn is None
     assert attention(q, k, v).grad_fn is not None
     with pytest.raises(GradientNotSupportedError, match="has no backward pass yet"):
-        attention(q, k, v, method="rfa", num_features=4, seed=0)
+        attention(q, k, v, method="eatt")
     with pytest.raises(ValueError, match="return_info=True is not available while recording"):
         attention(q, k, v, return_info=True)
 
@@ -250,3 +250,48 @@ def test_tensorflow_gradients_eager_and_in_tf_function():
     eager = grads(lambda *a: attention(*a, attn_mask=mask), q, k, v)
     for a, b in zip(in_graph, eager):
         assert float(tf.reduce_max(tf.abs(a - b))) < 1e-12
+
+
+# ---------------------------------------------------------------- rfa
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "gate", "padding", "gate+padding"])
+def test_rfa_backward_matches_finite_differences(case):
+    from mcattn.rfa import grad as rfa_grad
+
+    rng = np.random.default_rng(11)
+    q, k = (rng.standard_normal((2, 3, 6, 4)) * 0.5 for _ in range(2))
+    v, dout = rng.standard_normal((2, 3, 6, 5)), rng.standard_normal((2, 3, 6, 5))
+    kpm = np.ones((2, 6), bool)
+    kpm[1, 4:] = False
+    gate = rng.uniform(0.5, 0.95, (2, 3, 6))
+    kw = {"plain": {}, "causal": {"is_causal": True}, "gate": {"is_causal": True, "gate": gate},
+          "padding": {"key_padding_mask": kpm},
+          "gate+padding": {"is_causal": True, "gate": gate, "key_padding_mask": kpm}}[case]
+    kw.update(num_features=8, seed=3)
+    out, res = rfa_grad.forward(q, k, v, **kw)
+    g = rfa_grad.backward(q, k, v, out, res, dout, **kw)
+    loss = lambda: float((rfa_grad.forward(q, k, v, **kw)[0] * dout).sum())  # noqa: E731
+    inputs = [("q", q), ("k", k), ("v", v)] + ([("gate", gate)] if "gate" in kw else [])
+    for name, x in inputs:
+        assert g[name].shape == x.shape
+        assert np.abs(g[name] - _numeric_grad(loss, x)).max() < 1e-7, name
+    if "gate" in kw and "key_padding_mask" in kw:
+        assert not g["gate"][1, :, 4:].any()  # padding neither adds nor decays
+
+
+def test_rfa_torch_gradcheck_with_a_trainable_gate_and_clear_errors():
+    torch = require("torch")
+    from mcattn.frameworks.torch import attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64).mul(0.5).requires_grad_(True)
+               for _ in range(3))
+    gate = torch.rand(1, 2, 5, generator=g, dtype=torch.float64).mul(0.4).add(0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, gt: attention(a, b, c, method="rfa", num_features=6, seed=2, is_causal=True,
+                                      gate=gt), (q, k, v, gate))
+    with pytest.raises(GradientNotSupportedError, match="give seed="):
+        attention(q, k, v, method="rfa", num_features=6)
+    with pytest.raises(GradientNotSupportedError, match="kind='positive'"):
+        attention(q, k, v, method="rfa", num_features=6, seed=1, kind="sincos")

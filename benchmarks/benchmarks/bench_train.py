@@ -65,8 +65,11 @@ def ratio_rows(argv):
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="peak RSS growth of one step")
+    parser.add_argument("--method", default="exact", choices=["exact", "rfa"])
+    parser.add_argument("--num-features", type=int, default=64, help="rfa: random features")
     args = parser.parse_args(argv)
-    title = (f"mcattn exact forward+backward (numba {numba.__version__}, torch adapter) / torch "
+    knobs = {} if args.method == "exact" else {"num_features": args.num_features, "seed": 0}
+    title = (f"mcattn {args.method} {knobs or ''} forward+backward (numba {numba.__version__}, torch adapter) / torch "
              f"{torch.__version__} SDPA forward+backward, CPU, B=1 H={args.heads} d=64 float32, "
              f"causal={args.causal}, torch threads {torch.get_num_threads()}")
     mcattn_step(*_tensors(64, heads=1))
@@ -75,7 +78,7 @@ def ratio_rows(argv):
         for n in args.sizes:
             q, k, v = _tensors(n, heads=args.heads)
             t_ours, t_base = interleaved_times(
-                lambda: mcattn_step(q, k, v, args.causal),  # noqa: B023
+                lambda: mcattn_step(q, k, v, args.causal, args.method, **knobs),  # noqa: B023
                 lambda: sdpa_step(q, k, v, args.causal),  # noqa: B023
                 rounds=args.rounds, repeats=2 if n <= 2048 else 1,
             )

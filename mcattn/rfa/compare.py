@@ -92,6 +92,6 @@ ENTRY = MethodEntry(
     bound_note=f"rfa: positive random features, drop-in estimator; the bound holds for every row with "
                f"probability {1 - DELTA:.0%} (Chebyshev on the ratio estimator, union over rows), "
                "relative to ||O|| (inf: vacuous at this feature count)",
-    attention=attention, dask_plan=dask_plan,
+    attention=attention, dask_plan=dask_plan, grad="mcattn.rfa.grad",
     description="random feature attention: exp(q.k) by random features, linear time, gate, O(1) decoding",
 )
