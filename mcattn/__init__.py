@@ -14,7 +14,7 @@ if not hasattr(_np, "row_stack"):
     # imported; NumPy 2.5 removed that deprecated alias of vstack, so importing numba.cuda
     # fails there (seen on the H200 machine: numpy 2.5.2, numba-cuda 0.30.4). Restore the
     # alias, as NumPy itself defined it, until numba-cuda drops the overload.
-    _np.row_stack = _np.vstack
+    setattr(_np, "row_stack", _np.vstack)  # noqa: B010 - the removed name, restored
 
 from . import config, cost, eatt, eigen, errors, latte, mca, random, rfa
 from ._dispatch import backends

@@ -205,7 +205,7 @@ def attention(entry, q, k, v, common, knobs):
     run = plan.run
 
     def chunk(*blocks):
-        got = dict(zip([n if isinstance(n, str) else n for n in names], blocks))
+        got = dict(zip(names, blocks))
         arrays = {n[1]: b for n, b in zip(names, blocks) if isinstance(n, tuple) and n[0] == "array"}
         coords = [b for n, b in zip(names, blocks) if isinstance(n, tuple) and n[0] == "coord"]
         return run(got["q"], got["k"], got.get("v"), arrays, coords,

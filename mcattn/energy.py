@@ -16,7 +16,8 @@ The counts are the library's own: :func:`mcattn.eatt.alignment_ops`,
 functions that fill ``info.ops`` of :mod:`mcattn.eatt`; exact attention's
 :func:`~mcattn.exact.exact_ops` is their ``dot`` + softmax sum, which the tests check),
 :func:`mcattn.rfa.rfa_ops`, MCA's projection counts and :func:`mcattn.latte.latte_ops`
-(the count of a LATTE call's ``info.ops``, see :func:`latte_block`). Prices: :data:`mcattn.cost.HOROWITZ_45NM_PJ` or a table
+(the count of a LATTE call's ``info.ops``, see :func:`latte_block`). Prices:
+:data:`mcattn.cost.HOROWITZ_45NM_PJ` or a table
 given as JSON. One self-attention block of one sequence (batch 1, no mask), every
 token attending to every token.
 """
@@ -334,7 +335,8 @@ def run(cfg=EnergyConfig(), table=None, *, lengths=(16, 32, 64, 128, 512), mca=T
         return {
             "length": c.length,
             "alignment": _saving(_energy(ea, ALIGNMENT_STAGES, table), _energy(van, ALIGNMENT_STAGES, table)),
-            "attention_without_out_projection": _saving(_energy(ea, no_out, table), _energy(van, no_out, table)),
+            "attention_without_out_projection": _saving(_energy(ea, no_out, table),
+                                                        _energy(van, no_out, table)),
             "attention_with_out_projection": _saving(_energy(ea, STAGES, table), _energy(van, STAGES, table)),
         }
 
@@ -414,5 +416,6 @@ def format_report(result, replaced=()):
                      f"{'ours, V proj + attention':>25}")
         for row in c["mca"]:
             lines.append(f"  {row['alpha']:>6} {row['paper_padded_projection_x']:>23.2f}x "
-                         f"{row['ours_projection_x']:>14.2f}x {row['ours_attention_and_projection_x']:>24.2f}x")
+                         f"{row['ours_projection_x']:>14.2f}x "
+                         f"{row['ours_attention_and_projection_x']:>24.2f}x")
     return "\n".join(lines)

@@ -278,8 +278,10 @@ def test_softmax_and_output_bounds_hold():
         a = rng.standard_normal(n) * rng.uniform(0.1, 5)
         delta = rng.standard_normal(n) * rng.uniform(0.01, 3)
         v = rng.standard_normal((n, 4))
-        p = np.exp(a - a.max()); p /= p.sum()
-        ph = np.exp(a + delta - (a + delta).max()); ph /= ph.sum()
+        p = np.exp(a - a.max())
+        p /= p.sum()
+        ph = np.exp(a + delta - (a + delta).max())
+        ph /= ph.sum()
         norm = np.linalg.norm(delta)
         assert np.abs(ph - p).sum() <= bounds.probability_error_bound(norm) + 1e-12
         assert np.linalg.norm((ph - p) @ v) <= bounds.output_error_bound(norm, v)[0] + 1e-12

@@ -92,7 +92,7 @@ def test_command_json_follows_from_the_table(tmp_path, capsys):
     assert "paper: 99%" in text and "paper: 66%" in text and "assumptions" in text
     result = json.loads(path.read_text())
     table = result["table_pj"]
-    for name, method in result["methods"].items():
+    for method in result["methods"].values():
         for stage, ops in method["ops"].items():
             priced = sum(n * table[kind] for kind, n in ops.items())
             assert method["stages_pj"][stage] == pytest.approx(priced, rel=1e-12)

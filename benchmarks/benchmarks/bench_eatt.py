@@ -6,9 +6,9 @@ multiply-add, and BLAS is better tuned. E-Att's savings are energy on hardware w
 adders are cheap (``mcattn energy``), not CPU time.
 """
 
-from .common import exact, interleaved_times, qkv
-
 import mcattn.eatt
+
+from .common import exact, interleaved_times, qkv
 
 
 def eatt(q, k, v, alignment, backend="numba"):

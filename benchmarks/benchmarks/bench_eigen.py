@@ -7,7 +7,6 @@ inputs themselves is used. The ratio harness case is :func:`ratio_rows`
 (``python benchmarks/ratio.py eigen --help``).
 """
 
-import numpy as np
 
 from mcattn import eigen
 

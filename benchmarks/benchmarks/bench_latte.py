@@ -126,7 +126,8 @@ def ratio_rows(argv):
                 row.update(_phases(q, k, v, theta))
             if args.memory:
                 setup = (f"q, k, v = qkv({n}, heads={args.heads}); "
-                         f"from benchmarks.bench_latte import run, thresholds; theta = thresholds(q, k, {args.keep})")
+                         "from benchmarks.bench_latte import run, thresholds; "
+                         f"theta = thresholds(q, k, {args.keep})")
                 warm = "small = qkv(64, heads=1); run(*small, theta[:1])"
                 row["latte_MiB"] = peak_growth_in_subprocess(setup, "run(q, k, v, theta)", warm)
                 row["exact_MiB"] = peak_growth_in_subprocess(

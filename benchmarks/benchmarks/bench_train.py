@@ -69,7 +69,8 @@ def ratio_rows(argv):
     parser.add_argument("--num-features", type=int, default=64, help="rfa: random features")
     args = parser.parse_args(argv)
     knobs = {} if args.method == "exact" else {"num_features": args.num_features, "seed": 0}
-    title = (f"mcattn {args.method} {knobs or ''} forward+backward (numba {numba.__version__}, torch adapter) / torch "
+    title = (f"mcattn {args.method} {knobs or ''} forward+backward (numba {numba.__version__}, "
+             "torch adapter) / torch "
              f"{torch.__version__} SDPA forward+backward, CPU, B=1 H={args.heads} d=64 float32, "
              f"causal={args.causal}, torch threads {torch.get_num_threads()}")
     mcattn_step(*_tensors(64, heads=1))

@@ -112,7 +112,7 @@ def reconstruction_table(data, ranks=(8, 16, 24), extra=(0, 8, 24),
             for add in extra:
                 m = r + add
                 stats = []
-                for b, rows, q, k, v in per_layer:
+                for b, rows, q, _k, v in per_layer:
                     cols = select_columns(b, m, method=method, rank=r, seed=0)
                     plan = make_plan(b, cols, rank=r, estimator="deim")
                     rec = plan.base[0] + rows[:, cols] @ plan.weights[0]

@@ -19,7 +19,6 @@ import contextlib
 import itertools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import mcattn
@@ -270,7 +269,3 @@ def use_method(model, method, **options):
             value = getattr(sub, "value", None)
             if value is not None and hasattr(value, "_mcattn_input"):
                 del value._mcattn_input
-
-
-def _numpy(t):  # pragma: no cover - small helper for callers
-    return np.asarray(t.detach().cpu())

@@ -66,7 +66,8 @@ def check_thresholds(threshold, mode, heads):
     try:
         t = np.asarray(threshold if not hasattr(threshold, "get") else threshold.get(), dtype=np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"threshold must be a number or an array of one per head; got {threshold!r}") from None
+        raise TypeError(f"threshold must be a number or an array of one per head; "
+                        f"got {threshold!r}") from None
     if t.ndim == 0:
         t = np.full(heads, float(t))
     elif t.ndim != 1 or t.shape[0] != heads:

@@ -1,4 +1,7 @@
-"""LATTE on CUDA GPUs through a CuPy RawKernel (``kernels/latte.cu``; algorithm in :mod:`mcattn.latte.cuda`)."""
+"""LATTE on CUDA GPUs through a CuPy RawKernel (``kernels/latte.cu``).
+
+The algorithm is that of :mod:`mcattn.latte.cuda`.
+"""
 
 import numpy as np
 

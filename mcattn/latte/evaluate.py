@@ -254,7 +254,8 @@ def format_in_model(result):
     lines = ["| target mass | filtered (all layers) | " + " | ".join(f"L{i}" for i in range(layers)) + " |",
              "|---:|---:|" + "---:|" * layers]
     for mass, r in result.items():
-        lines.append(f"| {mass:g} | {_pct(r['filtered'])} | " + " | ".join(_pct(x) for x in r["per_layer"]) + " |")
+        layers = " | ".join(_pct(x) for x in r["per_layer"])
+        lines.append(f"| {mass:g} | {_pct(r['filtered'])} | {layers} |")
     return "\n".join(lines)
 
 
@@ -275,7 +276,9 @@ def format_tables(rows):
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['source']} | {r['setting']} | {_pct(r['filtered'])} | {_err(r['error_median'])} "
-                     f"| {_err(r['error_p90'])} | {_err(r['float_error_median'])} | {_err(r['dropped_mass'])} | {_err(r['oracle_error_median'])} "
+                     f"| {_err(r['error_p90'])} | {_err(r['float_error_median'])} "
+                     f"| {_err(r['dropped_mass'])} "
+                     f"| {_err(r['oracle_error_median'])} "
                      f"| {_err(r['oracle_error_p90'])} | {_err(r['oracle_dropped_mass'])} |")
     lines += ["", f"Most filtering with a median output error below {LOSS:.0%} (any setting above):", "",
               "| source | LATTE filtered | setting | oracle filtered at < 1% (any setting) |",
@@ -301,7 +304,8 @@ def format_tables(rows):
             lines.append(f"| {r['source']} | " + " | ".join(cells) + " |")
     longest = [r for r in rows if r["setting"] == "mass 99.0%"][-1]
     lines += ["", f"Filtered fraction per layer (rows) and head (columns), mass 99.0%, {longest['source']}:",
-              "", "| layer | " + " | ".join(f"h{h}" for h in range(len(longest["per_head_filtered"][0]))) + " |",
+              "", "| layer | " + " | ".join(f"h{h}" for h in range(len(longest["per_head_filtered"][0])))
+              + " |",
               "|---|" + "---:|" * len(longest["per_head_filtered"][0])]
     for i, heads in enumerate(longest["per_head_filtered"]):
         lines.append(f"| L{i} | " + " | ".join(f"{100 * h:.0f}" for h in heads) + " |")

@@ -147,8 +147,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         bits = mrandom.sample_bits(seed, np.uint64(SHARED_STREAM_BASE + b * num_heads + h),
                                    np.arange(int(counts[-1])))
         k = alias_draw(bits, tables.threshold[h], tables.alias[h], tables.shift)
+        # Sorted tokens that form a run (uniform budgets: all of them) index by a slice.
         run = tokens[-1] - tokens[0] == tokens.size - 1 and bool(np.all(np.diff(tokens) == 1))
-        rows_of = (lambda part: slice(part[0], part[-1] + 1)) if run else xp.asarray
+
+        def rows_of(part):
+            return slice(int(part[0]), int(part[-1]) + 1) if run else xp.asarray(part)
+
         acc = None
         for start, rows, weights in segment_plan(k, tables.p_weight[h], counts):
             w_seg = wh[h][xp.asarray(rows)] * xp.asarray(weights, dtype=x.dtype)[:, None]

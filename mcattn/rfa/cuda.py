@@ -12,8 +12,8 @@ import math
 import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
-from .._cupy import block_threads, numba_stream
 from .._array import is_cupy
+from .._cupy import block_threads, numba_stream
 from . import _gpu
 
 __all__ = ["forward", "make_kernels", "MAX_HEAD_DIM", "ptx_signatures"]

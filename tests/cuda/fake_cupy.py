@@ -451,5 +451,5 @@ def _gpu_present():  # as tests/helpers.GPU_PRESENT: conftest turns the simulato
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0")
 
 
-#: pytest fixture: ``from fake_cupy import cupy_or_fake`` in a test module to use it.
+#: pytest fixture, made visible to the CUDA tests by tests/cuda/conftest.py.
 cupy_or_fake = _fixture()

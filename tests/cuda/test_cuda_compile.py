@@ -4,8 +4,14 @@ import importlib
 import re
 
 import pytest
-from cuda_compile import (ARCHITECTURES, NUMBA_CUDA_MODULES, numba_ptx_results, nvrtc_compile,
-                          ptxas_resources, resource_problems)
+from cuda_compile import (
+    ARCHITECTURES,
+    NUMBA_CUDA_MODULES,
+    numba_ptx_results,
+    nvrtc_compile,
+    ptxas_resources,
+    resource_problems,
+)
 
 from mcattn import config
 from mcattn._cupy import KERNEL_SOURCES

@@ -10,7 +10,6 @@ draw for draw.
 
 import numpy as np
 import pytest
-from fake_cupy import cupy_or_fake  # noqa: F401 - fixture
 from helpers import GPU_PRESENT, dense_attention, rel_error
 
 import mcattn

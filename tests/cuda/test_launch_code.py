@@ -7,7 +7,6 @@ the grids and arguments the package really passes.
 
 import numpy as np
 import pytest
-from fake_cupy import cupy_or_fake  # noqa: F401 - fixture
 from helpers import GPU_PRESENT, rel_error
 
 import mcattn
