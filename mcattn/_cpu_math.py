@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-__all__ = ["exp_block", "bits_dtype"]
+__all__ = ["exp_block", "bits_dtype", "online_softmax_tile"]
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2 = math.log(2.0)
@@ -72,3 +72,65 @@ def _exp_block_typed(s, bits, rows, cols):
 def bits_dtype(dtype):
     """The scratch dtype :func:`exp_block` needs for arrays of ``dtype``."""
     return np.int32 if np.dtype(dtype) == np.float32 else np.int64
+
+
+@njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
+def online_softmax_tile(s, p, bits, v_tile, prod, m, l, acc, bias, slot, has_bias, row_bias,
+                        is_causal, i0, j0, nrows, ncols):
+    """Fold one tile of scores into a streaming softmax: the step every CPU kernel shares.
+
+    Parameters
+    ----------
+    s : array ``[nrows, ncols]``
+        Scores of query rows ``i0 ...`` against keys ``j0 ...`` (mask and causal applied here).
+    p : array ``[nrows, ncols]``
+        Scratch for the probabilities; may be ``s`` itself.
+    bits : int array ``[nrows, ncols]``
+        Scratch of :func:`exp_block`.
+    v_tile : array ``[ncols, dv]``
+        The tile's values.
+    prod : array ``[nrows, dv]``
+        Scratch for ``P V``.
+    m, l : arrays ``[>= nrows]``
+        Running row maximum and sum (start at -inf and 0).
+    acc : array ``[>= nrows, dv]``
+        Running unnormalised output (starts at 0).
+    bias, slot, has_bias, row_bias, is_causal
+        The canonical mask (``bias [M, R, Nk]``, the batch row's slice) and causal flag.
+    """
+    neg_inf = -np.inf
+    dv = acc.shape[1]
+    j1 = j0 + ncols
+    for i in range(nrows):
+        if has_bias:
+            r = i0 + i if row_bias else 0
+            for j in range(ncols):
+                s[i, j] += bias[slot, r, j0 + j]
+        if is_causal and j1 - 1 > i0 + i:
+            for j in range(max(0, i0 + i + 1 - j0), ncols):
+                s[i, j] = neg_inf
+        top = m[i]
+        for j in range(ncols):
+            top = max(top, s[i, j])
+        if top == neg_inf:  # nothing visible yet: contributes exp(-inf) = 0
+            for j in range(ncols):
+                p[i, j] = neg_inf
+            continue
+        rescale = math.exp(m[i] - top)  # exp(-inf) = 0 on the first visible tile
+        m[i] = top
+        l[i] *= rescale
+        for c in range(dv):
+            acc[i, c] *= rescale
+        for j in range(ncols):
+            p[i, j] = s[i, j] - top
+    exp_block(p, bits, nrows, ncols)
+    for i in range(nrows):
+        total = p[i, 0] * 0
+        for j in range(ncols):
+            total += p[i, j]
+        l[i] += total
+    np.dot(p, v_tile, prod)
+    for i in range(nrows):
+        for c in range(dv):
+            acc[i, c] += prod[i, c]
+

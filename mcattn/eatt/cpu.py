@@ -17,7 +17,7 @@ from numba import njit
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import bits_dtype, exp_block
+from .._cpu_math import bits_dtype, online_softmax_tile
 
 __all__ = ["forward", "selective_projection", "popcount64"]
 
@@ -94,39 +94,9 @@ def _eatt_tasks(hamming, qs, ks, qc, kc, neg_table, v, out, bias, mask_index, ha
                         qv = qs[bh, i0 + i, c]
                         for j in range(ncols):
                             s[i, j] -= abs(qv - kt[c, j])
-            for i in range(nrows):
-                if has_bias:
-                    r = i0 + i if row_bias else 0
-                    for j in range(ncols):
-                        s[i, j] += bias[slot, r, j0 + j]
-                if is_causal and j1 - 1 > i0 + i:
-                    for j in range(max(0, i0 + i + 1 - j0), ncols):
-                        s[i, j] = neg_inf
-                top = m[i]
-                for j in range(ncols):
-                    top = max(top, s[i, j])
-                if top == neg_inf:  # nothing visible yet: contributes exp(-inf) = 0
-                    for j in range(ncols):
-                        s[i, j] = neg_inf
-                    continue
-                rescale = np.exp(m[i] - top)  # exp(-inf) = 0 on the first visible block
-                m[i] = top
-                l[i] *= rescale
-                for c in range(dv):
-                    acc[i, c] *= rescale
-                for j in range(ncols):
-                    s[i, j] = s[i, j] - top
-            exp_block(s, bits, nrows, ncols)
-            for i in range(nrows):
-                total = zero
-                for j in range(ncols):
-                    total += s[i, j]
-                l[i] += total
             prod = pv[: nrows * dv].reshape((nrows, dv))
-            np.dot(s, v[bh, j0:j1], prod)
-            for i in range(nrows):
-                for c in range(dv):
-                    acc[i, c] += prod[i, c]
+            online_softmax_tile(s, s, bits, v[bh, j0:j1], prod, m, l, acc, bias, slot, has_bias,
+                                row_bias, is_causal, i0, j0, nrows, ncols)
         for i in range(nrows):
             inv = 1.0 / l[i] if l[i] > 0 else 0.0
             for c in range(dv):

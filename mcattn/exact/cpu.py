@@ -15,7 +15,7 @@ from numba import njit
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import bits_dtype, exp_block
+from .._cpu_math import bits_dtype, exp_block, online_softmax_tile
 
 __all__ = ["forward", "forward_lse", "backward"]
 
@@ -61,39 +61,9 @@ def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal
             np.dot(qs[:nrows], k[bh, j0:j1].T, s)
             p = prob_buf[: nrows * ncols].reshape((nrows, ncols))
             bits = bits_buf[: nrows * ncols].reshape((nrows, ncols))
-            for i in range(nrows):
-                if has_bias:
-                    r = i0 + i if row_bias else 0
-                    for j in range(ncols):
-                        s[i, j] += bias[slot, r, j0 + j]
-                if is_causal and j1 - 1 > i0 + i:
-                    for j in range(max(0, i0 + i + 1 - j0), ncols):
-                        s[i, j] = neg_inf
-                top = m[i]
-                for j in range(ncols):
-                    top = max(top, s[i, j])
-                if top == neg_inf:  # nothing visible yet: contributes exp(-inf) = 0
-                    for j in range(ncols):
-                        p[i, j] = neg_inf
-                    continue
-                rescale = math.exp(m[i] - top)  # exp(-inf) = 0 on the first visible block
-                m[i] = top
-                l[i] *= rescale
-                for c in range(dv):
-                    acc[i, c] *= rescale
-                for j in range(ncols):
-                    p[i, j] = s[i, j] - top
-            exp_block(p, bits, nrows, ncols)
-            for i in range(nrows):
-                total = p[i, 0] * 0
-                for j in range(ncols):
-                    total += p[i, j]
-                l[i] += total
             prod = pv[: nrows * dv].reshape((nrows, dv))
-            np.dot(p, v[bh, j0:j1], prod)
-            for i in range(nrows):
-                for c in range(dv):
-                    acc[i, c] += prod[i, c]
+            online_softmax_tile(s, p, bits, v[bh, j0:j1], prod, m, l, acc, bias, slot, has_bias,
+                                row_bias, is_causal, i0, j0, nrows, ncols)
         for i in range(nrows):
             inv = 1.0 / l[i] if l[i] > 0 else 0.0
             for c in range(dv):
