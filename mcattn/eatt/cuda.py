@@ -15,6 +15,7 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 
 from .. import config
 from .._array import is_cupy
+from .._cuda_device import softmax_tile
 from ._gpu import MAX_WORDS, kernel_arrays
 
 __all__ = ["forward", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
@@ -103,17 +104,7 @@ def make_kernel(dtype_name):
                         s = neg_inf
                     scores[r] = s
                     top = max(top, s)
-                if top != neg_inf:  # else nothing visible yet: the tile adds nothing
-                    rescale = math.exp(m - top)  # 0 on the first visible tile
-                    l *= rescale
-                    for c in range(dv):
-                        acc[c] *= rescale
-                    for r in range(width):
-                        p = math.exp(scores[r] - top)
-                        l += p
-                        for c in range(dv):
-                            acc[c] += p * v_tile[r, c]
-                    m = top
+                m, l = softmax_tile(scores, width, top, v_tile, dv, m, l, acc)
             cuda.syncthreads()
         if active:
             inv = one / l if l > zero else zero

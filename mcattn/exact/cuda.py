@@ -13,6 +13,7 @@ import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
 from .._array import is_cupy
+from .._cuda_device import softmax_tile
 from .._cupy import block_threads, numba_stream
 
 __all__ = ["forward", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
@@ -78,17 +79,7 @@ def make_kernel(dtype_name):
                         s = neg_inf
                     scores[r] = s
                     top = max(top, s)
-                if top != neg_inf:  # else nothing visible yet: the tile adds nothing
-                    rescale = math.exp(m - top)  # 0 on the first visible tile
-                    l *= rescale
-                    for c in range(dv):
-                        acc[c] *= rescale
-                    for r in range(width):
-                        p = math.exp(scores[r] - top)
-                        l += p
-                        for c in range(dv):
-                            acc[c] += p * v_tile[r, c]
-                    m = top
+                m, l = softmax_tile(scores, width, top, v_tile, dv, m, l, acc)
             cuda.syncthreads()
         if active:
             inv = one / l if l > zero else zero

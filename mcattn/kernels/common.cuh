@@ -34,4 +34,24 @@ __device__ __forceinline__ int mcattn_popcll(unsigned long long x) { return __bu
 __device__ __forceinline__ int mcattn_popcll(unsigned long long x) { return __popcll(x); }
 #endif
 
+// One thread's streaming-softmax step over a tile of `tile` scores whose maximum (with the
+// running one) is `top`: rescale the running sum `l` and output `acc` to the new maximum,
+// add exp(score - top) and its share of the tile's values (row r at v_tile + r * stride).
+// A tile with nothing visible yet (top = -inf) adds exp(-inf) = 0: nothing to do.
+template <typename T>
+__device__ __forceinline__ void mcattn_softmax_tile(const T* scores, int tile, T top,
+                                                    const T* v_tile, int stride, int dv, T& m,
+                                                    T& l, T* acc) {
+    if (top == mcattn_neg_inf<T>()) return;
+    const T rescale = mcattn_exp(m - top);  // 0 on the first visible tile
+    l *= rescale;
+    for (int c = 0; c < dv; ++c) acc[c] *= rescale;
+    for (int r = 0; r < tile; ++r) {
+        const T p = mcattn_exp(scores[r] - top);
+        l += p;
+        for (int c = 0; c < dv; ++c) acc[c] += p * v_tile[r * stride + c];
+    }
+    m = top;
+}
+
 #endif  // MCATTN_COMMON_CUH

@@ -59,17 +59,7 @@ __device__ void mcattn_exact_forward(const T* __restrict__ q, const T* __restric
                 scores[r] = s;
                 top = mcattn_max(top, s);
             }
-            if (top != neg_inf) {  // else nothing visible yet: the tile adds exp(-inf) = 0
-                const T rescale = mcattn_exp(m - top);  // 0 on the first visible tile
-                l *= rescale;
-                for (int c = 0; c < dv; ++c) acc[c] *= rescale;
-                for (int r = 0; r < tile; ++r) {
-                    const T p = mcattn_exp(scores[r] - top);
-                    l += p;
-                    for (int c = 0; c < dv; ++c) acc[c] += p * v_tile[r * MAXD + c];
-                }
-                m = top;
-            }
+            mcattn_softmax_tile(scores, tile, top, v_tile, MAXD, dv, m, l, acc);
         }
         __syncthreads();
     }
