@@ -6,6 +6,7 @@
 ``mcattn backends``  which backends can run here, and why not
 ``mcattn energy``    each method's operations priced by kind, next to the papers' claims
 ``mcattn selftest``  every method on every backend against the NumPy reference (+ GPU timings)
+``mcattn finetune``  distil the real model with a method swapped in; task scores before/after
 """
 
 import argparse
@@ -107,6 +108,12 @@ def _cmd_energy(args):
             json.dump(result, fh, indent=2)
         print(f"wrote {args.json}")
     return 0
+def _cmd_finetune(args):
+    from .finetune import main as finetune_main
+
+    return finetune_main(args, args.knobs)
+
+
 def _cmd_selftest(args):
     from .selftest import main as selftest_main
 
@@ -181,12 +188,47 @@ def build_parser():
     selftest.add_argument("--backends", nargs="+", metavar="NAME", help="backends to check")
     selftest.add_argument("--methods", nargs="+", metavar="NAME", help="methods to check")
     selftest.set_defaults(func=_cmd_selftest)
+
+    finetune = sub.add_parser(
+        "finetune", help="distil the real model with a method swapped in (needs mcattn[eval])",
+        usage="mcattn finetune --method NAME [--KNOB VALUE ...] [--steps N | --minutes M] [options]",
+        description="Fine-tune all-MiniLM-L6-v2 with METHOD in every self-attention layer "
+                    "against the same model with exact attention (sentence-embedding cosine + "
+                    "token states), on real text the evaluation never sees, and score Lee "
+                    "similarity, polarity and cosine to exact before and after. The method's "
+                    "knobs follow as --name value (e.g. --num-features 64).")
+    finetune.add_argument("--method", required=True, help="a method with a backward (mcattn methods)")
+    budget = finetune.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    budget.add_argument("--minutes", type=float, help="training time budget instead of steps")
+    finetune.add_argument("--gate", action="store_true", help="rfa: learn a recency gate per layer "
+                          "(causal gated form)")
+    finetune.add_argument("--train", choices=("attention", "all"), default="attention",
+                          help="weights trained besides the method's own (default: attention "
+                               "projections)")
+    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--batch-size", type=int, default=16)
+    finetune.add_argument("--token-weight", type=float, default=1.0,
+                          help="weight of the token-state loss next to the embedding cosine")
+    finetune.add_argument("--max-length", type=int, default=128, help="tokens per training text")
+    finetune.add_argument("--corpus", default="lee_background",
+                          help="lee_background (news sentences) or head500 (stemmed Wikipedia)")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    finetune.add_argument("--save", metavar="DIR", help="write the fine-tuned weights and config")
+    finetune.add_argument("--json", metavar="FILE", help="write losses and scores as JSON")
+    finetune.add_argument("--no-eval", action="store_true", help="train only, no task scores")
+    finetune.add_argument("--no-progress", action="store_true")
+    finetune.set_defaults(func=_cmd_finetune)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) != "finetune":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.knobs = extra
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

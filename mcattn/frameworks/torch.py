@@ -187,10 +187,11 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
     hook = MODULE_KNOBS.get(method)
     if hook is not None and hook.call is not None:
         return hook.call(module, q, k, v, mask, scale, knobs)
-    merged = hook.resolve(module, q, knobs, calls) if hook is not None else knobs
+    merged = hook.resolve(module, q, knobs, calls) if hook is not None else dict(knobs)
+    common = {n: merged.pop(n) for n in _COMMON if n in merged}  # is_causal, ... by keyword
     _, spec = check_knobs(method, merged)
     return attention(q, k, v if spec.needs_values else None, method=method, attn_mask=mask,
-                     scale=scale, **merged)
+                     scale=scale, **common, **merged)
 
 
 _NAME = "mcattn"
@@ -219,7 +220,13 @@ def use_method(model, method, **options):
     **options
         The method's knobs (as for :func:`mcattn.attention`): ``alpha``, ``sampling``,
         ``seed`` for mca (its ``x``, ``w_v``, ``b_v`` come from the model); ``num_features``,
-        ``kind``, ``seed`` for rfa. Checked before the model runs.
+        ``kind``, ``seed`` for rfa. Checked before the model runs. Also:
+
+        ``layer_knobs`` : callable ``(attention_module) -> dict``, optional
+            Knobs (or common arguments such as ``is_causal``) for one layer's call, for
+            per-layer parameters (rfa's gate from the layer's input, which is kept as
+            ``attention_module.value._mcattn_input``; latte's thresholds). Its attribute
+            ``supplies`` (tuple of str) names the knobs it gives. ``mcattn finetune`` uses it.
 
     Examples
     --------
@@ -232,21 +239,24 @@ def use_method(model, method, **options):
     from ..front import check_knobs
 
     hook = MODULE_KNOBS.get(method, ModuleKnobs(None))
-    given = {n: v for n, v in options.items() if n not in hook.consumes}
-    check_knobs(method, dict(given, **{name: None for name in hook.supplies}))  # fail before running
+    layer_knobs = options.pop("layer_knobs", None)
+    supplied = hook.supplies + tuple(getattr(layer_knobs, "supplies", ()))
+    given = {n: v for n, v in options.items() if n not in hook.consumes and n not in _COMMON}
+    check_knobs(method, dict(given, **{name: None for name in supplied if name not in _COMMON}))
     options = dict(options, _calls=itertools.count())
 
     def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            **kwargs):
         mask = _as_bool_mask(attention_mask, query)
+        extra = layer_knobs(module) if layer_knobs is not None else {}
         out = method_attention(method, query, key, value, module=module, mask=mask,
-                               scale=scaling, **options)
+                               scale=scaling, **options, **extra)
         return out.transpose(1, 2).contiguous(), None  # [B, N, H, dv], as transformers expects
 
     AttentionInterface.register(_NAME, attention_function)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_NAME, sdpa_mask)
     hooks = []
-    if method == "mca":
+    if method == "mca" or layer_knobs is not None:
         def keep_input(module, args):
             module._mcattn_input = args[0]
 
