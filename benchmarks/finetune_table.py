@@ -67,7 +67,7 @@ def table():
              "| polarity before → after |", "|---|---|---|---|---|---|",
              f"| exact | - | - | {exact['cosine_to_exact']:.4f} | {exact['lee_pearson']:.3f} | "
              f"{exact['polarity_accuracy']:.3f} |"]
-    for name, r in rows:
+    for _name, r in rows:
         b, a, cfg = r["before"], r["after"], r["config"]
         lines.append(f"| {cfg['method']} | {_knobs(cfg)} | {r['steps']} ({r['train_seconds'] / 60:.1f}) | "
                      f"{b['cosine_to_exact']:.4f} → **{a['cosine_to_exact']:.4f}** | "

@@ -110,8 +110,8 @@ class FinetuneConfig:
 
     def checked(self):
         """A copy with the method's seed filled in; raises ValueError/TypeError on bad input."""
-        from .front import COMMON_ARGUMENTS, check_knobs
         from .frameworks.torch import MODULE_KNOBS, ModuleKnobs
+        from .front import COMMON_ARGUMENTS, check_knobs
 
         if self.steps is None and self.minutes is None:
             raise ValueError("give steps or minutes")
