@@ -150,7 +150,7 @@ class ModuleKnobs:
     call : callable ``(module, q, k, v, mask, scale, options) -> out``, optional
         Runs the method inside the model itself (eigen: bases fitted per layer and length
         on calibration text, exact attention where the length is within the columns);
-        forward only.
+        differentiable when grad mode is on (eigen's backward, bases held constant).
     """
 
     resolve: object
@@ -172,8 +172,7 @@ MODULE_KNOBS = {
 def _eigen_call(module, q, k, v, mask, scale, options):
     from mcattn.eigen.torch_adapter import adapter
 
-    with torch.no_grad():
-        return adapter(module, q.detach(), k.detach(), v.detach(), mask, scale, options)
+    return adapter(module, q, k, v, mask, scale, options)  # differentiable with grad on
 
 
 _COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")
