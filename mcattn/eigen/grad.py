@@ -73,16 +73,17 @@ def scores(inp, plan, extra=None):
     f64 = np.float64
     bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
     heads = np.arange(bh) % plan.num_heads
-    cols = plan.columns[heads]  # [BH, m]
-    rows = np.arange(bh)[:, None]
+    cols = xp.asarray(plan.columns[heads])  # [BH, m]
+    rows = xp.arange(bh)[:, None]
     q = inp.q.astype(f64) * inp.scale
     k = inp.k.astype(f64)
-    k_s = k[rows, xp.asarray(cols)]  # [BH, m, d]
+    k_s = k[rows, cols]  # [BH, m, d]
     a_s = xp.matmul(q, k_s.transpose(0, 2, 1))
     g = xp.asarray(plan.weights)[heads]
     base = xp.asarray(plan.base)[heads][:, :nq]  # [BH, Nq or 1, Nk]
     s = base + xp.matmul(a_s, g)
-    s[rows[:, :, None], xp.arange(nq)[None, :, None], xp.asarray(cols)[:, None, :]] = a_s
+    at_cols = (rows[:, :, None], xp.arange(nq)[None, :, None], cols[:, None, :])
+    s[at_cols] = a_s
     bias = None
     if inp.mask.bias is not None:
         bias = xp.broadcast_to(inp.mask.bias[xp.asarray(inp.mask.mask_index)].astype(f64), (bh, nq, nk))
@@ -94,7 +95,7 @@ def scores(inp, plan, extra=None):
         extra = np.full((bh, nq, pq), -1, np.int64)
         if pq:
             cand = s.copy()
-            cand[rows[:, :, None], xp.arange(nq)[None, :, None], xp.asarray(cols)[:, None, :]] = -np.inf
+            cand[at_cols] = -np.inf
             host = np.asarray(cand.get() if hasattr(cand, "get") else cand)
             order = np.argsort(-host, axis=-1, kind="stable")[..., :pq]  # ties: lower index
             seen = np.take_along_axis(host, order, -1) > -np.inf
@@ -103,7 +104,7 @@ def scores(inp, plan, extra=None):
         live = extra >= 0
         idx = np.where(live, extra, 0)
         b_i, i_i, p_i = np.nonzero(live)
-        j_i = idx[b_i, i_i, p_i]
+        b_i, i_i, j_i = (xp.asarray(a) for a in (b_i, i_i, idx[b_i, i_i, p_i]))
         value = (q[b_i, i_i] * k[b_i, j_i]).sum(-1)
         if bias is not None:
             value = value + bias[b_i, i_i, j_i]
@@ -169,14 +170,14 @@ def backward(q, k, v, out, residuals, dout, *, basis, columns, rank=None, per_qu
 
     heads = np.arange(bh) % plan.num_heads
     cols = xp.asarray(plan.columns[heads])  # [BH, m]
-    rows = np.arange(bh)[:, None]
+    rows = xp.arange(bh)[:, None]
     at_cols = (rows[:, :, None], xp.arange(nq)[None, :, None], cols[:, None, :])
     computed = xp.zeros((bh, nq, nk), bool)  # entries that were computed, not reconstructed
     computed[at_cols] = True
     ds_extra = xp.zeros_like(ds)
     if plan.per_query:
         b_i, i_i, p_i = np.nonzero(extra >= 0)
-        j_i = extra[b_i, i_i, p_i]
+        b_i, i_i, j_i = (xp.asarray(a) for a in (b_i, i_i, extra[b_i, i_i, p_i]))
         computed[b_i, i_i, j_i] = True
         ds_extra[b_i, i_i, j_i] = ds[b_i, i_i, j_i]
     ds_rec = xp.where(computed, 0.0, ds)

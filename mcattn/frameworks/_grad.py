@@ -5,6 +5,8 @@ Each method that can be trained names a module in its registry entry (``grad``) 
 * ``forward(q, k, v, **common, **knobs) -> (out, residuals)``,
 * ``backward(q, k, v, out, residuals, dout, **common, **knobs) -> {"q": dq, ...}``,
 * ``TRAINABLE``: the knob arrays that receive gradients (rfa's ``gate``, ...),
+* optionally ``output_shape(q_shape, k_shape, v_shape, knobs)`` for a method without
+  ``v`` (mca), which the JAX and TensorFlow adapters need in advance,
 
 on native arrays (NumPy/CuPy). The torch adapter calls them directly (DLPack both ways);
 the JAX and TensorFlow adapters call :func:`host_forward` / :func:`host_backward` from a
