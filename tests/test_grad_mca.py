@@ -9,7 +9,7 @@ from scipy import stats
 
 import mcattn
 from mcattn import config
-from mcattn.errors import GradientNotSupportedError
+from mcattn.errors import GradientNotSupportedError, NonFiniteError, ShapeError
 from mcattn.mca import grad, naive
 
 MODES = [("weight", False), ("optimal", False), ("weight", True)]
@@ -269,6 +269,12 @@ def test_errors_are_clear():
         grad.forward(q, k, None, x=x, w_v=w, alpha=1.0)
     with pytest.raises(TypeError, match="pass v=None"):
         grad.forward(q, k, k, x=x, w_v=w, alpha=1.0, seed=0)
+    with pytest.raises(ShapeError, match="one row per key"):
+        grad.forward(q, k, None, x=x[:, 1:], w_v=w, alpha=1.0, seed=0)
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(NonFiniteError):
+        grad.forward(q, k, None, x=bad, w_v=w, alpha=1.0, seed=0)
 
 
 @pytest.mark.slow

@@ -51,8 +51,8 @@ import numpy as np
 from .. import config
 from .. import random as mrandom
 from .._dispatch import select_kernel
-from .._validate import namespace_of, prepare_attention, sum_to_shape
-from ..errors import GradientNotSupportedError
+from .._validate import check_finite_array, namespace_of, prepare_attention, sum_to_shape
+from ..errors import GradientNotSupportedError, ShapeError
 from ..exact import PROBS_KERNELS
 from . import _budgets, _check_sampling, _check_tables, _check_weight
 from .naive import SHARED_STREAM_BASE, cumulative, token_streams, weight_tables
@@ -167,6 +167,12 @@ def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, 
     heads = int(q.shape[-3])
     _check_weight(w, b, heads, x.shape[-1])
     _check_tables(tables, w, heads)
+    if k.shape[-2] != x.shape[-2]:
+        raise ShapeError(f"x must have one row per key: k has Nk={k.shape[-2]}, x has {x.shape[-2]} rows")
+    if check_finite:
+        for name, arr in (("x", x), ("w_v", w), ("b_v", b)):
+            if arr is not None:
+                check_finite_array(name, arr)
     inp = prepare_attention(q, k, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             is_causal=is_causal, scale=scale, check_finite=check_finite)
     xp = inp.xp
