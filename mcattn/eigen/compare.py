@@ -92,7 +92,7 @@ ENTRY = MethodEntry(
     eval_values=(16, 32, 64),
     bound_note=f"eigen: rank {RANK} per-head bases fitted on this layer's full-length sequences "
                "(in-sample for those); deterministic bound (holds for every row) relative to ||O||",
-    attention=attention, dask_plan=dask_plan,
+    attention=attention, dask_plan=dask_plan, grad="mcattn.eigen.grad",
     description="eigen reconstruction: scores of a few key columns computed, the rest of each row "
                 "reconstructed from a fitted eigenbasis (knobs basis, columns)",
 )

@@ -90,21 +90,28 @@ def _bases(layer, length):
 
 
 def adapter(module, q, k, v, mask, scale, options):
-    """``(module, q, k, v, mask, scale, options) -> out`` for :mod:`mcattn.frameworks.torch`."""
-    from mcattn import attention as exact_attention
+    """``(module, q, k, v, mask, scale, options) -> out`` for :mod:`mcattn.frameworks.torch`.
 
-    from . import attention
+    Differentiable in ``q``, ``k``, ``v`` when grad mode is on and they require grad
+    (:mod:`mcattn.eigen.grad`, bases and columns held constant); otherwise the plain
+    forward.
+    """
+    from mcattn.frameworks.torch import attention
 
     n = q.shape[-2]
     m = int(options["num_columns"])
     if n <= m or k.shape[-2] != n:
-        return exact_attention(q, k, v, attn_mask=mask, scale=scale)
-    layer = _layer_index(module, _calibration_model()[0].auto_model)
-    bases = _bases(layer, n)
+        return attention(q, k, v, method="exact", attn_mask=mask, scale=scale)
+    import torch
+
+    with torch.no_grad():  # calibration runs the private exact model: no graph
+        layer = _layer_index(module, _calibration_model()[0].auto_model)
+        bases = _bases(layer, n)
     key = (layer, n, m)
     plans = _PLANS
     if key not in plans:
         from .plan import make_plan
 
         plans[key] = make_plan(bases, m, rank=min(bases[0].rank, m))
-    return attention(q, k, v, basis=bases, columns=plans[key], attn_mask=mask, scale=scale)
+    return attention(q, k, v, method="eigen", basis=bases, columns=plans[key], attn_mask=mask,
+                     scale=scale)

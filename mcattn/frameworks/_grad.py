@@ -5,6 +5,8 @@ Each method that can be trained names a module in its registry entry (``grad``) 
 * ``forward(q, k, v, **common, **knobs) -> (out, residuals)``,
 * ``backward(q, k, v, out, residuals, dout, **common, **knobs) -> {"q": dq, ...}``,
 * ``TRAINABLE``: the knob arrays that receive gradients (rfa's ``gate``, ...),
+* optionally ``output_shape(q_shape, k_shape, v_shape, knobs)`` for a method without
+  ``v`` (mca), which the JAX and TensorFlow adapters need in advance,
 
 on native arrays (NumPy/CuPy). The torch adapter calls them directly (DLPack both ways);
 the JAX and TensorFlow adapters call :func:`host_forward` / :func:`host_backward` from a
@@ -19,7 +21,7 @@ import numpy as np
 from ..errors import GradientNotSupportedError
 from ..front import COMMON_ARGUMENTS, check_knobs
 
-__all__ = ["training_module", "split_knobs", "host_forward", "host_backward", "MASKS"]
+__all__ = ["training_module", "split_knobs", "output_shape", "host_forward", "host_backward", "MASKS"]
 
 MASKS = ("attn_mask", "key_padding_mask")
 
@@ -39,6 +41,20 @@ def split_knobs(module, knobs):
     trainable = {n: knobs[n] for n in module.TRAINABLE if knobs.get(n) is not None}
     static = {n: v for n, v in knobs.items() if n not in trainable}
     return trainable, static
+
+
+def output_shape(module, method, q_shape, k_shape, v_shape, knobs):
+    """The output's shape from the input shapes (JAX and TensorFlow need it in advance).
+
+    ``batch + (Nq, dv)``; a method without ``v`` (mca) gives it through its training
+    module's ``output_shape(q_shape, k_shape, v_shape, knobs)``.
+    """
+    if hasattr(module, "output_shape"):
+        return tuple(module.output_shape(q_shape, k_shape, v_shape, knobs))
+    if v_shape is None:
+        raise NotImplementedError(f"{method}: this adapter needs v")
+    batch = np.broadcast_shapes(tuple(q_shape[:-2]), tuple(k_shape[:-2]), tuple(v_shape[:-2]))
+    return tuple(batch) + (int(q_shape[-2]), int(v_shape[-1]))
 
 
 def _compute(a):

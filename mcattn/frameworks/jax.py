@@ -58,7 +58,8 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
         + [jnp.asarray(a) for a in trainable.values()]
     arrays = [jnp.asarray(a) for a in arrays]
 
-    out_shape = _output_shape(q, k, v, method)
+    out_shape = _grad.output_shape(module, method, q.shape, k.shape,
+                                  None if v is None else v.shape, knobs)
     out_struct = jax.ShapeDtypeStruct(out_shape, q.dtype)
 
     def host_forward(*xs):
@@ -90,11 +91,3 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
 
     call.defvjp(call_fwd, call_bwd)
     return call(*arrays)
-
-
-def _output_shape(q, k, v, method):
-    """Output shape ``batch + (Nq, dv)`` (shapes are static in JAX, even under jit)."""
-    if v is None:
-        raise NotImplementedError(f"{method}: the JAX adapter needs v")
-    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    return tuple(batch) + (q.shape[-2], v.shape[-1])

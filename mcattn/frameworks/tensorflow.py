@@ -7,7 +7,6 @@ gradients call :func:`mcattn.attention` directly (DLPack). The backward recomput
 forward on the host.
 """
 
-import numpy as np
 import tensorflow as tf
 
 from . import _grad
@@ -37,18 +36,17 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
     _, _, module = _grad.training_module(method, knobs)
     trainable, static = _grad.split_knobs(module, knobs)
     static = {n: (a.numpy() if isinstance(a, tf.Tensor) else a) for n, a in static.items()}
-    if v is None:
-        raise NotImplementedError(f"{method}: the TensorFlow adapter needs v")
     common = {"is_causal": is_causal, "scale": scale, "backend": backend, "check_finite": check_finite}
     masks = {n: tf.convert_to_tensor(m) for n, m in (("attn_mask", attn_mask),
                                                       ("key_padding_mask", key_padding_mask))
              if m is not None}
-    q, k, v = (tf.convert_to_tensor(x) for x in (q, k, v))
+    out_shape = _grad.output_shape(module, method, tuple(q.shape), tuple(k.shape),
+                                   None if v is None else tuple(v.shape), knobs)
+    qkv = ("q", "k") + (("v",) if v is not None else ())
+    q, k, v = (None if x is None else tf.convert_to_tensor(x) for x in (q, k, v))
     trainable = {n: tf.convert_to_tensor(a) for n, a in trainable.items()}
-    names = ("q", "k", "v") + tuple(masks) + tuple(trainable)
-    differentiable = ("q", "k", "v") + tuple(trainable)
-    batch = np.broadcast_shapes(tuple(q.shape[:-2]), tuple(k.shape[:-2]), tuple(v.shape[:-2]))
-    out_shape = tuple(batch) + (q.shape[-2], v.shape[-1])
+    names = qkv + tuple(masks) + tuple(trainable)
+    differentiable = qkv + tuple(trainable)
 
     def host_forward(*xs):
         return _grad.host_forward(module, names, common, static, *xs)
@@ -56,7 +54,7 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
     def host_backward(*xs):
         return _grad.host_backward(module, names, differentiable, common, static, *xs)
 
-    diff_tensors = [q, k, v] + list(trainable.values())
+    diff_tensors = [q, k] + ([v] if v is not None else []) + list(trainable.values())
 
     @tf.custom_gradient
     def call(*xs):

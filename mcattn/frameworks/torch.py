@@ -110,8 +110,13 @@ def _mca_knobs(module, q, knobs, calls):
     if x is None:
         raise RuntimeError("mca needs the value projection's input; use_method installs a hook "
                            "on module.value that was not run")
-    extra = dict(knobs, x=x.detach(), w_v=module.value.weight.detach().T.contiguous(),
-                 b_v=module.value.bias.detach() if module.value.bias is not None else None)
+    # With grad on, the live tensors: the value Linear's weight and bias (and what feeds
+    # x) get mca's sampled gradients (mcattn.mca.grad); otherwise detached copies.
+    live = torch.is_grad_enabled()
+    keep = (lambda t: t) if live else (lambda t: t.detach())  # noqa: E731
+    bias = module.value.bias
+    extra = dict(knobs, x=keep(x), w_v=keep(module.value.weight).T.contiguous(),
+                 b_v=keep(bias) if bias is not None else None)
     seed = knobs.get("seed")
     if seed is not None:  # a different, reproducible seed for every call
         extra["seed"] = int(seed) * 1_000_003 + next(calls)
@@ -145,7 +150,7 @@ class ModuleKnobs:
     call : callable ``(module, q, k, v, mask, scale, options) -> out``, optional
         Runs the method inside the model itself (eigen: bases fitted per layer and length
         on calibration text, exact attention where the length is within the columns);
-        forward only.
+        differentiable when grad mode is on (eigen's backward, bases held constant).
     """
 
     resolve: object
@@ -167,8 +172,7 @@ MODULE_KNOBS = {
 def _eigen_call(module, q, k, v, mask, scale, options):
     from mcattn.eigen.torch_adapter import adapter
 
-    with torch.no_grad():
-        return adapter(module, q.detach(), k.detach(), v.detach(), mask, scale, options)
+    return adapter(module, q, k, v, mask, scale, options)  # differentiable with grad on
 
 
 _COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")

@@ -127,7 +127,7 @@ ENTRY = MethodEntry(
     needs_projection=True, eval_values=(0.05, 0.1, 0.2, 0.4),
     bound_note="mca: the paper's Theorem (Frobenius form, expected error, independent draws) "
                "relative to ||O||",
-    attention=door, dask_plan=dask_plan,
+    attention=door, dask_plan=dask_plan, grad="mcattn.mca.grad",
     description="Monte-Carlo attention: exact probabilities, value projection x @ w_v by importance "
                 "sampling (knobs x, w_v, b_v instead of v)",
 )

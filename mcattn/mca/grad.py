@@ -1,0 +1,295 @@
+"""Monte-Carlo attention for training: exact-probability gradients and sampled value gradients.
+
+The forward is :func:`mcattn.mca.attention`'s computation, ``out = A @ V~`` with exact
+probabilities ``A = softmax(scale q k^T + mask)`` and the importance-sampled values of
+head ``h``
+
+    V~_h[j] = b_h + sum_i C_h[j, i] x[j, i] W[i, cols_h],
+    C_h[j, i] = count_h(j, i) / (r_j p(i))
+
+where ``count_h(j, i)`` is how often the inner index ``i`` was drawn among token ``j``'s
+``r_j`` draws (the draws of :mod:`mcattn.mca.naive`, bit for bit: same streams, alias
+tables, inverse CDF, shared prefixes), ``p`` the sampling probabilities (``p_h`` or, with
+``sampling="optimal"``, ``p_hj``); ``C_h[j] = 1`` for a token computed exactly
+(``r_j >= d_in``, or an all-zero input row) and 0 for a masked one (``r_j = 0``). The
+forward keeps ``C`` (``[B, H, Nk, d_in]``, float64) as a residual, so the backward uses
+the forward's draws whatever the adapter (JAX and TensorFlow recompute the forward with
+the same ``seed``, hence the same ``C``).
+
+Gradients, with ``dV~ = A^T dout`` per head:
+
+* ``q``, ``k``: exact attention's backward with ``V~`` as the values
+  (``dA = dout V~^T``, ``dS = A * (dA - rowsum(dA * A))``, ``dq = scale dS k``,
+  ``dk = scale dS^T q``). Linear in ``V~``, hence an unbiased estimate of the dense
+  gradients (those of exact attention with ``v = x W + b``).
+* ``x``: ``dx[j, i] = sum_h C_h[j, i] (dV~_h[j] . W[i, cols_h])``, the sampled estimate of
+  the dense ``dV W^T``;
+* ``w_v``: ``dW[i, cols_h] = sum_j C_h[j, i] x[j, i] dV~_h[j]``, the sampled estimate of
+  the dense ``X^T dV``;
+* ``b_v``: ``sum_j dV~_h[j]``, exact.
+
+What is held constant: the importance weights ``C`` (the draws and their ``1 / (r p)``)
+and the budgets ``r_j``. The budgets depend on ``A`` (``r_j`` from ``max_i A[i, j]``),
+a step function: their dependence on ``q``, ``k`` is not differentiated. The sampling
+probabilities depend on ``w_v`` (and on ``x`` with ``sampling="optimal"``); holding
+``1 / p`` fixed instead of differentiating it is what makes ``dx`` and ``dW`` unbiased,
+since ``E[C_h[j, i]] = 1`` wherever ``p(i) > 0``. So ``dW`` (and ``dx`` under optimal
+sampling) is *not* the derivative of the sampled forward; under weight sampling ``dx``
+is. Where ``p(i) = 0`` (a row of ``W`` that is zero in head ``h``; under optimal
+sampling also ``x[j, i] = 0``) the index is never drawn and that part of the gradient is
+0 for sampled tokens — biased there, exact for exactly computed tokens.
+
+The backward is a reference written with array operations (NumPy, float64): ``O(B H Nk
+d_in)`` memory for ``C`` and ``O(Nq Nk)`` per batch row for ``A``. ``seed`` must be an
+int (the same draws in forward and backward).
+"""
+
+import numbers
+
+import numpy as np
+
+from .. import config
+from .. import random as mrandom
+from .._dispatch import select_kernel
+from .._validate import check_finite_array, namespace_of, prepare_attention, sum_to_shape
+from ..errors import GradientNotSupportedError, ShapeError
+from ..exact import PROBS_KERNELS
+from . import _budgets, _check_sampling, _check_tables, _check_weight
+from .naive import SHARED_STREAM_BASE, cumulative, token_streams, weight_tables
+
+__all__ = ["forward", "backward", "TRAINABLE", "sample_weights", "output_shape"]
+
+#: Knob arrays that receive gradients: the value projection's input, weight and bias.
+TRAINABLE = ("x", "w_v", "b_v")
+
+
+def output_shape(q_shape, k_shape, v_shape, knobs):
+    """Shape of the output for the JAX / TensorFlow adapters (``v`` is None for mca)."""
+    batch = tuple(np.broadcast_shapes(tuple(q_shape[:-2]), tuple(k_shape[:-2])))
+    heads = int(q_shape[-3])
+    return batch + (int(q_shape[-2]), int(knobs["w_v"].shape[1]) // heads)
+
+
+def _alias(bits, heads, tables):
+    """Alias-method draws (:func:`mcattn.mca.naive.alias_draw`), head ``heads[t]`` for draw ``t``."""
+    d_in, shift = tables.threshold.shape[-1], tables.shift
+    m = np.asarray(bits, dtype=np.uint64) >> np.uint64(shift)
+    c = m * np.uint64(d_in)
+    k = (c >> np.uint64(64 - shift)).astype(np.int64)
+    rem = c & ((np.uint64(1) << np.uint64(64 - shift)) - np.uint64(1))
+    return np.where(rem < tables.threshold[heads, k], k, tables.alias[heads, k])
+
+
+def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_draws=False,
+                   tables=None):
+    """The importance weights ``C`` of the sampled value projection (host, float64).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape ``[B, N, d_in]``
+    w : numpy.ndarray, shape ``[d_in, H * dh]``
+    num_heads : int
+    budgets : numpy.ndarray of int, shape ``[B, H, N]``
+    seed : int
+    sampling : {"weight", "optimal"}
+    shared_draws : bool
+    tables : WeightTables, optional
+
+    Returns
+    -------
+    numpy.ndarray, shape ``[B, H, N, d_in]``, float64
+        ``C[b, h, j, i] = count / (r_j p(i))`` for sampled tokens, 1 for exact ones, 0
+        for masked ones; ``(C[b, h] * x[b]) @ W_h + b_h`` is
+        :func:`mcattn.mca.naive.value_projection`'s estimate (same draws).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    batch, n, d_in = x.shape
+    r = np.asarray(budgets, dtype=np.int64)
+    tables = weight_tables(w, num_heads) if tables is None else tables
+    c = np.zeros((batch, num_heads, n, d_in))
+    nonzero = x.any(-1)  # [B, N]: a zero input row is computed exactly (the bias)
+    exact = (r >= d_in) | ((r > 0) & ~nonzero[:, None, :])
+    c[exact] = 1.0
+    sampled = (r > 0) & ~exact
+    if not sampled.any():
+        return c
+    if shared_draws:  # one sequence per (batch row, head); token j uses its first r_j draws
+        for b, h in zip(*np.nonzero(sampled.any(-1))):
+            tokens = np.flatnonzero(sampled[b, h])
+            counts = r[b, h, tokens]
+            longest = int(counts.max())
+            bits = mrandom.sample_bits(seed, np.uint64(SHARED_STREAM_BASE + b * num_heads + h),
+                                       np.arange(longest))
+            k = _alias(bits, np.full(longest, h), tables)
+            live = np.arange(longest)[None, :] < counts[:, None]  # [tokens, longest]
+            rows = np.broadcast_to(tokens[:, None], live.shape)[live]
+            cols = np.broadcast_to(k[None, :], live.shape)[live]
+            wts = (1.0 / (tables.p_weight[h, cols] * r[b, h, rows]))
+            np.add.at(c[b, h], (rows, cols), wts)
+        return c
+    bi, hi, ji = np.nonzero(sampled)
+    counts = r[bi, hi, ji]
+    streams = token_streams(batch, num_heads, n)[bi, hi, ji]
+    owner = np.repeat(np.arange(counts.size), counts)
+    t = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    bits = mrandom.sample_bits(seed, streams[owner], t)
+    hd = hi[owner]
+    if sampling == "weight":
+        k = _alias(bits, hd, tables)
+        p_k = tables.p_weight[hd, k]
+    else:  # per-token probabilities |x_ji| ||W_i, h||, inverse CDF as the reference
+        u = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        k = np.empty(u.size, np.int64)
+        p_k = np.empty(u.size)
+        starts = np.cumsum(counts) - counts
+        for s in range(counts.size):
+            mass = np.abs(x[bi[s], ji[s]]) * tables.row_norms[hi[s]]
+            p_tok = mass / mass.sum()
+            part = slice(starts[s], starts[s] + counts[s])
+            k[part] = np.searchsorted(cumulative(p_tok), u[part], side="right")
+            p_k[part] = p_tok[k[part]]
+    np.add.at(c, (bi[owner], hd, ji[owner], k), 1.0 / (p_k * counts[owner]))
+    return c
+
+
+def _seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise GradientNotSupportedError(
+            "training with mca needs the same draws in the forward and the backward: give an "
+            f"int seed= (got {type(seed).__name__})")
+    return mrandom.resolve_seed(int(seed))
+
+
+def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, sampling,
+           shared_draws, tables, check_finite):
+    """Probabilities, budgets and inputs as :func:`mcattn.mca.attention` computes them."""
+    _check_sampling(sampling, shared_draws)
+    heads = int(q.shape[-3])
+    _check_weight(w, b, heads, x.shape[-1])
+    _check_tables(tables, w, heads)
+    if k.shape[-2] != x.shape[-2]:
+        raise ShapeError(f"x must have one row per key: k has Nk={k.shape[-2]}, x has {x.shape[-2]} rows")
+    if check_finite:
+        for name, arr in (("x", x), ("w_v", w), ("b_v", b)):
+            if arr is not None:
+                check_finite_array(name, arr)
+    inp = prepare_attention(q, k, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                            is_causal=is_causal, scale=scale, check_finite=check_finite)
+    xp = inp.xp
+    nk, d_in = x.shape[-2], x.shape[-1]
+    lead = tuple(inp.batch_shape)[:-1]
+    batch = int(np.prod(lead, dtype=np.int64))
+    probs = select_kernel("attention_probs", PROBS_KERNELS, inp.problem(), None)(inp)
+    probs = probs.reshape(batch, heads, inp.nq, nk)
+    valid = inp.mask.visible_keys(inp.nq, nk)
+    valid = np.broadcast_to(valid, (batch * heads, nk)).reshape(batch, heads, nk)
+    r = _budgets(probs, alpha, d_in, xp.asarray(valid))
+    r = np.asarray(r.get() if xp is not np else r)
+    if shared_draws and (xp is not np or nk >= int(config.MCA_SHARED_GEMM_MIN_TOKENS)):
+        from .shared import round_budgets  # the budgets the reduced-GEMM path uses
+
+        r = round_budgets(r, d_in, float(config.MCA_SHARED_SLACK))
+    x3 = xp.broadcast_to(x, lead + (nk, d_in)).reshape(batch, nk, d_in)
+    return inp, probs, r, x3, heads, lead
+
+
+def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weight",
+            shared_draws=False, tables=None, attn_mask=None, key_padding_mask=None,
+            is_causal=False, scale=None, backend=None, check_finite=True):
+    """Monte-Carlo attention and the residuals its backward needs.
+
+    Parameters
+    ----------
+    q : array, shape ``[..., H, Nq, d]``
+    k : array, shape ``[..., H, Nk, d]``
+    v : None
+        mca computes the values from ``x``, ``w_v``, ``b_v``.
+    x : array, shape ``[..., Nk, d_in]``
+    w_v : array, shape ``[d_in, H * dv]``
+    b_v : array, shape ``[H * dv]``, optional
+    alpha, sampling, shared_draws, tables, attn_mask, key_padding_mask, is_causal, scale,
+    check_finite
+        As :func:`mcattn.mca.attention`. ``backend`` is accepted and unused: the training
+        forward is the array reference (its draws are those of every backend).
+    seed : int
+        Required (the backward uses the forward's draws).
+
+    Returns
+    -------
+    out : array, shape ``[..., H, Nq, dv]``
+        Equal to :func:`mcattn.mca.attention` with the same arguments (to rounding).
+    residuals : tuple
+        ``(probs [B, H, Nq, Nk], values [B, H, Nk, dv], C [B, H, Nk, d_in])`` (float64
+        ``C``; :func:`sample_weights`).
+    """
+    if v is not None:
+        raise TypeError("mca computes the values from x, w_v and b_v; pass v=None")
+    seed = _seed(seed)
+    inp, probs, r, x3, heads, lead = _setup(q, k, x, w_v, b_v, alpha, attn_mask, key_padding_mask,
+                                            is_causal, scale, sampling, shared_draws, tables,
+                                            check_finite)
+    xp = inp.xp
+    host = lambda a: np.asarray(a.get() if xp is not np else a)  # noqa: E731
+    c = sample_weights(host(x3), host(w_v), heads, r, seed, sampling, shared_draws, tables)
+    c = xp.asarray(c)
+    d_in = x3.shape[-1]
+    wh = w_v.astype(np.float64).reshape(d_in, heads, -1).transpose(1, 0, 2)  # [H, d_in, dv]
+    values = xp.matmul(c * x3.astype(np.float64)[:, None], wh[None])  # [B, H, Nk, dv]
+    if b_v is not None:
+        values = values + b_v.astype(np.float64).reshape(heads, 1, -1)
+    values = values.astype(q.dtype)  # the kernels' output dtype
+    out = xp.matmul(probs, values)
+    return out.reshape(tuple(inp.batch_shape) + (inp.nq, values.shape[-1])), (probs, values, c)
+
+
+def backward(q, k, v, out, residuals, dout, *, x, w_v, b_v=None, alpha, seed=None,
+             sampling="weight", shared_draws=False, tables=None, attn_mask=None,
+             key_padding_mask=None, is_causal=False, scale=None, backend=None, check_finite=True):
+    """Gradients with respect to ``q``, ``k``, ``x``, ``w_v`` and ``b_v``.
+
+    ``dq``, ``dk`` through the exact probabilities with the sampled values; ``dx``,
+    ``dw_v`` the sampled estimates (forward's draws, importance weights and budgets held
+    constant; unbiased for the dense gradients wherever the sampling probabilities are
+    positive); ``db_v`` exact. See the module docstring.
+
+    Returns
+    -------
+    dict
+        ``{"q", "k", "x", "w_v"}`` (and ``"b_v"``) in the shapes and dtypes of the inputs.
+    """
+    probs, values, c = residuals
+    xp = namespace_of(probs)
+    f64 = np.float64
+    heads = int(q.shape[-3])
+    inp = prepare_attention(q, k, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                            is_causal=is_causal, scale=scale, check_finite=False)
+    batch, _, nq, nk = probs.shape
+    d_in = x.shape[-1]
+    lead = tuple(inp.batch_shape)[:-1]
+    a = probs.astype(f64)
+    vals = values.astype(f64)
+    g = xp.broadcast_to(dout, tuple(inp.batch_shape) + (nq, vals.shape[-1]))
+    g = g.reshape(batch, heads, nq, -1).astype(f64)
+    # q, k: exact attention's backward with the sampled values.
+    da = xp.matmul(g, vals.transpose(0, 1, 3, 2))
+    ds = a * (da - (da * a).sum(-1, keepdims=True))
+    q4 = inp.q.reshape(batch, heads, nq, -1).astype(f64)
+    k4 = inp.k.reshape(batch, heads, nk, -1).astype(f64)
+    dq = xp.matmul(ds, k4) * inp.scale
+    dk = xp.matmul(ds.transpose(0, 1, 3, 2), q4) * inp.scale
+    # x, w_v, b_v: through V~ = (C * x) @ W_h + b_h with C held constant.
+    dval = xp.matmul(a.transpose(0, 1, 3, 2), g)  # [B, H, Nk, dv]
+    x3 = xp.broadcast_to(x, lead + (nk, d_in)).reshape(batch, nk, d_in).astype(f64)
+    wh = w_v.astype(f64).reshape(d_in, heads, -1).transpose(1, 0, 2)  # [H, d_in, dv]
+    dx = (c * xp.matmul(dval, wh.transpose(0, 2, 1)[None])).sum(1)  # [B, Nk, d_in]
+    dw = xp.matmul((c * x3[:, None]).transpose(0, 1, 3, 2), dval).sum(0)  # [H, d_in, dv]
+    bshape = tuple(inp.batch_shape)
+    grads = {
+        "q": sum_to_shape(dq.reshape(bshape + dq.shape[2:]), q.shape).astype(q.dtype),
+        "k": sum_to_shape(dk.reshape(bshape + dk.shape[2:]), k.shape).astype(k.dtype),
+        "x": sum_to_shape(dx.reshape(lead + (nk, d_in)), x.shape).astype(x.dtype),
+        "w_v": dw.transpose(1, 0, 2).reshape(w_v.shape).astype(w_v.dtype),
+    }
+    if b_v is not None:
+        grads["b_v"] = dval.sum((0, 2)).reshape(b_v.shape).astype(b_v.dtype)
+    return grads
