@@ -10,6 +10,10 @@ full precision in E-Att).
 
 Selective projection: a task is a range of tokens; for each set bit of a token's packed
 code the matching row of ``w`` is added (a vectorised loop over the output columns).
+
+Backward (L1 alignment, :func:`backward_l1`): a task is a batch row; each query row's
+scores are recomputed into a buffer of ``Nk`` numbers and its gradients accumulated key
+by key (the reference is :func:`mcattn.eatt.grad.reference_backward`).
 """
 
 import numpy as np
@@ -19,7 +23,7 @@ from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, online_softmax_tile
 
-__all__ = ["forward", "selective_projection", "popcount64"]
+__all__ = ["forward", "backward_l1", "selective_projection", "popcount64"]
 
 _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math assumptions
 _U1 = np.uint64(1)
@@ -183,3 +187,93 @@ def selective_projection(words, w, bias=None):
     if bias is not None:
         out += bias
     return out
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _l1_backward_tasks(q, k, v, dout, dq, dk, dv, scale, bias, mask_index, has_bias, is_causal,
+                       t0, t1):
+    nq, d = q.shape[1], q.shape[2]
+    nk, width = v.shape[1], v.shape[2]
+    row_bias = bias.shape[1] > 1
+    p = np.empty(nk, np.float64)
+    dp = np.empty(nk, np.float64)
+    neg_inf = -np.inf
+    for b in range(t0, t1):  # one batch row per task: dk, dv are summed over its queries only
+        slot = mask_index[b] if has_bias else 0
+        for i in range(nq):
+            end = min(nk, i + 1) if is_causal else nk
+            top = neg_inf
+            for j in range(end):  # scores of row i, kept in p
+                dist = 0.0
+                for c in range(d):
+                    dist += abs(np.float64(q[b, i, c]) - np.float64(k[b, j, c]))
+                s = -scale * dist
+                if has_bias:
+                    s += bias[slot, i if row_bias else 0, j]
+                p[j] = s
+                if s > top:
+                    top = s
+            if top == neg_inf:
+                continue  # no visible key: the row's output is 0 and so are its gradients
+            total = 0.0
+            for j in range(end):
+                e = np.exp(p[j] - top) if p[j] > neg_inf else 0.0
+                p[j] = e
+                total += e
+            delta = 0.0
+            for j in range(end):
+                p[j] /= total
+                acc = 0.0
+                for c in range(width):
+                    acc += np.float64(dout[b, i, c]) * np.float64(v[b, j, c])
+                dp[j] = acc
+                delta += p[j] * acc
+            for j in range(end):
+                if p[j] == 0.0:
+                    continue
+                ds = scale * p[j] * (dp[j] - delta)
+                for c in range(width):
+                    dv[b, j, c] += p[j] * dout[b, i, c]
+                for c in range(d):
+                    diff = q[b, i, c] - k[b, j, c]
+                    if diff > 0:
+                        dq[b, i, c] -= ds
+                        dk[b, j, c] += ds
+                    elif diff < 0:
+                        dq[b, i, c] += ds
+                        dk[b, j, c] -= ds
+
+
+def backward_l1(inp, dout):
+    """Gradients of L1-alignment attention on the CPU threads (float64 accumulation).
+
+    A task is a batch row; for each query row the scores are computed into a buffer of
+    ``Nk`` numbers, normalised, and the gradients accumulated key by key:
+    ``dS_ij = P_ij (dO_i . v_j - sum_j' P_ij' dO_i . v_j')``,
+    ``dq_i -= scale sum_j dS_ij sign(q_i - k_j)``, ``dk_j += scale dS_ij sign(q_i - k_j)``,
+    ``dv_j += P_ij dO_i`` (``sign(0) = 0``). Memory ``O(Nk)`` per thread besides the
+    gradients; the reference is :func:`mcattn.eatt.grad.reference_backward`.
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+        NumPy ``q [BH, Nq, d]``, ``k [BH, Nk, d]``, ``v [BH, Nk, dv]``, mask, scale.
+    dout : numpy.ndarray, shape ``[BH, Nq, dv]``
+
+    Returns
+    -------
+    dq, dk, dv : numpy.ndarray of float64
+    """
+    q, k, v = inp.q, inp.k, inp.v
+    bh = q.shape[0]
+    dq = np.zeros(q.shape, np.float64)
+    dk = np.zeros(k.shape, np.float64)
+    dv = np.zeros(v.shape, np.float64)
+    if bh == 0 or inp.nq == 0 or inp.nk == 0:
+        return dq, dk, dv
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias.astype(np.float64) if has_bias else np.zeros((1, 1, 1))
+    mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
+    run_tasks(_l1_backward_tasks, bh, q, k, v, np.ascontiguousarray(dout), dq, dk, dv,
+              float(inp.scale), bias, mask_index, has_bias, bool(inp.mask.is_causal))
+    return dq, dk, dv

@@ -93,6 +93,11 @@ def attention(q, k, v=None, *, method="exact", **kwargs):
         raise ValueError("return_info=True is not available while recording gradients")
     _, _, module = _grad.training_module(method, kwargs)
     trainable, static = _grad.split_knobs(module, kwargs)
+    for name in [n for n, a in trainable.items() if not isinstance(a, torch.Tensor)]:
+        static[name] = trainable.pop(name)  # a number or NumPy array: a constant
+    check = getattr(module, "check_trainable", None)  # settings under which a knob cannot learn
+    if check is not None:
+        check(tuple(n for n, a in trainable.items() if a.requires_grad), kwargs)
     for name, value in static.items():
         if isinstance(value, torch.Tensor) and value.requires_grad:
             raise mcattn.errors.GradientNotSupportedError(
