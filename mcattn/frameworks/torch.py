@@ -35,7 +35,8 @@ class _MethodFunction(torch.autograd.Function):
     def forward(ctx, module, names, common, static, *tensors):
         from .._array import import_arrays
 
-        present = {n: t.detach() for n, t in zip(names, tensors) if t is not None}
+        present = {n: t.detach() if isinstance(t, torch.Tensor) else t  # masks may be NumPy
+                   for n, t in zip(names, tensors) if t is not None}
         float_names = [n for n in names if n not in _grad.MASKS and n in present]
         bridge, native = import_arrays(present, float_names=float_names)
         q, k, v = native["q"], native["k"], native.get("v")
