@@ -195,53 +195,72 @@ def _l1_backward_tasks(q, k, v, dout, dq, dk, dv, scale, bias, mask_index, has_b
     nq, d = q.shape[1], q.shape[2]
     nk, width = v.shape[1], v.shape[2]
     row_bias = bias.shape[1] > 1
-    p = np.empty(nk, np.float64)
+    s = np.empty(nk, np.float64)
     dp = np.empty(nk, np.float64)
+    kt = np.empty((d, nk), np.float64)  # keys and values transposed: inner loops over keys
+    vt = np.empty((width, nk), np.float64)
+    kr = np.empty((nk, d), np.float64)
+    qi = np.empty(d, np.float64)
+    gi = np.empty(width, np.float64)
     neg_inf = -np.inf
     for b in range(t0, t1):  # one batch row per task: dk, dv are summed over its queries only
+        for j in range(nk):
+            for c in range(d):
+                kt[c, j] = k[b, j, c]
+                kr[j, c] = k[b, j, c]
+            for c in range(width):
+                vt[c, j] = v[b, j, c]
         slot = mask_index[b] if has_bias else 0
         for i in range(nq):
             end = min(nk, i + 1) if is_causal else nk
+            for c in range(d):
+                qi[c] = q[b, i, c]
+            for c in range(width):
+                gi[c] = dout[b, i, c]
+            for j in range(end):
+                s[j] = 0.0
+                dp[j] = 0.0
+            for c in range(d):  # L1 distances, vectorised over the keys
+                for j in range(end):
+                    s[j] += abs(qi[c] - kt[c, j])
+            for c in range(width):  # dO_i . v_j
+                for j in range(end):
+                    dp[j] += gi[c] * vt[c, j]
             top = neg_inf
-            for j in range(end):  # scores of row i, kept in p
-                dist = 0.0
-                for c in range(d):
-                    dist += abs(np.float64(q[b, i, c]) - np.float64(k[b, j, c]))
-                s = -scale * dist
+            for j in range(end):
+                sj = -scale * s[j]
                 if has_bias:
-                    s += bias[slot, i if row_bias else 0, j]
-                p[j] = s
-                if s > top:
-                    top = s
+                    sj += bias[slot, i if row_bias else 0, j]
+                s[j] = sj
+                top = max(top, sj)
             if top == neg_inf:
                 continue  # no visible key: the row's output is 0 and so are its gradients
             total = 0.0
             for j in range(end):
-                e = np.exp(p[j] - top) if p[j] > neg_inf else 0.0
-                p[j] = e
+                e = np.exp(s[j] - top) if s[j] > neg_inf else 0.0
+                s[j] = e
                 total += e
             delta = 0.0
             for j in range(end):
-                p[j] /= total
-                acc = 0.0
-                for c in range(width):
-                    acc += np.float64(dout[b, i, c]) * np.float64(v[b, j, c])
-                dp[j] = acc
-                delta += p[j] * acc
+                s[j] /= total  # P_ij
+                delta += s[j] * dp[j]
             for j in range(end):
-                if p[j] == 0.0:
+                dp[j] = scale * s[j] * (dp[j] - delta)  # scale dS_ij
+            for c in range(d):  # dq_ic = -sum_j scale dS_ij sign(q_ic - k_jc)
+                acc = 0.0
+                for j in range(end):
+                    diff = qi[c] - kt[c, j]
+                    acc += dp[j] * ((diff > 0.0) - (diff < 0.0))
+                dq[b, i, c] = -acc
+            for j in range(end):
+                pj, dsj = s[j], dp[j]
+                if pj == 0.0:
                     continue
-                ds = scale * p[j] * (dp[j] - delta)
                 for c in range(width):
-                    dv[b, j, c] += p[j] * dout[b, i, c]
+                    dv[b, j, c] += pj * gi[c]
                 for c in range(d):
-                    diff = q[b, i, c] - k[b, j, c]
-                    if diff > 0:
-                        dq[b, i, c] -= ds
-                        dk[b, j, c] += ds
-                    elif diff < 0:
-                        dq[b, i, c] += ds
-                        dk[b, j, c] -= ds
+                    diff = qi[c] - kr[j, c]
+                    dk[b, j, c] += dsj * ((diff > 0.0) - (diff < 0.0))
 
 
 def backward_l1(inp, dout):
@@ -251,8 +270,11 @@ def backward_l1(inp, dout):
     ``Nk`` numbers, normalised, and the gradients accumulated key by key:
     ``dS_ij = P_ij (dO_i . v_j - sum_j' P_ij' dO_i . v_j')``,
     ``dq_i -= scale sum_j dS_ij sign(q_i - k_j)``, ``dk_j += scale dS_ij sign(q_i - k_j)``,
-    ``dv_j += P_ij dO_i`` (``sign(0) = 0``). Memory ``O(Nk)`` per thread besides the
-    gradients; the reference is :func:`mcattn.eatt.grad.reference_backward`.
+    ``dv_j += P_ij dO_i`` (``sign(0) = 0``). Memory ``O(Nk (d + dv))`` per thread besides
+    the gradients; the reference is :func:`mcattn.eatt.grad.reference_backward`.
+
+    Keys and values of the task's batch row are held transposed in float64 (``O(Nk d)``
+    per thread) so that the loops over keys vectorise.
 
     Parameters
     ----------
