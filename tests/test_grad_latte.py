@@ -111,14 +111,15 @@ def _torch_grads(fn, tensors, dout):
 # ---------------------------------------------------------------- NumPy level
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("mode", list(THRESHOLD))
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_hard_backward_matches_finite_differences(mode, is_causal):
+def test_hard_backward_matches_finite_differences(mode, is_causal, backend):
     """Float kept scores: the exact derivative wherever the kept set is locally constant."""
     q, k, v, mask, kpm, dout = _problem()
     bias = np.where(mask, 0.3 * np.random.default_rng(1).standard_normal(mask.shape), -np.inf)
     kw = dict(threshold=THRESHOLD[mode], mode=mode, exact_scores="float", attn_mask=bias,
-              key_padding_mask=kpm, is_causal=is_causal)
+              key_padding_mask=kpm, is_causal=is_causal, backend=backend)
     out, res = grad.forward(q, k, v, **kw)
     g = grad.backward(q, k, v, out, res, dout, **kw)
     kept = latte.kept_mask(q, k, **{n: kw[n] for n in kw if n != "exact_scores"})
@@ -151,11 +152,47 @@ def test_soft_threshold_gradient_matches_finite_differences(masks):
     assert g1["threshold"].shape == () and np.isclose(g1["threshold"], gh["threshold"].sum())
 
 
+def test_numba_kernel_equals_the_reference(monkeypatch):
+    """Every mode, int8 and float scores, masks, causal, odd sizes, float32, the real sample."""
+    from mcattn import config
+    from mcattn.latte import cpu
+    from mcattn.latte._inputs import prepare_latte
+
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    rng = np.random.default_rng(12)
+    s = data.load_sample()
+    cases = [dict(q=s.q[3].astype(np.float64), k=s.k[3].astype(np.float64), v=s.v[3].astype(np.float64),
+                  key_padding_mask=s.key_padding_mask, scale=float(s.scale), mode="relative",
+                  threshold=np.full(12, 2.0))]
+    for mode, (nq, nk) in zip(THRESHOLD, ((1, 1), (13, 29), (29, 29), (31, 17))):
+        q, k = (rng.standard_normal((2, 3, n, 6)) for n in (nq, nk))
+        v = rng.standard_normal((2, 3, nk, 5))
+        mask = rng.random((nq, nk)) > 0.3
+        cases.append(dict(q=q, k=k, v=v, mode=mode, threshold=THRESHOLD[mode], is_causal=nq == nk,
+                          attn_mask=np.where(mask, 0.2, -np.inf), key_padding_mask=rng.random((2, nk)) > 0.2))
+        cases.append(dict(q=q.astype(np.float32), k=k.astype(np.float32), v=v.astype(np.float32),
+                          mode=mode, threshold=THRESHOLD[mode], attn_mask=mask))
+    for case in cases:
+        for exact_scores in ("int8", "float"):
+            kw = dict(case, attn_mask=case.get("attn_mask"), key_padding_mask=case.get("key_padding_mask"),
+                      is_causal=case.get("is_causal", False), scale=case.get("scale"),
+                      exact_scores=exact_scores, check_finite=True, want_mass=False)
+            lat = prepare_latte(**kw)
+            dout = rng.standard_normal(lat.inp.out_shape).reshape(lat.inp.q.shape[0], lat.inp.nq, -1)
+            dout = dout.astype(lat.inp.dtype)
+            kept = cpu.kept_mask(lat)
+            ref = grad.reference_backward(lat, dout, kept)[:3]
+            fast = cpu.backward(lat, kept, dout)
+            for name, a, b in zip("qkv", fast, ref):
+                assert rel_error(a, b) < 1e-12, (name, case["mode"], exact_scores, lat.inp.q.shape)
+
+
 def test_rows_without_visible_keys_get_zero_gradients():
     q, k, v, _, _, dout = _problem(3)
     kpm = np.ones((2, 9), bool)
     kpm[1] = False
-    for kw in (dict(threshold=1.0), dict(threshold=1.0, soft=True, temperature=0.5)):
+    for kw in (dict(threshold=1.0), dict(threshold=1.0, backend="numpy"),
+               dict(threshold=1.0, soft=True, temperature=0.5)):
         g = grad.backward(q, k, v, None, (), dout, key_padding_mask=kpm, **kw)
         assert all(np.isfinite(a).all() for a in g.values())
         assert not g["q"][1].any() and not g["v"][1].any() and not g["k"][1].any()

@@ -2,9 +2,11 @@
 
 The forward is :func:`mcattn.latte.attention` itself (no residuals: the backward
 recomputes the kept sets, which every backend computes identically, bit for bit). The
-backward is a reference written with array operations (NumPy on the host, CuPy on a
-GPU), one batch row at a time: ``O(Nq Nk)`` memory per batch row, fine for
-sentence-length training.
+backward's reference is written with array operations (NumPy on the host, CuPy on a
+GPU), one batch row at a time, ``O(Nq Nk)`` memory per batch row
+(:func:`reference_backward`); the hard mask also has a Numba CPU kernel that visits the
+kept keys only (:func:`mcattn.latte.cpu.backward`; the kept sets themselves are an
+``[BH, Nq, Nk]`` boolean array).
 
 Hard mask (``soft=False``, every ``mode``)
     The kept set ``K_i`` is fixed by the forward's 4-bit estimate; the gradient is that of
@@ -43,16 +45,25 @@ gradient; gradients of broadcast inputs are summed over the broadcast dims.
 import numpy as np
 
 from .._array import host_copy, is_cupy
-from .._dispatch import select_kernel
+from .._dispatch import Kernel, select_kernel
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
 from . import MASK_KERNELS, attention, naive
 from ._inputs import head_count, prepare_latte
 
-__all__ = ["forward", "backward", "check_trainable", "TRAINABLE"]
+__all__ = ["forward", "backward", "reference_backward", "check_trainable", "TRAINABLE",
+           "BACKWARD_KERNELS"]
 
 #: Knob arrays that receive gradients (only with ``soft=True``).
 TRAINABLE = ("threshold",)
+
+_ALL = frozenset({"mask", "causal", "topk"})
+#: Hard-mask backward kernels: ``(lat, kept [BH, Nq, Nk], dout [BH, Nq, dv]) -> (dq, dk, dv)``.
+BACKWARD_KERNELS = (
+    Kernel("numba", "mcattn.latte.cpu", "backward", features=_ALL),
+    Kernel("numpy", "mcattn.latte.grad", "_reference_hard", features=_ALL),
+    Kernel("cupy", "mcattn.latte.grad", "_reference_hard", features=_ALL),
+)
 
 
 def check_trainable(names, knobs):
@@ -110,6 +121,57 @@ def _soft_weights(lat, b, temperature):
     return w, visible, visible & (est == top)
 
 
+def reference_backward(lat, dout, kept=None, soft=False, temperature=1.0):
+    """LATTE's gradients on canonical inputs, written with array operations (float64).
+
+    Parameters
+    ----------
+    lat : mcattn.latte.LatteInputs
+    dout : array, ``[BH, Nq, dv]``
+    kept : array of bool, ``[BH, Nq, Nk]``
+        The kept sets (hard mask); ignored with ``soft``.
+    soft : bool
+    temperature : float
+
+    Returns
+    -------
+    dq, dk, dv : arrays of float64, ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]``
+    dtheta : array of float64, ``[BH]``
+        The threshold's gradient per batch row (zero with the hard mask).
+    """
+    inp = lat.inp
+    xp = inp.xp
+    f64 = np.float64
+    bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
+    tau = float(temperature)
+    dq = xp.zeros((bh, nq, inp.head_dim), dtype=f64)
+    dk = xp.zeros((bh, nk, inp.head_dim), dtype=f64)
+    dv = xp.zeros((bh, nk, inp.value_dim), dtype=f64)
+    dtheta = xp.zeros(bh, dtype=f64)
+    for b in range(bh):
+        if soft:
+            w, keep, at_top = _soft_weights(lat, b, tau)
+        else:
+            w, keep = None, kept[b]
+        p = naive._softmax(naive._kept_scores(lat, b, keep), weight=w)
+        g = dout[b].astype(f64)
+        dp = g @ inp.v[b].astype(f64).T
+        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+        dv[b] = p.T @ g
+        if soft:
+            dz = ds * (1.0 - w) / tau
+            dtheta[b] = dz.sum()
+            ties = at_top.sum(axis=-1, keepdims=True)
+            ds = ds + dz - at_top * (dz.sum(axis=-1, keepdims=True) / xp.maximum(ties, 1))
+        dq[b] = inp.scale * (ds @ inp.k[b].astype(f64))
+        dk[b] = inp.scale * (ds.T @ inp.q[b].astype(f64))
+    return dq, dk, dv, dtheta
+
+
+def _reference_hard(lat, kept, dout):
+    return reference_backward(lat, dout, kept)[:3]
+
+
 def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_mask=None,
              key_padding_mask=None, is_causal=False, scale=None, exact_scores="int8", soft=False,
              temperature=1.0, backend=None, check_finite=True):
@@ -127,8 +189,9 @@ def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_
         Gradient of the loss with respect to ``out``.
     threshold, mode, attn_mask, key_padding_mask, is_causal, scale, exact_scores, soft, temperature
         As in the forward call.
-    backend : str, optional
-        Backend of the kept-set kernel (hard mask).
+    backend : {None, "numpy", "numba", "cupy"}
+        Hard mask: the kept-set and backward kernels (Numba on the CPU by default); the
+        soft mask always runs the array code.
     check_finite : bool
         Ignored (the forward checked).
 
@@ -146,42 +209,23 @@ def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_
                         exact_scores=exact_scores, check_finite=False, want_mass=False)
     inp = lat.inp
     xp = inp.xp
-    f64 = np.float64
-    bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
-    g_out = xp.broadcast_to(dout, inp.out_shape).reshape(bh, nq, -1).astype(f64)
-    kept = None
-    if not soft:
-        kernel = select_kernel("latte kept_mask (training)", MASK_KERNELS,
-                               inp.problem({"topk"} if mode == "topk" else ()), backend)
-        kept = kernel(lat)
-    tau = float(temperature)
-    dq = xp.zeros((bh, nq, inp.head_dim), dtype=f64)
-    dk = xp.zeros((bh, nk, inp.head_dim), dtype=f64)
-    dv = xp.zeros((bh, nk, inp.value_dim), dtype=f64)
-    dtheta = xp.zeros(bh, dtype=f64)
-    for b in range(bh):
-        if soft:
-            w, keep, at_top = _soft_weights(lat, b, tau)
-        else:
-            w, keep = None, kept[b]
-        p = naive._softmax(naive._kept_scores(lat, b, keep), weight=w)
-        vb = inp.v[b].astype(f64)
-        dp = g_out[b] @ vb.T
-        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-        dv[b] = p.T @ g_out[b]
-        if soft:
-            dz = ds * (1.0 - w) / tau
-            dtheta[b] = dz.sum()
-            ties = at_top.sum(axis=-1, keepdims=True)
-            ds = ds + dz - at_top * (dz.sum(axis=-1, keepdims=True) / xp.maximum(ties, 1))
-        dq[b] = inp.scale * (ds @ inp.k[b].astype(f64))
-        dk[b] = inp.scale * (ds.T @ inp.q[b].astype(f64))
+    bh = inp.q.shape[0]
+    g = xp.ascontiguousarray(xp.broadcast_to(dout, inp.out_shape).reshape(bh, inp.nq, -1))
+    if soft:
+        dq, dk, dv, dtheta = reference_backward(lat, g, soft=True, temperature=temperature)
+    else:
+        backend = None if backend == "cuda" else backend
+        problem = inp.problem({"topk"} if mode == "topk" else ())
+        kept = select_kernel("latte kept_mask (training)", MASK_KERNELS, problem, backend)(lat)
+        kernel = select_kernel("latte backward", BACKWARD_KERNELS, problem, backend)
+        dq, dk, dv = kernel(lat, kept, g)
+        dtheta = xp.zeros(bh, dtype=np.float64)
     batch = tuple(inp.batch_shape)
     grads = {"q": sum_to_shape(dq.reshape(batch + dq.shape[1:]), q.shape).astype(q.dtype),
              "k": sum_to_shape(dk.reshape(batch + dk.shape[1:]), k.shape).astype(k.dtype),
              "v": sum_to_shape(dv.reshape(batch + dv.shape[1:]), v.shape).astype(v.dtype)}
     heads = head_count(batch)
-    per_head = dtheta.reshape(-1, heads).sum(axis=0) if bh else xp.zeros(heads, dtype=f64)
+    per_head = dtheta.reshape(-1, heads).sum(axis=0) if bh else xp.zeros(heads, dtype=np.float64)
     grads["threshold"] = _threshold_grad(per_head, threshold)
     return grads
 
