@@ -67,10 +67,11 @@ _SURROGATE_PEAK = math.sqrt(2.0 / math.pi)
 def binarize_surrogate(x):
     """The derivative the backward uses for ``binarize(x) = 1[x > 0]``: ``sqrt(2/pi) exp(-2 x^2)``.
 
-    The paper's straight-through estimator (Wan et al. 2022, section 3.1): the step is
-    replaced, in the backward only, by the derivative of ``Phi(2 x)`` (``Phi`` the
-    standard normal CDF), a smooth step of width about 1/2 whose derivative integrates
-    to 1 over the line, like the step's.
+    The straight-through estimator of the design's E-Att spec (``docs/methods/eatt.md``:
+    training "uses the surrogate gradient sqrt(2/pi) exp(-2x^2)"; Wan et al., 2022): the
+    step is replaced, in the backward only, by the derivative of ``Phi(2 x)`` (``Phi``
+    the standard normal CDF), a smooth step of width about 1/2 whose derivative
+    integrates to 1 over the line, like the step's.
 
     Parameters
     ----------
