@@ -149,17 +149,28 @@ def test_torch_float32_gradients_match_sdpa():
             assert (a - b).norm() / b.norm() < 2e-5
 
 
-def test_torch_without_grad_takes_the_plain_path_and_errors_are_clear():
+def test_torch_without_grad_takes_the_plain_path_and_errors_are_clear(monkeypatch):
+    import dataclasses
+
     torch = require("torch")
+    from mcattn.frameworks import _grad
     from mcattn.frameworks.torch import attention
+
+    def without_backward(method, knobs):  # a method whose entry names no training module
+        entry, spec = check(method, knobs)
+        return dataclasses.replace(entry, grad=None), spec
+
+    check = _grad.check_knobs
 
     q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
     with torch.no_grad():
         out = attention(q, k, v)
     assert out.grad_fn is None
     assert attention(q, k, v).grad_fn is not None
-    with pytest.raises(GradientNotSupportedError, match="has no backward pass yet"):
-        attention(q, k, v, method="eatt")
+    with monkeypatch.context() as patch:
+        patch.setattr(_grad, "check_knobs", without_backward)
+        with pytest.raises(GradientNotSupportedError, match="has no backward pass yet"):
+            attention(q, k, v, method="eatt")
     with pytest.raises(ValueError, match="return_info=True is not available while recording"):
         attention(q, k, v, return_info=True)
 

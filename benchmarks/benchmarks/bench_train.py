@@ -65,10 +65,15 @@ def ratio_rows(argv):
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="peak RSS growth of one step")
-    parser.add_argument("--method", default="exact", choices=["exact", "rfa"])
+    parser.add_argument("--method", default="exact", choices=["exact", "rfa", "latte", "eatt"])
     parser.add_argument("--num-features", type=int, default=64, help="rfa: random features")
+    parser.add_argument("--threshold", type=float, default=3.0, help="latte: relative threshold")
+    parser.add_argument("--soft", action="store_true", help="latte: the soft mask")
+    parser.add_argument("--alignment", default="l1", help="eatt: l1 or hamming")
     args = parser.parse_args(argv)
-    knobs = {} if args.method == "exact" else {"num_features": args.num_features, "seed": 0}
+    knobs = {"exact": {}, "rfa": {"num_features": args.num_features, "seed": 0},
+             "latte": {"threshold": args.threshold, **({"soft": True} if args.soft else {})},
+             "eatt": {"alignment": args.alignment}}[args.method]
     title = (f"mcattn {args.method} {knobs or ''} forward+backward (numba {numba.__version__}, "
              "torch adapter) / torch "
              f"{torch.__version__} SDPA forward+backward, CPU, B=1 H={args.heads} d=64 float32, "

@@ -24,7 +24,7 @@ ENTRY = MethodEntry(
     bound_note="eatt: no bound (a different attention function, not an approximation)",
     table_note="eatt needs training: its rows swap L1 / Hamming alignment into a model trained "
                "for dot products, so their error is not E-Att's accuracy after training",
-    attention=attention,
+    attention=attention, grad="mcattn.eatt.grad",
     description="energy-friendly attention (E-Att): L1 or Hamming alignment, no multiplications in "
                 "the scores; a different model, needs training",
 )

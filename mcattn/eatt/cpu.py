@@ -10,6 +10,10 @@ full precision in E-Att).
 
 Selective projection: a task is a range of tokens; for each set bit of a token's packed
 code the matching row of ``w`` is added (a vectorised loop over the output columns).
+
+Backward (L1 alignment, :func:`backward_l1`): a task is a batch row; each query row's
+scores are recomputed into a buffer of ``Nk`` numbers and its gradients accumulated key
+by key (the reference is :func:`mcattn.eatt.grad.reference_backward`).
 """
 
 import numpy as np
@@ -19,7 +23,7 @@ from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, online_softmax_tile
 
-__all__ = ["forward", "selective_projection", "popcount64"]
+__all__ = ["forward", "backward_l1", "selective_projection", "popcount64"]
 
 _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math assumptions
 _U1 = np.uint64(1)
@@ -183,3 +187,115 @@ def selective_projection(words, w, bias=None):
     if bias is not None:
         out += bias
     return out
+
+
+@njit(nogil=True, cache=True, fastmath=_FLAGS)
+def _l1_backward_tasks(q, k, v, dout, dq, dk, dv, scale, bias, mask_index, has_bias, is_causal,
+                       t0, t1):
+    nq, d = q.shape[1], q.shape[2]
+    nk, width = v.shape[1], v.shape[2]
+    row_bias = bias.shape[1] > 1
+    s = np.empty(nk, np.float64)
+    dp = np.empty(nk, np.float64)
+    kt = np.empty((d, nk), np.float64)  # keys and values transposed: inner loops over keys
+    vt = np.empty((width, nk), np.float64)
+    kr = np.empty((nk, d), np.float64)
+    qi = np.empty(d, np.float64)
+    gi = np.empty(width, np.float64)
+    neg_inf = -np.inf
+    for b in range(t0, t1):  # one batch row per task: dk, dv are summed over its queries only
+        for j in range(nk):
+            for c in range(d):
+                kt[c, j] = k[b, j, c]
+                kr[j, c] = k[b, j, c]
+            for c in range(width):
+                vt[c, j] = v[b, j, c]
+        slot = mask_index[b] if has_bias else 0
+        for i in range(nq):
+            end = min(nk, i + 1) if is_causal else nk
+            for c in range(d):
+                qi[c] = q[b, i, c]
+            for c in range(width):
+                gi[c] = dout[b, i, c]
+            for j in range(end):
+                s[j] = 0.0
+                dp[j] = 0.0
+            for c in range(d):  # L1 distances, vectorised over the keys
+                for j in range(end):
+                    s[j] += abs(qi[c] - kt[c, j])
+            for c in range(width):  # dO_i . v_j
+                for j in range(end):
+                    dp[j] += gi[c] * vt[c, j]
+            top = neg_inf
+            for j in range(end):
+                sj = -scale * s[j]
+                if has_bias:
+                    sj += bias[slot, i if row_bias else 0, j]
+                s[j] = sj
+                top = max(top, sj)
+            if top == neg_inf:
+                continue  # no visible key: the row's output is 0 and so are its gradients
+            total = 0.0
+            for j in range(end):
+                e = np.exp(s[j] - top) if s[j] > neg_inf else 0.0
+                s[j] = e
+                total += e
+            delta = 0.0
+            for j in range(end):
+                s[j] /= total  # P_ij
+                delta += s[j] * dp[j]
+            for j in range(end):
+                dp[j] = scale * s[j] * (dp[j] - delta)  # scale dS_ij
+            for c in range(d):  # dq_ic = -sum_j scale dS_ij sign(q_ic - k_jc)
+                acc = 0.0
+                for j in range(end):
+                    diff = qi[c] - kt[c, j]
+                    acc += dp[j] * ((diff > 0.0) - (diff < 0.0))
+                dq[b, i, c] = -acc
+            for j in range(end):
+                pj, dsj = s[j], dp[j]
+                if pj == 0.0:
+                    continue
+                for c in range(width):
+                    dv[b, j, c] += pj * gi[c]
+                for c in range(d):
+                    diff = qi[c] - kr[j, c]
+                    dk[b, j, c] += dsj * ((diff > 0.0) - (diff < 0.0))
+
+
+def backward_l1(inp, dout):
+    """Gradients of L1-alignment attention on the CPU threads (float64 accumulation).
+
+    A task is a batch row; for each query row the scores are computed into a buffer of
+    ``Nk`` numbers, normalised, and the gradients accumulated key by key:
+    ``dS_ij = P_ij (dO_i . v_j - sum_j' P_ij' dO_i . v_j')``,
+    ``dq_i -= scale sum_j dS_ij sign(q_i - k_j)``, ``dk_j += scale dS_ij sign(q_i - k_j)``,
+    ``dv_j += P_ij dO_i`` (``sign(0) = 0``). Memory ``O(Nk (d + dv))`` per thread besides
+    the gradients; the reference is :func:`mcattn.eatt.grad.reference_backward`.
+
+    Keys and values of the task's batch row are held transposed in float64 (``O(Nk d)``
+    per thread) so that the loops over keys vectorise.
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+        NumPy ``q [BH, Nq, d]``, ``k [BH, Nk, d]``, ``v [BH, Nk, dv]``, mask, scale.
+    dout : numpy.ndarray, shape ``[BH, Nq, dv]``
+
+    Returns
+    -------
+    dq, dk, dv : numpy.ndarray of float64
+    """
+    q, k, v = inp.q, inp.k, inp.v
+    bh = q.shape[0]
+    dq = np.zeros(q.shape, np.float64)
+    dk = np.zeros(k.shape, np.float64)
+    dv = np.zeros(v.shape, np.float64)
+    if bh == 0 or inp.nq == 0 or inp.nk == 0:
+        return dq, dk, dv
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias.astype(np.float64) if has_bias else np.zeros((1, 1, 1))
+    mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
+    run_tasks(_l1_backward_tasks, bh, q, k, v, np.ascontiguousarray(dout), dq, dk, dv,
+              float(inp.scale), bias, mask_index, has_bias, bool(inp.mask.is_causal))
+    return dq, dk, dv

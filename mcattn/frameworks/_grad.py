@@ -7,6 +7,9 @@ Each method that can be trained names a module in its registry entry (``grad``) 
 * ``TRAINABLE``: the knob arrays that receive gradients (rfa's ``gate``, ...),
 * optionally ``output_shape(q_shape, k_shape, v_shape, knobs)`` for a method without
   ``v`` (mca), which the JAX and TensorFlow adapters need in advance,
+* optionally ``check_trainable(names, knobs)``: raises for knobs in ``names`` (those
+  that require grad, torch adapter) that cannot learn under ``knobs`` (latte's
+  threshold with the hard mask),
 
 on native arrays (NumPy/CuPy). The torch adapter calls them directly (DLPack both ways);
 the JAX and TensorFlow adapters call :func:`host_forward` / :func:`host_backward` from a

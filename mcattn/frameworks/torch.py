@@ -35,7 +35,8 @@ class _MethodFunction(torch.autograd.Function):
     def forward(ctx, module, names, common, static, *tensors):
         from .._array import import_arrays
 
-        present = {n: t.detach() for n, t in zip(names, tensors) if t is not None}
+        present = {n: t.detach() if isinstance(t, torch.Tensor) else t  # masks may be NumPy
+                   for n, t in zip(names, tensors) if t is not None}
         float_names = [n for n in names if n not in _grad.MASKS and n in present]
         bridge, native = import_arrays(present, float_names=float_names)
         q, k, v = native["q"], native["k"], native.get("v")
@@ -93,6 +94,11 @@ def attention(q, k, v=None, *, method="exact", **kwargs):
         raise ValueError("return_info=True is not available while recording gradients")
     _, _, module = _grad.training_module(method, kwargs)
     trainable, static = _grad.split_knobs(module, kwargs)
+    for name in [n for n, a in trainable.items() if not isinstance(a, torch.Tensor)]:
+        static[name] = trainable.pop(name)  # a number or NumPy array: a constant
+    check = getattr(module, "check_trainable", None)  # settings under which a knob cannot learn
+    if check is not None:
+        check(tuple(n for n, a in trainable.items() if a.requires_grad), kwargs)
     for name, value in static.items():
         if isinstance(value, torch.Tensor) and value.requires_grad:
             raise mcattn.errors.GradientNotSupportedError(

@@ -99,7 +99,7 @@ ENTRY = MethodEntry(
     bound_note="latte: relative thresholds per head calibrated in-sample to keep the target share "
                "of attention mass; deterministic bound from the dropped-mass bound and the int8 "
                "score error, relative to ||O||",
-    attention=attention, dask_plan=dask_plan,
+    attention=attention, dask_plan=dask_plan, grad="mcattn.latte.grad",
     description="LATTE: a 4-bit (high-nibble) score estimate filters keys per head (thresholds); "
                 "exact softmax over the kept keys, reusing the int8 products",
 )

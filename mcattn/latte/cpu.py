@@ -14,6 +14,10 @@ Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (one row of estimates per quer
 the block) plus the current head's nibble and int8 matrices (``Nk x d``): no ``Nq x Nk``
 buffer. With ``want_mass`` the exact scores of the block are
 computed too (one more BLAS product) to report the dropped attention mass.
+
+Backward (hard mask, :func:`backward`): a task is a batch row; each query row revisits
+its kept keys (from :func:`kept_mask`) to recompute the probabilities and accumulate
+the gradients, ``O(Nk)`` scratch per thread.
 """
 
 import math
@@ -26,7 +30,7 @@ from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
 from .naive import MODES
 
-__all__ = ["forward", "kept_mask", "kernel_arrays"]
+__all__ = ["forward", "kept_mask", "backward", "kernel_arrays"]
 
 
 _FAST = {"nsz", "contract", "reassoc"}  # order of sums only, for the kept scores and P V
@@ -309,3 +313,106 @@ def forward(lat):
 def kept_mask(lat):
     """The kept sets, bool ``[BH, Nq, Nk]``, from the same kernel."""
     return _run(lat, do_output=False, write_mask=True)[3]
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _backward_tasks(keep, q8, k8, q, k, v, dout, s_q, s_k, scale, int8_scores, bias, mask_index,
+                    has_bias, dq, dk, dv, t0, t1):
+    nq, d = q.shape[1], q.shape[2]
+    nk, width = v.shape[1], v.shape[2]
+    row_bias = bias.shape[1] > 1
+    idx = np.empty(nk, np.int64)
+    p = np.empty(nk, np.float64)
+    dp = np.empty(nk, np.float64)
+    qi = np.empty(d, np.float64)
+    q8i = np.empty(d, np.float64)
+    gi = np.empty(width, np.float64)
+    for b in range(t0, t1):  # one batch row per task: dk, dv are summed over its queries only
+        slot = mask_index[b] if has_bias else 0
+        for i in range(nq):
+            n = 0
+            for j in range(nk):
+                if keep[b, i, j]:
+                    idx[n] = j
+                    n += 1
+            if n == 0:
+                continue  # no visible key: zero gradients
+            c = scale * np.float64(s_q[b, i])
+            for cc in range(d):
+                qi[cc] = q[b, i, cc]
+                q8i[cc] = q8[b, i, cc]
+            for cc in range(width):
+                gi[cc] = dout[b, i, cc]
+            top = -np.inf
+            for t in range(n):  # the kept scores, as the forward computes them
+                j = idx[t]
+                dot = 0.0
+                if int8_scores:
+                    for cc in range(d):
+                        dot += q8i[cc] * np.float64(k8[b, j, cc])
+                    s = c * np.float64(s_k[b, j]) * dot
+                else:
+                    for cc in range(d):
+                        dot += qi[cc] * np.float64(k[b, j, cc])
+                    s = dot * scale
+                if has_bias:
+                    s += np.float64(bias[slot, i if row_bias else 0, j])
+                p[t] = s
+                top = max(top, s)
+            total = 0.0
+            for t in range(n):
+                e = math.exp(p[t] - top)
+                p[t] = e
+                total += e
+            delta = 0.0
+            for t in range(n):
+                p[t] /= total
+                acc = 0.0
+                j = idx[t]
+                for cc in range(width):
+                    acc += gi[cc] * np.float64(v[b, j, cc])
+                dp[t] = acc
+                delta += p[t] * acc
+            for t in range(n):
+                j = idx[t]
+                ds = scale * p[t] * (dp[t] - delta)  # straight-through: d s / d q = scale k
+                for cc in range(width):
+                    dv[b, j, cc] += p[t] * gi[cc]
+                for cc in range(d):
+                    dq[b, i, cc] += ds * k[b, j, cc]
+                    dk[b, j, cc] += ds * qi[cc]
+
+
+def backward(lat, keep, dout):
+    """Gradients of the hard-mask LATTE attention on the CPU threads (float64 accumulation).
+
+    A task is a batch row; each query row visits its kept keys only: their scores as the
+    forward computes them (int8 or float), the softmax, then ``dS = P (dO . v - delta)``
+    and ``dq += scale dS k``, ``dk += scale dS q``, ``dv += P dO`` (straight-through for
+    int8 scores; see :mod:`mcattn.latte.grad`, whose array code is the reference).
+
+    Parameters
+    ----------
+    lat : mcattn.latte.LatteInputs
+    keep : numpy.ndarray of bool, ``[BH, Nq, Nk]``
+        The kept sets (:func:`kept_mask`).
+    dout : numpy.ndarray, ``[BH, Nq, dv]``
+
+    Returns
+    -------
+    dq, dk, dv : numpy.ndarray of float64, ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]``
+    """
+    inp = lat.inp
+    q, k, v = inp.q, inp.k, inp.v
+    dq = np.zeros(q.shape, np.float64)
+    dk = np.zeros(k.shape, np.float64)
+    dv = np.zeros(v.shape, np.float64)
+    if q.shape[0] == 0 or inp.nq == 0 or inp.nk == 0:
+        return dq, dk, dv
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
+    mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
+    run_tasks(_backward_tasks, q.shape[0], np.ascontiguousarray(keep), lat.q8, lat.k8, q, k, v,
+              np.ascontiguousarray(dout), lat.s_q, lat.s_k, float(inp.scale),
+              lat.exact_scores == "int8", bias, mask_index, has_bias, dq, dk, dv)
+    return dq, dk, dv

@@ -95,6 +95,16 @@ def _bias_over_c(inp, b, c):
     return visible, extra
 
 
+def _integer_dots(a, b):
+    """``a @ b.T`` of small integers, exactly, as a float64 (BLAS) product.
+
+    Every product and partial sum is an integer below ``127^2 d < 2^53``, so float64
+    represents it exactly, whatever the summation order: the result equals the int64
+    product (which NumPy computes without BLAS, many times slower).
+    """
+    return a.astype(np.float64) @ b.astype(np.float64).T
+
+
 def estimate_units(lat, b):
     """``u [Nq, Nk]`` (float64, exact before the bias) and ``c [Nq]`` of batch row ``b``.
 
@@ -102,7 +112,7 @@ def estimate_units(lat, b):
     """
     hq, _ = nibbles(lat.q8[b])
     hk, _ = nibbles(lat.k8[b])
-    hh = hq @ hk.T
+    hh = _integer_dots(hq, hk)
     c = lat.inp.scale * lat.s_q[b].astype(np.float64)
     u = (256 * hh).astype(np.float64) * lat.s_k[b].astype(np.float64)[None, :]
     return u, c
@@ -198,7 +208,7 @@ def _kept_scores(lat, b, keep):
     if lat.exact_scores == "float":
         s = _true_scores(inp, b)
     else:  # int8 scores q8.k8 = 256 hi.hi + 16 (hi.lo + lo.hi) + lo.lo, exact integers
-        dots = lat.q8[b].astype(np.int64) @ lat.k8[b].astype(np.int64).T
+        dots = _integer_dots(lat.q8[b], lat.k8[b])
         c = inp.scale * lat.s_q[b].astype(np.float64)
         s = c[:, None] * lat.s_k[b].astype(np.float64)[None, :] * dots.astype(np.float64)
         if inp.mask.bias is not None:
