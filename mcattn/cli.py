@@ -206,7 +206,7 @@ def build_parser():
     finetune.add_argument("--train", choices=("attention", "all"), default="attention",
                           help="weights trained besides the method's own (default: attention "
                                "projections)")
-    finetune.add_argument("--lr", type=float, default=1e-4)
+    finetune.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     finetune.add_argument("--batch-size", type=int, default=16)
     finetune.add_argument("--token-weight", type=float, default=1.0,
                           help="weight of the token-state loss next to the embedding cosine")

@@ -102,7 +102,7 @@ class FinetuneConfig:
     steps: int | None = None
     minutes: float | None = None
     batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 1e-3
     token_weight: float = 1.0
     max_length: int = 128
     seed: int = 0
