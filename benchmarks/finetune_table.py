@@ -29,7 +29,7 @@ CONFIGS = {
     "rfa64-gate": ("rfa", ["--num-features", "64", "--gate"]),
     "rfa256-gate": ("rfa", ["--num-features", "256", "--gate"]),
     "eatt": ("eatt", []),
-    "latte": ("latte", ["--target-mass", "0.99"]),
+    "latte": ("latte", ["--target-mass", "0.99", "--temperature", "0.5"]),
     "mca": ("mca", ["--alpha", "0.2"]),
 }
 
@@ -63,16 +63,21 @@ def table():
     if not rows:
         return "no results yet"
     exact = rows[0][1]["exact"]
-    lines = ["| method | knobs | steps (train min) | cos to exact before → after | Lee before → after "
-             "| polarity before → after |", "|---|---|---|---|---|---|",
+    lines = ["| method | knobs | steps (train min, threads) | cos to exact before → after "
+             "| Lee before → after | polarity before → after |", "|---|---|---|---|---|---|",
              f"| exact | - | - | {exact['cosine_to_exact']:.4f} | {exact['lee_pearson']:.3f} | "
              f"{exact['polarity_accuracy']:.3f} |"]
     for _name, r in rows:
         b, a, cfg = r["before"], r["after"], r["config"]
-        lines.append(f"| {cfg['method']} | {_knobs(cfg)} | {r['steps']} ({r['train_seconds'] / 60:.1f}) | "
+        lines.append(f"| {cfg['method']} | {_knobs(cfg)} | {r['steps']} ({r['train_seconds'] / 60:.1f}, "
+                     f"{r['torch_threads']}) | "
                      f"{b['cosine_to_exact']:.4f} → **{a['cosine_to_exact']:.4f}** | "
                      f"{b['lee_pearson']:.3f} → **{a['lee_pearson']:.3f}** | "
                      f"{b['polarity_accuracy']:.3f} → **{a['polarity_accuracy']:.3f}** |")
+        if "after_hard" in r:
+            h = r["after_hard"]
+            lines.append(f"| {cfg['method']} | same thresholds, hard mask | | {h['cosine_to_exact']:.4f} | "
+                         f"{h['lee_pearson']:.3f} | {h['polarity_accuracy']:.3f} |")
     return "\n".join(lines)
 
 

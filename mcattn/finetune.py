@@ -231,18 +231,19 @@ class Student:
             return named
         return {n: p for n, p in named.items() if ".attention.self." in n}
 
-    def use(self):
-        """Context manager: the method in every self-attention layer of the model."""
+    def use(self, **overrides):
+        """Context manager: the method in every self-attention layer of the model
+        (``overrides`` replace knobs, e.g. ``soft=False`` for latte's hard mask)."""
         from .frameworks.torch import use_method
 
         return use_method(self.bert, self.config.method, layer_knobs=self.method_params,
-                          **self.method_params.knobs)
+                          **dict(self.method_params.knobs, **overrides))
 
-    def embed(self, texts):
+    def embed(self, texts, **overrides):
         """Sentence embeddings ``[len(texts), 384]`` (float64) with the method, no gradients."""
         from .evaluate import _embed
 
-        with self.use():
+        with self.use(**overrides):
             return _embed(self.model, texts)
 
     def state(self):
@@ -420,6 +421,9 @@ def run_finetune(config, *, model=None, tasks=None, texts=None, evaluate=True, p
     if evaluate:
         with torch.no_grad():
             result["after"], _ = score(student.embed, tasks, reference)
+            if config.method == "latte":  # trained with soft keep weights; deployed hard
+                result["after_hard"], _ = score(lambda t: student.embed(t, soft=False), tasks,
+                                                reference)
     result["wall_seconds"] = time.perf_counter() - wall
     result["torch_threads"] = torch.get_num_threads()
     return result, student
@@ -434,7 +438,9 @@ def format_result(result):
              f"{result['loss'][0]:.4f} -> {result['loss'][-1]:.4f}"]
     if "after" in result:
         lines.append(f"{'':<8} {'cos to exact':>13} {'Lee Pearson':>12} {'polarity acc':>13}")
-        for name in ("exact", "before", "after"):
+        for name in ("exact", "before", "after", "after_hard"):
+            if name not in result:
+                continue
             s = result[name]
             lines.append(f"{name:<8} {s['cosine_to_exact']:>13.4f} {s['lee_pearson']:>12.3f} "
                          f"{s['polarity_accuracy']:>13.3f}")
