@@ -69,8 +69,8 @@ def _exact_bench(put, backend, n):
 
 def _exact_backward(put, backend, dtype):
     """Exact attention's training pair: forward with lse, then dq, dk, dv (concatenated)."""
-    from .exact import grad
     from ._validate import namespace_of
+    from .exact import grad
 
     rng = np.random.default_rng(3)
     q, k, v = _qkv(rng, (2, 3, 37, 16), dtype, put)
