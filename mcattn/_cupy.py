@@ -28,7 +28,11 @@ INCLUDE_DIR = PACKAGE_DIR / "kernels"
 #: compile each of them for every architecture).
 KERNEL_SOURCES = {
     "kernels/random.cu": ("mcattn_philox_words",),
-    "exact/kernels/exact.cu": ("mcattn_exact_forward_f32", "mcattn_exact_forward_f64"),
+    "exact/kernels/exact.cu": (
+        "mcattn_exact_forward_f32", "mcattn_exact_forward_f64",
+        "mcattn_exact_backward_dq_f32", "mcattn_exact_backward_dq_f64",
+        "mcattn_exact_backward_dkdv_f32", "mcattn_exact_backward_dkdv_f64",
+    ),
     "mca/kernels/mca.cu": (
         "mcattn_mca_projection_weight_f32", "mcattn_mca_projection_weight_f64",
         "mcattn_mca_projection_optimal_f32", "mcattn_mca_projection_optimal_f64",

@@ -67,6 +67,36 @@ def _exact_bench(put, backend, n):
     return lambda: mcattn.attention(q, k, v, backend=backend)
 
 
+def _exact_backward(put, backend, dtype):
+    """Exact attention's training pair: forward with lse, then dq, dk, dv (concatenated)."""
+    from ._validate import namespace_of
+    from .exact import grad
+
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, (2, 3, 37, 16), dtype, put)
+    dout = put(rng.standard_normal((2, 3, 37, 16)).astype(dtype))
+    kpm = np.ones((2, 37), bool)
+    kpm[1, 30:] = False
+    mask = {"key_padding_mask": put(kpm), "is_causal": True}
+    out, res = grad.forward(q, k, v, backend=backend, **mask)
+    grads = grad.backward(q, k, v, out, res, dout, backend=backend, **mask)
+    return namespace_of(out).concatenate([grads[n].reshape(-1) for n in "qkv"])
+
+
+def _exact_backward_bench(put, backend, n):
+    from .exact import grad
+
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, (1, 8, n, 64), np.float32, put)
+    dout = put(rng.standard_normal((1, 8, n, 64)).astype(np.float32))
+
+    def step():
+        out, res = grad.forward(q, k, v, backend=backend)
+        return grad.backward(q, k, v, out, res, dout, backend=backend)
+
+    return step
+
+
 def _mca(put, backend, dtype):
     from . import mca
 
@@ -153,9 +183,12 @@ def _eigen(put, backend, dtype):
     return eigen.attention(q, k, v, basis=basis, columns=12, backend=backend)
 
 
-#: method -> Check. One entry per method; every backend is tried with each.
+#: method -> Check. One entry per method (and ``exact-bwd``, exact attention's training
+#: forward and backward); every backend is tried with each.
 CHECKS = {
     "exact": Check(_exact, {"float32": 1e-5, "float64": 1e-12}, _exact_bench),
+    # Not a method: exact attention's training kernels (forward with lse + backward).
+    "exact-bwd": Check(_exact_backward, {"float32": 1e-5, "float64": 1e-12}, _exact_backward_bench),
     "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
     "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),

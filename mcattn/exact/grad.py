@@ -19,12 +19,15 @@ TRAINABLE = ()
 FORWARD_KERNELS = (
     Kernel("numba", "mcattn.exact.cpu", "forward_lse", features=_ALL),
     Kernel("numpy", "mcattn.exact.naive", "forward_lse", features=_ALL),
-    Kernel("cupy", "mcattn.exact.naive", "forward_lse", features=_ALL),
+    # Head dims above 128: the CuPy launcher falls back to the array reference (naive).
+    Kernel("cupy", "mcattn.exact.cupy", "forward_lse", features=_ALL),
+    Kernel("cuda", "mcattn.exact.cuda", "forward_lse", max_head_dim=128, features=_ALL),
 )
 BACKWARD_KERNELS = (
     Kernel("numba", "mcattn.exact.cpu", "backward", features=_ALL),
     Kernel("numpy", "mcattn.exact.naive", "backward", features=_ALL),
-    Kernel("cupy", "mcattn.exact.naive", "backward", features=_ALL),
+    Kernel("cupy", "mcattn.exact.cupy", "backward", features=_ALL),
+    Kernel("cuda", "mcattn.exact.cuda", "backward", max_head_dim=128, features=_ALL),
 )
 
 

@@ -11,6 +11,8 @@
 
 __device__ __forceinline__ float mcattn_exp(float x) { return expf(x); }
 __device__ __forceinline__ double mcattn_exp(double x) { return exp(x); }
+__device__ __forceinline__ float mcattn_log(float x) { return logf(x); }
+__device__ __forceinline__ double mcattn_log(double x) { return log(x); }
 
 template <typename T> __device__ __forceinline__ T mcattn_neg_inf();
 template <> __device__ __forceinline__ float mcattn_neg_inf<float>() {
