@@ -24,8 +24,6 @@ key masks (padding or per-key ``attn_mask``), causal with ``Nq == Nk``, the gate
 denominator floor of the forward (``eps``) is treated as inactive.
 """
 
-import numpy as np
-
 from .._dispatch import Kernel, select_kernel
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
