@@ -1,49 +1,49 @@
 """Random feature attention for training: gradients of the drop-in estimator and its gate.
 
-The forward is :func:`mcattn.rfa.attention` itself. The backward is a reference written
-with array operations (NumPy on the host, CuPy on a GPU) that forms, per batch row, the
-``Nq x Nk`` matrix of feature products ``A_ij = phi(q_i) . phi(k_j) D_ij`` (``D`` the causal
-and gate decays): ``O(N^2)`` memory per batch row, fine for sentence-length training; a
-chunked backward in ``O(N)`` memory is still to come.
+The forward is :func:`mcattn.rfa.attention` itself (no residuals: the backward
+recomputes the features). The backward never forms the ``Nq x Nk`` matrix of feature
+products: non-causal gradients go through the state ``S = F_k^T V``, ``z = F_k^T 1``;
+causal and gated ones run the chunked form, a forward sweep over chunks carrying the
+state and a reverse sweep carrying its gradient (:mod:`mcattn.rfa.grad_chunked` spells
+the formulas out). Memory ``O(N m)`` per batch row (the features and their gradients),
+time ``O(N C (m + dv) + N m dv)``.
 
-With ``out = A V / A 1``: ``dV = A^T (dout / den)``, ``dA = (dout / den) V^T - (dout . out /
-den) 1^T``; the features' gradients follow from ``dA * D``; through the positive feature
-map ``phi(x) = exp(W x' - |x'|^2 / 2)`` (``x' = sqrt(scale) x``),
-``dx' = W^T (dphi * phi) - x' sum(dphi * phi)`` for keys (queries lose the second term:
-a factor common to a query's row cancels in the ratio). The shifts used for stability
-(row maxima, a per-row key constant) cancel in the ratio too, so they carry no gradient.
-The gate ``g_t`` enters as ``(1 - g_t)`` on key ``t`` and as the decay
-``D_ij = prod_{j < t <= i} g_t``.
+Kernels: ``numba`` (:mod:`mcattn.rfa.grad_cpu`, one task per batch row),
+``numpy`` and ``cupy`` (:mod:`mcattn.rfa.grad_chunked`, array operations). The
+``O(N^2)`` float64 reference is :mod:`mcattn.rfa.grad_naive`.
+
+The gate ``g_t`` enters as ``log(1 - g_t)`` in key ``t``'s weight and as the decay
+``D_ij = prod_{j < t <= i} g_t``. Since ``out`` is a ratio, scaling query ``i``'s row of
+``A`` leaves it unchanged, so ``sum_j dA_ij A_ij = 0`` and the gradient of the cumulative
+log-gate ``b_i`` is minus key ``i``'s share, ``-sum_i' dA_i'i A_i'i = -u_i`` with
+``u_i = F_k[i] . dF_k[i]``; hence ``d log g_t = -sum_{i >= t} u_i`` and
+``d log(1 - g_t) = u_t``.
 
 Supported: positive features (``kind="positive"``), the drop-in form (``normalize=None``),
 key masks (padding or per-key ``attn_mask``), causal with ``Nq == Nk``, the gate. The
 denominator floor of the forward (``eps``) is treated as inactive.
 """
 
-import numpy as np
-
+from .._dispatch import Kernel, select_kernel
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
-from . import _resolve_features, attention
+from . import attention
 from ._inputs import prepare_rfa
-from .naive import project
+from .grad_naive import resolve_training_features
 
-__all__ = ["forward", "backward", "TRAINABLE"]
+__all__ = ["forward", "backward", "TRAINABLE", "BACKWARD_KERNELS"]
 
 #: Knob arrays that receive gradients.
 TRAINABLE = ("gate",)
 
+_ALL = frozenset({"mask", "causal", "gate"})
 
-def _features(q, features, num_features, kind, seed):
-    if features is None and seed is None:
-        raise GradientNotSupportedError(
-            "training with random features needs the same features in the forward and the "
-            "backward: give seed= (or features=)")
-    feats = _resolve_features(features, num_features, kind, seed, q)
-    if feats.kind != "positive":
-        raise GradientNotSupportedError(f"rfa gradients are implemented for kind='positive'; got "
-                                        f"{feats.kind!r}")
-    return feats
+#: The backward kernels, by backend.
+BACKWARD_KERNELS = (
+    Kernel("numba", "mcattn.rfa.grad_cpu", "backward", features=_ALL),
+    Kernel("numpy", "mcattn.rfa.grad_chunked", "backward", features=_ALL),
+    Kernel("cupy", "mcattn.rfa.grad_chunked", "backward", features=_ALL),
+)
 
 
 def forward(q, k, v, *, features=None, num_features=None, kind="positive", seed=None, gate=None,
@@ -56,7 +56,7 @@ def forward(q, k, v, *, features=None, num_features=None, kind="positive", seed=
     """
     if normalize is not None:
         raise GradientNotSupportedError('rfa gradients are implemented for normalize=None only')
-    feats = _features(q, features, num_features, kind, seed)
+    feats = resolve_training_features(q, features, num_features, kind, seed)
     out = attention(q, k, v, features=feats, gate=gate, attn_mask=attn_mask,
                     key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
                     chunk_size=chunk_size, eps=eps, backend=backend, check_finite=check_finite)
@@ -68,12 +68,30 @@ def backward(q, k, v, out, residuals, dout, *, features=None, num_features=None,
              key_padding_mask=None, is_causal=False, scale=None, backend=None, check_finite=True):
     """Gradients with respect to ``q``, ``k``, ``v`` and (when given) ``gate``.
 
+    Parameters
+    ----------
+    q, k, v : arrays
+        The forward's inputs, ``[..., Nq, d]``, ``[..., Nk, d]``, ``[..., Nk, dv]``.
+    out : array ``[..., Nq, dv]``
+        The forward's output.
+    residuals : tuple
+        From :func:`forward` (empty).
+    dout : array ``[..., Nq, dv]``
+        Gradient of the loss with respect to ``out``.
+    features, num_features, kind, seed, gate, normalize, chunk_size, eps, attn_mask, \
+key_padding_mask, is_causal, scale, backend
+        As in the forward call (``chunk_size`` also sets the backward's chunks).
+        ``check_finite`` is ignored (the forward checked).
+
     Returns
     -------
     dict
-        ``{"q": dq, "k": dk, "v": dv}`` (and ``"gate"``) in the shapes of the inputs.
+        ``{"q": dq, "k": dk, "v": dv}`` (and ``"gate"``) in the shapes and dtypes of the
+        inputs (gradients of broadcast inputs summed over the broadcast dims).
     """
-    feats = _features(q, features, num_features, kind, seed)
+    if normalize is not None:
+        raise GradientNotSupportedError('rfa gradients are implemented for normalize=None only')
+    feats = resolve_training_features(q, features, num_features, kind, seed)
     rinp, inp = prepare_rfa(feats, q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             gate=gate, is_causal=is_causal, normalize=None, scale=scale,
                             chunk_size=chunk_size, eps=eps, check_finite=False)
@@ -81,68 +99,28 @@ def backward(q, k, v, out, residuals, dout, *, features=None, num_features=None,
     nq, nk = q.shape[-2], k.shape[-2]
     if is_causal and nq != nk:
         raise GradientNotSupportedError("rfa gradients of causal attention need Nq == Nk")
-    f64 = np.float64
     bh = rinp.q.shape[0]
-    omega = xp.asarray(feats.omega_for(f64, xp))
-    qs = rinp.q.astype(f64) * rinp.q_scale
-    ks = rinp.k[:, :nk].astype(f64) * rinp.k_scale
-    vv = rinp.v[:, :nk].astype(f64)
-    g_out = xp.broadcast_to(dout, inp.out_shape).reshape(bh, nq, -1).astype(f64)
-    o = xp.broadcast_to(out, inp.out_shape).reshape(bh, nq, -1).astype(f64)
-
-    u_q = project(qs, omega, xp)
-    fq = xp.exp(u_q - u_q.max(axis=-1, keepdims=True))  # row shift: cancels in the ratio
-    log_k = project(ks, omega, xp) - 0.5 * (ks * ks).sum(-1, keepdims=True)
-    if rinp.key_bias is not None:
-        log_k = log_k + rinp.key_bias[:, :nk, None].astype(f64)
-    finite = xp.isfinite(log_k)
-    top = xp.where(finite, log_k, -np.inf).max(axis=(-1, -2), keepdims=True)
-    top = xp.where(xp.isfinite(top), top, 0.0)
-    fk = xp.where(finite, xp.exp(xp.where(finite, log_k, 0.0) - top), 0.0)  # per-row constant
-
-    decay = None
-    if is_causal:
-        i, j = xp.arange(nq)[:, None], xp.arange(nk)[None, :]
-        if rinp.log_gate is not None:
-            cum = xp.cumsum(rinp.log_gate[:, :nk].astype(f64), axis=-1)  # [BH, N]
-            diff = cum[:, :, None] - cum[:, None, :]
-            decay = xp.where(j <= i, xp.exp(xp.minimum(diff, 0.0)), 0.0)
-        else:
-            decay = xp.broadcast_to((j <= i).astype(f64), (bh, nq, nk))
-    kern = xp.matmul(fq, fk.transpose(0, 2, 1))  # [BH, Nq, Nk]
-    a = kern if decay is None else kern * decay
-    den = a.sum(-1)
-    live = den > 0
-    safe = xp.where(live, den, 1.0)
-    dnum = xp.where(live[..., None], g_out / safe[..., None], 0.0)
-    dden = xp.where(live, -(g_out * o).sum(-1) / safe, 0.0)
-    da = xp.matmul(dnum, vv.transpose(0, 2, 1)) + dden[..., None]
-    dv = xp.matmul(a.transpose(0, 2, 1), dnum)
-    dkern = da if decay is None else da * decay
-    dfq = xp.matmul(dkern, fk)
-    dfk = xp.matmul(dkern.transpose(0, 2, 1), fq)
-
-    heads = omega.shape[0]
-    w_rows = omega[xp.arange(bh) % heads] if heads > 1 else omega[:1]
-    du_q = dfq * fq
-    dq = xp.matmul(du_q, w_rows) * rinp.q_scale
-    du_k = dfk * fk
-    dk = (xp.matmul(du_k, w_rows) - ks * du_k.sum(-1, keepdims=True)) * rinp.k_scale
-
+    shape3 = (bh, nq, rinp.value_dim)
+    o3 = xp.ascontiguousarray(xp.broadcast_to(out, inp.out_shape).reshape(shape3), dtype=rinp.dtype)
+    g3 = xp.ascontiguousarray(xp.broadcast_to(dout, inp.out_shape).reshape(shape3), dtype=rinp.dtype)
+    problem = inp.problem(extra_features=("gate",) if gate is not None else ())
+    kernel = select_kernel("random feature attention backward", BACKWARD_KERNELS, problem, backend)
+    if bh == 0 or nq == 0 or nk == 0:
+        dq, dk = xp.zeros_like(rinp.q), xp.zeros_like(rinp.k)
+        dv, key_u = xp.zeros_like(rinp.v), xp.zeros(rinp.k.shape[:2], rinp.dtype)
+    else:
+        dq, dk, dv, key_u = kernel(rinp, o3, g3)
     batch = tuple(inp.batch_shape)
     grads = {"q": sum_to_shape(dq.reshape(batch + dq.shape[1:]), q.shape).astype(q.dtype),
              "k": sum_to_shape(dk.reshape(batch + dk.shape[1:]), k.shape).astype(k.dtype),
              "v": sum_to_shape(dv.reshape(batch + dv.shape[1:]), v.shape).astype(v.dtype)}
     if gate is not None:
-        # d/d log g: through the decays, d cum_i = sum_j W_ij - sum_i' W_i'i with
-        # W = dA * A, then d log g_t = sum_{i >= t} d cum_i; through (1 - g_t) on key t:
-        # d log(1 - g_t) = sum_r du_k[t, r].
-        w = da * a
-        dcum = w.sum(-1) - w.sum(-2)
-        dlog_g = xp.flip(xp.cumsum(xp.flip(dcum, -1), -1), -1)
-        g = xp.exp(rinp.log_gate[:, :nk].astype(f64))
-        masked = rinp.log_gate[:, :nk] == 0  # padding neither adds nor decays: no gradient
-        one_minus = xp.where(masked, 1.0, 1.0 - g)
-        dg = xp.where(masked, 0.0, dlog_g / g - du_k.sum(-1) / one_minus)
+        # d log g_t = -sum_{i >= t} u_i (the decays), d log(1 - g_t) = u_t (key t's weight).
+        dlog_g = -xp.flip(xp.cumsum(xp.flip(key_u, -1), -1), -1)
+        log_g = rinp.log_gate
+        g = xp.exp(log_g)
+        masked = log_g == 0  # padding neither adds nor decays: no gradient
+        one_minus = xp.where(masked, 1, 1 - g)
+        dg = xp.where(masked, 0, dlog_g / g - key_u / one_minus)
         grads["gate"] = sum_to_shape(dg.reshape(batch + (nk,)), gate.shape).astype(gate.dtype)
     return grads
