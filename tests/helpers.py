@@ -60,3 +60,32 @@ def dense_attention(q, k, v, *, mask=None, is_causal=False, scale=None):
     total = p.sum(axis=-1, keepdims=True)
     p = np.where(total > 0, p / np.where(total > 0, total, 1.0), 0.0)
     return p @ v
+
+
+def numeric_grad(f, x, eps=1e-6):
+    """Central finite differences of the scalar ``f()`` with respect to the array ``x``
+    (changed in place and restored), float64."""
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        a = f()
+        x[i] = old - eps
+        b = f()
+        x[i] = old
+        g[i] = (a - b) / (2 * eps)
+    return g
+
+
+def grad_problem(seed=0, nq=7, nk=9, d=8):
+    """``q [2,3,nq,d]``, ``k [2,1,nk,d]`` (broadcast over heads), ``v [2,3,nk,5]``, a boolean
+    ``[nq, nk]`` mask (key 0 always visible), a key-padding mask and a ``dout``, float64."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((2, 3, nq, d))
+    k = rng.standard_normal((2, 1, nk, d))  # broadcast over heads: its gradient sums them
+    v = rng.standard_normal((2, 3, nk, 5))
+    mask = rng.random((nq, nk)) > 0.3
+    mask[:, 0] = True
+    kpm = np.ones((2, nk), bool)
+    kpm[1, nk - 3:] = False
+    return q, k, v, mask, kpm, rng.standard_normal((2, 3, nq, 5))

@@ -6,35 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from helpers import rel_error, require
+from helpers import grad_problem, numeric_grad, rel_error, require
 
 from mcattn import config, data
 from mcattn.eatt import grad
-
-
-def _numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        a = f()
-        x[i] = old - eps
-        b = f()
-        x[i] = old
-        g[i] = (a - b) / (2 * eps)
-    return g
-
-
-def _problem(seed=0, nq=7, nk=9, d=8):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((2, 3, nq, d))
-    k = rng.standard_normal((2, 1, nk, d))  # broadcast over heads: its gradient sums them
-    v = rng.standard_normal((2, 3, nk, 5))
-    mask = rng.random((nq, nk)) > 0.3
-    mask[:, 0] = True
-    kpm = np.ones((2, nk), bool)
-    kpm[1, nk - 3:] = False
-    return q, k, v, mask, kpm, rng.standard_normal((2, 3, nq, 5))
 
 
 def torch_reference(q, k, v, *, alignment="l1", attn_mask=None, key_padding_mask=None,
@@ -86,7 +61,7 @@ def _torch_grads(fn, tensors, dout):
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("case", ["plain", "bool+padding", "additive+causal"])
 def test_l1_backward_matches_finite_differences(backend, case):
-    q, k, v, mask, kpm, dout = _problem()
+    q, k, v, mask, kpm, dout = grad_problem()
     kw = {"plain": {}, "bool+padding": {"attn_mask": mask, "key_padding_mask": kpm},
           "additive+causal": {"attn_mask": np.where(mask, 0.4, -np.inf), "is_causal": True}}[case]
     kw["backend"] = backend
@@ -95,7 +70,7 @@ def test_l1_backward_matches_finite_differences(backend, case):
     loss = lambda: float((grad.forward(q, k, v, **kw)[0] * dout).sum())  # noqa: E731
     for name, x in (("q", q), ("k", k), ("v", v)):
         assert g[name].shape == x.shape
-        assert np.abs(g[name] - _numeric_grad(loss, x)).max() < 1e-7, name
+        assert np.abs(g[name] - numeric_grad(loss, x)).max() < 1e-7, name
 
 
 def test_numba_kernel_equals_the_reference(monkeypatch):
@@ -127,7 +102,7 @@ def test_numba_kernel_equals_the_reference(monkeypatch):
 
 
 def test_rows_without_visible_keys_get_zero_gradients():
-    q, k, v, _, _, dout = _problem(2)
+    q, k, v, _, _, dout = grad_problem(2)
     kpm = np.ones((2, 9), bool)
     kpm[1] = False
     for alignment in ("l1", "hamming"):
@@ -157,7 +132,7 @@ def test_torch_gradcheck_l1_with_masks_and_causal():
     torch = require("torch")
     from mcattn.frameworks.torch import attention
 
-    q, k, v, mask, kpm, _ = _problem(4)
+    q, k, v, mask, kpm, _ = grad_problem(4)
     tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v))
     tmask, tkpm = torch.from_numpy(mask), torch.from_numpy(kpm)
     for backend in ("numba", "numpy"):
@@ -177,7 +152,7 @@ def test_torch_gradients_equal_the_torch_reference(alignment, dtype):
     torch = require("torch")
     from mcattn.frameworks.torch import attention
 
-    q, k, v, mask, kpm, dout = _problem(5, nq=11, nk=13)
+    q, k, v, mask, kpm, dout = grad_problem(5, nq=11, nk=13)
     kw = dict(alignment=alignment, attn_mask=np.where(mask, 0.3, -np.inf), key_padding_mask=kpm,
               is_causal=True)
     ins = [torch.from_numpy(a.astype(dtype)).requires_grad_(True) for a in (q, k, v)]
@@ -205,7 +180,7 @@ def test_jax_l1_gradients_under_jit_against_a_jax_reference():
 
     from mcattn.frameworks.jax import attention
 
-    q, k, v, mask, kpm, dout = (a.astype(np.float32) if a.dtype != bool else a for a in _problem(6))
+    q, k, v, mask, kpm, dout = (a.astype(np.float32) if a.dtype != bool else a for a in grad_problem(6))
     visible = mask & kpm[:, None, None, :] & np.tril(np.ones(mask.shape, bool))
 
     def reference(q, k, v):
@@ -227,7 +202,7 @@ def test_tensorflow_gradients_against_a_tensorflow_reference():
     tf = require("tensorflow")
     from mcattn.frameworks.tensorflow import attention
 
-    q, k, v, mask, _, dout = _problem(7)
+    q, k, v, mask, _, dout = grad_problem(7)
     q, k, v = (tf.constant(a) for a in (q, k, v))
 
     def reference(q, k, v):

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import rel_error, require
+from helpers import grad_problem, numeric_grad, rel_error, require
 
 from mcattn import data, latte
 from mcattn.errors import GradientNotSupportedError
@@ -14,31 +14,6 @@ from mcattn.latte import grad
 
 THRESHOLD = {"relative": np.array([1.0, 2.0, 0.5]), "absolute": np.array([0.2, -0.1, 0.4]),
              "topk": np.array([2.0, 3.0, 5.0]), "safe": np.array([1.0, 3.0, 2.0])}
-
-
-def _numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        a = f()
-        x[i] = old - eps
-        b = f()
-        x[i] = old
-        g[i] = (a - b) / (2 * eps)
-    return g
-
-
-def _problem(seed=0, nq=7, nk=9, d=8):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((2, 3, nq, d))
-    k = rng.standard_normal((2, 1, nk, d))  # broadcast over heads: its gradient sums them
-    v = rng.standard_normal((2, 3, nk, 5))
-    mask = rng.random((nq, nk)) > 0.3
-    mask[:, 0] = True
-    kpm = np.ones((2, nk), bool)
-    kpm[1, nk - 3:] = False
-    return q, k, v, mask, kpm, rng.standard_normal((2, 3, nq, 5))
 
 
 def torch_reference(q, k, v, threshold, *, soft=False, temperature=1.0, mode="relative",
@@ -116,7 +91,7 @@ def _torch_grads(fn, tensors, dout):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_hard_backward_matches_finite_differences(mode, is_causal, backend):
     """Float kept scores: the exact derivative wherever the kept set is locally constant."""
-    q, k, v, mask, kpm, dout = _problem()
+    q, k, v, mask, kpm, dout = grad_problem()
     bias = np.where(mask, 0.3 * np.random.default_rng(1).standard_normal(mask.shape), -np.inf)
     kw = dict(threshold=THRESHOLD[mode], mode=mode, exact_scores="float", attn_mask=bias,
               key_padding_mask=kpm, is_causal=is_causal, backend=backend)
@@ -127,13 +102,13 @@ def test_hard_backward_matches_finite_differences(mode, is_causal, backend):
     loss = lambda: float((grad.forward(q, k, v, **kw)[0] * dout).sum())  # noqa: E731
     for name, x in (("q", q), ("k", k), ("v", v)):
         assert g[name].shape == x.shape
-        assert np.abs(g[name] - _numeric_grad(loss, x)).max() < 1e-7, name
+        assert np.abs(g[name] - numeric_grad(loss, x)).max() < 1e-7, name
     assert g["threshold"].shape == (3,) and not g["threshold"].any()  # piecewise constant
 
 
 @pytest.mark.parametrize("masks", ["none", "bool+padding", "additive", "causal"])
 def test_soft_threshold_gradient_matches_finite_differences(masks):
-    q, k, v, mask, kpm, dout = _problem(2)
+    q, k, v, mask, kpm, dout = grad_problem(2)
     kw = {"none": {}, "bool+padding": {"attn_mask": mask, "key_padding_mask": kpm},
           "additive": {"attn_mask": np.where(mask, 0.5, -np.inf)},
           "causal": {"is_causal": True, "key_padding_mask": kpm}}[masks]
@@ -143,8 +118,8 @@ def test_soft_threshold_gradient_matches_finite_differences(masks):
     g = grad.backward(q, k, v, out, res, dout, **kw)
     loss = lambda: float((grad.forward(q, k, v, **kw)[0] * dout).sum())  # noqa: E731
     assert np.abs(g["threshold"]).min() > 1e-3
-    assert np.abs(g["threshold"] - _numeric_grad(loss, theta)).max() < 1e-8
-    assert np.abs(g["v"] - _numeric_grad(loss, v)).max() < 1e-8
+    assert np.abs(g["threshold"] - numeric_grad(loss, theta)).max() < 1e-8
+    assert np.abs(g["v"] - numeric_grad(loss, v)).max() < 1e-8
     # a single threshold for every head: its gradient is the sum over the heads
     one = dict(kw, threshold=0.9)
     g1 = grad.backward(q, k, v, None, (), dout, **one)
@@ -188,7 +163,7 @@ def test_numba_kernel_equals_the_reference(monkeypatch):
 
 
 def test_rows_without_visible_keys_get_zero_gradients():
-    q, k, v, _, _, dout = _problem(3)
+    q, k, v, _, _, dout = grad_problem(3)
     kpm = np.ones((2, 9), bool)
     kpm[1] = False
     for kw in (dict(threshold=1.0), dict(threshold=1.0, backend="numpy"),
@@ -206,7 +181,7 @@ def test_torch_gradcheck_hard_mask_with_masks_and_causal():
     torch = require("torch")
     from mcattn.frameworks.torch import attention
 
-    q, k, v, mask, kpm, _ = _problem(4)
+    q, k, v, mask, kpm, _ = grad_problem(4)
     tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v))
     tmask, tkpm = torch.from_numpy(mask), torch.from_numpy(kpm)
     for mode in ("relative", "topk"):
@@ -223,7 +198,7 @@ def test_torch_gradcheck_soft_threshold_and_values():
     torch = require("torch")
     from mcattn.frameworks.torch import attention
 
-    q, k, v, mask, kpm, _ = _problem(5)
+    q, k, v, mask, kpm, _ = grad_problem(5)
     tv = torch.from_numpy(v.copy()).requires_grad_(True)
     theta = torch.tensor([0.4, 1.2, 2.0], dtype=torch.float64, requires_grad=True)
     tq, tk = torch.from_numpy(q), torch.from_numpy(k)
@@ -241,7 +216,7 @@ def test_torch_gradients_equal_the_surrogate_reference(case):
     torch = require("torch")
     from mcattn.frameworks.torch import attention
 
-    q, k, v, mask, kpm, dout = _problem(6, nq=11, nk=13)
+    q, k, v, mask, kpm, dout = grad_problem(6, nq=11, nk=13)
     k = np.broadcast_to(k, (2, 3) + k.shape[2:]).copy()
     kw = {"hard-int8": dict(mode="relative", key_padding_mask=kpm, attn_mask=mask),
           "hard-float-safe": dict(mode="safe", exact_scores="float", is_causal=True),
@@ -371,7 +346,7 @@ def test_jax_soft_gradients_with_the_threshold_under_jit():
     torch = require("torch")
     from mcattn.frameworks.jax import attention
 
-    q, k, v, mask, kpm, dout = _problem(10)
+    q, k, v, mask, kpm, dout = grad_problem(10)
     q, k, v, dout = (a.astype(np.float32) for a in (q, k, v, dout))
     theta = np.array([0.8, 1.6, 0.3], np.float32)
 
@@ -395,7 +370,7 @@ def test_tensorflow_hard_gradients_against_a_tensorflow_reference():
     tf = require("tensorflow")
     from mcattn.frameworks.tensorflow import attention
 
-    q, k, v, mask, kpm, dout = _problem(11)
+    q, k, v, mask, kpm, dout = grad_problem(11)
     kw = dict(threshold=THRESHOLD["relative"], exact_scores="float", key_padding_mask=kpm,
               is_causal=True)
     keep = latte.kept_mask(q, k, **{n: a for n, a in kw.items() if n != "exact_scores"})

@@ -5,24 +5,11 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import dense_attention, require
+from helpers import dense_attention, numeric_grad, require
 
 from mcattn import config
 from mcattn.errors import GradientNotSupportedError
 from mcattn.exact import grad
-
-
-def _numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        old = x[i]
-        x[i] = old + eps
-        a = f()
-        x[i] = old - eps
-        b = f()
-        x[i] = old
-        g[i] = (a - b) / (2 * eps)
-    return g
 
 
 def _problem(seed=0, nq=7, nk=9):
@@ -49,7 +36,7 @@ def test_backward_matches_finite_differences(backend, is_causal, monkeypatch):
     loss = lambda: float((grad.forward(q, k, v, **kw)[0] * dout).sum())  # noqa: E731
     for name, x in (("q", q), ("k", k), ("v", v)):
         assert g[name].shape == x.shape
-        assert np.abs(g[name] - _numeric_grad(loss, x)).max() < 1e-7, name
+        assert np.abs(g[name] - numeric_grad(loss, x)).max() < 1e-7, name
 
 
 def test_fully_masked_rows_and_padding_get_zero_gradients():
@@ -292,7 +279,7 @@ def test_rfa_backward_matches_finite_differences(case):
     inputs = [("q", q), ("k", k), ("v", v)] + ([("gate", gate)] if "gate" in kw else [])
     for name, x in inputs:
         assert g[name].shape == x.shape
-        assert np.abs(g[name] - _numeric_grad(loss, x)).max() < 1e-7, name
+        assert np.abs(g[name] - numeric_grad(loss, x)).max() < 1e-7, name
     if "gate" in kw and "key_padding_mask" in kw:
         assert not g["gate"][1, :, 4:].any()  # padding neither adds nor decays
 
