@@ -199,7 +199,9 @@ class MethodParameters:
             gate = _torch().sigmoid(self.module["gate"][i](x)).transpose(1, 2)  # [B, H, N]
             return {"gate": gate, "is_causal": True}
         if self.method == "latte":
-            return {"threshold": self.module["threshold"][i]}
+            # relative thresholds are distances below the row maximum: kept >= 0 (a step
+            # that would take one below zero leaves it at zero, with no gradient there)
+            return {"threshold": self.module["threshold"][i].clamp(min=0.0)}
         return {}
 
 
