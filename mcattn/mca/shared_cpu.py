@@ -350,5 +350,5 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=1)
     run_tasks(_apply, batch * n_blocks, x, wh, bias_row, group_of, group_ptr,
               row_base, rows, width, weight_ptr, weights.astype(x.dtype), block,
-              int(BLAS_MIN_MACS), out, chunks_per_thread=2)
+              int(BLAS_MIN_MACS), out, chunks_per_thread=4)
     return out
