@@ -15,8 +15,9 @@ kernels), organised for the host's memory hierarchy:
    hundred KB) stays in cache while every head and group uses it; per group the
    tokens' drawn columns are gathered into a contiguous buffer and one BLAS product
    (``np.dot``, single-threaded BLAS per task) gives their rows, or, for small groups
-   where a BLAS call costs more than it saves, a compiled loop does. Exact tokens
-   (``r >= d_in``) are a group whose rows are all of ``W``; masked ones get the bias.
+   where a BLAS call costs more than it saves, a compiled loop does. Masked tokens get
+   the bias; exact ones (``r >= d_in``) are gathered per head over the whole batch into
+   one BLAS product (one task per head).
 
 Reading ``x`` once from memory for all heads, instead of once per head, is what makes
 this faster than the dense GEMM at low budgets: the per-head gather of the array
