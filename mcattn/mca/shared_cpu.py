@@ -333,7 +333,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     n_weights = np.empty(tasks, np.int64)
     draws = np.empty((tasks, d_in), np.int64)
     run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
-              n_distinct, n_weights, chunks_per_thread=1)
+              n_distinct, n_weights, chunks_per_thread=4)
     group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
                                         (n_groups, n_distinct, n_weights))
     rows = np.empty(int(row_base[-1]), np.int64)
@@ -342,13 +342,13 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     weights = np.empty(int(weight_base[-1]), np.float64)
     group_of = np.empty(budgets.shape, np.int64)
     run_tasks(_fill_plan, tasks, budgets, draws, t.p_weight, group_ptr, row_base, weight_base,
-              rows, width, weight_ptr, weights, group_of, chunks_per_thread=1)
+              rows, width, weight_ptr, weights, group_of, chunks_per_thread=4)
     bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                 else np.ascontiguousarray(bias, dtype=x.dtype))
     block = max(1, min(int(TOKEN_BLOCK), n))
     n_blocks = -(-n // block)
     wh = t.wh_as(x.dtype)
-    run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=1)
+    run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=3)
     run_tasks(_apply, batch * n_blocks, x, wh, bias_row, group_of, group_ptr,
               row_base, rows, width, weight_ptr, weights.astype(x.dtype), block,
               int(BLAS_MIN_MACS), out, chunks_per_thread=4)
