@@ -62,14 +62,16 @@ def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_dis
         b = task // heads
         h = task % heads
         r = budgets[b, h]
-        present[:] = False
+        for v in range(d_in + 1):  # (explicit loops: Numba's slice fills are slow)
+            present[v] = False
         longest = 0
         for j in range(n):
             v = r[j]
             if 0 < v < d_in:
                 present[v] = True
                 longest = max(longest, v)
-        counts[:] = 0
+        for v in range(d_in):
+            counts[v] = 0
         distinct = 0
         groups = 0
         total = 0
@@ -111,7 +113,8 @@ def _fill_plan(budgets, draws, p_weight, group_ptr, row_base, weight_base, rows,
         b = task // heads
         h = task % heads
         r = budgets[b, h]
-        present[:] = False
+        for v in range(d_in + 1):
+            present[v] = False
         longest = 0
         for j in range(n):
             v = r[j]
@@ -131,7 +134,8 @@ def _fill_plan(budgets, draws, p_weight, group_ptr, row_base, weight_base, rows,
                 group_of[b, h, j] = _EXACT
             else:
                 group_of[b, h, j] = rank[v]
-        counts[:] = 0
+        for v in range(d_in):
+            counts[v] = 0
         gi = group_ptr[task]
         base = row_base[task]
         at = weight_base[task]
@@ -185,12 +189,14 @@ def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, 
             col0 = h * dh
             w_h = wh[h]
             # Counting sort of the block's tokens by bucket: 0 masked, 1 exact, 2 + g group g.
-            starts[: n_g + 3] = 0
+            for s in range(n_g + 3):
+                starts[s] = 0
             for j in range(j0, j1):
                 starts[group_of[b, h, j] + 3] += 1
             for s in range(n_g + 2):
                 starts[s + 1] += starts[s]
-            fill[: n_g + 2] = starts[: n_g + 2]
+            for s in range(n_g + 2):
+                fill[s] = starts[s]
             for j in range(j0, j1):
                 s = group_of[b, h, j] + 2
                 order[fill[s]] = j
@@ -254,7 +260,9 @@ def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, 
                 # Small groups (a BLAS call costs microseconds): each drawn row of W is
                 # loaded once for all the group's tokens.
                 acc = acc_buf[: tokens * dh].reshape((tokens, dh))
-                acc[:] = 0
+                for i in range(tokens):
+                    for c in range(dh):
+                        acc[i, c] = 0
                 for m in range(wd):
                     k = rows[base + m]
                     scale = weights[w0 + m]
@@ -289,7 +297,10 @@ def _apply_exact(x, wh, bias, group_of, out, t0, t1):
         for b in range(batch):
             for j in range(n):
                 if group_of[b, h, j] == _EXACT:
-                    a[i] = x[b, j]
+                    xj = x[b, j]
+                    ai = a[i]
+                    for c in range(d_in):
+                        ai[c] = xj[c]
                     where[i] = b * n + j
                     i += 1
         prod = np.dot(a, wh[h])
