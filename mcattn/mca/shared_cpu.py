@@ -258,12 +258,36 @@ def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, 
                             out[b, h, j, c] = prod[i, c] + bias[col0 + c]
                     continue
                 # Small groups (a BLAS call costs microseconds): each drawn row of W is
-                # loaded once for all the group's tokens.
+                # loaded once for all the group's tokens; four rows per update of the
+                # accumulators (each update waits on the previous one through memory).
                 acc = acc_buf[: tokens * dh].reshape((tokens, dh))
                 for i in range(tokens):
                     for c in range(dh):
                         acc[i, c] = 0
-                for m in range(wd):
+                top = wd - wd % 4
+                for m in range(0, top, 4):
+                    k0 = rows[base + m]
+                    k1 = rows[base + m + 1]
+                    k2 = rows[base + m + 2]
+                    k3 = rows[base + m + 3]
+                    s0 = weights[w0 + m]
+                    s1 = weights[w0 + m + 1]
+                    s2 = weights[w0 + m + 2]
+                    s3 = weights[w0 + m + 3]
+                    r0 = w_h[k0]
+                    r1 = w_h[k1]
+                    r2 = w_h[k2]
+                    r3 = w_h[k3]
+                    for i in range(tokens):
+                        xj = xb[order[lo + i]]
+                        c0 = xj[k0] * s0
+                        c1 = xj[k1] * s1
+                        c2 = xj[k2] * s2
+                        c3 = xj[k3] * s3
+                        ai = acc[i]
+                        for c in range(dh):
+                            ai[c] += (c0 * r0[c] + c1 * r1[c]) + (c2 * r2[c] + c3 * r3[c])
+                for m in range(top, wd):
                     k = rows[base + m]
                     scale = weights[w0 + m]
                     wrow = w_h[k]
