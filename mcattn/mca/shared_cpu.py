@@ -37,7 +37,7 @@ __all__ = ["value_projection", "TOKEN_BLOCK", "BLAS_MIN_MACS"]
 
 #: Tokens per apply task: a block of ``x`` (``TOKEN_BLOCK * d_in`` numbers) is reused from
 #: cache by every head.
-TOKEN_BLOCK = 256
+TOKEN_BLOCK = 128
 #: Groups whose product has fewer multiply-adds than this use the compiled loop, larger
 #: ones a BLAS call (whose fixed cost is a few microseconds).
 BLAS_MIN_MACS = 1 << 15
