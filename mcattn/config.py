@@ -56,9 +56,9 @@ LATTE_CPU_BLOCK_Q = 64
 #: spanning at most this relative width (more samples, never fewer), so that the
 #: projection is a few reduced GEMMs (mcattn.mca.shared). 0 keeps the budgets as computed.
 MCA_SHARED_SLACK = 0.25
-#: Shared draws on the CPU use the reduced GEMMs from this many tokens per sequence on;
-#: shorter sequences use the per-draw Numba kernel (measured: on MiniLM's real sentences,
-#: 11-122 tokens, the GEMM path is 20-30x slower than the per-draw kernel; at 4096 tokens
-#: it is 2.5-3x faster). The two draw the same samples.
-MCA_SHARED_GEMM_MIN_TOKENS = 1024
-
+#: Shared draws on the CPU use the compiled reduced GEMMs (mcattn.mca.shared_cpu) from this
+#: many tokens per sequence on; shorter sequences use the per-draw Numba kernel. Measured
+#: (one thread, MiniLM's real budgets): at 11 tokens the two are even, from 29 tokens on
+#: the GEMM path is faster (1.1-1.3x at 122 tokens, 2.5-4x at 4096). The two draw the
+#: same samples.
+MCA_SHARED_GEMM_MIN_TOKENS = 16

@@ -232,12 +232,6 @@ def ratio_rows(argv):
                 rounds=args.rounds,
             )
             row["shared/packed"] = t_s / t_p
-            t_s, t_p = interleaved_times(
-                lambda: sampled_projection(layers, heads, True),  # noqa: B023
-                lambda: packed_dense_projection(layers, heads, kpm),  # noqa: B023
-                rounds=args.rounds,
-            )
-            row["shared/packed"] = t_s / t_p
             yield row
 
     return title, rows()

@@ -344,8 +344,8 @@ def _shared_projection_ops(r, x, w, num_heads, seed, tables):
 
     One draw sequence per (batch row, head) of the longest budget (2 random words and
     ``log2 d_in`` search steps per draw, as the per-draw kernels), the merge weights
-    (a divide per distinct drawn row), the reduced GEMMs' multiply-adds as done, exact
-    tokens' dense rows, and a normalising multiply per sampled token and column.
+    (a divide per distinct drawn row, the ``1 / r_j`` folded in), the scaling of the
+    merged rows, the reduced GEMMs' multiply-adds as done, and exact tokens' dense rows.
     """
     from .shared import reduced_macs
 
@@ -359,7 +359,7 @@ def _shared_projection_ops(r, x, w, num_heads, seed, tables):
     macs, merge = reduced_macs(r, d_in, dh, seed, tables, nonzero)
     macs += int(exact.sum()) * d_in * dh
     steps = int(np.ceil(np.log2(max(d_in, 2))))
-    return OpCounts({"fp32_mul": macs + merge + int(sampled.sum()) * dh, "fp32_add": macs,
+    return OpCounts({"fp32_mul": macs + merge, "fp32_add": macs,
                      "fp32_div": longest, "rng": 2 * longest, "search_step": steps * longest})
 
 

@@ -5,7 +5,7 @@ samples: 64 bits from the shared Philox generator (one call per two draws), an i
 the alias method (weight sampling, O(1), integer arithmetic) or by inverse-CDF binary
 search (optimal sampling), ``d_head`` multiply-adds accumulated in float64.
 ``shared_draws=True``: sequences of at least ``config.MCA_SHARED_GEMM_MIN_TOKENS`` tokens
-go to :mod:`mcattn.mca.shared` (reduced GEMMs by BLAS); shorter ones run one task per
+go to :mod:`mcattn.mca.shared_cpu` (compiled reduced GEMMs); shorter ones run one task per
 (batch row, head) that draws one index sequence and, with the tokens sorted by budget,
 serves the prefix of tokens whose budget exceeds each draw ``t`` (each drawn weight row is
 loaded once for all of them).
@@ -203,12 +203,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
                      tables=None):
     """Numba version of :func:`mcattn.mca.naive.value_projection` (same signature, same draws)."""
     if shared_draws and x.shape[1] >= int(config.MCA_SHARED_GEMM_MIN_TOKENS):
-        # Long sequences: reduced GEMMs over the distinct drawn rows (mcattn.mca.shared).
-        # Short ones (real sentences) stay in the per-draw kernel below: there, a few
-        # small GEMMs per head cost more in calls than the draws themselves.
-        from .shared import value_projection as shared_projection
+        # Reduced GEMMs over the distinct drawn rows (mcattn.mca.shared_cpu). Very short
+        # sequences stay in the per-draw kernel below, where planning the groups costs
+        # more than the draws themselves.
+        from .shared_cpu import value_projection as shared_projection
 
-        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
+        return shared_projection(x, w, bias, num_heads, budgets, seed, tables)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)

@@ -5,30 +5,96 @@ sequence ``k_0, k_1, ...`` (:mod:`mcattn.mca.naive`), so the estimate of token `
 
     V~[j] = b + (1/r_j) sum_{t < r_j} X[j, k_t] W[k_t] / p(k_t).
 
-Sort the sampled tokens by budget; the distinct budgets ``e_1 < e_2 < ... < e_G`` cut
-the draw sequence into segments ``[e_{s-1}, e_s)``. In a segment, repeated indices merge
-into one row of ``W`` weighted by ``count / p``; the tokens whose budget reaches the
-segment (a suffix of the sorted tokens) gather their columns of ``X`` once and one GEMM
-adds the segment's contribution. So the sampled projection costs ``G`` GEMMs over a
-reduced inner dimension per head instead of one multiply-add per draw.
+The tokens with the same budget ``e`` form a *group*; the prefix ``k_0 .. k_{e-1}``
+merges into its distinct rows ``R`` (``|R| <= e``) weighted by ``count / (p e)``, and one
+GEMM ``X[group][:, R] @ (weights * W[R])`` gives the group's estimates. So the sampled
+projection costs one GEMM over a reduced inner dimension per distinct budget and head
+instead of one multiply-add per draw (and never more multiply-adds than the draws).
 
 :func:`round_budgets` rounds budgets *up* to fewer distinct values first (more samples:
 the estimator stays unbiased and every bound computed from the rounded budgets holds),
 trading a few extra multiply-adds for fewer, larger GEMMs. With the budgets as given
 (no rounding) the draws and the estimate are those of the per-draw kernels.
+
+This module is the array version (NumPy or CuPy, one head at a time); on the CPU,
+:mod:`mcattn.mca.shared_cpu` runs the same plan compiled, all heads of a block of tokens
+at once.
 """
 
 import numpy as np
+from numba import njit
 
 from .. import random as mrandom
 from .._validate import namespace_of
 from .naive import SHARED_STREAM_BASE, alias_draw, weight_tables
 
-__all__ = ["round_budgets", "value_projection", "segment_plan"]
+__all__ = ["round_budgets", "round_budgets_reference", "value_projection", "group_plan"]
 
 
 def round_budgets(budgets, d_in, slack):
     """Budgets rounded up so that each (batch row, head) has few distinct values.
+
+    Parameters
+    ----------
+    budgets : numpy.ndarray of int, shape ``[B, H, N]``
+    d_in : int
+        Budgets ``>= d_in`` (exact tokens) and 0 (masked) are left as they are.
+    slack : float
+        A group of budgets ``[a, b]`` is rounded up to ``b`` with ``b <= a * (1 + slack)``
+        (0 leaves the budgets as they are).
+
+    Returns
+    -------
+    numpy.ndarray of int64, same shape, ``>= budgets`` everywhere.
+
+    Notes
+    -----
+    Compiled (one pass per row over a ``d_in`` table): :func:`mcattn.mca.attention` calls
+    it on every shared-draw call, where the NumPy loop of :func:`round_budgets_reference`
+    cost more than the projection itself on short sequences.
+    """
+    r = np.array(budgets, dtype=np.int64, copy=True)
+    if slack <= 0 or r.size == 0:
+        return r
+    _round_rows(r.reshape(-1, r.shape[-1]), int(d_in), float(slack))
+    return r
+
+
+@njit(nogil=True, cache=True)
+def _round_rows(r, d_in, slack):
+    """In place, per row: greedy groups from the smallest budget, each ``[a, a (1 + slack)]``
+    rounded up to its largest present value (what :func:`round_budgets_reference` does)."""
+    present = np.zeros(d_in, np.bool_)
+    target = np.zeros(d_in, np.int64)
+    for row in range(r.shape[0]):
+        present[:] = False
+        for j in range(r.shape[1]):
+            v = r[row, j]
+            if 0 < v < d_in:
+                present[v] = True
+        v = 1
+        while v < d_in:
+            if not present[v]:
+                v += 1
+                continue
+            top = v * (1.0 + slack)
+            edge = v
+            u = v + 1
+            while u < d_in and u <= top:
+                if present[u]:
+                    edge = u
+                u += 1
+            for u in range(v, edge + 1):
+                target[u] = edge
+            v = edge + 1
+        for j in range(r.shape[1]):
+            v = r[row, j]
+            if 0 < v < d_in:
+                r[row, j] = target[v]
+
+
+def round_budgets_reference(budgets, d_in, slack):
+    """NumPy reference of :func:`round_budgets` (same arguments, same result).
 
     Parameters
     ----------
@@ -64,8 +130,8 @@ def round_budgets(budgets, d_in, slack):
     return r
 
 
-def segment_plan(k, p, budgets_sorted):
-    """The segments of one draw sequence.
+def group_plan(k, p, budgets_sorted):
+    """The groups of one draw sequence (tokens of equal budget) and their merged rows.
 
     Parameters
     ----------
@@ -78,17 +144,17 @@ def segment_plan(k, p, budgets_sorted):
 
     Returns
     -------
-    list of (start, rows, weights)
-        For each segment: the first sorted token that uses it, the distinct indices
-        drawn in it, and ``count / p`` for each.
+    list of (start, stop, rows, weights)
+        For each distinct budget ``e``: the sorted tokens ``[start, stop)`` that have it,
+        the distinct indices of ``k[:e]``, and ``count / (p e)`` for each (the token's
+        ``1 / r_j`` folded in).
     """
-    edges = np.unique(budgets_sorted)
-    plan, lo = [], 0
-    for e in edges:
-        rows, counts = np.unique(k[lo:e], return_counts=True)
-        start = int(np.searchsorted(budgets_sorted, e, side="left"))
-        plan.append((start, rows, counts / p[rows]))
-        lo = int(e)
+    edges, starts = np.unique(budgets_sorted, return_index=True)
+    stops = np.append(starts[1:], budgets_sorted.size)
+    plan = []
+    for e, lo, hi in zip(edges, starts, stops):
+        rows, counts = np.unique(k[: int(e)], return_counts=True)
+        plan.append((int(lo), int(hi), rows, counts / (p[rows] * float(e))))
     return plan
 
 
@@ -153,22 +219,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         def rows_of(part):
             return slice(int(part[0]), int(part[-1]) + 1) if run else xp.asarray(part)
 
-        acc = None
-        for start, rows, weights in segment_plan(k, tables.p_weight[h], counts):
-            w_seg = wh[h][xp.asarray(rows)] * xp.asarray(weights, dtype=x.dtype)[:, None]
-            # The drawn columns of x (one gather), then the tokens that reach the segment
-            # (a slice when the sorted tokens are a run, as with uniform budgets): a
-            # C-contiguous block, so the product is one BLAS call with an [N, dh] result.
-            x_seg = xp.take(xb, xp.asarray(rows), axis=1)
-            if start or not run or tokens.size != n:
-                x_seg = x_seg[rows_of(tokens[start:])]
-            part = x_seg @ w_seg
-            if acc is None:
-                acc = part  # the first segment reaches every sampled token
-            else:
-                acc[start:] += part
-        acc /= xp.asarray(counts, dtype=x.dtype)[:, None]
-        out[b, h, rows_of(tokens)] += acc
+        for lo, hi, rows, weights in group_plan(k, tables.p_weight[h], counts):
+            w_g = wh[h][xp.asarray(rows)] * xp.asarray(weights, dtype=x.dtype)[:, None]
+            # The group's tokens (a view when the sorted tokens are a run), their drawn
+            # columns gathered into a C-contiguous block: one BLAS call.
+            part = rows_of(tokens[lo:hi])
+            out[b, h, part] += xp.take(xb[part], xp.asarray(rows), axis=1) @ w_g
 
     tasks = [(b, h) for b in range(batch) for h in range(num_heads)]
     if xp is np:  # small products: one per thread, single-threaded BLAS
@@ -187,9 +243,9 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
     Returns
     -------
     macs : int
-        Per segment, the tokens that reach it times its distinct rows times ``dh``.
+        Per group, its tokens times its distinct rows times ``dh``.
     merge_muls : int
-        Scaling the distinct rows by ``count / p``: one multiply per row and column.
+        Scaling the distinct rows by ``count / (p e)``: one multiply per row and column.
     """
     total = merge = 0
     batch, heads, _ = budgets.shape
@@ -203,7 +259,7 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
             bits = mrandom.sample_bits(seed, np.uint64(SHARED_STREAM_BASE + b * heads + h),
                                        np.arange(int(counts[-1])))
             k = alias_draw(bits, tables.threshold[h], tables.alias[h], tables.shift)
-            for start, rows, _ in segment_plan(k, tables.p_weight[h], counts):
-                total += (counts.size - start) * rows.size * dh
+            for lo, hi, rows, _ in group_plan(k, tables.p_weight[h], counts):
+                total += (hi - lo) * rows.size * dh
                 merge += rows.size * dh
     return total, merge

@@ -1,0 +1,391 @@
+"""MCA's shared draws as reduced GEMMs, compiled for the CPU (Numba + BLAS).
+
+The same estimate as :mod:`mcattn.mca.shared` (and the same draws as the per-draw
+kernels), organised for the host's memory hierarchy:
+
+1. **Plan** (one task per (batch row, head), no Python per head): draw the sequence
+   ``k_0, k_1, ...`` once (Philox + alias, as :mod:`mcattn.mca.cpu`), and for each
+   distinct budget ``e_g`` of the head (a *group* of tokens) merge the prefix
+   ``k_0 .. k_{e_g - 1}`` into its distinct rows ``R_g`` with weights
+   ``count / (p e_g)``: the estimate of every token of the group is then
+   ``b + x[j, R_g] @ (w_g W[R_g])``, a product over ``|R_g|`` (<= ``e_g``) inner
+   indices with the ``1 / r_j`` folded in. Merging the whole prefix (not segment by
+   segment) never does more multiply-adds than the segments would.
+2. **Apply** (one task per (batch row, block of tokens)): the block of ``x`` (a few
+   hundred KB) stays in cache while every head and group uses it; per group the
+   tokens' drawn columns are gathered into a contiguous buffer and one BLAS product
+   (``np.dot``, single-threaded BLAS per task) gives their rows, or, for small groups
+   where a BLAS call costs more than it saves, a compiled loop does. Masked tokens get
+   the bias; exact ones (``r >= d_in``) are gathered per head over the whole batch into
+   one BLAS product (one task per head).
+
+Against the array version this removes the Python work per head (drawing, sorting and
+merging with small NumPy calls, under the GIL) and reads each block of ``x`` from memory
+once for all heads instead of once per head (``x`` is 6 MB at N = 4096, d_in = 384).
+Weights are merged in float64 and cast to the input precision; BLAS accumulates in it.
+The reference is :func:`mcattn.mca.naive.value_projection` (``shared_draws=True``).
+"""
+
+import numpy as np
+from numba import njit
+
+from .. import random as mrandom
+from .._cpu import run_tasks
+from .cpu import _alias
+from .naive import SHARED_STREAM_BASE, weight_tables
+
+__all__ = ["value_projection", "TOKEN_BLOCK", "BLAS_MIN_MACS"]
+
+#: Tokens per apply task: a block of ``x`` (``TOKEN_BLOCK * d_in`` numbers) is reused from
+#: cache by every head.
+TOKEN_BLOCK = 128
+#: Groups whose product has fewer multiply-adds than this use the compiled loop, larger
+#: ones a BLAS call (whose fixed cost is a few microseconds).
+BLAS_MIN_MACS = 1 << 15
+
+_philox = mrandom.philox4x32_cpu
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+_MASKED = -2  # buckets of _apply: 0 masked, 1 exact, 2 + g group g
+_EXACT = -1
+
+
+@njit(nogil=True, cache=True)
+def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_distinct, n_weights,
+                t0, t1):
+    """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows and
+    of merged rows over all groups."""
+    _, heads, n = budgets.shape
+    d_in = threshold.shape[1]
+    present = np.zeros(d_in + 1, np.bool_)
+    counts = np.zeros(d_in, np.int64)
+    for task in range(t0, t1):
+        b = task // heads
+        h = task % heads
+        r = budgets[b, h]
+        for v in range(d_in + 1):  # (explicit loops: Numba's slice fills are slow)
+            present[v] = False
+        longest = 0
+        for j in range(n):
+            v = r[j]
+            if 0 < v < d_in:
+                present[v] = True
+                longest = max(longest, v)
+        for v in range(d_in):
+            counts[v] = 0
+        distinct = 0
+        groups = 0
+        total = 0
+        stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
+        for pair in range((longest + 1) // 2):
+            # One Philox call gives draws 2 * pair and 2 * pair + 1 (= sample_bits).
+            index = np.uint64(pair)
+            w0, w1, w2, w3 = _philox(index & _MASK32, index >> _SHIFT32, stream & _MASK32,
+                                     stream >> _SHIFT32, k0, k1)
+            draws[task, 2 * pair] = _alias((w0 << _SHIFT32) | w1, threshold[h], alias[h], shift,
+                                           d_in)
+            if 2 * pair + 1 < longest:
+                draws[task, 2 * pair + 1] = _alias((w2 << _SHIFT32) | w3, threshold[h], alias[h],
+                                                   shift, d_in)
+        for t in range(longest):
+            k = draws[task, t]
+            if counts[k] == 0:
+                distinct += 1
+            counts[k] += 1
+            if present[t + 1]:
+                groups += 1
+                total += distinct
+        n_groups[task] = groups
+        n_distinct[task] = distinct
+        n_weights[task] = total
+
+
+@njit(nogil=True, cache=True)
+def _fill_plan(budgets, draws, p_weight, group_ptr, row_base, weight_base, rows, width, weight_ptr,
+               weights, group_of, t0, t1):
+    """Per (batch row, head): each token's group; the distinct rows in order of first draw;
+    per group, how many of them its prefix reaches and their weights ``count / (p e)``."""
+    _, heads, n = budgets.shape
+    d_in = p_weight.shape[1]
+    present = np.zeros(d_in + 1, np.bool_)
+    rank = np.zeros(d_in + 1, np.int64)
+    counts = np.zeros(d_in, np.int64)
+    for task in range(t0, t1):
+        b = task // heads
+        h = task % heads
+        r = budgets[b, h]
+        for v in range(d_in + 1):
+            present[v] = False
+        longest = 0
+        for j in range(n):
+            v = r[j]
+            if 0 < v < d_in:
+                present[v] = True
+                longest = max(longest, v)
+        g = 0
+        for v in range(1, longest + 1):  # groups in ascending budget
+            if present[v]:
+                rank[v] = g
+                g += 1
+        for j in range(n):
+            v = r[j]
+            if v <= 0:
+                group_of[b, h, j] = _MASKED
+            elif v >= d_in:
+                group_of[b, h, j] = _EXACT
+            else:
+                group_of[b, h, j] = rank[v]
+        for v in range(d_in):
+            counts[v] = 0
+        gi = group_ptr[task]
+        base = row_base[task]
+        at = weight_base[task]
+        distinct = 0
+        for t in range(longest):
+            k = draws[task, t]
+            if counts[k] == 0:  # rows in order of first draw: each group's rows are a prefix
+                rows[base + distinct] = k
+                distinct += 1
+            counts[k] += 1
+            if not present[t + 1]:
+                continue
+            e = np.float64(t + 1)  # the group's budget: 1 / e folded into the weights
+            width[gi] = distinct
+            weight_ptr[gi] = at
+            for m in range(distinct):
+                kk = rows[base + m]
+                weights[at + m] = counts[kk] / (p_weight[h, kk] * e)
+            at += distinct
+            gi += 1
+
+
+@njit(nogil=True, cache=True)
+def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, weights, block,
+           blas_min, out, t0, t1):
+    """Tasks = (batch row, block of tokens): every head and group of the block."""
+    _, n, d_in = x.shape
+    heads = group_of.shape[1]
+    dh = out.shape[3]
+    n_blocks = (n + block - 1) // block
+    max_groups = 0
+    for i in range(group_ptr.shape[0] - 1):
+        max_groups = max(max_groups, group_ptr[i + 1] - group_ptr[i])
+    buf = np.empty(block * d_in, x.dtype)
+    wbuf = np.empty(d_in * dh, x.dtype)
+    acc_buf = np.empty(block * dh, x.dtype)
+    starts = np.empty(max_groups + 3, np.int64)
+    fill = np.empty(max_groups + 3, np.int64)
+    order = np.empty(block, np.int64)
+    flat_out = out.reshape(-1)
+    for task in range(t0, t1):
+        b = task // n_blocks
+        j0 = (task % n_blocks) * block
+        j1 = min(n, j0 + block)
+        xb = x[b]
+        for h in range(heads):
+            bh = b * heads + h
+            g0 = group_ptr[bh]
+            n_g = group_ptr[bh + 1] - g0
+            base = row_base[bh]
+            col0 = h * dh
+            w_h = wh[h]
+            # Counting sort of the block's tokens by bucket: 0 masked, 1 exact, 2 + g group g.
+            for s in range(n_g + 3):
+                starts[s] = 0
+            for j in range(j0, j1):
+                starts[group_of[b, h, j] + 3] += 1
+            for s in range(n_g + 2):
+                starts[s + 1] += starts[s]
+            for s in range(n_g + 2):
+                fill[s] = starts[s]
+            for j in range(j0, j1):
+                s = group_of[b, h, j] + 2
+                order[fill[s]] = j
+                fill[s] += 1
+            for i in range(starts[0], starts[1]):  # masked keys: the bias only
+                for c in range(dh):
+                    out[b, h, order[i], c] = bias[col0 + c]
+            for s in range(2, n_g + 2):  # (exact tokens: _apply_exact, per head)
+                lo = starts[s]
+                tokens = starts[s + 1] - lo
+                if tokens == 0:
+                    continue
+                wd = width[g0 + s - 2]
+                w0 = weight_ptr[g0 + s - 2]
+                if tokens * wd * dh >= blas_min:
+                    # Gather the tokens' drawn columns of x into a contiguous block and the
+                    # drawn rows of W, scaled by their weights; one BLAS product.
+                    a = buf[: tokens * wd].reshape((tokens, wd))
+                    idx = rows[base : base + wd]
+                    for i in range(0, tokens - 3, 4):  # four tokens per loaded index
+                        x0 = xb[order[lo + i]]
+                        x1 = xb[order[lo + i + 1]]
+                        x2 = xb[order[lo + i + 2]]
+                        x3 = xb[order[lo + i + 3]]
+                        a0 = a[i]
+                        a1 = a[i + 1]
+                        a2 = a[i + 2]
+                        a3 = a[i + 3]
+                        for m in range(wd):
+                            k = idx[m]
+                            a0[m] = x0[k]
+                            a1[m] = x1[k]
+                            a2[m] = x2[k]
+                            a3[m] = x3[k]
+                    for i in range(tokens - tokens % 4, tokens):
+                        xj = xb[order[lo + i]]
+                        for m in range(wd):
+                            a[i, m] = xj[idx[m]]
+                    wmat = wbuf[: wd * dh].reshape((wd, dh))
+                    for m in range(wd):
+                        k = rows[base + m]
+                        scale = weights[w0 + m]
+                        for c in range(dh):
+                            wmat[m, c] = w_h[k, c] * scale
+                    if order[lo + tokens - 1] - order[lo] == tokens - 1:
+                        # The tokens are a run (uniform budgets: the whole block): the
+                        # product goes straight into out, the bias added in place.
+                        at = ((b * heads + h) * n + order[lo]) * dh
+                        res = flat_out[at : at + tokens * dh].reshape((tokens, dh))
+                        np.dot(a, wmat, res)
+                        for i in range(tokens):
+                            for c in range(dh):
+                                res[i, c] += bias[col0 + c]
+                        continue
+                    prod = np.dot(a, wmat)
+                    for i in range(tokens):
+                        j = order[lo + i]
+                        for c in range(dh):
+                            out[b, h, j, c] = prod[i, c] + bias[col0 + c]
+                    continue
+                # Small groups (a BLAS call costs microseconds): each drawn row of W is
+                # loaded once for all the group's tokens; four rows per update of the
+                # accumulators (each update waits on the previous one through memory).
+                acc = acc_buf[: tokens * dh].reshape((tokens, dh))
+                for i in range(tokens):
+                    for c in range(dh):
+                        acc[i, c] = 0
+                top = wd - wd % 4
+                for m in range(0, top, 4):
+                    k0 = rows[base + m]
+                    k1 = rows[base + m + 1]
+                    k2 = rows[base + m + 2]
+                    k3 = rows[base + m + 3]
+                    s0 = weights[w0 + m]
+                    s1 = weights[w0 + m + 1]
+                    s2 = weights[w0 + m + 2]
+                    s3 = weights[w0 + m + 3]
+                    r0 = w_h[k0]
+                    r1 = w_h[k1]
+                    r2 = w_h[k2]
+                    r3 = w_h[k3]
+                    for i in range(tokens):
+                        xj = xb[order[lo + i]]
+                        c0 = xj[k0] * s0
+                        c1 = xj[k1] * s1
+                        c2 = xj[k2] * s2
+                        c3 = xj[k3] * s3
+                        ai = acc[i]
+                        for c in range(dh):
+                            ai[c] += (c0 * r0[c] + c1 * r1[c]) + (c2 * r2[c] + c3 * r3[c])
+                for m in range(top, wd):
+                    k = rows[base + m]
+                    scale = weights[w0 + m]
+                    wrow = w_h[k]
+                    for i in range(tokens):
+                        coef = xb[order[lo + i], k] * scale
+                        ai = acc[i]
+                        for c in range(dh):
+                            ai[c] += coef * wrow[c]
+                for i in range(tokens):
+                    j = order[lo + i]
+                    for c in range(dh):
+                        out[b, h, j, c] = acc[i, c] + bias[col0 + c]
+
+
+@njit(nogil=True, cache=True)
+def _apply_exact(x, wh, bias, group_of, out, t0, t1):
+    """Tasks = heads: every exact token (``r >= d_in``) of the head, all batch rows, in one
+    BLAS product (on real attention they are most of the kept work, a few per sequence)."""
+    batch, n, d_in = x.shape
+    dh = out.shape[3]
+    for h in range(t0, t1):
+        count = 0
+        for b in range(batch):
+            for j in range(n):
+                count += group_of[b, h, j] == _EXACT
+        if count == 0:
+            continue
+        a = np.empty((count, d_in), x.dtype)
+        where = np.empty(count, np.int64)
+        i = 0
+        for b in range(batch):
+            for j in range(n):
+                if group_of[b, h, j] == _EXACT:
+                    xj = x[b, j]
+                    ai = a[i]
+                    for c in range(d_in):
+                        ai[c] = xj[c]
+                    where[i] = b * n + j
+                    i += 1
+        prod = np.dot(a, wh[h])
+        for i in range(count):
+            b = where[i] // n
+            j = where[i] % n
+            for c in range(dh):
+                out[b, h, j, c] = prod[i, c] + bias[h * dh + c]
+
+
+def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
+    """Shared-draw value projection on the host (NumPy arrays; rounded budgets are used as given).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape ``[B, N, d_in]``
+    w : numpy.ndarray, shape ``[d_in, H * dh]``
+    bias : numpy.ndarray, shape ``[H * dh]``, or None
+    num_heads : int
+    budgets : numpy.ndarray of int, shape ``[B, H, N]``
+    seed : int
+    tables : WeightTables, optional
+
+    Returns
+    -------
+    numpy.ndarray, shape ``[B, H, N, dh]``, dtype of ``x``
+    """
+    batch, n, d_in = x.shape
+    dh = w.shape[1] // num_heads
+    out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    tables = weight_tables(w, num_heads) if tables is None else tables
+    x = np.ascontiguousarray(x)
+    budgets = np.ascontiguousarray(budgets, dtype=np.int64)
+    k0, k1 = mrandom.seed_to_key(seed)
+    t = tables
+    tasks = batch * num_heads
+    n_groups = np.empty(tasks, np.int64)
+    n_distinct = np.empty(tasks, np.int64)
+    n_weights = np.empty(tasks, np.int64)
+    draws = np.empty((tasks, d_in), np.int64)
+    run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
+              n_distinct, n_weights, chunks_per_thread=4)
+    group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
+                                        (n_groups, n_distinct, n_weights))
+    rows = np.empty(int(row_base[-1]), np.int64)
+    width = np.empty(int(group_ptr[-1]), np.int64)
+    weight_ptr = np.empty(int(group_ptr[-1]), np.int64)
+    weights = np.empty(int(weight_base[-1]), np.float64)
+    group_of = np.empty(budgets.shape, np.int64)
+    run_tasks(_fill_plan, tasks, budgets, draws, t.p_weight, group_ptr, row_base, weight_base,
+              rows, width, weight_ptr, weights, group_of, chunks_per_thread=4)
+    bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
+                else np.ascontiguousarray(bias, dtype=x.dtype))
+    block = max(1, min(int(TOKEN_BLOCK), n))
+    n_blocks = -(-n // block)
+    wh = t.wh_as(x.dtype)
+    run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=3)
+    run_tasks(_apply, batch * n_blocks, x, wh, bias_row, group_of, group_ptr,
+              row_base, rows, width, weight_ptr, weights.astype(x.dtype), block,
+              int(BLAS_MIN_MACS), out, chunks_per_thread=4)
+    return out
