@@ -1,4 +1,5 @@
-"""asv suite of training: forward + backward of exact attention against torch SDPA's."""
+"""asv suite of training: forward + backward of exact attention and of rfa's chunked causal
+backward against torch SDPA's."""
 
 from .common import interleaved_times, peak_growth_in_subprocess, qkv, ratio
 
@@ -48,6 +49,29 @@ class ExactTrain:
         """mcattn forward+backward time / torch SDPA's, measured here (lower is better)."""
         return ratio(lambda: mcattn_step(self.q, self.k, self.v, is_causal),
                      lambda: sdpa_step(self.q, self.k, self.v, is_causal))
+
+    track_ratio_to_sdpa.unit = "ratio"
+
+
+class RfaCausalTrain:
+    """B=1, H=12, d=64, float32, causal: rfa (64 features, chunked backward) and torch SDPA."""
+
+    params = [1024, 2048, 4096]
+    param_names = ["N"]
+    timeout = 900
+    knobs = {"num_features": 64, "seed": 0}
+
+    def setup(self, n):
+        self.q, self.k, self.v = _tensors(n)
+        mcattn_step(*_tensors(64, heads=1), True, "rfa", **self.knobs)  # compile
+
+    def time_forward_backward(self, n):
+        mcattn_step(self.q, self.k, self.v, True, "rfa", **self.knobs)
+
+    def track_ratio_to_sdpa(self, n):
+        """rfa forward+backward time / torch SDPA's (causal), measured here."""
+        return ratio(lambda: mcattn_step(self.q, self.k, self.v, True, "rfa", **self.knobs),
+                     lambda: sdpa_step(self.q, self.k, self.v, True))
 
     track_ratio_to_sdpa.unit = "ratio"
 
