@@ -28,7 +28,7 @@ _controller = None
 def _get_pool(n):
     global _pool, _pool_size
     with _lock:
-        if _pool is None or _pool_size != n:
+        if _pool is None or _pool_size < n:  # one pool, grown to the largest request
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mcattn")
@@ -47,7 +47,7 @@ def _blas_one_thread():
     return _controller.limit(limits=1, user_api="blas")
 
 
-def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4):
+def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None):
     """Run ``kernel(*args, t0, t1)`` over ``[0, num_tasks)`` on the CPU threads.
 
     Parameters
@@ -59,22 +59,46 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4):
         Passed to every call before ``t0, t1``.
     chunks_per_thread : int
         Chunks per thread, for load balance when tasks differ in cost (causal rows).
+    work : int, optional
+        An estimate of the call's scalar operations: below ``config.CPU_SERIAL_WORK`` the
+        kernel runs on the calling thread alone (waking the pool costs tens of
+        microseconds per call, more than a small phase of a kernel costs).
+
+    Notes
+    -----
+    The calling thread works too: it and ``threads - 1`` pool threads take chunks, in
+    order, from a shared counter until none is left. So a descheduled thread (a busy
+    machine) delays only the chunk it holds, and one wake-up per call is saved.
     """
     if num_tasks <= 0:
         return
     threads = min(config.num_threads(), num_tasks)
+    if work is not None and work < int(config.CPU_SERIAL_WORK):
+        threads = 1
     with _blas_one_thread():
         if threads == 1:
             kernel(*args, 0, num_tasks)
             return
         n_chunks = min(num_tasks, threads * chunks_per_thread)
         bounds = [num_tasks * c // n_chunks for c in range(n_chunks + 1)]
-        pool = _get_pool(threads)
-        futures = [
-            pool.submit(kernel, *args, bounds[c], bounds[c + 1]) for c in range(n_chunks)
-        ]
-        for f in futures:
-            f.result()
+        chunks = iter(range(n_chunks))
+        take = threading.Lock()
+
+        def worker():
+            while True:
+                with take:
+                    c = next(chunks, None)
+                if c is None:
+                    return
+                kernel(*args, bounds[c], bounds[c + 1])
+
+        pool = _get_pool(threads - 1)
+        futures = [pool.submit(worker) for _ in range(threads - 1)]
+        try:
+            worker()
+        finally:
+            for f in futures:
+                f.result()
 
 
 def map_threads(fn, items):

@@ -39,6 +39,11 @@ def num_threads():
     return max(1, int(n))
 
 
+#: Kernel calls estimated at fewer scalar operations than this run on the calling thread
+#: alone (mcattn._cpu.run_tasks ``work=``): waking the thread pool costs tens of
+#: microseconds, more than such a call.
+CPU_SERIAL_WORK = 1 << 17
+
 #: Random feature attention (mcattn.rfa): tokens per chunk of the chunked causal/gated
 #: form (exact products inside a chunk, a carried state between chunks).
 RFA_CHUNK_SIZE = 64

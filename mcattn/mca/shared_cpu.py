@@ -52,9 +52,9 @@ _EXACT = -1
 
 @njit(nogil=True, cache=True)
 def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_distinct, n_weights,
-                t0, t1):
-    """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows and
-    of merged rows over all groups."""
+                n_exact, t0, t1):
+    """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows,
+    of merged rows over all groups and of exact tokens."""
     _, heads, n = budgets.shape
     d_in = threshold.shape[1]
     present = np.zeros(d_in + 1, np.bool_)
@@ -66,11 +66,15 @@ def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_dis
         for v in range(d_in + 1):  # (explicit loops: Numba's slice fills are slow)
             present[v] = False
         longest = 0
+        exact = 0
         for j in range(n):
             v = r[j]
             if 0 < v < d_in:
                 present[v] = True
                 longest = max(longest, v)
+            elif v >= d_in:
+                exact += 1
+        n_exact[task] = exact
         for v in range(d_in):
             counts[v] = 0
         distinct = 0
@@ -367,9 +371,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     n_groups = np.empty(tasks, np.int64)
     n_distinct = np.empty(tasks, np.int64)
     n_weights = np.empty(tasks, np.int64)
+    n_exact = np.empty(tasks, np.int64)
     draws = np.empty((tasks, d_in), np.int64)
+    # The plan is small next to the products (0.1 ms at N = 4096): on the calling thread
+    # unless it is large (run_tasks' work=).
     run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
-              n_distinct, n_weights, chunks_per_thread=4)
+              n_distinct, n_weights, n_exact, chunks_per_thread=4, work=tasks * (n + 4 * d_in))
     group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
                                         (n_groups, n_distinct, n_weights))
     rows = np.empty(int(row_base[-1]), np.int64)
@@ -378,13 +385,17 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     weights = np.empty(int(weight_base[-1]), np.float64)
     group_of = np.empty(budgets.shape, np.int64)
     run_tasks(_fill_plan, tasks, budgets, draws, t.p_weight, group_ptr, row_base, weight_base,
-              rows, width, weight_ptr, weights, group_of, chunks_per_thread=4)
+              rows, width, weight_ptr, weights, group_of, chunks_per_thread=4,
+              work=tasks * (n + d_in) + int(weight_base[-1]))
     bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                 else np.ascontiguousarray(bias, dtype=x.dtype))
     block = max(1, min(int(TOKEN_BLOCK), n))
     n_blocks = -(-n // block)
     wh = t.wh_as(x.dtype)
-    run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=3)
+    exact = int(n_exact.sum())
+    if exact:
+        run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=3,
+                  work=exact * d_in * dh + tasks * n)
     run_tasks(_apply, batch * n_blocks, x, wh, bias_row, group_of, group_ptr,
               row_base, rows, width, weight_ptr, weights.astype(x.dtype), block,
               int(BLAS_MIN_MACS), out, chunks_per_thread=4)

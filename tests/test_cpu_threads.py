@@ -1,0 +1,81 @@
+"""The CPU kernels' task runner (mcattn._cpu.run_tasks)."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from mcattn import config
+from mcattn._cpu import map_threads, run_tasks
+
+
+def _recording_kernel(calls):
+    lock = threading.Lock()
+
+    def kernel(tag, t0, t1):
+        with lock:
+            calls.append((tag, t0, t1, threading.get_ident()))
+
+    return kernel
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("num_tasks,chunks", [(1, 4), (7, 1), (13, 4), (64, 3)])
+def test_every_task_runs_once(monkeypatch, threads, num_tasks, chunks):
+    monkeypatch.setattr(config, "NUM_THREADS", threads)
+    calls = []
+    run_tasks(_recording_kernel(calls), num_tasks, "a", chunks_per_thread=chunks)
+    covered = np.zeros(num_tasks, int)
+    for tag, t0, t1, _ in calls:
+        assert tag == "a" and 0 <= t0 < t1 <= num_tasks
+        covered[t0:t1] += 1
+    assert np.all(covered == 1)
+    used = min(threads, num_tasks)
+    assert len(calls) == (1 if used == 1 else min(num_tasks, used * chunks))
+
+
+def test_small_work_runs_on_the_calling_thread(monkeypatch):
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    calls = []
+    run_tasks(_recording_kernel(calls), 40, "s", work=int(config.CPU_SERIAL_WORK) - 1)
+    assert [(t0, t1) for _, t0, t1, _ in calls] == [(0, 40)]
+    assert calls[0][3] == threading.get_ident()
+    calls.clear()
+    run_tasks(_recording_kernel(calls), 40, "s", work=int(config.CPU_SERIAL_WORK))
+    assert len(calls) == 8
+
+
+def test_the_calling_thread_takes_chunks_too(monkeypatch):
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    me = threading.get_ident()
+    for _ in range(20):  # which thread takes which chunk is up to the scheduler
+        calls = []
+
+        def slow(tag, t0, t1, calls=calls):
+            calls.append(threading.get_ident())
+            threading.Event().wait(0.002)
+
+        run_tasks(slow, 16, "c", chunks_per_thread=8)
+        if me in calls and len(set(calls)) == 2:
+            return
+    pytest.fail("the calling thread never ran a chunk alongside a pool thread")
+
+
+@pytest.mark.parametrize("failing_chunk", [0, 5])
+def test_an_error_in_any_chunk_reaches_the_caller(monkeypatch, failing_chunk):
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+
+    def kernel(t0, t1):
+        if t0 <= failing_chunk < t1:
+            raise ValueError(f"chunk at {t0}")
+
+    with pytest.raises(ValueError, match="chunk at"):
+        run_tasks(kernel, 8, chunks_per_thread=4)
+    run_tasks(lambda t0, t1: None, 8)  # the pool still works afterwards
+
+
+def test_map_threads_keeps_order(monkeypatch):
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    assert map_threads(lambda v: v * v, range(10)) == [v * v for v in range(10)]
+    run_tasks(lambda t0, t1: None, 8)  # pool sizes of both runners coexist
+    assert map_threads(lambda v: -v, [3, 1]) == [-3, -1]
