@@ -6,10 +6,13 @@ Usage::
     python benchmarks/ratio.py exact --sizes 1024 4096 --causal --memory
     python benchmarks/ratio.py exact --json out.json       # also write the rows
     python benchmarks/ratio.py CASE --help                 # a case's own options
+    python benchmarks/ratio.py mca --settle 0              # no pause between timed blocks
 
 Timings on this (shared, noisy) machine are only comparable as ratios: each row times
 the mcattn call and the baseline alternately, several rounds, and keeps the best of each.
-Bare seconds are printed for context only. A case is a function ``ratio_rows(argv)``
+Bare seconds are printed for context only. Each timed block starts after a pause
+(``--settle``, default ``benchmarks.common.SETTLE_S`` = 0.15 s) in which the other
+side's idle BLAS threads stop spinning. A case is a function ``ratio_rows(argv)``
 in one of the asv suite modules returning ``(title, rows)``; adding a case is one line
 in :data:`CASES`.
 """
@@ -26,6 +29,7 @@ CASES = {
     "exact": "benchmarks.bench_exact:ratio_rows",
     "mca": "benchmarks.bench_mca:ratio_rows",
     "mca_uniform": "benchmarks.bench_mca:uniform_ratio_rows",
+    "mca_long": "benchmarks.bench_mca:long_ratio_rows",
     "rfa": "benchmarks.bench_rfa:ratio_rows",
     "train": "benchmarks.bench_train:ratio_rows",
     "eatt": "benchmarks.bench_eatt:ratio_rows",
@@ -52,8 +56,15 @@ def main(argv=None):
         i = rest.index("--json")
         json_path = rest[i + 1]
         rest = rest[:i] + rest[i + 2 :]
+    from benchmarks import common
+
+    if "--settle" in rest:
+        i = rest.index("--settle")
+        common.SETTLE_S = float(rest[i + 1])
+        rest = rest[:i] + rest[i + 2 :]
     module, func = CASES[case].split(":")
     title, rows = getattr(importlib.import_module(module), func)(rest)
+    title = f"{title}; settle {common.SETTLE_S} s"
     print(f"# {title}")
     collected = []
     for row in rows:

