@@ -23,6 +23,7 @@ def _problem(rng, batch=2, heads=3, n=50, d_in=24, dh=8):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_compiled_gemms_equal_the_per_draw_reference(monkeypatch, block, blas_min, dtype):
     monkeypatch.setattr(shared_cpu, "TOKEN_BLOCK", block)
+    monkeypatch.setattr(shared_cpu, "MAX_TOKEN_BLOCK", block)
     monkeypatch.setattr(shared_cpu, "BLAS_MIN_MACS", blas_min)
     rng = np.random.default_rng(block + (blas_min > 0))
     x, w, b, r = _problem(rng)
@@ -42,6 +43,7 @@ def test_rounded_budgets_agree_with_the_array_version_and_threads_do_not_matter(
     r = shared.round_budgets(r, 64, 0.25)
     ref = shared.value_projection(x, w, b, 4, r, 9)
     monkeypatch.setattr(shared_cpu, "TOKEN_BLOCK", 64)
+    monkeypatch.setattr(shared_cpu, "MAX_TOKEN_BLOCK", 64)
     outs = []
     for threads in (1, 2):
         monkeypatch.setattr(config, "NUM_THREADS", threads)
@@ -51,6 +53,30 @@ def test_rounded_budgets_agree_with_the_array_version_and_threads_do_not_matter(
     got = mca.value_projection(x, w, b, num_heads=4, budgets=r, seed=9, shared_draws=True,
                                backend="numba")  # 300 tokens: routed to shared_cpu
     assert rel_error(got, ref) < 1e-13
+
+
+def test_token_block_grows_with_the_groups_per_head(monkeypatch):
+    monkeypatch.setattr(shared_cpu, "TOKEN_BLOCK", 128)
+    monkeypatch.setattr(shared_cpu, "MAX_TOKEN_BLOCK", 1024)
+    assert shared_cpu.token_block(4096, 1.0) == 128  # uniform budgets
+    assert shared_cpu.token_block(4096, 0.0) == 128
+    assert shared_cpu.token_block(4096, 3.5) == 448
+    assert shared_cpu.token_block(4096, 40.0) == 1024
+    assert shared_cpu.token_block(512, 18.0) == 512  # one block per sequence
+    assert shared_cpu.token_block(50, 1.0) == 50
+
+
+def test_exact_tokens_in_runs_and_scattered_with_large_blocks(monkeypatch):
+    """Exact tokens: a run of rows of x used in place, or gathered; every block size."""
+    rng = np.random.default_rng(8)
+    x, w, b, r = _problem(rng, batch=2, heads=3, n=200, d_in=24, dh=8)
+    r[0, :, 20:90] = 24  # a run of exact tokens
+    r[1, 1, ::3] = 30  # scattered exact tokens
+    ref = naive.value_projection(x, w, b, 3, r, 4, shared_draws=True)
+    for block in (16, 128, 1024):
+        monkeypatch.setattr(shared_cpu, "TOKEN_BLOCK", block)
+        monkeypatch.setattr(shared_cpu, "MAX_TOKEN_BLOCK", block)
+        assert rel_error(shared_cpu.value_projection(x, w, b, 3, r, 4), ref) < 1e-13, block
 
 
 def test_uniform_budgets_and_edges():

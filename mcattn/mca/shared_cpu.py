@@ -11,13 +11,13 @@ kernels), organised for the host's memory hierarchy:
    ``b + x[j, R_g] @ (w_g W[R_g])``, a product over ``|R_g|`` (<= ``e_g``) inner
    indices with the ``1 / r_j`` folded in. Merging the whole prefix (not segment by
    segment) never does more multiply-adds than the segments would.
-2. **Apply** (one task per (batch row, block of tokens)): the block of ``x`` (a few
-   hundred KB) stays in cache while every head and group uses it; per group the
-   tokens' drawn columns are gathered into a contiguous buffer and one BLAS product
+2. **Apply** (one task per (batch row, block of tokens), :func:`token_block`): the block
+   of ``x`` stays in cache while every head and group uses it; per group the tokens'
+   drawn columns are gathered into a contiguous buffer and one BLAS product
    (``np.dot``, single-threaded BLAS per task) gives their rows, or, for small groups
    where a BLAS call costs more than it saves, a compiled loop does. Masked tokens get
-   the bias; exact ones (``r >= d_in``) are gathered per head over the whole batch into
-   one BLAS product (one task per head).
+   the bias; exact ones (``r >= d_in``) are one BLAS product per head and block over
+   their whole rows of ``x`` (in the same task, so threads stay balanced).
 
 Against the array version this removes the Python work per head (drawing, sorting and
 merging with small NumPy calls, under the GIL) and reads each block of ``x`` from memory
@@ -34,11 +34,13 @@ from .._cpu import run_tasks
 from .cpu import _alias
 from .naive import SHARED_STREAM_BASE, weight_tables
 
-__all__ = ["value_projection", "TOKEN_BLOCK", "BLAS_MIN_MACS"]
+__all__ = ["value_projection", "token_block", "TOKEN_BLOCK", "MAX_TOKEN_BLOCK", "BLAS_MIN_MACS"]
 
-#: Tokens per apply task: a block of ``x`` (``TOKEN_BLOCK * d_in`` numbers) is reused from
-#: cache by every head.
+#: Tokens per apply task for one group per head: a block of ``x`` (``TOKEN_BLOCK * d_in``
+#: numbers) is reused from cache by every head.
 TOKEN_BLOCK = 128
+#: The most tokens per apply task (see :func:`token_block`).
+MAX_TOKEN_BLOCK = 1024
 #: Groups whose product has fewer multiply-adds than this use the compiled loop, larger
 #: ones a BLAS call (whose fixed cost is a few microseconds).
 BLAS_MIN_MACS = 1 << 15
@@ -52,9 +54,9 @@ _EXACT = -1
 
 @njit(nogil=True, cache=True)
 def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_distinct, n_weights,
-                n_exact, t0, t1):
-    """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows,
-    of merged rows over all groups and of exact tokens."""
+                t0, t1):
+    """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows and
+    of merged rows over all groups."""
     _, heads, n = budgets.shape
     d_in = threshold.shape[1]
     present = np.zeros(d_in + 1, np.bool_)
@@ -66,15 +68,11 @@ def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_dis
         for v in range(d_in + 1):  # (explicit loops: Numba's slice fills are slow)
             present[v] = False
         longest = 0
-        exact = 0
         for j in range(n):
             v = r[j]
             if 0 < v < d_in:
                 present[v] = True
                 longest = max(longest, v)
-            elif v >= d_in:
-                exact += 1
-        n_exact[task] = exact
         for v in range(d_in):
             counts[v] = 0
         distinct = 0
@@ -209,7 +207,22 @@ def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, 
             for i in range(starts[0], starts[1]):  # masked keys: the bias only
                 for c in range(dh):
                     out[b, h, order[i], c] = bias[col0 + c]
-            for s in range(2, n_g + 2):  # (exact tokens: _apply_exact, per head)
+            lo = starts[1]
+            tokens = starts[2] - lo
+            if tokens > 0:  # exact keys (r >= d_in): their rows of x times the head's W
+                first = order[lo]
+                if order[lo + tokens - 1] - first == tokens - 1:  # a run: x as it is
+                    _product_out(xb[first : first + tokens], w_h, order, lo, tokens, bias, col0,
+                                 out, flat_out, b, h)
+                else:
+                    rows_x = buf[: tokens * d_in].reshape((tokens, d_in))
+                    for i in range(tokens):
+                        xj = xb[order[lo + i]]
+                        xi = rows_x[i]
+                        for c in range(d_in):
+                            xi[c] = xj[c]
+                    _product_out(rows_x, w_h, order, lo, tokens, bias, col0, out, flat_out, b, h)
+            for s in range(2, n_g + 2):
                 lo = starts[s]
                 tokens = starts[s + 1] - lo
                 if tokens == 0:
@@ -246,21 +259,7 @@ def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, 
                         scale = weights[w0 + m]
                         for c in range(dh):
                             wmat[m, c] = w_h[k, c] * scale
-                    if order[lo + tokens - 1] - order[lo] == tokens - 1:
-                        # The tokens are a run (uniform budgets: the whole block): the
-                        # product goes straight into out, the bias added in place.
-                        at = ((b * heads + h) * n + order[lo]) * dh
-                        res = flat_out[at : at + tokens * dh].reshape((tokens, dh))
-                        np.dot(a, wmat, res)
-                        for i in range(tokens):
-                            for c in range(dh):
-                                res[i, c] += bias[col0 + c]
-                        continue
-                    prod = np.dot(a, wmat)
-                    for i in range(tokens):
-                        j = order[lo + i]
-                        for c in range(dh):
-                            out[b, h, j, c] = prod[i, c] + bias[col0 + c]
+                    _product_out(a, wmat, order, lo, tokens, bias, col0, out, flat_out, b, h)
                     continue
                 # Small groups (a BLAS call costs microseconds): each drawn row of W is
                 # loaded once for all the group's tokens; four rows per update of the
@@ -307,37 +306,42 @@ def _apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, 
                         out[b, h, j, c] = acc[i, c] + bias[col0 + c]
 
 
-@njit(nogil=True, cache=True)
-def _apply_exact(x, wh, bias, group_of, out, t0, t1):
-    """Tasks = heads: every exact token (``r >= d_in``) of the head, all batch rows, in one
-    BLAS product (on real attention they are most of the kept work, a few per sequence)."""
-    batch, n, d_in = x.shape
+@njit(nogil=True, cache=True, inline="always")  # (a call per group cost 15-25 % at 20 %)
+def _product_out(a, wmat, order, lo, tokens, bias, col0, out, flat_out, b, h):
+    """``out[b, h, order[lo + i]] = (a @ wmat)[i] + bias`` for the ``tokens`` rows of ``a``
+    (``flat_out``: ``out.reshape(-1)``)."""
+    n = out.shape[2]
     dh = out.shape[3]
-    for h in range(t0, t1):
-        count = 0
-        for b in range(batch):
-            for j in range(n):
-                count += group_of[b, h, j] == _EXACT
-        if count == 0:
-            continue
-        a = np.empty((count, d_in), x.dtype)
-        where = np.empty(count, np.int64)
-        i = 0
-        for b in range(batch):
-            for j in range(n):
-                if group_of[b, h, j] == _EXACT:
-                    xj = x[b, j]
-                    ai = a[i]
-                    for c in range(d_in):
-                        ai[c] = xj[c]
-                    where[i] = b * n + j
-                    i += 1
-        prod = np.dot(a, wh[h])
-        for i in range(count):
-            b = where[i] // n
-            j = where[i] % n
+    first = order[lo]
+    if order[lo + tokens - 1] - first == tokens - 1:
+        # The tokens are a run (uniform budgets: the whole block): the product goes
+        # straight into out, the bias added in place.
+        at = ((b * out.shape[1] + h) * n + first) * dh
+        res = flat_out[at : at + tokens * dh].reshape((tokens, dh))
+        np.dot(a, wmat, res)
+        for i in range(tokens):
             for c in range(dh):
-                out[b, h, j, c] = prod[i, c] + bias[h * dh + c]
+                res[i, c] += bias[col0 + c]
+        return
+    prod = np.dot(a, wmat)
+    for i in range(tokens):
+        j = order[lo + i]
+        for c in range(dh):
+            out[b, h, j, c] = prod[i, c] + bias[col0 + c]
+
+
+def token_block(n, groups_per_head):
+    """Tokens per apply task: ``TOKEN_BLOCK`` times the mean number of groups per head,
+    within ``[TOKEN_BLOCK, MAX_TOKEN_BLOCK]`` and at most ``n``.
+
+    A block's tokens are split among the groups of each head, and a group's product is
+    one GEMM over its tokens in the block: with many groups (varied real budgets) a larger
+    block keeps those GEMMs from shrinking to a few rows (measured on real budgets, 8 x 512
+    tokens: one block per sequence is 9-15 % faster than blocks of 128); with one group
+    (uniform budgets) 128 tokens keep the block of ``x`` and the gathered columns in cache.
+    """
+    want = int(TOKEN_BLOCK) * max(1.0, float(groups_per_head))
+    return int(max(1, min(n, max(int(TOKEN_BLOCK), min(int(MAX_TOKEN_BLOCK), round(want))))))
 
 
 def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
@@ -371,12 +375,11 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     n_groups = np.empty(tasks, np.int64)
     n_distinct = np.empty(tasks, np.int64)
     n_weights = np.empty(tasks, np.int64)
-    n_exact = np.empty(tasks, np.int64)
     draws = np.empty((tasks, d_in), np.int64)
     # The plan is small next to the products (0.1 ms at N = 4096): on the calling thread
     # unless it is large (run_tasks' work=).
     run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
-              n_distinct, n_weights, n_exact, chunks_per_thread=4, work=tasks * (n + 4 * d_in))
+              n_distinct, n_weights, chunks_per_thread=4, work=tasks * (n + 4 * d_in))
     group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
                                         (n_groups, n_distinct, n_weights))
     rows = np.empty(int(row_base[-1]), np.int64)
@@ -389,14 +392,9 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
               work=tasks * (n + d_in) + int(weight_base[-1]))
     bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                 else np.ascontiguousarray(bias, dtype=x.dtype))
-    block = max(1, min(int(TOKEN_BLOCK), n))
+    block = token_block(n, float(n_groups.mean()))
     n_blocks = -(-n // block)
-    wh = t.wh_as(x.dtype)
-    exact = int(n_exact.sum())
-    if exact:
-        run_tasks(_apply_exact, num_heads, x, wh, bias_row, group_of, out, chunks_per_thread=3,
-                  work=exact * d_in * dh + tasks * n)
-    run_tasks(_apply, batch * n_blocks, x, wh, bias_row, group_of, group_ptr,
+    run_tasks(_apply, batch * n_blocks, x, t.wh_as(x.dtype), bias_row, group_of, group_ptr,
               row_base, rows, width, weight_ptr, weights.astype(x.dtype), block,
               int(BLAS_MIN_MACS), out, chunks_per_thread=4)
     return out
