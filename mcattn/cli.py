@@ -33,10 +33,10 @@ def _cmd_compare(args):
     sample = load_sample(args.sample)
     methods = args.methods
     if methods:
-        unknown = [m for m in methods if m not in METHOD_ENTRIES]
-        if unknown:
-            print(f"mcattn compare: unknown method(s) {unknown}; choose from "
-                  f"{list(METHOD_ENTRIES)}", file=sys.stderr)
+        try:
+            get_entries(methods)  # unknown methods, variants fixing unknown knobs
+        except ValueError as err:
+            print(f"mcattn compare: {err}", file=sys.stderr)
             return 2
     rows = run_comparison(sample, methods, seed=args.seed, repeats=args.repeats,
                           layers=args.layers, progress=_progress_factory(not args.no_progress))
@@ -49,7 +49,7 @@ def _cmd_compare(args):
     print(f"ops, energy (45 nm table) and time relative to exact, for {scope}, on the unpadded "
           "inputs; time measured in this run")
     print(format_table(rows))
-    ran = {r.method for r in rows}
+    ran = {r.method.partition(":")[0] for r in rows}
     for entry in get_entries([m for m in METHOD_ENTRIES if m in ran]):
         if entry.table_note:
             print(f"note: {entry.table_note}")
@@ -130,7 +130,9 @@ def build_parser():
         description="Run exact attention and every method over its knob sweep on a real "
                     "attention sample (default: the embedded all-MiniLM-L6-v2 sample).")
     compare.add_argument("--methods", nargs="+", metavar="NAME",
-                         help="methods to run (default: all registered)")
+                         help="methods to run (default: all registered); a variant "
+                              "NAME:KNOB=VALUE[,KNOB=VALUE] fixes knobs, e.g. "
+                              "mca:shared_draws=True")
     compare.add_argument("--sample", metavar="PATH",
                          help="an .npz with q, k, v (and optionally key_padding_mask, x, w_v, b_v)")
     compare.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to use")
@@ -145,7 +147,8 @@ def build_parser():
         "evaluate", help="methods inside the real model on real tasks (needs mcattn[eval])",
         description="Swap each method into all-MiniLM-L6-v2's self-attention and score Lee "
                     "document similarity and movie-review polarity against exact attention.")
-    evaluate.add_argument("--methods", nargs="+", metavar="NAME")
+    evaluate.add_argument("--methods", nargs="+", metavar="NAME",
+                          help="methods (default: all); variants as for compare")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--json", metavar="FILE")
     evaluate.add_argument("--no-progress", action="store_true")

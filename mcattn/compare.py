@@ -229,14 +229,15 @@ def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, prog
 
 def format_table(rows):
     """A plain-text table of comparison rows (one line per method and knob value)."""
-    header = (f"{'method':<8} {'knob':<14} {'value':>8} {'err med':>9} {'err p90':>9} "
+    width = max([8] + [len(r.method) for r in rows])  # variants: "mca:shared_draws=True"
+    header = (f"{'method':<{width}} {'knob':<14} {'value':>8} {'err med':>9} {'err p90':>9} "
               f"{'bound med':>10} {'ops/exact':>10} {'energy/ex':>10} {'time/ex':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         bound = "-" if r.bound_median is None else f"{r.bound_median:.3g}"
         value = "-" if r.value is None else str(r.value)
         lines.append(
-            f"{r.method:<8} {(r.knob or '-'):<14} {value:>8} {r.error_median:>9.3g} "
+            f"{r.method:<{width}} {(r.knob or '-'):<14} {value:>8} {r.error_median:>9.3g} "
             f"{r.error_p90:>9.3g} {bound:>10} {r.ops_ratio:>10.3f} {r.energy_ratio:>10.3f} "
             f"{r.time_ratio:>8.2f}"
         )

@@ -127,18 +127,19 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
     model = _load_model() if model is None else model
     tasks = load_tasks() if tasks is None else tasks
     bert = model[0].auto_model
-    runs = [("exact", None, None)]
+    runs = [("exact", None, None, {})]
     for e in entries:
         if e.name != "exact":
-            runs += [(e.name, e.knob, v) for v in (e.eval_values or e.values)]
+            runs += [(e.name, e.knob, v, dict(e.fixed)) for v in (e.eval_values or e.values)]
     bar = progress(len(runs)) if progress is not None else None
     rows, reference = [], None
     try:
-        for name, knob, value in runs:
-            options = {} if knob is None else {knob: value}
-            if knob is not None and "seed" in _knob_names(name):
+        for name, knob, value, fixed in runs:
+            method = name.partition(":")[0]  # a variant: its fixed knobs too
+            options = dict(fixed) if knob is None else {knob: value, **fixed}
+            if knob is not None and "seed" in _knob_names(method):
                 options["seed"] = seed
-            with use_method(bert, name, **options):
+            with use_method(bert, method, **options):
                 lee = _embed(model, tasks["lee_docs"])
                 pol = _embed(model, tasks["polarity_texts"])
             both = np.concatenate([lee, pol])
@@ -159,12 +160,13 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
 
 def format_table(rows):
     """Plain-text table of evaluation rows."""
-    header = (f"{'method':<8} {'knob':<14} {'value':>8} {'Lee Pearson':>12} {'polarity acc':>13} "
+    width = max([8] + [len(r.method) for r in rows])
+    header = (f"{'method':<{width}} {'knob':<14} {'value':>8} {'Lee Pearson':>12} {'polarity acc':>13} "
               f"{'cos to exact':>13}")
     lines = [header, "-" * len(header)]
     for r in rows:
         value = "-" if r.value is None else str(r.value)
-        lines.append(f"{r.method:<8} {(r.knob or '-'):<14} {value:>8} {r.lee_pearson:>12.3f} "
+        lines.append(f"{r.method:<{width}} {(r.knob or '-'):<14} {value:>8} {r.lee_pearson:>12.3f} "
                      f"{r.polarity_accuracy:>13.3f} {r.cosine_to_exact:>13.4f}")
     return "\n".join(lines)
 

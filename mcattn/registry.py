@@ -5,6 +5,8 @@ A method joins the comparison by giving a :class:`MethodEntry` (conventionally
 the CLI, the tables and the plot need no edit.
 """
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +109,14 @@ class MethodEntry:
     table_note : str
         A line printed under the ``mcattn compare`` table when the method ran (e.g. that
         the method needs training), empty for none.
+    supplied : tuple of str
+        Knobs that ``run`` fills itself (from the layer's inputs, the seed, the swept
+        value): a variant cannot fix them.
+    fixed : tuple of (str, object)
+        Knobs held fixed for every run (a *variant*, from ``"name:knob=value,..."``; see
+        :func:`get_entries`); ``run`` receives them as keyword arguments.
+    method : str
+        The registered method (``name`` without the variant's knobs).
     """
 
     name: str
@@ -122,6 +132,13 @@ class MethodEntry:
     grad: str | None = None
     dask_plan: Callable | None = None
     table_note: str = ""
+    supplied: tuple = ()
+    fixed: tuple = ()
+    method: str = ""
+
+    def __post_init__(self):
+        if not self.method:
+            object.__setattr__(self, "method", self.name)
 
 
 #: Method name -> "module:attribute" of its entry. Adding a method is one line here.
@@ -135,25 +152,75 @@ METHOD_ENTRIES = {
 }
 
 
+def parse_variant(spec):
+    """``"mca:shared_draws=True,sampling=optimal"`` -> ``("mca", {"shared_draws": True, ...})``.
+
+    Values are Python literals where they parse as one (``True``, ``0.5``), strings
+    otherwise; a plain method name gives no knobs.
+    """
+    import ast
+
+    name, _, rest = str(spec).partition(":")
+    knobs = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"a variant's knobs are knob=value pairs; got {item!r} in {spec!r}")
+        try:
+            knobs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            knobs[key.strip()] = value.strip()
+    return name, knobs
+
+
+def _variant(entry, spec, knobs):
+    from .front import _lookup
+
+    allowed = _lookup(entry.name)[1].knobs
+    free = [k for k in allowed if k != entry.knob and k not in entry.supplied]
+    bad = [k for k in knobs if k not in free]
+    if bad:
+        raise ValueError(f"{spec!r}: {bad} cannot be fixed; the knobs of {entry.name} that can "
+                         f"are {free} ({entry.knob} is swept)")
+
+    def run(inputs, value, seed):
+        return entry.run(inputs, value, seed, **knobs)
+
+    attention = None if entry.attention is None else functools.partial(entry.attention, **knobs)
+    return dataclasses.replace(entry, name=spec, run=run, attention=attention,
+                               fixed=tuple(knobs.items()), method=entry.name)
+
+
 def get_entries(names=None):
-    """The entries of ``names`` (all when None), in registry order.
+    """The entries of ``names`` (all when None), in registry order, then variants in order.
+
+    A name may be a *variant* ``"method:knob=value,knob=value"``: the method's entry with
+    those knobs fixed in every run (``mcattn compare --methods mca mca:shared_draws=True``
+    runs MCA with independent and with shared draws); its ``name`` is the whole string.
 
     Raises
     ------
     ValueError
-        An unknown method name (the message lists the known ones).
+        An unknown method name (the message lists the known ones), or a variant that fixes
+        a knob the method does not have (or the knob it sweeps).
     """
     known = list(METHOD_ENTRIES)
     if names is None:
         names = known
-    unknown = [n for n in names if n not in METHOD_ENTRIES]
+    names = list(names)
+    parsed = [(n, *parse_variant(n)) for n in names]
+    unknown = [n for n, base, _ in parsed if base not in METHOD_ENTRIES]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; the methods are {known}")
-    entries = []
-    for name in known:
-        if name in names:
-            module, attr = METHOD_ENTRIES[name].split(":")
-            entries.append(getattr(importlib.import_module(module), attr))
+
+    def load(name):
+        module, attr = METHOD_ENTRIES[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    entries = [load(name) for name in known if name in names]
+    for spec, base, knobs in parsed:
+        if spec not in METHOD_ENTRIES and spec not in [e.name for e in entries]:
+            entries.append(_variant(load(base), spec, knobs))
     return entries
 
 

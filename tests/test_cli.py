@@ -56,6 +56,46 @@ def test_compare_rejects_unknown_methods_and_bad_files(tmp_path, capsys):
     assert code == 2 and "not an .npz" in err
 
 
+def test_compare_runs_a_variant_with_fixed_knobs(tmp_path, capsys):
+    """``mca:shared_draws=True``: the same runs as mca.attention with shared draws."""
+    js = tmp_path / "v.json"
+    code, out, _ = _run(["compare", "--methods", "mca:shared_draws=True", "mca", "--layers", "4",
+                         "--repeats", "1", "--json", str(js), "--no-progress"], capsys)
+    assert code == 0 and "mca:shared_draws=True" in out
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["exact"] + ["mca"] * 5 + ["mca:shared_draws=True"] * 5
+    shared = {r["value"]: r for r in rows if r["method"] == "mca:shared_draws=True"}
+    plain = {r["value"]: r for r in rows if r["method"] == "mca"}
+    sample = load_sample()
+    inputs = mcattn.compare.layer_inputs(sample, 4)
+    exact = mcattn.attention(inputs.q, inputs.k, np.ascontiguousarray(
+        (inputs.x @ inputs.w_v + inputs.b_v).reshape(inputs.x.shape[:2] + (inputs.q.shape[1], -1))
+        .transpose(0, 2, 1, 3)), key_padding_mask=inputs.key_padding_mask, scale=inputs.scale)
+    for alpha in (0.2, 1.0):
+        out_s = mcattn.mca.attention(inputs.q, inputs.k, inputs.x, inputs.w_v, inputs.b_v,
+                                     num_heads=inputs.q.shape[1], alpha=alpha, seed=4,
+                                     key_padding_mask=inputs.key_padding_mask, scale=inputs.scale,
+                                     shared_draws=True)
+        errors = relative_errors(out_s, exact, inputs.key_padding_mask)
+        assert shared[alpha]["error_median"] == pytest.approx(float(np.median(errors)), rel=1e-4)
+        assert shared[alpha]["error_median"] != plain[alpha]["error_median"]
+        # The bound of correlated (shared) draws is the triangle form: looser, and it holds.
+        assert shared[alpha]["bound_median"] > plain[alpha]["bound_median"]
+        assert shared[alpha]["bound_median"] > shared[alpha]["error_median"]
+
+
+def test_variants_refuse_unknown_or_supplied_knobs(capsys):
+    for spec, named in (("mca:bogus=1", "bogus"), ("mca:alpha=0.3", "alpha"), ("mca:x=1", "x"),
+                        ("rfa:features=3", "features"), ("mca:shared_draws", "knob=value")):
+        code, _, err = _run(["compare", "--methods", spec, "--no-progress"], capsys)
+        assert code == 2 and named in err, spec
+    assert registry.parse_variant("mca:shared_draws=True,sampling=weight") == (
+        "mca", {"shared_draws": True, "sampling": "weight"})
+    assert registry.parse_variant("rfa") == ("rfa", {})
+    (entry,) = registry.get_entries(["mca:shared_draws=True"])
+    assert entry.method == "mca" and entry.fixed == (("shared_draws", True),)
+
+
 def test_backends_command(capsys):
     code, out, _ = _run(["backends"], capsys)
     assert code == 0

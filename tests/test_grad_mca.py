@@ -315,6 +315,15 @@ def test_gradients_reach_a_real_models_value_weights_through_use_method():
         assert torch.equal(sampled[name], again[name])  # seeded: reproducible
     # At alpha = 0.3 the sampled forward moves every later layer, so one step's gradient is
     # far from the dense one (cosine about 0.06, docs/training.md); at alpha = 0.05 it is close.
+    # Shared draws (the reduced GEMMs) train through the same adapter.
+    with use_method(bert, "mca", alpha=1e-6, seed=0, shared_draws=True):
+        shared_exact = step()
+    with use_method(bert, "mca", alpha=0.3, seed=0, shared_draws=True):
+        shared = step()
+    for name in params:
+        assert (shared_exact[name] - reference[name]).norm() / reference[name].norm() < 1e-4, name
+        assert torch.isfinite(shared[name]).all() and shared[name].abs().max() > 0, name
+    assert not torch.equal(shared["value.weight"], sampled["value.weight"])
     with use_method(bert, "mca", alpha=0.05, seed=0):
         fine = step()
     cos = torch.nn.functional.cosine_similarity(fine["value.weight"].ravel(),

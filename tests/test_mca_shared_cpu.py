@@ -142,3 +142,7 @@ def test_reduced_macs_count_the_merged_rows():
             want_macs += int(nonzero[b].sum()) * distinct * 8
             want_merge += distinct * 8
     assert (macs_u, merge_u) == (want_macs, want_merge)
+    # The compiled count (what mca.attention reports) equals the reference.
+    for budgets in (r, uniform, shared.round_budgets(r, 24, 0.5)):
+        assert shared_cpu.reduced_macs(budgets, 24, 8, 4, tables, nonzero) == shared.reduced_macs(
+            budgets, 24, 8, 4, tables, nonzero)

@@ -12,10 +12,10 @@ from . import attention
 __all__ = ["ENTRY"]
 
 
-def _run(inputs, alignment, seed):
+def _run(inputs, alignment, seed, **knobs):
     out, info = attention(inputs.q, inputs.k, inputs.v, alignment=alignment,
                           key_padding_mask=inputs.key_padding_mask, scale=inputs.scale,
-                          return_info=True)
+                          return_info=True, **knobs)
     return Trial(out=out, info=info, bound=None)
 
 

@@ -37,11 +37,11 @@ def layer_bases(inputs):
     return _CACHE[key]
 
 
-def _run(inputs, num_columns, seed):
+def _run(inputs, num_columns, seed, **knobs):
     bases = layer_bases(inputs)
     out, info = attention(inputs.q, inputs.k, inputs.v, basis=bases, columns=int(num_columns),
                           key_padding_mask=inputs.key_padding_mask, scale=inputs.scale,
-                          return_info=True)
+                          return_info=True, **knobs)
     return Trial(out=out, info=info)
 
 
@@ -89,6 +89,7 @@ def dask_plan(knobs, batch_shape):
 
 ENTRY = MethodEntry(
     name="eigen", knob="num_columns", values=(16, 32, 48, 64), run=_run, bound=_bound,
+    supplied=("basis",),
     eval_values=(16, 32, 64),
     bound_note=f"eigen: rank {RANK} per-head bases fitted on this layer's full-length sequences "
                "(in-sample for those); deterministic bound (holds for every row) relative to ||O||",

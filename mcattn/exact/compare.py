@@ -4,9 +4,9 @@ from ..registry import MethodEntry, Trial
 from . import attention
 
 
-def _run(inputs, value, seed):
+def _run(inputs, value, seed, **knobs):
     out, info = attention(inputs.q, inputs.k, inputs.v, key_padding_mask=inputs.key_padding_mask,
-                          scale=inputs.scale, return_info=True)
+                          scale=inputs.scale, return_info=True, **knobs)
     return Trial(out=out, info=info, bound=0.0)
 
 

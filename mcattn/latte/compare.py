@@ -42,11 +42,11 @@ def sample_thresholds(target_mass):
     return _CACHE[key][1]
 
 
-def _run(inputs, target_mass, seed):
+def _run(inputs, target_mass, seed, **knobs):
     theta = thresholds_for(inputs, target_mass)
     out, info = attention(inputs.q, inputs.k, inputs.v, threshold=theta,
                           key_padding_mask=inputs.key_padding_mask, scale=inputs.scale,
-                          return_info=True)
+                          return_info=True, **knobs)
     return Trial(out=out, info=info)
 
 
@@ -95,6 +95,7 @@ def dask_plan(knobs, batch_shape):
 
 ENTRY = MethodEntry(
     name="latte", knob="target_mass", values=(0.9, 0.99, 0.999), run=_run, bound=_bound,
+    supplied=("threshold",),
     eval_values=(0.5, 0.7, 0.9, 0.99, 0.999),
     bound_note="latte: relative thresholds per head calibrated in-sample to keep the target share "
                "of attention mass; deterministic bound from the dropped-mass bound and the int8 "

@@ -347,7 +347,7 @@ def _shared_projection_ops(r, x, w, num_heads, seed, tables):
     (a divide per distinct drawn row, the ``1 / r_j`` folded in), the scaling of the
     merged rows, the reduced GEMMs' multiply-adds as done, and exact tokens' dense rows.
     """
-    from .shared import reduced_macs
+    from .shared_cpu import reduced_macs  # compiled (the reference: shared.reduced_macs)
 
     d_in, dh = x.shape[-1], w.shape[1] // num_heads
     host = lambda a: np.asarray(a.get() if hasattr(a, "get") else a)  # noqa: E731

@@ -238,7 +238,8 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
 
 
 def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
-    """Work of the reduced GEMMs (sampled tokens) for host budgets ``[B, H, N]``.
+    """Work of the reduced GEMMs (sampled tokens) for host budgets ``[B, H, N]`` (the
+    reference of the compiled :func:`mcattn.mca.shared_cpu.reduced_macs`).
 
     Returns
     -------

@@ -34,7 +34,8 @@ from .._cpu import run_tasks
 from .cpu import _alias
 from .naive import SHARED_STREAM_BASE, weight_tables
 
-__all__ = ["value_projection", "token_block", "TOKEN_BLOCK", "MAX_TOKEN_BLOCK", "BLAS_MIN_MACS"]
+__all__ = ["value_projection", "reduced_macs", "token_block", "TOKEN_BLOCK", "MAX_TOKEN_BLOCK",
+           "BLAS_MIN_MACS"]
 
 #: Tokens per apply task for one group per head: a block of ``x`` (``TOKEN_BLOCK * d_in``
 #: numbers) is reused from cache by every head.
@@ -50,6 +51,21 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 _MASKED = -2  # buckets of _apply: 0 masked, 1 exact, 2 + g group g
 _EXACT = -1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _draw_sequence(task, longest, threshold_h, alias_h, shift, k0, k1, out):
+    """The first ``longest`` draws of (batch row, head) ``task`` (= ``b * H + h``) into ``out``."""
+    d_in = threshold_h.shape[0]
+    stream = np.uint64(SHARED_STREAM_BASE + task)
+    for pair in range((longest + 1) // 2):
+        # One Philox call gives draws 2 * pair and 2 * pair + 1 (= sample_bits).
+        index = np.uint64(pair)
+        w0, w1, w2, w3 = _philox(index & _MASK32, index >> _SHIFT32, stream & _MASK32,
+                                 stream >> _SHIFT32, k0, k1)
+        out[2 * pair] = _alias((w0 << _SHIFT32) | w1, threshold_h, alias_h, shift, d_in)
+        if 2 * pair + 1 < longest:
+            out[2 * pair + 1] = _alias((w2 << _SHIFT32) | w3, threshold_h, alias_h, shift, d_in)
 
 
 @njit(nogil=True, cache=True)
@@ -78,17 +94,7 @@ def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_dis
         distinct = 0
         groups = 0
         total = 0
-        stream = np.uint64(SHARED_STREAM_BASE + b * heads + h)
-        for pair in range((longest + 1) // 2):
-            # One Philox call gives draws 2 * pair and 2 * pair + 1 (= sample_bits).
-            index = np.uint64(pair)
-            w0, w1, w2, w3 = _philox(index & _MASK32, index >> _SHIFT32, stream & _MASK32,
-                                     stream >> _SHIFT32, k0, k1)
-            draws[task, 2 * pair] = _alias((w0 << _SHIFT32) | w1, threshold[h], alias[h], shift,
-                                           d_in)
-            if 2 * pair + 1 < longest:
-                draws[task, 2 * pair + 1] = _alias((w2 << _SHIFT32) | w3, threshold[h], alias[h],
-                                                   shift, d_in)
+        _draw_sequence(task, longest, threshold[h], alias[h], shift, k0, k1, draws[task])
         for t in range(longest):
             k = draws[task, t]
             if counts[k] == 0:
@@ -328,6 +334,67 @@ def _product_out(a, wmat, order, lo, tokens, bias, col0, out, flat_out, b, h):
         j = order[lo + i]
         for c in range(dh):
             out[b, h, j, c] = prod[i, c] + bias[col0 + c]
+
+
+@njit(nogil=True, cache=True)
+def _macs_tasks(budgets, nonzero, threshold, alias, shift, k0, k1, macs, merges, t0, t1):
+    """Per (batch row, head): the reduced GEMMs' multiply-adds per column (tokens of a group
+    times its distinct rows, summed) and the merged rows, over tokens with a nonzero row."""
+    _, heads, n = budgets.shape
+    d_in = threshold.shape[1]
+    tokens = np.zeros(d_in, np.int64)
+    counts = np.zeros(d_in, np.int64)
+    draws = np.empty(d_in, np.int64)
+    for task in range(t0, t1):
+        b = task // heads
+        h = task % heads
+        for v in range(d_in):
+            tokens[v] = 0
+            counts[v] = 0
+        longest = 0
+        for j in range(n):
+            v = budgets[b, h, j]
+            if 0 < v < d_in and nonzero[b, j]:
+                tokens[v] += 1
+                longest = max(longest, v)
+        _draw_sequence(task, longest, threshold[h], alias[h], shift, k0, k1, draws)
+        distinct = 0
+        total = 0
+        merged = 0
+        for t in range(longest):
+            k = draws[t]
+            if counts[k] == 0:
+                distinct += 1
+            counts[k] += 1
+            if t + 1 < d_in and tokens[t + 1] > 0:
+                total += tokens[t + 1] * distinct
+                merged += distinct
+        macs[task] = total
+        merges[task] = merged
+
+
+def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
+    """Work of the reduced GEMMs for host budgets ``[B, H, N]`` (compiled; the reference is
+    :func:`mcattn.mca.shared.reduced_macs`, same arguments and result).
+
+    Returns
+    -------
+    macs : int
+        Per group, its tokens times its distinct rows times ``dh``.
+    merge_muls : int
+        Scaling the distinct rows by ``count / (p e)``: one multiply per row and column.
+    """
+    budgets = np.ascontiguousarray(budgets, dtype=np.int64)
+    batch, heads, n = budgets.shape
+    if budgets.size == 0:
+        return 0, 0
+    k0, k1 = mrandom.seed_to_key(seed)
+    macs = np.zeros(batch * heads, np.int64)
+    merges = np.zeros(batch * heads, np.int64)
+    run_tasks(_macs_tasks, batch * heads, budgets, np.ascontiguousarray(x_nonzero, dtype=np.bool_),
+              tables.threshold, tables.alias, tables.shift, k0, k1, macs, merges,
+              work=batch * heads * (n + 4 * d_in))
+    return int(macs.sum()) * int(dh), int(merges.sum()) * int(dh)
 
 
 def token_block(n, groups_per_head):

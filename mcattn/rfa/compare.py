@@ -16,9 +16,10 @@ def _features(inputs, num_features, seed, kind="positive"):
                           num_heads=inputs.q.shape[1], seed=seed)
 
 
-def _run(inputs, num_features, seed):
+def _run(inputs, num_features, seed, **knobs):
     out, info = attention(inputs.q, inputs.k, inputs.v, features=_features(inputs, num_features, seed),
-                          key_padding_mask=inputs.key_padding_mask, scale=inputs.scale, return_info=True)
+                          key_padding_mask=inputs.key_padding_mask, scale=inputs.scale,
+                          return_info=True, **knobs)
     return Trial(out=out, info=info)
 
 
@@ -89,6 +90,7 @@ def dask_plan(knobs, batch_shape):
 
 ENTRY = MethodEntry(
     name="rfa", knob="num_features", values=(16, 32, 64, 128, 256), run=_run, bound=_bound,
+    supplied=("features", "seed"),
     bound_note=f"rfa: positive random features, drop-in estimator; the bound holds for every row with "
                f"probability {1 - DELTA:.0%} (Chebyshev on the ratio estimator, union over rows), "
                "relative to ||O|| (inf: vacuous at this feature count)",
