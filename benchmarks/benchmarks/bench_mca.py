@@ -150,6 +150,12 @@ class McaSharedUniform:
     track_ratio_to_dense.unit = "ratio"
 
 
+def rounded_macs_kept(layers, kpm):
+    """As :func:`macs_kept` with the budgets rounded up as the shared-draw path does."""
+    return macs_kept([(x, w, b, round_budgets(r, x.shape[-1], mcattn.config.MCA_SHARED_SLACK), t)
+                      for x, w, b, r, t in layers], kpm)
+
+
 def macs_kept(layers, kpm):
     kept = total = 0
     for x, _, _, r, _ in layers:
@@ -285,7 +291,8 @@ def long_ratio_rows(argv):
         for alpha in args.alphas:
             heads, layers, kpm = long_problem(alpha)
             exact = np.mean([(r >= x.shape[-1]).mean() for x, _, _, r, _ in layers])
-            row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm), "exact_tokens": exact}
+            row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm),
+                   "rounded_kept": rounded_macs_kept(layers, kpm), "exact_tokens": exact}
             for label, shared in (("shared", True), ("indep", False)):
                 if label == "indep" and args.no_independent:
                     continue
@@ -319,7 +326,8 @@ def ratio_rows(argv):
     def rows():
         for alpha in args.alphas:
             heads, layers, kpm = real_problem(alpha, np.dtype(args.dtype))
-            row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm)}
+            row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm),
+                   "rounded_kept": rounded_macs_kept(layers, kpm)}
             for label, shared, sampling in (("indep", False, "weight"), ("shared", True, "weight"),
                                             ("optimal", False, "optimal")):
                 t_s, t_d = interleaved_times(
