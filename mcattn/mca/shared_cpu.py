@@ -26,6 +26,8 @@ Weights are merged in float64 and cast to the input precision; BLAS accumulates 
 The reference is :func:`mcattn.mca.naive.value_projection` (``shared_draws=True``).
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -34,8 +36,8 @@ from .._cpu import run_tasks
 from .cpu import _alias
 from .naive import SHARED_STREAM_BASE, weight_tables
 
-__all__ = ["value_projection", "reduced_macs", "token_block", "TOKEN_BLOCK", "MAX_TOKEN_BLOCK",
-           "BLAS_MIN_MACS"]
+__all__ = ["value_projection", "make_plan", "SharedPlan", "reduced_macs", "token_block",
+           "TOKEN_BLOCK", "MAX_TOKEN_BLOCK", "BLAS_MIN_MACS"]
 
 #: Tokens per apply task for one group per head: a block of ``x`` (``TOKEN_BLOCK * d_in``
 #: numbers) is reused from cache by every head.
@@ -411,6 +413,79 @@ def token_block(n, groups_per_head):
     return int(max(1, min(n, max(int(TOKEN_BLOCK), min(int(MAX_TOKEN_BLOCK), round(want))))))
 
 
+class SharedPlan(NamedTuple):
+    """The groups of a shared-draw projection (host arrays, from :func:`make_plan`).
+
+    For (batch row, head) ``bh = b * H + h``, its groups are ``group_ptr[bh] <= g <
+    group_ptr[bh + 1]`` in ascending budget; group ``g`` uses the first ``width[g]`` of
+    the head's distinct drawn rows ``rows[row_base[bh]:]`` with weights
+    ``weights[weight_ptr[g]:][:width[g]]`` (``count / (p e)``, the ``1 / r_j`` folded
+    in), so token ``j`` of the group gets ``b + sum_m x[j, rows[m]] weights[m] W_h[rows[m]]``.
+
+    Attributes
+    ----------
+    group_of : int64, ``[B, H, N]``
+        Each token's group relative to its (batch row, head): ``-2`` masked (the bias),
+        ``-1`` exact (``r >= d_in``), else ``g - group_ptr[bh]``.
+    group_ptr : int64, ``[B * H + 1]``
+    row_base : int64, ``[B * H + 1]``
+    rows : int64, ``[row_base[-1]]``
+    width : int64, ``[group_ptr[-1]]``
+    weight_ptr : int64, ``[group_ptr[-1]]``
+    weights : float64, ``[sum of width]``
+    """
+
+    group_of: np.ndarray
+    group_ptr: np.ndarray
+    row_base: np.ndarray
+    rows: np.ndarray
+    width: np.ndarray
+    weight_ptr: np.ndarray
+    weights: np.ndarray
+
+
+def make_plan(budgets, seed, tables):
+    """The shared-draw plan of host budgets ``[B, H, N]`` (compiled, all heads at once).
+
+    Parameters
+    ----------
+    budgets : numpy.ndarray of int, shape ``[B, H, N]``
+        Used as given (rounded or not).
+    seed : int
+    tables : WeightTables
+        Of the weight (its alias tables and probabilities).
+
+    Returns
+    -------
+    SharedPlan
+    """
+    budgets = np.ascontiguousarray(budgets, dtype=np.int64)
+    batch, heads, n = budgets.shape
+    d_in = tables.threshold.shape[1]
+    k0, k1 = mrandom.seed_to_key(seed)
+    t = tables
+    tasks = batch * heads
+    n_groups = np.empty(tasks, np.int64)
+    n_distinct = np.empty(tasks, np.int64)
+    n_weights = np.empty(tasks, np.int64)
+    draws = np.empty((tasks, d_in), np.int64)
+    # The plan is small next to the products (0.1 ms at N = 4096): on the calling thread
+    # unless it is large (run_tasks' work=).
+    run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
+              n_distinct, n_weights, chunks_per_thread=4, work=tasks * (n + 4 * d_in))
+    group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
+                                        (n_groups, n_distinct, n_weights))
+    rows = np.empty(int(row_base[-1]), np.int64)
+    width = np.empty(int(group_ptr[-1]), np.int64)
+    weight_ptr = np.empty(int(group_ptr[-1]), np.int64)
+    weights = np.empty(int(weight_base[-1]), np.float64)
+    group_of = np.empty(budgets.shape, np.int64)
+    run_tasks(_fill_plan, tasks, budgets, draws, t.p_weight, group_ptr, row_base, weight_base,
+              rows, width, weight_ptr, weights, group_of, chunks_per_thread=4,
+              work=tasks * (n + d_in) + int(weight_base[-1]))
+    return SharedPlan(group_of, group_ptr, row_base, rows, width, weight_ptr, weights)
+
+
 def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     """Shared-draw value projection on the host (NumPy arrays; rounded budgets are used as given).
 
@@ -435,33 +510,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
         return out
     tables = weight_tables(w, num_heads) if tables is None else tables
     x = np.ascontiguousarray(x)
-    budgets = np.ascontiguousarray(budgets, dtype=np.int64)
-    k0, k1 = mrandom.seed_to_key(seed)
-    t = tables
-    tasks = batch * num_heads
-    n_groups = np.empty(tasks, np.int64)
-    n_distinct = np.empty(tasks, np.int64)
-    n_weights = np.empty(tasks, np.int64)
-    draws = np.empty((tasks, d_in), np.int64)
-    # The plan is small next to the products (0.1 ms at N = 4096): on the calling thread
-    # unless it is large (run_tasks' work=).
-    run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
-              n_distinct, n_weights, chunks_per_thread=4, work=tasks * (n + 4 * d_in))
-    group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
-                                        (n_groups, n_distinct, n_weights))
-    rows = np.empty(int(row_base[-1]), np.int64)
-    width = np.empty(int(group_ptr[-1]), np.int64)
-    weight_ptr = np.empty(int(group_ptr[-1]), np.int64)
-    weights = np.empty(int(weight_base[-1]), np.float64)
-    group_of = np.empty(budgets.shape, np.int64)
-    run_tasks(_fill_plan, tasks, budgets, draws, t.p_weight, group_ptr, row_base, weight_base,
-              rows, width, weight_ptr, weights, group_of, chunks_per_thread=4,
-              work=tasks * (n + d_in) + int(weight_base[-1]))
+    plan = make_plan(budgets, seed, tables)
     bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                 else np.ascontiguousarray(bias, dtype=x.dtype))
-    block = token_block(n, float(n_groups.mean()))
+    block = token_block(n, plan.width.size / (batch * num_heads))  # mean groups per head
     n_blocks = -(-n // block)
-    run_tasks(_apply, batch * n_blocks, x, t.wh_as(x.dtype), bias_row, group_of, group_ptr,
-              row_base, rows, width, weight_ptr, weights.astype(x.dtype), block,
-              int(BLAS_MIN_MACS), out, chunks_per_thread=4)
+    run_tasks(_apply, batch * n_blocks, x, tables.wh_as(x.dtype), bias_row, plan.group_of,
+              plan.group_ptr, plan.row_base, plan.rows, plan.width, plan.weight_ptr,
+              plan.weights.astype(x.dtype), block, int(BLAS_MIN_MACS), out, chunks_per_thread=4)
     return out
