@@ -191,6 +191,14 @@ class McaProjection:
 
     track_ratio_to_dense.unit = "ratio"
 
+    def track_ratio_to_packed(self, alpha, draws):
+        """Sampled projection time / dense GEMM over the real tokens only (no padding)."""
+        t_s, t_p = interleaved_times(lambda: sampled_projection(self.layers, self.heads, self.shared),
+                                     lambda: packed_dense_projection(self.layers, self.heads, self.kpm))
+        return t_s / t_p
+
+    track_ratio_to_packed.unit = "ratio"
+
     def track_macs_kept(self, alpha, draws):
         """The paper's "FLOPs kept": projection multiply-adds done / dense (valid tokens)."""
         return macs_kept(self.layers, self.kpm)
