@@ -98,6 +98,17 @@ def uniform_problem(fraction, n=4096, d_in=384, heads=12, head_dim=32, dtype=np.
     return heads, [(x, w, b, r, mca.weight_tables(w, heads))]
 
 
+def _draw_ratios(row, layers, heads, draws, rounds):
+    """``row`` plus ``<label>/dense`` (sampled / dense time, interleaved) for each
+    ``(label, shared)`` of ``draws``, and the last dense time in ms."""
+    for label, shared in draws:
+        t_s, t_d = interleaved_times(lambda: sampled_projection(layers, heads, shared),  # noqa: B023
+                                     lambda: dense_projection(layers, heads), rounds=rounds)
+        row[f"{label}/dense"] = t_s / t_d
+    row["dense_ms"] = t_d * 1e3
+    return row
+
+
 def uniform_ratio_rows(argv):
     """Rows of ``python benchmarks/ratio.py mca_uniform``: uniform budgets, B=1, N=4096."""
     import argparse
@@ -114,16 +125,8 @@ def uniform_ratio_rows(argv):
         for fraction in args.fractions:
             heads, layers = uniform_problem(fraction, n=args.n)
             sampled_projection(layers, heads, True)  # warm
-            row = {"macs_kept": fraction}
-            for label, shared in (("shared", True), ("indep", False)):
-                t_s, t_d = interleaved_times(
-                    lambda: sampled_projection(layers, heads, shared),  # noqa: B023
-                    lambda: dense_projection(layers, heads),  # noqa: B023
-                    rounds=args.rounds,
-                )
-                row[f"{label}/dense"] = t_s / t_d
-            row["dense_ms"] = t_d * 1e3
-            yield row
+            yield _draw_ratios({"macs_kept": fraction}, layers, heads,
+                               (("shared", True), ("indep", False)), args.rounds)
 
     return title, rows()
 
@@ -301,17 +304,8 @@ def long_ratio_rows(argv):
             exact = np.mean([(r >= x.shape[-1]).mean() for x, _, _, r, _ in layers])
             row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm),
                    "rounded_kept": rounded_macs_kept(layers, kpm), "exact_tokens": exact}
-            for label, shared in (("shared", True), ("indep", False)):
-                if label == "indep" and args.no_independent:
-                    continue
-                t_s, t_d = interleaved_times(
-                    lambda: sampled_projection(layers, heads, shared),  # noqa: B023
-                    lambda: dense_projection(layers, heads),  # noqa: B023
-                    rounds=args.rounds,
-                )
-                row[f"{label}/dense"] = t_s / t_d
-            row["dense_ms"] = t_d * 1e3
-            yield row
+            draws = (("shared", True),) if args.no_independent else (("shared", True), ("indep", False))
+            yield _draw_ratios(row, layers, heads, draws, args.rounds)
 
     return title, rows()
 

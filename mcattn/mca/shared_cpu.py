@@ -376,16 +376,8 @@ def _macs_tasks(budgets, nonzero, threshold, alias, shift, k0, k1, macs, merges,
 
 
 def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
-    """Work of the reduced GEMMs for host budgets ``[B, H, N]`` (compiled; the reference is
-    :func:`mcattn.mca.shared.reduced_macs`, same arguments and result).
-
-    Returns
-    -------
-    macs : int
-        Per group, its tokens times its distinct rows times ``dh``.
-    merge_muls : int
-        Scaling the distinct rows by ``count / (p e)``: one multiply per row and column.
-    """
+    """:func:`mcattn.mca.shared.reduced_macs` compiled (same arguments, same ``(macs,
+    merge_muls)``): what ``mca.attention(..., return_info=True)`` reports."""
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
     batch, heads, n = budgets.shape
     if budgets.size == 0:
