@@ -98,7 +98,10 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None):
             worker()
         finally:
             for f in futures:
-                f.result()
+                # A helper that never started has nothing left to do: drop it rather than
+                # wait for a free pool thread (none may come when run_tasks is nested).
+                if not f.cancel():
+                    f.result()
 
 
 def map_threads(fn, items):

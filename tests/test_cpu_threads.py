@@ -79,3 +79,23 @@ def test_map_threads_keeps_order(monkeypatch):
     assert map_threads(lambda v: v * v, range(10)) == [v * v for v in range(10)]
     run_tasks(lambda t0, t1: None, 8)  # pool sizes of both runners coexist
     assert map_threads(lambda v: -v, [3, 1]) == [-3, -1]
+
+
+def test_nested_calls_from_pool_threads_finish(monkeypatch):
+    """run_tasks inside run_tasks/map_threads (every pool thread busy) does not deadlock."""
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    done = []
+
+    def inner(t0, t1):
+        done.extend(range(t0, t1))
+
+    def outer(tag, t0, t1):
+        run_tasks(inner, 6, chunks_per_thread=3)
+
+    result = []
+    thread = threading.Thread(target=lambda: result.append(
+        map_threads(lambda i: run_tasks(outer, 4, i, chunks_per_thread=2), range(4))))
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "nested run_tasks deadlocked"
+    assert len(done) == 4 * 4 * 6 and sorted(set(done)) == list(range(6))
