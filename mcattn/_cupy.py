@@ -37,6 +37,7 @@ KERNEL_SOURCES = {
         "mcattn_mca_projection_weight_f32", "mcattn_mca_projection_weight_f64",
         "mcattn_mca_projection_optimal_f32", "mcattn_mca_projection_optimal_f64",
     ),
+    "mca/kernels/mca_shared.cu": ("mcattn_mca_shared_apply_f32", "mcattn_mca_shared_apply_f64"),
     "rfa/kernels/rfa.cu": (
         "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
         "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",

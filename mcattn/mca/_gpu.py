@@ -3,9 +3,12 @@
 import collections
 import threading
 
+import numpy as np
+
 from .. import config
 
-__all__ = ["scratch_plan", "device_tables", "clear_table_cache"]
+__all__ = ["scratch_plan", "device_tables", "device_wh", "clear_table_cache", "shared_plan",
+           "split_shared_plan", "SHARED_PLAN_FIELDS", "shared_grid"]
 
 
 def scratch_plan(total, d_in, optimal):
@@ -81,3 +84,66 @@ def clear_table_cache():
     """Forget the cached device tables (they are also dropped, oldest first, past 4 weights)."""
     with _lock:
         _cache.clear()
+
+
+def device_wh(dev, dtype):
+    """``wh`` ``[H, d_in, dh]`` of :func:`device_tables`' ``dev`` in ``dtype`` (cast once, kept
+    beside the float64 tables: the shared-draw kernels accumulate in the input precision)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return dev["wh"]
+    key = f"wh_{dtype.name}"
+    if key not in dev:
+        dev[key] = dev["wh"].astype(dtype)
+    return dev[key]
+
+
+#: The integer arrays of a :class:`~mcattn.mca.shared_cpu.SharedPlan`, in the order of the
+#: packed plan (:func:`shared_plan`) and of the kernels' arguments.
+SHARED_PLAN_FIELDS = ("group_of", "group_ptr", "row_base", "rows", "width", "weight_ptr")
+
+
+def shared_plan(budgets, seed, tables, dtype):
+    """The shared-draw plan of host budgets, packed for two uploads.
+
+    The plan is built on the host by the compiled planner
+    (:func:`mcattn.mca.shared_cpu.make_plan`); its six integer arrays go to the device as
+    one int64 buffer (one transfer instead of six), the weights as a second one.
+
+    Parameters
+    ----------
+    budgets : numpy.ndarray of int, shape ``[B, H, N]``
+    seed : int
+    tables : WeightTables
+    dtype : numpy dtype
+        The input precision: the weights ``count / (p e)`` are cast to it (as on the CPU).
+
+    Returns
+    -------
+    ints : numpy.ndarray of int64, 1-D
+        ``group_of`` (flattened, ``B * H * N``), ``group_ptr``, ``row_base``, ``rows``,
+        ``width``, ``weight_ptr``, one after the other.
+    weights : numpy.ndarray of ``dtype``, 1-D (at least one element: never an empty upload)
+    bounds : tuple of (start, stop)
+        Where each array of :data:`SHARED_PLAN_FIELDS` lies in ``ints``.
+    """
+    from .shared_cpu import make_plan
+
+    plan = make_plan(budgets, seed, tables)
+    parts = [np.ravel(getattr(plan, name)) for name in SHARED_PLAN_FIELDS]
+    stops = np.cumsum([p.size for p in parts])
+    bounds = tuple((int(stop - p.size), int(stop)) for p, stop in zip(parts, stops))
+    weights = plan.weights.astype(dtype) if plan.weights.size else np.zeros(1, dtype)
+    return np.concatenate(parts).astype(np.int64, copy=False), weights, bounds
+
+
+def split_shared_plan(ints, bounds):
+    """The views of an uploaded packed plan (:func:`shared_plan`), in the order of
+    :data:`SHARED_PLAN_FIELDS`; works on any 1-D array that slices into views (CuPy, numba
+    device arrays)."""
+    return tuple(ints[start:stop] for start, stop in bounds)
+
+
+def shared_grid(total, threads):
+    """Blocks of a grid-stride launch over ``total`` elements (at least one; gridDim.x < 2^31)."""
+    return max(1, min(-(-int(total) // int(threads)), 2**31 - 1))

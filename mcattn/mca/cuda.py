@@ -6,6 +6,11 @@ bit-identical to the CPU's); optimal sampling builds the token's CDF in a global
 ``[d_in, chunk]`` (one column per thread; see ``_gpu.scratch_plan``) and searches it. A
 per-thread local array would reserve ``8 d_in`` bytes of stack for every resident
 thread. Accumulation in float64.
+
+Shared draws (``shared_draws=True``): the plan of the compiled host planner
+(:func:`mcattn.mca.shared_cpu.make_plan`) applied in one launch of
+:func:`make_shared_kernel`, one thread per output element, accumulating in the input
+precision (as the CPU version and ``kernels/mca_shared.cu``).
 """
 
 import functools
@@ -16,16 +21,18 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 from .. import random as mrandom
 from .._array import is_cupy
 from .._cupy import block_threads, numba_stream
-from ._gpu import device_tables, scratch_plan
+from ._gpu import device_tables, device_wh, scratch_plan, shared_grid, shared_plan, split_shared_plan
 from .naive import weight_tables
 
-__all__ = ["value_projection", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
+__all__ = ["value_projection", "shared_projection", "make_kernel", "make_shared_kernel", "MAX_HEAD_DIM",
+           "ptx_signatures"]
 
 MAX_HEAD_DIM = 128
 THREADS_PER_BLOCK = 128
-#: The float32 kernels accumulate in float64 by design (as the CPU kernel and mca.cu),
-#: which exempts them from the "no float64 arithmetic in float32 kernels" test.
-FLOAT64_ACCUMULATION = True
+#: The per-draw float32 kernels accumulate in float64 by design (as the CPU kernel and
+#: mca.cu), which exempts them from the "no float64 arithmetic in float32 kernels" test;
+#: the shared-draw kernel computes in the input precision and is checked.
+FLOAT64_ACCUMULATION = ("mca_projection_weight_float32", "mca_projection_optimal_float32")
 
 
 @functools.cache
@@ -110,11 +117,64 @@ def make_kernel(optimal):
     return mca_projection
 
 
+@functools.cache
+def make_shared_kernel(dtype_name):
+    """The shared-draw kernel for ``"float32"`` or ``"float64"`` inputs.
+
+    One thread per output element ``(b, h, j, c)`` (a grid-stride loop), consecutive
+    threads = consecutive ``c`` (coalesced rows of ``W_h``). Token ``j`` of ``bh = b * H +
+    h`` with ``g = group_of[bh * N + j]``: ``-2`` gives the bias, ``-1`` ``x[b, j] @ W_h +
+    bias``, else group ``G = group_ptr[bh] + g`` gives ``bias + sum_m (x[b, j, R[m]] w[m])
+    W_h[R[m], c]`` over its ``width[G]`` rows ``R = rows[row_base[bh]:]`` and weights ``w =
+    weights[weight_ptr[G]:]``. Arguments: ``x [B, N, d_in]``, ``wh [H, d_in, dh]``, ``bias
+    [H * dh]`` (zeros without one), the plan's int64 arrays (``group_of`` flattened),
+    ``weights``, ``out [B, H, N, dh]``; all floats in the input dtype.
+    """
+    from numba import float32, float64
+
+    nb_type = float32 if dtype_name == "float32" else float64
+    zero = nb_type(0.0)  # typed: a bare 0.0 would make the float32 kernel accumulate in float64
+
+    @cuda.jit
+    def mca_shared_apply(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr,
+                         weights, out):
+        n_batch, n, d_in = x.shape
+        heads = wh.shape[0]
+        dh = out.shape[3]
+        total = n_batch * heads * n * dh
+        for e in range(cuda.grid(1), total, cuda.gridsize(1)):
+            token = e // dh  # (b * H + h) * N + j
+            c = e - token * dh
+            bh = token // n
+            j = token - bh * n
+            b = bh // heads
+            h = bh - b * heads
+            g = group_of[token]
+            acc = zero
+            if g == -1:  # exact
+                for k in range(d_in):
+                    acc += x[b, j, k] * wh[h, k, c]
+            elif g >= 0:  # sampled: the group's merged rows
+                group = group_ptr[bh] + g
+                base = row_base[bh]
+                w0 = weight_ptr[group]
+                for m in range(width[group]):
+                    k = rows[base + m]
+                    acc += (x[b, j, k] * weights[w0 + m]) * wh[h, k, c]
+            out[b, h, j, c] = acc + bias[h * dh + c]
+
+    return mca_shared_apply
+
+
 def ptx_signatures():
     """``(name, python function, argument types)`` of the kernels, for compile_ptx tests."""
     from numba import float32, float64, int64, types, uint64
 
     sigs = []
+    for name, nb in (("float32", float32), ("float64", float64)):
+        args = (nb[:, :, ::1], nb[:, :, ::1], nb[::1], int64[::1], int64[::1], int64[::1], int64[::1],
+                int64[::1], int64[::1], nb[::1], nb[:, :, :, ::1])
+        sigs.append((f"mca_shared_apply_{name}", make_shared_kernel(name).py_func, args))
     for optimal in (False, True):
         for name, nb in (("float32", float32), ("float64", float64)):
             args = (nb[:, :, ::1], float64[:, :, ::1], float64[::1], types.boolean,
@@ -130,15 +190,12 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     """numba.cuda version of :func:`mcattn.mca.naive.value_projection` (same draws).
 
     Takes CuPy arrays, or NumPy arrays under the simulator; returns the same kind.
+    ``shared_draws=True`` (weight sampling) goes to :func:`shared_projection`.
     """
-    if shared_draws and is_cupy(x):  # reduced GEMMs on cuBLAS (mcattn.mca.shared)
-        from .shared import value_projection as shared_projection
-
-        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
-    if shared_draws:  # the simulator's host arrays: the same reduced GEMMs with NumPy
-        from .shared import value_projection as shared_projection
-
-        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
+    if shared_draws:
+        if sampling != "weight":
+            raise ValueError("shared_draws=True needs sampling='weight'")
+        return shared_projection(x, w, bias, num_heads, budgets, seed, tables)
     on_device = is_cupy(x)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
@@ -177,4 +234,63 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
                                                                       np.int64(chunk))
     if not on_device:
         out[...] = d[8].copy_to_host()
+    return out
+
+
+def shared_projection(x, w, bias, num_heads, budgets, seed, tables=None):
+    """Shared-draw value projection: the host plan applied by one numba.cuda launch.
+
+    The same estimate as :func:`mcattn.mca.shared_cpu.value_projection` (same draws, same
+    groups; accumulated in the input precision). The budgets are brought to the host, the
+    plan is built there by the compiled planner and uploaded (two transfers), then one
+    launch of :func:`make_shared_kernel`.
+
+    Parameters
+    ----------
+    x : cupy.ndarray (or numpy.ndarray under the simulator), shape ``[B, N, d_in]``
+    w : array, shape ``[d_in, H * dh]``
+    bias : array, shape ``[H * dh]``, or None
+    num_heads : int
+    budgets : array of int, shape ``[B, H, N]``
+        Used as given (rounded or not).
+    seed : int
+    tables : WeightTables, optional
+
+    Returns
+    -------
+    array of the kind of ``x``, shape ``[B, H, N, dh]``, dtype of ``x``
+    """
+    on_device = is_cupy(x)
+    batch, n, d_in = x.shape
+    dh = w.shape[1] // num_heads
+    r_host = budgets.get() if hasattr(budgets, "get") else np.asarray(budgets)
+    if on_device:  # everything on the device, on CuPy's stream; tables cached per weight
+        import cupy
+
+        out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
+        if out.size == 0:
+            return out
+        t, dev = device_tables(w, num_heads, tables)
+        ints, weights, bounds = shared_plan(r_host, seed, t, x.dtype)
+        bias_row = (cupy.zeros(num_heads * dh, x.dtype) if bias is None
+                    else cupy.ascontiguousarray(bias, dtype=x.dtype))
+        arrays = (cupy.ascontiguousarray(x), device_wh(dev, x.dtype), bias_row, cupy.asarray(ints),
+                  cupy.asarray(weights), out)
+        d = [cuda.as_cuda_array(a) for a in arrays]
+    else:  # the simulator: host arrays
+        out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
+        if out.size == 0:
+            return out
+        t = weight_tables(np.asarray(w), num_heads) if tables is None else tables
+        ints, weights, bounds = shared_plan(r_host, seed, t, x.dtype)
+        bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
+                    else np.ascontiguousarray(bias, dtype=x.dtype))
+        arrays = (np.ascontiguousarray(x), t.wh_as(x.dtype), bias_row, ints, weights, out)
+        d = [cuda.to_device(a) for a in arrays]
+    kernel = make_shared_kernel(np.dtype(x.dtype).name)
+    threads = block_threads(kernel, THREADS_PER_BLOCK)
+    kernel[shared_grid(out.size, threads), threads, numba_stream()](
+        d[0], d[1], d[2], *split_shared_plan(d[3], bounds), d[4], d[5])
+    if not on_device:
+        out[...] = d[5].copy_to_host()
     return out

@@ -1,14 +1,20 @@
-"""Monte-Carlo value projection on CUDA GPUs through a CuPy RawKernel (``kernels/mca.cu``)."""
+"""Monte-Carlo value projection on CUDA GPUs through CuPy RawKernels.
+
+Independent draws: ``kernels/mca.cu`` (one thread per token draws its samples). Shared
+draws: ``kernels/mca_shared.cu`` applies the plan of the compiled host planner
+(:func:`mcattn.mca.shared_cpu.make_plan`) in one launch.
+"""
 
 import numpy as np
 
 from .. import random as mrandom
 from .._cupy import block_threads, raw_module
-from ._gpu import device_tables, scratch_plan
+from ._gpu import device_tables, device_wh, scratch_plan, shared_grid, shared_plan, split_shared_plan
 
 __all__ = ["value_projection"]
 
 _SOURCE = "mca/kernels/mca.cu"
+_SHARED_SOURCE = "mca/kernels/mca_shared.cu"
 THREADS_PER_BLOCK = 128
 
 
@@ -16,15 +22,16 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
                      tables=None):
     """CuPy version of :func:`mcattn.mca.naive.value_projection` (same draws).
 
-    Parameters and result as there, with CuPy arrays; ``d_head <= 128``; independent
-    draws only.
+    Parameters and result as there, with CuPy arrays; ``d_head <= 128`` and ``d_in <=
+    4096`` (checked by :func:`mcattn.mca.value_projection`). ``shared_draws=True`` (weight
+    sampling) goes to :func:`shared_projection`.
     """
     import cupy
 
-    if shared_draws:  # reduced GEMMs on cuBLAS (mcattn.mca.shared)
-        from .shared import value_projection as shared_projection
-
-        return shared_projection(x, w, bias, num_heads, budgets, seed, sampling, True, tables)
+    if shared_draws:
+        if sampling != "weight":
+            raise ValueError("shared_draws=True needs sampling='weight'")
+        return shared_projection(x, w, bias, num_heads, budgets, seed, tables)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     t, dev = device_tables(w, num_heads, tables)  # no host round trip per call
@@ -47,4 +54,50 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         count = min(chunk, total - task0)
         kernel(((count + threads - 1) // threads,), (threads,),
                args + (np.int64(task0), np.int64(chunk)))
+    return out
+
+
+def shared_projection(x, w, bias, num_heads, budgets, seed, tables=None):
+    """Shared-draw value projection: the host plan applied by one RawKernel launch.
+
+    The same estimate as :func:`mcattn.mca.shared_cpu.value_projection` (same draws, same
+    groups; accumulated in the input precision). The budgets are brought to the host, the
+    plan is built there by the compiled planner and uploaded (two transfers); then one
+    thread per output element (``kernels/mca_shared.cu``).
+
+    Parameters
+    ----------
+    x : cupy.ndarray, shape ``[B, N, d_in]``
+    w : cupy.ndarray, shape ``[d_in, H * dh]``
+    bias : cupy.ndarray, shape ``[H * dh]``, or None
+    num_heads : int
+    budgets : array of int, shape ``[B, H, N]`` (CuPy or NumPy)
+        Used as given (rounded or not).
+    seed : int
+    tables : WeightTables, optional
+
+    Returns
+    -------
+    cupy.ndarray, shape ``[B, H, N, dh]``, dtype of ``x``
+    """
+    import cupy
+
+    batch, n, d_in = x.shape
+    dh = w.shape[1] // num_heads
+    out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    t, dev = device_tables(w, num_heads, tables)
+    r_host = budgets.get() if hasattr(budgets, "get") else np.asarray(budgets)
+    ints, weights, bounds = shared_plan(r_host, seed, t, x.dtype)
+    plan = split_shared_plan(cupy.asarray(ints), bounds)
+    bias_row = (cupy.zeros(num_heads * dh, x.dtype) if bias is None
+                else cupy.ascontiguousarray(bias, dtype=x.dtype))
+    suffix = "f32" if x.dtype == np.float32 else "f64"
+    kernel = raw_module(_SHARED_SOURCE).get_function(f"mcattn_mca_shared_apply_{suffix}")
+    threads = block_threads(kernel, THREADS_PER_BLOCK)
+    total = out.size
+    kernel((shared_grid(total, threads),), (threads,),
+           (cupy.ascontiguousarray(x), device_wh(dev, x.dtype), bias_row, *plan, cupy.asarray(weights),
+            out, np.int64(num_heads), np.int64(n), np.int64(d_in), np.int64(dh), np.int64(total)))
     return out
