@@ -144,6 +144,12 @@ def split_shared_plan(ints, bounds):
     return tuple(ints[start:stop] for start, stop in bounds)
 
 
+#: The most blocks of a shared-draw launch (CUDA's gridDim.x limit); the kernels loop over
+#: the elements beyond (grid-stride). The tests lower it to exercise that loop.
+SHARED_MAX_BLOCKS = 2**31 - 1
+
+
 def shared_grid(total, threads):
-    """Blocks of a grid-stride launch over ``total`` elements (at least one; gridDim.x < 2^31)."""
-    return max(1, min(-(-int(total) // int(threads)), 2**31 - 1))
+    """Blocks of a grid-stride launch over ``total`` elements: one per ``threads`` elements,
+    at least one, at most :data:`SHARED_MAX_BLOCKS`."""
+    return max(1, min(-(-int(total) // int(threads)), int(SHARED_MAX_BLOCKS)))
