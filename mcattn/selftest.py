@@ -39,11 +39,15 @@ class Check:
     bench : callable, optional
         ``bench(put, backend, n) -> thunk`` for ``--bench``: a call of the method on
         ``[1, 8, n, 64]`` float32 inputs.
+    bench_max_n : int, optional
+        The bench's largest ``n`` (default: every size), for a variant that need not take
+        the device's time at every size.
     """
 
     run: object
     tolerance: dict
     bench: object = None
+    bench_max_n: int | None = None
 
 
 def _qkv(rng, shape, dtype, put):
@@ -120,6 +124,33 @@ def _mca_bench(put, backend, n):
                                  backend=backend)
 
 
+def _mca_shared(put, backend, dtype):
+    """MCA with shared draws (one draw sequence per (batch row, head)): on the GPU backends
+    the compiled host plan applied by one kernel launch. 29 keys, so the CPU also takes the
+    reduced-GEMM path and every backend rounds the budgets alike."""
+    from . import mca
+
+    rng = np.random.default_rng(8)
+    q, k = (put(rng.standard_normal((2, 3, 29, 8)).astype(dtype)) for _ in range(2))
+    x = put(rng.standard_normal((2, 29, 48)).astype(dtype))
+    w = put(rng.standard_normal((48, 24)).astype(dtype))
+    b = put(rng.standard_normal(24).astype(dtype))
+    return mca.attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=9, shared_draws=True,
+                         backend=backend)
+
+
+def _mca_shared_bench(put, backend, n):
+    from . import mca
+
+    rng = np.random.default_rng(1)
+    q, k = (put(rng.standard_normal((1, 8, n, 64)).astype(np.float32)) for _ in range(2))
+    x = put(rng.standard_normal((1, n, 512)).astype(np.float32))
+    w = put(rng.standard_normal((512, 512)).astype(np.float32))
+    tables = mca.weight_tables(w, 8)
+    return lambda: mca.attention(q, k, x, w, num_heads=8, alpha=0.5, seed=7, tables=tables,
+                                 shared_draws=True, backend=backend)
+
+
 def _rfa(put, backend, dtype):
     from . import rfa
 
@@ -190,6 +221,8 @@ CHECKS = {
     # Not a method: exact attention's training kernels (forward with lse + backward).
     "exact-bwd": Check(_exact_backward, {"float32": 1e-5, "float64": 1e-12}, _exact_backward_bench),
     "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
+    # Not a method: MCA's shared-draw path (its own GPU kernels; benched up to n = 4096).
+    "mca-shared": Check(_mca_shared, {"float32": 1e-5, "float64": 1e-12}, _mca_shared_bench, 4096),
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
     "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),
     "latte": Check(_latte, {"float32": 1e-5, "float64": 1e-12}, _latte_bench),
@@ -315,7 +348,8 @@ def run_bench(sizes=BENCH_SIZES, repeats=3, max_seconds=2.0):
             if check.bench is None:
                 continue
             for n in sizes:
-                if (backend, method) in stopped:
+                if (backend, method) in stopped or (check.bench_max_n is not None
+                                                     and n > check.bench_max_n):
                     break
                 try:
                     seconds = _gpu_timer()(check.bench(cupy.asarray, backend, n), repeats)
@@ -366,11 +400,12 @@ def environment():
 
 def format_rows(rows):
     """The self-test table as text."""
-    lines = [f"{'backend':7s} {'method':7s} {'dtype':8s} {'status':6s} {'max error':>10s} "
+    wm = max([7] + [len(r.method) for r in rows])  # "mca-shared" is wider than the methods
+    lines = [f"{'backend':7s} {'method':{wm}s} {'dtype':8s} {'status':6s} {'max error':>10s} "
              f"{'tolerance':>9s}  note"]
     for r in rows:
         err = "" if r.max_error is None else f"{r.max_error:.2e}"
-        lines.append(f"{r.backend:7s} {r.method:7s} {r.dtype:8s} {r.status:6s} {err:>10s} "
+        lines.append(f"{r.backend:7s} {r.method:{wm}s} {r.dtype:8s} {r.status:6s} {err:>10s} "
                      f"{r.tolerance:9.0e}  {r.note}")
     return lines
 

@@ -5,6 +5,8 @@ dtypes, contiguity, device, grid limits) and records every launch, so these test
 the grids and arguments the package really passes.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from helpers import GPU_PRESENT, rel_error
@@ -250,6 +252,7 @@ def test_selftest_runs_every_method_through_the_cupy_launchers(cupy_or_fake):
     assert rows and all(r.status == "pass" for r in rows), [r for r in rows if r.status != "pass"]
     launched = {x["kernel"] for x in cupy_or_fake.LAUNCHES}
     assert any(k.startswith("mcattn_mca_projection") for k in launched)
+    assert any(k.startswith("mcattn_mca_shared_apply") for k in launched)  # "mca-shared"
     assert any(k.startswith("mcattn_rfa_") for k in launched)
 
 
@@ -261,14 +264,16 @@ def test_selftest_bench_runs_the_gpu_path(cupy_or_fake, monkeypatch):
     monkeypatch.setattr(selftest, "_torch_cuda", lambda: None)  # no torch GPU here
     monkeypatch.setattr(selftest, "backend_status", lambda name: __import__(
         "mcattn._dispatch", fromlist=["x"]).BackendStatus(name, "cuda", name == "cupy", "fake"))
-    for name in [m for m in selftest.CHECKS if m not in ("exact", "mca")]:  # the shim is slow
+    for name in [m for m in selftest.CHECKS if m not in ("exact", "mca", "mca-shared")]:  # the shim is slow
         monkeypatch.delitem(selftest.CHECKS, name)
+    monkeypatch.setitem(selftest.CHECKS, "mca-shared",  # bench_max_n: the largest size benched
+                        dataclasses.replace(selftest.CHECKS["mca-shared"], bench_max_n=16))
     rows, reason = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=1e9)
     assert reason is None
     assert {(r["method"], r["n"]) for r in rows if r["ms"] is not None} == {
-        ("exact", 16), ("exact", 32), ("mca", 16), ("mca", 32)}, rows
+        ("exact", 16), ("exact", 32), ("mca", 16), ("mca", 32), ("mca-shared", 16)}, rows
     rows, _ = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=0.0)  # sizes stop growing
-    assert {(r["method"], r["n"]) for r in rows} == {("exact", 16), ("mca", 16)}
+    assert {(r["method"], r["n"]) for r in rows} == {("exact", 16), ("mca", 16), ("mca-shared", 16)}
 
 
 @needs_fake
