@@ -81,11 +81,13 @@ fi
 step "pip install -e . (no deps, no build isolation)" 60 /tmp/mcattn-install.log \
     $PY -m pip install -q --no-build-isolation --no-deps -e .
 
-# 3. The CUDA test lanes on the device (conftest leaves the simulator off).
+# 3. The CUDA test lanes on the device (conftest leaves the simulator off). They include
+#    MCA's shared-draw kernels (test_mca_shared_cuda.py: both GPU backends against the CPU plan).
 step "pytest tests/cuda on the GPU" 240 "$OUT_DIR/gpu-pytest.txt" \
     $PY -m pytest tests/cuda -q -p no:cacheprovider -o addopts="-ra --strict-markers" --timeout=200
 
-# 4. The self-test with GPU timings next to torch SDPA.
+# 4. The self-test with GPU timings next to torch SDPA (its mca-shared rows check MCA's
+#    shared draws on every backend; their bench stops at N = 4096).
 step "mcattn selftest --bench" 150 "$OUT_DIR/gpu-selftest.txt" \
     $PY -m mcattn.cli selftest --bench --json "$OUT_DIR/gpu-selftest.json"
 
