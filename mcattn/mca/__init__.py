@@ -389,9 +389,10 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     sampling : {"weight", "optimal"}
     shared_draws : bool
         One draw sequence per (batch row, head), tokens use its prefixes: computed as a few
-        GEMMs over the distinct drawn rows (:mod:`mcattn.mca.shared`) on a GPU and for
-        sequences of at least ``config.MCA_SHARED_GEMM_MIN_TOKENS`` tokens on the CPU; there
-        the budgets are first rounded up so that each head has few distinct values
+        GEMMs over the distinct drawn rows (:mod:`mcattn.mca.shared`) for sequences of at
+        least ``config.MCA_SHARED_GEMM_MIN_TOKENS`` tokens on the CPU, and on a GPU by one
+        kernel launch that applies the host-built plan of those GEMMs; there the budgets
+        are first rounded up so that each head has few distinct values
         (``config.MCA_SHARED_SLACK``: a group spans at most that relative width; 0 keeps
         them as computed). ``info.budgets`` reports the budgets used, ``info.ops`` the work.
     backend : {None, "numpy", "numba", "cuda", "cupy"}
