@@ -118,6 +118,25 @@ def test_cupy_shared_projection_of_no_tokens(cupy_or_fake):
     assert out.shape == (2, 2, 0, 4)
 
 
+def _nothing_sampled(batch=1, n=4, d_in=12, heads=2, dh=8):
+    """Only masked and exact tokens: the plan has no groups, rows or weights."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((batch, n, d_in))
+    w = rng.standard_normal((d_in, heads * dh))
+    b = rng.standard_normal(heads * dh)
+    r = np.where(np.arange(n) % 2 == 0, 0, d_in)[None, None].repeat(heads, 1).repeat(batch, 0)
+    return x, w, b, r
+
+
+@pytest.mark.hostshim
+def test_cupy_nothing_sampled(cupy_or_fake):
+    cp = cupy_or_fake
+    x, w, b, r = _nothing_sampled()
+    out = mca.value_projection(*(cp.asarray(a) for a in (x, w, b)), num_heads=2, budgets=cp.asarray(r),
+                               seed=0, shared_draws=True, backend="cupy")
+    assert rel_error(out.get(), shared_cpu.value_projection(x, w, b, 2, r, 0)) < 1e-12
+
+
 # --- simulator: the numba.cuda kernel ----------------------------------------------------
 def _to_device(*arrays):
     if not GPU_PRESENT:
@@ -163,6 +182,15 @@ def test_cuda_grid_stride(small_blocks, monkeypatch):
     out = mca.value_projection(dx, dw, db, num_heads=2, budgets=dr, seed=3, shared_draws=True,
                                backend="cuda")
     assert rel_error(_host(out), ref) < 1e-12
+
+
+@pytest.mark.cudasim
+def test_cuda_nothing_sampled(small_blocks):
+    x, w, b, r = _nothing_sampled()
+    dx, dw, db, dr = _to_device(x, w, b, r)
+    out = mca.value_projection(dx, dw, db, num_heads=2, budgets=dr, seed=0, shared_draws=True,
+                               backend="cuda")
+    assert rel_error(_host(out), shared_cpu.value_projection(x, w, b, 2, r, 0)) < 1e-12
 
 
 @pytest.mark.cudasim
