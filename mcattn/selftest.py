@@ -11,6 +11,7 @@ Adding a method is one entry in :data:`CHECKS`: a function that builds the input
 and the tolerances of its float32 and float64 results.
 """
 
+import functools
 import json
 import platform
 import time
@@ -112,7 +113,7 @@ def _mca(put, backend, dtype):
                          backend=backend)
 
 
-def _mca_bench(put, backend, n):
+def _mca_bench(put, backend, n, shared_draws=False):
     from . import mca
 
     rng = np.random.default_rng(1)
@@ -121,7 +122,7 @@ def _mca_bench(put, backend, n):
     w = put(rng.standard_normal((512, 512)).astype(np.float32))
     tables = mca.weight_tables(w, 8)
     return lambda: mca.attention(q, k, x, w, num_heads=8, alpha=0.5, seed=7, tables=tables,
-                                 backend=backend)
+                                 shared_draws=shared_draws, backend=backend)
 
 
 def _mca_shared(put, backend, dtype):
@@ -137,18 +138,6 @@ def _mca_shared(put, backend, dtype):
     b = put(rng.standard_normal(24).astype(dtype))
     return mca.attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=9, shared_draws=True,
                          backend=backend)
-
-
-def _mca_shared_bench(put, backend, n):
-    from . import mca
-
-    rng = np.random.default_rng(1)
-    q, k = (put(rng.standard_normal((1, 8, n, 64)).astype(np.float32)) for _ in range(2))
-    x = put(rng.standard_normal((1, n, 512)).astype(np.float32))
-    w = put(rng.standard_normal((512, 512)).astype(np.float32))
-    tables = mca.weight_tables(w, 8)
-    return lambda: mca.attention(q, k, x, w, num_heads=8, alpha=0.5, seed=7, tables=tables,
-                                 shared_draws=True, backend=backend)
 
 
 def _rfa(put, backend, dtype):
@@ -222,7 +211,8 @@ CHECKS = {
     "exact-bwd": Check(_exact_backward, {"float32": 1e-5, "float64": 1e-12}, _exact_backward_bench),
     "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
     # Not a method: MCA's shared-draw path (its own GPU kernels; benched up to n = 4096).
-    "mca-shared": Check(_mca_shared, {"float32": 1e-5, "float64": 1e-12}, _mca_shared_bench, 4096),
+    "mca-shared": Check(_mca_shared, {"float32": 1e-5, "float64": 1e-12},
+                        functools.partial(_mca_bench, shared_draws=True), 4096),
     "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
     "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),
     "latte": Check(_latte, {"float32": 1e-5, "float64": 1e-12}, _latte_bench),

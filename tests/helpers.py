@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-__all__ = ["require", "rel_error", "dense_attention", "GPU_PRESENT"]
+__all__ = ["require", "rel_error", "dense_attention", "GPU_PRESENT", "to_device", "host"]
 
 GPU_PRESENT = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0")
 
@@ -89,3 +89,18 @@ def grad_problem(seed=0, nq=7, nk=9, d=8):
     kpm = np.ones((2, nk), bool)
     kpm[1, nk - 3:] = False
     return q, k, v, mask, kpm, rng.standard_normal((2, 3, nq, 5))
+
+
+def to_device(*arrays):
+    """The arrays on the GPU (CuPy) when one is present; as they are under the simulator
+    (numba.cuda's simulated kernels take host arrays). None stays None."""
+    if not GPU_PRESENT:
+        return arrays
+    import cupy
+
+    return tuple(None if a is None else cupy.asarray(a) for a in arrays)
+
+
+def host(a):
+    """A NumPy copy of a CuPy or host array."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)

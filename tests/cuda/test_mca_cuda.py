@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import GPU_PRESENT, rel_error
+from helpers import GPU_PRESENT, host, rel_error, to_device
 
 from mcattn import mca
 from mcattn.mca import cpu
@@ -19,29 +19,17 @@ def _problem(rng, batch=2, n=5, d_in=24, heads=3, dh=4, dtype=np.float64):
     return x, w, b, r
 
 
-def _to_device(*arrays):
-    if not GPU_PRESENT:
-        return arrays
-    import cupy
-
-    return tuple(None if a is None else cupy.asarray(a) for a in arrays)
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 @pytest.mark.parametrize("sampling", ["weight", "optimal"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cuda_kernel_draws_the_cpu_samples(sampling, dtype):
     rng = np.random.default_rng(0)
     x, w, b, r = _problem(rng, dtype=dtype)
     ref = cpu.value_projection(x, w, b, 3, r, 99, sampling)
-    dx, dw, db, dr = _to_device(x, w, b, r)
+    dx, dw, db, dr = to_device(x, w, b, r)
     out = mca.value_projection(dx, dw, db, num_heads=3, budgets=dr, seed=99, sampling=sampling,
                                backend="cuda")
-    assert _host(out).dtype == dtype
-    assert rel_error(_host(out), ref) < (1e-13 if dtype == np.float64 else 1e-6)
+    assert host(out).dtype == dtype
+    assert rel_error(host(out), ref) < (1e-13 if dtype == np.float64 else 1e-6)
 
 
 def test_optimal_cdf_scratch_split_into_launches(monkeypatch):
@@ -55,10 +43,10 @@ def test_optimal_cdf_scratch_split_into_launches(monkeypatch):
     rng = np.random.default_rng(2)
     x, w, b, r = _problem(rng)  # 2 x 3 x 5 = 30 tasks: launches of 7, 7, 7, 7, 2
     ref = cpu.value_projection(x, w, b, 3, r, 7, "optimal")
-    dx, dw, db, dr = _to_device(x, w, b, r)
+    dx, dw, db, dr = to_device(x, w, b, r)
     out = mca.value_projection(dx, dw, db, num_heads=3, budgets=dr, seed=7, sampling="optimal",
                                backend="cuda")
-    assert rel_error(_host(out), ref) < 1e-13
+    assert rel_error(host(out), ref) < 1e-13
 
 
 def test_cuda_attention_matches_numba_attention():
@@ -89,5 +77,5 @@ def test_numba_cuda_philox_equals_numpy(seed, stream, first):
         words, uniforms = cupy.asarray(words), cupy.asarray(uniforms)
     kernel[2, 32](k0, k1, np.uint64(stream), np.uint64(first), words, uniforms)
     index = np.arange(first, first + n, dtype=np.uint64)
-    assert np.array_equal(_host(words), mrandom.philox_words(seed, stream, index))
-    assert np.array_equal(_host(uniforms), mrandom.uniform(seed, stream, index))
+    assert np.array_equal(host(words), mrandom.philox_words(seed, stream, index))
+    assert np.array_equal(host(uniforms), mrandom.uniform(seed, stream, index))

@@ -8,7 +8,7 @@ draws, same groups, accumulated in the input precision).
 
 import numpy as np
 import pytest
-from helpers import GPU_PRESENT, rel_error
+from helpers import GPU_PRESENT, host, rel_error, to_device
 
 from mcattn import mca
 from mcattn.mca import _gpu, shared, shared_cpu
@@ -138,16 +138,6 @@ def test_cupy_nothing_sampled(cupy_or_fake):
 
 
 # --- simulator: the numba.cuda kernel ----------------------------------------------------
-def _to_device(*arrays):
-    if not GPU_PRESENT:
-        return arrays
-    import cupy
-
-    return tuple(None if a is None else cupy.asarray(a) for a in arrays)
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 @pytest.fixture
@@ -165,8 +155,8 @@ def test_cuda_shared_projection_equals_cpu(small_blocks, dtype, shape, with_bias
     batch, n, d_in, heads, dh = shape  # at most 2 x 2 x 6 x 8 = 192 or 1 x 2 x 5 x 48 = 480 threads
     x, w, b, r = _problem(5, batch, n, d_in, heads, dh, dtype, with_bias)
     ref = shared_cpu.value_projection(x, w, b, heads, r, 23)
-    dx, dw, db, dr = _to_device(x, w, b, r)
-    out = _host(mca.value_projection(dx, dw, db, num_heads=heads, budgets=dr, seed=23,
+    dx, dw, db, dr = to_device(x, w, b, r)
+    out = host(mca.value_projection(dx, dw, db, num_heads=heads, budgets=dr, seed=23,
                                      shared_draws=True, backend="cuda"))
     assert out.dtype == dtype and out.shape == (batch, heads, n, dh)
     assert rel_error(out, ref) < TOL[dtype]
@@ -178,19 +168,19 @@ def test_cuda_grid_stride(small_blocks, monkeypatch):
     monkeypatch.setattr(_gpu, "SHARED_MAX_BLOCKS", 2)  # 2 x 32 threads for 2 x 2 x 6 x 8 elements
     x, w, b, r = _problem(6, 2, 6, 16, 2, 8, np.float64)
     ref = shared_cpu.value_projection(x, w, b, 2, r, 3)
-    dx, dw, db, dr = _to_device(x, w, b, r)
+    dx, dw, db, dr = to_device(x, w, b, r)
     out = mca.value_projection(dx, dw, db, num_heads=2, budgets=dr, seed=3, shared_draws=True,
                                backend="cuda")
-    assert rel_error(_host(out), ref) < 1e-12
+    assert rel_error(host(out), ref) < 1e-12
 
 
 @pytest.mark.cudasim
 def test_cuda_nothing_sampled(small_blocks):
     x, w, b, r = _nothing_sampled()
-    dx, dw, db, dr = _to_device(x, w, b, r)
+    dx, dw, db, dr = to_device(x, w, b, r)
     out = mca.value_projection(dx, dw, db, num_heads=2, budgets=dr, seed=0, shared_draws=True,
                                backend="cuda")
-    assert rel_error(_host(out), shared_cpu.value_projection(x, w, b, 2, r, 0)) < 1e-12
+    assert rel_error(host(out), shared_cpu.value_projection(x, w, b, 2, r, 0)) < 1e-12
 
 
 @pytest.mark.cudasim

@@ -9,21 +9,9 @@ with the fake CuPy of ``fake_cupy.py`` (kernels on the host under the shim, mark
 import numpy as np
 import pytest
 from fake_cupy import cupy_context
-from helpers import GPU_PRESENT, rel_error
+from helpers import host, rel_error, to_device
 
 from mcattn import config, rfa
-
-
-def _device(*arrays):
-    if not GPU_PRESENT:
-        return arrays
-    import cupy
-
-    return tuple(None if a is None else cupy.asarray(a) for a in arrays)
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +35,11 @@ def test_cuda_matches_numpy(kind, dtype):
         kw = dict(features=feats, is_causal=is_causal, key_padding_mask=kpm, chunk_size=4,
                   return_info=True)
         ref, ref_info = rfa.attention(q, k, v, gate=g, backend="numpy", **kw)
-        dq, dk, dv_, dg, dm = _device(q, k, v, g, kpm)
+        dq, dk, dv_, dg, dm = to_device(q, k, v, g, kpm)
         kw["key_padding_mask"] = dm
         out, info = rfa.attention(dq, dk, dv_, gate=dg, backend="cuda", **kw)
-        assert _host(out).dtype == dtype and info.backend == "cuda"
-        assert rel_error(_host(out), ref) < tol, (is_causal, g is not None)
+        assert host(out).dtype == dtype and info.backend == "cuda"
+        assert rel_error(host(out), ref) < tol, (is_causal, g is not None)
         assert info.clamped == ref_info.clamped
 
 
@@ -67,9 +55,9 @@ def test_cuda_unit_form_cross_lengths_and_masked_rows():
     for is_causal in (False, True):
         kw = dict(features=feats, normalize="unit", key_padding_mask=kpm, is_causal=is_causal, chunk_size=2)
         ref = rfa.attention(q, k, v, backend="numpy", **kw)
-        dq, dk, dv_, dm = _device(q, k, v, kpm)
+        dq, dk, dv_, dm = to_device(q, k, v, kpm)
         kw["key_padding_mask"] = dm
-        out = _host(rfa.attention(dq, dk, dv_, backend="cuda", **kw))
+        out = host(rfa.attention(dq, dk, dv_, backend="cuda", **kw))
         assert np.all(out[1] == 0) and np.all(np.isfinite(out))
         assert rel_error(out, ref) < 1e-13
 
@@ -85,7 +73,7 @@ def _rawkernel_attention(q, k, v, threads=16, **kw):
             if kw.get(name) is not None:
                 kw[name] = cp.asarray(kw[name])
         out, info = rfa.attention(dq, dk, dv_, backend="cupy", return_info=True, **kw)
-        return _host(out), info.clamped
+        return host(out), info.clamped
 
 
 @pytest.mark.hostshim
