@@ -459,9 +459,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         # distinct budgets, so fewer, larger GEMMs (mcattn.mca.shared).
         from .shared import round_budgets
 
-        r_host = round_budgets(np.asarray(r.get() if xp is not np else r), d_in,
-                               float(config.MCA_SHARED_SLACK))
-        r = xp.asarray(r_host)
+        r = round_budgets(np.asarray(r.get() if xp is not np else r), d_in,
+                          float(config.MCA_SHARED_SLACK))  # stays on the host: the shared-draw
+        # kernels build their plan there (no upload and download again on a GPU)
     seed = resolve_seed(seed)
     values, used = _run_projection(xp.ascontiguousarray(x.reshape(batch, nk, d_in)), w, b,
                                    num_heads, r, seed, sampling, shared_draws, backend, tables)
@@ -470,7 +470,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     if not return_info:
         return result
     dv = w.shape[1] // num_heads
-    r_host = np.asarray(r.get() if xp is not np else r)
+    r_host = np.asarray(r.get() if hasattr(r, "get") else r)
     proj_ops, dense_proj = _projection_ops(r_host, d_in, dv, sampling, valid)
     if shared_draws:
         proj_ops = _shared_projection_ops(r_host, x.reshape(batch, nk, d_in), w, num_heads, seed,
