@@ -5,7 +5,7 @@ import math
 
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
-__all__ = ["softmax_tile"]
+__all__ = ["softmax_tile", "load_tile", "block_key_end"]
 
 
 @cuda.jit(device=True, inline=True)  # inlined: compile_ptx then needs no driver
@@ -30,3 +30,21 @@ def softmax_tile(scores, width, top, v_tile, dv, m, l, acc):
         for c in range(dv):
             acc[c] += p * v_tile[r, c]
     return top, l
+
+
+@cuda.jit(device=True, inline=True)
+def load_tile(tile, src, bh, row0, rows, cols, factor):
+    """The block's threads copy ``src[bh, row0:row0 + rows, :cols] * factor`` into
+    ``tile[:rows, :cols]`` (a shared-memory tile); ``factor`` typed as the tile (a bare
+    float would promote float32 kernels to float64)."""
+    for e in range(cuda.threadIdx.x, rows * cols, cuda.blockDim.x):
+        tile[e // cols, e % cols] = src[bh, row0 + e // cols, e % cols] * factor
+
+
+@cuda.jit(device=True, inline=True)
+def block_key_end(nq, nk, is_causal):
+    """The keys a block of query rows may see: causal masking hides every key after the
+    block's last row from the whole block."""
+    if is_causal:
+        return min(nk, min(nq, (cuda.blockIdx.x + 1) * cuda.blockDim.x))
+    return nk

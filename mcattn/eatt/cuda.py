@@ -15,7 +15,7 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 
 from .. import config
 from .._array import is_cupy
-from .._cuda_device import softmax_tile
+from .._cuda_device import block_key_end, load_tile, softmax_tile
 from ._gpu import MAX_WORDS, kernel_arrays
 
 __all__ = ["forward", "make_kernel", "MAX_HEAD_DIM", "ptx_signatures"]
@@ -71,19 +71,15 @@ def make_kernel(dtype_name):
         l = zero
         slot = mask_index[bh] if has_bias else 0
         row = i if bias.shape[1] > 1 else 0
-        key_end = nk
-        if is_causal:  # keys after the block's last row are invisible to the whole block
-            key_end = min(nk, min(nq, (cuda.blockIdx.x + 1) * cuda.blockDim.x))
+        key_end = block_key_end(nq, nk, is_causal)
         for j0 in range(0, key_end, tile):
             width = min(tile, key_end - j0)
             if hamming:
                 for e in range(tid, width * words, cuda.blockDim.x):
                     c_tile[e // words, e % words] = kc[bh, j0 + e // words, e % words]
             else:
-                for e in range(tid, width * d, cuda.blockDim.x):
-                    k_tile[e // d, e % d] = k[bh, j0 + e // d, e % d]
-            for e in range(tid, width * dv, cuda.blockDim.x):
-                v_tile[e // dv, e % dv] = v[bh, j0 + e // dv, e % dv]
+                load_tile(k_tile, k, bh, j0, width, d, one)
+            load_tile(v_tile, v, bh, j0, width, dv, one)
             cuda.syncthreads()
             if active:
                 top = m

@@ -18,7 +18,7 @@ import numpy as np
 from numba import cuda  # module level: the simulator swaps the `cuda` global of kernels
 
 from .._array import is_cupy
-from .._cuda_device import softmax_tile
+from .._cuda_device import block_key_end, load_tile, softmax_tile
 from .._cupy import block_threads, numba_stream
 
 __all__ = ["forward", "forward_lse", "backward", "make_kernel", "make_backward_kernels", "MAX_HEAD_DIM",
@@ -63,15 +63,11 @@ def make_kernel(dtype_name):
         l = zero
         slot = mask_index[bh] if has_bias else 0
         row = i if bias.shape[1] > 1 else 0
-        key_end = nk
-        if is_causal:  # keys after the block's last row are invisible to the whole block
-            key_end = min(nk, min(nq, (cuda.blockIdx.x + 1) * cuda.blockDim.x))
+        key_end = block_key_end(nq, nk, is_causal)
         for j0 in range(0, key_end, tile):
             width = min(tile, key_end - j0)
-            for e in range(tid, width * d, cuda.blockDim.x):
-                k_tile[e // d, e % d] = k[bh, j0 + e // d, e % d]
-            for e in range(tid, width * dv, cuda.blockDim.x):
-                v_tile[e // dv, e % dv] = v[bh, j0 + e // dv, e % dv]
+            load_tile(k_tile, k, bh, j0, width, d, one)
+            load_tile(v_tile, v, bh, j0, width, dv, one)
             cuda.syncthreads()
             if active:
                 top = m
@@ -111,7 +107,7 @@ def make_backward_kernels(dtype_name):
     nb_type = float32 if dtype_name == "float32" else float64
     tile = _TILE[dtype_name]
     maxd = MAX_HEAD_DIM
-    zero, neg_inf = nb_type(0.0), nb_type(-math.inf)
+    zero, one, neg_inf = nb_type(0.0), nb_type(1.0), nb_type(-math.inf)
 
     @cuda.jit
     def exact_backward_dq(q, k, v, out, dout, lse, dq, delta, bias, mask_index, scale, has_bias,
@@ -145,15 +141,11 @@ def make_backward_kernels(dtype_name):
         live = active and top != neg_inf  # a row with no visible key has zero gradients
         slot = mask_index[bh] if has_bias else 0
         row = i if bias.shape[1] > 1 else 0
-        key_end = nk
-        if is_causal:  # keys after the block's last row are invisible to the whole block
-            key_end = min(nk, min(nq, (cuda.blockIdx.x + 1) * cuda.blockDim.x))
+        key_end = block_key_end(nq, nk, is_causal)
         for j0 in range(0, key_end, tile):
             width = min(tile, key_end - j0)
-            for e in range(tid, width * d, cuda.blockDim.x):
-                k_tile[e // d, e % d] = k[bh, j0 + e // d, e % d]
-            for e in range(tid, width * dv, cuda.blockDim.x):
-                v_tile[e // dv, e % dv] = v[bh, j0 + e // dv, e % dv]
+            load_tile(k_tile, k, bh, j0, width, d, one)
+            load_tile(v_tile, v, bh, j0, width, dv, one)
             cuda.syncthreads()
             if live:
                 for r in range(width):
@@ -207,10 +199,8 @@ def make_backward_kernels(dtype_name):
             first = min(nq, cuda.blockIdx.x * cuda.blockDim.x)
         for i0 in range(first, nq, tile):
             width = min(tile, nq - i0)
-            for e in range(tid, width * d, cuda.blockDim.x):
-                q_tile[e // d, e % d] = q[bh, i0 + e // d, e % d] * scale
-            for e in range(tid, width * dvw, cuda.blockDim.x):
-                do_tile[e // dvw, e % dvw] = dout[bh, i0 + e // dvw, e % dvw]
+            load_tile(q_tile, q, bh, i0, width, d, scale)
+            load_tile(do_tile, dout, bh, i0, width, dvw, one)
             for e in range(tid, width, cuda.blockDim.x):
                 lse_tile[e] = lse[bh, i0 + e]
                 delta_tile[e] = delta[bh, i0 + e]

@@ -56,4 +56,31 @@ __device__ __forceinline__ void mcattn_softmax_tile(const T* scores, int tile, T
     m = top;
 }
 
+// The block's threads copy rows [row0, row0 + tile) of a row-major [rows, width] matrix
+// `src` into the shared tile `dst` (row stride `stride`), each element times `factor`.
+template <typename T>
+__device__ __forceinline__ void mcattn_load_tile(T* dst, int stride, const T* src, long long row0,
+                                                 int tile, int width, T factor) {
+    for (int e = threadIdx.x; e < tile * width; e += blockDim.x)
+        dst[(e / width) * stride + e % width] = src[(row0 + e / width) * width + e % width] * factor;
+}
+
+// Row `i` of the additive mask bias `[M, bias_rows, nk]` of (batch, head) `bh` (one row
+// for every query when bias_rows == 1), or 0 without a bias.
+template <typename T>
+__device__ __forceinline__ const T* mcattn_bias_row(const T* bias, const long long* mask_index,
+                                                    long long bh, int i, int bias_rows, int nk,
+                                                    bool use) {
+    if (!use) return 0;
+    return bias + (mask_index[bh] * bias_rows + (bias_rows > 1 ? i : 0)) * (long long)nk;
+}
+
+// The keys a block of query rows may see: causal masking hides every key after the
+// block's last row from the whole block.
+__device__ __forceinline__ int mcattn_block_key_end(int nq, int nk, int is_causal) {
+    if (!is_causal) return nk;
+    const int last_row = mcattn_min(nq, (int)((blockIdx.x + 1) * blockDim.x)) - 1;
+    return mcattn_min(nk, last_row + 1);
+}
+
 #endif  // MCATTN_COMMON_CUH

@@ -42,27 +42,17 @@ __device__ void mcattn_eatt_forward(const T* __restrict__ q, const T* __restrict
     for (int c = 0; c < dv; ++c) acc[c] = T(0);
     T m = neg_inf, l = T(0);
 
-    const T* bias_row = 0;
-    if (has_bias && active) {
-        const long long slot = mask_index[bh];
-        bias_row = bias + (slot * bias_rows + (bias_rows > 1 ? i : 0)) * (long long)nk;
-    }
-    int key_end = nk;
-    if (is_causal) {  // keys after the block's last row are invisible to the whole block
-        const int last_row = mcattn_min(nq, (int)((blockIdx.x + 1) * blockDim.x)) - 1;
-        key_end = mcattn_min(nk, last_row + 1);
-    }
+    const T* bias_row = mcattn_bias_row(bias, mask_index, bh, i, bias_rows, nk, has_bias && active);
+    const int key_end = mcattn_block_key_end(nq, nk, is_causal);
     for (int j0 = 0; j0 < key_end; j0 += TILE) {
         const int tile = mcattn_min(TILE, key_end - j0);
         if (hamming) {
             for (int e = threadIdx.x; e < tile * words; e += blockDim.x)
                 c_tile[(e / words) * MAXW + e % words] = kc[(bh * nk + j0 + e / words) * words + e % words];
         } else {
-            for (int e = threadIdx.x; e < tile * d; e += blockDim.x)
-                k_tile[(e / d) * MAXD + e % d] = k[(bh * nk + j0 + e / d) * d + e % d];
+            mcattn_load_tile(k_tile, MAXD, k, bh * nk + j0, tile, d, T(1));
         }
-        for (int e = threadIdx.x; e < tile * dv; e += blockDim.x)
-            v_tile[(e / dv) * MAXD + e % dv] = v[(bh * nk + j0 + e / dv) * dv + e % dv];
+        mcattn_load_tile(v_tile, MAXD, v, bh * nk + j0, tile, dv, T(1));
         __syncthreads();
         if (active) {
             T top = m;

@@ -41,22 +41,12 @@ __device__ void mcattn_exact_forward(const T* __restrict__ q, const T* __restric
     for (int c = 0; c < dv; ++c) acc[c] = T(0);
     T m = neg_inf, l = T(0);
 
-    const T* bias_row = 0;
-    if (has_bias && active) {
-        const long long slot = mask_index[bh];
-        bias_row = bias + (slot * bias_rows + (bias_rows > 1 ? i : 0)) * (long long)nk;
-    }
-    int key_end = nk;
-    if (is_causal) {  // keys after the block's last row are invisible to the whole block
-        const int last_row = mcattn_min(nq, (int)((blockIdx.x + 1) * blockDim.x)) - 1;
-        key_end = mcattn_min(nk, last_row + 1);
-    }
+    const T* bias_row = mcattn_bias_row(bias, mask_index, bh, i, bias_rows, nk, has_bias && active);
+    const int key_end = mcattn_block_key_end(nq, nk, is_causal);
     for (int j0 = 0; j0 < key_end; j0 += TILE) {
         const int tile = mcattn_min(TILE, key_end - j0);
-        for (int e = threadIdx.x; e < tile * d; e += blockDim.x)
-            k_tile[(e / d) * MAXD + e % d] = k[(bh * nk + j0 + e / d) * d + e % d];
-        for (int e = threadIdx.x; e < tile * dv; e += blockDim.x)
-            v_tile[(e / dv) * MAXD + e % dv] = v[(bh * nk + j0 + e / dv) * dv + e % dv];
+        mcattn_load_tile(k_tile, MAXD, k, bh * nk + j0, tile, d, T(1));
+        mcattn_load_tile(v_tile, MAXD, v, bh * nk + j0, tile, dv, T(1));
         __syncthreads();
         if (active) {
             T top = m;
@@ -111,22 +101,12 @@ __device__ void mcattn_exact_backward_dq(const T* __restrict__ q, const T* __res
     if (active) delta[bh * nq + i] = total;
     const bool live = active && top != neg_inf;  // no visible key: zero gradients
 
-    const T* bias_row = 0;
-    if (has_bias && active) {
-        const long long slot = mask_index[bh];
-        bias_row = bias + (slot * bias_rows + (bias_rows > 1 ? i : 0)) * (long long)nk;
-    }
-    int key_end = nk;
-    if (is_causal) {  // keys after the block's last row are invisible to the whole block
-        const int last_row = mcattn_min(nq, (int)((blockIdx.x + 1) * blockDim.x)) - 1;
-        key_end = mcattn_min(nk, last_row + 1);
-    }
+    const T* bias_row = mcattn_bias_row(bias, mask_index, bh, i, bias_rows, nk, has_bias && active);
+    const int key_end = mcattn_block_key_end(nq, nk, is_causal);
     for (int j0 = 0; j0 < key_end; j0 += TILE) {
         const int tile = mcattn_min(TILE, key_end - j0);
-        for (int e = threadIdx.x; e < tile * d; e += blockDim.x)
-            k_tile[(e / d) * MAXD + e % d] = k[(bh * nk + j0 + e / d) * d + e % d];
-        for (int e = threadIdx.x; e < tile * dv; e += blockDim.x)
-            v_tile[(e / dv) * MAXD + e % dv] = v[(bh * nk + j0 + e / dv) * dv + e % dv];
+        mcattn_load_tile(k_tile, MAXD, k, bh * nk + j0, tile, d, T(1));
+        mcattn_load_tile(v_tile, MAXD, v, bh * nk + j0, tile, dv, T(1));
         __syncthreads();
         if (live) {
             for (int r = 0; r < tile; ++r) {
@@ -179,10 +159,8 @@ __device__ void mcattn_exact_backward_dkdv(const T* __restrict__ q, const T* __r
     const int first = is_causal ? mcattn_min(nq, (int)(blockIdx.x * blockDim.x)) : 0;
     for (int i0 = first; i0 < nq; i0 += TILE) {
         const int tile = mcattn_min(TILE, nq - i0);
-        for (int e = threadIdx.x; e < tile * d; e += blockDim.x)
-            q_tile[(e / d) * MAXD + e % d] = q[(bh * nq + i0 + e / d) * d + e % d] * scale;
-        for (int e = threadIdx.x; e < tile * dv; e += blockDim.x)
-            do_tile[(e / dv) * MAXD + e % dv] = dout[(bh * nq + i0 + e / dv) * dv + e % dv];
+        mcattn_load_tile(q_tile, MAXD, q, bh * nq + i0, tile, d, scale);
+        mcattn_load_tile(do_tile, MAXD, dout, bh * nq + i0, tile, dv, T(1));
         for (int e = threadIdx.x; e < tile; e += blockDim.x) {
             lse_tile[e] = lse[bh * nq + i0 + e];
             delta_tile[e] = delta[bh * nq + i0 + e];
