@@ -127,15 +127,14 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
     model = _load_model() if model is None else model
     tasks = load_tasks() if tasks is None else tasks
     bert = model[0].auto_model
-    runs = [("exact", None, None, {})]
+    runs = [("exact", "exact", None, None, {})]
     for e in entries:
         if e.name != "exact":
-            runs += [(e.name, e.knob, v, dict(e.fixed)) for v in (e.eval_values or e.values)]
+            runs += [(e.name, e.method, e.knob, v, dict(e.fixed)) for v in (e.eval_values or e.values)]
     bar = progress(len(runs)) if progress is not None else None
     rows, reference = [], None
     try:
-        for name, knob, value, fixed in runs:
-            method = name.partition(":")[0]  # a variant: its fixed knobs too
+        for name, method, knob, value, fixed in runs:  # a variant: its method and fixed knobs
             options = dict(fixed) if knob is None else {knob: value, **fixed}
             if knob is not None and "seed" in _knob_names(method):
                 options["seed"] = seed

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-__all__ = ["require", "rel_error", "dense_attention", "GPU_PRESENT", "to_device", "host"]
+__all__ = ["require", "rel_error", "dense_attention", "GPU_PRESENT", "to_device", "host", "torch_grads"]
 
 GPU_PRESENT = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0")
 
@@ -104,3 +104,11 @@ def to_device(*arrays):
 def host(a):
     """A NumPy copy of a CuPy or host array."""
     return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def torch_grads(fn, tensors, dout):
+    """Gradients of ``sum(fn(*tensors) * dout)`` with respect to ``tensors`` (torch)."""
+    for t in tensors:
+        t.grad = None
+    (fn(*tensors) * dout).sum().backward()
+    return [t.grad.clone() for t in tensors]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import grad_problem, numeric_grad, rel_error, require
+from helpers import grad_problem, numeric_grad, rel_error, require, torch_grads
 
 from mcattn import config, data
 from mcattn.eatt import grad
@@ -46,13 +46,6 @@ def torch_reference(q, k, v, *, alignment="l1", attn_mask=None, key_padding_mask
     e = torch.exp(s - torch.where(torch.isfinite(top), top, 0.0))
     total = e.sum(-1, keepdim=True)
     return torch.where(total > 0, e / torch.where(total > 0, total, 1.0), 0.0) @ v
-
-
-def _torch_grads(fn, tensors, dout):
-    for t in tensors:
-        t.grad = None
-    (fn(*tensors) * dout).sum().backward()
-    return [t.grad.clone() for t in tensors]
 
 
 # ---------------------------------------------------------------- NumPy level
@@ -156,10 +149,10 @@ def test_torch_gradients_equal_the_torch_reference(alignment, dtype):
     kw = dict(alignment=alignment, attn_mask=np.where(mask, 0.3, -np.inf), key_padding_mask=kpm,
               is_causal=True)
     ins = [torch.from_numpy(a.astype(dtype)).requires_grad_(True) for a in (q, k, v)]
-    ours = _torch_grads(lambda a, b, c: attention(a, b, c, method="eatt", **kw), ins,
+    ours = torch_grads(lambda a, b, c: attention(a, b, c, method="eatt", **kw), ins,
                         torch.from_numpy(dout.astype(dtype)))
     ins64 = [torch.from_numpy(a.astype(dtype).astype(np.float64)).requires_grad_(True) for a in (q, k, v)]
-    ref = _torch_grads(lambda a, b, c: torch_reference(a, b, c, **kw), ins64, torch.from_numpy(dout))
+    ref = torch_grads(lambda a, b, c: torch_reference(a, b, c, **kw), ins64, torch.from_numpy(dout))
     tol = 1e-12 if dtype == "float64" else 2e-6
     for name, a, b in zip("qkv", ours, ref):
         assert a.dtype == getattr(torch, dtype) and a.shape == b.shape

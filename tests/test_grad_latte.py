@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import grad_problem, numeric_grad, rel_error, require
+from helpers import grad_problem, numeric_grad, rel_error, require, torch_grads
 
 from mcattn import data, latte
 from mcattn.errors import GradientNotSupportedError
@@ -74,13 +74,6 @@ def torch_reference(q, k, v, threshold, *, soft=False, temperature=1.0, mode="re
     total = e.sum(-1, keepdim=True)
     p = torch.where(total > 0, e / torch.where(total > 0, total, 1.0), 0.0)
     return p @ v
-
-
-def _torch_grads(fn, tensors, dout):
-    for t in tensors:
-        t.grad = None
-    (fn(*tensors) * dout).sum().backward()
-    return [t.grad.clone() for t in tensors]
 
 
 # ---------------------------------------------------------------- NumPy level
@@ -228,12 +221,12 @@ def test_torch_gradients_equal_the_surrogate_reference(case):
                          requires_grad=bool(kw.get("soft")))
     ins = [torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v)]
     tdout = torch.from_numpy(dout)
-    ours = _torch_grads(lambda a, b, c: attention(a, b, c, method="latte", threshold=theta, **kw),
+    ours = torch_grads(lambda a, b, c: attention(a, b, c, method="latte", threshold=theta, **kw),
                         ins, tdout)
     theta_ours = theta.grad.clone() if theta.requires_grad else None
     if theta.requires_grad:
         theta.grad = None
-    ref = _torch_grads(lambda a, b, c: torch_reference(a, b, c, theta, **kw), ins, tdout)
+    ref = torch_grads(lambda a, b, c: torch_reference(a, b, c, theta, **kw), ins, tdout)
     for name, a, b in zip("qkv", ours, ref):
         assert b.abs().max() > 1e-3
         assert rel_error(a, b) < 1e-10, name
@@ -255,13 +248,13 @@ def test_torch_float32_gradients_match_the_float64_reference():
     for kw in (dict(is_causal=True), dict(soft=True, temperature=0.5)):
         th32 = torch.tensor(theta, requires_grad=bool(kw.get("soft")))
         ins32 = [torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v)]
-        ours = _torch_grads(lambda a, b, c, kw=kw, th=th32: attention(a, b, c, method="latte",
+        ours = torch_grads(lambda a, b, c, kw=kw, th=th32: attention(a, b, c, method="latte",
                                                                      threshold=th, **kw),
                             ins32, dout.float())
         assert all(g.dtype == torch.float32 for g in ours)
         th64 = torch.tensor(theta.astype(np.float64), requires_grad=bool(kw.get("soft")))
         ins64 = [torch.from_numpy(a.astype(np.float64)).requires_grad_(True) for a in (q, k, v)]
-        ref = _torch_grads(lambda a, b, c, kw=kw, th=th64: torch_reference(a, b, c, th, **kw),
+        ref = torch_grads(lambda a, b, c, kw=kw, th=th64: torch_reference(a, b, c, th, **kw),
                            ins64, dout)
         for name, a, b in zip("qkv", ours, ref):
             assert rel_error(a.numpy(), b.numpy()) < 1e-5, name
@@ -285,13 +278,13 @@ def test_real_attention_sample_against_the_reference():
     for kw in (dict(), dict(soft=True, temperature=0.25)):
         th = torch.tensor(theta, requires_grad=bool(kw))
         ins = [torch.from_numpy(a.copy()).requires_grad_(True) for a in (q, k, v)]
-        ours = _torch_grads(lambda a, b, c, kw=kw, th=th: attention(
+        ours = torch_grads(lambda a, b, c, kw=kw, th=th: attention(
             a, b, c, method="latte", threshold=th, key_padding_mask=kpm, scale=s.scale, **kw),
             ins, dout)
         theta_ours = th.grad.clone() if kw else None
         if kw:
             th.grad = None
-        ref = _torch_grads(lambda a, b, c, kw=kw, th=th: torch_reference(
+        ref = torch_grads(lambda a, b, c, kw=kw, th=th: torch_reference(
             a, b, c, th, key_padding_mask=kpm, scale=s.scale, **kw), ins, dout)
         for name, a, b in zip("qkv", ours, ref):
             assert rel_error(a, b) < 1e-10, name
@@ -358,7 +351,7 @@ def test_jax_soft_gradients_with_the_threshold_under_jit():
     ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, theta)
     th64 = torch.tensor(theta.astype(np.float64), requires_grad=True)
     ins = [torch.from_numpy(a.astype(np.float64)).requires_grad_(True) for a in (q, k, v)]
-    ref = _torch_grads(lambda a, b, c: torch_reference(a, b, c, th64, soft=True, temperature=0.5,
+    ref = torch_grads(lambda a, b, c: torch_reference(a, b, c, th64, soft=True, temperature=0.5,
                                                        attn_mask=mask, key_padding_mask=kpm),
                        ins, torch.from_numpy(dout.astype(np.float64)))
     for name, a, b in zip("qkvt", ours, ref + [th64.grad]):

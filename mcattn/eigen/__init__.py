@@ -185,6 +185,19 @@ def eigen_ops(inp, plan):
     return OpCounts(counts), figures
 
 
+def check_plan_fits(inp, plan):
+    """Raise :class:`ShapeError` unless the canonical inputs ``inp`` fit ``plan``'s basis
+    (its key count, ``Nq = n`` for a position-centred basis, one head per per-head basis)."""
+    if inp.nk != plan.length:
+        raise ShapeError(f"the basis describes rows of {plan.length} keys; k has {inp.nk} keys "
+                         f"(shape {tuple(inp.batch_shape) + tuple(inp.k.shape[-2:])})")
+    if plan.positional and inp.nq != plan.length:
+        raise ShapeError(f"a position-centred basis needs Nq = n = {plan.length} queries; got {inp.nq}")
+    if plan.num_heads > 1 and (not inp.batch_shape or inp.batch_shape[-1] != plan.num_heads):
+        raise ShapeError(f"{plan.num_heads} per-head bases need inputs [..., H={plan.num_heads}, N, d]; "
+                         f"got batch dims {inp.batch_shape}")
+
+
 def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="conditional",
               attn_mask=None, key_padding_mask=None, is_causal=False, scale=None, backend=None,
               check_finite=True, return_info=False):
@@ -252,14 +265,7 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
         a["q"], a["k"], a["v"], attn_mask=a["attn_mask"], key_padding_mask=a["key_padding_mask"],
         is_causal=is_causal, scale=scale, check_finite=check_finite,
     )
-    if inp.nk != plan.length:
-        raise ShapeError(f"the basis describes rows of {plan.length} keys; k has {inp.nk} keys "
-                         f"(shape {tuple(k.shape)})")
-    if plan.positional and inp.nq != plan.length:
-        raise ShapeError(f"a position-centred basis needs Nq = n = {plan.length} queries; got {inp.nq}")
-    if plan.num_heads > 1 and (not inp.batch_shape or inp.batch_shape[-1] != plan.num_heads):
-        raise ShapeError(f"{plan.num_heads} per-head bases need inputs [..., H={plan.num_heads}, N, d]; "
-                         f"got batch dims {inp.batch_shape}")
+    check_plan_fits(inp, plan)
     sizes = (("n", plan.length), ("m", plan.num_fixed + plan.per_query))
     problem = inp.problem()
     problem = type(problem)(problem.device, problem.dtype, problem.head_dim, problem.value_dim,

@@ -23,7 +23,7 @@ the other entries of the row. ``O(Nq Nk)`` memory per batch row.
 import numpy as np
 
 from .._validate import prepare_attention, sum_to_shape
-from ..errors import ShapeError
+from . import check_plan_fits
 from .plan import make_plan
 
 __all__ = ["forward", "backward", "TRAINABLE", "scores"]
@@ -38,14 +38,7 @@ def _prepare(q, k, v, basis, columns, rank, per_query, estimator, attn_mask, key
     plan = make_plan(basis, columns, rank=rank, per_query=per_query, estimator=estimator)
     inp = prepare_attention(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             is_causal=is_causal, scale=scale, check_finite=check_finite)
-    if inp.nk != plan.length:
-        raise ShapeError(f"the basis describes rows of {plan.length} keys; k has {inp.nk} keys "
-                         f"(shape {tuple(k.shape)})")
-    if plan.positional and inp.nq != plan.length:
-        raise ShapeError(f"a position-centred basis needs Nq = n = {plan.length} queries; got {inp.nq}")
-    if plan.num_heads > 1 and (not inp.batch_shape or inp.batch_shape[-1] != plan.num_heads):
-        raise ShapeError(f"{plan.num_heads} per-head bases need inputs [..., H={plan.num_heads}, N, d]; "
-                         f"got batch dims {inp.batch_shape}")
+    check_plan_fits(inp, plan)
     return inp, plan
 
 

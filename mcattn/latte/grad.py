@@ -103,24 +103,6 @@ def forward(q, k, v, *, threshold, mode="relative", attn_mask=None, key_padding_
     return out, ()
 
 
-def _soft_weights(lat, b, temperature):
-    """Soft keep weights of batch row ``b`` as the forward computes them.
-
-    Returns ``w [Nq, Nk]``, ``visible [Nq, Nk]`` and ``at_top [Nq, Nk]`` (the keys where
-    the estimate reaches the row maximum), float64.
-    """
-    xp = lat.inp.xp
-    u, c = naive.estimate_units(lat, b)
-    visible, extra = naive._bias_over_c(lat.inp, b, c)
-    if extra is not None:
-        u = u + extra
-    est = c[:, None] * u
-    top = xp.where(visible, est, -np.inf).max(axis=-1, keepdims=True)
-    z = (est - (top - float(lat.theta[b]))) / temperature
-    w = xp.where(visible, 0.5 * (1.0 + xp.tanh(0.5 * xp.where(visible, z, 0.0))), 0.0)
-    return w, visible, visible & (est == top)
-
-
 def reference_backward(lat, dout, kept=None, soft=False, temperature=1.0):
     """LATTE's gradients on canonical inputs, written with array operations (float64).
 
@@ -150,7 +132,7 @@ def reference_backward(lat, dout, kept=None, soft=False, temperature=1.0):
     dtheta = xp.zeros(bh, dtype=f64)
     for b in range(bh):
         if soft:
-            w, keep, at_top = _soft_weights(lat, b, tau)
+            w, keep, at_top = naive.soft_weights(lat, b, tau)
         else:
             w, keep = None, kept[b]
         p = naive._softmax(naive._kept_scores(lat, b, keep), weight=w)

@@ -248,6 +248,24 @@ def forward(lat):
     return out, kept, dropped
 
 
+def soft_weights(lat, b, temperature):
+    """Soft keep weights of batch row ``b``: ``sigmoid((est - (max est - theta)) / temperature)``.
+
+    Returns ``w [Nq, Nk]`` (0 on invisible keys), ``visible [Nq, Nk]`` and ``at_top [Nq, Nk]``
+    (the keys where the estimate reaches the row maximum: the backward needs them), float64.
+    """
+    xp = lat.inp.xp
+    u, c = estimate_units(lat, b)
+    visible, extra = _bias_over_c(lat.inp, b, c)
+    if extra is not None:
+        u = u + extra
+    est = c[:, None] * u
+    top = xp.where(visible, est, -np.inf).max(axis=-1, keepdims=True)
+    z = (est - (top - float(lat.theta[b]))) / temperature
+    w = xp.where(visible, 0.5 * (1.0 + xp.tanh(0.5 * xp.where(visible, z, 0.0))), 0.0)
+    return w, visible, visible & (est == top)
+
+
 def soft_forward(lat, temperature):
     """The soft-mask forward: weights ``sigmoid((est - (max est - theta)) / temperature) exp(s)``.
 
@@ -260,16 +278,8 @@ def soft_forward(lat, temperature):
     out = xp.zeros((bh, inp.nq, inp.value_dim), dtype=inp.dtype)
     frac = xp.zeros((bh, inp.nq), dtype=np.float64)
     for b in range(bh):
-        u, c = estimate_units(lat, b)
-        visible, extra = _bias_over_c(inp, b, c)
-        if extra is not None:
-            u = u + extra
-        est = c[:, None] * u
-        top = xp.where(visible, est, -np.inf).max(axis=-1, keepdims=True)
-        z = (est - (top - float(lat.theta[b]))) / temperature
-        soft = xp.where(visible, 0.5 * (1.0 + xp.tanh(0.5 * xp.where(visible, z, 0.0))), 0.0)
-        everything = xp.ones_like(visible)
-        p = _softmax(_kept_scores(lat, b, visible & everything), weight=soft)
+        soft, visible, _ = soft_weights(lat, b, temperature)
+        p = _softmax(_kept_scores(lat, b, visible), weight=soft)
         out[b] = (p @ inp.v[b].astype(np.float64)).astype(inp.dtype)
         count = visible.sum(axis=-1)
         frac[b] = xp.where(count > 0, soft.sum(axis=-1) / xp.maximum(count, 1), 0.0)

@@ -299,6 +299,18 @@ def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight
     return bridge.export(out.reshape(lead + out.shape[1:]))
 
 
+def _shared_budgets(r, on_gpu, d_in):
+    """The budgets the shared-draw projection uses: on the GPU, and on the CPU from
+    ``config.MCA_SHARED_GEMM_MIN_TOKENS`` keys on (the reduced-GEMM path), rounded up to few
+    distinct values per row (fewer, larger GEMMs; :func:`mcattn.mca.shared.round_budgets`)
+    and kept on the host, where the kernels build their plan; else ``r`` as it is."""
+    if not on_gpu and r.shape[-1] < int(config.MCA_SHARED_GEMM_MIN_TOKENS):
+        return r
+    from .shared import round_budgets
+
+    return round_budgets(np.asarray(r.get() if on_gpu else r), d_in, float(config.MCA_SHARED_SLACK))
+
+
 def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backend, tables=None):
     features = set()
     if sampling == "optimal":
@@ -454,15 +466,11 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     valid = inp.mask.visible_keys(inp.nq, nk)  # [BH or 1, Nk]
     valid = np.broadcast_to(valid, (batch * num_heads, nk)).reshape(batch, num_heads, nk)
     r = _budgets(probs, alpha, d_in, xp.asarray(valid))
-    if shared_draws and (xp is not np or nk >= int(config.MCA_SHARED_GEMM_MIN_TOKENS)):
-        # The reduced-GEMM path (GPU, or long sequences on the CPU): round up to few
-        # distinct budgets, so fewer, larger GEMMs (mcattn.mca.shared).
-        from .shared import round_budgets
-
-        r = round_budgets(np.asarray(r.get() if xp is not np else r), d_in,
-                          float(config.MCA_SHARED_SLACK))  # stays on the host: the shared-draw
-        # kernels build their plan there (no upload and download again on a GPU)
+    if shared_draws:
+        r = _shared_budgets(r, xp is not np, d_in)
     seed = resolve_seed(seed)
+    if shared_draws and return_info and tables is None and xp is np:
+        tables = weight_tables(w, num_heads)  # built once for the projection and its op count
     values, used = _run_projection(xp.ascontiguousarray(x.reshape(batch, nk, d_in)), w, b,
                                    num_heads, r, seed, sampling, shared_draws, backend, tables)
     out = xp.matmul(probs, values)

@@ -8,7 +8,7 @@ import numpy as np
 from .. import config
 
 __all__ = ["scratch_plan", "device_tables", "device_wh", "clear_table_cache", "shared_plan",
-           "split_shared_plan", "SHARED_PLAN_FIELDS", "shared_grid"]
+           "split_shared_plan", "SHARED_PLAN_FIELDS", "shared_grid", "shared_device_args"]
 
 
 def scratch_plan(total, d_in, optimal):
@@ -142,6 +142,26 @@ def split_shared_plan(ints, bounds):
     :data:`SHARED_PLAN_FIELDS`; works on any 1-D array that slices into views (CuPy, numba
     device arrays)."""
     return tuple(ints[start:stop] for start, stop in bounds)
+
+
+def shared_device_args(x, w, bias, num_heads, budgets, seed, tables):
+    """The device arrays of a shared-draw launch on CuPy inputs, in the kernels' order:
+    ``(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, weights)``.
+
+    ``x`` C-contiguous, ``wh`` ``[H, d_in, dh]`` and ``bias`` ``[H * dh]`` (zeros without
+    one) in ``x``'s dtype, then the plan of the host ``budgets`` (:func:`shared_plan`)
+    uploaded in two transfers; the weight tables come from :func:`device_tables`.
+    """
+    import cupy
+
+    host, dev = device_tables(w, num_heads, tables)
+    r_host = budgets.get() if hasattr(budgets, "get") else np.asarray(budgets)
+    ints, weights, bounds = shared_plan(r_host, seed, host, x.dtype)
+    cols = w.shape[1]
+    bias_row = (cupy.zeros(cols, x.dtype) if bias is None
+                else cupy.ascontiguousarray(bias, dtype=x.dtype))
+    return (cupy.ascontiguousarray(x), device_wh(dev, x.dtype), bias_row,
+            *split_shared_plan(cupy.asarray(ints), bounds), cupy.asarray(weights))
 
 
 #: The most blocks of a shared-draw launch (CUDA's gridDim.x limit); the kernels loop over

@@ -21,7 +21,7 @@ from numba import cuda  # module level: the simulator swaps the `cuda` global of
 from .. import random as mrandom
 from .._array import is_cupy
 from .._cupy import block_threads, numba_stream
-from ._gpu import device_tables, device_wh, scratch_plan, shared_grid, shared_plan, split_shared_plan
+from ._gpu import device_tables, scratch_plan, shared_device_args, shared_grid, shared_plan, split_shared_plan
 from .naive import weight_tables
 
 __all__ = ["value_projection", "shared_projection", "make_kernel", "make_shared_kernel", "MAX_HEAD_DIM",
@@ -263,34 +263,28 @@ def shared_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     on_device = is_cupy(x)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
-    r_host = budgets.get() if hasattr(budgets, "get") else np.asarray(budgets)
     if on_device:  # everything on the device, on CuPy's stream; tables cached per weight
         import cupy
 
         out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
         if out.size == 0:
             return out
-        t, dev = device_tables(w, num_heads, tables)
-        ints, weights, bounds = shared_plan(r_host, seed, t, x.dtype)
-        bias_row = (cupy.zeros(num_heads * dh, x.dtype) if bias is None
-                    else cupy.ascontiguousarray(bias, dtype=x.dtype))
-        arrays = (cupy.ascontiguousarray(x), device_wh(dev, x.dtype), bias_row, cupy.asarray(ints),
-                  cupy.asarray(weights), out)
-        d = [cuda.as_cuda_array(a) for a in arrays]
+        d = [cuda.as_cuda_array(a) for a in
+             shared_device_args(x, w, bias, num_heads, budgets, seed, tables) + (out,)]
     else:  # the simulator: host arrays
         out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
         if out.size == 0:
             return out
         t = weight_tables(np.asarray(w), num_heads) if tables is None else tables
-        ints, weights, bounds = shared_plan(r_host, seed, t, x.dtype)
+        ints, weights, bounds = shared_plan(np.asarray(budgets), seed, t, x.dtype)
         bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                     else np.ascontiguousarray(bias, dtype=x.dtype))
-        arrays = (np.ascontiguousarray(x), t.wh_as(x.dtype), bias_row, ints, weights, out)
-        d = [cuda.to_device(a) for a in arrays]
+        d = [cuda.to_device(a) for a in (np.ascontiguousarray(x), t.wh_as(x.dtype), bias_row)]
+        d += split_shared_plan(cuda.to_device(ints), bounds)
+        d += [cuda.to_device(weights), cuda.to_device(out)]
     kernel = make_shared_kernel(np.dtype(x.dtype).name)
     threads = block_threads(kernel, THREADS_PER_BLOCK)
-    kernel[shared_grid(out.size, threads), threads, numba_stream()](
-        d[0], d[1], d[2], *split_shared_plan(d[3], bounds), d[4], d[5])
+    kernel[shared_grid(out.size, threads), threads, numba_stream()](*d)
     if not on_device:
-        out[...] = d[5].copy_to_host()
+        out[...] = d[-1].copy_to_host()
     return out

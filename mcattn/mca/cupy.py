@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import random as mrandom
 from .._cupy import block_threads, raw_module
-from ._gpu import device_tables, device_wh, scratch_plan, shared_grid, shared_plan, split_shared_plan
+from ._gpu import device_tables, scratch_plan, shared_device_args, shared_grid
 
 __all__ = ["value_projection"]
 
@@ -87,17 +87,11 @@ def shared_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     out = cupy.empty((batch, num_heads, n, dh), dtype=x.dtype)
     if out.size == 0:
         return out
-    t, dev = device_tables(w, num_heads, tables)
-    r_host = budgets.get() if hasattr(budgets, "get") else np.asarray(budgets)
-    ints, weights, bounds = shared_plan(r_host, seed, t, x.dtype)
-    plan = split_shared_plan(cupy.asarray(ints), bounds)
-    bias_row = (cupy.zeros(num_heads * dh, x.dtype) if bias is None
-                else cupy.ascontiguousarray(bias, dtype=x.dtype))
+    args = shared_device_args(x, w, bias, num_heads, budgets, seed, tables)
     suffix = "f32" if x.dtype == np.float32 else "f64"
     kernel = raw_module(_SHARED_SOURCE).get_function(f"mcattn_mca_shared_apply_{suffix}")
     threads = block_threads(kernel, THREADS_PER_BLOCK)
     total = out.size
     kernel((shared_grid(total, threads),), (threads,),
-           (cupy.ascontiguousarray(x), device_wh(dev, x.dtype), bias_row, *plan, cupy.asarray(weights),
-            out, np.int64(num_heads), np.int64(n), np.int64(d_in), np.int64(dh), np.int64(total)))
+           args + (out, np.int64(num_heads), np.int64(n), np.int64(d_in), np.int64(dh), np.int64(total)))
     return out

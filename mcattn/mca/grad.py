@@ -48,13 +48,12 @@ import numbers
 
 import numpy as np
 
-from .. import config
 from .. import random as mrandom
 from .._dispatch import select_kernel
 from .._validate import check_finite_array, namespace_of, prepare_attention, sum_to_shape
 from ..errors import GradientNotSupportedError, ShapeError
 from ..exact import PROBS_KERNELS
-from . import _budgets, _check_sampling, _check_tables, _check_weight
+from . import _budgets, _check_sampling, _check_tables, _check_weight, _shared_budgets
 from .naive import SHARED_STREAM_BASE, cumulative, token_streams, weight_tables
 
 __all__ = ["forward", "backward", "TRAINABLE", "sample_weights", "output_shape"]
@@ -184,11 +183,9 @@ def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, 
     valid = inp.mask.visible_keys(inp.nq, nk)
     valid = np.broadcast_to(valid, (batch * heads, nk)).reshape(batch, heads, nk)
     r = _budgets(probs, alpha, d_in, xp.asarray(valid))
-    r = np.asarray(r.get() if xp is not np else r)
-    if shared_draws and (xp is not np or nk >= int(config.MCA_SHARED_GEMM_MIN_TOKENS)):
-        from .shared import round_budgets  # the budgets the reduced-GEMM path uses
-
-        r = round_budgets(r, d_in, float(config.MCA_SHARED_SLACK))
+    if shared_draws:
+        r = _shared_budgets(r, xp is not np, d_in)  # the budgets the forward's path uses
+    r = np.asarray(r.get() if hasattr(r, "get") else r)
     x3 = xp.broadcast_to(x, lead + (nk, d_in)).reshape(batch, nk, d_in)
     return inp, probs, r, x3, heads, lead
 

@@ -94,21 +94,8 @@ def _round_rows(r, d_in, slack):
 
 
 def round_budgets_reference(budgets, d_in, slack):
-    """NumPy reference of :func:`round_budgets` (same arguments, same result).
-
-    Parameters
-    ----------
-    budgets : numpy.ndarray of int, shape ``[B, H, N]``
-    d_in : int
-        Budgets ``>= d_in`` (exact tokens) and 0 (masked) are left as they are.
-    slack : float
-        A group of budgets ``[a, b]`` is rounded up to ``b`` with ``b <= a * (1 + slack)``
-        (0 leaves the budgets as they are).
-
-    Returns
-    -------
-    numpy.ndarray of int64, same shape, ``>= budgets`` everywhere.
-    """
+    """NumPy reference of :func:`round_budgets` (same arguments, same result): greedy
+    groups of the distinct sampled budgets of each row, from the smallest."""
     r = np.array(budgets, dtype=np.int64, copy=True)
     if slack <= 0 or r.size == 0:
         return r

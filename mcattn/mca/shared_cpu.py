@@ -70,12 +70,28 @@ def _draw_sequence(task, longest, threshold_h, alias_h, shift, k0, k1, out):
             out[2 * pair + 1] = _alias((w2 << _SHIFT32) | w3, threshold_h, alias_h, shift, d_in)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _mark_budgets(r, present):
+    """``present[v]`` = some token of the row ``r`` has the sampled budget ``v`` (``0 < v <
+    d_in``, with ``present`` of length ``d_in + 1``); returns the largest such budget."""
+    d_in = present.shape[0] - 1
+    for v in range(d_in + 1):  # (explicit loops: Numba's slice fills are slow)
+        present[v] = False
+    longest = 0
+    for j in range(r.shape[0]):
+        v = r[j]
+        if 0 < v < d_in:
+            present[v] = True
+            longest = max(longest, v)
+    return longest
+
+
 @njit(nogil=True, cache=True)
 def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_distinct, n_weights,
                 t0, t1):
     """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows and
     of merged rows over all groups."""
-    _, heads, n = budgets.shape
+    heads = budgets.shape[1]
     d_in = threshold.shape[1]
     present = np.zeros(d_in + 1, np.bool_)
     counts = np.zeros(d_in, np.int64)
@@ -83,14 +99,7 @@ def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_dis
         b = task // heads
         h = task % heads
         r = budgets[b, h]
-        for v in range(d_in + 1):  # (explicit loops: Numba's slice fills are slow)
-            present[v] = False
-        longest = 0
-        for j in range(n):
-            v = r[j]
-            if 0 < v < d_in:
-                present[v] = True
-                longest = max(longest, v)
+        longest = _mark_budgets(r, present)
         for v in range(d_in):
             counts[v] = 0
         distinct = 0
@@ -124,14 +133,7 @@ def _fill_plan(budgets, draws, p_weight, group_ptr, row_base, weight_base, rows,
         b = task // heads
         h = task % heads
         r = budgets[b, h]
-        for v in range(d_in + 1):
-            present[v] = False
-        longest = 0
-        for j in range(n):
-            v = r[j]
-            if 0 < v < d_in:
-                present[v] = True
-                longest = max(longest, v)
+        longest = _mark_budgets(r, present)
         g = 0
         for v in range(1, longest + 1):  # groups in ascending budget
             if present[v]:
