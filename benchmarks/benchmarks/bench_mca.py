@@ -348,3 +348,52 @@ def ratio_rows(argv):
             yield row
 
     return title, rows()
+
+
+class McaSharedGpu:
+    """Shared draws on a GPU (one launch applying the host plan) against the dense cuBLAS
+    GEMM, uniform budgets, B=1, N=4096; skipped where no GPU backend runs."""
+
+    params = ([0.1, 0.2, 0.4], ["cupy", "cuda"])
+    param_names = ["fraction", "backend"]
+    timeout = 600
+
+    def setup(self, fraction, backend):
+        from mcattn._dispatch import backend_status
+
+        if not backend_status(backend).available:
+            raise NotImplementedError(f"{backend}: {backend_status(backend).reason}")  # asv: skip
+        import cupy
+
+        heads, layers = uniform_problem(fraction)
+        x, w, b, r, tables = layers[0]
+        self.x, self.w, self.b, self.r = (cupy.asarray(a) for a in (x, w, b, r))
+        self.heads, self.tables, self.backend = heads, tables, backend
+        self.run_shared()
+        self.run_dense()
+        cupy.cuda.Device().synchronize()
+
+    def run_shared(self):
+        mca.value_projection(self.x, self.w, self.b, num_heads=self.heads, budgets=self.r, seed=0,
+                             shared_draws=True, backend=self.backend, tables=self.tables)
+
+    def run_dense(self):
+        (self.x @ self.w + self.b).reshape(self.x.shape[0], self.x.shape[1], self.heads, -1)
+
+    def _synced(self, fn):
+        import cupy
+
+        def run():
+            fn()
+            cupy.cuda.Device().synchronize()
+        return run
+
+    def time_shared(self, fraction, backend):
+        self._synced(self.run_shared)()
+
+    def track_ratio_to_dense(self, fraction, backend):
+        """Shared-draw projection / dense GEMM on the same GPU (lower is better)."""
+        t_s, t_d = interleaved_times(self._synced(self.run_shared), self._synced(self.run_dense))
+        return t_s / t_d
+
+    track_ratio_to_dense.unit = "ratio"
