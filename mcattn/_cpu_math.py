@@ -17,8 +17,10 @@ both of which LLVM vectorises.
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import overload
+
+from ._jit import njit
 
 __all__ = ["exp_block", "bits_dtype", "online_softmax_tile"]
 

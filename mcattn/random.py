@@ -298,7 +298,7 @@ def normal(seed, stream, index):
 
 # --- compiled versions -------------------------------------------------------------------
 def _make_cpu_functions():
-    from numba import njit
+    from ._jit import njit
 
     rounds = njit(inline="always", cache=True)(_philox_rounds)
     u53 = njit(inline="always", cache=True)(_uniform53)

@@ -17,11 +17,11 @@ by key (the reference is :func:`mcattn.eatt.grad.reference_backward`).
 """
 
 import numpy as np
-from numba import njit
 
 from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, online_softmax_tile
+from .._jit import njit
 
 __all__ = ["forward", "backward_l1", "selective_projection", "popcount64"]
 

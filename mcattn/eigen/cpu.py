@@ -10,10 +10,10 @@ Scratch is ``O(BLOCK_Q (n + m + d + dv))`` per thread.
 """
 
 import numpy as np
-from numba import njit
 
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
+from .._jit import njit
 
 __all__ = ["forward", "BLOCK_Q"]
 

@@ -11,11 +11,11 @@ is ``O(BLOCK_Q * BLOCK_K)`` per thread, so memory is ``O(N d)`` whatever ``N`` i
 import math
 
 import numpy as np
-from numba import njit
 
 from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block, online_softmax_tile
+from .._jit import njit
 
 __all__ = ["forward", "forward_lse", "backward"]
 

@@ -23,11 +23,11 @@ the gradients, ``O(Nk)`` scratch per thread.
 import math
 
 import numpy as np
-from numba import njit
 
 from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
+from .._jit import njit
 from .naive import MODES
 
 __all__ = ["forward", "kept_mask", "backward", "kernel_arrays"]

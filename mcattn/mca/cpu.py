@@ -15,11 +15,11 @@ range of them mixes long and short sequences and the threads stay balanced.
 """
 
 import numpy as np
-from numba import njit
 
 from .. import config
 from .. import random as mrandom
 from .._cpu import run_tasks
+from .._jit import njit
 from .naive import SHARED_STREAM_BASE, weight_tables
 
 __all__ = ["value_projection"]

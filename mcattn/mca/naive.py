@@ -29,9 +29,9 @@ the prefixes of one sequence, ``stream = SHARED_STREAM_BASE + b * H + h``.
 """
 
 import numpy as np
-from numba import njit
 
 from .. import random as mrandom
+from .._jit import njit
 
 __all__ = [
     "SHARED_STREAM_BASE",

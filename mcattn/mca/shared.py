@@ -22,9 +22,9 @@ at once.
 """
 
 import numpy as np
-from numba import njit
 
 from .. import random as mrandom
+from .._jit import njit
 from .._validate import namespace_of
 from .naive import SHARED_STREAM_BASE, alias_draw, weight_tables
 

@@ -29,10 +29,10 @@ The reference is :func:`mcattn.mca.naive.value_projection` (``shared_draws=True`
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
 
 from .. import random as mrandom
 from .._cpu import run_tasks
+from .._jit import njit
 from .cpu import _alias
 from .naive import SHARED_STREAM_BASE, weight_tables
 

@@ -27,12 +27,13 @@ float64 uses libm.
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import overload
 
 from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import exp_block as _exp_block
+from .._jit import njit
 
 __all__ = ["forward", "step"]
 

@@ -20,11 +20,11 @@ exp of :mod:`mcattn._cpu_math` for the decays (arguments ``<= 0``).
 import math
 
 import numpy as np
-from numba import njit
 
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype as _bits_dtype
 from .._cpu_math import exp_block as _exp_block
+from .._jit import njit
 from .cpu import _features
 
 __all__ = ["backward"]
