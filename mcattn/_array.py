@@ -11,9 +11,10 @@ Every public function calls :func:`import_arrays` once on entry and
   and a CUDA tensor stays on its device.
 * float16 and bfloat16 are widened to float32 for the computation and the result is cast
   back to the input dtype (bfloat16 in the framework itself, since NumPy has no bfloat16).
-* A torch tensor that requires grad is refused: the array API is forward only (the
-  autograd adapters in ``mcattn.frameworks`` wire the backward kernels), and detaching
-  silently would break training code without a word.
+* A torch tensor that requires grad is refused while grad mode is on: the array API is
+  forward only (the autograd adapters in ``mcattn.frameworks`` wire the backward kernels),
+  and detaching silently would break training code without a word. Under
+  ``torch.no_grad()`` / ``torch.inference_mode()`` it is detached: nothing is recorded.
 """
 
 from dataclasses import dataclass
@@ -145,11 +146,16 @@ def _framework_to_native(x, kind, name):
     """Widen bfloat16/float16 inside the framework, then cross by DLPack."""
     if kind == "torch":
         if x.requires_grad:
-            raise GradientNotSupportedError(
-                f"{name} is a torch tensor that requires grad; mcattn's kernels have no "
-                "backward pass. Call under torch.no_grad(), pass a detached tensor, or use "
-                "the autograd adapters in mcattn.frameworks.torch."
-            )
+            import torch
+
+            if torch.is_grad_enabled():
+                raise GradientNotSupportedError(
+                    f"{name} is a torch tensor that requires grad while grad mode is on; "
+                    "mcattn.attention is forward only. To train, call "
+                    "mcattn.frameworks.torch.attention (the method's backward kernels); for "
+                    "inference, call under torch.no_grad() or torch.inference_mode()."
+                )
+            x = x.detach()  # no_grad / inference_mode: forward only, nothing to record
         if x.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on torch device {x.device}; only cpu and cuda are supported")
         if x.dtype.is_floating_point and x.dtype.itemsize < 4:
@@ -235,7 +241,7 @@ def import_arrays(arrays, *, float_names=None):
     DTypeError
         A float argument holds integers, booleans or complex numbers.
     GradientNotSupportedError
-        A torch tensor requires grad.
+        A torch tensor requires grad while torch's grad mode is on.
     """
     float_names = list(arrays) if float_names is None else list(float_names)
     kinds = {}

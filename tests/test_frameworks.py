@@ -50,14 +50,29 @@ def test_torch_dtypes_round_trip(qkv, dtype):
                                                             "float64": 1e-12}[dtype]
 
 
-def test_torch_requires_grad_is_refused(qkv):
+def test_torch_requires_grad_is_refused_naming_the_remedies(qkv):
     torch = require("torch")
-    tq = torch.from_numpy(qkv[0]).requires_grad_(True)
-    tk, tv = (torch.from_numpy(a) for a in qkv[1:])
-    with pytest.raises(GradientNotSupportedError, match="q is a torch tensor that requires grad"):
+    tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in qkv)
+    with pytest.raises(GradientNotSupportedError, match="q is a torch tensor that requires grad") as err:
         mcattn.attention(tq, tk, tv)
-    with torch.no_grad():
-        assert isinstance(mcattn.attention(tq.detach(), tk, tv), torch.Tensor)
+    for remedy in ("mcattn.frameworks.torch.attention", "torch.no_grad()", "torch.inference_mode()"):
+        assert remedy in str(err.value)  # each works (no_grad: the test below)
+    with pytest.raises(GradientNotSupportedError, match="v is a torch tensor that requires grad"):
+        mcattn.attention(tq.detach(), tk.detach(), tv)
+    from mcattn.frameworks.torch import attention  # the training remedy
+
+    assert attention(tq, tk, tv, is_causal=True).grad_fn is not None
+
+
+def test_torch_requires_grad_runs_forward_only_under_no_grad(qkv):
+    torch = require("torch")
+    tq, tk, tv = (torch.from_numpy(a.copy()).requires_grad_(True) for a in qkv)
+    ref = dense_attention(*qkv, is_causal=True)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = mcattn.attention(tq, tk, tv, is_causal=True)
+        assert isinstance(out, torch.Tensor) and not out.requires_grad and out.grad_fn is None
+        assert rel_error(out.numpy(), ref) < 2e-6, mode.__name__
 
 
 def test_mixed_libraries_are_refused(qkv):

@@ -54,7 +54,7 @@ def test_use_method_checks_knobs_before_running(model):
     with pytest.raises(TypeError, match="needs the knob"):
         with use_method(bert, "mca"):  # alpha missing
             pass
-    assert bert.config._attn_implementation != "mcattn"  # nothing was swapped in
+    assert not bert.config._attn_implementation.startswith("mcattn")  # nothing was swapped in
 
 
 def test_use_method_exact_reproduces_the_model(model):
@@ -66,7 +66,7 @@ def test_use_method_exact_reproduces_the_model(model):
     pointers = {n: p.data_ptr() for n, p in bert.named_parameters()}
     implementation = bert.config._attn_implementation
     with use_method(bert, "exact"):
-        assert bert.config._attn_implementation == "mcattn"
+        assert bert.config._attn_implementation.startswith("mcattn_")
         inside = _encode(model)
     assert np.all((before * inside).sum(1) > 0.99999)
     assert bert.config._attn_implementation == implementation  # restored

@@ -24,7 +24,8 @@ import numpy as np
 from ..errors import GradientNotSupportedError
 from ..front import COMMON_ARGUMENTS, check_knobs
 
-__all__ = ["training_module", "split_knobs", "output_shape", "host_forward", "host_backward", "MASKS"]
+__all__ = ["training_module", "split_knobs", "output_shape", "host_forward", "host_backward",
+           "second_order_error", "MASKS"]
 
 MASKS = ("attn_mask", "key_padding_mask")
 
@@ -37,6 +38,22 @@ def training_module(method, knobs):
             f"method {method!r} has no backward pass yet; call it without gradients "
             "(torch.no_grad(), jax.lax.stop_gradient, tf.stop_gradient) or use another method")
     return entry, spec, importlib.import_module(entry.grad)
+
+
+def second_order_error(module):
+    """The error every adapter raises when a method's gradients are differentiated again.
+
+    The backward kernels give exact first-order gradients but are not themselves
+    differentiable; a gradient penalty or a Hessian through them would otherwise see
+    constants and drop its terms without a word.
+    """
+    method = module.__name__.split(".")[-2]  # mcattn.<method>.grad
+    return GradientNotSupportedError(
+        f"method {method!r}: mcattn's gradients are first order only, and these were "
+        "differentiated again (torch create_graph=True, a nested tf.GradientTape, "
+        "jax.grad of jax.grad: a gradient penalty, a Hessian). Compute higher-order "
+        "terms with the framework's own attention (for exact attention: torch's "
+        "scaled_dot_product_attention with the math backend, or softmax(q k^T) v in JAX/TF)")
 
 
 def split_knobs(module, knobs):

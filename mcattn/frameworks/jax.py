@@ -8,6 +8,11 @@ call :func:`mcattn.attention` directly (DLPack to CuPy), without gradients.
 
 The backward recomputes the forward on the host (a callback's residuals would need their
 shapes in advance): a backward pass costs one forward more than the kernels alone.
+
+Gradients are first order: ``jax.grad`` of ``jax.grad`` raises
+:class:`mcattn.errors.GradientNotSupportedError`, and forward mode (``jax.jvp``,
+``jax.jacfwd``, ``jax.hessian``) raises JAX's own ``TypeError`` for a ``custom_vjp``
+function ("can't apply forward-mode autodiff").
 """
 
 import jax
@@ -78,7 +83,16 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
     def call_bwd(xs, g):
         structs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for n, x in zip(names, xs)
                         if n in differentiable)
-        grads = iter(jax.pure_callback(host_backward, structs, *xs, g, vmap_method="sequential"))
+
+        @jax.custom_jvp  # the backward kernels are first order: refuse grad of grad by name
+        def backward(*xs_and_g):
+            return jax.pure_callback(host_backward, structs, *xs_and_g, vmap_method="sequential")
+
+        @backward.defjvp
+        def backward_jvp(primals, tangents):
+            raise _grad.second_order_error(module)
+
+        grads = iter(backward(*xs, g))
         result = []
         for name, x in zip(names, xs):
             if name in differentiable:

@@ -4,7 +4,8 @@
 on the host through ``tf.numpy_function``, so it works eagerly, inside ``tf.function`` and
 under ``tf.GradientTape``. Inputs are copied to the host; for GPU tensors without
 gradients call :func:`mcattn.attention` directly (DLPack). The backward recomputes the
-forward on the host.
+forward on the host. Gradients are first order: an outer ``tf.GradientTape`` that
+differentiates them raises :class:`mcattn.errors.GradientNotSupportedError`.
 """
 
 import tensorflow as tf
@@ -68,8 +69,18 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
                                       Tout=[x.dtype for x in xs], stateful=False)
             for g, x in zip(grads, xs):
                 g.set_shape(x.shape)
-            return list(grads)
+            return first_order_only(*grads, *xs, dout)
 
         return out, grad
+
+    @tf.custom_gradient
+    def first_order_only(*tensors):
+        """The gradients (the first ``len(diff_tensors)`` tensors) as an op over the inputs
+        and ``dout`` whose own gradient raises: an outer tape must not see constants."""
+
+        def refuse(*unused):
+            raise _grad.second_order_error(module)
+
+        return [tf.identity(g) for g in tensors[:len(diff_tensors)]], refuse
 
     return call(*diff_tensors)

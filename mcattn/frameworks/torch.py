@@ -6,8 +6,9 @@
   kernels (``mcattn/<method>/grad.py``); otherwise it is the plain forward.
 * :func:`use_method` swaps a method into the self-attention of a transformers model for
   the duration of a ``with`` block, without copying or touching any weight: it registers
-  an attention function with transformers' ``AttentionInterface`` and points the model's
-  config at it, then restores the previous implementation.
+  an attention function of its own with transformers' ``AttentionInterface``, points this
+  model's configs at it, then restores what they ran before and unregisters it. Blocks
+  on several models, nested or in several threads, do not interfere.
 
 Every method goes through the front door :func:`mcattn.attention` (``method=``, knobs by
 keyword); a method that needs more than q, k, v from the model gives a function in
@@ -17,6 +18,7 @@ on the module's ``value`` Linear and its weight as ``value.weight.T``.
 
 import contextlib
 import itertools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,8 @@ class _MethodFunction(torch.autograd.Function):
         out, residuals = module.forward(q, k, v, **common, **masks, **knobs)
         ctx.saved = (module, bridge, q, k, v, out, residuals, masks, knobs, common)
         ctx.names = names
+        # The inputs themselves, for create_graph=True: the gradients depend on them.
+        ctx.save_for_backward(*(t for t in tensors if isinstance(t, torch.Tensor)))
         return bridge.export(out)
 
     @staticmethod
@@ -58,7 +62,37 @@ class _MethodFunction(torch.autograd.Function):
         result = [None, None, None, None]
         for name, needed in zip(ctx.names, ctx.needs_input_grad[4:]):
             result.append(bridge.export(grads[name]) if needed and name in grads else None)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must not pass for constants
+            result = _first_order_only(module, result, ctx.saved_tensors + (dout,))
         return tuple(result)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Gradients of a method call recorded under ``create_graph=True``: they depend on the
+    call's inputs, so they require grad, and differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, module, count, *tensors):  # ``count`` gradients, then the inputs
+        ctx.module = module
+        return tuple(t.detach().clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise _grad.second_order_error(ctx.module)
+
+
+def _first_order_only(module, grads, inputs):
+    """``grads`` (None where absent) as outputs of a :class:`_FirstOrderOnly` node over the
+    ``inputs`` that require grad (none: no dependency to record)."""
+    linked = [t for t in inputs if t.requires_grad]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not linked or not present:
+        return grads
+    refused = _FirstOrderOnly.apply(module, len(present), *(grads[i] for i in present), *linked)
+    grads = list(grads)
+    for i, g in zip(present, refused):
+        grads[i] = g
+    return grads
 
 
 def attention(q, k, v=None, *, method="exact", **kwargs):
@@ -204,7 +238,21 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
                      scale=scale, **common, **merged)
 
 
-_NAME = "mcattn"
+#: One registered attention name per ``use_method`` context ("mcattn_0", "mcattn_1", ...).
+_NAMES = itertools.count()
+_LOCK = threading.Lock()
+#: id(config) -> the live contexts on that config (several: nested blocks, or models that
+#: share one config object).
+_SWAPS = {}
+
+
+@dataclass
+class _ConfigSwaps:
+    """The contexts that swapped into one config: what it ran before the first, and theirs."""
+
+    config: object
+    base: object  # the config's ``_attn_implementation`` before any live context
+    names: list  # the contexts' registered names, innermost last
 
 
 def _as_bool_mask(mask, q):
@@ -216,9 +264,97 @@ def _as_bool_mask(mask, q):
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def _model_configs(model):
+    """Every config of ``model``'s modules and their sub-configs, each before its sub-configs.
+
+    transformers' ``_attn_implementation`` setter writes a config's sub-configs too, so
+    writing parents first leaves each config with the value written to it last.
+    """
+    found = {}
+
+    def children(config):
+        subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", None) or {})
+        return [sub for sub in subs if sub is not None and hasattr(sub, "_attn_implementation")]
+
+    def visit(config):
+        if id(config) not in found:
+            found[id(config)] = config
+            for sub in children(config):
+                visit(sub)
+
+    def descendants(config, seen):
+        for sub in children(config):
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                descendants(sub, seen)
+        return seen
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            visit(config)
+    configs = list(found.values()) or [model.config]
+    return sorted(configs, key=lambda c: -len(descendants(c, set())))  # a parent has more
+
+
+def _push(configs, name):
+    """Point ``configs`` at context ``name`` (innermost from now on)."""
+    with _LOCK:
+        for config in configs:  # every base before any write: a write reaches sub-configs
+            swaps = _SWAPS.setdefault(id(config), _ConfigSwaps(config, config._attn_implementation, []))
+            swaps.names.append(name)
+        for config in configs:
+            config._attn_implementation = name
+
+
+def _pop(configs, name):
+    """Take context ``name`` off ``configs``: each runs its innermost remaining context, or
+    what it ran before the first."""
+    with _LOCK:
+        for config in configs:
+            swaps = _SWAPS[id(config)]
+            swaps.names.remove(name)
+            config._attn_implementation = swaps.names[-1] if swaps.names else swaps.base
+            if not swaps.names:
+                del _SWAPS[id(config)]
+
+
+def _attention_below(name, module, query, key, value, attention_mask, **kwargs):
+    """Run, for a module that context ``name`` does not own (another model sharing the
+    config), what its config ran beneath ``name``: an outer context or its own attention."""
+    import sys
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    with _LOCK:
+        swaps = _SWAPS[id(module.config)]
+        place = swaps.names.index(name)
+        below = swaps.names[place - 1] if place else swaps.base
+    if not place and attention_mask is not None and attention_mask.dtype == torch.bool \
+            and ALL_MASK_ATTENTION_FUNCTIONS.get(below) is not sdpa_mask:  # eager adds its mask
+        attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(below, eager)
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
+def _keep_input(module, args):
+    """Forward pre-hook on a value Linear: its input for mca's knobs and ``layer_knobs``."""
+    module._mcattn_input = args[0]
+
+
 @contextlib.contextmanager
 def use_method(model, method, **options):
     """Swap an mcattn method into every self-attention of a transformers model.
+
+    Each block registers its own attention function (a name of its own with transformers'
+    ``AttentionInterface``) and points only this model's configs at it, so blocks on two
+    models, in two threads, or nested, each run their own method: in a nested block on the
+    same model the inner method runs, and the outer one again after the inner block exits.
+    On exit (also through an exception) each config gets back what it ran before, the
+    name is unregistered and the block's hooks are removed. Modules of another model that
+    shares a config object with this one keep running what they ran before.
 
     Parameters
     ----------
@@ -254,38 +390,39 @@ def use_method(model, method, **options):
     given = {n: v for n, v in options.items() if n not in hook.consumes and n not in _COMMON}
     check_knobs(method, dict(given, **{name: None for name in supplied if name not in _COMMON}))
     options = dict(options, _calls=itertools.count())
+    name = f"mcattn_{next(_NAMES)}"
+    owned = set(model.modules())
 
     def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            **kwargs):
+        if module not in owned:
+            return _attention_below(name, module, query, key, value, attention_mask,
+                                    scaling=scaling, dropout=dropout, **kwargs)
         mask = _as_bool_mask(attention_mask, query)
         extra = layer_knobs(module) if layer_knobs is not None else {}
         out = method_attention(method, query, key, value, module=module, mask=mask,
                                scale=scaling, **options, **extra)
         return out.transpose(1, 2).contiguous(), None  # [B, N, H, dv], as transformers expects
 
-    AttentionInterface.register(_NAME, attention_function)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_NAME, sdpa_mask)
-    hooks = []
+    hooks, hooked = [], []
     if method == "mca" or layer_knobs is not None:
-        def keep_input(module, args):
-            module._mcattn_input = args[0]
-
-        for sub in model.modules():
+        for sub in owned:
             value = getattr(sub, "value", None)
             if isinstance(value, torch.nn.Linear) and hasattr(sub, "query"):
-                hooks.append(value.register_forward_pre_hook(keep_input))
-    configs = [m.config for m in model.modules() if hasattr(m, "config")] or [model.config]
-    previous = [(c, c._attn_implementation) for c in {id(c): c for c in configs}.values()]
+                hooks.append(value.register_forward_pre_hook(_keep_input))
+                hooked.append(value)
+    configs = _model_configs(model)
+    AttentionInterface.register(name, attention_function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    _push(configs, name)
     try:
-        for config, _ in previous:
-            config._attn_implementation = _NAME
         yield model
     finally:
-        for config, name in previous:
-            config._attn_implementation = name
-        for hook in hooks:
-            hook.remove()
-        for sub in model.modules():
-            value = getattr(sub, "value", None)
-            if value is not None and hasattr(value, "_mcattn_input"):
+        _pop(configs, name)
+        for interface in (AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS):
+            interface._global_mapping.pop(name, None)  # register() writes the class-wide dict
+        for handle in hooks:
+            handle.remove()
+        for value in hooked:  # an outer block's hook still needs the input
+            if _keep_input not in value._forward_pre_hooks.values() and hasattr(value, "_mcattn_input"):
                 del value._mcattn_input
