@@ -11,10 +11,165 @@
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
+
+# Every argument is checked right after parsing, before any computation (a run of compare,
+# evaluate or finetune takes minutes to hours): a bad one stops the command with
+# ``mcattn CMD: error: argument --X: ...`` and exit status 2, as argparse's own errors do.
+# Numeric ranges are argparse types; what needs a file, the registry or the sample is
+# checked by the subcommand's ``check`` function (run by ``main``).
+
+
+class _Refused(Exception):
+    """An argument the command cannot use: ``option`` and what is wrong with it."""
+
+    def __init__(self, option, problem):
+        super().__init__(f"argument {option}: {problem}")
+
+
+def _number(kind, accepts, expected):
+    """An argparse ``type``: ``kind(text)`` when ``accepts`` it; otherwise a one-line error."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, lambda n: n >= 1, "an integer >= 1")
+_seed = _number(int, lambda n: 0 <= n < 2**64, "an integer in [0, 2**64)")
+_fraction = _number(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")  # NaN fails too
+
+
+def _writable_folder(option, folder, path):
+    if not folder.exists():
+        raise _Refused(option, f"{path!r}: directory {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise _Refused(option, f"{path!r}: {str(folder)!r} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _Refused(option, f"{path!r}: directory {str(folder)!r} is not writable")
+
+
+def _output_file(option, path, formats=None, made_folder=None):
+    """Refuse an output file the command could not write when its work is done.
+
+    ``formats``: the suffixes accepted (the format is taken from the suffix);
+    ``made_folder``: a directory the command creates before writing ``path`` there.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise _Refused(option, f"{path!r} is a directory; expected a file name")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise _Refused(option, f"{path!r} is not writable")
+    if formats is not None and target.suffix.lower()[1:] not in formats:
+        raise _Refused(option, f"{path!r}: expected a file name ending in one of "
+                               f"{', '.join('.' + f for f in formats)} (the format is taken "
+                               "from it)")
+    if made_folder is None or target.parent.resolve() != Path(made_folder).resolve():
+        _writable_folder(option, target.parent, path)
+
+
+def _output_folder(option, path):
+    """Refuse a directory that the command could not create (or write into)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise _Refused(option, f"{path!r} exists and is not a directory")
+    folder = target
+    while not folder.exists():  # the missing levels are created (os.makedirs)
+        folder = folder.parent
+    _writable_folder(option, folder, path)
+
+
+def _image_formats():
+    """The suffixes matplotlib can write here (pgf only where its TeX system is installed)."""
+    import shutil
+
+    import matplotlib
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = set(FigureCanvasBase.get_supported_filetypes())
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        formats.discard("pgf")
+    return sorted(formats)
+
+
+def _check_json_and_methods(args):
+    """``--json`` and ``--methods`` (registry names, variants ``NAME:KNOB=VALUE``): compare
+    and evaluate."""
+    from .registry import get_entries
+
+    if args.json:
+        _output_file("--json", args.json)
+    if args.methods:
+        try:
+            get_entries(args.methods)  # unknown methods, variants fixing unknown knobs
+        except ValueError as err:
+            raise _Refused("--methods", str(err)) from None
+
+
+def _check_compare(args):
+    from .data import load_sample
+    from .errors import SampleFileError
+
+    _check_json_and_methods(args)
+    if args.plot:
+        _output_file("--plot", args.plot, formats=_image_formats())
+        if args.json and Path(args.plot).resolve() == Path(args.json).resolve():
+            raise _Refused("--plot", f"{args.plot!r} is the --json file too")
+    try:
+        args.loaded_sample = load_sample(args.sample)
+    except SampleFileError as err:
+        raise _Refused("--sample", str(err)) from None
+    if args.layers:
+        count = args.loaded_sample.num_layers
+        outside = [layer for layer in args.layers if not 0 <= layer < count]
+        if outside:
+            raise _Refused("--layers", f"the sample has {count} layers, 0 to {count - 1}; "
+                                       f"got {outside}")
+        if len(set(args.layers)) < len(args.layers):
+            raise _Refused("--layers", f"a layer given twice: {args.layers}")
+        if args.seed + max(args.layers) >= 2**64:  # layer l draws with seed + l
+            raise _Refused("--seed", f"seed + layer must be below 2**64; got {args.seed}")
+
+
+def _check_energy(args):
+    from .energy import load_table
+
+    if args.d_model % args.heads:
+        raise _Refused("--heads", f"must divide --d-model ({args.d_model}); got {args.heads}")
+    if args.json:
+        _output_file("--json", args.json)
+    try:
+        args.loaded_table = load_table(args.table)
+    except OSError as err:
+        raise _Refused("--table", f"cannot read {args.table!r}: {err.strerror}") from None
+    except ValueError as err:
+        raise _Refused("--table", str(err)) from None
+
+
+def _check_selftest(args):
+    if args.json:
+        _output_file("--json", args.json)
+
+
+def _check_finetune(args):
+    # The method, its knobs and the hyper-parameters are checked by FinetuneConfig.checked
+    # (mcattn.finetune.main), also before any work.
+    if args.save:
+        _output_folder("--save", args.save)
+    if args.json:
+        _output_file("--json", args.json, made_folder=args.save)
 
 def _progress_factory(enabled):
     if not enabled:
@@ -27,17 +182,10 @@ def _progress_factory(enabled):
 
 def _cmd_compare(args):
     from .compare import format_table, plot_pareto, run_comparison
-    from .data import load_sample
     from .registry import METHOD_ENTRIES, get_entries
 
-    sample = load_sample(args.sample)
+    sample = args.loaded_sample  # loaded by _check_compare
     methods = args.methods
-    if methods:
-        try:
-            get_entries(methods)  # unknown methods, variants fixing unknown knobs
-        except ValueError as err:
-            print(f"mcattn compare: {err}", file=sys.stderr)
-            return 2
     rows = run_comparison(sample, methods, seed=args.seed, repeats=args.repeats,
                           layers=args.layers, progress=_progress_factory(not args.no_progress))
     source = args.sample or "the embedded MiniLM sample"
@@ -91,9 +239,9 @@ def _cmd_evaluate(args):
 
 
 def _cmd_energy(args):
-    from .energy import EnergyConfig, format_report, load_table, run
+    from .energy import EnergyConfig, format_report, run
 
-    table, replaced = load_table(args.table)
+    table, replaced = args.loaded_table  # loaded by _check_energy
     cfg = EnergyConfig(d_model=args.d_model, heads=args.heads, length=args.length,
                        ones_fraction=args.ones_fraction, latte_keep=args.latte_keep,
                        rfa_features=args.rfa_features)
@@ -108,6 +256,8 @@ def _cmd_energy(args):
             json.dump(result, fh, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
 def _cmd_finetune(args):
     from .finetune import main as finetune_main
 
@@ -121,6 +271,9 @@ def _cmd_selftest(args):
 
 
 def build_parser():
+    from ._dispatch import BACKEND_NAMES
+    from .selftest import CHECKS
+
     parser = argparse.ArgumentParser(
         prog="mcattn", description="Approximate softmax attention: compare methods on real attention.")
     sub = parser.add_subparsers(dest="command")
@@ -135,13 +288,17 @@ def build_parser():
                               "mca:shared_draws=True")
     compare.add_argument("--sample", metavar="PATH",
                          help="an .npz with q, k, v (and optionally key_padding_mask, x, w_v, b_v)")
-    compare.add_argument("--layers", type=int, nargs="+", metavar="L", help="layers to use")
-    compare.add_argument("--seed", type=int, default=0, help="seed of the random methods")
-    compare.add_argument("--repeats", type=int, default=3, help="timing repeats (best kept)")
-    compare.add_argument("--plot", metavar="FILE", help="write an error-versus-cost plot (PNG)")
+    compare.add_argument("--layers", type=int, nargs="+", metavar="L",
+                         help="layers to use, 0 to L-1 (default: all)")
+    compare.add_argument("--seed", type=_seed, default=0, help="seed of the random methods")
+    compare.add_argument("--repeats", type=_positive_int, default=3,
+                         help="timing repeats (best kept)")
+    compare.add_argument("--plot", metavar="FILE",
+                         help="write an error-versus-cost plot (format from the suffix: .png, "
+                              ".pdf, .svg, ...)")
     compare.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
-    compare.set_defaults(func=_cmd_compare)
+    compare.set_defaults(func=_cmd_compare, check=_check_compare)
 
     evaluate = sub.add_parser(
         "evaluate", help="methods inside the real model on real tasks (needs mcattn[eval])",
@@ -149,10 +306,10 @@ def build_parser():
                     "document similarity and movie-review polarity against exact attention.")
     evaluate.add_argument("--methods", nargs="+", metavar="NAME",
                           help="methods (default: all); variants as for compare")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--json", metavar="FILE")
     evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(func=_cmd_evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate, check=_check_json_and_methods)
 
     methods = sub.add_parser("methods", help="the methods mcattn.attention runs, with their knobs")
     methods.set_defaults(func=_cmd_methods)
@@ -162,20 +319,20 @@ def build_parser():
                     "configuration, price them with an energy table and set the figures "
                     "next to the E-Att, MCA, LATTE and RFA papers' claims. Defaults: E-Att's "
                     "Transformer-base (d_model 512, 8 heads), 32 tokens.")
-    energy.add_argument("--d-model", type=int, default=512)
-    energy.add_argument("--heads", type=int, default=8)
-    energy.add_argument("--length", type=int, default=32, help="tokens per sequence")
-    energy.add_argument("--ones-fraction", type=float, default=0.5,
+    energy.add_argument("--d-model", type=_positive_int, default=512)
+    energy.add_argument("--heads", type=_positive_int, default=8, help="must divide --d-model")
+    energy.add_argument("--length", type=_positive_int, default=32, help="tokens per sequence")
+    energy.add_argument("--ones-fraction", type=_fraction, default=0.5,
                         help="E-Att: fraction of binarised inputs that are 1")
-    energy.add_argument("--latte-keep", type=float, default=0.15,
+    energy.add_argument("--latte-keep", type=_fraction, default=0.15,
                         help="LATTE: fraction of keys kept (0.15: ~85%% filtered)")
-    energy.add_argument("--rfa-features", type=int, default=128)
+    energy.add_argument("--rfa-features", type=_positive_int, default=128)
     energy.add_argument("--table", metavar="FILE",
                         help="JSON object kind -> picojoules replacing entries of the 45 nm table")
     energy.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     energy.add_argument("--no-mca", action="store_true",
                         help="skip MCA's figures on the real sample (the slow part)")
-    energy.set_defaults(func=_cmd_energy)
+    energy.set_defaults(func=_cmd_energy, check=_check_energy)
 
     backends = sub.add_parser("backends", help="which backends can run here")
     backends.set_defaults(func=_cmd_backends)
@@ -188,9 +345,11 @@ def build_parser():
     selftest.add_argument("--json", metavar="FILE", help="write the table (and timings) as JSON")
     selftest.add_argument("--bench", action="store_true",
                           help="also time the GPU backends against torch SDPA (N = 1k..16k)")
-    selftest.add_argument("--backends", nargs="+", metavar="NAME", help="backends to check")
-    selftest.add_argument("--methods", nargs="+", metavar="NAME", help="methods to check")
-    selftest.set_defaults(func=_cmd_selftest)
+    selftest.add_argument("--backends", nargs="+", metavar="NAME", choices=BACKEND_NAMES,
+                          help=f"backends to check: {', '.join(BACKEND_NAMES)} (default: all)")
+    selftest.add_argument("--methods", nargs="+", metavar="NAME", choices=list(CHECKS),
+                          help=f"methods to check: {', '.join(CHECKS)} (default: all)")
+    selftest.set_defaults(func=_cmd_selftest, check=_check_selftest)
 
     finetune = sub.add_parser(
         "finetune", help="distil the real model with a method swapped in (needs mcattn[eval])",
@@ -216,13 +375,15 @@ def build_parser():
     finetune.add_argument("--max-length", type=int, default=128, help="tokens per training text")
     finetune.add_argument("--corpus", default="lee_background",
                           help="lee_background (news sentences) or head500 (stemmed Wikipedia)")
-    finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    finetune.add_argument("--seed", type=_seed, default=0)
+    finetune.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     finetune.add_argument("--save", metavar="DIR", help="write the fine-tuned weights and config")
     finetune.add_argument("--json", metavar="FILE", help="write losses and scores as JSON")
     finetune.add_argument("--no-eval", action="store_true", help="train only, no task scores")
     finetune.add_argument("--no-progress", action="store_true")
-    finetune.set_defaults(func=_cmd_finetune)
+    finetune.set_defaults(func=_cmd_finetune, check=_check_finetune)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -235,6 +396,10 @@ def main(argv=None):
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    try:
+        getattr(args, "check", lambda args: None)(args)
+    except _Refused as refused:
+        args.command_parser.error(str(refused))  # usage, then one line; exit status 2
     from .errors import McattnError
 
     try:

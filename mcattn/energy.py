@@ -291,16 +291,30 @@ def load_table(path=None):
     table : dict of str to float
     replaced : list of str
         Kinds whose price the file set.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    ValueError
+        It is not a JSON object of known kinds to non-negative finite numbers.
     """
     table = dict(HOROWITZ_45NM_PJ)
     if path is None:
         return table, []
-    with open(path) as fh:
-        given = json.load(fh)
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        given = json.loads(raw)
+    except ValueError as exc:  # not UTF-8 or not JSON
+        raise ValueError(f"{path}: not a JSON file ({exc})") from None
     if not isinstance(given, dict):
         raise ValueError(f"{path}: the table must be a JSON object of kind -> picojoules")
     for kind, price in given.items():
-        if not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+        if kind not in table:  # a misspelt kind would price nothing
+            raise ValueError(f"{path}: unknown kind {kind!r}; the kinds are {', '.join(table)}")
+        if (isinstance(price, bool) or not isinstance(price, (int, float))
+                or not math.isfinite(price) or price < 0):
             raise ValueError(f"{path}: price of {kind!r} must be a non-negative number; got {price!r}")
         table[kind] = float(price)
     return table, sorted(given)

@@ -124,8 +124,10 @@ class FinetuneConfig:
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0; got {self.lr!r}")
+        if not 0 <= self.token_weight < math.inf:
+            raise ValueError(f"token_weight must be a finite number >= 0; got {self.token_weight!r}")
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
         if self.gate and self.method != "rfa":

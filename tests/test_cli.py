@@ -16,7 +16,10 @@ from mcattn.registry import MethodEntry, Trial
 
 
 def _run(argv, capsys):
-    code = cli.main(argv)
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # an argument refused: argparse's exit, status 2
+        code = exc.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
