@@ -63,11 +63,11 @@ def check_mode(mode):
 def check_thresholds(threshold, mode, heads):
     """``threshold`` (a number or ``[H]``) checked for ``mode``, as a float64 ``[H]`` array."""
     check_mode(mode)
-    try:
-        t = np.asarray(threshold if not hasattr(threshold, "get") else threshold.get(), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"threshold must be a number or an array of one per head; "
-                        f"got {threshold!r}") from None
+    raw = np.asarray(threshold if not hasattr(threshold, "get") else threshold.get())
+    if raw.dtype.kind not in "iuf":  # None, a string, a bool: no silent NaN or 1.0
+        raise TypeError(f"threshold must be a number or an array of one number per head [H]; "
+                        f"got {threshold!r}")
+    t = raw.astype(np.float64)
     if t.ndim == 0:
         t = np.full(heads, float(t))
     elif t.ndim != 1 or t.shape[0] != heads:
