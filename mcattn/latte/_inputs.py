@@ -67,10 +67,8 @@ def check_thresholds(threshold, mode, heads):
     if raw.dtype.kind not in "iuf":  # None, a string, a bool: no silent NaN or 1.0
         raise TypeError(f"threshold must be a number or an array of one number per head [H]; "
                         f"got {threshold!r}")
-    t = raw.astype(np.float64)
-    if t.ndim == 0:
-        t = np.full(heads, float(t))
-    elif t.ndim != 1 or t.shape[0] != heads:
+    t = raw.astype(np.float64)  # checked as given: a bad number is refused even with no heads
+    if t.ndim != 0 and (t.ndim != 1 or t.shape[0] != heads):
         from ..errors import ShapeError
 
         raise ShapeError(f"threshold must be a number or have shape [H] = ({heads},) (one per head); "
@@ -84,7 +82,7 @@ def check_thresholds(threshold, mode, heads):
         if not np.isfinite(t).all() or (t != np.round(t)).any() or (t < 1).any():
             raise ValueError(f"threshold of mode 'topk' is the number of keys to keep: whole numbers "
                              f">= 1; got {t}")
-    return t
+    return np.full(heads, float(t)) if t.ndim == 0 else t
 
 
 def prepare_latte(q, k, v, *, threshold, mode, attn_mask, key_padding_mask, is_causal, scale,
