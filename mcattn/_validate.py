@@ -102,7 +102,7 @@ def positive_real(name, value):
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a positive real number; got {value!r}") from None
     if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
     return x
 
 

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import GPU_PRESENT, rel_error
+from helpers import GPU_PRESENT, method_knobs, rel_error
 
 import mcattn
 from mcattn import mca
@@ -113,23 +113,6 @@ def test_every_registered_source_runs_through_the_fake(cupy_or_fake):
 
 
 # --- device in = device out ---------------------------------------------------------------
-def _door_knobs(rng, x, w):
-    """Sample knobs of every registered method for keys of length 7 (a new method must add
-    its own here)."""
-    from mcattn import eigen
-
-    basis = eigen.fit(eigen.score_rows(rng.standard_normal((6, 7, 4)), rng.standard_normal((6, 7, 4))),
-                      rank=2)
-    return {
-        "exact": {},
-        "mca": dict(x=x, w_v=w, alpha=0.5, seed=1),
-        "rfa": dict(num_features=8, seed=0),
-        "eatt": {},
-        "latte": dict(threshold=1.0),
-        "eigen": dict(basis=basis, columns=np.array([0, 3, 5])),
-    }
-
-
 @needs_fake
 def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
     """Inputs on GPU 1 while GPU 0 is current: kernels launch on 1 (the fake refuses a
@@ -157,16 +140,15 @@ def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
         "mca shared": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy",
                                     shared_draws=True),
     }
-    host_knobs = _door_knobs(rng, x, w)
-    knobs = dict(host_knobs, mca=dict(host_knobs["mca"], x=dx, w_v=dw))
-    for name in METHOD_ENTRIES:
-        assert name in knobs, f"add sample knobs for the new method {name!r} to _door_knobs"
+    for name in METHOD_ENTRIES:  # the front door, every registered method (helpers.method_knobs)
+        host_knobs = method_knobs(name, 2, 7, 4)
+        knobs = dict(host_knobs, **{n: on_gpu1(host_knobs[n]) for n in ("x", "w_v") if n in host_knobs})
         values = None if name == "mca" else dv
-        results[name] = mcattn.attention(dq, dk, values, method=name, backend="cupy", **knobs[name])
+        results[name] = mcattn.attention(dq, dk, values, method=name, backend="cupy", **knobs)
         results[name + " empty"] = mcattn.attention(dq[:0], dk[:0], None if values is None else dv[:0],
-                                                    method=name, backend="cupy", **knobs[name])
+                                                    method=name, backend="cupy", **knobs)
         assert results[name + " empty"].shape == (0, 2, 7, 4), name
-        host = mcattn.attention(q, k, None if name == "mca" else v, method=name, **host_knobs[name])
+        host = mcattn.attention(q, k, None if name == "mca" else v, method=name, **host_knobs)
         assert rel_error(results[name].get(), host) < 1e-12, name
     for name, out in results.items():
         assert out.device.id == 1, name
