@@ -9,8 +9,15 @@ Every public function calls :func:`import_arrays` once on entry and
   allows: ``np.from_dlpack`` / ``cupy.from_dlpack`` on the way in and the framework's
   ``from_dlpack`` on the way out, so a torch CPU tensor comes back as a torch CPU tensor
   and a CUDA tensor stays on its device.
+* Nested Python lists (and other array-likes) are imported with ``numpy.asarray``: they
+  are NumPy arrays from here on.
+* The floating-point arguments of a call (``q``, ``k``, ``v`` and the data arrays a
+  method takes beside them, such as mca's ``x``, ``w_v``) must share one dtype, checked
+  here on the dtypes as given, before any widening: float16 with float32 is as much an
+  error as float32 with float64 (:class:`~mcattn.errors.DTypeError`).
 * float16 and bfloat16 are widened to float32 for the computation and the result is cast
-  back to the input dtype (bfloat16 in the framework itself, since NumPy has no bfloat16).
+  back to the input dtype (bfloat16 in the framework itself; a NumPy bfloat16 array, from
+  ``ml_dtypes``, comes back as one).
 * A torch tensor that requires grad is refused while grad mode is on: the array API is
   forward only (the autograd adapters in ``mcattn.frameworks`` wire the backward kernels),
   and detaching silently would break training code without a word. Under
@@ -24,7 +31,7 @@ import numpy as np
 
 from .errors import DTypeError, GradientNotSupportedError
 
-__all__ = ["ArrayBridge", "import_arrays", "array_kind", "is_cupy", "host_copy"]
+__all__ = ["ArrayBridge", "import_arrays", "check_same_dtype", "array_kind", "is_cupy", "host_copy"]
 
 _WIDENED = ("float16", "bfloat16")
 _TF_ALIGNMENT = 64
@@ -95,8 +102,8 @@ class ArrayBridge:
         if out is None:
             return None
         if self.kind in ("numpy", "other", "cupy"):
-            if self.input_dtype == "float16":
-                out = out.astype("float16")
+            if self.input_dtype in _WIDENED:  # a bfloat16 NumPy input means ml_dtypes is loaded
+                out = out.astype(self.input_dtype)
             return out
         if self.kind == "torch":
             import torch
@@ -217,17 +224,20 @@ def _torch_keep_for_cupy_stream(tensor, cupy):
         tensor.record_stream(stream)
 
 
-def import_arrays(arrays, *, float_names=None):
+def import_arrays(arrays, *, float_names=None, same_dtype=None):
     """Bring the caller's arrays to native NumPy/CuPy arrays.
 
     Parameters
     ----------
     arrays : dict[str, array or None]
         Inputs by argument name (names are used in error messages). ``None`` entries are
-        passed through.
+        passed through; nested lists become NumPy arrays.
     float_names : sequence of str, optional
         Arguments that must be floating point; their dtype decides the compute dtype
         (float16/bfloat16 are widened to float32). Default: every argument.
+    same_dtype : sequence of str, optional
+        Arguments that must share one dtype, as given (float16 with float32 is refused
+        like float32 with float64). Default: ``float_names``.
 
     Returns
     -------
@@ -239,11 +249,15 @@ def import_arrays(arrays, *, float_names=None):
     TypeError
         Arrays of different libraries are mixed (for example a torch ``q`` with a JAX ``k``).
     DTypeError
-        A float argument holds integers, booleans or complex numbers.
+        A float argument holds integers, booleans or complex numbers, or the arguments of
+        ``same_dtype`` differ in dtype.
     GradientNotSupportedError
         A torch tensor requires grad while torch's grad mode is on.
     """
     float_names = list(arrays) if float_names is None else list(float_names)
+    same_dtype = float_names if same_dtype is None else list(same_dtype)
+    arrays = {n: (np.asarray(x) if x is not None and array_kind(x) == "other" else x)
+              for n, x in arrays.items()}
     kinds = {}
     for name, x in arrays.items():
         if x is None:
@@ -255,36 +269,27 @@ def import_arrays(arrays, *, float_names=None):
         raise ValueError("no array arguments were given")
     lead = main[0]
     for name in float_names:
-        if name in kinds and kinds[name] != lead and {kinds[name], lead} != {"numpy", "other"}:
+        if name in kinds and kinds[name] != lead:
             raise TypeError(
                 f"all array arguments must come from one library; {float_names[0]} is a "
                 f"{lead} array but {name} is a {kinds[name]} array"
             )
-    input_dtype = None
+    dtypes = {name: _dtype_name(arrays[name]) for name in float_names if name in kinds}
+    for name, dname in dtypes.items():
+        if not _is_float_name(dname):
+            raise DTypeError(
+                f"{name} must be a floating-point array (float16, bfloat16, float32 or "
+                f"float64); got dtype {dname}"
+            )
+    check_same_dtype({n: dtypes[n] for n in same_dtype if n in dtypes})
     native = {}
     for name, x in arrays.items():
         if x is None:
             native[name] = None
             continue
         kind = kinds[name]
-        if name in float_names:
-            dname = _dtype_name(x) if kind not in ("other",) else np.asarray(x).dtype.name
-            if not _is_float_name(dname):
-                raise DTypeError(
-                    f"{name} must be a floating-point array (float16, bfloat16, float32 or "
-                    f"float64); got dtype {dname}"
-                )
-            if input_dtype is None:
-                input_dtype = dname
-        if kind == "numpy":
-            a = x
-        elif kind == "cupy":
-            a = x
-        elif kind == "other":
-            a = np.asarray(x)
-        else:
-            a = _framework_to_native(x, kind, name)
-        if name in float_names and a.dtype == np.float16:
+        a = x if kind in ("numpy", "cupy") else _framework_to_native(x, kind, name)
+        if a.dtype.name in _WIDENED:
             a = a.astype(np.float32)
         native[name] = a
     devices = {"cuda" if is_cupy(a) else "cpu" for a in native.values() if a is not None}
@@ -298,8 +303,16 @@ def import_arrays(arrays, *, float_names=None):
     if len(set(gpus.values())) > 1:
         raise ValueError(f"arguments live on different GPUs ({gpus}); mcattn never moves data "
                          "between devices on its own — move them first")
-    bridge = ArrayBridge(kind=lead, device=devices.pop(), input_dtype=input_dtype)
+    bridge = ArrayBridge(kind=lead, device=devices.pop(), input_dtype=next(iter(dtypes.values())))
     return bridge, native
+
+
+def check_same_dtype(dtypes):
+    """Raise :class:`DTypeError` unless every argument of ``dtypes`` (name -> dtype name)
+    has the same dtype; the message names each argument and its dtype."""
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise DTypeError(f"{', '.join(dtypes)} must share one dtype; got {listing}")
 
 
 def _is_float_name(name):

@@ -11,12 +11,14 @@ brought to the layout kernels take:
   numbers, not ``B * H * Nq * Nk``, whatever the broadcast.
 """
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._array import host_copy, is_cupy
+from ._array import check_same_dtype, host_copy, is_cupy
 from ._dispatch import Problem
 from .errors import DTypeError, NonFiniteError, ShapeError
 
@@ -29,6 +31,9 @@ __all__ = [
     "check_finite_array",
     "default_scale",
     "sum_to_shape",
+    "check_bool",
+    "check_flags",
+    "positive_real",
 ]
 
 
@@ -56,6 +61,49 @@ def check_finite_array(name, x, *, allow_neg_inf=False):
         raise NonFiniteError(
             f"{name} contains {what}; pass finite inputs or check_finite=False to skip this check"
         )
+
+
+def check_bool(name, value):
+    """``value`` as a bool, or :class:`TypeError` naming ``name`` unless it is a ``bool`` or
+    ``numpy.bool_`` (a truthy string such as ``"no"`` is refused, not read as True)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False (a bool); got {value!r} of type "
+                    f"{type(value).__name__}")
+
+
+def check_flags(func):
+    """Decorator of a public function: every parameter whose default is a bool
+    (``is_causal``, ``return_info``, ``shared_draws``, ...) must be given a bool
+    (:func:`check_bool`), read from the signature once."""
+    params = inspect.signature(func).parameters
+    flags = [name for name, p in params.items() if isinstance(p.default, bool)]
+    positional = {name: i for i, (name, p) in enumerate(params.items())
+                  if name in flags and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD}
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        for name in flags:
+            if name in kwargs:
+                check_bool(name, kwargs[name])
+            elif positional.get(name, len(args)) < len(args):
+                check_bool(name, args[positional[name]])
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def positive_real(name, value):
+    """``value`` as a float, or an error naming ``name`` unless it is a finite real > 0."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+        raise TypeError(f"{name} must be a positive real number; got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive real number; got {value!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    return x
 
 
 def default_scale(head_dim, scale):
@@ -151,6 +199,16 @@ class QKVShapes:
     def out_shape(self):
         return tuple(self.batch_shape) + (self.nq, self.value_dim)
 
+    @property
+    def empty(self):
+        """No (query, key) pair: a zero batch, ``Nq = 0`` or ``Nk = 0``."""
+        return self.q.shape[0] == 0 or self.nq == 0 or self.nk == 0
+
+    def zero_output(self):
+        """``[BH, Nq, dv]`` zeros: the result of an :attr:`empty` call, whatever the method
+        (docs/conventions.md, zero sizes)."""
+        return self.xp.zeros((self.q.shape[0], self.nq, self.value_dim), self.dtype)
+
 
 @dataclass(frozen=True)
 class AttentionInputs(QKVShapes):
@@ -208,12 +266,8 @@ def sum_to_shape(grad, shape):
 
 
 def _compute_dtype(named):
-    dtypes = {name: a.dtype for name, a in named.items()}
-    distinct = set(dtypes.values())
-    if len(distinct) > 1:
-        listing = ", ".join(f"{n}={d}" for n, d in dtypes.items())
-        raise DTypeError(f"{', '.join(named)} must share one dtype; got {listing}")
-    dt = distinct.pop()
+    check_same_dtype({name: a.dtype.name for name, a in named.items()})
+    dt = next(iter(named.values())).dtype
     if dt not in (np.float32, np.float64):
         raise DTypeError(f"{', '.join(named)} must be float32 or float64 here; got {dt}")
     return dt
@@ -329,6 +383,8 @@ def prepare_attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_caus
     -------
     AttentionInputs
     """
+    is_causal = check_bool("is_causal", is_causal)
+    check_finite = check_bool("check_finite", check_finite)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_rank(name, x, {"q": "[..., Nq, d]", "k": "[..., Nk, d]", "v": "[..., Nk, dv]"}[name])
     dtype = _compute_dtype({"q": q, "k": k, "v": v})

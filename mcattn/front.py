@@ -11,6 +11,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 
+from ._validate import check_bool, check_flags
 from .registry import METHOD_ENTRIES, get_entries
 
 __all__ = ["attention", "methods", "MethodSpec", "COMMON_ARGUMENTS"]
@@ -97,7 +98,8 @@ def check_knobs(method, knobs):
     ValueError
         Unknown method (the message lists the methods).
     TypeError
-        A knob the method does not take, or a required knob missing (named).
+        A knob the method does not take, a required knob missing, or a bool knob (one whose
+        default is a bool) given anything but a bool (named).
     """
     entry, spec = _lookup(method)
     unknown = sorted(set(knobs) - set(spec.knobs))
@@ -108,9 +110,13 @@ def check_knobs(method, knobs):
     missing = [name for name in spec.required if name not in knobs]
     if missing:
         raise TypeError(f"method {method!r} needs the knob(s) {', '.join(map(repr, missing))}")
+    for name, default in spec.knobs.items():
+        if isinstance(default, bool) and name in knobs:
+            check_bool(name, knobs[name])
     return entry, spec
 
 
+@check_flags
 def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=None, is_causal=False,
               scale=None, backend=None, check_finite=True, return_info=False, **knobs):
     """Softmax attention, exact or approximated by ``method``.
@@ -153,7 +159,9 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
     ValueError
         Unknown method.
     TypeError
-        A knob the method does not take, or a required knob missing.
+        A knob the method does not take, a required knob missing, or a flag
+        (``is_causal``, ``check_finite``, ``return_info``, a method's bool knob) that is
+        not a bool.
 
     Examples
     --------

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import dense_attention, rel_error, require
+from helpers import dense_attention, method_knobs, rel_error, require
 
 import mcattn
 from mcattn import mca, rfa
@@ -73,6 +73,22 @@ def test_door_errors_name_the_problem(qkv):
     with pytest.raises(TypeError, match="either features= or num_features="):
         mcattn.attention(q, k, v, method="rfa", num_features=4,
                          features=rfa.RandomFeatures(8, 4, seed=0))
+
+
+@pytest.mark.parametrize("method", list(mcattn.registry.METHOD_ENTRIES))
+def test_every_method_takes_nested_lists(method, qkv):
+    """Lists (inputs and array knobs) are imported at the boundary, as NumPy arrays: the
+    result is the NumPy one (rfa and mca's door read ``q.shape`` before importing)."""
+    q, k, v = (a[:1, :2, :6] for a in qkv)
+    knobs = method_knobs(method, 2, 6, 8)
+    if method == "mca":
+        v = None
+    arrays = mcattn.attention(q, k, v, method=method, **knobs)
+    lists = {n: a.tolist() if n in ("x", "w_v") else a for n, a in knobs.items()}
+    out = mcattn.attention(q.tolist(), k.tolist(), None if v is None else v.tolist(), method=method,
+                           key_padding_mask=[[True] * 6], **lists)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    assert np.array_equal(out, arrays)
 
 
 def test_budgets_return_the_array_type_they_were_given(qkv):

@@ -40,8 +40,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._array import ArrayBridge, _framework_to_native, array_kind, import_arrays, is_cupy
+from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
-from .._validate import check_finite_array, default_scale, namespace_of, prepare_attention
+from .._validate import (
+    check_finite_array,
+    check_flags,
+    default_scale,
+    namespace_of,
+    prepare_attention,
+)
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
 from ..exact import exact_ops
@@ -214,6 +221,7 @@ def _check_binary(name, b):
     return b != 0
 
 
+@on_input_device
 def binarize(x):
     """``1[x > 0]``: the binary codes E-Att projects.
 
@@ -231,6 +239,7 @@ def binarize(x):
     return bridge.export(naive.binarize(a["x"]))
 
 
+@on_input_device
 def pack_bits(b):
     """Pack 0/1 codes 64 to a ``uint64`` word.
 
@@ -257,6 +266,7 @@ def pack_bits(b):
     return bridge.export(naive.pack_bits(_check_binary("b", native)))
 
 
+@on_input_device
 def unpack_bits(words, d):
     """Inverse of :func:`pack_bits`.
 
@@ -311,6 +321,8 @@ def _projection(bits_or_words, w, bias, packed, backend):
     return out, kernel, ones
 
 
+@on_input_device
+@check_flags
 def selective_projection(b, w, bias=None, *, backend=None, check_finite=True, return_info=False):
     """``b @ w + bias`` for binary ``b``, as sums of the selected rows of ``w`` (no multiplies).
 
@@ -352,7 +364,6 @@ def selective_projection(b, w, bias=None, *, backend=None, check_finite=True, re
     if bias is not None:
         if bias.shape != (d_out,):
             raise ShapeError(f"bias must have shape ({d_out},) (d_out of w); got {bias.shape}")
-        bias = bias.astype(w.dtype, copy=False)
     if check_finite:
         check_finite_array("w", w)
         if bias is not None:
@@ -384,6 +395,8 @@ def selective_projection(b, w, bias=None, *, backend=None, check_finite=True, re
 # ----------------------------------------------------------------------------- scores
 
 
+@on_input_device
+@check_flags
 def l1_scores(q, k, *, scale=None, check_finite=True):
     """E-Att's alignment scores ``-||q_i - k_j||_1 * scale``.
 
@@ -410,6 +423,7 @@ def l1_scores(q, k, *, scale=None, check_finite=True):
     return bridge.export(out)
 
 
+@on_input_device
 def hamming_scores(qb, kb):
     """Hamming distances ``popcount(qb xor kb)`` of packed binary codes.
 
@@ -461,12 +475,16 @@ def _run_attention(inp, alignment, backend):
     """Kernel output ``[BH, Nq, dv]`` and the kernel, for canonical inputs."""
     _positive_scale(inp.scale)
     kernel = select_kernel("eatt attention", KERNELS, inp.problem(), backend)
+    if inp.empty:
+        return inp.zero_output(), kernel
     codes = None
     if alignment == "hamming":
         codes = (naive.pack_bits(inp.q > 0), naive.pack_bits(inp.k > 0))
     return kernel(inp, alignment, codes), kernel
 
 
+@on_input_device
+@check_flags
 def attention(q, k, v, *, alignment="l1", attn_mask=None, key_padding_mask=None, is_causal=False,
               scale=None, backend=None, check_finite=True, return_info=False):
     """E-Att attention on projected queries and keys: ``softmax(-scale * dist(q, k)) v``.
@@ -538,6 +556,8 @@ def _check_bias(name, b, width, dtype):
         raise DTypeError(f"{name} must have the dtype of x ({dtype}); got {b.dtype}")
 
 
+@on_input_device
+@check_flags
 def layer(x, w_q, w_k, w_v, *, num_heads, b_q=None, b_k=None, b_v=None, w_o=None, b_o=None,
           alignment="l1", attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
           backend=None, check_finite=True, return_info=False):

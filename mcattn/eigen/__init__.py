@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._array import import_arrays
+from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
-from .._validate import prepare_attention
+from .._validate import check_flags, prepare_attention
 from ..cost import CallInfo, OpCounts
 from ..errors import ShapeError
 from ..exact import exact_ops
@@ -198,6 +199,8 @@ def check_plan_fits(inp, plan):
                          f"got batch dims {inp.batch_shape}")
 
 
+@on_input_device
+@check_flags
 def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="conditional",
               attn_mask=None, key_padding_mask=None, is_causal=False, scale=None, backend=None,
               check_finite=True, return_info=False):
@@ -271,7 +274,7 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
     problem = type(problem)(problem.device, problem.dtype, problem.head_dim, problem.value_dim,
                             problem.features, sizes)
     kernel = select_kernel("eigen attention", KERNELS, problem, backend)
-    out = kernel(inp, plan).reshape(inp.out_shape)
+    out = (inp.zero_output() if inp.empty else kernel(inp, plan)).reshape(inp.out_shape)
     result = bridge.export(out)
     if not return_info:
         return result

@@ -137,9 +137,12 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     """
     if isinstance(columns, Plan):  # built once, reused across calls
         return columns
-    bases = (basis,) if isinstance(basis, EigenBasis) else tuple(basis)
-    if not bases or not all(isinstance(b, EigenBasis) for b in bases):
-        raise TypeError("basis must be an EigenBasis or a non-empty sequence of them (one per head)")
+    bases = (basis,) if isinstance(basis, EigenBasis) else basis
+    if not isinstance(bases, (list, tuple)) or not bases or not all(isinstance(b, EigenBasis)
+                                                                     for b in bases):
+        raise TypeError("basis must be an EigenBasis or a non-empty sequence of them (one per "
+                        f"head); got {_describe(basis)}")
+    bases = tuple(bases)
     n = bases[0].length
     for b in bases:
         if b.length != n:
@@ -167,6 +170,10 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
             raise ValueError(f"per_query ({per_query}) must leave at least one fixed column of {budget}")
         col_sets = [_pick_columns(b, rr, fixed, column_method) for b, rr in zip(bases, ranks)]
     else:
+        if not _is_index_arrays(columns):
+            raise TypeError("columns must be an int (a budget of columns per query), an array of "
+                            "column indices [m], one such array per head, or a Plan; got "
+                            f"{_describe(columns)}")
         per_query = 0 if per_query is None else per_query
         arr = [columns] if np.ndim(columns) == 1 else list(columns)
         if len(arr) not in (1, len(bases)):
@@ -185,6 +192,23 @@ def make_plan(basis, columns, *, rank=None, per_query=None, estimator="condition
     gs, offs = zip(*(reconstruction_map(b, c, rr, estimator) for b, c, rr in zip(bases, col_sets, ranks)))
     return Plan(columns=np.stack(col_sets), weights=np.stack(gs), base=np.stack(offs),
                 per_query=int(per_query), rank=int(r), estimator=estimator)
+
+
+def _describe(value):
+    """``repr`` of a small value, the type of a large one (for error messages)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"a {type(value).__name__}"
+
+
+def _is_index_arrays(columns):
+    """Whether ``columns`` is an array [m] or a sequence of them (not a number, string, None)."""
+    if isinstance(columns, (str, bytes)) or getattr(columns, "ndim", 1) == 0:
+        return False
+    try:
+        items = list(columns)
+    except TypeError:  # a number, None
+        return False
+    return all(np.ndim(c) <= 1 for c in items)
 
 
 def _pick_columns(basis, rank, count, method):

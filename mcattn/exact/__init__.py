@@ -9,7 +9,7 @@ meaning ``1/sqrt(d)``). A query row with no visible key returns zeros.
 from .._array import import_arrays
 from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
-from .._validate import prepare_attention
+from .._validate import check_flags, prepare_attention
 from ..cost import CallInfo, OpCounts
 
 __all__ = ["attention", "attention_probs", "exact_ops", "KERNELS", "PROBS_KERNELS"]
@@ -68,6 +68,7 @@ def exact_ops(inp, value_dim=None):
 
 
 @on_input_device
+@check_flags
 def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
               backend=None, check_finite=True, return_info=False):
     """Exact softmax attention.
@@ -128,7 +129,7 @@ def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False
         is_causal=is_causal, scale=scale, check_finite=check_finite,
     )
     kernel = select_kernel("exact attention", KERNELS, inp.problem(), backend)
-    out = kernel(inp).reshape(inp.out_shape)
+    out = (inp.zero_output() if inp.empty else kernel(inp)).reshape(inp.out_shape)
     result = bridge.export(out)
     if not return_info:
         return result
@@ -137,6 +138,7 @@ def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False
 
 
 @on_input_device
+@check_flags
 def attention_probs(q, k, *, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
                     backend=None, check_finite=True, return_info=False):
     """The attention probability matrix ``softmax(scale * q k^T + mask)``.

@@ -40,7 +40,9 @@ class _MethodFunction(torch.autograd.Function):
         present = {n: t.detach() if isinstance(t, torch.Tensor) else t  # masks may be NumPy
                    for n, t in zip(names, tensors) if t is not None}
         float_names = [n for n in names if n not in _grad.MASKS and n in present]
-        bridge, native = import_arrays(present, float_names=float_names)
+        # One dtype for q, k, v; trainable knobs (rfa's gate, latte's threshold) may differ.
+        bridge, native = import_arrays(present, float_names=float_names,
+                                       same_dtype=[n for n in ("q", "k", "v") if n in present])
         q, k, v = native["q"], native["k"], native.get("v")
         masks = {n: native.get(n) for n in _grad.MASKS}
         knobs = dict(static, **{n: a for n, a in native.items() if n not in ("q", "k", "v") + _grad.MASKS})

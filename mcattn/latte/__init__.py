@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._array import host_copy, import_arrays
+from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
+from .._validate import check_flags, positive_real
 from ..cost import CallInfo, OpCounts
 from ..exact import exact_ops
 from . import bounds, naive
@@ -177,8 +179,8 @@ def _info(lat, backend, kept_rows, dropped_rows):
     kept_rows = host_copy(kept_rows).astype(np.int64)
     vis_rows = _visible_per_row(inp)
     heads = lat.num_heads
-    kept_h = kept_rows.sum(-1).reshape(-1, heads).sum(0)
-    vis_h = vis_rows.sum(-1).reshape(-1, heads).sum(0)
+    kept_h = kept_rows.sum(-1).reshape(-1, heads).sum(0) if heads else np.zeros(0, np.int64)
+    vis_h = vis_rows.sum(-1).reshape(-1, heads).sum(0) if heads else np.zeros(0, np.int64)
     ops, saved = latte_ops(lat, kept_rows)
     seen = vis_rows > 0
     if dropped_rows is not None:
@@ -200,6 +202,8 @@ def _info(lat, backend, kept_rows, dropped_rows):
     )
 
 
+@on_input_device
+@check_flags
 def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, exact_scores="int8", soft=False, temperature=1.0,
               backend=None, check_finite=True, return_info=False):
@@ -267,8 +271,7 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
     if soft:
         if mode != "relative":
             raise ValueError(f"soft=True takes mode='relative'; got mode={mode!r}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature}")
+        temperature = positive_real("temperature", temperature)
     lat = prepare_latte(a["q"], a["k"], a["v"], threshold=threshold, mode=mode,
                         attn_mask=a["attn_mask"], key_padding_mask=a["key_padding_mask"],
                         is_causal=is_causal, scale=scale, exact_scores=exact_scores,
@@ -276,8 +279,11 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
     inp = lat.inp
     problem = inp.problem(({"soft"} if soft else set()) | ({"topk"} if mode == "topk" else set()))
     kernel = select_kernel("latte attention", KERNELS, problem, backend)
-    if soft:
-        out, frac = naive.soft_forward(lat, float(temperature))
+    if inp.empty:  # no (query, key) pair: zeros, on every backend (docs/conventions.md)
+        out, kept_rows = inp.zero_output(), np.zeros((inp.q.shape[0], inp.nq))
+        dropped = kept_rows if lat.want_mass else None
+    elif soft:
+        out, frac = naive.soft_forward(lat, temperature)
         kept_rows, dropped = frac * _visible_per_row(inp), None
     else:
         out, kept_rows, dropped = kernel(lat)
@@ -287,6 +293,7 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
     return result, _info(lat, kernel.backend, np.rint(host_copy(kept_rows)), dropped)
 
 
+@on_input_device
 def quantize(x):
     """Symmetric int8 quantisation per row.
 
@@ -325,6 +332,7 @@ def _prepare_plain(q, k, attn_mask, key_padding_mask, is_causal, scale, threshol
     return bridge, lat
 
 
+@on_input_device
 def estimate_scores(q, k, *, scale=None):
     """The MS4B score estimate ``scale s_q s_k 256 hi(q8) . hi(k8)``.
 
@@ -351,6 +359,8 @@ def estimate_scores(q, k, *, scale=None):
     return bridge.export(out.reshape(tuple(inp.batch_shape) + (inp.nq, inp.nk)))
 
 
+@on_input_device
+@check_flags
 def kept_mask(q, k, *, threshold, mode="relative", attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, backend=None, check_finite=True):
     """The keys each query keeps.

@@ -63,14 +63,12 @@ def check_mode(mode):
 def check_thresholds(threshold, mode, heads):
     """``threshold`` (a number or ``[H]``) checked for ``mode``, as a float64 ``[H]`` array."""
     check_mode(mode)
-    try:
-        t = np.asarray(threshold if not hasattr(threshold, "get") else threshold.get(), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"threshold must be a number or an array of one per head; "
-                        f"got {threshold!r}") from None
-    if t.ndim == 0:
-        t = np.full(heads, float(t))
-    elif t.ndim != 1 or t.shape[0] != heads:
+    raw = np.asarray(threshold if not hasattr(threshold, "get") else threshold.get())
+    if raw.dtype.kind not in "iuf":  # None, a string, a bool: no silent NaN or 1.0
+        raise TypeError(f"threshold must be a number or an array of one number per head [H]; "
+                        f"got {threshold!r}")
+    t = raw.astype(np.float64)  # checked as given: a bad number is refused even with no heads
+    if t.ndim != 0 and (t.ndim != 1 or t.shape[0] != heads):
         from ..errors import ShapeError
 
         raise ShapeError(f"threshold must be a number or have shape [H] = ({heads},) (one per head); "
@@ -84,7 +82,7 @@ def check_thresholds(threshold, mode, heads):
         if not np.isfinite(t).all() or (t != np.round(t)).any() or (t < 1).any():
             raise ValueError(f"threshold of mode 'topk' is the number of keys to keep: whole numbers "
                              f">= 1; got {t}")
-    return t
+    return np.full(heads, float(t)) if t.ndim == 0 else t
 
 
 def prepare_latte(q, k, v, *, threshold, mode, attn_mask, key_padding_mask, is_causal, scale,

@@ -23,7 +23,7 @@ from .. import config
 from .._array import import_arrays
 from .._device import on_input_device
 from .._dispatch import Kernel, Problem, select_kernel
-from .._validate import check_finite_array, namespace_of, prepare_attention
+from .._validate import check_finite_array, check_flags, namespace_of, prepare_attention
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
 from ..exact import PROBS_KERNELS, exact_ops
@@ -162,6 +162,7 @@ def _check_tables(tables, w, num_heads):
 
 
 @on_input_device
+@check_flags
 def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None, is_causal=False):
     """Samples per key token: ``r_j = min(d_in, ceil((n * max_i A[i, j] / alpha)^2))``.
 
@@ -246,6 +247,7 @@ def _budgets(p, alpha, d_in, valid):
 
 
 @on_input_device
+@check_flags
 def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight",
                      shared_draws=False, backend=None, tables=None):
     """The importance-sampled estimate of ``x @ w + b``, split into heads.
@@ -376,6 +378,7 @@ def _shared_projection_ops(r, x, w, num_heads, seed, tables):
 
 
 @on_input_device
+@check_flags
 def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
               backend=None, check_finite=True, return_info=False, tables=None):
@@ -436,8 +439,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     if q.shape[-3] != num_heads or k.shape[-3] != num_heads:
         raise ShapeError(f"q and k must have num_heads={num_heads} heads in dim -3; got q "
                          f"{q.shape} and k {k.shape}")
-    _check_weight(w, b, num_heads, x.shape[-1])
-    _check_tables(tables, w, num_heads)
+    if num_heads:  # zero heads: _without_heads checks w_v
+        _check_weight(w, b, num_heads, x.shape[-1])
+        _check_tables(tables, w, num_heads)
     nk, d_in = x.shape[-2], x.shape[-1]
     if k.shape[-2] != nk:
         raise ShapeError(f"x must have one row per key: k has Nk={k.shape[-2]}, x has {nk} rows")
@@ -457,6 +461,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         np.broadcast_shapes(lead, x.shape[:-2])
     except ValueError:
         raise ShapeError(f"the batch dims of q/k {lead} and x {x.shape[:-2]} do not broadcast") from None
+    if not num_heads:
+        return _without_heads(bridge, inp, w, b, d_in, alpha, seed, sampling, shared_draws,
+                              backend, return_info)
     if x.shape[:-2] != lead:
         x = namespace_of(x).broadcast_to(x, lead + (nk, d_in))
     batch = int(np.prod(lead, dtype=np.int64))
@@ -495,3 +502,26 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         sampling=sampling, shared_draws=bool(shared_draws),
     )
     return result, info
+
+
+def _without_heads(bridge, inp, w, b, d_in, alpha, seed, sampling, shared_draws, backend,
+                   return_info):
+    """:func:`attention` with ``num_heads=0`` (checked inputs ``inp``): nothing to sample
+    (docs/conventions.md, zero sizes). ``w_v`` must have ``H * d_v = 0`` columns; the result
+    is zeros ``[..., 0, Nq, d_head]`` (``d_v`` is taken as ``d_head``: no input names it)."""
+    if w.shape != (d_in, 0) or (b is not None and b.shape != (0,)):
+        got = f"w_v {w.shape}" + ("" if b is None else f" and b_v {b.shape}")
+        raise ShapeError(f"with num_heads=0, w_v must have shape ({d_in}, 0) ([d_in, H * d_v]) and "
+                         f"b_v shape (0,); got {got}")
+    problem = Problem(device="cpu" if inp.xp is np else "cuda", dtype=inp.dtype.name,
+                      head_dim=inp.head_dim, value_dim=inp.head_dim, sizes=(("d_in", d_in),))
+    kernel = select_kernel("mca value projection", PROJECTION_KERNELS, problem, backend)
+    r = _budgets(np.zeros(inp.batch_shape + (inp.nq, inp.nk)), alpha, d_in, None)
+    result = bridge.export(inp.zero_output().reshape(inp.out_shape))
+    if not return_info:
+        return result
+    ops = exact_ops(inp)
+    return result, MCAInfo(method="mca", backend=kernel.backend, ops=ops, dense_ops=ops,
+                           budgets=r, projection_ops=OpCounts(), dense_projection_ops=OpCounts(),
+                           seed=resolve_seed(seed), alpha=float(alpha), sampling=sampling,
+                           shared_draws=shared_draws)

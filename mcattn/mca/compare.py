@@ -3,6 +3,7 @@
 import numpy as np
 
 from .._validate import namespace_of
+from ..errors import ShapeError
 from ..registry import MethodEntry, Trial
 from . import attention, bounds
 
@@ -56,9 +57,10 @@ def door(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weight",
     """
     if v is not None:
         raise TypeError("mca computes the values from x, w_v and b_v; pass v=None")
-    if len(q.shape) < 3:
-        raise ValueError(f"mca needs q of shape [..., H, Nq, d]; got {tuple(q.shape)}")
-    return attention(q, k, x, w_v, b_v, num_heads=int(q.shape[-3]), alpha=alpha, seed=seed,
+    shape = np.shape(q)  # any array, or nested lists (imported by mca.attention)
+    if len(shape) < 3:
+        raise ShapeError(f"mca needs q of shape [..., H, Nq, d]; got {tuple(shape)}")
+    return attention(q, k, x, w_v, b_v, num_heads=int(shape[-3]), alpha=alpha, seed=seed,
                      sampling=sampling, shared_draws=shared_draws, tables=tables, attn_mask=attn_mask,
                      key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
                      backend=backend, check_finite=check_finite, return_info=return_info)

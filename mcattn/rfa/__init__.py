@@ -41,6 +41,7 @@ import numpy as np
 from .._array import import_arrays
 from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
+from .._validate import check_flags
 from ..cost import CallInfo, OpCounts
 from ..errors import ShapeError
 from . import bounds
@@ -193,11 +194,13 @@ def _resolve_features(features, num_features, kind, seed, q):
     shape = tuple(q.shape)
     if len(shape) < 2:
         raise ShapeError(f"q must have shape [..., Nq, d]; got shape {shape}")
-    heads = int(shape[-3]) if len(shape) >= 3 else None
+    # Zero heads: nothing to compute, one shared draw keeps the call's seed and info.
+    heads = int(shape[-3]) if len(shape) >= 3 and shape[-3] else None
     return RandomFeatures(int(shape[-1]), num_features, kind=kind, num_heads=heads, seed=seed)
 
 
 @on_input_device
+@check_flags
 def attention(q, k, v, *, features=None, num_features=None, kind="positive", seed=None,
               is_causal=False, gate=None, normalize=None, attn_mask=None,
               key_padding_mask=None, scale=None, chunk_size=None, eps=None, backend=None,
@@ -269,12 +272,12 @@ def attention(q, k, v, *, features=None, num_features=None, kind="positive", see
     >>> out.shape, info.clamped
     ((1, 12, 1024, 64), 0)
     """
-    features = _resolve_features(features, num_features, kind, seed, q)
     bridge, a = import_arrays(
         {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask,
          "gate": gate},
         float_names=("q", "k", "v"),
     )
+    features = _resolve_features(features, num_features, kind, seed, a["q"])
     rinp, inp = prepare_rfa(
         features, a["q"], a["k"], a["v"], attn_mask=a["attn_mask"],
         key_padding_mask=a["key_padding_mask"], gate=a["gate"], is_causal=is_causal,
@@ -283,9 +286,8 @@ def attention(q, k, v, *, features=None, num_features=None, kind="positive", see
     problem = inp.problem(extra_features=("gate",) if gate is not None else ())
     kernel = select_kernel("random feature attention", KERNELS, problem, backend)
     bh = rinp.q.shape[0]
-    if bh == 0 or rinp.nq == 0 or inp.nk == 0:
-        out = rinp.xp.zeros((bh, rinp.nq, rinp.value_dim), rinp.dtype)
-        clamped = np.zeros(bh, np.int64)
+    if inp.empty:
+        out, clamped = inp.zero_output(), np.zeros(bh, np.int64)
     else:
         out, clamped = kernel(rinp)
     result = bridge.export(out.reshape(inp.out_shape))

@@ -133,7 +133,7 @@ def _key_bias(mask, bh, xp):
             "attn_mask of shape [..., 1, Nk] (boolean or additive per key), plus is_causal."
         )
     index = xp.asarray(mask.mask_index)
-    return xp.ascontiguousarray(bias[index, 0, :]).reshape(bh, -1)
+    return xp.ascontiguousarray(bias[index, 0, :]).reshape(bh, bias.shape[-1])
 
 
 def _gate(gate, batch_shape, n, dtype, xp, check_finite):
@@ -148,7 +148,7 @@ def _gate(gate, batch_shape, n, dtype, xp, check_finite):
         raise ShapeError(f"gate must be broadcastable to {target} (batch dims + [N]); got shape {gate.shape}")
     if check_finite:
         check_finite_array("gate", gate)
-    g = xp.broadcast_to(gate.astype(dtype, copy=False), target).reshape(-1, n)
+    g = xp.broadcast_to(gate.astype(dtype, copy=False), target).reshape(int(np.prod(batch_shape)), n)
     if g.size and not bool(((g > 0) & (g < 1)).all()):
         raise ValueError("gate values must lie strictly between 0 and 1 (g = 1 would drop the key, "
                          "g = 0 would forget everything before it)")

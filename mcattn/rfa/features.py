@@ -17,12 +17,12 @@ Stream layout of the draws (``seed`` is the Philox key):
   row has the chi distribution of a Gaussian row (Yu et al., 2016).
 """
 
-import math
 import threading
 
 import numpy as np
 
 from .. import random as mcrandom
+from .._validate import check_bool, positive_real
 from ..errors import ShapeError
 
 __all__ = ["RandomFeatures", "KINDS", "draw_projections"]
@@ -130,16 +130,8 @@ class RandomFeatures:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
         self.kind = kind
-        if not isinstance(orthogonal, (bool, np.bool_)):
-            raise TypeError(f"orthogonal must be True or False; got {orthogonal!r}")
-        self.orthogonal = bool(orthogonal)
-        try:
-            sigma = float(sigma)
-        except (TypeError, ValueError):
-            raise TypeError(f"sigma must be a positive real number; got {sigma!r}") from None
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be a positive finite number; got {sigma}")
-        self.sigma = sigma
+        self.orthogonal = check_bool("orthogonal", orthogonal)
+        self.sigma = positive_real("sigma", sigma)
         self.num_heads = None if num_heads is None else _positive_int("num_heads", num_heads)
         self.seed = mcrandom.resolve_seed(seed)
         omega = draw_projections(self.seed, self.num_heads or 1, self.num_features,

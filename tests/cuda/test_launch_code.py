@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import GPU_PRESENT, rel_error
+from helpers import GPU_PRESENT, method_knobs, rel_error
 
 import mcattn
 from mcattn import mca
@@ -116,30 +116,44 @@ def test_every_registered_source_runs_through_the_fake(cupy_or_fake):
 @needs_fake
 def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
     """Inputs on GPU 1 while GPU 0 is current: kernels launch on 1 (the fake refuses a
-    launch whose arrays live on another device) and the results come back on 1."""
+    launch whose arrays live on another device) and the results come back on 1, for every
+    method of the registry (through the front door, and an empty batch too)."""
     from mcattn import rfa
+    from mcattn.registry import METHOD_ENTRIES
 
     cp = cupy_or_fake
     rng = np.random.default_rng(8)
     q, k, v = (rng.standard_normal((1, 2, 7, 4)) for _ in range(3))
     x, w = rng.standard_normal((1, 7, 10)), rng.standard_normal((10, 8))
-    with cp.cuda.Device(1):
-        dq, dk, dv, dx, dw = (cp.asarray(a) for a in (q, k, v, x, w))
+
+    def on_gpu1(a):
+        with cp.cuda.Device(1):
+            return cp.asarray(a)
+
+    dq, dk, dv, dx, dw = (on_gpu1(a) for a in (q, k, v, x, w))
     assert cp.cuda.runtime.getDevice() == 0
     feats = rfa.RandomFeatures(4, 8, num_heads=2, seed=0)
     results = {
-        "exact": mcattn.attention(dq, dk, dv, backend="cupy"),
         "probs": mcattn.attention_probs(dq, dk, backend="cupy"),
-        "mca": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy"),
-        "rfa": rfa.attention(dq, dk, dv, features=feats, backend="cupy"),
+        "mca own": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy"),
+        "rfa own": rfa.attention(dq, dk, dv, features=feats, backend="cupy"),
         "mca shared": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy",
                                     shared_draws=True),
     }
+    for name in METHOD_ENTRIES:  # the front door, every registered method (helpers.method_knobs)
+        host_knobs = method_knobs(name, 2, 7, 4)
+        knobs = dict(host_knobs, **{n: on_gpu1(host_knobs[n]) for n in ("x", "w_v") if n in host_knobs})
+        values = None if name == "mca" else dv
+        results[name] = mcattn.attention(dq, dk, values, method=name, backend="cupy", **knobs)
+        results[name + " empty"] = mcattn.attention(dq[:0], dk[:0], None if values is None else dv[:0],
+                                                    method=name, backend="cupy", **knobs)
+        assert results[name + " empty"].shape == (0, 2, 7, 4), name
+        host = mcattn.attention(q, k, None if name == "mca" else v, method=name, **host_knobs)
+        assert rel_error(results[name].get(), host) < 1e-12, name
     for name, out in results.items():
         assert out.device.id == 1, name
     assert {launch["device"] for launch in cp.LAUNCHES} == {1}
     assert cp.cuda.runtime.getDevice() == 0  # restored
-    assert rel_error(results["exact"].get(), mcattn.attention(q, k, v)) < 1e-13
     host_shared = mca.attention(q, k, x, w, num_heads=2, alpha=0.5, seed=1, shared_draws=True)
     assert rel_error(results["mca shared"].get(), host_shared) < 1e-13  # the CuPy reduced GEMMs
 
