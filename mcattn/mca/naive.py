@@ -43,6 +43,7 @@ __all__ = [
     "cumulative",
     "token_streams",
     "value_projection",
+    "attention",
 ]
 
 #: Streams of ``shared_draws=True`` start here (above every per-token stream).
@@ -289,3 +290,42 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
             np.add.at(sums, owner, terms)
             out[b, h, sampled] += sums / counts[:, None]
     return out.astype(x.dtype, copy=False)
+
+
+def attention(inp, x, w, bias, num_heads, alpha, seed, sampling="weight", shared_draws=False,
+              projection=value_projection):
+    """Monte-Carlo attention, the dense definition: the whole probability matrix.
+
+    ``A = softmax(scale q k^T + mask)`` (:func:`mcattn.exact.naive.probs`), budgets
+    ``r_j = min(d_in, ceil((n max_i A[i, j] / alpha)^2))``, the sampled values ``V~``
+    (with ``shared_draws``, the budgets rounded up first as :func:`mcattn.mca.attention`
+    does), and ``A @ V~``. :func:`mcattn.mca.attention` computes the same without holding
+    ``A`` (:mod:`mcattn.mca.stream`).
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+        ``prepare_attention(q, k, k, ...)`` of ``q``, ``k`` ``[B, H, N, d]`` and the masks.
+    x : numpy.ndarray, shape ``[B, Nk, d_in]``
+    w, bias, num_heads, seed, sampling, shared_draws
+        As :func:`value_projection`.
+    alpha : float
+    projection : callable, default :func:`value_projection`
+        A value projection with its signature (e.g. :func:`mcattn.mca.cpu.value_projection`).
+
+    Returns
+    -------
+    out : numpy.ndarray, shape ``[B * H, Nq, dv]``
+    budgets : numpy.ndarray of int64, shape ``[B, H, Nk]``
+    """
+    from ..exact.naive import probs as attention_probs
+    from . import _budgets, _shared_budgets
+
+    batch, nk, d_in = x.shape
+    probs = attention_probs(inp)  # [B * H, Nq, Nk]
+    valid = np.broadcast_to(inp.mask.visible_keys(inp.nq, nk), (batch * num_heads, nk))
+    r = _budgets(probs, alpha, d_in, valid).reshape(batch, num_heads, nk)
+    if shared_draws:
+        r = _shared_budgets(r, False, d_in)
+    values = projection(x, w, bias, num_heads, r, seed, sampling, shared_draws)
+    return np.matmul(probs, values.reshape(batch * num_heads, nk, -1)), r
