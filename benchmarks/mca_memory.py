@@ -17,7 +17,9 @@ before it (``VmHWM`` after, ``VmRSS`` before: everything, Numba's and BLAS's buf
 included, and the output); ``numpy_MiB``, the peak of NumPy's allocations during the
 call (tracemalloc). ``--time N`` times the call against the dense computation it
 replaced (``attention_probs``, ``mca.budgets``, ``mca.value_projection``, ``P @ V~``: the
-base commit's ``mca.attention``), interleaved in one process.
+base commit's ``mca.attention``), interleaved in one process (best wall time of
+``--rounds``, and the ratio of CPU seconds, best of two), and checks that both give the
+same output bit for bit.
 """
 
 import argparse
@@ -156,8 +158,18 @@ def time_rows(n, alpha, modes, rounds):
         dense = lambda: dense_reference(*arrays, alpha, **kw)  # noqa: E731, B023
         same = bool(np.array_equal(stream(), dense()))
         t_s, t_d = interleaved_times(stream, dense, rounds=rounds, repeats=1)
+        c_s, c_d = (min(_cpu_seconds(fn) for _ in range(2)) for fn in (stream, dense))
         yield {"mode": mode, "N": n, "stream_s": t_s, "dense_s": t_d, "ratio": t_s / t_d,
-               "identical": same}
+               "cpu_ratio": c_s / c_d, "identical": same}
+
+
+def _cpu_seconds(fn):
+    """CPU seconds of ``fn()``, all threads (less sensitive than wall time to a busy machine)."""
+    import time
+
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 def main(argv=None):

@@ -388,6 +388,11 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
               backend=None, check_finite=True, return_info=False, tables=None):
     """Monte-Carlo attention: exact probabilities, sampled values, exact ``A @ V~``.
 
+    The probabilities are never held as an ``[Nq, Nk]`` matrix: they are computed twice by
+    blocks of query rows, for the budgets and for ``A @ V~`` (:mod:`mcattn.mca.stream`;
+    the budgets, draws and output of the dense :func:`mcattn.mca.naive.attention`), so
+    memory grows as ``O(N d)``.
+
     Parameters
     ----------
     q : array, shape ``[..., H, Nq, d_head]``

@@ -129,6 +129,16 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
     bi, hi, ji = np.nonzero(sampled)
     counts = r[bi, hi, ji]
     streams = token_streams(batch, num_heads, n)[bi, hi, ji]
+    # Tokens by chunks of about 2**16 draws: memory O(chunk) besides C, whatever N.
+    for part in np.split(np.arange(counts.size), np.flatnonzero(np.diff(np.cumsum(counts) >> 16)) + 1):
+        _add_weights(c, x, tables, bi[part], hi[part], ji[part], counts[part], streams[part], seed,
+                     sampling)
+    return c
+
+
+def _add_weights(c, x, tables, bi, hi, ji, counts, streams, seed, sampling):
+    """Add ``1 / (r_j p(k))`` to ``C[b, h, j, k]`` for every independent draw ``k`` of the
+    tokens ``(bi, hi, ji)``."""
     owner = np.repeat(np.arange(counts.size), counts)
     t = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
     bits = mrandom.sample_bits(seed, streams[owner], t)
@@ -148,7 +158,6 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
             k[part] = np.searchsorted(cumulative(p_tok), u[part], side="right")
             p_k[part] = p_tok[k[part]]
     np.add.at(c, (bi[owner], hd, ji[owner], k), 1.0 / (p_k * counts[owner]))
-    return c
 
 
 def _seed(seed):
