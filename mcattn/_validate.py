@@ -144,7 +144,9 @@ class MaskSpec:
         if self.bias is None:
             return causal[None, :]
         finite = host_copy(self.bias) > -np.inf  # [M, R, Nk]
-        if self.is_causal:
+        if self.is_causal and finite.shape[1] == 1:  # rows broadcast: no [M, Nq, Nk] array
+            per_slice = finite[:, 0, :] & causal[None, :]
+        elif self.is_causal:
             keep = np.arange(nk)[None, :] <= np.arange(nq)[:, None]
             per_slice = (finite & keep[None]).any(axis=1)
         else:
@@ -157,7 +159,10 @@ class MaskSpec:
         if self.bias is None:
             return causal_count[None, :]
         finite = host_copy(self.bias) > -np.inf  # [M, R, Nk]
-        if self.is_causal:
+        if self.is_causal and finite.shape[1] == 1 and nk > 0:  # rows broadcast: running count
+            seen = np.cumsum(finite[:, 0, :], axis=-1)  # [M, Nk]: finite keys j' <= j
+            per_slice = seen[:, np.minimum(np.arange(nq), nk - 1)]
+        elif self.is_causal:
             keep = np.arange(nk)[None, :] <= np.arange(nq)[:, None]  # [Nq, Nk]
             per_slice = (finite & keep[None]).sum(-1)  # [M, Nq]
         else:

@@ -67,3 +67,12 @@ MCA_SHARED_SLACK = 0.25
 #: the GEMM path is faster (1.1-1.3x at 122 tokens, 2.5-4x at 4096). The two draw the
 #: same samples.
 MCA_SHARED_GEMM_MIN_TOKENS = 16
+#: Monte-Carlo attention never holds the [Nq, Nk] probability matrix (mcattn.mca.stream):
+#: it recomputes it in blocks of whole query rows of at most this many probabilities, on
+#: the host (NumPy) ...
+MCA_BLOCK_ELEMENTS = 1 << 20
+#: ... and on a GPU (CuPy), where larger blocks mean fewer kernel launches.
+MCA_GPU_BLOCK_ELEMENTS = 1 << 24
+#: A probability matrix of at most this many entries (all batch rows and heads) is kept
+#: between MCA's two passes instead of being recomputed (short sequences).
+MCA_KEEP_ELEMENTS = 1 << 22

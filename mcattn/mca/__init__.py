@@ -26,9 +26,9 @@ from .._dispatch import Kernel, Problem, select_kernel
 from .._validate import check_finite_array, check_flags, namespace_of, prepare_attention
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
-from ..exact import PROBS_KERNELS, exact_ops
+from ..exact import exact_ops
 from ..random import resolve_seed
-from . import bounds
+from . import bounds, stream
 from .naive import WeightTables, weight_probs
 
 __all__ = ["sampling_probs", "weight_tables", "WeightTables", "budgets", "value_projection",
@@ -227,6 +227,14 @@ def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None, i
 
 def _budgets(p, alpha, d_in, valid):
     """Budgets ``[..., H, Nk]`` from probabilities ``[..., H, Nq, Nk]`` and a valid-key mask."""
+    xp = namespace_of(p)
+    top = p.max(axis=-2).astype(np.float64) if p.shape[-2] else xp.zeros(p.shape[:-2] + p.shape[-1:])
+    return _budgets_from_top(top, alpha, d_in, valid)
+
+
+def _budgets_from_top(top, alpha, d_in, valid):
+    """Budgets ``[..., H, Nk]`` from each key's largest probability ``top`` (float64,
+    ``[..., H, Nk]``) and a valid-key mask."""
     try:
         alpha = float(alpha)
     except (TypeError, ValueError):
@@ -235,10 +243,9 @@ def _budgets(p, alpha, d_in, valid):
         raise ValueError(f"alpha must be a positive finite number; got {alpha}")
     if int(d_in) < 1:
         raise ValueError(f"d_in must be >= 1; got {d_in}")
-    xp = namespace_of(p)
-    top = p.max(axis=-2).astype(np.float64) if p.shape[-2] else xp.zeros(p.shape[:-2] + p.shape[-1:])
+    xp = namespace_of(top)
     if valid is None:
-        n = p.shape[-1]
+        n = top.shape[-1]
     else:
         n = valid.sum(axis=-1, keepdims=True)
         top = xp.where(valid, top, 0.0)
@@ -384,6 +391,11 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
               backend=None, check_finite=True, return_info=False, tables=None):
     """Monte-Carlo attention: exact probabilities, sampled values, exact ``A @ V~``.
 
+    The probabilities are never held as an ``[Nq, Nk]`` matrix: they are computed twice by
+    blocks of query rows, for the budgets and for ``A @ V~`` (:mod:`mcattn.mca.stream`;
+    the budgets, draws and output of the dense :func:`mcattn.mca.naive.attention`), so
+    memory grows as ``O(N d)``.
+
     Parameters
     ----------
     q : array, shape ``[..., H, Nq, d_head]``
@@ -468,11 +480,12 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         x = namespace_of(x).broadcast_to(x, lead + (nk, d_in))
     batch = int(np.prod(lead, dtype=np.int64))
     xp = inp.xp
-    probs = select_kernel("attention_probs", PROBS_KERNELS, inp.problem(), None)(inp)
-    probs = probs.reshape(batch, num_heads, inp.nq, nk)
+    # The probabilities by blocks, never the [Nq, Nk] matrix (mcattn.mca.stream): pass 1
+    # gives each key's largest probability, pass 2 multiplies by the sampled values.
+    stats, top = stream.row_stats(inp)
     valid = inp.mask.visible_keys(inp.nq, nk)  # [BH or 1, Nk]
     valid = np.broadcast_to(valid, (batch * num_heads, nk)).reshape(batch, num_heads, nk)
-    r = _budgets(probs, alpha, d_in, xp.asarray(valid))
+    r = _budgets_from_top(top.reshape(batch, num_heads, nk), alpha, d_in, xp.asarray(valid))
     if shared_draws:
         r = _shared_budgets(r, xp is not np, d_in)
     seed = resolve_seed(seed)
@@ -480,7 +493,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         tables = weight_tables(w, num_heads)  # built once for the projection and its op count
     values, used = _run_projection(xp.ascontiguousarray(x.reshape(batch, nk, d_in)), w, b,
                                    num_heads, r, seed, sampling, shared_draws, backend, tables)
-    out = xp.matmul(probs, values)
+    out = stream.apply(inp, stats, values.reshape(batch * num_heads, nk, values.shape[-1]))
     result = bridge.export(out.reshape(batch_shape + (inp.nq, out.shape[-1])))
     if not return_info:
         return result

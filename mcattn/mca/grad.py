@@ -40,7 +40,9 @@ sampling also ``x[j, i] = 0``) the index is never drawn and that part of the gra
 0 for sampled tokens — biased there, exact for exactly computed tokens.
 
 The backward is a reference written with array operations (NumPy, float64): ``O(B H Nk
-d_in)`` memory for ``C`` and ``O(Nq Nk)`` per batch row for ``A``. ``seed`` must be an
+d_in)`` memory for ``C`` (8 bytes each: 288 MiB at ``Nk = 8192``, 12 heads, ``d_in =
+384``); ``A`` is never held whole, forward and backward recompute it by blocks of query
+rows from the rows' softmax statistics (:mod:`mcattn.mca.stream`). ``seed`` must be an
 int (the same draws in forward and backward).
 """
 
@@ -49,11 +51,9 @@ import numbers
 import numpy as np
 
 from .. import random as mrandom
-from .._dispatch import select_kernel
 from .._validate import check_finite_array, namespace_of, prepare_attention, sum_to_shape
 from ..errors import GradientNotSupportedError, ShapeError
-from ..exact import PROBS_KERNELS
-from . import _budgets, _check_sampling, _check_tables, _check_weight, _shared_budgets
+from . import _budgets_from_top, _check_sampling, _check_tables, _check_weight, _shared_budgets, stream
 from .naive import SHARED_STREAM_BASE, cumulative, token_streams, weight_tables
 
 __all__ = ["forward", "backward", "TRAINABLE", "sample_weights", "output_shape"]
@@ -129,6 +129,16 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
     bi, hi, ji = np.nonzero(sampled)
     counts = r[bi, hi, ji]
     streams = token_streams(batch, num_heads, n)[bi, hi, ji]
+    # Tokens by chunks of about 2**16 draws: memory O(chunk) besides C, whatever N.
+    for part in np.split(np.arange(counts.size), np.flatnonzero(np.diff(np.cumsum(counts) >> 16)) + 1):
+        _add_weights(c, x, tables, bi[part], hi[part], ji[part], counts[part], streams[part], seed,
+                     sampling)
+    return c
+
+
+def _add_weights(c, x, tables, bi, hi, ji, counts, streams, seed, sampling):
+    """Add ``1 / (r_j p(k))`` to ``C[b, h, j, k]`` for every independent draw ``k`` of the
+    tokens ``(bi, hi, ji)``."""
     owner = np.repeat(np.arange(counts.size), counts)
     t = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
     bits = mrandom.sample_bits(seed, streams[owner], t)
@@ -148,7 +158,6 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
             k[part] = np.searchsorted(cumulative(p_tok), u[part], side="right")
             p_k[part] = p_tok[k[part]]
     np.add.at(c, (bi[owner], hd, ji[owner], k), 1.0 / (p_k * counts[owner]))
-    return c
 
 
 def _seed(seed):
@@ -161,7 +170,7 @@ def _seed(seed):
 
 def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, sampling,
            shared_draws, tables, check_finite):
-    """Probabilities, budgets and inputs as :func:`mcattn.mca.attention` computes them."""
+    """Row statistics, budgets and inputs as :func:`mcattn.mca.attention` computes them."""
     _check_sampling(sampling, shared_draws)
     heads = int(q.shape[-3])
     _check_weight(w, b, heads, x.shape[-1])
@@ -178,16 +187,15 @@ def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, 
     nk, d_in = x.shape[-2], x.shape[-1]
     lead = tuple(inp.batch_shape)[:-1]
     batch = int(np.prod(lead, dtype=np.int64))
-    probs = select_kernel("attention_probs", PROBS_KERNELS, inp.problem(), None)(inp)
-    probs = probs.reshape(batch, heads, inp.nq, nk)
+    stats, top = stream.row_stats(inp)  # pass 1 of mcattn.mca.stream: no [Nq, Nk] matrix
     valid = inp.mask.visible_keys(inp.nq, nk)
     valid = np.broadcast_to(valid, (batch * heads, nk)).reshape(batch, heads, nk)
-    r = _budgets(probs, alpha, d_in, xp.asarray(valid))
+    r = _budgets_from_top(top.reshape(batch, heads, nk), alpha, d_in, xp.asarray(valid))
     if shared_draws:
         r = _shared_budgets(r, xp is not np, d_in)  # the budgets the forward's path uses
     r = np.asarray(r.get() if hasattr(r, "get") else r)
     x3 = xp.broadcast_to(x, lead + (nk, d_in)).reshape(batch, nk, d_in)
-    return inp, probs, r, x3, heads, lead
+    return inp, stats, r, x3, heads, lead
 
 
 def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weight",
@@ -216,13 +224,14 @@ def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weigh
     out : array, shape ``[..., H, Nq, dv]``
         Equal to :func:`mcattn.mca.attention` with the same arguments (to rounding).
     residuals : tuple
-        ``(probs [B, H, Nq, Nk], values [B, H, Nk, dv], C [B, H, Nk, d_in])`` (float64
-        ``C``; :func:`sample_weights`).
+        ``(stats, values [B, H, Nk, dv], C [B, H, Nk, d_in])``: the rows' softmax
+        statistics (:func:`mcattn.mca.stream.row_stats`, two ``[B H, Nq, 1]`` arrays), the
+        sampled values and the importance weights (float64; :func:`sample_weights`).
     """
     if v is not None:
         raise TypeError("mca computes the values from x, w_v and b_v; pass v=None")
     seed = _seed(seed)
-    inp, probs, r, x3, heads, lead = _setup(q, k, x, w_v, b_v, alpha, attn_mask, key_padding_mask,
+    inp, stats, r, x3, heads, lead = _setup(q, k, x, w_v, b_v, alpha, attn_mask, key_padding_mask,
                                             is_causal, scale, sampling, shared_draws, tables,
                                             check_finite)
     xp = inp.xp
@@ -231,12 +240,15 @@ def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weigh
     c = xp.asarray(c)
     d_in = x3.shape[-1]
     wh = w_v.astype(np.float64).reshape(d_in, heads, -1).transpose(1, 0, 2)  # [H, d_in, dv]
-    values = xp.matmul(c * x3.astype(np.float64)[:, None], wh[None])  # [B, H, Nk, dv]
+    x64 = x3.astype(np.float64)
+    values = xp.empty(c.shape[:3] + (wh.shape[-1],))  # [B, H, Nk, dv]
+    for h in range(heads):  # a head at a time: [B, Nk, d_in] temporaries, not [B, H, Nk, d_in]
+        values[:, h] = xp.matmul(c[:, h] * x64, wh[h])
     if b_v is not None:
         values = values + b_v.astype(np.float64).reshape(heads, 1, -1)
     values = values.astype(q.dtype)  # the kernels' output dtype
-    out = xp.matmul(probs, values)
-    return out.reshape(tuple(inp.batch_shape) + (inp.nq, values.shape[-1])), (probs, values, c)
+    out = stream.apply(inp, stats, values.reshape(-1, x3.shape[-2], values.shape[-1]))
+    return out.reshape(tuple(inp.batch_shape) + (inp.nq, values.shape[-1])), (stats, values, c)
 
 
 def backward(q, k, v, out, residuals, dout, *, x, w_v, b_v=None, alpha, seed=None,
@@ -254,36 +266,48 @@ def backward(q, k, v, out, residuals, dout, *, x, w_v, b_v=None, alpha, seed=Non
     dict
         ``{"q", "k", "x", "w_v"}`` (and ``"b_v"``) in the shapes and dtypes of the inputs.
     """
-    probs, values, c = residuals
-    xp = namespace_of(probs)
+    stats, values, c = residuals
+    xp = namespace_of(values)
     f64 = np.float64
     heads = int(q.shape[-3])
     inp = prepare_attention(q, k, k, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             is_causal=is_causal, scale=scale, check_finite=False)
-    batch, _, nq, nk = probs.shape
+    batch, _, nk, dv = values.shape
+    nq = inp.nq
     d_in = x.shape[-1]
     lead = tuple(inp.batch_shape)[:-1]
-    a = probs.astype(f64)
-    vals = values.astype(f64)
-    g = xp.broadcast_to(dout, tuple(inp.batch_shape) + (nq, vals.shape[-1]))
-    g = g.reshape(batch, heads, nq, -1).astype(f64)
-    # q, k: exact attention's backward with the sampled values.
-    da = xp.matmul(g, vals.transpose(0, 1, 3, 2))
-    ds = a * (da - (da * a).sum(-1, keepdims=True))
-    q4 = inp.q.reshape(batch, heads, nq, -1).astype(f64)
-    k4 = inp.k.reshape(batch, heads, nk, -1).astype(f64)
-    dq = xp.matmul(ds, k4) * inp.scale
-    dk = xp.matmul(ds.transpose(0, 1, 3, 2), q4) * inp.scale
+    vals = values.astype(f64).reshape(batch * heads, nk, dv)
+    g = xp.broadcast_to(dout, tuple(inp.batch_shape) + (nq, dv))
+    g = g.reshape(batch * heads, nq, dv).astype(f64)
+    q3, k3 = inp.q.astype(f64), inp.k.astype(f64)
+    dq = xp.zeros(q3.shape)
+    dk = xp.zeros(k3.shape)
+    dval = xp.zeros(vals.shape)
+    # q, k: exact attention's backward with the sampled values, the forward's probabilities
+    # recomputed by blocks of query rows (mcattn.mca.stream: never the [Nq, Nk] matrix).
+    for block in stream.blocks(inp):
+        b0, b1, i0, i1 = block
+        a = stream.probabilities(inp, block, stats)[0].astype(f64)  # [bb, bq, Nk]
+        gb = g[b0:b1, i0:i1]
+        ds = xp.matmul(gb, vals[b0:b1].transpose(0, 2, 1))  # dA, then in place
+        ds -= (ds * a).sum(-1, keepdims=True)
+        ds *= a  # dS = A * (dA - rowsum(dA * A))
+        dq[b0:b1, i0:i1] = xp.matmul(ds, k3[b0:b1]) * inp.scale
+        dk[b0:b1] += xp.matmul(ds.transpose(0, 2, 1), q3[b0:b1, i0:i1]) * inp.scale
+        dval[b0:b1] += xp.matmul(a.transpose(0, 2, 1), gb)
+    dval = dval.reshape(batch, heads, nk, dv)
     # x, w_v, b_v: through V~ = (C * x) @ W_h + b_h with C held constant.
-    dval = xp.matmul(a.transpose(0, 1, 3, 2), g)  # [B, H, Nk, dv]
     x3 = xp.broadcast_to(x, lead + (nk, d_in)).reshape(batch, nk, d_in).astype(f64)
     wh = w_v.astype(f64).reshape(d_in, heads, -1).transpose(1, 0, 2)  # [H, d_in, dv]
-    dx = (c * xp.matmul(dval, wh.transpose(0, 2, 1)[None])).sum(1)  # [B, Nk, d_in]
-    dw = xp.matmul((c * x3[:, None]).transpose(0, 1, 3, 2), dval).sum(0)  # [H, d_in, dv]
+    dx = xp.zeros((batch, nk, d_in))
+    dw = xp.empty(wh.shape)  # [H, d_in, dv]
+    for h in range(heads):  # a head at a time, as the forward
+        dx += c[:, h] * xp.matmul(dval[:, h], wh[h].T)
+        dw[h] = xp.matmul((c[:, h] * x3).transpose(0, 2, 1), dval[:, h]).sum(0)
     bshape = tuple(inp.batch_shape)
     grads = {
-        "q": sum_to_shape(dq.reshape(bshape + dq.shape[2:]), q.shape).astype(q.dtype),
-        "k": sum_to_shape(dk.reshape(bshape + dk.shape[2:]), k.shape).astype(k.dtype),
+        "q": sum_to_shape(dq.reshape(bshape + dq.shape[1:]), q.shape).astype(q.dtype),
+        "k": sum_to_shape(dk.reshape(bshape + dk.shape[1:]), k.shape).astype(k.dtype),
         "x": sum_to_shape(dx.reshape(lead + (nk, d_in)), x.shape).astype(x.dtype),
         "w_v": dw.transpose(1, 0, 2).reshape(w_v.shape).astype(w_v.dtype),
     }

@@ -43,6 +43,7 @@ __all__ = [
     "cumulative",
     "token_streams",
     "value_projection",
+    "attention",
 ]
 
 #: Streams of ``shared_draws=True`` start here (above every per-token stream).
@@ -217,6 +218,28 @@ def _to_uniform(bits):
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _independent_estimates(xb, tokens, counts, streams, seed, tables, h, row_norms, w_h, sampling):
+    """``(1/r_j) sum_t x[j, k_t] W_h[k_t] / p(k_t)`` of ``tokens`` (independent draws), ``[n, dh]``."""
+    bits, owner = _draws(seed, streams, counts)
+    if sampling == "weight":
+        k = alias_draw(bits, tables.threshold[h], tables.alias[h], tables.shift)
+        p_k = tables.p_weight[h, k]
+    else:  # per-token probabilities |x_jk| ||W_k||: one cdf per token
+        u = _to_uniform(bits)
+        k = np.empty(u.size, dtype=np.int64)
+        p_k = np.empty(u.size)
+        for i, j in enumerate(tokens):
+            mass = np.abs(xb[j]) * row_norms
+            p_tok = mass / mass.sum()
+            mine = owner == i
+            k[mine] = np.searchsorted(cumulative(p_tok), u[mine], side="right")
+            p_k[mine] = p_tok[k[mine]]
+    terms = (xb[tokens[owner], k] / p_k)[:, None] * w_h[k]  # [draws, dh]
+    sums = np.zeros((tokens.size, w_h.shape[1]))
+    np.add.at(sums, owner, terms)
+    return sums / counts[:, None]
+
+
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
                      shared_draws=False, tables=None):
     """Importance-sampled value projection, split into heads.
@@ -270,22 +293,50 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
                 terms *= np.arange(longest)[None, :] < counts[:, None]  # prefixes
                 out[b, h, sampled] += (terms @ w64[k, h]) / counts[:, None]
                 continue
-            bits, owner = _draws(seed, streams[b, h, sampled], counts)
-            if sampling == "weight":
-                k = alias_draw(bits, threshold[h], alias[h], shift)
-                p_k = p_weight[h, k]
-            else:  # per-token probabilities |x_jk| ||W_k||: one cdf per token
-                u = _to_uniform(bits)
-                k = np.empty(u.size, dtype=np.int64)
-                p_k = np.empty(u.size)
-                for i, j in enumerate(sampled):
-                    mass = np.abs(xb[j]) * row_norms[h]
-                    p_tok = mass / mass.sum()
-                    mine = owner == i
-                    k[mine] = np.searchsorted(cumulative(p_tok), u[mine], side="right")
-                    p_k[mine] = p_tok[k[mine]]
-            terms = (xb[sampled[owner], k] / p_k)[:, None] * w64[k, h]  # [draws, dh]
-            sums = np.zeros((sampled.size, dh))
-            np.add.at(sums, owner, terms)
-            out[b, h, sampled] += sums / counts[:, None]
+            # Tokens by chunks of about 2**16 draws: memory O(chunk * dh) whatever N.
+            cuts = np.flatnonzero(np.diff(np.cumsum(counts) >> 16)) + 1
+            for part in np.split(np.arange(sampled.size), cuts):
+                tokens = sampled[part]
+                out[b, h, tokens] += _independent_estimates(
+                    xb, tokens, counts[part], streams[b, h, tokens], seed, tables, h, row_norms[h],
+                    w64[:, h], sampling)
     return out.astype(x.dtype, copy=False)
+
+
+def attention(inp, x, w, bias, num_heads, alpha, seed, sampling="weight", shared_draws=False,
+              projection=value_projection):
+    """Monte-Carlo attention, the dense definition: the whole probability matrix.
+
+    ``A = softmax(scale q k^T + mask)`` (:func:`mcattn.exact.naive.probs`), budgets
+    ``r_j = min(d_in, ceil((n max_i A[i, j] / alpha)^2))``, the sampled values ``V~``
+    (with ``shared_draws``, the budgets rounded up first as :func:`mcattn.mca.attention`
+    does), and ``A @ V~``. :func:`mcattn.mca.attention` computes the same without holding
+    ``A`` (:mod:`mcattn.mca.stream`).
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+        ``prepare_attention(q, k, k, ...)`` of ``q``, ``k`` ``[B, H, N, d]`` and the masks.
+    x : numpy.ndarray, shape ``[B, Nk, d_in]``
+    w, bias, num_heads, seed, sampling, shared_draws
+        As :func:`value_projection`.
+    alpha : float
+    projection : callable, default :func:`value_projection`
+        A value projection with its signature (e.g. :func:`mcattn.mca.cpu.value_projection`).
+
+    Returns
+    -------
+    out : numpy.ndarray, shape ``[B * H, Nq, dv]``
+    budgets : numpy.ndarray of int64, shape ``[B, H, Nk]``
+    """
+    from ..exact.naive import probs as attention_probs
+    from . import _budgets, _shared_budgets
+
+    batch, nk, d_in = x.shape
+    probs = attention_probs(inp)  # [B * H, Nq, Nk]
+    valid = np.broadcast_to(inp.mask.visible_keys(inp.nq, nk), (batch * num_heads, nk))
+    r = _budgets(probs, alpha, d_in, valid).reshape(batch, num_heads, nk)
+    if shared_draws:
+        r = _shared_budgets(r, False, d_in)
+    values = projection(x, w, bias, num_heads, r, seed, sampling, shared_draws)
+    return np.matmul(probs, values.reshape(batch * num_heads, nk, -1)), r
