@@ -376,7 +376,7 @@ def _shared_projection_ops(r, x, w, num_heads, seed, tables):
     tables = weight_tables(host(w), num_heads) if tables is None else tables
     exact = (r >= d_in) & nonzero[:, None, :]
     sampled = (r > 0) & (r < d_in) & nonzero[:, None, :]
-    longest = int(np.where(sampled, r, 0).max(axis=-1).sum())
+    longest = int(np.where(sampled, r, 0).max(axis=-1, initial=0).sum())
     macs, merge = reduced_macs(r, d_in, dh, seed, tables, nonzero)
     macs += int(exact.sum()) * d_in * dh
     steps = int(np.ceil(np.log2(max(d_in, 2))))
@@ -399,7 +399,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
     Parameters
     ----------
     q : array, shape ``[..., H, Nq, d_head]``
-    k : array, shape ``[..., H, Nk, d_head]``
+    k : array, shape ``[..., H, Nk, d_head]`` or ``[..., 1, Nk, d_head]`` (shared by the heads)
     x : array, shape ``[..., Nk, d_in]``
         Input of the value projection (hidden states of the key tokens).
     w_v : array, shape ``[d_in, H * d_v]``
@@ -448,9 +448,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
             raise ShapeError(f"{name} must have shape {layout}; got {arr.shape}")
     if x.ndim < 2:
         raise ShapeError(f"x must have shape [..., Nk, d_in]; got {x.shape}")
-    if q.shape[-3] != num_heads or k.shape[-3] != num_heads:
-        raise ShapeError(f"q and k must have num_heads={num_heads} heads in dim -3; got q "
-                         f"{q.shape} and k {k.shape}")
+    if q.shape[-3] != num_heads or k.shape[-3] not in (1, num_heads):  # k may be shared by the heads
+        raise ShapeError(f"q must have num_heads={num_heads} heads in dim -3 and k as many or 1; "
+                         f"got q {q.shape} and k {k.shape}")
     if num_heads:  # zero heads: _without_heads checks w_v
         _check_weight(w, b, num_heads, x.shape[-1])
         _check_tables(tables, w, num_heads)
