@@ -19,33 +19,33 @@ from . import config
 from .errors import ConfigError
 
 __all__ = ["PACKAGE_DIR", "INCLUDE_DIR", "kernel_path", "kernel_source", "raw_module",
-           "KERNEL_SOURCES", "compile_options", "header_digest", "block_threads", "numba_stream"]
+           "kernel_sources", "SHARED_SOURCES", "compile_options", "header_digest", "block_threads",
+           "numba_stream"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR / "kernels"
 
-#: Every CUDA C source of the package with the extern "C" kernels it defines (the tests
-#: compile each of them for every architecture).
-KERNEL_SOURCES = {
-    "kernels/random.cu": ("mcattn_philox_words",),
-    "exact/kernels/exact.cu": (
-        "mcattn_exact_forward_f32", "mcattn_exact_forward_f64",
-        "mcattn_exact_backward_dq_f32", "mcattn_exact_backward_dq_f64",
-        "mcattn_exact_backward_dkdv_f32", "mcattn_exact_backward_dkdv_f64",
-    ),
-    "mca/kernels/mca.cu": (
-        "mcattn_mca_projection_weight_f32", "mcattn_mca_projection_weight_f64",
-        "mcattn_mca_projection_optimal_f32", "mcattn_mca_projection_optimal_f64",
-    ),
-    "mca/kernels/mca_shared.cu": ("mcattn_mca_shared_apply_f32", "mcattn_mca_shared_apply_f64"),
-    "rfa/kernels/rfa.cu": (
-        "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
-        "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
-    ),
-    "eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64"),
-    "latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64"),
-    "eigen/kernels/eigen.cu": ("mcattn_eigen_forward_f32", "mcattn_eigen_forward_f64"),
-}
+#: CUDA C sources that belong to no method (the shared random-number kernel).
+SHARED_SOURCES = {"kernels/random.cu": ("mcattn_philox_words",)}
+
+
+def kernel_sources():
+    """Every CUDA C source of the package with the extern "C" kernels it defines: the
+    shared ones and each registered method's ``Method.kernel_sources`` (the tests compile
+    each of them for every architecture)."""
+    from .registry import get_method, method_names
+
+    sources = dict(SHARED_SOURCES)
+    for name in method_names():
+        sources.update(get_method(name).kernel_sources)
+    return sources
+
+
+def __getattr__(name):
+    if name == "KERNEL_SOURCES":  # as of now: read from the registered methods' specs
+        return kernel_sources()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _lock = threading.Lock()
 _modules = {}

@@ -7,10 +7,11 @@ kernels never see dask. The sequence and feature dims (the last two) of ``q``, `
 key. Chunks are computed wherever dask runs them (threads, processes, a
 ``dask.distributed`` cluster), on NumPy or on CuPy blocks.
 
-Random methods must give the same result whatever the chunking: a method's registry
-entry may give a ``dask_plan`` (see :class:`DaskPlan`) that fixes its random state once
-(for example ``seed=None`` resolved to one seed) and keys its draws by the *global*
-batch/head indices of each chunk, which the chunk function receives.
+Random methods must give the same result whatever the chunking: a method's spec
+(:class:`mcattn._plugin.Method`) may give a ``dask_plan`` (see :class:`DaskPlan`) that
+fixes its random state once (for example ``seed=None`` resolved to one seed) and keys
+its draws by the *global* batch/head indices of each chunk, which the chunk function
+receives.
 """
 
 import sys
@@ -73,15 +74,15 @@ class DaskPlan:
     split_dims: tuple | None = None
 
 
-def default_plan(entry, knobs, batch_shape):
+def default_plan(method, knobs, batch_shape):
     """Deterministic methods: the same knobs for every chunk; knob arrays passed whole."""
     for name, value in knobs.items():
         if is_dask(value):
-            raise TypeError(f"knob {name!r} of method {entry.name!r} cannot be a dask array; "
+            raise TypeError(f"knob {name!r} of method {method.name!r} cannot be a dask array; "
                             "pass a NumPy/CuPy array")
 
     def run(q, k, v, arrays, coords, **common):
-        return entry.attention(q, k, v, **common, **knobs)
+        return method.attention(q, k, v, **common, **knobs)
 
     return DaskPlan(run=run)
 
@@ -117,8 +118,8 @@ def _index(x, target, letters, tag):
     return tuple(index)
 
 
-def attention(entry, q, k, v, common, knobs):
-    """Lazy ``entry.attention`` over dask chunks of the batch dims (see the module docstring)."""
+def attention(method, q, k, v, common, knobs):
+    """Lazy ``method.attention`` over dask chunks of the batch dims (see the module docstring)."""
     import dask.array as da
 
     if common.get("return_info"):
@@ -138,7 +139,7 @@ def attention(entry, q, k, v, common, knobs):
     nb = len(batch_shape)
     if nb > len(_BATCH_LETTERS):
         raise ValueError(f"at most {len(_BATCH_LETTERS)} batch dims; got {nb}")
-    plan = entry.dask_plan(knobs, batch_shape) if entry.dask_plan else default_plan(entry, knobs,
+    plan = method.dask_plan(knobs, batch_shape) if method.dask_plan else default_plan(method, knobs,
                                                                                    batch_shape)
     # Batch chunks: those of the first input that is not broadcast along a dim; a dim the
     # method cannot split stays whole.
@@ -216,4 +217,4 @@ def attention(entry, q, k, v, common, knobs):
     new_axes = {} if v is not None else {"e": int(dv)}
     meta = da.utils.meta_from_array(q._meta, ndim=nb + 2, dtype=q.dtype)
     return da.blockwise(chunk, letters + ("q", "e"), *args, new_axes=new_axes, dtype=q.dtype,
-                        meta=meta, concatenate=True, name=f"mcattn-{entry.name}")
+                        meta=meta, concatenate=True, name=f"mcattn-{method.name}")

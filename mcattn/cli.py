@@ -272,8 +272,9 @@ def _cmd_selftest(args):
 
 def build_parser():
     from ._dispatch import BACKEND_NAMES
-    from .selftest import CHECKS
+    from .selftest import checks
 
+    rows = list(checks())
     parser = argparse.ArgumentParser(
         prog="mcattn", description="Approximate softmax attention: compare methods on real attention.")
     sub = parser.add_subparsers(dest="command")
@@ -347,8 +348,8 @@ def build_parser():
                           help="also time the GPU backends against torch SDPA (N = 1k..16k)")
     selftest.add_argument("--backends", nargs="+", metavar="NAME", choices=BACKEND_NAMES,
                           help=f"backends to check: {', '.join(BACKEND_NAMES)} (default: all)")
-    selftest.add_argument("--methods", nargs="+", metavar="NAME", choices=list(CHECKS),
-                          help=f"methods to check: {', '.join(CHECKS)} (default: all)")
+    selftest.add_argument("--methods", nargs="+", metavar="NAME", choices=rows,
+                          help=f"methods to check: {', '.join(rows)} (default: all)")
     selftest.set_defaults(func=_cmd_selftest, check=_check_selftest)
 
     finetune = sub.add_parser(

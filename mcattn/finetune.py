@@ -110,8 +110,9 @@ class FinetuneConfig:
 
     def checked(self):
         """A copy with the method's seed filled in; raises ValueError/TypeError on bad input."""
-        from .frameworks.torch import MODULE_KNOBS, ModuleKnobs
+        from ._plugin import ModelHooks
         from .front import COMMON_ARGUMENTS, check_knobs
+        from .registry import get_method
 
         if self.steps is None and self.minutes is None:
             raise ValueError("give steps or minutes")
@@ -132,7 +133,7 @@ class FinetuneConfig:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
         if self.gate and self.method != "rfa":
             raise ValueError("gate=True is rfa's recency gate; the method is " + repr(self.method))
-        hook = MODULE_KNOBS.get(self.method, ModuleKnobs(None))
+        hook = get_method(self.method).model or ModelHooks()
         given = {n: v for n, v in self.knobs.items()
                  if n not in hook.consumes and n not in COMMON_ARGUMENTS}
         supplied = dict.fromkeys(hook.supplies + _method_supplies(self.method, self.gate))

@@ -3,8 +3,9 @@
 Every method registered in :mod:`mcattn.registry` is reachable through
 :func:`attention` with the same masks, causal flag, scale, backend, ``check_finite`` and
 ``return_info``; the method's own parameters (its *knobs*) are keyword arguments, read
-from the signature of the entry's ``attention`` function, so a new method needs no edit
-here. dask arrays are mapped over chunks of the batch and head dims (:mod:`mcattn._dask`).
+from the signature of its spec's ``attention`` function
+(:class:`mcattn._plugin.Method`), so a new method needs no edit here. dask arrays are
+mapped over chunks of the batch and head dims (:mod:`mcattn._dask`).
 """
 
 import functools
@@ -12,7 +13,7 @@ import inspect
 from dataclasses import dataclass
 
 from ._validate import check_bool, check_flags
-from .registry import METHOD_ENTRIES, get_entries
+from .registry import get_method, method_names
 
 __all__ = ["attention", "methods", "MethodSpec", "COMMON_ARGUMENTS"]
 
@@ -58,19 +59,20 @@ class MethodSpec:
 REQUIRED = _REQUIRED
 
 
-@functools.cache
 def _lookup(method):
-    if not isinstance(method, str) or method not in METHOD_ENTRIES:
-        raise ValueError(f"unknown method {method!r}; the methods are {', '.join(METHOD_ENTRIES)}")
-    (entry,) = get_entries([method])
-    if entry.attention is None:
-        raise ValueError(f"method {method!r} has no attention function in its registry entry")
-    params = inspect.signature(entry.attention).parameters
+    """``(Method, MethodSpec)`` of the registered method called ``method``."""
+    found = get_method(method)
+    return found, _listing(found)
+
+
+@functools.lru_cache(maxsize=64)
+def _listing(method):  # per Method object (hashed by identity): re-registering re-reads it
+    params = inspect.signature(method.attention).parameters
     knobs = {name: p.default for name, p in params.items()
              if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in COMMON_ARGUMENTS}
     v = params.get("v")
     needs_values = v is not None and v.default is _REQUIRED
-    return entry, MethodSpec(entry.name, entry.description, knobs, needs_values)
+    return MethodSpec(method.name, method.description, knobs, needs_values)
 
 
 def methods():
@@ -87,11 +89,11 @@ def methods():
     >>> [m.name for m in mcattn.methods()][:3]
     ['exact', 'mca', 'rfa']
     """
-    return [_lookup(name)[1] for name in METHOD_ENTRIES]
+    return [_lookup(name)[1] for name in method_names()]
 
 
 def check_knobs(method, knobs):
-    """The registry entry of ``method`` after checking ``knobs`` against its signature.
+    """``(Method, MethodSpec)`` of ``method`` after checking ``knobs`` against its signature.
 
     Raises
     ------
@@ -101,7 +103,7 @@ def check_knobs(method, knobs):
         A knob the method does not take, a required knob missing, or a bool knob (one whose
         default is a bool) given anything but a bool (named).
     """
-    entry, spec = _lookup(method)
+    found, spec = _lookup(method)
     unknown = sorted(set(knobs) - set(spec.knobs))
     if unknown:
         have = ", ".join(spec.knobs) or "none"
@@ -113,7 +115,7 @@ def check_knobs(method, knobs):
     for name, default in spec.knobs.items():
         if isinstance(default, bool) and name in knobs:
             check_bool(name, knobs[name])
-    return entry, spec
+    return found, spec
 
 
 @check_flags
@@ -173,7 +175,7 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
     >>> approx.shape
     (1, 4, 256, 32)
     """
-    entry, spec = check_knobs(method, knobs)
+    found, spec = check_knobs(method, knobs)
     if v is None and spec.needs_values:
         raise TypeError(f"method {method!r} needs v (the values)")
     if v is not None and not spec.needs_values:
@@ -184,5 +186,5 @@ def attention(q, k, v=None, *, method="exact", attn_mask=None, key_padding_mask=
     from . import _dask
 
     if _dask.any_dask(q, k, v, attn_mask, key_padding_mask, *knobs.values()):
-        return _dask.attention(entry, q, k, v, common, knobs)
-    return entry.attention(q, k, v, **common, **knobs)
+        return _dask.attention(found, q, k, v, common, knobs)
+    return found.attention(q, k, v, **common, **knobs)

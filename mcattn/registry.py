@@ -1,8 +1,14 @@
-"""The methods ``mcattn compare`` knows, one entry each.
+"""The methods of the library: one line each in :data:`METHODS`.
 
-A method joins the comparison by giving a :class:`MethodEntry` (conventionally
-``ENTRY`` in ``mcattn/<method>/compare.py``) and one line in :data:`METHOD_ENTRIES`;
-the CLI, the tables and the plot need no edit.
+A method is a runtime spec, :class:`mcattn._plugin.Method`, defined as ``METHOD`` in
+``mcattn/<method>/spec.py``; :data:`METHODS` names it in one line, and :func:`register`
+adds one at run time (a plug-in outside the package, a test's toy method). The front
+door, dask, the autograd adapters, ``use_method``, ``mcattn selftest`` and the CUDA
+source list read the spec; none of them names a method.
+
+The comparison (``mcattn compare``) reads a second, optional table: a method's
+:class:`MethodEntry` (its swept knob, its bound in the table); a method without one is
+compared at its default knobs.
 """
 
 import dataclasses
@@ -15,7 +21,71 @@ import numpy as np
 
 from .cost import CallInfo
 
-__all__ = ["LayerInputs", "Trial", "MethodEntry", "METHOD_ENTRIES", "get_entries"]
+__all__ = ["METHODS", "get_method", "method_names", "register", "unregister", "LayerInputs", "Trial",
+           "MethodEntry", "METHOD_ENTRIES", "get_entries"]
+
+#: Method name -> "module:attribute" of its :class:`~mcattn._plugin.Method`. Adding a
+#: method is one folder and one line here.
+METHODS = {
+    "exact": "mcattn.exact.spec:METHOD",
+    "mca": "mcattn.mca.spec:METHOD",
+    "rfa": "mcattn.rfa.spec:METHOD",
+    "eatt": "mcattn.eatt.spec:METHOD",
+    "latte": "mcattn.latte.spec:METHOD",
+    "eigen": "mcattn.eigen.spec:METHOD",
+}
+_REGISTERED = {}  # name -> Method, from register()
+
+
+def method_names():
+    """The registered methods' names: :data:`METHODS` in order, then :func:`register`'s."""
+    return list(METHODS) + [n for n in _REGISTERED if n not in METHODS]
+
+
+def get_method(name):
+    """The :class:`~mcattn._plugin.Method` called ``name``.
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not a registered method (the message lists them).
+    """
+    if isinstance(name, str) and name in _REGISTERED:
+        return _REGISTERED[name]
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; the methods are {', '.join(method_names())}")
+    module, attr = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def register(method):
+    """Add ``method`` (a :class:`~mcattn._plugin.Method`) to the library for this process.
+
+    It is then reachable as ``mcattn.attention(..., method=method.name)``, listed by
+    :func:`mcattn.methods`, swapped into models by ``use_method``, self-tested and
+    compared at its default knobs. Registering a name again replaces the earlier
+    registration; the built-in names cannot be replaced.
+
+    Raises
+    ------
+    TypeError
+        ``method`` is not a Method.
+    ValueError
+        ``method.name`` is a built-in method's name.
+    """
+    from ._plugin import Method
+
+    if not isinstance(method, Method):
+        raise TypeError(f"register takes a mcattn._plugin.Method; got {type(method).__name__}")
+    if method.name in METHODS:
+        raise ValueError(f"{method.name!r} is a built-in method; register the plug-in under another name")
+    _REGISTERED[method.name] = method
+    return method
+
+
+def unregister(name):
+    """Remove a method added by :func:`register` (no error if it is not there)."""
+    _REGISTERED.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -191,12 +261,26 @@ def _variant(entry, spec, knobs):
                                fixed=tuple(knobs.items()), method=entry.name)
 
 
+def default_entry(method):
+    """The comparison entry of a method that has none of its own: one run at its default
+    knobs (a plug-in without a sweep), no bound."""
+    def run(inputs, value, seed):
+        out, info = method.attention(inputs.q, inputs.k, inputs.v, key_padding_mask=inputs.key_padding_mask,
+                                     scale=inputs.scale, return_info=True)
+        return Trial(out=out, info=info)
+
+    return MethodEntry(name=method.name, knob=None, values=(None,), run=run,
+                       bound_note=f"{method.name}: no bound (no comparison entry)")
+
+
 def get_entries(names=None):
     """The entries of ``names`` (all when None), in registry order, then variants in order.
 
     A name may be a *variant* ``"method:knob=value,knob=value"``: the method's entry with
     those knobs fixed in every run (``mcattn compare --methods mca mca:shared_draws=True``
     runs MCA with independent and with shared draws); its ``name`` is the whole string.
+    A registered method without an entry in :data:`METHOD_ENTRIES` gets
+    :func:`default_entry`.
 
     Raises
     ------
@@ -204,23 +288,23 @@ def get_entries(names=None):
         An unknown method name (the message lists the known ones), or a variant that fixes
         a knob the method does not have (or the knob it sweeps).
     """
-    known = list(METHOD_ENTRIES)
+    known = method_names()
     if names is None:
         names = known
     names = list(names)
     parsed = [(n, *parse_variant(n)) for n in names]
-    unknown = [n for n, base, _ in parsed if base not in METHOD_ENTRIES]
+    unknown = [n for n, base, _ in parsed if base not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; the methods are {known}")
 
     def load(name):
+        if name not in METHOD_ENTRIES:
+            return default_entry(get_method(name))
         module, attr = METHOD_ENTRIES[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
     entries = [load(name) for name in known if name in names]
     for spec, base, knobs in parsed:
-        if spec not in METHOD_ENTRIES and spec not in [e.name for e in entries]:
+        if spec not in known and spec not in [e.name for e in entries]:
             entries.append(_variant(load(base), spec, knobs))
     return entries
-
-

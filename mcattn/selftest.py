@@ -1,17 +1,17 @@
 """``mcattn selftest``: every method on every backend against the NumPy reference.
 
-For a new machine: each entry of :data:`CHECKS` runs one method on small fixed inputs
+For a new machine: each row (:func:`checks`) runs one method on small fixed inputs
 with a backend and compares the result with the float64 NumPy backend (same seed, so
 the random methods draw the same samples). A backend that cannot run here gives a row
 that says why (no GPU, CuPy missing...) and does not fail the run. ``bench=True`` adds
 GPU timings next to ``torch.nn.functional.scaled_dot_product_attention`` on the same GPU.
 
-Adding a method is one entry in :data:`CHECKS`: a function that builds the inputs with
-``put`` (which places a NumPy array where the backend wants it) and runs the method,
-and the tolerances of its float32 and float64 results.
+The rows come from the methods' specs (``Method.checks`` in ``mcattn/<method>/spec.py``:
+a function that builds the inputs with ``put``, which places a NumPy array where the
+backend wants it, and runs the method, with the tolerances of its float32 and float64
+results); a method without its own rows gets one on its example inputs.
 """
 
-import functools
 import json
 import platform
 import time
@@ -21,203 +21,27 @@ import numpy as np
 
 from . import __version__
 from ._dispatch import BACKEND_NAMES, backend_status
+from ._plugin import Check
 
-__all__ = ["CHECKS", "Check", "Row", "run_selftest", "run_bench", "format_rows", "main"]
-
-
-@dataclass(frozen=True)
-class Check:
-    """One method's self-test.
-
-    Parameters
-    ----------
-    run : callable
-        ``run(put, backend, dtype) -> array``: the method on fixed small inputs (built
-        with NumPy's generator, then ``put(array)``), computed with ``backend``.
-    tolerance : dict
-        Largest accepted ``max|out - ref| / max|ref|`` per dtype name, ``ref`` being
-        ``run`` with the ``numpy`` backend in float64.
-    bench : callable, optional
-        ``bench(put, backend, n) -> thunk`` for ``--bench``: a call of the method on
-        ``[1, 8, n, 64]`` float32 inputs.
-    bench_max_n : int, optional
-        The bench's largest ``n`` (default: every size), for a variant that need not take
-        the device's time at every size.
-    """
-
-    run: object
-    tolerance: dict
-    bench: object = None
-    bench_max_n: int | None = None
+__all__ = ["checks", "Check", "Row", "run_selftest", "run_bench", "format_rows", "main"]
 
 
-def _qkv(rng, shape, dtype, put):
-    return tuple(put(rng.standard_normal(shape).astype(dtype)) for _ in range(3))
+def checks():
+    """Every registered method's self-test rows, name -> :class:`~mcattn._plugin.Check`
+    (a method's ``checks``, or one default row on its example inputs), in registry order."""
+    from .registry import get_method, method_names
+
+    rows = {}
+    for name in method_names():
+        rows.update(get_method(name).selftest_checks())
+    return rows
 
 
-def _exact(put, backend, dtype):
-    import mcattn
+def __getattr__(name):
+    if name == "CHECKS":  # the rows as of now (register() may add a method at any time)
+        return checks()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    rng = np.random.default_rng(0)
-    q, k, v = _qkv(rng, (2, 3, 37, 16), dtype, put)
-    kpm = np.ones((2, 37), bool)
-    kpm[1, 30:] = False
-    return mcattn.attention(q, k, v, key_padding_mask=put(kpm), is_causal=True, backend=backend)
-
-
-def _exact_bench(put, backend, n):
-    import mcattn
-
-    q, k, v = _qkv(np.random.default_rng(0), (1, 8, n, 64), np.float32, put)
-    return lambda: mcattn.attention(q, k, v, backend=backend)
-
-
-def _exact_backward(put, backend, dtype):
-    """Exact attention's training pair: forward with lse, then dq, dk, dv (concatenated)."""
-    from ._validate import namespace_of
-    from .exact import grad
-
-    rng = np.random.default_rng(3)
-    q, k, v = _qkv(rng, (2, 3, 37, 16), dtype, put)
-    dout = put(rng.standard_normal((2, 3, 37, 16)).astype(dtype))
-    kpm = np.ones((2, 37), bool)
-    kpm[1, 30:] = False
-    mask = {"key_padding_mask": put(kpm), "is_causal": True}
-    out, res = grad.forward(q, k, v, backend=backend, **mask)
-    grads = grad.backward(q, k, v, out, res, dout, backend=backend, **mask)
-    return namespace_of(out).concatenate([grads[n].reshape(-1) for n in "qkv"])
-
-
-def _exact_backward_bench(put, backend, n):
-    from .exact import grad
-
-    rng = np.random.default_rng(3)
-    q, k, v = _qkv(rng, (1, 8, n, 64), np.float32, put)
-    dout = put(rng.standard_normal((1, 8, n, 64)).astype(np.float32))
-
-    def step():
-        out, res = grad.forward(q, k, v, backend=backend)
-        return grad.backward(q, k, v, out, res, dout, backend=backend)
-
-    return step
-
-
-def _mca(put, backend, dtype):
-    from . import mca
-
-    rng = np.random.default_rng(1)
-    q, k = (put(rng.standard_normal((2, 3, 29, 8)).astype(dtype)) for _ in range(2))
-    x = put(rng.standard_normal((2, 29, 48)).astype(dtype))
-    w = put(rng.standard_normal((48, 24)).astype(dtype))
-    return mca.attention(q, k, x, w, num_heads=3, alpha=0.5, seed=7, sampling="optimal",
-                         backend=backend)
-
-
-def _mca_bench(put, backend, n, shared_draws=False):
-    from . import mca
-
-    rng = np.random.default_rng(1)
-    q, k = (put(rng.standard_normal((1, 8, n, 64)).astype(np.float32)) for _ in range(2))
-    x = put(rng.standard_normal((1, n, 512)).astype(np.float32))
-    w = put(rng.standard_normal((512, 512)).astype(np.float32))
-    tables = mca.weight_tables(w, 8)
-    return lambda: mca.attention(q, k, x, w, num_heads=8, alpha=0.5, seed=7, tables=tables,
-                                 shared_draws=shared_draws, backend=backend)
-
-
-def _mca_shared(put, backend, dtype):
-    """MCA with shared draws (one draw sequence per (batch row, head)): on the GPU backends
-    the compiled host plan applied by one kernel launch. 29 keys, so the CPU also takes the
-    reduced-GEMM path and every backend rounds the budgets alike."""
-    from . import mca
-
-    rng = np.random.default_rng(8)
-    q, k = (put(rng.standard_normal((2, 3, 29, 8)).astype(dtype)) for _ in range(2))
-    x = put(rng.standard_normal((2, 29, 48)).astype(dtype))
-    w = put(rng.standard_normal((48, 24)).astype(dtype))
-    b = put(rng.standard_normal(24).astype(dtype))
-    return mca.attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=9, shared_draws=True,
-                         backend=backend)
-
-
-def _rfa(put, backend, dtype):
-    from . import rfa
-
-    rng = np.random.default_rng(2)
-    q, k, v = _qkv(rng, (2, 2, 31, 8), dtype, put)
-    q, k = q * 0.5, k * 0.5
-    feats = rfa.RandomFeatures(8, 16, num_heads=2, seed=3)
-    return rfa.attention(q, k, v, features=feats, is_causal=True, chunk_size=8, backend=backend)
-
-
-def _rfa_bench(put, backend, n):
-    from . import rfa
-
-    q, k, v = _qkv(np.random.default_rng(2), (1, 8, n, 64), np.float32, put)
-    feats = rfa.RandomFeatures(64, 128, num_heads=8, seed=3)
-    return lambda: rfa.attention(q, k, v, features=feats, backend=backend)
-
-
-def _eatt(put, backend, dtype):
-    from . import eatt
-
-    rng = np.random.default_rng(4)
-    q, k, v = _qkv(rng, (2, 2, 33, 16), dtype, put)
-    l1 = eatt.attention(q, k, v, alignment="l1", is_causal=True, backend=backend)
-    hamming = eatt.attention(q, k, v, alignment="hamming", backend=backend)
-    from ._validate import namespace_of
-
-    return namespace_of(l1).concatenate([l1, hamming], axis=-1)
-
-
-def _eatt_bench(put, backend, n):
-    from . import eatt
-
-    q, k, v = _qkv(np.random.default_rng(4), (1, 8, n, 64), np.float32, put)
-    return lambda: eatt.attention(q, k, v, alignment="l1", backend=backend)
-
-
-def _latte(put, backend, dtype):
-    from . import latte
-
-    rng = np.random.default_rng(5)
-    q, k, v = _qkv(rng, (2, 3, 29, 16), dtype, put)
-    theta = put(np.array([1.0, 2.5, 4.0], dtype))  # per head, logit units
-    return latte.attention(q, k, v, threshold=theta, is_causal=True, backend=backend)
-
-
-def _latte_bench(put, backend, n):
-    from . import latte
-
-    q, k, v = _qkv(np.random.default_rng(5), (1, 8, n, 64), np.float32, put)
-    return lambda: latte.attention(q, k, v, threshold=4.0, backend=backend)
-
-
-def _eigen(put, backend, dtype):
-    from . import eigen
-
-    rng = np.random.default_rng(6)
-    q, k, v = (rng.standard_normal((2, 40, 8)) for _ in range(3))
-    basis = eigen.fit(eigen.score_rows(q, k), rank=6)  # fitted on the host, float64
-    q, k, v = (put(a.astype(dtype)) for a in (q, k, v))
-    return eigen.attention(q, k, v, basis=basis, columns=12, backend=backend)
-
-
-#: method -> Check. One entry per method (and ``exact-bwd``, exact attention's training
-#: forward and backward); every backend is tried with each.
-CHECKS = {
-    "exact": Check(_exact, {"float32": 1e-5, "float64": 1e-12}, _exact_bench),
-    # Not a method: exact attention's training kernels (forward with lse + backward).
-    "exact-bwd": Check(_exact_backward, {"float32": 1e-5, "float64": 1e-12}, _exact_backward_bench),
-    "mca": Check(_mca, {"float32": 1e-5, "float64": 1e-12}, _mca_bench),
-    # Not a method: MCA's shared-draw path (its own GPU kernels; benched up to n = 4096).
-    "mca-shared": Check(_mca_shared, {"float32": 1e-5, "float64": 1e-12},
-                        functools.partial(_mca_bench, shared_draws=True), 4096),
-    "rfa": Check(_rfa, {"float32": 1e-4, "float64": 1e-11}, _rfa_bench),
-    "eatt": Check(_eatt, {"float32": 1e-5, "float64": 1e-12}, _eatt_bench),
-    "latte": Check(_latte, {"float32": 1e-5, "float64": 1e-12}, _latte_bench),
-    "eigen": Check(_eigen, {"float32": 1e-5, "float64": 1e-12}),
-}
 
 DTYPES = ("float32", "float64")
 BENCH_SIZES = (1024, 2048, 4096, 8192, 16384)
@@ -257,17 +81,20 @@ def run_selftest(backends=None, methods=None):
     Parameters
     ----------
     backends, methods : sequence of str, optional
-        Default: all of :data:`mcattn._dispatch.BACKEND_NAMES` and :data:`CHECKS`.
+        Default: all of :data:`mcattn._dispatch.BACKEND_NAMES` and :func:`checks`.
 
     Returns
     -------
     list of Row
     """
-    rows = []
+    rows, table = [], checks()
+    unknown = [m for m in methods or () if m not in table]
+    if unknown:
+        raise ValueError(f"no self-test called {unknown}; the rows are {', '.join(table)}")
     for backend in backends or BACKEND_NAMES:
         status = backend_status(backend)
-        for method in methods or CHECKS:
-            check = CHECKS[method]
+        for method in methods or table:
+            check = table[method]
             for dtype in DTYPES:
                 row = Row(backend, method, dtype, "skip", tolerance=check.tolerance[dtype])
                 rows.append(row)
@@ -334,7 +161,7 @@ def run_bench(sizes=BENCH_SIZES, repeats=3, max_seconds=2.0):
             rows.append({"backend": "torch", "method": "sdpa", "n": n, "ms": ms})
     stopped = set()
     for backend in gpu:
-        for method, check in CHECKS.items():
+        for method, check in checks().items():
             if check.bench is None:
                 continue
             for n in sizes:

@@ -117,22 +117,8 @@ def torch_grads(fn, tensors, dout):
 
 def method_knobs(method, heads, nk, dv, seed=0):
     """Sample knobs of ``method`` for ``mcattn.attention`` with ``heads`` heads, ``nk`` keys and
-    values of width ``dv`` (mca: ``x [1, nk, 5]``, ``w_v [5, heads * dv]``; eigen: a basis of
-    rows of ``nk`` keys). A new method must add its own here: the tests that cover every
-    registered method read them."""
-    rng = np.random.default_rng(seed)
-    if method == "eigen":
-        from mcattn import eigen
+    values of width ``dv``: the method's own ``Method.knobs_for`` (mcattn/<method>/spec.py), so
+    the tests that cover every registered method cover a new one with no edit here."""
+    from mcattn.registry import get_method
 
-        rows = eigen.score_rows(rng.standard_normal((4, nk, 3)), rng.standard_normal((4, nk, 3)))
-        return dict(basis=eigen.fit(rows, rank=min(2, nk)), columns=np.arange(0, nk, 2))
-    knobs = {
-        "exact": {},
-        "mca": dict(x=rng.standard_normal((1, nk, 5)), w_v=rng.standard_normal((5, heads * dv)) / 2,
-                    alpha=0.5, seed=1),
-        "rfa": dict(num_features=8, seed=0),
-        "eatt": {},
-        "latte": dict(threshold=1.0),
-    }
-    assert method in knobs, f"add sample knobs of the new method {method!r} to tests/helpers.method_knobs"
-    return knobs[method]
+    return get_method(method).knobs_for(np.random.default_rng(seed), heads, nk, dv)

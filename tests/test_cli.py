@@ -3,16 +3,14 @@
 import json
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 
 import mcattn
 from mcattn import cli, registry
-from mcattn.compare import relative_errors, run_comparison
+from mcattn.compare import relative_errors
 from mcattn.data import load_sample
-from mcattn.registry import MethodEntry, Trial
 
 
 def _run(argv, capsys):
@@ -122,26 +120,6 @@ def test_registry_lists_entries_and_rejects_unknown():
     assert names[0] == "exact" and "mca" in names
     with pytest.raises(ValueError, match="unknown method"):
         registry.get_entries(["nope"])
-
-
-def test_a_new_method_plugs_in_with_one_registry_line(monkeypatch):
-    """A method added by one entry runs through compare with no CLI or engine edit."""
-
-    def run(inputs, value, seed):  # exact attention on values scaled by (1 + value)
-        out, info = mcattn.attention(inputs.q, inputs.k, inputs.v * (1 + value),
-                                     key_padding_mask=inputs.key_padding_mask,
-                                     scale=inputs.scale, return_info=True)
-        return Trial(out=out, info=info, bound=value)
-
-    module = types.ModuleType("fake_method")
-    module.ENTRY = MethodEntry(name="scaled", knob="eps", values=(0.0, 0.1), run=run)
-    monkeypatch.setitem(sys.modules, "fake_method", module)
-    monkeypatch.setitem(registry.METHOD_ENTRIES, "scaled", "fake_method:ENTRY")
-    rows = run_comparison(load_sample(), ["scaled"], repeats=1, layers=[0, 1])
-    got = {r.value: r for r in rows if r.method == "scaled"}
-    assert got[0.0].error_median == pytest.approx(0.0, abs=1e-6)
-    assert got[0.1].error_median == pytest.approx(0.1, rel=1e-4)  # ||0.1 O|| / ||O||
-    assert got[0.1].bound_median == 0.1
 
 
 def test_relative_errors_ignore_padding():

@@ -425,12 +425,13 @@ def test_bad_calibration_targets():
         latte.calibrate(q, k, target_keep=0.5, mode="nope")
 
 
-def test_torch_adapter_uses_the_layer_thresholds():
+def test_torch_adapter_calibrates_a_lone_call_on_its_own_attention():
+    """method_attention(..., target_mass=) outside a use_method block: per-head thresholds
+    fitted on the call's own q and k (padding excluded)."""
     torch = require("torch")
     from types import SimpleNamespace
 
     from mcattn.frameworks.torch import method_attention
-    from mcattn.latte.compare import sample_thresholds
 
     q, k, v = _qkv((1, 12), n=20, d=8, seed=19)
     mask = np.ones((1, 1, 20, 20), bool)
@@ -438,9 +439,10 @@ def test_torch_adapter_uses_the_layer_thresholds():
     out = method_attention("latte", *(torch.from_numpy(a) for a in (q, k, v)),
                            module=SimpleNamespace(layer_idx=3), mask=torch.from_numpy(mask),
                            target_mass=0.99)
-    theta = sample_thresholds(0.99)
-    assert theta.shape == (6, 12)
-    ref = latte.attention(q, k, v, threshold=theta[3], key_padding_mask=mask[:, 0, 0])
+    theta = latte.calibrate(q.astype(np.float64), k.astype(np.float64), target_mass=0.99,
+                            key_padding_mask=mask[:, 0, 0])
+    assert theta.shape == (12,)
+    ref = latte.attention(q, k, v, threshold=theta.astype(np.float32), key_padding_mask=mask[:, 0, 0])
     assert isinstance(out, torch.Tensor) and np.array_equal(out.numpy(), ref)
 
 

@@ -7,7 +7,7 @@ from helpers import dense_attention, method_knobs, rel_error, require
 import mcattn
 from mcattn._dispatch import Kernel, Problem, select_kernel
 from mcattn.errors import BackendError, DTypeError, NonFiniteError, ShapeError
-from mcattn.registry import METHOD_ENTRIES
+from mcattn.registry import method_names
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_dispatch_lists_every_reason():
 
 # ---------------------------------------------------------------- one rule for every method
 # (docs/conventions.md: zero sizes, dtypes, booleans; the front door and each method's API)
-METHODS = list(METHOD_ENTRIES)
+METHODS = method_names()
 
 
 def _call(method, q, k, v, heads, dv, **kwargs):

@@ -1,6 +1,6 @@
 """What the autograd adapters share: a method's training module and host-side calls.
 
-Each method that can be trained names a module in its registry entry (``grad``) with
+Each method that can be trained names a module in its spec (``Method.grad``) with
 
 * ``forward(q, k, v, **common, **knobs) -> (out, residuals)``,
 * ``backward(q, k, v, out, residuals, dout, **common, **knobs) -> {"q": dq, ...}``,
@@ -31,13 +31,13 @@ MASKS = ("attn_mask", "key_padding_mask")
 
 
 def training_module(method, knobs):
-    """``(entry, spec, module)`` of ``method`` after checking ``knobs``."""
-    entry, spec = check_knobs(method, knobs)
-    if entry.grad is None:
+    """``(Method, MethodSpec, module)`` of ``method`` after checking ``knobs``."""
+    found, spec = check_knobs(method, knobs)
+    if found.grad is None:
         raise GradientNotSupportedError(
             f"method {method!r} has no backward pass yet; call it without gradients "
             "(torch.no_grad(), jax.lax.stop_gradient, tf.stop_gradient) or use another method")
-    return entry, spec, importlib.import_module(entry.grad)
+    return found, spec, importlib.import_module(found.grad)
 
 
 def second_order_error(module):

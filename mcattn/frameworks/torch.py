@@ -11,23 +11,27 @@
   on several models, nested or in several threads, do not interfere.
 
 Every method goes through the front door :func:`mcattn.attention` (``method=``, knobs by
-keyword); a method that needs more than q, k, v from the model gives a function in
-:data:`MODULE_KNOBS`: ``mca`` reads the value projection's input from a forward pre-hook
-on the module's ``value`` Linear and its weight as ``value.weight.T``.
+keyword); what a method needs from the model beyond q, k, v is in its spec
+(:class:`mcattn._plugin.ModelHooks`, ``mcattn/<method>/spec.py``): ``mca`` reads the
+value projection's input from a forward pre-hook on the module's ``value`` Linear and
+its weight as ``value.weight.T``; ``latte`` (``target_mass=``) and ``eigen``
+(``num_columns=``) fit thresholds and bases on the model's own attention.
 """
 
 import contextlib
 import itertools
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 import mcattn
 
+from .._plugin import ModelHooks
 from . import _grad
 
-__all__ = ["attention", "method_attention", "use_method", "MODULE_KNOBS", "ModuleKnobs"]
+__all__ = ["attention", "method_attention", "use_method"]
 
 
 class _MethodFunction(torch.autograd.Function):
@@ -146,94 +150,98 @@ def attention(q, k, v=None, *, method="exact", **kwargs):
     return _MethodFunction.apply(module, names, common, static, *tensors)
 
 
-def _mca_knobs(module, q, knobs, calls):
-    """mca's knobs from the model: the value Linear's input, weight and bias, a seed per call."""
-    x = getattr(module.value, "_mcattn_input", None) if module is not None else None
-    if x is None:
-        raise RuntimeError("mca needs the value projection's input; use_method installs a hook "
-                           "on module.value that was not run")
-    # With grad on, the live tensors: the value Linear's weight and bias (and what feeds
-    # x) get mca's sampled gradients (mcattn.mca.grad); otherwise detached copies.
-    live = torch.is_grad_enabled()
-    keep = (lambda t: t) if live else (lambda t: t.detach())  # noqa: E731
-    bias = module.value.bias
-    extra = dict(knobs, x=keep(x), w_v=keep(module.value.weight).T.contiguous(),
-                 b_v=keep(bias) if bias is not None else None)
-    seed = knobs.get("seed")
-    if seed is not None:  # a different, reproducible seed for every call
-        extra["seed"] = int(seed) * 1_000_003 + next(calls)
-    return extra
+_COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")
+_NO_HOOKS = ModelHooks()
 
 
-def _latte_knobs(module, q, knobs, calls):
-    """latte's ``target_mass=``: thresholds per layer and head calibrated on the embedded
-    sample (all-MiniLM-L6-v2's own attention), this layer's row as ``threshold``."""
-    knobs = dict(knobs)
-    target = knobs.pop("target_mass", None)
-    if target is not None:
-        from mcattn.latte.compare import sample_thresholds
-
-        knobs["threshold"] = sample_thresholds(target)[module.layer_idx]
-    return knobs
+def _layer_inputs(q, k, v, mask, scale):
+    """One call's exact-attention inputs as a calibration hook takes them (float64 NumPy)."""
+    host = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+    kpm = None
+    if mask is not None:  # [B, 1 or H, Nq, Nk] -> the keys any query may see, per batch row
+        kpm = mask.detach().to("cpu").any(dim=-2).all(dim=1).numpy()
+    return {"q": host(q), "k": host(k), "v": host(v) if v is not None else None,
+            "key_padding_mask": kpm, "scale": None if scale is None else float(scale)}
 
 
-@dataclass(frozen=True)
-class ModuleKnobs:
-    """How a method takes knobs from the model it is swapped into.
+class _Calibration:
+    """Knobs a method fits on a model's own attention (:attr:`ModelHooks.calibrate`), per
+    layer (and per length), for one ``use_method`` block.
 
-    Attributes
-    ----------
-    resolve : callable ``(module, q, knobs, calls) -> knobs``
-        The knobs of one call, given the attention module.
-    supplies : tuple of str
-        Knobs it fills in (the user does not give them).
-    consumes : tuple of str
-        Model-level options it turns into knobs (not knobs of the method itself).
-    call : callable ``(module, q, k, v, mask, scale, options) -> out``, optional
-        Runs the method inside the model itself (eigen: bases fitted per layer and length
-        on calibration text, exact attention where the length is within the columns);
-        differentiable when grad mode is on (eigen's backward, bases held constant).
+    The knobs of a layer come from the block's calibration batch when there is one
+    (``source``: model inputs, run once at the start with exact attention), from
+    ``source(length)`` when ``source`` is a callable (run when a new length appears),
+    and otherwise from the first call the layer makes (its own ``q`` and ``k``).
     """
 
-    resolve: object
-    supplies: tuple = ()
-    consumes: tuple = ()
-    call: object = None
+    def __init__(self, hooks, options, source):
+        self.hooks, self.options, self.source = hooks, options, source
+        self.knobs = {}  # (id(module), length or None) -> knobs
+        self.local = threading.local()  # .active: a calibration run is going on in this thread
+
+    def key(self, module, q):
+        return id(module), int(q.shape[-2]) if self.hooks.per_length else None
+
+    @property
+    def active(self):
+        return getattr(self.local, "active", False)
+
+    def record(self, module, q, k, v, mask, scale):
+        """Fit this call's knobs (a calibration run: the call itself returns exact attention)."""
+        key = self.key(module, q)
+        if key not in self.knobs:
+            self.knobs[key] = self.hooks.calibrate(_layer_inputs(q, k, v, mask, scale), self.options)
+
+    def run_source(self, model, inputs):
+        """Run ``model`` on ``inputs`` in calibration mode (no graph, exact attention)."""
+        self.local.active = True
+        try:
+            with torch.no_grad():
+                if isinstance(inputs, dict):
+                    model(**inputs)
+                else:
+                    model(inputs)
+        finally:
+            self.local.active = False
+
+    def knobs_of(self, model, module, q, k, v, mask, scale):
+        key = self.key(module, q)
+        if key not in self.knobs and callable(self.source):
+            self.run_source(model, self.source(int(q.shape[-2])))
+        if key not in self.knobs:  # no batch for this layer (or length): its own call's
+            self.record(module, q, k, v, mask, scale)
+        return self.knobs[key]
 
 
-#: Method name -> :class:`ModuleKnobs`, for methods that need more than q, k, v from the
-#: model (mca: the value projection; latte: per-layer thresholds from ``target_mass``).
-MODULE_KNOBS = {
-    "mca": ModuleKnobs(_mca_knobs, supplies=("x", "w_v", "b_v")),
-    "latte": ModuleKnobs(_latte_knobs, supplies=("threshold",), consumes=("target_mass",)),
-    "eigen": ModuleKnobs(None, supplies=("basis", "columns"), consumes=("num_columns",),
-                         call=lambda *args: _eigen_call(*args)),
-}
-
-
-def _eigen_call(module, q, k, v, mask, scale, options):
-    from mcattn.eigen.torch_adapter import adapter
-
-    return adapter(module, q, k, v, mask, scale, options)  # differentiable with grad on
-
-
-_COMMON = ("attn_mask", "key_padding_mask", "is_causal", "scale", "backend", "check_finite", "return_info")
-
-
-def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _calls=None, **knobs):
+def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _calls=None,
+                     _calibration=None, _model=None, **knobs):
     """Run ``method`` on torch tensors ``[B, H, N, d]`` inside a model; a torch tensor back.
 
     ``mask`` is boolean ``[B, 1, Nq, Nk]`` (True = may attend) or None; the method's knobs
-    are checked by :func:`mcattn.front.check_knobs`. Methods that compute the values
-    themselves (mca) get them from ``module`` (:data:`MODULE_KNOBS`).
+    are checked by :func:`mcattn.front.check_knobs`. A method that needs more than q, k, v
+    from the model says so in its spec (:class:`mcattn._plugin.ModelHooks`): mca takes
+    the values from ``module``'s value projection, latte and eigen fit their thresholds
+    and bases on the model's own attention (``_calibration``; without one, on this call's
+    own ``q`` and ``k``).
     """
     from ..front import check_knobs
+    from ..registry import get_method
 
     calls = itertools.count() if _calls is None else _calls
-    hook = MODULE_KNOBS.get(method)
-    if hook is not None and hook.call is not None:
-        return hook.call(module, q, k, v, mask, scale, knobs)
-    merged = hook.resolve(module, q, knobs, calls) if hook is not None else dict(knobs)
+    hooks = get_method(method).model or _NO_HOOKS
+    if _calibration is not None and _calibration.active:  # a calibration run: fit, then exact
+        _calibration.record(module, q, k, v, mask, scale)
+        return attention(q, k, v, method="exact", attn_mask=mask, scale=scale)
+    if hooks.exact_when is not None and hooks.wants_calibration(knobs) \
+            and hooks.exact_when(int(q.shape[-2]), int(k.shape[-2]), knobs):
+        return attention(q, k, v, method="exact", attn_mask=mask, scale=scale)
+    merged = {n: a for n, a in knobs.items() if n not in hooks.consumes}
+    if _calibration is None and hooks.wants_calibration(knobs):  # a call on its own: fit on it
+        _calibration = _Calibration(hooks, knobs, None)
+    if _calibration is not None:
+        merged.update(_calibration.knobs_of(_model, module, q, k, v, mask, scale))
+    if hooks.resolve is not None:
+        merged = hooks.resolve(module, q, merged, calls)
     common = {n: merged.pop(n) for n in _COMMON if n in merged}  # is_causal, ... by keyword
     _, spec = check_knobs(method, merged)
     return attention(q, k, v if spec.needs_values else None, method=method, attn_mask=mask,
@@ -295,7 +303,7 @@ def _model_configs(model):
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
             visit(config)
-    configs = list(found.values()) or [model.config]
+    configs = list(found.values()) or [c for c in [getattr(model, "config", None)] if c is not None]
     return sorted(configs, key=lambda c: -len(descendants(c, set())))  # a parent has more
 
 
@@ -385,46 +393,89 @@ def use_method(model, method, **options):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     from ..front import check_knobs
+    from ..registry import get_method
 
-    hook = MODULE_KNOBS.get(method, ModuleKnobs(None))
+    hooks = get_method(method).model or _NO_HOOKS
     layer_knobs = options.pop("layer_knobs", None)
-    supplied = hook.supplies + tuple(getattr(layer_knobs, "supplies", ()))
-    given = {n: v for n, v in options.items() if n not in hook.consumes and n not in _COMMON}
-    check_knobs(method, dict(given, **{name: None for name in supplied if name not in _COMMON}))
-    options = dict(options, _calls=itertools.count())
+    source = options.pop("calibration", None)
+    calibrated = hooks.wants_calibration(options)
+    supplied = (hooks.supplies if hooks.resolve is not None or calibrated else ()) \
+        + tuple(getattr(layer_knobs, "supplies", ()))
+    given = {n: v for n, v in options.items() if n not in hooks.consumes and n not in _COMMON}
+    try:
+        check_knobs(method, dict(given, **{name: None for name in supplied if name not in _COMMON}))
+    except TypeError as exc:
+        if hooks.consumes and "needs the knob" in str(exc):  # say how the model can supply them
+            raise TypeError(f"{exc}, or {' / '.join(hooks.consumes)} to fit them on the model's "
+                            "own attention") from None
+        raise
+    if source is not None and not calibrated:
+        raise TypeError(f"calibration= is for methods that fit knobs on the model ({method!r} with "
+                        f"these options fits none)")
+    if not any(hasattr(c, "_attn_implementation") for c in _model_configs(model)):
+        raise TypeError("use_method needs a transformers model whose attention goes through "
+                        "AttentionInterface (model.config._attn_implementation); got "
+                        f"{type(model).__name__}")
+    calibration = _Calibration(hooks, options, source) if calibrated else None
+    options = dict(options, _calls=itertools.count(), _calibration=calibration, _model=model)
     name = f"mcattn_{next(_NAMES)}"
     owned = set(model.modules())
+    warned = []
 
     def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                            **kwargs):
         if module not in owned:
             return _attention_below(name, module, query, key, value, attention_mask,
                                     scaling=scaling, dropout=dropout, **kwargs)
+        if dropout and not warned:
+            warned.append(True)
+            warnings.warn(f"use_method: attention dropout (p={dropout}) is not applied by mcattn's "
+                          "methods; call model.eval() for inference, or set the model's attention "
+                          "dropout to 0 for training", RuntimeWarning, stacklevel=2)
         mask = _as_bool_mask(attention_mask, query)
         extra = layer_knobs(module) if layer_knobs is not None else {}
+        causal = kwargs.get("is_causal")  # transformers' SDPA rule: the call's flag, else the module's
+        causal = getattr(module, "is_causal", True) if causal is None else causal
+        if mask is None and causal and query.shape[-2] > 1 and "is_causal" not in extra:
+            extra = dict(extra, is_causal=True)
         out = method_attention(method, query, key, value, module=module, mask=mask,
                                scale=scaling, **options, **extra)
         return out.transpose(1, 2).contiguous(), None  # [B, N, H, dv], as transformers expects
 
-    hooks, hooked = [], []
-    if method == "mca" or layer_knobs is not None:
+    hooks_, hooked = [], []
+    if hooks.needs_value_input or layer_knobs is not None:
         for sub in owned:
             value = getattr(sub, "value", None)
             if isinstance(value, torch.nn.Linear) and hasattr(sub, "query"):
-                hooks.append(value.register_forward_pre_hook(_keep_input))
+                hooks_.append(value.register_forward_pre_hook(_keep_input))
                 hooked.append(value)
     configs = _model_configs(model)
     AttentionInterface.register(name, attention_function)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     _push(configs, name)
     try:
+        if calibration is not None and source is not None and not callable(source):
+            calibration.run_source(model, source)  # the calibration batch, before the block runs
         yield model
     finally:
         _pop(configs, name)
         for interface in (AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS):
             interface._global_mapping.pop(name, None)  # register() writes the class-wide dict
-        for handle in hooks:
+        for handle in hooks_:
             handle.remove()
         for value in hooked:  # an outer block's hook still needs the input
             if _keep_input not in value._forward_pre_hooks.values() and hasattr(value, "_mcattn_input"):
                 del value._mcattn_input
+
+
+def __getattr__(name):  # the names of the method table this module had before the specs
+    if name in ("MODULE_KNOBS", "ModuleKnobs"):
+        from ..registry import get_method, method_names
+
+        warnings.warn(f"mcattn.frameworks.torch.{name} is deprecated: a method's model hooks are "
+                      "its spec's Method.model (mcattn.registry.get_method(name).model, a "
+                      "mcattn._plugin.ModelHooks)", DeprecationWarning, stacklevel=2)
+        if name == "ModuleKnobs":
+            return ModelHooks
+        return {n: get_method(n).model for n in method_names() if get_method(n).model is not None}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

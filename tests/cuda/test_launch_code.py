@@ -119,7 +119,7 @@ def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
     launch whose arrays live on another device) and the results come back on 1, for every
     method of the registry (through the front door, and an empty batch too)."""
     from mcattn import rfa
-    from mcattn.registry import METHOD_ENTRIES
+    from mcattn.registry import method_names
 
     cp = cupy_or_fake
     rng = np.random.default_rng(8)
@@ -140,7 +140,7 @@ def test_every_method_runs_on_the_inputs_device(cupy_or_fake):
         "mca shared": mca.attention(dq, dk, dx, dw, num_heads=2, alpha=0.5, seed=1, backend="cupy",
                                     shared_draws=True),
     }
-    for name in METHOD_ENTRIES:  # the front door, every registered method (helpers.method_knobs)
+    for name in method_names():  # the front door, every registered method (helpers.method_knobs)
         host_knobs = method_knobs(name, 2, 7, 4)
         knobs = dict(host_knobs, **{n: on_gpu1(host_knobs[n]) for n in ("x", "w_v") if n in host_knobs})
         values = None if name == "mca" else dv
@@ -262,7 +262,7 @@ def test_selftest_runs_every_method_through_the_cupy_launchers(cupy_or_fake):
     """mcattn selftest's cupy rows, with the fake: each CHECKS entry through its launcher."""
     from mcattn import selftest
 
-    rows = selftest.run_selftest(["cupy"], list(selftest.CHECKS))
+    rows = selftest.run_selftest(["cupy"], list(selftest.checks()))
     assert rows and all(r.status == "pass" for r in rows), [r for r in rows if r.status != "pass"]
     launched = {x["kernel"] for x in cupy_or_fake.LAUNCHES}
     assert any(k.startswith("mcattn_mca_projection") for k in launched)
@@ -278,10 +278,10 @@ def test_selftest_bench_runs_the_gpu_path(cupy_or_fake, monkeypatch):
     monkeypatch.setattr(selftest, "_torch_cuda", lambda: None)  # no torch GPU here
     monkeypatch.setattr(selftest, "backend_status", lambda name: __import__(
         "mcattn._dispatch", fromlist=["x"]).BackendStatus(name, "cuda", name == "cupy", "fake"))
-    for name in [m for m in selftest.CHECKS if m not in ("exact", "mca", "mca-shared")]:  # the shim is slow
-        monkeypatch.delitem(selftest.CHECKS, name)
-    monkeypatch.setitem(selftest.CHECKS, "mca-shared",  # bench_max_n: the largest size benched
-                        dataclasses.replace(selftest.CHECKS["mca-shared"], bench_max_n=16))
+    keep = ("exact", "mca", "mca-shared")  # the shim is slow
+    table = {m: c for m, c in selftest.checks().items() if m in keep}
+    table["mca-shared"] = dataclasses.replace(table["mca-shared"], bench_max_n=16)  # the largest size benched
+    monkeypatch.setattr(selftest, "checks", lambda: table)
     rows, reason = selftest.run_bench(sizes=(16, 32), repeats=1, max_seconds=1e9)
     assert reason is None
     assert {(r["method"], r["n"]) for r in rows if r["ms"] is not None} == {

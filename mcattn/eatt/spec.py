@@ -1,0 +1,34 @@
+"""E-Att as the library runs it (:class:`mcattn._plugin.Method`)."""
+
+import numpy as np
+
+from .._plugin import Check, Method, random_qkv
+from . import attention
+
+__all__ = ["METHOD"]
+
+
+def _check(put, backend, dtype):
+    """Both alignments: L1 with the causal mask and Hamming, concatenated."""
+    from .._validate import namespace_of
+
+    q, k, v = random_qkv(np.random.default_rng(4), (2, 2, 33, 16), dtype, put)
+    l1 = attention(q, k, v, alignment="l1", is_causal=True, backend=backend)
+    hamming = attention(q, k, v, alignment="hamming", backend=backend)
+    return namespace_of(l1).concatenate([l1, hamming], axis=-1)
+
+
+def _bench(put, backend, n):
+    q, k, v = random_qkv(np.random.default_rng(4), (1, 8, n, 64), np.float32, put)
+    return lambda: attention(q, k, v, alignment="l1", backend=backend)
+
+
+METHOD = Method(
+    name="eatt",
+    description="energy-friendly attention (E-Att): L1 or Hamming alignment, no multiplications in "
+                "the scores; a different model, needs training",
+    attention=attention,
+    grad="mcattn.eatt.grad",
+    checks={"eatt": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench)},
+    kernel_sources={"eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64")},
+)

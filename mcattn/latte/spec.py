@@ -1,0 +1,65 @@
+"""LATTE as the library runs it (:class:`mcattn._plugin.Method`).
+
+Inside a transformers model, ``use_method(model, "latte", target_mass=...)`` calibrates
+per-head relative thresholds on each layer's own attention (the calibration batch, or
+the first batch the layer sees) with :func:`mcattn.latte.calibrate`.
+"""
+
+import numpy as np
+
+from .._plugin import Check, Method, ModelHooks, random_qkv
+from . import attention, calibrate
+
+__all__ = ["METHOD", "dask_plan"]
+
+
+def dask_plan(knobs, batch_shape):
+    """latte on dask chunks: a per-head threshold ``[H]`` is split with the head dim."""
+    from .._dask import ChunkedArray, DaskPlan, is_dask
+
+    knobs = dict(knobs)
+    theta = knobs.pop("threshold")
+    for name, value in knobs.items():
+        if is_dask(value):
+            raise TypeError(f"latte's knob {name!r} cannot be a dask array")
+    arrays = {}
+    if getattr(theta, "ndim", 0) == 1 and len(batch_shape) >= 1:
+        arrays["threshold"] = ChunkedArray(theta, (len(batch_shape) - 1,))
+
+    def run(q, k, v, arrays, coords, **common):
+        return attention(q, k, v, threshold=arrays.get("threshold", theta), **common, **knobs)
+
+    return DaskPlan(run=run, arrays=arrays)
+
+
+def _calibrate(layer, options):
+    """Per-head thresholds keeping ``target_mass`` of this layer's attention mass."""
+    theta = calibrate(layer["q"], layer["k"], target_mass=float(options["target_mass"]),
+                      key_padding_mask=layer["key_padding_mask"], scale=layer["scale"])
+    return {"threshold": np.asarray(theta, dtype=np.float32)}
+
+
+def _check(put, backend, dtype):
+    q, k, v = random_qkv(np.random.default_rng(5), (2, 3, 29, 16), dtype, put)
+    theta = put(np.array([1.0, 2.5, 4.0], dtype))  # per head, logit units
+    return attention(q, k, v, threshold=theta, is_causal=True, backend=backend)
+
+
+def _bench(put, backend, n):
+    q, k, v = random_qkv(np.random.default_rng(5), (1, 8, n, 64), np.float32, put)
+    return lambda: attention(q, k, v, threshold=4.0, backend=backend)
+
+
+METHOD = Method(
+    name="latte",
+    description="LATTE: a 4-bit (high-nibble) score estimate filters keys per head (thresholds); "
+                "exact softmax over the kept keys, reusing the int8 products",
+    attention=attention,
+    knobs_for=lambda rng, heads, nk, dv: dict(threshold=1.0),
+    grad="mcattn.latte.grad",
+    dask_plan=dask_plan,
+    model=ModelHooks(supplies=("threshold",), consumes=("target_mass",), calibrate=_calibrate,
+                     needs_calibration=lambda options: options.get("target_mass") is not None),
+    checks={"latte": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench)},
+    kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64")},
+)

@@ -1,0 +1,80 @@
+"""Random feature attention as the library runs it (:class:`mcattn._plugin.Method`)."""
+
+import numpy as np
+
+from .._plugin import Check, Method, random_qkv
+from . import attention
+from .features import RandomFeatures
+
+__all__ = ["METHOD", "dask_plan"]
+
+
+def dask_plan(knobs, batch_shape):
+    """rfa on dask chunks: one draw of features for the whole batch, sliced per head chunk."""
+    from .. import random as mrandom
+    from .._dask import ChunkedArray, DaskPlan, is_dask
+
+    knobs = dict(knobs)
+    features = knobs.pop("features", None)
+    num_features = knobs.pop("num_features", None)
+    kind = knobs.pop("kind", "positive")
+    seed = knobs.pop("seed", None)
+    if features is None and num_features is not None:
+        seed = mrandom.resolve_seed(seed)  # one seed for every chunk
+    gate = knobs.pop("gate", None)
+    for name, value in knobs.items():
+        if is_dask(value):
+            raise TypeError(f"rfa's knob {name!r} cannot be a dask array")
+    arrays = {}
+    if gate is not None:
+        if gate.ndim < 1:
+            raise ValueError(f"gate must have shape [..., N]; got {gate.shape}")
+        if is_dask(gate):
+            import dask.array as da
+
+            gate = da.broadcast_to(gate, tuple(batch_shape) + gate.shape[-1:])
+        else:
+            gate = np.broadcast_to(gate, tuple(batch_shape) + gate.shape[-1:])
+        arrays["gate"] = ChunkedArray(gate, tuple(range(len(batch_shape))))
+    drawn = {}
+
+    def run(q, k, v, arrays, coords, **common):
+        feats = features
+        if feats is None:
+            if "all" not in drawn:  # per head of the whole batch, as in memory
+                heads = int(batch_shape[-1]) if len(batch_shape) >= 1 and q.ndim >= 3 else None
+                drawn["all"] = RandomFeatures(q.shape[-1], num_features, kind=kind, num_heads=heads,
+                                              seed=seed)
+            feats = drawn["all"]
+        if feats.num_heads is not None and coords:
+            feats = feats.select_heads(coords[-1])
+        return attention(q, k, v, features=feats, gate=arrays.get("gate"), **common, **knobs)
+
+    return DaskPlan(run=run, arrays=arrays)
+
+
+def _check(put, backend, dtype):
+    q, k, v = random_qkv(np.random.default_rng(2), (2, 2, 31, 8), dtype, put)
+    feats = RandomFeatures(8, 16, num_heads=2, seed=3)
+    return attention(q * 0.5, k * 0.5, v, features=feats, is_causal=True, chunk_size=8, backend=backend)
+
+
+def _bench(put, backend, n):
+    q, k, v = random_qkv(np.random.default_rng(2), (1, 8, n, 64), np.float32, put)
+    feats = RandomFeatures(64, 128, num_heads=8, seed=3)
+    return lambda: attention(q, k, v, features=feats, backend=backend)
+
+
+METHOD = Method(
+    name="rfa",
+    description="random feature attention: exp(q.k) by random features, linear time, gate, O(1) decoding",
+    attention=attention,
+    knobs_for=lambda rng, heads, nk, dv: dict(num_features=8, seed=0),
+    grad="mcattn.rfa.grad",
+    dask_plan=dask_plan,
+    checks={"rfa": Check(_check, {"float32": 1e-4, "float64": 1e-11}, _bench)},
+    kernel_sources={"rfa/kernels/rfa.cu": (
+        "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
+        "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
+    )},
+)
