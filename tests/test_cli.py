@@ -10,9 +10,9 @@ import pytest
 
 import mcattn
 from mcattn import cli, registry
-from mcattn.compare import relative_errors, run_comparison
-from mcattn.data import load_sample
 from mcattn.registry import MethodEntry, Trial
+from mcattn.studies.compare import relative_errors, run_comparison
+from mcattn.studies.data import load_sample
 
 
 def _run(argv, capsys):
@@ -33,7 +33,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     rows = json.loads(js.read_text())["rows"]
     assert rows[0]["method"] == "exact" and rows[0]["error_median"] == 0.0
     mca_rows = [r for r in rows if r["method"] == "mca"]
-    assert [r["value"] for r in mca_rows] == list(mcattn.mca.compare.ENTRY.values)
+    assert [r["value"] for r in mca_rows] == list(mcattn.studies.mca.compare.ENTRY.values)
     errors = [r["error_median"] for r in mca_rows]
     assert errors == sorted(errors)  # larger alpha, larger error
     assert all(r["bound_median"] >= r["error_median"] for r in mca_rows)
@@ -70,7 +70,7 @@ def test_compare_runs_a_variant_with_fixed_knobs(tmp_path, capsys):
     shared = {r["value"]: r for r in rows if r["method"] == "mca:shared_draws=True"}
     plain = {r["value"]: r for r in rows if r["method"] == "mca"}
     sample = load_sample()
-    inputs = mcattn.compare.layer_inputs(sample, 4)
+    inputs = mcattn.studies.compare.layer_inputs(sample, 4)
     exact = mcattn.attention(inputs.q, inputs.k, np.ascontiguousarray(
         (inputs.x @ inputs.w_v + inputs.b_v).reshape(inputs.x.shape[:2] + (inputs.q.shape[1], -1))
         .transpose(0, 2, 1, 3)), key_padding_mask=inputs.key_padding_mask, scale=inputs.scale)

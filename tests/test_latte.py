@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from helpers import dense_attention, rel_error, require
 
-from mcattn import data, latte
+from mcattn import latte
 from mcattn.errors import ShapeError
 from mcattn.latte import bounds
+from mcattn.studies import data
 
 MODES = ("relative", "absolute", "topk", "safe")
 THRESHOLD = {"relative": 1.5, "absolute": 0.3, "topk": 4, "safe": 2.0}
@@ -430,7 +431,7 @@ def test_torch_adapter_uses_the_layer_thresholds():
     from types import SimpleNamespace
 
     from mcattn.frameworks.torch import method_attention
-    from mcattn.latte.compare import sample_thresholds
+    from mcattn.studies.latte.compare import sample_thresholds
 
     q, k, v = _qkv((1, 12), n=20, d=8, seed=19)
     mask = np.ones((1, 1, 20, 20), bool)

