@@ -15,6 +15,7 @@ import numpy as np
 
 from ...eigen import attention, fit, fit_heads, score_rows
 from ...eigen.plan import _pick_columns
+from .._tables import markdown_table
 
 __all__ = ["VARIANTS", "run", "format_table", "main"]
 
@@ -128,12 +129,11 @@ def run(variants=None, layers=range(6), data=None):
 
 def format_table(result, layers=range(6)):
     """A Markdown table: one row per variant, one column per layer, and the mean."""
-    head = "| variant | " + " | ".join(f"layer {i}" for i in layers) + " | mean |"
-    lines = [head, "|---|" + "---:|" * (len(list(layers)) + 1)]
-    for name, errs in result.items():
-        cells = " | ".join(f"{e:.3f}" for e in errs)
-        lines.append(f"| `{name}`: {VARIANTS[name][0]} | {cells} | {np.mean(errs):.3f} |")
-    return "\n".join(lines)
+    layers = list(layers)
+    return markdown_table(["variant", *(f"layer {i}" for i in layers), "mean"],
+                          [[f"`{name}`: {VARIANTS[name][0]}", *(f"{e:.3f}" for e in errs),
+                            f"{np.mean(errs):.3f}"] for name, errs in result.items()],
+                          align="l" + "r" * (len(layers) + 1))
 
 
 def main(argv=None):

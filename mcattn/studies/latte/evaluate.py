@@ -36,6 +36,7 @@ import numpy as np
 from ...exact import attention as exact_attention
 from ...latte import attention, calibrate
 from .. import data
+from .._tables import markdown_table
 from ..compare import relative_errors
 from ..data.windows import capture_windows
 
@@ -200,12 +201,9 @@ def in_model_filtering(target_masses=(0.5, 0.7, 0.9, 0.99, 0.999)):
 def format_in_model(result):
     """Markdown table of :func:`in_model_filtering`."""
     layers = len(next(iter(result.values()))["per_layer"])
-    lines = ["| target mass | filtered (all layers) | " + " | ".join(f"L{i}" for i in range(layers)) + " |",
-             "|---:|---:|" + "---:|" * layers]
-    for mass, r in result.items():
-        layers = " | ".join(_pct(x) for x in r["per_layer"])
-        lines.append(f"| {mass:g} | {_pct(r['filtered'])} | {layers} |")
-    return "\n".join(lines)
+    return markdown_table(["target mass", "filtered (all layers)", *(f"L{i}" for i in range(layers))],
+                          [[f"{mass:g}", _pct(r["filtered"]), *map(_pct, r["per_layer"])]
+                           for mass, r in result.items()], align="r" * (layers + 2))
 
 
 def _pct(x):
@@ -218,46 +216,40 @@ def _err(x):
 
 def format_tables(rows):
     """Markdown: the summary per source, the per-layer table and the per-head filtered fraction."""
-    lines = []
     sources = list(dict.fromkeys(r["source"] for r in rows))
-    lines += ["| source | setting | filtered | err median | err p90 | err median, float kept scores "
-              "| dropped mass | oracle err median | oracle err p90 | oracle dropped mass |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['source']} | {r['setting']} | {_pct(r['filtered'])} | {_err(r['error_median'])} "
-                     f"| {_err(r['error_p90'])} | {_err(r['float_error_median'])} "
-                     f"| {_err(r['dropped_mass'])} "
-                     f"| {_err(r['oracle_error_median'])} "
-                     f"| {_err(r['oracle_error_p90'])} | {_err(r['oracle_dropped_mass'])} |")
-    lines += ["", f"Most filtering with a median output error below {LOSS:.0%} (any setting above):", "",
-              "| source | LATTE filtered | setting | oracle filtered at < 1% (any setting) |",
-              "|---|---:|---|---:|"]
+    errors = ("error_median", "error_p90", "float_error_median", "dropped_mass", "oracle_error_median",
+              "oracle_error_p90", "oracle_dropped_mass")
+    lines = [markdown_table(
+        ["source", "setting", "filtered", "err median", "err p90", "err median, float kept scores",
+         "dropped mass", "oracle err median", "oracle err p90", "oracle dropped mass"],
+        [[r["source"], r["setting"], _pct(r["filtered"]), *(_err(r[e]) for e in errors)] for r in rows],
+        align="ll" + "r" * 8)]
+    best_rows = []
     for src in sources:
         mine = [r for r in rows if r["source"] == src]
         ok = [r for r in mine if r["error_median"] < LOSS]
         best = max(ok, key=lambda r: r["filtered"]) if ok else None
         ook = [r for r in mine if r["oracle_error_median"] < LOSS]
         obest = max(ook, key=lambda r: r["filtered"]) if ook else None
-        lines.append(f"| {src} | {_pct(best['filtered']) if best else '—'} | "
-                     f"{best['setting'] if best else '—'} | {_pct(obest['filtered']) if obest else '—'} |")
+        best_rows.append([src, _pct(best["filtered"]) if best else "—", best["setting"] if best else "—",
+                          _pct(obest["filtered"]) if obest else "—"])
+    lines += ["", f"Most filtering with a median output error below {LOSS:.0%} (any setting above):", "",
+              markdown_table(["source", "LATTE filtered", "setting", "oracle filtered at < 1% (any setting)"],
+                             best_rows, align="lrlr")]
+    nl = max(len(r["per_layer"]) for r in rows)
     for setting in ("mass 99.0%", "keep 15%"):
-        lines += ["", f"Per layer, {setting}: filtered / median error / oracle median error", ""]
-        nl = max(len(r["per_layer"]) for r in rows)
-        lines += ["| source | " + " | ".join(f"L{i}" for i in range(nl)) + " |",
-                  "|---|" + "---:|" * nl]
-        for r in rows:
-            if r["setting"] != setting:
-                continue
-            cells = [f"{_pct(c['filtered'])} / {_err(c['error'])} / {_err(c['oracle_error'])}"
-                     for c in r["per_layer"]]
-            lines.append(f"| {r['source']} | " + " | ".join(cells) + " |")
+        per_layer = [[r["source"], *(f"{_pct(c['filtered'])} / {_err(c['error'])} / {_err(c['oracle_error'])}"
+                                     for c in r["per_layer"])]
+                     for r in rows if r["setting"] == setting]
+        lines += ["", f"Per layer, {setting}: filtered / median error / oracle median error", "",
+                  markdown_table(["source", *(f"L{i}" for i in range(nl))], per_layer, align="l" + "r" * nl)]
     longest = [r for r in rows if r["setting"] == "mass 99.0%"][-1]
+    heads = len(longest["per_head_filtered"][0])
     lines += ["", f"Filtered fraction per layer (rows) and head (columns), mass 99.0%, {longest['source']}:",
-              "", "| layer | " + " | ".join(f"h{h}" for h in range(len(longest["per_head_filtered"][0])))
-              + " |",
-              "|---|" + "---:|" * len(longest["per_head_filtered"][0])]
-    for i, heads in enumerate(longest["per_head_filtered"]):
-        lines.append(f"| L{i} | " + " | ".join(f"{100 * h:.0f}" for h in heads) + " |")
+              "", markdown_table(["layer", *(f"h{h}" for h in range(heads))],
+                                 [[f"L{i}", *(f"{100 * h:.0f}" for h in per_head)]
+                                  for i, per_head in enumerate(longest["per_head_filtered"])],
+                                 align="l" + "r" * heads)]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from ...rfa import attention, bounds, naive
 from ...rfa._inputs import prepare_rfa
 from ...rfa.features import KINDS, RandomFeatures
 from .. import data
+from .._tables import markdown_table
 from ..compare import layer_inputs, relative_errors
 from .compare import relative_bound
 
@@ -119,23 +120,21 @@ def _fmt_count(x):
 def format_tables(result):
     """The markdown tables of :func:`evaluate`."""
     layers = result["layers"]
-    head = "| features | D | " + " | ".join(f"L{i} err (bound)" for i in range(layers)) + " | rows floored |"
-    sep = "|---|---:|" + "---:|" * layers + "---:|"
-    lines = [head, sep]
+    rows = []
     for kind in KINDS:
         for D, errs in result["errors"][kind].items():
             if kind == "arccos":
                 cells = [f"{_fmt_err(e)} (own {_fmt_err(o)})" for e, o in zip(errs, result["own"][D])]
             else:
                 cells = [f"{_fmt_err(e)} ({_fmt_bound(b)})" for e, b in zip(errs, result["bounds"][kind][D])]
-            lines.append(f"| {kind} | {D} | " + " | ".join(cells) + f" | {result['clamped'][kind][D]:.1%} |")
-    lines += ["", "Features the bound needs for a 10% relative error (worst sequence and head of the "
-              "layer):", "",
-              "| features | " + " | ".join(f"L{i}" for i in range(layers)) + " |",
-              "|---|" + "---:|" * layers]
-    for kind, counts in result["needed"].items():
-        lines.append(f"| {kind} | " + " | ".join(_fmt_count(c) for c in counts) + " |")
-    return "\n".join(lines)
+            rows.append([kind, D, *cells, f"{result['clamped'][kind][D]:.1%}"])
+    errors = markdown_table(["features", "D", *(f"L{i} err (bound)" for i in range(layers)), "rows floored"],
+                            rows, align="l" + "r" * (layers + 2))
+    needed = markdown_table(["features", *(f"L{i}" for i in range(layers))],
+                            [[kind, *map(_fmt_count, counts)] for kind, counts in result["needed"].items()],
+                            align="l" + "r" * layers)
+    return "\n".join([errors, "", "Features the bound needs for a 10% relative error (worst sequence and "
+                       "head of the layer):", "", needed])
 
 
 def main(argv=None):
