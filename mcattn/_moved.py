@@ -16,6 +16,7 @@ other finders (a missing one still raises ``ModuleNotFoundError``).
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import sys
 import warnings
 
@@ -104,8 +105,8 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         new = new_name(fullname) if fullname.startswith("mcattn.") else None
-        if new is None:
-            return None
+        if new is None or importlib.util.find_spec(new) is None:
+            return None  # e.g. mcattn.data.nothing: "No module named 'mcattn.data.nothing'"
         return importlib.machinery.ModuleSpec(fullname, _Alias(fullname, new))
 
 
