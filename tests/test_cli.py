@@ -153,3 +153,12 @@ def test_relative_errors_ignore_padding():
     out[0] *= 1.5
     errors = relative_errors(out, ref, kpm)
     assert np.allclose(errors[0], 0.5) and np.allclose(errors[1], 0.0)
+
+
+def test_python_m_mcattn_is_the_command():
+    # mcattn/__main__.py: the command without the console script (an uninstalled checkout)
+    root = mcattn.__file__.rpartition("/mcattn/")[0]
+    done = subprocess.run([sys.executable, "-m", "mcattn", "methods"], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "eigen" in done.stdout and "mca" in done.stdout
