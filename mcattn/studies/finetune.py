@@ -138,7 +138,7 @@ class FinetuneConfig:
         hook = get_method(self.method).model or ModelHooks()
         given = {n: v for n, v in self.knobs.items()
                  if n not in hook.consumes and n not in COMMON_ARGUMENTS}
-        own = tuple(hooks.supplies(self)) if hooks is not None else ()
+        own = tuple(n for n in hooks.supplies(self) if n not in COMMON_ARGUMENTS) if hooks else ()
         supplied = dict.fromkeys(hook.supplies + own)
         found, spec = check_knobs(self.method, dict(given, **supplied))
         if found.grad is None:
