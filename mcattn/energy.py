@@ -137,12 +137,12 @@ def mca_block(cfg):
     projection count (multiply-adds, two random words, the alias lookup and a divide
     per draw).
     """
-    from .mca import _projection_ops
+    from .mca.ops import projection_ops as mca_projection_ops
 
     blocks = vanilla_block(cfg)
     t, d, h = cfg.length, cfg.d_model, cfg.heads
     r = np.full((h, t), int(round(cfg.mca_kept * d)), np.int64)
-    sampled, _ = _projection_ops(r, d, cfg.head_dim, "weight", np.ones((h, t), bool))
+    sampled, _ = mca_projection_ops(r, d, cfg.head_dim, "weight", np.ones((h, t), bool))
     blocks["v_projection"] = sampled
     return blocks
 
@@ -240,7 +240,7 @@ def mca_sample_figures(alphas=(0.1, 0.2, 0.4, 0.6, 1.0, 2.0, 4.0)):
     import mcattn
 
     from .data import load_sample
-    from .mca import _projection_ops
+    from .mca.ops import projection_ops as mca_projection_ops
     from .mca.report import PADDED_LENGTH, _pad, _paper_budgets
 
     sample = load_sample()
@@ -258,7 +258,7 @@ def mca_sample_figures(alphas=(0.1, 0.2, 0.4, 0.6, 1.0, 2.0, 4.0)):
             probs = mcattn.attention_probs(q, k, key_padding_mask=kpm, scale=sample.scale)
             r = mcattn.mca.budgets(probs, alpha, d_in, key_padding_mask=kpm)
             valid = np.broadcast_to(kpm[:, None, :], r.shape)
-            sampled, dense = _projection_ops(r, d_in, dv, "weight", valid)
+            sampled, dense = mca_projection_ops(r, d_in, dv, "weight", valid)
             ours[0] += dense.flops
             ours[1] += sampled.flops
             qp, kp = (_pad(a, 2, PADDED_LENGTH) for a in (q, k))
