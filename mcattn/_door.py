@@ -27,8 +27,9 @@ def door(what, arrays, float_names, prepare, run, info=None, *, kernels=(), back
         What is computed, for :class:`~mcattn.errors.BackendError` (``"exact attention"``).
     arrays : dict[str, array or None]
         The caller's arrays by argument name (masks and array knobs included).
-    float_names : sequence of str
-        The data arrays among them (floating point, one dtype; see :func:`import_arrays`).
+    float_names : sequence of str or None
+        The data arrays among them (floating point, one dtype; ``None``: every array; see
+        :func:`import_arrays`).
     prepare : callable ``(a) -> (call, problem)``
         Checks and canonicalises the native arrays ``a`` (a dict like ``arrays``):
         ``call`` is what the kernel and the info need (e.g.
@@ -36,7 +37,8 @@ def door(what, arrays, float_names, prepare, run, info=None, *, kernels=(), back
         :class:`~mcattn._dispatch.Problem` the kernel is chosen for, or ``None`` when
         ``run`` chooses its kernels itself.
     run : callable ``(call, kernel) -> (out, extra)``
-        Computes the native output in its final shape; ``extra`` is passed to ``info``.
+        Computes the native output in its final shape (an array, or a tuple of arrays
+        exported one by one); ``extra`` is passed to ``info``.
         ``kernel`` is ``None`` when ``problem`` was.
     info : callable ``(call, kernel, extra) -> CallInfo``, optional
         Builds what ``return_info=True`` returns beside the output.
@@ -57,7 +59,7 @@ def door(what, arrays, float_names, prepare, run, info=None, *, kernels=(), back
     call, problem = prepare(a)
     kernel = None if problem is None else select_kernel(what, kernels, problem, backend)
     out, extra = run(call, kernel)
-    result = bridge.export(out)
+    result = tuple(map(bridge.export, out)) if isinstance(out, tuple) else bridge.export(out)
     if not return_info:
         return result
     return result, info(call, kernel, extra)

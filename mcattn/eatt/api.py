@@ -81,8 +81,8 @@ def binarize(x):
     array of bool, shape ``[..., d]``
         Same array type and device as ``x``.
     """
-    bridge, a = import_arrays({"x": x})
-    return bridge.export(naive.binarize(a["x"]))
+    return door("eatt binarize", {"x": x}, None, lambda a: (a["x"], None),
+                lambda x, _: (naive.binarize(x), None))
 
 
 @on_input_device
@@ -244,13 +244,17 @@ def l1_scores(q, k, *, scale=None, check_finite=True):
     array, shape ``[..., Nq, Nk]``
         In the dtype of ``q`` (float16/bfloat16 computed in float32).
     """
-    bridge, a = import_arrays({"q": q, "k": k})
-    q, k = a["q"], a["k"]
-    inp = prepare_attention(q, k, k, check_finite=check_finite)  # shapes, dtypes, finiteness
-    s = positive_scale(default_scale(inp.head_dim, scale))
-    out = naive.l1_distance(q, k)
-    out *= -out.dtype.type(s)
-    return bridge.export(out)
+    def prepare(a):
+        inp = prepare_attention(a["q"], a["k"], a["k"], check_finite=check_finite)  # shapes, dtypes
+        return (a["q"], a["k"], positive_scale(default_scale(inp.head_dim, scale))), None
+
+    def run(call, _):
+        q, k, s = call
+        out = naive.l1_distance(q, k)
+        out *= -out.dtype.type(s)
+        return out, None
+
+    return door("eatt l1_scores", {"q": q, "k": k}, None, prepare, run)
 
 
 @on_input_device

@@ -5,12 +5,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._array import host_copy, import_arrays
+from .._array import host_copy
 from .._device import on_input_device
 from .._dispatch import Kernel
 from .._door import door
 from .._validate import check_flags, positive_real
 from ..cost import CallInfo, OpCounts
+from ..errors import ShapeError
 from ..exact.ops import exact_ops
 from . import naive
 from ._inputs import prepare_latte
@@ -219,16 +220,14 @@ def quantize(x):
         ``max|x_row| / 127`` (stored in float32); 1 for a zero row. Elementwise
         ``|x - scale * x8| <= scale / 2``.
     """
-    bridge, a = import_arrays({"x": x}, float_names=("x",))
-    xa = a["x"]
-    if xa.ndim < 1:
-        from ..errors import ShapeError
+    def prepare(a):
+        xa = a["x"]
+        if xa.ndim < 1:
+            raise ShapeError(f"x must have shape [..., N, d]; got shape {xa.shape}")
+        return (xa if xa.dtype in (np.float32, np.float64) else xa.astype(np.float32)), None
 
-        raise ShapeError(f"x must have shape [..., N, d]; got shape {xa.shape}")
-    if xa.dtype not in (np.float32, np.float64):
-        xa = xa.astype(np.float32)
-    x8, s = naive.quantize_rows(xa)
-    return bridge.export(x8), bridge.export(s)
+    return door("latte quantize", {"x": x}, ("x",), prepare,
+                lambda xa, _: (naive.quantize_rows(xa), None))
 
 
 def _plain_inputs(a, is_causal, scale, threshold=0.0, mode="relative", check_finite=True):

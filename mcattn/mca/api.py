@@ -86,11 +86,16 @@ def sampling_probs(w, num_heads):
     array, shape ``[num_heads, d_in]``, float64
         ``p_h(k) = ||w[k, cols_h]||^2 / ||w[:, cols_h]||_F^2``.
     """
-    bridge, a = import_arrays({"w": w})
-    check_weight(a["w"], None, num_heads)
-    xp = namespace_of(a["w"])
-    host = np.asarray(a["w"].get() if xp is not np else a["w"])
-    return bridge.export(xp.asarray(weight_probs(host, num_heads)))
+    def prepare(a):
+        check_weight(a["w"], None, num_heads)
+        return a["w"], None
+
+    def run(w, _):
+        xp = namespace_of(w)
+        host = np.asarray(w.get() if xp is not np else w)
+        return xp.asarray(weight_probs(host, num_heads)), None
+
+    return door("mca sampling_probs", {"w": w}, None, prepare, run)
 
 
 @on_input_device
@@ -150,34 +155,41 @@ def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None, i
     array of int64, shape ``[..., H, Nk]``
         Of the array type of ``probs_attn`` (NumPy, CuPy, torch, ...).
     """
-    bridge, a = import_arrays({"probs_attn": probs_attn, "attn_mask": attn_mask,
-                               "key_padding_mask": key_padding_mask}, float_names=("probs_attn",))
-    p = a["probs_attn"]
-    if p.ndim < 3:
-        raise ShapeError(f"probs_attn must have shape [..., H, Nq, Nk]; got {p.shape}")
-    xp = namespace_of(p)
-    valid = None
-    kpm = a["key_padding_mask"]
-    if kpm is not None:
-        if kpm.dtype != bool:
-            raise DTypeError(f"key_padding_mask must be boolean (True = real key); got {kpm.dtype}")
-        if kpm.shape[-1] != p.shape[-1]:
-            raise ShapeError(f"key_padding_mask must end in Nk={p.shape[-1]}; got {kpm.shape}")
-        valid = kpm[..., None, :]  # over heads
-    mask = a["attn_mask"]
-    nq, nk = p.shape[-2], p.shape[-1]
-    if mask is not None or is_causal:
-        allowed = xp.ones((1, 1), bool) if mask is None else (
-            mask if mask.dtype == bool else mask > -np.inf)
-        if is_causal:  # top-left aligned, as attention's is_causal
-            allowed = allowed & (xp.arange(nk)[None, :] <= xp.arange(nq)[:, None])
-        try:
-            allowed = xp.broadcast_to(allowed, p.shape)
-        except ValueError:
-            raise ShapeError(f"attn_mask must be broadcastable to {p.shape}; got {mask.shape}") from None
-        seen = allowed.any(axis=-2)  # a key is valid if some query may attend to it
-        valid = seen if valid is None else valid & seen
-    return bridge.export(budgets_from_probs(p, alpha, d_in, valid))
+    arrays = {"probs_attn": probs_attn, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask}
+
+    def prepare(a):
+        p = a["probs_attn"]
+        if p.ndim < 3:
+            raise ShapeError(f"probs_attn must have shape [..., H, Nq, Nk]; got {p.shape}")
+        xp = namespace_of(p)
+        valid = None
+        kpm = a["key_padding_mask"]
+        if kpm is not None:
+            if kpm.dtype != bool:
+                raise DTypeError(f"key_padding_mask must be boolean (True = real key); got {kpm.dtype}")
+            if kpm.shape[-1] != p.shape[-1]:
+                raise ShapeError(f"key_padding_mask must end in Nk={p.shape[-1]}; got {kpm.shape}")
+            valid = kpm[..., None, :]  # over heads
+        mask = a["attn_mask"]
+        nq, nk = p.shape[-2], p.shape[-1]
+        if mask is not None or is_causal:
+            allowed = xp.ones((1, 1), bool) if mask is None else (
+                mask if mask.dtype == bool else mask > -np.inf)
+            if is_causal:  # top-left aligned, as attention's is_causal
+                allowed = allowed & (xp.arange(nk)[None, :] <= xp.arange(nq)[:, None])
+            try:
+                allowed = xp.broadcast_to(allowed, p.shape)
+            except ValueError:
+                raise ShapeError(f"attn_mask must be broadcastable to {p.shape}; got {mask.shape}") from None
+            seen = allowed.any(axis=-2)  # a key is valid if some query may attend to it
+            valid = seen if valid is None else valid & seen
+        return (p, valid), None
+
+    def run(call, _):
+        p, valid = call
+        return budgets_from_probs(p, alpha, d_in, valid), None
+
+    return door("mca budgets", arrays, ("probs_attn",), prepare, run)
 
 
 @on_input_device
@@ -211,28 +223,33 @@ def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight
     array, shape ``[..., num_heads, N, d_head]``
         Unbiased: its expectation over seeds is ``(x @ w + b)`` split into heads.
     """
-    bridge, a = import_arrays({"x": x, "w": w, "b": b, "budgets": budgets},
-                              float_names=("x", "w", "b"))
-    x, w, b, r = a["x"], a["w"], a["b"], a["budgets"]
-    check_sampling(sampling, shared_draws)
-    if x.ndim < 2:
-        raise ShapeError(f"x must have shape [..., N, d_in]; got {x.shape}")
-    check_weight(w, b, num_heads, x.shape[-1])
-    check_tables(tables, w, num_heads)
-    lead, n, d_in = x.shape[:-2], x.shape[-2], x.shape[-1]
-    if r.dtype.kind not in "iu":
-        raise DTypeError(f"budgets must hold integers; got {r.dtype}")
-    if r.shape != lead + (num_heads, n):
-        raise ShapeError(f"budgets must have shape {lead + (num_heads, n)} ([..., H, N]); "
-                         f"got {r.shape}")
-    if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
-        raise DTypeError(f"x, w, b must share one dtype (as in attention); got x={x.dtype}, "
-                         f"w={w.dtype}" + ("" if b is None else f", b={b.dtype}"))
-    batch = int(np.prod(lead, dtype=np.int64))
-    out, _ = _run_projection(x.reshape(batch, n, d_in), w, b, num_heads,
-                          r.reshape(batch, num_heads, n), resolve_seed(seed), sampling,
-                          shared_draws, backend, tables)
-    return bridge.export(out.reshape(lead + out.shape[1:]))
+    def prepare(a):
+        x, w, b, r = a["x"], a["w"], a["b"], a["budgets"]
+        check_sampling(sampling, shared_draws)
+        if x.ndim < 2:
+            raise ShapeError(f"x must have shape [..., N, d_in]; got {x.shape}")
+        check_weight(w, b, num_heads, x.shape[-1])
+        check_tables(tables, w, num_heads)
+        lead, n, d_in = x.shape[:-2], x.shape[-2], x.shape[-1]
+        if r.dtype.kind not in "iu":
+            raise DTypeError(f"budgets must hold integers; got {r.dtype}")
+        if r.shape != lead + (num_heads, n):
+            raise ShapeError(f"budgets must have shape {lead + (num_heads, n)} ([..., H, N]); "
+                             f"got {r.shape}")
+        if w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+            raise DTypeError(f"x, w, b must share one dtype (as in attention); got x={x.dtype}, "
+                             f"w={w.dtype}" + ("" if b is None else f", b={b.dtype}"))
+        batch = int(np.prod(lead, dtype=np.int64))
+        return (x.reshape(batch, n, d_in), w, b, r.reshape(batch, num_heads, n), lead), None
+
+    def run(call, _):
+        x3, w, b, r3, lead = call
+        out, _ = _run_projection(x3, w, b, num_heads, r3, resolve_seed(seed), sampling,
+                                 shared_draws, backend, tables)
+        return out.reshape(lead + out.shape[1:]), None
+
+    return door("mca value projection", {"x": x, "w": w, "b": b, "budgets": budgets},
+                ("x", "w", "b"), prepare, run)
 
 
 def _shared_budgets(r, on_gpu, d_in):
