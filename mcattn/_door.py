@@ -13,8 +13,9 @@ dtypes) come before the method's checks, which come before a :class:`BackendErro
 
 from ._array import import_arrays
 from ._dispatch import select_kernel
+from ._validate import prepare_attention
 
-__all__ = ["door"]
+__all__ = ["door", "qkv_inputs"]
 
 
 def door(what, arrays, float_names, prepare, run, info=None, *, kernels=(), backend=None,
@@ -63,3 +64,11 @@ def door(what, arrays, float_names, prepare, run, info=None, *, kernels=(), back
     if not return_info:
         return result
     return result, info(call, kernel, extra)
+
+
+def qkv_inputs(a, *, is_causal, scale, check_finite, v="v"):
+    """:func:`~mcattn._validate.prepare_attention` of a door's native ``q``, ``k``, ``v`` and
+    masks ``a`` (``v="k"``: ``k`` stands in for values a function does not take)."""
+    return prepare_attention(a["q"], a["k"], a[v], attn_mask=a["attn_mask"],
+                             key_padding_mask=a["key_padding_mask"], is_causal=is_causal,
+                             scale=scale, check_finite=check_finite)

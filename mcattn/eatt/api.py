@@ -7,7 +7,7 @@ import numpy as np
 from .._array import import_arrays, is_cupy
 from .._device import on_input_device
 from .._dispatch import Kernel, select_kernel
-from .._door import door
+from .._door import door, qkv_inputs
 from .._validate import check_finite_array, check_flags, default_scale, namespace_of, prepare_attention
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
@@ -351,11 +351,7 @@ def attention(q, k, v, *, alignment="l1", attn_mask=None, key_padding_mask=None,
     arrays = {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask}
 
     def prepare(a):
-        inp = prepare_attention(
-            a["q"], a["k"], a["v"], attn_mask=a["attn_mask"],
-            key_padding_mask=a["key_padding_mask"], is_causal=is_causal, scale=scale,
-            check_finite=check_finite,
-        )
+        inp = qkv_inputs(a, is_causal=is_causal, scale=scale, check_finite=check_finite)
         positive_scale(inp.scale)
         return inp, inp.problem()
 

@@ -6,8 +6,8 @@ import numpy as np
 
 from .._device import on_input_device
 from .._dispatch import Kernel
-from .._door import door
-from .._validate import check_flags, prepare_attention
+from .._door import door, qkv_inputs
+from .._validate import check_flags
 from ..cost import CallInfo
 from ..errors import ShapeError
 from ..exact.ops import exact_ops
@@ -148,11 +148,7 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
     arrays = {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask}
 
     def prepare(a):
-        inp = prepare_attention(
-            a["q"], a["k"], a["v"], attn_mask=a["attn_mask"],
-            key_padding_mask=a["key_padding_mask"], is_causal=is_causal, scale=scale,
-            check_finite=check_finite,
-        )
+        inp = qkv_inputs(a, is_causal=is_causal, scale=scale, check_finite=check_finite)
         check_plan_fits(inp, plan)
         sizes = (("n", plan.length), ("m", plan.num_fixed + plan.per_query))
         problem = inp.problem()

@@ -2,8 +2,8 @@
 
 from .._device import on_input_device
 from .._dispatch import Kernel
-from .._door import door
-from .._validate import check_flags, prepare_attention
+from .._door import door, qkv_inputs
+from .._validate import check_flags
 from ..cost import CallInfo, OpCounts
 from .ops import exact_ops
 
@@ -81,11 +81,7 @@ def attention(q, k, v, *, attn_mask=None, key_padding_mask=None, is_causal=False
     arrays = {"q": q, "k": k, "v": v, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask}
 
     def prepare(a):
-        inp = prepare_attention(
-            a["q"], a["k"], a["v"], attn_mask=a["attn_mask"],
-            key_padding_mask=a["key_padding_mask"], is_causal=is_causal, scale=scale,
-            check_finite=check_finite,
-        )
+        inp = qkv_inputs(a, is_causal=is_causal, scale=scale, check_finite=check_finite)
         return inp, inp.problem()
 
     return door("exact attention", arrays, ("q", "k", "v"), prepare, _run, _info,
@@ -132,11 +128,7 @@ def attention_probs(q, k, *, attn_mask=None, key_padding_mask=None, is_causal=Fa
 
     def prepare(a):
         # The value argument is irrelevant here: k stands in for it (shape [..., Nk, d]).
-        inp = prepare_attention(
-            a["q"], a["k"], a["k"], attn_mask=a["attn_mask"],
-            key_padding_mask=a["key_padding_mask"], is_causal=is_causal, scale=scale,
-            check_finite=check_finite,
-        )
+        inp = qkv_inputs(a, is_causal=is_causal, scale=scale, check_finite=check_finite, v="k")
         return inp, inp.problem()
 
     return door("attention_probs", arrays, ("q", "k"), prepare, _run_probs, _probs_info,
