@@ -15,7 +15,7 @@ def mca_block(cfg):
     projection count (multiply-adds, two random words, the alias lookup and a divide
     per draw).
     """
-    from ...mca import _projection_ops
+    from ...mca.ops import projection_ops as _projection_ops
 
     blocks = vanilla_block(cfg)
     t, d, h = cfg.length, cfg.d_model, cfg.heads
@@ -37,7 +37,7 @@ def mca_sample_figures(alphas=(0.1, 0.2, 0.4, 0.6, 1.0, 2.0, 4.0)):
     """
     import mcattn
 
-    from ...mca import _projection_ops
+    from ...mca.ops import projection_ops as _projection_ops
     from ..data import load_sample
     from .report import PADDED_LENGTH, _pad, _paper_budgets
 
