@@ -16,7 +16,7 @@ _MAX_GRID_Y = 65535
 
 
 def kernel_arguments(lat, xp, *, do_output, write_mask):
-    """Outputs and the argument tuple of ``mcattn_latte_forward_*`` (shared with the host-shim tests)."""
+    """Outputs and the argument tuple of ``mcattn_latte_forward_*`` (arrays of ``xp``)."""
     inp = lat.inp
     q, k, v = inp.q, inp.k, inp.v
     bh, nq, d = q.shape

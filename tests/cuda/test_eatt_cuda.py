@@ -1,15 +1,15 @@
-"""E-Att's GPU kernels against the CPU kernel: numba.cuda (simulator) and CUDA C (host shim)."""
+"""E-Att's GPU kernels: numba.cuda (simulator) against the CPU kernel, and the CUDA C
+RawKernel through ``mcattn.eatt.cupy``'s own launch (``backend="cupy"``; without a GPU on
+the fake CuPy of ``fake_cupy.py``, the kernel on the host shim) against the float64 NumPy
+reference."""
 
 import numpy as np
 import pytest
+from fake_cupy import cupy_context
 from helpers import GPU_PRESENT, rel_error
 
 import mcattn
 from mcattn import eatt
-from mcattn._validate import prepare_attention
-
-if not GPU_PRESENT:
-    import host_kernels
 
 CASES = {
     "plain": ((2, 2), 19, 23, 16, 8),
@@ -52,15 +52,21 @@ def _cuda(q, k, v, **kwargs):
 
 
 def _cupy(q, k, v, alignment, threads=8, **mask):
-    if GPU_PRESENT:
-        import cupy
+    """``eatt.attention(backend="cupy")`` on device copies, as NumPy (the result must be a
+    CuPy array of the input dtype)."""
+    with cupy_context() as cp:
+        mcattn.config.CUDA_THREADS_PER_BLOCK = threads  # restored by the small_blocks fixture
+        args = {n: (cp.asarray(a) if isinstance(a, np.ndarray) else a) for n, a in mask.items()}
+        out = eatt.attention(*(cp.asarray(a) for a in (q, k, v)), alignment=alignment, backend="cupy",
+                             **args)
+        assert isinstance(out, cp.ndarray) and out.dtype == q.dtype
+        return out.get()
 
-        mcattn.config.CUDA_THREADS_PER_BLOCK = threads
-        args = {n: (cupy.asarray(a) if isinstance(a, np.ndarray) else a) for n, a in mask.items()}
-        return eatt.attention(*(cupy.asarray(a) for a in (q, k, v)), alignment=alignment,
-                              backend="cupy", **args).get()
-    inp = prepare_attention(q, k, v, **mask)
-    return host_kernels.eatt_forward(inp, alignment, threads).reshape(inp.out_shape)
+
+def _reference(q, k, v, alignment, **mask):
+    """The float64 NumPy backend on the same values."""
+    return eatt.attention(*(a.astype(np.float64) for a in (q, k, v)), alignment=alignment,
+                          backend="numpy", **mask)
 
 
 @pytest.mark.cudasim
@@ -90,11 +96,10 @@ def test_numba_cuda_masks(alignment):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_cuda_c_matches_cpu_kernel(alignment, case, dtype, is_causal):
+def test_cuda_c_matches_the_reference(alignment, case, dtype, is_causal):
     q, k, v = _inputs(case, dtype)
-    cpu = eatt.attention(q, k, v, alignment=alignment, is_causal=is_causal, backend="numba")
     out = _cupy(q, k, v, alignment, is_causal=is_causal)
-    assert out.dtype == dtype and rel_error(out, cpu) < TOL[dtype]
+    assert rel_error(out, _reference(q, k, v, alignment, is_causal=is_causal)) < TOL[dtype]
 
 
 @pytest.mark.hostshim
@@ -102,10 +107,10 @@ def test_cuda_c_matches_cpu_kernel(alignment, case, dtype, is_causal):
 def test_cuda_c_masks_and_block_sizes(alignment):
     q, k, v = _inputs("plain", np.float64, seed=5)
     for mask in _masks("plain", np.random.default_rng(6)):
-        cpu = eatt.attention(q, k, v, alignment=alignment, backend="numba", is_causal=True, **mask)
+        ref = _reference(q, k, v, alignment, is_causal=True, **mask)
         for threads in (8, 32):
             out = _cupy(q, k, v, alignment, threads=threads, is_causal=True, **mask)
-            assert rel_error(out, cpu) < 1e-12
+            assert rel_error(out, ref) < 1e-12
 
 
 @pytest.mark.nvrtc

@@ -1,17 +1,17 @@
-"""eigen's GPU kernels against the CPU kernel: numba.cuda (simulator), CUDA C (host shim)."""
+"""eigen's GPU kernels: numba.cuda (simulator) against the CPU kernel, and the CUDA C
+RawKernel through ``mcattn.eigen.cupy``'s own launch (``backend="cupy"``; without a GPU on
+the fake CuPy of ``fake_cupy.py``, the kernel on the host shim) against the float64 NumPy
+reference."""
 
 import numpy as np
 import pytest
+from fake_cupy import cupy_context
 from helpers import GPU_PRESENT, rel_error
 
 import mcattn
 from mcattn import eigen
-from mcattn._validate import prepare_attention
 from mcattn.eigen.plan import make_plan
 from mcattn.errors import BackendError
-
-if not GPU_PRESENT:
-    import host_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -35,16 +35,21 @@ def _masks(rng, dtype, b, n):
 
 
 def _gpu(backend, q, k, v, plan, **mask):
-    if GPU_PRESENT:
-        import cupy
-
-        args = {n: cupy.asarray(a) if isinstance(a, np.ndarray) else a for n, a in mask.items()}
-        return eigen.attention(*(cupy.asarray(x) for x in (q, k, v)), basis=None, columns=plan,
-                               backend=backend, **args).get()
-    if backend == "cuda":
+    """``eigen.attention`` on a GPU backend with the column plan ``plan``, as NumPy."""
+    if backend == "cuda" and not GPU_PRESENT:  # the simulator takes host arrays
         return eigen.attention(q, k, v, basis=None, columns=plan, backend="cuda", **mask)
-    inp = prepare_attention(q, k, v, **mask)
-    return host_kernels.eigen_forward(inp, plan).reshape(inp.out_shape)
+    with cupy_context() as cp:
+        args = {n: cp.asarray(a) if isinstance(a, np.ndarray) else a for n, a in mask.items()}
+        out = eigen.attention(*(cp.asarray(x) for x in (q, k, v)), basis=None, columns=plan,
+                              backend=backend, **args)
+        assert isinstance(out, cp.ndarray) and out.dtype == q.dtype
+        return out.get()
+
+
+def _reference(q, k, v, bases, plan, **mask):
+    """The float64 NumPy backend on the same values."""
+    return eigen.attention(*(a.astype(np.float64) for a in (q, k, v)), basis=bases, columns=plan,
+                           backend="numpy", **mask)
 
 
 @pytest.mark.cudasim
@@ -61,13 +66,13 @@ def test_numba_cuda_matches_the_cpu_kernel(dtype, tol, per_query):
 @pytest.mark.hostshim
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("estimator,per_query", [("conditional", 5), ("deim", 0), ("deim", 3)])
-def test_cuda_c_kernel_matches_the_cpu_kernel(dtype, tol, estimator, per_query):
+def test_cuda_c_kernel_matches_the_reference(dtype, tol, estimator, per_query):
     rng, q, k, v, bases = _case(dtype, seed=1, shape=(2, 3, 21, 6))
     plan = make_plan(bases, [np.array([0, 2, 5, 8, 13, 20])] * 3, per_query=per_query,
                      estimator=estimator)
     for mask in _masks(rng, dtype, 2, 21):
-        cpu = eigen.attention(q, k, v, basis=bases, columns=plan, backend="numba", **mask)
-        assert rel_error(_gpu("cupy", q, k, v, plan, **mask), cpu) < tol, mask
+        ref = _reference(q, k, v, bases, plan, **mask)
+        assert rel_error(_gpu("cupy", q, k, v, plan, **mask), ref) < tol, mask
 
 
 @pytest.mark.hostshim
@@ -80,8 +85,8 @@ def test_cuda_c_kernel_on_real_attention():
     kpm = s.key_padding_mask[:2]
     bases = eigen.fit_heads(q.astype(np.float64)[1:], k.astype(np.float64)[1:], rank=12, center=True)
     plan = make_plan(bases, 32)
-    cpu = eigen.attention(q, k, v, basis=bases, columns=plan, key_padding_mask=kpm, backend="numba")
-    assert rel_error(_gpu("cupy", q, k, v, plan, key_padding_mask=kpm), cpu) < 2e-5
+    ref = _reference(q, k, v, bases, plan, key_padding_mask=kpm)
+    assert rel_error(_gpu("cupy", q, k, v, plan, key_padding_mask=kpm), ref) < 2e-5
 
 
 @pytest.mark.cudasim

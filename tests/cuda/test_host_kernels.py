@@ -8,6 +8,8 @@ compared with the float64 reference or, for sampling kernels, with the CPU kerne
 draw for draw.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import GPU_PRESENT, dense_attention, rel_error
@@ -17,8 +19,7 @@ from mcattn import random as mrandom
 
 pytestmark = pytest.mark.hostshim
 
-if not GPU_PRESENT:
-    import host_kernels
+SELFTEST = Path(__file__).resolve().parent / "hostshim" / "selftest.cu"
 
 
 @pytest.fixture
@@ -39,15 +40,24 @@ def _exact(cp, q, k, v, threads, **mask):
     return out.get()
 
 
-def test_shim_shared_memory_barriers_and_early_exit():
+def test_shim_shared_memory_barriers_and_early_exit(cp):
+    """The shim itself (``hostshim/selftest.cu``, built by the fake's RawModule): a block
+    reduction through shared memory with barriers and early-exiting threads, and atomics."""
     if GPU_PRESENT:
         pytest.skip("checks the host shim itself")
+    from mcattn._cupy import INCLUDE_DIR
+
+    module = cp.RawModule(code=SELFTEST.read_text(), options=(f"-I{INCLUDE_DIR}",))
     rng = np.random.default_rng(0)
     values = rng.standard_normal(3 * 40).astype(np.float32)
-    sums = host_kernels.block_sum(values, active=40, blocks=3)
-    assert np.allclose(sums, values.reshape(3, 40).sum(1), rtol=1e-5)
-    total, count = host_kernels.atomic_sum(np.arange(100.0))
-    assert total == 4950.0 and count == 100
+    sums = cp.zeros(3, cp.float32)
+    # 64 threads a block, 40 of them active: the others return before the first barrier
+    module.get_function("shim_block_sum")((3,), (64,), (cp.asarray(values), sums, np.int32(values.size),
+                                                        np.int32(40)))
+    assert np.allclose(sums.get(), values.reshape(3, 40).sum(1), rtol=1e-5)
+    total, count = cp.zeros(1), cp.zeros(1, cp.int32)
+    module.get_function("shim_atomic_sum")((7,), (16,), (cp.arange(100.0), total, count, np.int32(100)))
+    assert total.get()[0] == 4950.0 and count.get()[0] == 100
 
 
 @pytest.mark.parametrize("seed,stream,first", [(0, 0, 0), (2**40 + 7, 3, 2**32 - 5),

@@ -1,18 +1,16 @@
-"""LATTE's GPU kernels keep the CPU kernel's keys, key for key, in every mode: numba.cuda
-(simulator or GPU) and the CUDA C RawKernel (host shim or GPU)."""
+"""LATTE's GPU kernels keep the NumPy reference's keys, key for key, in every mode:
+numba.cuda (simulator or GPU) and the CUDA C RawKernel through ``mcattn.latte.cupy``'s own
+launch (``backend="cupy"``; without a GPU on the fake CuPy of ``fake_cupy.py``, the kernel
+on the host shim)."""
 
 import numpy as np
 import pytest
+from fake_cupy import cupy_context
 from helpers import GPU_PRESENT, rel_error
 
 import mcattn
 from mcattn import latte
-from mcattn.latte import cpu
-from mcattn.latte._inputs import prepare_latte
 from mcattn.studies import data
-
-if not GPU_PRESENT:
-    import host_kernels
 
 MODES = {"relative": 1.5, "absolute": 0.3, "safe": 2.0, "topk": 4}
 
@@ -23,51 +21,36 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(mcattn.config, "CUDA_THREADS_PER_BLOCK", 8)
 
 
-def _lat(q, k, v, threshold, mode, exact_scores="int8", want_mass=True, **mask):
-    return prepare_latte(q, k, v, threshold=threshold, mode=mode, attn_mask=mask.get("attn_mask"),
-                         key_padding_mask=mask.get("key_padding_mask"),
-                         is_causal=mask.get("is_causal", False), scale=mask.get("scale"),
-                         exact_scores=exact_scores, check_finite=True, want_mass=want_mass)
-
-
+def _run(backend, q, k, v, threshold, mode, exact_scores, put=lambda a: a, **mask):
+    """(out, kept mask, dropped rows) of ``backend`` on the arrays ``put`` places."""
+    args = {n: (put(a) if isinstance(a, np.ndarray) else a) for n, a in mask.items()}
+    q, k, v = put(q), put(k), put(v)
+    if isinstance(threshold, np.ndarray):
+        threshold = put(threshold)
+    out, info = latte.attention(q, k, v, threshold=threshold, mode=mode, exact_scores=exact_scores,
+                                backend=backend, return_info=True, **args)
+    kept = latte.kept_mask(q, k, threshold=threshold, mode=mode, backend=backend, **args)
+    return out, kept, info.dropped_mass_rows
 
 
 def _gpu(backend, q, k, v, threshold, mode, exact_scores, **mask):
     """(out, kept mask, dropped rows) of a GPU backend, as NumPy."""
-    if GPU_PRESENT:
-        import cupy
-
-        dev = lambda a: None if a is None else cupy.asarray(a)  # noqa: E731
-        args = {n: (dev(a) if isinstance(a, np.ndarray) else a) for n, a in mask.items()}
-        out, info = latte.attention(dev(q), dev(k), dev(v), threshold=threshold, mode=mode,
-                                    exact_scores=exact_scores, backend=backend, return_info=True, **args)
-        kept = latte.kept_mask(dev(q), dev(k), threshold=threshold, mode=mode, backend=backend, **args)
-        return out.get(), kept.get(), info.dropped_mass_rows
-    if backend == "cuda":
-        out, info = latte.attention(q, k, v, threshold=threshold, mode=mode, exact_scores=exact_scores,
-                                    backend="cuda", return_info=True, **mask)
-        kept = latte.kept_mask(q, k, threshold=threshold, mode=mode, backend="cuda", **mask)
-        return out, kept, info.dropped_mass_rows
-    lat = _lat(q, k, v, threshold, mode, exact_scores, **mask)
-    out, _, dropped, _ = host_kernels.latte_forward(lat, threads=8)
-    kept = host_kernels.latte_forward(lat, threads=8, do_output=False, write_mask=True)[3]
-    shape = lat.inp.batch_shape
-    return (out.reshape(lat.inp.out_shape), kept.reshape(shape + kept.shape[1:]),
-            dropped.reshape(shape + dropped.shape[1:]))
+    if backend == "cuda" and not GPU_PRESENT:  # the simulator takes host arrays
+        return _run("cuda", q, k, v, threshold, mode, exact_scores, **mask)
+    with cupy_context() as cp:
+        out, kept, dropped = _run(backend, q, k, v, threshold, mode, exact_scores, put=cp.asarray, **mask)
+        assert isinstance(out, cp.ndarray) and isinstance(kept, cp.ndarray) and out.dtype == q.dtype
+        return out.get(), kept.get(), dropped
 
 
-def _cpu(q, k, v, threshold, mode, exact_scores, **mask):
-    lat = _lat(q, k, v, threshold, mode, exact_scores, **mask)
-    out, _, dropped = cpu.forward(lat)
-    kept = cpu.kept_mask(lat)
-    shape = lat.inp.batch_shape
-    return (out.reshape(lat.inp.out_shape), kept.reshape(shape + kept.shape[1:]),
-            dropped.reshape(shape + dropped.shape[1:]))
+def _reference(q, k, v, threshold, mode, exact_scores, **mask):
+    """The NumPy backend at the input dtype (the int8 estimate quantizes in it)."""
+    return _run("numpy", q, k, v, threshold, mode, exact_scores, **mask)
 
 
 def _compare(backend, q, k, v, threshold, mode, exact_scores="int8", **mask):
     out, kept, dropped = _gpu(backend, q, k, v, threshold, mode, exact_scores, **mask)
-    ref_out, ref_kept, ref_dropped = _cpu(q, k, v, threshold, mode, exact_scores, **mask)
+    ref_out, ref_kept, ref_dropped = _reference(q, k, v, threshold, mode, exact_scores, **mask)
     assert np.array_equal(kept, ref_kept)  # key for key
     tol = 2e-6 if q.dtype == np.float32 else 1e-12
     assert rel_error(out, ref_out) < tol
@@ -80,7 +63,7 @@ BACKENDS = [pytest.param("cuda", marks=pytest.mark.cudasim), pytest.param("cupy"
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gpu_kernels_keep_the_cpu_keys(backend, mode, dtype):
+def test_gpu_kernels_keep_the_reference_keys(backend, mode, dtype):
     rng = np.random.default_rng(len(mode))
     q, k, v = (rng.standard_normal((2, 2, 13, 8)).astype(dtype) for _ in range(3))
     theta = np.array([MODES[mode], 0.5 * MODES[mode]])  # per head
