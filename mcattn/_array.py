@@ -24,12 +24,21 @@ Every public function calls :func:`import_arrays` once on entry and
   ``torch.no_grad()`` / ``torch.inference_mode()`` it is detached: nothing is recorded.
 """
 
+import re
 from dataclasses import dataclass
 
 import array_api_compat as aac
 import numpy as np
 
 from .errors import DTypeError, GradientNotSupportedError
+
+_TF_GPU = re.compile(r"(?:device:)?GPU:(\d+)", re.IGNORECASE)
+
+
+def tf_device_id(device):
+    """The GPU id in a TensorFlow device string (``None`` for a CPU device)."""
+    m = _TF_GPU.search(device or "")
+    return int(m.group(1)) if m else None
 
 __all__ = ["ArrayBridge", "import_arrays", "check_same_dtype", "array_kind", "is_cupy", "host_copy"]
 
@@ -196,7 +205,6 @@ def _framework_to_native(x, kind, name):
         if hasattr(x, "__dlpack__"):
             holder = x
         else:  # older TensorFlow: a capsule only, on the GPU its device string names
-            from ._device import tf_device_id
 
             device = (2, tf_device_id(x.device) or 0) if on_gpu else (1, 0)
             holder = _CapsuleHolder(tf.experimental.dlpack.to_dlpack(x), device)

@@ -18,19 +18,11 @@ JAX ``x.devices()``, TensorFlow's ``.../device:GPU:<id>`` string.
 import contextlib
 import dataclasses
 import functools
-import re
 
-from ._array import array_kind
+from ._array import array_kind, tf_device_id
+from .config import cuda_simulator_enabled
 
 __all__ = ["device_id", "find_device", "device_context", "on_input_device", "tf_device_id"]
-
-_TF_GPU = re.compile(r"(?:device:)?GPU:(\d+)", re.IGNORECASE)
-
-
-def tf_device_id(device):
-    """The GPU id in a TensorFlow device string (``None`` for a CPU device)."""
-    m = _TF_GPU.search(device or "")
-    return int(m.group(1)) if m else None
 
 
 def device_id(x):
@@ -90,7 +82,6 @@ def device_context(device, numba=False):
         return
     import cupy
 
-    from ._dispatch import cuda_simulator_enabled
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(cupy.cuda.Device(device))

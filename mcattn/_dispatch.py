@@ -12,9 +12,9 @@ call that nothing can run (listing every backend's reasons).
 
 import functools
 import importlib
-import os
 from dataclasses import dataclass, field
 
+from .config import cuda_simulator_enabled
 from .errors import BackendError
 
 __all__ = [
@@ -55,11 +55,6 @@ class BackendStatus:
     def __str__(self):
         state = "available" if self.available else "unavailable"
         return f"{self.name:6s} [{self.device}] {state}: {self.reason}"
-
-
-def cuda_simulator_enabled():
-    """True when numba.cuda runs in its CPU simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
 @functools.cache

@@ -76,3 +76,8 @@ MCA_GPU_BLOCK_ELEMENTS = 1 << 24
 #: A probability matrix of at most this many entries (all batch rows and heads) is kept
 #: between MCA's two passes instead of being recomputed (short sequences).
 MCA_KEEP_ELEMENTS = 1 << 22
+
+
+def cuda_simulator_enabled():
+    """True when numba.cuda runs in its CPU simulator (``NUMBA_ENABLE_CUDASIM=1``)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")

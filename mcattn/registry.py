@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._plugin import Check, Method, ModelHooks
 from .cost import CallInfo
 
-__all__ = ["METHODS", "get_method", "method_names", "register", "unregister", "LayerInputs", "Trial",
-           "MethodEntry", "METHOD_ENTRIES", "get_entries"]
+__all__ = ["METHODS", "Method", "ModelHooks", "Check", "get_method", "method_names", "register",
+           "unregister", "LayerInputs", "Trial", "MethodEntry", "METHOD_ENTRIES", "get_entries"]
 
 #: Method name -> "module:attribute" of its :class:`~mcattn._plugin.Method`. Adding a
 #: method is one folder and one line here.
@@ -73,10 +74,8 @@ def register(method):
     ValueError
         ``method.name`` is a built-in method's name.
     """
-    from ._plugin import Method
-
     if not isinstance(method, Method):
-        raise TypeError(f"register takes a mcattn._plugin.Method; got {type(method).__name__}")
+        raise TypeError(f"register takes a mcattn.registry.Method; got {type(method).__name__}")
     if method.name in METHODS:
         raise ValueError(f"{method.name!r} is a built-in method; register the plug-in under another name")
     _REGISTERED[method.name] = method
