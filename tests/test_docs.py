@@ -37,7 +37,7 @@ def test_api_lists_every_public_module():
     listed = set(_api_modules())
     expected = {"mcattn", "mcattn.front", "mcattn.registry", "mcattn.errors", "mcattn.cost",
                 "mcattn.config", "mcattn.random", "mcattn.frameworks.torch",
-                "mcattn.frameworks.jax", "mcattn.frameworks.tensorflow"}
+                "mcattn.frameworks.jax", "mcattn.frameworks.tensorflow", "mcattn._plugin"}
     expected |= {f"mcattn.{name}" for name in mcattn.__all__
                  if isinstance(getattr(mcattn, name), types.ModuleType)}
     for method in registry.method_names():
