@@ -16,11 +16,13 @@ if not hasattr(_np, "row_stack"):
     # alias, as NumPy itself defined it, until numba-cuda drops the overload.
     setattr(_np, "row_stack", _np.vstack)  # noqa: B010 - the removed name, restored
 
-from . import config, cost, eatt, eigen, errors, latte, mca, random, rfa
+from . import _moved, config, cost, eatt, eigen, errors, latte, mca, random, rfa
 from ._dispatch import backends
 from .cost import CallInfo, OpCounts
 from .exact import attention_probs
 from .front import attention, methods
+
+_moved.install()  # the old paths of the modules now in mcattn.studies, with a warning
 
 __version__ = "0.1.0"
 

@@ -119,8 +119,8 @@ def _check_json_and_methods(args):
 
 
 def _check_compare(args):
-    from .data import load_sample
     from .errors import SampleFileError
+    from .studies.data import load_sample
 
     _check_json_and_methods(args)
     if args.plot:
@@ -144,7 +144,7 @@ def _check_compare(args):
 
 
 def _check_energy(args):
-    from .energy import load_table
+    from .studies.energy import load_table
 
     if args.d_model % args.heads:
         raise _Refused("--heads", f"must divide --d-model ({args.d_model}); got {args.heads}")
@@ -165,7 +165,7 @@ def _check_selftest(args):
 
 def _check_finetune(args):
     # The method, its knobs and the hyper-parameters are checked by FinetuneConfig.checked
-    # (mcattn.finetune.main), also before any work.
+    # (mcattn.studies.finetune.main), also before any work.
     if args.save:
         _output_folder("--save", args.save)
     if args.json:
@@ -181,8 +181,8 @@ def _progress_factory(enabled):
 
 
 def _cmd_compare(args):
-    from .compare import format_table, plot_pareto, run_comparison
     from .registry import METHOD_ENTRIES, get_entries
+    from .studies.compare import format_table, plot_pareto, run_comparison
 
     sample = args.loaded_sample  # loaded by _check_compare
     methods = args.methods
@@ -233,13 +233,13 @@ def _cmd_backends(args):
 
 
 def _cmd_evaluate(args):
-    from .evaluate import main as evaluate_main
+    from .studies.evaluate import main as evaluate_main
 
     return evaluate_main(args)
 
 
 def _cmd_energy(args):
-    from .energy import EnergyConfig, format_report, run
+    from .studies.energy import EnergyConfig, format_report, run
 
     table, replaced = args.loaded_table  # loaded by _check_energy
     cfg = EnergyConfig(d_model=args.d_model, heads=args.heads, length=args.length,
@@ -259,7 +259,7 @@ def _cmd_energy(args):
 
 
 def _cmd_finetune(args):
-    from .finetune import main as finetune_main
+    from .studies.finetune import main as finetune_main
 
     return finetune_main(args, args.knobs)
 

@@ -212,12 +212,12 @@ class MethodEntry:
 
 #: Method name -> "module:attribute" of its entry. Adding a method is one line here.
 METHOD_ENTRIES = {
-    "exact": "mcattn.exact.compare:ENTRY",
-    "mca": "mcattn.mca.compare:ENTRY",
-    "rfa": "mcattn.rfa.compare:ENTRY",
-    "eatt": "mcattn.eatt.compare:ENTRY",
-    "latte": "mcattn.latte.compare:ENTRY",
-    "eigen": "mcattn.eigen.compare:ENTRY",
+    "exact": "mcattn.studies.exact.compare:ENTRY",
+    "mca": "mcattn.studies.mca.compare:ENTRY",
+    "rfa": "mcattn.studies.rfa.compare:ENTRY",
+    "eatt": "mcattn.studies.eatt.compare:ENTRY",
+    "latte": "mcattn.studies.latte.compare:ENTRY",
+    "eigen": "mcattn.studies.eigen.compare:ENTRY",
 }
 
 

@@ -9,8 +9,8 @@ import pytest
 
 import mcattn
 from mcattn import cli, registry
-from mcattn.compare import relative_errors
-from mcattn.data import load_sample
+from mcattn.studies.compare import relative_errors
+from mcattn.studies.data import load_sample
 
 
 def _run(argv, capsys):
@@ -31,7 +31,7 @@ def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     rows = json.loads(js.read_text())["rows"]
     assert rows[0]["method"] == "exact" and rows[0]["error_median"] == 0.0
     mca_rows = [r for r in rows if r["method"] == "mca"]
-    assert [r["value"] for r in mca_rows] == list(mcattn.mca.compare.ENTRY.values)
+    assert [r["value"] for r in mca_rows] == list(mcattn.studies.mca.compare.ENTRY.values)
     errors = [r["error_median"] for r in mca_rows]
     assert errors == sorted(errors)  # larger alpha, larger error
     assert all(r["bound_median"] >= r["error_median"] for r in mca_rows)
@@ -68,7 +68,7 @@ def test_compare_runs_a_variant_with_fixed_knobs(tmp_path, capsys):
     shared = {r["value"]: r for r in rows if r["method"] == "mca:shared_draws=True"}
     plain = {r["value"]: r for r in rows if r["method"] == "mca"}
     sample = load_sample()
-    inputs = mcattn.compare.layer_inputs(sample, 4)
+    inputs = mcattn.studies.compare.layer_inputs(sample, 4)
     exact = mcattn.attention(inputs.q, inputs.k, np.ascontiguousarray(
         (inputs.x @ inputs.w_v + inputs.b_v).reshape(inputs.x.shape[:2] + (inputs.q.shape[1], -1))
         .transpose(0, 2, 1, 3)), key_padding_mask=inputs.key_padding_mask, scale=inputs.scale)
@@ -131,3 +131,12 @@ def test_relative_errors_ignore_padding():
     out[0] *= 1.5
     errors = relative_errors(out, ref, kpm)
     assert np.allclose(errors[0], 0.5) and np.allclose(errors[1], 0.0)
+
+
+def test_python_m_mcattn_is_the_command():
+    # mcattn/__main__.py: the command without the console script (an uninstalled checkout)
+    root = mcattn.__file__.rpartition("/mcattn/")[0]
+    done = subprocess.run([sys.executable, "-m", "mcattn", "methods"], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "eigen" in done.stdout and "mca" in done.stdout

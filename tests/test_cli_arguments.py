@@ -14,11 +14,11 @@ from helpers import require
 
 from mcattn import cli
 
-WORK = {"compare": ("mcattn.compare", "run_comparison"),
-        "evaluate": ("mcattn.evaluate", "run_evaluation"),
-        "energy": ("mcattn.energy", "run"),
+WORK = {"compare": ("mcattn.studies.compare", "run_comparison"),
+        "evaluate": ("mcattn.studies.evaluate", "run_evaluation"),
+        "energy": ("mcattn.studies.energy", "run"),
         "selftest": ("mcattn.selftest", "run_selftest"),
-        "finetune": ("mcattn.finetune", "run_finetune")}
+        "finetune": ("mcattn.studies.finetune", "run_finetune")}
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_the_process_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 
 def test_load_table_names_the_file_and_the_problem(files):
-    from mcattn import energy
+    from mcattn.studies import energy
 
     for name, words in (("bad.json", "not a JSON file"), ("typo.json", "unknown kind"),
                         ("bool.json", "non-negative"), ("negative.json", "non-negative")):

@@ -207,7 +207,7 @@ def test_backends_agree_and_hamming_is_l1_of_signs():
 
 
 def test_real_sample():
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     sample = load_sample()
     layer = sample.layer(2)

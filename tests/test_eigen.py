@@ -30,7 +30,7 @@ def _qkv(rng, shape=(2, 3, 20, 6), dv=5):
 def real_rows():
     """Score rows of the embedded MiniLM sample (layer 2, all heads): 48-token windows of its two
     news documents (106 and 122 tokens), one document to fit, the other to test."""
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     q, k = s.q[2].astype(np.float64), s.k[2].astype(np.float64)

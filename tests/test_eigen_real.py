@@ -8,8 +8,8 @@ from mcattn import eigen
 
 
 def test_compare_entry_runs_on_the_embedded_sample():
-    from mcattn.compare import run_comparison
-    from mcattn.data import load_sample
+    from mcattn.studies.compare import run_comparison
+    from mcattn.studies.data import load_sample
 
     rows = run_comparison(load_sample(), ["eigen"], repeats=1, layers=[0])
     errors = {r.value: r.error_median for r in rows if r.method == "eigen"}
@@ -19,7 +19,7 @@ def test_compare_entry_runs_on_the_embedded_sample():
 
 def test_onnx_second_model_has_the_l6_vocabulary_and_runs():
     require("onnx")
-    from mcattn.eigen.onnx_bert import NumpyBert, load_weights
+    from mcattn.studies.eigen.onnx_bert import NumpyBert, load_weights
 
     w = load_weights()
     assert w["embeddings.word_embeddings.weight"].shape == (30522, 384)
@@ -34,8 +34,8 @@ def test_onnx_second_model_has_the_l6_vocabulary_and_runs():
 @pytest.mark.slow
 def test_model_adapter_error_shrinks_with_columns():
     torch = require("torch")
-    from mcattn.eigen.realdata import load_minilm
     from mcattn.frameworks.torch import use_method
+    from mcattn.studies.eigen.realdata import load_minilm
 
     model = load_minilm()
     bert = model[0].auto_model.eval()

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import mcattn
-from mcattn import eatt, energy
+from mcattn import eatt
 from mcattn.cli import main
 from mcattn.cost import HOROWITZ_45NM_PJ, energy_pj
+from mcattn.studies import energy
 
 SMALL = energy.EnergyConfig(d_model=32, heads=2, length=9)
 

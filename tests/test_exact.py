@@ -130,7 +130,7 @@ def test_results_do_not_depend_on_thread_count(monkeypatch):
 
 def test_real_attention_sample(backend):
     """Real MiniLM attention (peaked, with outliers) through every CPU backend."""
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     sample = load_sample()
     for layer in (0, sample.num_layers - 1):

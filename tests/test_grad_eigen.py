@@ -101,7 +101,7 @@ def test_real_attention_backward_equals_autograd_of_a_reference():
     """Layer 1 of the embedded MiniLM sample, per-head position-centred bases fitted on the
     other sequences of the same length class; our backward = autograd of the reference."""
     torch = require("torch")
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     q, k, v = (np.asarray(a[1], np.float64) for a in (s.q, s.k, s.v))  # [8, 12, 122, 32]
@@ -196,8 +196,8 @@ def test_tensorflow_gradients_against_a_tensorflow_reference():
 @pytest.mark.slow
 def test_gradients_reach_a_real_models_weights_through_use_method():
     torch = require("torch")
-    from mcattn.eigen.realdata import load_minilm
     from mcattn.frameworks.torch import use_method
+    from mcattn.studies.eigen.realdata import load_minilm
 
     model = load_minilm()
     bert = model[0].auto_model.eval()

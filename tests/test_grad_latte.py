@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from helpers import grad_problem, numeric_grad, rel_error, require, torch_grads
 
-from mcattn import data, latte
+from mcattn import latte
 from mcattn.errors import GradientNotSupportedError
 from mcattn.latte import grad
+from mcattn.studies import data
 
 THRESHOLD = {"relative": np.array([1.0, 2.0, 0.5]), "absolute": np.array([0.2, -0.1, 0.4]),
              "topk": np.array([2.0, 3.0, 5.0]), "safe": np.array([1.0, 3.0, 2.0])}
@@ -267,7 +268,7 @@ def test_real_attention_sample_against_the_reference():
     """Layer 3 of the embedded MiniLM sample, thresholds calibrated for 99 % of the mass."""
     torch = require("torch")
     from mcattn.frameworks.torch import attention
-    from mcattn.latte.compare import sample_thresholds
+    from mcattn.studies.latte.compare import sample_thresholds
 
     s = data.load_sample()
     rows = slice(0, 3)

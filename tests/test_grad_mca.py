@@ -179,7 +179,7 @@ def test_real_sample_backward_equals_autograd_with_the_weights_held():
     """On real MiniLM inputs (layer 2 of the sample): our backward equals torch autograd of
     softmax(q k^T) @ ((C * x) @ W + b) with the forward's importance weights C constant."""
     torch = require("torch")
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     layer, rows = 2, slice(2, 5)

@@ -85,7 +85,7 @@ def test_float32_kernels_are_close_to_float64(case):
 
 
 def test_equals_the_reference_on_real_attention():
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     sample = load_sample()
     q, k, v = (a[3].astype(np.float64) for a in (sample.q, sample.k, sample.v))

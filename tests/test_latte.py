@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from helpers import dense_attention, rel_error, require
 
-from mcattn import data, latte
+from mcattn import latte
 from mcattn.errors import ShapeError
 from mcattn.latte import bounds
+from mcattn.studies import data
 
 MODES = ("relative", "absolute", "topk", "safe")
 THRESHOLD = {"relative": 1.5, "absolute": 0.3, "topk": 4, "safe": 2.0}

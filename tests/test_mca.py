@@ -296,7 +296,7 @@ def test_real_attention_sample_matches_the_variance_formula():
     times too noisy, or a formula a few times too loose, fails; the Theorem's bound lies
     above it (about 40x the mean error here: the Theorem is loose on real attention).
     """
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     sample = load_sample()
     layer, heads = 2, sample.num_heads

@@ -85,7 +85,7 @@ def test_rounded_shared_draws_are_unbiased():
 
 
 def test_attention_reports_rounded_budgets_and_the_bound_holds_on_real_attention(monkeypatch):
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     monkeypatch.setattr(config, "MCA_SHARED_GEMM_MIN_TOKENS", 64)  # the GEMM path, rounding on
     sample = load_sample()

@@ -57,9 +57,9 @@ def test_the_toy_method_is_listed_and_runs_through_the_front_door(toy, capsys):
 
 
 def test_the_toy_method_runs_in_selftest_and_compare(toy):
-    from mcattn.compare import run_comparison
-    from mcattn.data import load_sample
     from mcattn.selftest import run_selftest
+    from mcattn.studies.compare import run_comparison
+    from mcattn.studies.data import load_sample
 
     rows = run_selftest(["numpy", "numba"], ["scaled"])
     assert [r.status for r in rows] == ["pass"] * 4
@@ -73,9 +73,9 @@ def test_the_toy_methods_compare_entry_is_found_by_the_registry(toy, monkeypatch
     import sys
     import types
 
-    from mcattn.compare import run_comparison
-    from mcattn.data import load_sample
     from mcattn.registry import MethodEntry, Trial
+    from mcattn.studies.compare import run_comparison
+    from mcattn.studies.data import load_sample
 
     def run(inputs, value, seed):
         out, info = scaled_attention(inputs.q, inputs.k, inputs.v, factor=1 + value,

@@ -395,7 +395,7 @@ def test_empty_and_float16_and_torch():
 
 # --- real attention ---------------------------------------------------------------------------------
 def test_real_attention_backends_forms_and_convergence():
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     q, k, v = (a[3, :2] for a in (s.q, s.k, s.v))  # layer 3, two sentences (106 and 122 tokens)

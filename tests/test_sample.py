@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import rel_error
 
-from mcattn.data import SAMPLE_PATH, load_sample
 from mcattn.errors import SampleFileError
+from mcattn.studies.data import SAMPLE_PATH, load_sample
 
 
 def test_packaged_sample_is_real_minilm_attention():
@@ -108,5 +108,5 @@ def test_foreign_files(tmp_path):
 def test_provenance_is_json():
     with np.load(SAMPLE_PATH, allow_pickle=False) as data:
         meta = json.loads(str(data["provenance"]))
-    assert meta["command"] == "python -m mcattn.data.capture"
+    assert meta["command"] == "python -m mcattn.data.capture"  # how the shipped file was made
     assert any("lee.cor" in t["source"] for t in meta["texts"])

@@ -111,7 +111,7 @@ def test_use_method_mca_with_shared_draws(model):
 
 
 def test_evaluation_pipeline_on_a_small_task(model):
-    from mcattn.evaluate import format_table, lee_pearson, polarity_accuracy, run_evaluation
+    from mcattn.studies.evaluate import format_table, lee_pearson, polarity_accuracy, run_evaluation
 
     require("sklearn")
     rng = np.random.default_rng(0)

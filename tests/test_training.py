@@ -54,7 +54,7 @@ def test_fully_masked_rows_and_padding_get_zero_gradients():
 
 
 def test_numba_backward_equals_the_reference_on_real_attention():
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     sample = load_sample()
     q, k, v = (a[3].astype(np.float64) for a in (sample.q, sample.k, sample.v))

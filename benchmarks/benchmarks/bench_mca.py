@@ -23,7 +23,7 @@ ALPHAS = [0.1, 0.2, 0.4, 0.6, 1.0]
 def real_problem(alpha, dtype=np.float32):
     """Per layer: (x [B, N, d_in], w [d_in, H dh], b, budgets [B, H, N], tables) from the
     sample; the weight tables are built once per layer, as a model would at load time."""
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     sample = load_sample()
     kpm = sample.key_padding_mask
@@ -40,7 +40,7 @@ def real_problem(alpha, dtype=np.float32):
 
 @functools.lru_cache(maxsize=2)
 def _long_capture(windows, length):
-    from mcattn.data.windows import capture_windows
+    from mcattn.studies.data.windows import capture_windows
 
     return capture_windows(length, windows, value_inputs=True)
 
@@ -217,7 +217,7 @@ class McaAttention:
     timeout = 600
 
     def setup(self, alpha):
-        from mcattn.data import load_sample
+        from mcattn.studies.data import load_sample
 
         self.sample = load_sample()
         self.alpha = alpha

@@ -73,7 +73,7 @@ def test_cuda_c_kernel_matches_the_cpu_kernel(dtype, tol, estimator, per_query):
 @pytest.mark.hostshim
 def test_cuda_c_kernel_on_real_attention():
     """One real layer of the embedded sample (12 heads, padded batch), per-head bases."""
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     q, k, v = (x[1, :2].astype(np.float32) for x in (s.q, s.k, s.q))

@@ -182,7 +182,7 @@ def test_numba_cuda_backward_splits_grid_y(monkeypatch):
 @pytest.mark.cudasim
 @pytest.mark.usefixtures("small_blocks")
 def test_numba_cuda_backward_on_real_attention():
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()  # one head of layer 3, first 24 tokens (the simulator is slow)
     q, k, v = (a[3, :2, :1, :24] for a in (s.q, s.k, s.v))
@@ -262,7 +262,7 @@ def test_cuda_c_backward_splits_grid_y(cp, monkeypatch):
 
 @pytest.mark.hostshim
 def test_cuda_c_backward_on_real_attention(cp, monkeypatch):
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     monkeypatch.setattr(mcattn.config, "CUDA_THREADS_PER_BLOCK", 32)
     s = load_sample()  # two sequences of layer 3, every head (106 and 122 tokens)

@@ -109,7 +109,7 @@ def test_exact_kernel_masks(cp, dtype, tol):
 
 
 def test_exact_kernel_on_real_attention(cp):
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     q, k, v = s.q[3, :2], s.k[3, :2], s.v[3, :2]  # two sequences of layer 3 (106, 122 tokens)

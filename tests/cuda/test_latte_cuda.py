@@ -6,9 +6,10 @@ import pytest
 from helpers import GPU_PRESENT, rel_error
 
 import mcattn
-from mcattn import data, latte
+from mcattn import latte
 from mcattn.latte import cpu
 from mcattn.latte._inputs import prepare_latte
+from mcattn.studies import data
 
 if not GPU_PRESENT:
     import host_kernels

@@ -102,7 +102,7 @@ def test_rawkernels_match_numpy(kind, dtype):
 
 @pytest.mark.hostshim
 def test_rawkernels_on_real_attention():
-    from mcattn.data import load_sample
+    from mcattn.studies.data import load_sample
 
     s = load_sample()
     q, k, v = (a[2, 1:2, :2] for a in (s.q, s.k, s.v))  # layer 2, a 122-token sentence, two heads

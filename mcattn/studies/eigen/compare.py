@@ -10,9 +10,9 @@ column budget per query row (an eighth fixed, the rest chosen per query).
 
 import numpy as np
 
-from ..registry import MethodEntry, Trial
-from . import attention, bounds, fit, score_rows
-from .plan import make_plan
+from ...eigen import attention, bounds, fit, score_rows
+from ...eigen.plan import make_plan
+from ...registry import MethodEntry, Trial
 
 __all__ = ["ENTRY", "RANK", "layer_bases", "relative_bound"]
 
@@ -79,7 +79,7 @@ def _bound(inputs, num_columns, trial, exact_out):
 
 def dask_plan(knobs, batch_shape):
     """eigen on dask chunks: per-head bases need every head, so the head dim stays whole."""
-    from .._dask import DaskPlan
+    from ..._dask import DaskPlan
 
     def run(q, k, v, arrays, coords, **common):
         return attention(q, k, v, **common, **knobs)

@@ -1,17 +1,17 @@
-"""The paper's claims measured on real attention: ``python -m mcattn.eigen.evaluate``.
+"""The paper's claims measured on real attention: ``python -m mcattn.studies.eigen.evaluate``.
 
 Writes the tables of docs/eigen.md between its markers (and the raw text to
 ``docs/measurements/eigen_evaluate.txt``):
 
 1. spectrum and effective rank (90/95/99 %) of the score rows of every layer of
    all-MiniLM-L6-v2 and of paraphrase-MiniLM-L3-v2 (ONNX, run in NumPy with L6's
-   tokenizer after :func:`mcattn.eigen.onnx_bert.vocabulary_check`);
+   tokenizer after :func:`mcattn.studies.eigen.onnx_bert.vocabulary_check`);
 2. subspace overlap (rank 24) between all layer pairs of L6, and between L6 and L3;
 3. reconstruction error and bound against rank and columns for each column method
    (the spec's DEIM construction, fitted on lee.cor documents 0-24, tested on 25-49);
-4. the held-out variants of :mod:`mcattn.eigen.heldout`.
+4. the held-out variants of :mod:`mcattn.studies.eigen.heldout`.
 
-Rows: windows of 96 tokens (:mod:`mcattn.eigen.realdata`), heads pooled per layer.
+Rows: windows of 96 tokens (:mod:`mcattn.studies.eigen.realdata`), heads pooled per layer.
 Needs ``mcattn[eval]`` (torch, the model, gensim, onnx and the ONNX model package).
 """
 
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import bounds, fit, overlap, score_rows, select_columns
-from .plan import make_plan
+from ...eigen import bounds, fit, overlap, score_rows, select_columns
+from ...eigen.plan import make_plan
+from .._tables import markdown_table
 
 __all__ = ["collect", "claims_tables", "reconstruction_table", "main"]
 
@@ -63,24 +64,22 @@ def claims_tables(data):
     for name, layers in (("L6", data["l6_fit"]), ("L3", data["l3_fit"])):
         for i, layer in enumerate(layers):
             fits[(name, i)] = fit(_rows(layer))
-    lines = ["| model, layer | rows | top-1 | top-5 | top-24 | rank 90 % | rank 95 % | rank 99 % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for (name, i), b in fits.items():
         frac = b.explained_fraction()
-        lines.append(f"| {name} layer {i} | {b.n_rows} | {frac[0]:.3f} | {frac[4]:.3f} | {frac[23]:.3f} | "
-                     f"{b.effective_rank(0.90)} | {b.effective_rank(0.95)} | {b.effective_rank(0.99)} |")
-    spectrum = "\n".join(lines)
+        rows.append([f"{name} layer {i}", b.n_rows, f"{frac[0]:.3f}", f"{frac[4]:.3f}", f"{frac[23]:.3f}",
+                     b.effective_rank(0.90), b.effective_rank(0.95), b.effective_rank(0.99)])
+    spectrum = markdown_table(["model, layer", "rows", "top-1", "top-5", "top-24", "rank 90 %", "rank 95 %",
+                               "rank 99 %"], rows, align="l" + "r" * 7)
     l6 = [fits[("L6", i)] for i in range(len(data["l6_fit"]))]
     l3 = [fits[("L3", i)] for i in range(len(data["l3_fit"]))]
-    head = "| | " + " | ".join(f"L6 {j}" for j in range(len(l6))) + " |"
-    rows = [head, "|---|" + "---:|" * len(l6)]
-    for i, bi in enumerate(l6):
-        rows.append(f"| L6 {i} | " + " | ".join(f"{overlap(bi, bj, RANK):.2f}" for bj in l6) + " |")
-    for i, bi in enumerate(l3):
-        rows.append(f"| L3 {i} | " + " | ".join(f"{overlap(bi, bj, RANK):.2f}" for bj in l6) + " |")
+    overlaps = markdown_table(["", *(f"L6 {j}" for j in range(len(l6)))],
+                              [[f"{name} {i}", *(f"{overlap(bi, bj, RANK):.2f}" for bj in l6)]
+                               for name, bases in (("L6", l6), ("L3", l3)) for i, bi in enumerate(bases)],
+                              align="l" + "r" * len(l6))
     angles_note = (f"chance level for two random {RANK}-dimensional subspaces of R^{LENGTH}: "
                    f"{RANK / LENGTH:.2f}")
-    return spectrum, "\n".join(rows), angles_note
+    return spectrum, overlaps, angles_note
 
 
 def _softmax_out(s, v):
@@ -99,8 +98,7 @@ def reconstruction_table(data, ranks=(8, 16, 24), extra=(0, 8, 24),
     bound; ``holds``: fraction of rows where the bound holds; ``E-bound``: the expected
     (RMS) bound over the same denominator; ``out err``: attention-output error.
     """
-    lines = ["| columns | rank | m | row err | bound | holds | E-bound | out err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    table = []
     per_layer = []
     for f, t in zip(data["l6_fit"], data["l6_test"]):
         b = fit(_rows(f))
@@ -128,9 +126,9 @@ def reconstruction_table(data, ranks=(8, 16, 24), extra=(0, 8, 24),
                                   float(np.mean(err <= bnd * (1 + 1e-9) + 1e-9)), exp_b / spread,
                                   np.linalg.norm(out - ref) / np.linalg.norm(ref)))
                 s = np.mean(stats, axis=0)
-                lines.append(f"| {method} | {r} | {m} | {s[0]:.3f} | {s[1]:.3f} | {s[2]:.3f} | "
-                             f"{s[3]:.3f} | {s[4]:.3f} |")
-    return "\n".join(lines)
+                table.append([method, r, m, *(f"{x:.3f}" for x in s)])
+    return markdown_table(["columns", "rank", "m", "row err", "bound", "holds", "E-bound", "out err"], table,
+                          align="l" + "r" * 7)
 
 
 def render(data, heldout_table, seconds):
@@ -138,7 +136,7 @@ def render(data, heldout_table, seconds):
     recon = reconstruction_table(data)
     vocab = data["vocab"]
     return f"""{START}
-_Written by `python -m mcattn.eigen.evaluate` ({seconds:.0f} s on a shared 2-core machine).
+_Written by `python -m mcattn.studies.eigen.evaluate` ({seconds:.0f} s on a shared 2-core machine).
 Windows of {LENGTH} tokens of gensim's lee.cor: {data['windows'][0]} fit windows (documents 0-24)
 and {data['windows'][1]} test windows (documents 25-49); 12 heads pooled per layer._
 
@@ -176,7 +174,7 @@ the rows about the mean; `holds` is the fraction of rows where the deterministic
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcattn.eigen.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mcattn.studies.eigen.evaluate", description=__doc__)
     parser.add_argument("--doc", default="docs/eigen.md", help="Markdown file to update between the markers")
     parser.add_argument("--raw", default="docs/measurements/eigen_evaluate.txt")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """Real attention inputs of all-MiniLM-L6-v2 on windows of long text (needs ``mcattn[eval]``).
 
-The embedded sample (:func:`mcattn.data.load_sample`) holds short sentences (11-122
+The embedded sample (:func:`mcattn.studies.data.load_sample`) holds short sentences (11-122
 tokens, padded). For long-sequence figures, :func:`capture_windows` runs the model on
 windows of exactly ``length`` tokens (no padding) cut from gensim's
 ``head500.noblanks.cor`` (Wikipedia text, stemmed, lower-case, no punctuation) and records
 with forward hooks, for every layer, the outputs of ``attention.self.query/key/value``
-(as :mod:`mcattn.data.capture` does) and, on request, the value projection's input and
+(as :mod:`mcattn.studies.data.capture` does) and, on request, the value projection's input and
 its weight and bias (for mca). MiniLM has 512 positions, so windows are at most 512
 tokens long.
 """

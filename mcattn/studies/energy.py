@@ -29,8 +29,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .cost import HOROWITZ_45NM_PJ, OpCounts, energy_pj
-from .eatt import alignment_ops, dense_projection_ops, projection_ops, softmax_value_ops
+from ..cost import HOROWITZ_45NM_PJ, OpCounts, energy_pj
+from ..eatt import alignment_ops, dense_projection_ops, projection_ops, softmax_value_ops
 
 __all__ = ["EnergyConfig", "STAGES", "METHODS", "vanilla_block", "eatt_block",
            "eatt_hamming_block", "mca_block", "latte_block", "rfa_block", "rfa_crossover",
@@ -137,7 +137,7 @@ def mca_block(cfg):
     projection count (multiply-adds, two random words, the alias lookup and a divide
     per draw).
     """
-    from .mca import _projection_ops
+    from ..mca import _projection_ops
 
     blocks = vanilla_block(cfg)
     t, d, h = cfg.length, cfg.d_model, cfg.heads
@@ -157,8 +157,8 @@ def latte_block(cfg):
     attention core goes into ``scores`` (LATTE interleaves scoring and the softmax).
     Projections as in the vanilla block.
     """
-    from ._validate import MaskSpec
-    from .latte import latte_ops
+    from .._validate import MaskSpec
+    from ..latte import latte_ops
 
     blocks = vanilla_block(cfg)
     t, h, dh = cfg.length, cfg.heads, cfg.head_dim
@@ -182,7 +182,7 @@ def _rfa_inputs(cfg, length):
 
 def rfa_block(cfg):
     """RFA (positive random features, non-causal): its whole attention core as ``scores``."""
-    from .rfa import rfa_ops
+    from ..rfa import rfa_ops
 
     blocks = vanilla_block(cfg)
     blocks["scores"] = rfa_ops(_rfa_inputs(cfg, cfg.length))
@@ -239,8 +239,8 @@ def mca_sample_figures(alphas=(0.1, 0.2, 0.4, 0.6, 1.0, 2.0, 4.0)):
     """
     import mcattn
 
+    from ..mca import _projection_ops
     from .data import load_sample
-    from .mca import _projection_ops
     from .mca.report import PADDED_LENGTH, _pad, _paper_budgets
 
     sample = load_sample()
@@ -278,7 +278,7 @@ def mca_sample_figures(alphas=(0.1, 0.2, 0.4, 0.6, 1.0, 2.0, 4.0)):
 
 
 def _sample_inputs(q, k, kpm, scale):
-    from ._validate import prepare_attention
+    from .._validate import prepare_attention
 
     return prepare_attention(q, k, k, key_padding_mask=kpm, scale=scale, check_finite=False)
 

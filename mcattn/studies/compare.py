@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .cost import OpCounts
-from .registry import LayerInputs, get_entries
+from ..cost import OpCounts
+from ..registry import LayerInputs, get_entries
 
 __all__ = ["json_safe", "ComparisonRow", "layer_inputs", "relative_errors", "run_comparison", "format_table",
            "plot_pareto"]
@@ -140,7 +140,7 @@ def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, prog
 
     Parameters
     ----------
-    sample : mcattn.data.AttentionSample
+    sample : mcattn.studies.data.AttentionSample
     methods : list of str, optional
         Method names (default: every registered method).
     seed : int

@@ -75,7 +75,7 @@ def _layer_index(module, bert):
 def _bases(layer, length):
     from threadpoolctl import threadpool_limits
 
-    from . import fit_heads
+    from ...eigen import fit_heads
     from .realdata import capture_qkv
 
     if (layer, length) not in _BASES:
@@ -110,7 +110,7 @@ def adapter(module, q, k, v, mask, scale, options):
     key = (layer, n, m)
     plans = _PLANS
     if key not in plans:
-        from .plan import make_plan
+        from ...eigen.plan import make_plan
 
         plans[key] = make_plan(bases, m, rank=min(bases[0].rank, m))
     return attention(q, k, v, method="eigen", basis=bases, columns=plans[key], attn_mask=mask,

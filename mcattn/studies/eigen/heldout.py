@@ -1,9 +1,9 @@
 """What brings the error down: eigen reconstruction variants on held-out real attention.
 
-``python -m mcattn.eigen.heldout [--out FILE]`` fits bases on MiniLM-L6 attention of
+``python -m mcattn.studies.eigen.heldout [--out FILE]`` fits bases on MiniLM-L6 attention of
 ``lee.cor`` documents 0-24 and measures the attention-output error
 ``||O~ - O|| / ||O||`` per layer on documents 25-49 (windows of 96 tokens, see
-:mod:`mcattn.eigen.realdata`), at rank 24 with 32 of the 96 columns computed per query
+:mod:`mcattn.studies.eigen.realdata`), at rank 24 with 32 of the 96 columns computed per query
 row, for each variant in :data:`VARIANTS`. Needs ``mcattn[eval]``.
 """
 
@@ -13,8 +13,9 @@ import time
 
 import numpy as np
 
-from . import attention, fit, fit_heads, score_rows
-from .plan import _pick_columns
+from ...eigen import attention, fit, fit_heads, score_rows
+from ...eigen.plan import _pick_columns
+from .._tables import markdown_table
 
 __all__ = ["VARIANTS", "run", "format_table", "main"]
 
@@ -80,7 +81,7 @@ def _variant_output(opts, fit_qk, q, k, v):
     if post is None:
         return attention(q, k, v, basis=bases if len(bases) > 1 else bases[0], columns=cols,
                          per_query=opts["per_query"], estimator=opts["estimator"])
-    from .plan import make_plan
+    from ...eigen.plan import make_plan
 
     plan = make_plan(bases, cols, estimator=opts["estimator"])
     s = scale * q @ np.swapaxes(k, -1, -2)
@@ -104,7 +105,7 @@ def _variant_output(opts, fit_qk, q, k, v):
 def run(variants=None, layers=range(6), data=None):
     """Errors per variant and layer: ``{name: [err_layer0, ...]}``.
 
-    ``data``: ``(fit_layers, test_layers)`` as :func:`mcattn.eigen.realdata.lee_windows`
+    ``data``: ``(fit_layers, test_layers)`` as :func:`mcattn.studies.eigen.realdata.lee_windows`
     returns them (captured when None).
     """
     if data is None:
@@ -128,16 +129,15 @@ def run(variants=None, layers=range(6), data=None):
 
 def format_table(result, layers=range(6)):
     """A Markdown table: one row per variant, one column per layer, and the mean."""
-    head = "| variant | " + " | ".join(f"layer {i}" for i in layers) + " | mean |"
-    lines = [head, "|---|" + "---:|" * (len(list(layers)) + 1)]
-    for name, errs in result.items():
-        cells = " | ".join(f"{e:.3f}" for e in errs)
-        lines.append(f"| `{name}`: {VARIANTS[name][0]} | {cells} | {np.mean(errs):.3f} |")
-    return "\n".join(lines)
+    layers = list(layers)
+    return markdown_table(["variant", *(f"layer {i}" for i in layers), "mean"],
+                          [[f"`{name}`: {VARIANTS[name][0]}", *(f"{e:.3f}" for e in errs),
+                            f"{np.mean(errs):.3f}"] for name, errs in result.items()],
+                          align="l" + "r" * (len(layers) + 1))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcattn.eigen.heldout", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mcattn.studies.eigen.heldout", description=__doc__)
     parser.add_argument("--out", help="also write the table and the setup to this file")
     args = parser.parse_args(argv)
     from threadpoolctl import threadpool_limits
@@ -149,7 +149,8 @@ def main(argv=None):
     text = (f"# eigen on held-out MiniLM-L6 attention: fit lee.cor docs 0-24, test docs 25-49, "
             f"windows of {LENGTH}, rank {RANK}, {BUDGET} of {LENGTH} columns per row\n"
             f"# output error ||O~ - O|| / ||O|| per layer (all heads, all test windows)\n"
-            f"# command: python -m mcattn.eigen.heldout --out <this file>  ({time.time() - t0:.0f} s)\n\n"
+            f"# command: python -m mcattn.studies.eigen.heldout --out <this file>  "
+            f"({time.time() - t0:.0f} s)\n\n"
             + table + "\n")
     sys.stdout.write(text)
     if args.out:

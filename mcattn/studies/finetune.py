@@ -110,9 +110,9 @@ class FinetuneConfig:
 
     def checked(self):
         """A copy with the method's seed filled in; raises ValueError/TypeError on bad input."""
-        from ._plugin import ModelHooks
-        from .front import COMMON_ARGUMENTS, check_knobs
-        from .registry import get_method
+        from .._plugin import ModelHooks
+        from ..front import COMMON_ARGUMENTS, check_knobs
+        from ..registry import get_method
 
         if self.steps is None and self.minutes is None:
             raise ValueError("give steps or minutes")
@@ -239,7 +239,7 @@ class Student:
     def use(self, **overrides):
         """Context manager: the method in every self-attention layer of the model
         (``overrides`` replace knobs, e.g. ``soft=False`` for latte's hard mask)."""
-        from .frameworks.torch import use_method
+        from ..frameworks.torch import use_method
 
         return use_method(self.bert, self.config.method, layer_knobs=self.method_params,
                           **dict(self.method_params.knobs, **overrides))
@@ -297,7 +297,7 @@ def score(embed, tasks, reference):
     Parameters
     ----------
     embed : callable ``texts -> [n, D]`` array
-    tasks : dict from :func:`mcattn.evaluate.load_tasks`
+    tasks : dict from :func:`mcattn.studies.evaluate.load_tasks`
     reference : numpy.ndarray or None
         The exact model's embeddings of ``lee_docs + polarity_texts`` (cosine reference).
 
@@ -350,7 +350,7 @@ def run_finetune(config, *, model=None, tasks=None, texts=None, evaluate=True, p
     model : SentenceTransformer, optional
         Trained in place (loaded when None).
     tasks : dict, optional
-        :func:`mcattn.evaluate.load_tasks` output (loaded when None and ``evaluate``).
+        :func:`mcattn.studies.evaluate.load_tasks` output (loaded when None and ``evaluate``).
     texts : list of str, optional
         Training texts (default: :func:`load_corpus` of ``config.corpus``).
     evaluate : bool

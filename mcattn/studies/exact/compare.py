@@ -1,7 +1,7 @@
 """Exact attention's entry in ``mcattn compare`` (the reference row)."""
 
-from ..registry import MethodEntry, Trial
-from . import attention
+from ...exact import attention
+from ...registry import MethodEntry, Trial
 
 
 def _run(inputs, value, seed, **knobs):

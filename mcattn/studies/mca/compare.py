@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from .._validate import namespace_of
-from ..errors import ShapeError
-from ..registry import MethodEntry, Trial
-from . import attention, bounds
+from ..._validate import namespace_of
+from ...errors import ShapeError
+from ...mca import attention, bounds
+from ...registry import MethodEntry, Trial
 
 
 def theorem_relative_bound(inputs, out_exact, alpha, shared_draws=False):
@@ -78,8 +78,8 @@ def dask_plan(knobs, batch_shape):
     not depend on the chunking (it differs from an in-memory call with the same seed,
     which keys its draws by position in the call).
     """
-    from .. import random as mrandom
-    from .._dask import ChunkedArray, DaskPlan, is_dask
+    from ... import random as mrandom
+    from ..._dask import ChunkedArray, DaskPlan, is_dask
 
     if len(batch_shape) < 1:
         raise ValueError("mca needs batch dims [..., H]")

@@ -6,8 +6,8 @@ cost of swapping L1 (or Hamming) alignment into an untrained model, not E-Att's
 accuracy after training (that is the finetune issue's).
 """
 
-from ..registry import MethodEntry, Trial
-from . import attention
+from ...eatt import attention
+from ...registry import MethodEntry, Trial
 
 __all__ = ["ENTRY"]
 

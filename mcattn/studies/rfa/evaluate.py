@@ -2,16 +2,16 @@
 
 Usage::
 
-    python -m mcattn.rfa.evaluate                     # print the markdown tables
-    python -m mcattn.rfa.evaluate --write docs/rfa.md # replace the tables between the markers
+    python -m mcattn.studies.rfa.evaluate                     # print the markdown tables
+    python -m mcattn.studies.rfa.evaluate --write docs/rfa.md # replace the tables between the markers
 
-Inputs: the packaged MiniLM sample (:func:`mcattn.data.load_sample`; q, k, v of the 6
+Inputs: the packaged MiniLM sample (:func:`mcattn.studies.data.load_sample`; q, k, v of the 6
 layers of all-MiniLM-L6-v2 on 8 real sentences, 12 heads, head dim 32). For every
 feature map and ``num_features`` in {16, 32, 64, 128, 256}, drop-in RFA
 (``normalize=None``) runs on every layer with several seeds; the error is
 ``||O~ - O|| / ||O||`` over the real tokens of each (sequence, head) against exact
 softmax attention, and the table gives its median over sequences, heads and seeds. The
-bound beside it is :func:`mcattn.rfa.compare.relative_bound` (probability 0.9), and the
+bound beside it is :func:`mcattn.studies.rfa.compare.relative_bound` (probability 0.9), and the
 second table the feature count that bound needs for a 10% error.
 """
 
@@ -21,13 +21,14 @@ import sys
 
 import numpy as np
 
+from ...exact import attention as exact_attention
+from ...rfa import attention, bounds, naive
+from ...rfa._inputs import prepare_rfa
+from ...rfa.features import KINDS, RandomFeatures
 from .. import data
+from .._tables import markdown_table
 from ..compare import layer_inputs, relative_errors
-from ..exact import attention as exact_attention
-from . import attention, bounds, naive
-from ._inputs import prepare_rfa
 from .compare import relative_bound
-from .features import KINDS, RandomFeatures
 
 __all__ = ["main", "evaluate"]
 
@@ -119,32 +120,31 @@ def _fmt_count(x):
 def format_tables(result):
     """The markdown tables of :func:`evaluate`."""
     layers = result["layers"]
-    head = "| features | D | " + " | ".join(f"L{i} err (bound)" for i in range(layers)) + " | rows floored |"
-    sep = "|---|---:|" + "---:|" * layers + "---:|"
-    lines = [head, sep]
+    rows = []
     for kind in KINDS:
         for D, errs in result["errors"][kind].items():
             if kind == "arccos":
                 cells = [f"{_fmt_err(e)} (own {_fmt_err(o)})" for e, o in zip(errs, result["own"][D])]
             else:
                 cells = [f"{_fmt_err(e)} ({_fmt_bound(b)})" for e, b in zip(errs, result["bounds"][kind][D])]
-            lines.append(f"| {kind} | {D} | " + " | ".join(cells) + f" | {result['clamped'][kind][D]:.1%} |")
-    lines += ["", "Features the bound needs for a 10% relative error (worst sequence and head of the "
-              "layer):", "",
-              "| features | " + " | ".join(f"L{i}" for i in range(layers)) + " |",
-              "|---|" + "---:|" * layers]
-    for kind, counts in result["needed"].items():
-        lines.append(f"| {kind} | " + " | ".join(_fmt_count(c) for c in counts) + " |")
-    return "\n".join(lines)
+            rows.append([kind, D, *cells, f"{result['clamped'][kind][D]:.1%}"])
+    errors = markdown_table(["features", "D", *(f"L{i} err (bound)" for i in range(layers)), "rows floored"],
+                            rows, align="l" + "r" * (layers + 2))
+    needed = markdown_table(["features", *(f"L{i}" for i in range(layers))],
+                            [[kind, *map(_fmt_count, counts)] for kind, counts in result["needed"].items()],
+                            align="l" + "r" * layers)
+    return "\n".join([errors, "", "Features the bound needs for a 10% relative error (worst sequence and "
+                       "head of the layer):", "", needed])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mcattn.rfa.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mcattn.studies.rfa.evaluate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--write", metavar="MARKDOWN", help=f"replace the text between {START} and {END}")
     args = parser.parse_args(argv)
     table = format_tables(evaluate(seeds=args.seeds))
-    command = "python -m mcattn.rfa.evaluate" + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+    command = "python -m mcattn.studies.rfa.evaluate" + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
     block = f"{START}\n<!-- produced by `{command}`; do not edit by hand -->\n\n{table}\n\n{END}"
     if args.write:
         with open(args.write) as fh:

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from ..registry import MethodEntry, Trial
-from . import attention, bounds, calibrate, kept_mask
+from ...latte import attention, bounds, calibrate, kept_mask
+from ...registry import MethodEntry, Trial
 
 __all__ = ["ENTRY", "thresholds_for", "sample_thresholds", "relative_bound"]
 
@@ -26,7 +26,7 @@ def thresholds_for(inputs, target_mass):
 def sample_thresholds(target_mass):
     """Thresholds ``[L, H]`` per layer and head of all-MiniLM-L6-v2 for ``target_mass``.
 
-    Calibrated on the embedded sample (:func:`mcattn.data.load_sample`: its 8 texts are 2
+    Calibrated on the embedded sample (:func:`mcattn.studies.data.load_sample`: its 8 texts are 2
     Lee documents and 6 polarity sentences, 8 of the 250 texts ``mcattn evaluate`` embeds).
     Used by the torch adapter inside the model.
     """
@@ -76,7 +76,7 @@ def _bound(inputs, target_mass, trial, exact_out):
 
 def dask_plan(knobs, batch_shape):
     """latte on dask chunks: a per-head threshold ``[H]`` is split with the head dim."""
-    from .._dask import ChunkedArray, DaskPlan, is_dask
+    from ..._dask import ChunkedArray, DaskPlan, is_dask
 
     knobs = dict(knobs)
     theta = knobs.pop("threshold")

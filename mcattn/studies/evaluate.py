@@ -97,7 +97,7 @@ def _embed(model, texts):
 
 
 def _knob_names(method):
-    from .front import methods
+    from ..front import methods
 
     return next(m.knobs for m in methods() if m.name == method)
 
@@ -120,8 +120,8 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
     list of EvalRow
         Exact attention first.
     """
-    from .frameworks.torch import use_method
-    from .registry import get_entries
+    from ..frameworks.torch import use_method
+    from ..registry import get_entries
 
     entries = [e for e in get_entries(methods) if e.attention is not None]
     model = _load_model() if model is None else model

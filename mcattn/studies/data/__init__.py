@@ -1,6 +1,6 @@
 """Real attention inputs: the embedded MiniLM sample and user sample files.
 
-The package ships ``minilm_sample.npz``, captured by :mod:`mcattn.data.capture` from
+The package ships ``minilm_sample.npz``, captured by :mod:`mcattn.studies.data.capture` from
 all-MiniLM-L6-v2 on real text (its provenance is inside the file). :func:`load_sample`
 reads it, or a user's own ``.npz`` holding at least ``q``, ``k``, ``v``.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SampleFileError
+from ...errors import SampleFileError
 
 __all__ = ["SAMPLE_PATH", "AttentionSample", "load_sample"]
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from ..registry import MethodEntry, Trial
-from . import attention, bounds
-from .features import RandomFeatures
+from ...registry import MethodEntry, Trial
+from ...rfa import attention, bounds
+from ...rfa.features import RandomFeatures
 
 __all__ = ["ENTRY", "relative_bound"]
 
@@ -46,8 +46,8 @@ def _bound(inputs, num_features, trial, exact_out):
 
 def dask_plan(knobs, batch_shape):
     """rfa on dask chunks: one draw of features for the whole batch, sliced per head chunk."""
-    from .. import random as mrandom
-    from .._dask import ChunkedArray, DaskPlan, is_dask
+    from ... import random as mrandom
+    from ..._dask import ChunkedArray, DaskPlan, is_dask
 
     knobs = dict(knobs)
     features = knobs.pop("features", None)

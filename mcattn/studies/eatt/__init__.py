@@ -1,0 +1,1 @@
+"""Studies of E-Att (:mod:`mcattn.eatt`): its comparison entry and evaluations."""

@@ -1,0 +1,1 @@
+"""Studies of eigenbasis attention (:mod:`mcattn.eigen`): its comparison entry and evaluations."""

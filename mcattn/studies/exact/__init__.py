@@ -1,0 +1,1 @@
+"""Studies of exact attention (:mod:`mcattn.exact`): its comparison entry and evaluations."""

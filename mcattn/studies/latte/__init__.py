@@ -1,0 +1,1 @@
+"""Studies of LATTE (:mod:`mcattn.latte`): its comparison entry and evaluations."""

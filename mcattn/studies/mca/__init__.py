@@ -1,0 +1,1 @@
+"""Studies of MCA (:mod:`mcattn.mca`): its comparison entry and evaluations."""

@@ -1,0 +1,1 @@
+"""Studies of random-feature attention (:mod:`mcattn.rfa`): its comparison entry and evaluations."""
