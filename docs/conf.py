@@ -114,9 +114,15 @@ def _public_names(module):
     names = getattr(module, "__all__", None)
     if names is not None:
         return list(names)
-    return [n for n in vars(module) if not n.startswith("_")
-            and not isinstance(getattr(module, n), ModuleType)
-            and getattr(getattr(module, n), "__module__", module.__name__) == module.__name__]
+    return [n for n, obj in vars(module).items() if not n.startswith("_")
+            and not isinstance(obj, ModuleType) and _defined_in(obj, module)]
+
+
+def _defined_in(obj, module):
+    """False for a class or function imported from elsewhere (an instance says nothing)."""
+    if inspect.isclass(obj) or inspect.isroutine(obj):
+        return getattr(obj, "__module__", None) == module.__name__
+    return True
 
 
 # Constants whose value the page shows (the others, tuples of kernels and the like, would
@@ -131,7 +137,10 @@ def _members(module):
     for name in _public_names(module):
         obj = getattr(module, name)
         if isinstance(obj, ModuleType):
-            kinds["modules"].append(name)
+            # a submodule by its name in the module (autosummary refuses the current
+            # module's prefix), a module from elsewhere by its full name
+            inside = obj.__name__ == f"{module.__name__}.{name}"
+            kinds["modules"].append(name if inside else obj.__name__)
         elif inspect.isclass(obj) and issubclass(obj, BaseException):
             kinds["exceptions"].append(name)
         elif inspect.isclass(obj):
