@@ -41,7 +41,7 @@ MOVED = {
     "mcattn.eigen.heldout": "mcattn.studies.eigen.heldout",
     "mcattn.eigen.onnx_bert": "mcattn.studies.eigen.onnx_bert",
     "mcattn.eigen.realdata": "mcattn.studies.eigen.realdata",
-    "mcattn.eigen.torch_adapter": "mcattn.studies.eigen.torch_adapter",
+    "mcattn.eigen.torch_adapter": "mcattn.studies.eigen.calibration",
 }
 
 

@@ -107,7 +107,7 @@ def _image_formats():
 def _check_json_and_methods(args):
     """``--json`` and ``--methods`` (registry names, variants ``NAME:KNOB=VALUE``): compare
     and evaluate."""
-    from .registry import get_entries
+    from .studies.entries import get_entries
 
     if args.json:
         _output_file("--json", args.json)
@@ -181,8 +181,9 @@ def _progress_factory(enabled):
 
 
 def _cmd_compare(args):
-    from .registry import METHOD_ENTRIES, get_entries
+    from .registry import method_names
     from .studies.compare import format_table, plot_pareto, run_comparison
+    from .studies.entries import get_entries
 
     sample = args.loaded_sample  # loaded by _check_compare
     methods = args.methods
@@ -198,10 +199,10 @@ def _cmd_compare(args):
           "inputs; time measured in this run")
     print(format_table(rows))
     ran = {r.method.partition(":")[0] for r in rows}
-    for entry in get_entries([m for m in METHOD_ENTRIES if m in ran]):
+    for entry in get_entries([m for m in method_names() if m in ran]):
         if entry.table_note:
             print(f"note: {entry.table_note}")
-    skipped = [e for e in (methods or METHOD_ENTRIES) if e not in {r.method for r in rows}]
+    skipped = [e for e in (methods or method_names()) if e not in {r.method for r in rows}]
     if skipped:
         print(f"(skipped, the sample has no value-projection inputs: {', '.join(skipped)})")
     if args.json:

@@ -46,10 +46,10 @@ __all__ = [
     "normal",
     "seed_to_key",
     "resolve_seed",
-    "philox4x32_cpu",
-    "uniform_cpu",
-    "sample_bits_cpu",
-    "sample_uniform_cpu",
+    "philox4x32_cpu",  # noqa: F822 - built on first use (__getattr__)
+    "uniform_cpu",  # noqa: F822 - built on first use (__getattr__)
+    "sample_bits_cpu",  # noqa: F822 - built on first use (__getattr__)
+    "sample_uniform_cpu",  # noqa: F822 - built on first use (__getattr__)
     "cuda_device_functions",
 ]
 
@@ -308,10 +308,16 @@ def _make_cpu_functions():
             njit(inline="always")(sample))
 
 
-try:  # Numba is a hard dependency, but keep `import mcattn.random` cheap to reason about
-    philox4x32_cpu, uniform_cpu, sample_bits_cpu, sample_uniform_cpu = _make_cpu_functions()
-except ImportError:  # pragma: no cover - numba is in install_requires
-    philox4x32_cpu = uniform_cpu = sample_bits_cpu = sample_uniform_cpu = None
+_CPU_NAMES = ("philox4x32_cpu", "uniform_cpu", "sample_bits_cpu", "sample_uniform_cpu")
+
+
+def __getattr__(name):
+    """The Numba CPU versions, built on first use: the NumPy functions above need no Numba,
+    so the pure-NumPy references (``mcattn/<method>/naive.py``) draw without it."""
+    if name in _CPU_NAMES:
+        globals().update(zip(_CPU_NAMES, _make_cpu_functions()))
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _CUDA_FUNCTIONS = None
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import mcattn
-from mcattn import cli, registry
+from mcattn import cli
+from mcattn.studies import entries
 from mcattn.studies.compare import relative_errors
 from mcattn.studies.data import load_sample
 
@@ -90,10 +91,10 @@ def test_variants_refuse_unknown_or_supplied_knobs(capsys):
                         ("rfa:features=3", "features"), ("mca:shared_draws", "knob=value")):
         code, _, err = _run(["compare", "--methods", spec, "--no-progress"], capsys)
         assert code == 2 and named in err, spec
-    assert registry.parse_variant("mca:shared_draws=True,sampling=weight") == (
+    assert entries.parse_variant("mca:shared_draws=True,sampling=weight") == (
         "mca", {"shared_draws": True, "sampling": "weight"})
-    assert registry.parse_variant("rfa") == ("rfa", {})
-    (entry,) = registry.get_entries(["mca:shared_draws=True"])
+    assert entries.parse_variant("rfa") == ("rfa", {})
+    (entry,) = entries.get_entries(["mca:shared_draws=True"])
     assert entry.method == "mca" and entry.fixed == (("shared_draws", True),)
 
 
@@ -116,10 +117,10 @@ def test_console_script_is_installed():
 
 
 def test_registry_lists_entries_and_rejects_unknown():
-    names = [e.name for e in registry.get_entries()]
+    names = [e.name for e in entries.get_entries()]
     assert names[0] == "exact" and "mca" in names
     with pytest.raises(ValueError, match="unknown method"):
-        registry.get_entries(["nope"])
+        entries.get_entries(["nope"])
 
 
 def test_relative_errors_ignore_padding():

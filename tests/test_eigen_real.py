@@ -35,6 +35,7 @@ def test_onnx_second_model_has_the_l6_vocabulary_and_runs():
 def test_model_adapter_error_shrinks_with_columns():
     torch = require("torch")
     from mcattn.frameworks.torch import use_method
+    from mcattn.studies.eigen.calibration import TextWindows
     from mcattn.studies.eigen.realdata import load_minilm
 
     model = load_minilm()
@@ -42,11 +43,12 @@ def test_model_adapter_error_shrinks_with_columns():
     batch = model.tokenizer(["The quick brown fox jumps over the lazy dog near the old river bank "
                              "while the farmers watched from the hill above the valley."] * 2,
                             return_tensors="pt")
+    text = TextWindows(model.tokenizer)  # held-out text: bases not fitted on the batch itself
     with torch.no_grad():
         ref = bert(**batch).last_hidden_state.numpy()
         errs = []
         for m in (8, 16, 200):
-            with use_method(bert, "eigen", num_columns=m):
+            with use_method(bert, "eigen", num_columns=m, calibration=text):
                 errs.append(rel_error(bert(**batch).last_hidden_state.numpy(), ref))
     assert errs[2] < 1e-5  # n <= num_columns: exact attention
     assert errs[1] <= errs[0] and errs[0] < 1.0

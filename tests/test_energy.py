@@ -11,6 +11,10 @@ from mcattn import eatt
 from mcattn.cli import main
 from mcattn.cost import HOROWITZ_45NM_PJ, energy_pj
 from mcattn.studies import energy
+from mcattn.studies.eatt import energy as eatt_energy
+from mcattn.studies.latte import energy as latte_energy
+from mcattn.studies.mca import energy as mca_energy
+from mcattn.studies.rfa import energy as rfa_energy
 
 SMALL = energy.EnergyConfig(d_model=32, heads=2, length=9)
 
@@ -40,7 +44,7 @@ def test_eatt_block_equals_what_layer_counts(alignment):
     b_v, b_o = (rng.standard_normal(d) for _ in range(2))
     _, info = eatt.layer(x, w_q, w_k, w_v, num_heads=h, b_q=b_q, b_k=b_k, b_v=b_v, w_o=w_o,
                          b_o=b_o, alignment=alignment, return_info=True)
-    blocks = energy.eatt_block(SMALL, alignment)
+    blocks = eatt_energy.eatt_block(SMALL, alignment)
     assert info.ops == sum(blocks.values(), mcattn.OpCounts())
     assert info.alignment_ops == blocks["qk_projection"] + blocks["scores"]
     vanilla = energy.vanilla_block(SMALL)
@@ -54,13 +58,13 @@ def test_rfa_block_equals_rfa_call_counts():
     q, k, v = (rng.standard_normal((1, cfg.heads, cfg.length, cfg.head_dim)) for _ in range(3))
     feats = mcattn.rfa.RandomFeatures(cfg.head_dim, 16, kind="positive", num_heads=cfg.heads, seed=0)
     _, info = mcattn.rfa.attention(q, k, v, features=feats, return_info=True)
-    assert energy.rfa_block(cfg)["scores"] == info.ops
+    assert rfa_energy.rfa_block(cfg)["scores"] == info.ops
 
 
 def test_alignment_has_no_multiplications_per_pair():
     for cfg in (SMALL, replace(SMALL, length=40)):
         for alignment in eatt.ALIGNMENTS:
-            blocks = energy.eatt_block(cfg, alignment)
+            blocks = eatt_energy.eatt_block(cfg, alignment)
             assert blocks["qk_projection"].multiplies == 0
             # only the once-per-call / once-per-row scaling, never per pair
             assert blocks["scores"].multiplies <= 2 * cfg.heads * cfg.length * cfg.head_dim
@@ -68,15 +72,15 @@ def test_alignment_has_no_multiplications_per_pair():
 
 def test_crossover_is_the_first_cheaper_length():
     table = dict(HOROWITZ_45NM_PJ)
-    n = energy.rfa_crossover(SMALL, table)
+    n = rfa_energy.rfa_crossover(SMALL, table)
     core = ("scores", "softmax_pv")
 
     def cost(fn, length):
         blocks = fn(replace(SMALL, length=length))
         return sum(energy_pj(blocks[s], table) for s in core)
 
-    assert cost(energy.rfa_block, n) < cost(energy.vanilla_block, n)
-    assert cost(energy.rfa_block, n - 1) >= cost(energy.vanilla_block, n - 1)
+    assert cost(rfa_energy.rfa_block, n) < cost(energy.vanilla_block, n)
+    assert cost(rfa_energy.rfa_block, n - 1) >= cost(energy.vanilla_block, n - 1)
 
 
 def test_bad_configuration():
@@ -118,7 +122,7 @@ def test_latte_block_is_latte_own_count():
     q, k, v = (rng.standard_normal((2, 20, 32)) for _ in range(3))
     theta = latte.calibrate(q[None], k[None], target_keep=0.25)
     _, info = latte.attention(q, k, v, threshold=theta, return_info=True)
-    block = energy.latte_block(cfg)["scores"]
+    block = latte_energy.latte_block(cfg)["scores"]
     kept = int(round(info.keep_fraction * 2 * 20 * 20))
     # Same counts per visible pair; the kept-pair terms scale with the kept count.
     assert block["int4_mul"] - 3 * 5 * 20 * 2 * 32 == info.ops["int4_mul"] - 3 * kept * 32
@@ -142,7 +146,7 @@ def test_command_with_a_table_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_mca_figures_on_the_real_sample():
-    rows = energy.mca_sample_figures(alphas=(0.2, 1.0))
+    rows = mca_energy.mca_sample_figures(alphas=(0.2, 1.0))
     for row in rows:  # padding flatters the paper-style figure
         assert row["paper_padded_projection_x"] > row["ours_projection_x"] > 1
         assert row["ours_projection_x"] > row["ours_attention_and_projection_x"] > 1

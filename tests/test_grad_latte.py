@@ -10,7 +10,7 @@ from helpers import grad_problem, numeric_grad, rel_error, require, torch_grads
 
 from mcattn import latte
 from mcattn.errors import GradientNotSupportedError
-from mcattn.latte import grad
+from mcattn.latte import grad, naive
 from mcattn.studies import data
 
 THRESHOLD = {"relative": np.array([1.0, 2.0, 0.5]), "absolute": np.array([0.2, -0.1, 0.4]),
@@ -150,7 +150,7 @@ def test_numba_kernel_equals_the_reference(monkeypatch):
             dout = rng.standard_normal(lat.inp.out_shape).reshape(lat.inp.q.shape[0], lat.inp.nq, -1)
             dout = dout.astype(lat.inp.dtype)
             kept = cpu.kept_mask(lat)
-            ref = grad.reference_backward(lat, dout, kept)[:3]
+            ref = naive.reference_backward(lat, dout, kept)[:3]
             fast = cpu.backward(lat, kept, dout)
             for name, a, b in zip("qkv", fast, ref):
                 assert rel_error(a, b) < 1e-12, (name, case["mode"], exact_scores, lat.inp.q.shape)

@@ -10,11 +10,11 @@ import pytest
 from helpers import require
 
 from mcattn.errors import GradientNotSupportedError
-from mcattn.registry import get_entries
+from mcattn.registry import get_method, method_names
 
 RFA = {"num_features": 8, "seed": 0}
 #: Every method with a backward (a new one fails below until ``_problem`` gives its knobs).
-TRAINED = [entry.name for entry in get_entries() if entry.grad is not None]
+TRAINED = [name for name in method_names() if get_method(name).grad is not None]
 
 
 # ---------------------------------------------------------------- use_method

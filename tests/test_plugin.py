@@ -73,9 +73,10 @@ def test_the_toy_methods_compare_entry_is_found_by_the_registry(toy, monkeypatch
     import sys
     import types
 
-    from mcattn.registry import MethodEntry, Trial
+    from mcattn.studies import entries
     from mcattn.studies.compare import run_comparison
     from mcattn.studies.data import load_sample
+    from mcattn.studies.entries import MethodEntry, Trial
 
     def run(inputs, value, seed):
         out, info = scaled_attention(inputs.q, inputs.k, inputs.v, factor=1 + value,
@@ -86,7 +87,7 @@ def test_the_toy_methods_compare_entry_is_found_by_the_registry(toy, monkeypatch
     module = types.ModuleType("toy_study")
     module.ENTRY = MethodEntry(name="scaled", knob="eps", values=(0.0, 0.1), run=run)
     monkeypatch.setitem(sys.modules, "toy_study", module)
-    monkeypatch.setitem(registry.METHOD_ENTRIES, "scaled", "toy_study:ENTRY")
+    monkeypatch.setitem(entries.METHOD_ENTRIES, "scaled", "toy_study:ENTRY")
     rows = run_comparison(load_sample(), ["scaled"], repeats=1, layers=[0, 1])
     got = {r.value: r for r in rows if r.method == "scaled"}
     assert got[0.0].error_median == pytest.approx(0.0, abs=1e-6)
@@ -111,16 +112,19 @@ def test_kernel_sources_come_from_the_specs():
     assert "exact/kernels/exact.cu" in sources and "eigen/kernels/eigen.cu" in sources
 
 
-def test_no_runtime_module_names_a_method():
-    """front, use_method, selftest, the autograd adapters and the CUDA source list read the
-    specs: none of them spells a method's name in code (docstrings and comments aside)."""
+def test_no_engine_names_a_method():
+    """front, use_method, selftest, the autograd adapters, the CUDA source list and the
+    studies' engines (compare, evaluate, energy, finetune) read the specs and the entries:
+    none of them spells a method's name in code (docstrings and comments aside)."""
     import ast
     import pathlib
 
     root = pathlib.Path(mcattn.__file__).parent
     names = set(registry.method_names())
     for rel in ("front.py", "selftest.py", "_cupy.py", "_dask.py", "frameworks/torch.py",
-                "frameworks/_grad.py", "frameworks/jax.py", "frameworks/tensorflow.py"):
+                "frameworks/_grad.py", "frameworks/jax.py", "frameworks/tensorflow.py", "cli.py",
+                "studies/compare.py", "studies/evaluate.py", "studies/energy.py",
+                "studies/finetune.py"):
         tree = ast.parse((root / rel).read_text())
         docstrings = {id(n.body[0].value) for n in ast.walk(tree)
                       if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body

@@ -18,11 +18,11 @@ def eatt(q, k, v, alignment, backend="numba"):
 def energy_ratio(q, k, v, alignment, is_causal=False):
     """Energy of the E-Att call over exact attention's, from the counts (no kernel run)."""
     from mcattn._validate import prepare_attention
-    from mcattn.eatt import _attention_counts
+    from mcattn.eatt.ops import attention_counts
     from mcattn.exact import exact_ops
 
     inp = prepare_attention(q, k, v, is_causal=is_causal, check_finite=False)
-    align, rest, _ = _attention_counts(inp, alignment)
+    align, rest, _ = attention_counts(inp, alignment)
     return (align + rest).energy_pj() / exact_ops(inp).energy_pj()
 
 

@@ -13,7 +13,7 @@ code the matching row of ``w`` is added (a vectorised loop over the output colum
 
 Backward (L1 alignment, :func:`backward_l1`): a task is a batch row; each query row's
 scores are recomputed into a buffer of ``Nk`` numbers and its gradients accumulated key
-by key (the reference is :func:`mcattn.eatt.grad.reference_backward`).
+by key (the reference is :func:`mcattn.eatt.naive.reference_backward`).
 """
 
 import numpy as np
@@ -271,7 +271,7 @@ def backward_l1(inp, dout):
     ``dS_ij = P_ij (dO_i . v_j - sum_j' P_ij' dO_i . v_j')``,
     ``dq_i -= scale sum_j dS_ij sign(q_i - k_j)``, ``dk_j += scale dS_ij sign(q_i - k_j)``,
     ``dv_j += P_ij dO_i`` (``sign(0) = 0``). Memory ``O(Nk (d + dv))`` per thread besides
-    the gradients; the reference is :func:`mcattn.eatt.grad.reference_backward`.
+    the gradients; the reference is :func:`mcattn.eatt.naive.reference_backward`.
 
     Keys and values of the task's batch row are held transposed in float64 (``O(Nk d)``
     per thread) so that the loops over keys vectorise.

@@ -23,7 +23,7 @@ the other entries of the row. ``O(Nq Nk)`` memory per batch row.
 import numpy as np
 
 from .._validate import prepare_attention, sum_to_shape
-from . import check_plan_fits
+from ._inputs import check_plan_fits
 from .plan import make_plan
 
 __all__ = ["forward", "backward", "TRAINABLE", "scores"]

@@ -389,7 +389,8 @@ def backward(lat, keep, dout):
     A task is a batch row; each query row visits its kept keys only: their scores as the
     forward computes them (int8 or float), the softmax, then ``dS = P (dO . v - delta)``
     and ``dq += scale dS k``, ``dk += scale dS q``, ``dv += P dO`` (straight-through for
-    int8 scores; see :mod:`mcattn.latte.grad`, whose array code is the reference).
+    int8 scores; see :mod:`mcattn.latte.grad`; the reference is
+    :func:`mcattn.latte.naive.reference_backward`).
 
     Parameters
     ----------

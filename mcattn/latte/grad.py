@@ -4,7 +4,7 @@ The forward is :func:`mcattn.latte.attention` itself (no residuals: the backward
 recomputes the kept sets, which every backend computes identically, bit for bit). The
 backward's reference is written with array operations (NumPy on the host, CuPy on a
 GPU), one batch row at a time, ``O(Nq Nk)`` memory per batch row
-(:func:`reference_backward`); the hard mask also has a Numba CPU kernel that visits the
+(:func:`mcattn.latte.naive.reference_backward`); the hard mask also has a Numba CPU kernel that visits the
 kept keys only (:func:`mcattn.latte.cpu.backward`; the kept sets themselves are an
 ``[BH, Nq, Nk]`` boolean array).
 
@@ -48,11 +48,11 @@ from .._array import host_copy, is_cupy
 from .._dispatch import Kernel, select_kernel
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
-from . import MASK_KERNELS, attention, naive
+from . import naive
 from ._inputs import head_count, prepare_latte
+from .api import MASK_KERNELS, attention
 
-__all__ = ["forward", "backward", "reference_backward", "check_trainable", "TRAINABLE",
-           "BACKWARD_KERNELS"]
+__all__ = ["forward", "backward", "check_trainable", "TRAINABLE", "BACKWARD_KERNELS"]
 
 #: Knob arrays that receive gradients (only with ``soft=True``).
 TRAINABLE = ("threshold",)
@@ -61,8 +61,8 @@ _ALL = frozenset({"mask", "causal", "topk"})
 #: Hard-mask backward kernels: ``(lat, kept [BH, Nq, Nk], dout [BH, Nq, dv]) -> (dq, dk, dv)``.
 BACKWARD_KERNELS = (
     Kernel("numba", "mcattn.latte.cpu", "backward", features=_ALL),
-    Kernel("numpy", "mcattn.latte.grad", "_reference_hard", features=_ALL),
-    Kernel("cupy", "mcattn.latte.grad", "_reference_hard", features=_ALL),
+    Kernel("numpy", "mcattn.latte.naive", "backward", features=_ALL),
+    Kernel("cupy", "mcattn.latte.naive", "backward", features=_ALL),
 )
 
 
@@ -101,57 +101,6 @@ def forward(q, k, v, *, threshold, mode="relative", attn_mask=None, key_padding_
                     exact_scores=exact_scores, soft=soft, temperature=temperature,
                     backend=backend, check_finite=check_finite)
     return out, ()
-
-
-def reference_backward(lat, dout, kept=None, soft=False, temperature=1.0):
-    """LATTE's gradients on canonical inputs, written with array operations (float64).
-
-    Parameters
-    ----------
-    lat : mcattn.latte.LatteInputs
-    dout : array, ``[BH, Nq, dv]``
-    kept : array of bool, ``[BH, Nq, Nk]``
-        The kept sets (hard mask); ignored with ``soft``.
-    soft : bool
-    temperature : float
-
-    Returns
-    -------
-    dq, dk, dv : arrays of float64, ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]``
-    dtheta : array of float64, ``[BH]``
-        The threshold's gradient per batch row (zero with the hard mask).
-    """
-    inp = lat.inp
-    xp = inp.xp
-    f64 = np.float64
-    bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
-    tau = float(temperature)
-    dq = xp.zeros((bh, nq, inp.head_dim), dtype=f64)
-    dk = xp.zeros((bh, nk, inp.head_dim), dtype=f64)
-    dv = xp.zeros((bh, nk, inp.value_dim), dtype=f64)
-    dtheta = xp.zeros(bh, dtype=f64)
-    for b in range(bh):
-        if soft:
-            w, keep, at_top = naive.soft_weights(lat, b, tau)
-        else:
-            w, keep = None, kept[b]
-        p = naive._softmax(naive._kept_scores(lat, b, keep), weight=w)
-        g = dout[b].astype(f64)
-        dp = g @ inp.v[b].astype(f64).T
-        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
-        dv[b] = p.T @ g
-        if soft:
-            dz = ds * (1.0 - w) / tau
-            dtheta[b] = dz.sum()
-            ties = at_top.sum(axis=-1, keepdims=True)
-            ds = ds + dz - at_top * (dz.sum(axis=-1, keepdims=True) / xp.maximum(ties, 1))
-        dq[b] = inp.scale * (ds @ inp.k[b].astype(f64))
-        dk[b] = inp.scale * (ds.T @ inp.q[b].astype(f64))
-    return dq, dk, dv, dtheta
-
-
-def _reference_hard(lat, kept, dout):
-    return reference_backward(lat, dout, kept)[:3]
 
 
 def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_mask=None,
@@ -194,7 +143,7 @@ def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_
     bh = inp.q.shape[0]
     g = xp.ascontiguousarray(xp.broadcast_to(dout, inp.out_shape).reshape(bh, inp.nq, -1))
     if soft:
-        dq, dk, dv, dtheta = reference_backward(lat, g, soft=True, temperature=temperature)
+        dq, dk, dv, dtheta = naive.reference_backward(lat, g, soft=True, temperature=temperature)
     else:
         backend = None if backend == "cuda" else backend
         problem = inp.problem({"topk"} if mode == "topk" else ())

@@ -28,6 +28,8 @@ __all__ = [
     "true_probs",
     "forward",
     "soft_forward",
+    "reference_backward",
+    "backward",
 ]
 
 #: Filter modes and the integer code the kernels take.
@@ -284,3 +286,59 @@ def soft_forward(lat, temperature):
         count = visible.sum(axis=-1)
         frac[b] = xp.where(count > 0, soft.sum(axis=-1) / xp.maximum(count, 1), 0.0)
     return out, frac
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def reference_backward(lat, dout, kept=None, soft=False, temperature=1.0):
+    """LATTE's gradients on canonical inputs, written with array operations (float64).
+
+    Parameters
+    ----------
+    lat : mcattn.latte.LatteInputs
+    dout : array, ``[BH, Nq, dv]``
+    kept : array of bool, ``[BH, Nq, Nk]``
+        The kept sets (hard mask); ignored with ``soft``.
+    soft : bool
+    temperature : float
+
+    Returns
+    -------
+    dq, dk, dv : arrays of float64, ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, dv]``
+    dtheta : array of float64, ``[BH]``
+        The threshold's gradient per batch row (zero with the hard mask).
+    """
+    inp = lat.inp
+    xp = inp.xp
+    f64 = np.float64
+    bh, nq, nk = inp.q.shape[0], inp.nq, inp.nk
+    tau = float(temperature)
+    dq = xp.zeros((bh, nq, inp.head_dim), dtype=f64)
+    dk = xp.zeros((bh, nk, inp.head_dim), dtype=f64)
+    dv = xp.zeros((bh, nk, inp.value_dim), dtype=f64)
+    dtheta = xp.zeros(bh, dtype=f64)
+    for b in range(bh):
+        if soft:
+            w, keep, at_top = soft_weights(lat, b, tau)
+        else:
+            w, keep = None, kept[b]
+        p = _softmax(_kept_scores(lat, b, keep), weight=w)
+        g = dout[b].astype(f64)
+        dp = g @ inp.v[b].astype(f64).T
+        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+        dv[b] = p.T @ g
+        if soft:
+            dz = ds * (1.0 - w) / tau
+            dtheta[b] = dz.sum()
+            ties = at_top.sum(axis=-1, keepdims=True)
+            ds = ds + dz - at_top * (dz.sum(axis=-1, keepdims=True) / xp.maximum(ties, 1))
+        dq[b] = inp.scale * (ds @ inp.k[b].astype(f64))
+        dk[b] = inp.scale * (ds.T @ inp.q[b].astype(f64))
+    return dq, dk, dv, dtheta
+
+
+def backward(lat, kept, dout):
+    """The hard-mask backward kernel (``numpy`` and ``cupy``): :func:`reference_backward`'s
+    ``dq, dk, dv`` for the kept sets ``kept`` ``[BH, Nq, Nk]``."""
+    return reference_backward(lat, dout, kept)[:3]

@@ -56,7 +56,7 @@ def device_tables(w, num_heads, tables=None):
     """
     import cupy
 
-    from .naive import WeightTables
+    from .cpu import WeightTables
 
     device = cupy.cuda.runtime.getDevice()
     if tables is not None:

@@ -22,7 +22,7 @@ from .. import random as mrandom
 from .._array import is_cupy
 from .._cupy import block_threads, numba_stream
 from ._gpu import device_tables, scratch_plan, shared_device_args, shared_grid, shared_plan, split_shared_plan
-from .naive import weight_tables
+from .cpu import weight_tables
 
 __all__ = ["value_projection", "shared_projection", "make_kernel", "make_shared_kernel", "MAX_HEAD_DIM",
            "ptx_signatures"]

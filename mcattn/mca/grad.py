@@ -53,8 +53,11 @@ import numpy as np
 from .. import random as mrandom
 from .._validate import check_finite_array, namespace_of, prepare_attention, sum_to_shape
 from ..errors import GradientNotSupportedError, ShapeError
-from . import _budgets_from_top, _check_sampling, _check_tables, _check_weight, _shared_budgets, stream
-from .naive import SHARED_STREAM_BASE, cumulative, token_streams, weight_tables
+from . import stream
+from ._inputs import check_sampling, check_tables, check_weight
+from .api import _shared_budgets
+from .cpu import weight_tables
+from .naive import SHARED_STREAM_BASE, budgets_from_top, cumulative, token_streams
 
 __all__ = ["forward", "backward", "TRAINABLE", "sample_weights", "output_shape"]
 
@@ -171,10 +174,10 @@ def _seed(seed):
 def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, sampling,
            shared_draws, tables, check_finite):
     """Row statistics, budgets and inputs as :func:`mcattn.mca.attention` computes them."""
-    _check_sampling(sampling, shared_draws)
+    check_sampling(sampling, shared_draws)
     heads = int(q.shape[-3])
-    _check_weight(w, b, heads, x.shape[-1])
-    _check_tables(tables, w, heads)
+    check_weight(w, b, heads, x.shape[-1])
+    check_tables(tables, w, heads)
     if k.shape[-2] != x.shape[-2]:
         raise ShapeError(f"x must have one row per key: k has Nk={k.shape[-2]}, x has {x.shape[-2]} rows")
     if check_finite:
@@ -190,7 +193,7 @@ def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, 
     stats, top = stream.row_stats(inp)  # pass 1 of mcattn.mca.stream: no [Nq, Nk] matrix
     valid = inp.mask.visible_keys(inp.nq, nk)
     valid = np.broadcast_to(valid, (batch * heads, nk)).reshape(batch, heads, nk)
-    r = _budgets_from_top(top.reshape(batch, heads, nk), alpha, d_in, xp.asarray(valid))
+    r = budgets_from_top(top.reshape(batch, heads, nk), alpha, d_in, xp.asarray(valid))
     if shared_draws:
         r = _shared_budgets(r, xp is not np, d_in)  # the budgets the forward's path uses
     r = np.asarray(r.get() if hasattr(r, "get") else r)

@@ -30,8 +30,9 @@ the prefixes of one sequence, ``stream = SHARED_STREAM_BASE + b * H + h``.
 
 import numpy as np
 
+from .. import config
 from .. import random as mrandom
-from .._jit import njit
+from .._validate import namespace_of
 
 __all__ = [
     "SHARED_STREAM_BASE",
@@ -42,6 +43,10 @@ __all__ = [
     "alias_draw",
     "cumulative",
     "token_streams",
+    "budgets_from_probs",
+    "budgets_from_top",
+    "round_budgets",
+    "shared_budgets",
     "value_projection",
     "attention",
 ]
@@ -72,10 +77,11 @@ def weight_probs(w, num_heads):
     return np.ascontiguousarray(p)  # kernels index it as C-contiguous [H, d_in]
 
 
-def _vose(scaled, threshold, alias, unit):
+def vose(scaled, threshold, alias, unit):
     """Vose's alias construction for one distribution (``scaled = p * d_in``, modified).
 
-    Fills ``threshold`` (integer acceptance levels out of ``unit``) and ``alias``.
+    Fills ``threshold`` (integer acceptance levels out of ``unit``) and ``alias``. Plain
+    Python here; :mod:`mcattn.mca.cpu` compiles this same function for the fast paths.
     """
     n = scaled.shape[0]
     small = np.empty(n, np.int64)
@@ -107,16 +113,15 @@ def _vose(scaled, threshold, alias, unit):
     return threshold, alias
 
 
-_vose_compiled = njit(cache=True)(_vose)
-
-
-def alias_tables(p):
+def alias_tables(p, build=vose):
     """Walker alias tables for integer sampling from each row of ``p``.
 
     Parameters
     ----------
     p : numpy.ndarray, shape ``[H, d_in]``
         Probabilities (rows sum to 1).
+    build : callable, default :func:`vose`
+        Builds one row's tables (a compiled :func:`vose` gives the same tables, faster).
 
     Returns
     -------
@@ -132,7 +137,7 @@ def alias_tables(p):
     threshold = np.empty(p.shape, np.uint64)
     alias = np.empty(p.shape, np.int64)
     for h in range(p.shape[0]):
-        _vose_compiled(p[h] * d_in, threshold[h], alias[h], unit)
+        build(p[h] * d_in, threshold[h], alias[h], unit)
     return threshold, alias, shift
 
 
@@ -161,6 +166,9 @@ class WeightTables:
         ``||W[k, cols_h]||`` (optimal sampling).
     """
 
+    #: Builds the alias tables (:class:`mcattn.mca.cpu.WeightTables` compiles it).
+    _alias_tables = staticmethod(alias_tables)
+
     def __init__(self, w, num_heads):
         w = np.asarray(w, dtype=np.float64)
         d_in, width = w.shape
@@ -168,7 +176,7 @@ class WeightTables:
         self.num_heads = num_heads
         self.wh = np.ascontiguousarray(w.reshape(d_in, num_heads, dh).transpose(1, 0, 2))
         self.p_weight = weight_probs(w, num_heads)
-        self.threshold, self.alias, self.shift = alias_tables(self.p_weight)
+        self.threshold, self.alias, self.shift = self._alias_tables(self.p_weight)
         self.row_norms = np.sqrt((self.wh**2).sum(-1))
         self._cast = {np.dtype(np.float64): self.wh}
 
@@ -187,7 +195,8 @@ class WeightTables:
 
 
 def weight_tables(w, num_heads):
-    """:class:`WeightTables` of a host weight ``[d_in, H * dh]``."""
+    """:class:`WeightTables` of a host weight ``[d_in, H * dh]`` (the fast paths use
+    :func:`mcattn.mca.cpu.weight_tables`: the same tables, built by compiled code)."""
     return WeightTables(w, num_heads)
 
 
@@ -204,6 +213,70 @@ def token_streams(batch, heads, tokens):
     h = np.arange(heads, dtype=np.uint64)[None, :, None]
     j = np.arange(tokens, dtype=np.uint64)[None, None, :]
     return (b * np.uint64(heads) + h) * np.uint64(tokens) + j
+
+
+def budgets_from_probs(p, alpha, d_in, valid):
+    """Budgets ``[..., H, Nk]`` from probabilities ``[..., H, Nq, Nk]`` and a valid-key mask."""
+    xp = namespace_of(p)
+    top = p.max(axis=-2).astype(np.float64) if p.shape[-2] else xp.zeros(p.shape[:-2] + p.shape[-1:])
+    return budgets_from_top(top, alpha, d_in, valid)
+
+
+def budgets_from_top(top, alpha, d_in, valid):
+    """Budgets ``[..., H, Nk]`` from each key's largest probability ``top`` (float64,
+    ``[..., H, Nk]``) and a valid-key mask."""
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha must be a positive number; got {alpha!r}") from None
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise ValueError(f"alpha must be a positive finite number; got {alpha}")
+    if int(d_in) < 1:
+        raise ValueError(f"d_in must be >= 1; got {d_in}")
+    xp = namespace_of(top)
+    if valid is None:
+        n = top.shape[-1]
+    else:
+        n = valid.sum(axis=-1, keepdims=True)
+        top = xp.where(valid, top, 0.0)
+    r = xp.ceil((n * top / alpha) ** 2)
+    return xp.minimum(r, int(d_in)).astype(np.int64)
+
+
+def round_budgets(budgets, d_in, slack):
+    """Budgets rounded up so that each row has few distinct values (the reference of
+    :func:`mcattn.mca.shared.round_budgets`, same arguments and result): greedy groups of
+    the distinct sampled budgets of each row, from the smallest."""
+    r = np.array(budgets, dtype=np.int64, copy=True)
+    if slack <= 0 or r.size == 0:
+        return r
+    flat = r.reshape(-1, r.shape[-1])
+    for row in flat:
+        sampled = (row > 0) & (row < d_in)
+        values = np.unique(row[sampled])
+        if values.size < 2:
+            continue
+        edges = []  # greedy from the smallest budget: a group spans [a, a * (1 + slack)]
+        i = 0
+        while i < values.size:
+            top = values[i] * (1.0 + slack)
+            j = np.searchsorted(values, top, side="right") - 1
+            edges.append(values[j])
+            i = j + 1
+        edges = np.asarray(edges)
+        row[sampled] = np.minimum(edges[np.searchsorted(edges, row[sampled])], d_in)
+    return r
+
+
+def shared_budgets(r, d_in, on_gpu=False, rounding=round_budgets):
+    """The budgets the shared-draw projection uses: on the GPU, and on the CPU from
+    ``config.MCA_SHARED_GEMM_MIN_TOKENS`` keys on (the reduced-GEMM path), rounded up to few
+    distinct values per row (fewer, larger GEMMs; :func:`round_budgets`, or the compiled
+    ``rounding`` the fast paths pass) and kept on the host, where the kernels build their
+    plan; else ``r`` as it is."""
+    if not on_gpu and r.shape[-1] < int(config.MCA_SHARED_GEMM_MIN_TOKENS):
+        return r
+    return rounding(np.asarray(r.get() if on_gpu else r), d_in, float(config.MCA_SHARED_SLACK))
 
 
 def _draws(seed, streams, counts):
@@ -330,13 +403,12 @@ def attention(inp, x, w, bias, num_heads, alpha, seed, sampling="weight", shared
     budgets : numpy.ndarray of int64, shape ``[B, H, Nk]``
     """
     from ..exact.naive import probs as attention_probs
-    from . import _budgets, _shared_budgets
 
     batch, nk, d_in = x.shape
     probs = attention_probs(inp)  # [B * H, Nq, Nk]
     valid = np.broadcast_to(inp.mask.visible_keys(inp.nq, nk), (batch * num_heads, nk))
-    r = _budgets(probs, alpha, d_in, valid).reshape(batch, num_heads, nk)
+    r = budgets_from_probs(probs, alpha, d_in, valid).reshape(batch, num_heads, nk)
     if shared_draws:
-        r = _shared_budgets(r, False, d_in)
+        r = shared_budgets(r, d_in)
     values = projection(x, w, bias, num_heads, r, seed, sampling, shared_draws)
     return np.matmul(probs, values.reshape(batch * num_heads, nk, -1)), r

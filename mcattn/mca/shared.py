@@ -26,7 +26,9 @@ import numpy as np
 from .. import random as mrandom
 from .._jit import njit
 from .._validate import namespace_of
-from .naive import SHARED_STREAM_BASE, alias_draw, weight_tables
+from .cpu import weight_tables
+from .naive import SHARED_STREAM_BASE, alias_draw
+from .naive import round_budgets as round_budgets_reference
 
 __all__ = ["round_budgets", "round_budgets_reference", "value_projection", "group_plan"]
 
@@ -91,30 +93,6 @@ def _round_rows(r, d_in, slack):
             v = r[row, j]
             if 0 < v < d_in:
                 r[row, j] = target[v]
-
-
-def round_budgets_reference(budgets, d_in, slack):
-    """NumPy reference of :func:`round_budgets` (same arguments, same result): greedy
-    groups of the distinct sampled budgets of each row, from the smallest."""
-    r = np.array(budgets, dtype=np.int64, copy=True)
-    if slack <= 0 or r.size == 0:
-        return r
-    flat = r.reshape(-1, r.shape[-1])
-    for row in flat:
-        sampled = (row > 0) & (row < d_in)
-        values = np.unique(row[sampled])
-        if values.size < 2:
-            continue
-        edges = []  # greedy from the smallest budget: a group spans [a, a * (1 + slack)]
-        i = 0
-        while i < values.size:
-            top = values[i] * (1.0 + slack)
-            j = np.searchsorted(values, top, side="right") - 1
-            edges.append(values[j])
-            i = j + 1
-        edges = np.asarray(edges)
-        row[sampled] = np.minimum(edges[np.searchsorted(edges, row[sampled])], d_in)
-    return r
 
 
 def group_plan(k, p, budgets_sorted):

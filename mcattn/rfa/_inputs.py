@@ -7,9 +7,11 @@ import numpy as np
 
 from .. import config
 from .._validate import QKVShapes, check_finite_array, prepare_attention
-from ..errors import DTypeError, ShapeError
+from ..errors import DTypeError, GradientNotSupportedError, ShapeError
+from .features import RandomFeatures
 
-__all__ = ["RFAInputs", "prepare_rfa", "check_normalize", "row_scales"]
+__all__ = ["RFAInputs", "prepare_rfa", "check_normalize", "row_scales", "resolve_features",
+           "resolve_training_features"]
 
 
 def check_normalize(normalize):
@@ -201,3 +203,34 @@ def prepare_rfa(features, q, k, v, *, attn_mask, key_padding_mask, gate, is_caus
         is_causal=bool(is_causal), chunk_size=_check_chunk(chunk_size), eps=_check_eps(eps),
         batch_shape=inp.batch_shape,
     ), inp
+
+
+def resolve_features(features, num_features, kind, seed, q):
+    """``features``, or features drawn from ``num_features``/``kind``/``seed`` for ``q``."""
+    if features is not None:
+        if num_features is not None or seed is not None or kind != "positive":
+            raise TypeError("give either features= or num_features= (with kind=, seed=), not both")
+        if not isinstance(features, RandomFeatures):
+            raise TypeError(f"features must be a mcattn.rfa.RandomFeatures; got {type(features).__name__}")
+        return features
+    if num_features is None:
+        raise TypeError("random feature attention needs features= (a RandomFeatures) or num_features=")
+    shape = tuple(q.shape)
+    if len(shape) < 2:
+        raise ShapeError(f"q must have shape [..., Nq, d]; got shape {shape}")
+    # Zero heads: nothing to compute, one shared draw keeps the call's seed and info.
+    heads = int(shape[-3]) if len(shape) >= 3 and shape[-3] else None
+    return RandomFeatures(int(shape[-1]), num_features, kind=kind, num_heads=heads, seed=seed)
+
+
+def resolve_training_features(q, features, num_features, kind, seed):
+    """:func:`resolve_features` for training: a seed or features required, positive features only."""
+    if features is None and seed is None:
+        raise GradientNotSupportedError(
+            "training with random features needs the same features in the forward and the "
+            "backward: give seed= (or features=)")
+    feats = resolve_features(features, num_features, kind, seed, q)
+    if feats.kind != "positive":
+        raise GradientNotSupportedError(f"rfa gradients are implemented for kind='positive'; got "
+                                        f"{feats.kind!r}")
+    return feats

@@ -4,13 +4,13 @@ The forward is :func:`mcattn.rfa.attention` itself (no residuals: the backward
 recomputes the features). The backward never forms the ``Nq x Nk`` matrix of feature
 products: non-causal gradients go through the state ``S = F_k^T V``, ``z = F_k^T 1``;
 causal and gated ones run the chunked form, a forward sweep over chunks carrying the
-state and a reverse sweep carrying its gradient (:mod:`mcattn.rfa.grad_chunked` spells
+state and a reverse sweep carrying its gradient (:mod:`mcattn.rfa.naive` spells
 the formulas out). Memory ``O(N m)`` per batch row (the features and their gradients),
 time ``O(N C (m + dv) + N m dv)``.
 
-Kernels: ``numba`` (:mod:`mcattn.rfa.grad_cpu`, one task per batch row),
-``numpy`` and ``cupy`` (:mod:`mcattn.rfa.grad_chunked`, array operations). The
-``O(N^2)`` float64 reference is :mod:`mcattn.rfa.grad_naive`.
+Kernels: ``numba`` (:func:`mcattn.rfa.cpu.backward`, one task per batch row),
+``numpy`` and ``cupy`` (:func:`mcattn.rfa.naive.backward`, array operations). The
+``O(N^2)`` float64 reference is :func:`mcattn.rfa.naive.reference_backward`.
 
 The gate ``g_t`` enters as ``log(1 - g_t)`` in key ``t``'s weight and as the decay
 ``D_ij = prod_{j < t <= i} g_t``. Since ``out`` is a ratio, scaling query ``i``'s row of
@@ -28,8 +28,7 @@ from .._dispatch import Kernel, select_kernel
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
 from . import attention
-from ._inputs import prepare_rfa
-from .grad_naive import resolve_training_features
+from ._inputs import prepare_rfa, resolve_training_features
 
 __all__ = ["forward", "backward", "TRAINABLE", "BACKWARD_KERNELS"]
 
@@ -40,9 +39,9 @@ _ALL = frozenset({"mask", "causal", "gate"})
 
 #: The backward kernels, by backend.
 BACKWARD_KERNELS = (
-    Kernel("numba", "mcattn.rfa.grad_cpu", "backward", features=_ALL),
-    Kernel("numpy", "mcattn.rfa.grad_chunked", "backward", features=_ALL),
-    Kernel("cupy", "mcattn.rfa.grad_chunked", "backward", features=_ALL),
+    Kernel("numba", "mcattn.rfa.cpu", "backward", features=_ALL),
+    Kernel("numpy", "mcattn.rfa.naive", "backward", features=_ALL),
+    Kernel("cupy", "mcattn.rfa.naive", "backward", features=_ALL),
 )
 
 

@@ -2,7 +2,7 @@
 
 What lives here and not in a method folder: the comparison of every method on the
 embedded MiniLM sample (:mod:`.compare`, the main job of ``mcattn compare``, with one
-:class:`~mcattn.registry.MethodEntry` per method in ``studies/<method>/compare.py``), the
+:class:`~mcattn.studies.entries.MethodEntry` per method in ``studies/<method>/compare.py``), the
 evaluation inside the model on real tasks (:mod:`.evaluate`), the energy report
 (:mod:`.energy`), the distillation (:mod:`.finetune`), the embedded sample and its capture
 (:mod:`.data`), and the per-method studies that regenerate the tables of ``docs/<method>.md``

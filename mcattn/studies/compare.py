@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ..cost import OpCounts
-from ..registry import LayerInputs, get_entries
+from .entries import LayerInputs, get_entries
 
 __all__ = ["json_safe", "ComparisonRow", "layer_inputs", "relative_errors", "run_comparison", "format_table",
            "plot_pareto"]
@@ -68,7 +68,7 @@ def json_safe(row):
 
 
 def layer_inputs(sample, layer):
-    """The :class:`~mcattn.registry.LayerInputs` of one layer of an ``AttentionSample``."""
+    """The :class:`~mcattn.studies.entries.LayerInputs` of one layer of an ``AttentionSample``."""
     x = w_v = b_v = None
     v = sample.v[layer]
     if sample.has_projection:

@@ -1,8 +1,10 @@
 """``mcattn energy``: each method's operations priced per kind, next to the papers' claims.
 
 Every method contributes the operation counts of one attention block for a model
-configuration through one small function (:data:`METHODS`: name -> function of an
-:class:`EnergyConfig` returning the block's :class:`~mcattn.cost.OpCounts` by stage).
+configuration through one small function (``BLOCKS`` in ``studies/<method>/energy.py``,
+named by the method's study entry: label -> function of an :class:`EnergyConfig`
+returning the block's :class:`~mcattn.cost.OpCounts` by stage; :func:`blocks` collects
+them), and checks its paper's claims there (``claims``, ``report``).
 The stages are
 
 ``qk_projection``   the query and key projections (E-Att: binarise + selective projection)
@@ -16,7 +18,7 @@ The counts are the library's own: :func:`mcattn.eatt.alignment_ops`,
 functions that fill ``info.ops`` of :mod:`mcattn.eatt`; exact attention's
 :func:`~mcattn.exact.exact_ops` is their ``dot`` + softmax sum, which the tests check),
 :func:`mcattn.rfa.rfa_ops`, MCA's projection counts and :func:`mcattn.latte.latte_ops`
-(the count of a LATTE call's ``info.ops``, see :func:`latte_block`). Prices:
+(the count of a LATTE call's ``info.ops``). Prices:
 :data:`mcattn.cost.HOROWITZ_45NM_PJ` or a table
 given as JSON. One self-attention block of one sequence (batch 1, no mask), every
 token attending to every token.
@@ -25,16 +27,12 @@ token attending to every token.
 import json
 import math
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
-import numpy as np
+from ..cost import HOROWITZ_45NM_PJ, energy_pj
+from ..eatt import alignment_ops, dense_projection_ops, softmax_value_ops
 
-from ..cost import HOROWITZ_45NM_PJ, OpCounts, energy_pj
-from ..eatt import alignment_ops, dense_projection_ops, projection_ops, softmax_value_ops
-
-__all__ = ["EnergyConfig", "STAGES", "METHODS", "vanilla_block", "eatt_block",
-           "eatt_hamming_block", "mca_block", "latte_block", "rfa_block", "rfa_crossover",
-           "mca_sample_figures", "load_table", "run", "format_report"]
+__all__ = ["EnergyConfig", "STAGES", "blocks", "vanilla_block", "load_table", "run", "format_report",
+           "ASSUMPTIONS"]
 
 STAGES = ("qk_projection", "scores", "softmax_pv", "v_projection", "out_projection")
 ALIGNMENT_STAGES = ("qk_projection", "scores")
@@ -104,183 +102,11 @@ def vanilla_block(cfg):
             "v_projection": dense, "out_projection": dense}
 
 
-def eatt_block(cfg, alignment="l1"):
-    """E-Att: binarised input, selective Q/K projections of total width ``d_model / h``
-    (``d_model / h^2`` per head, rounded down, at least 1), L1 alignment; V and O as in
-    the vanilla block."""
-    _check(cfg)
-    t, d = cfg.length, cfg.d_model
-    d_qk = _eatt_qk_head_dim(cfg) * cfg.heads
-    ones = int(round(cfg.ones_fraction * t * d))
-    select = projection_ops(t, ones, d, d_qk, True)
-    blocks = vanilla_block(cfg)
-    return {"qk_projection": OpCounts({"fp32_cmp": t * d}) + select + select,
-            **_attention_core(cfg, alignment, d_qk // cfg.heads),
-            "softmax_pv": blocks["softmax_pv"], "v_projection": blocks["v_projection"],
-            "out_projection": blocks["out_projection"]}
-
-
-def _eatt_qk_head_dim(cfg):
-    """E-Att's per-head query/key width: ``d_model / h^2``, rounded down, at least 1."""
-    return max(1, cfg.d_model // (cfg.heads * cfg.heads))
-
-
-def eatt_hamming_block(cfg):
-    """E-Att with Hamming alignment of the signs of q and k (beyond the paper)."""
-    return eatt_block(cfg, "hamming")
-
-
-def mca_block(cfg):
-    """MCA: the vanilla block with the value projection sampled at ``cfg.mca_kept`` of the MACs.
-
-    Every (token, head) gets ``round(mca_kept * d_model)`` draws, counted by MCA's own
-    projection count (multiply-adds, two random words, the alias lookup and a divide
-    per draw).
-    """
-    from ..mca import _projection_ops
-
-    blocks = vanilla_block(cfg)
-    t, d, h = cfg.length, cfg.d_model, cfg.heads
-    r = np.full((h, t), int(round(cfg.mca_kept * d)), np.int64)
-    sampled, _ = _projection_ops(r, d, cfg.head_dim, "weight", np.ones((h, t), bool))
-    blocks["v_projection"] = sampled
-    return blocks
-
-
-def latte_block(cfg):
-    """LATTE from :func:`mcattn.latte.latte_ops`, the count ``info.ops`` of a LATTE call.
-
-    One sequence of ``length`` tokens per head, relative thresholds, int8 kept scores
-    reusing the estimate's high-nibble products, ``latte_keep`` of the keys kept in every
-    row: quantisation of q and k, the 4-bit estimate and the threshold compare on every
-    pair, the remaining nibble products, softmax and ``P V`` on the kept pairs. The whole
-    attention core goes into ``scores`` (LATTE interleaves scoring and the softmax).
-    Projections as in the vanilla block.
-    """
-    from .._validate import MaskSpec
-    from ..latte import latte_ops
-
-    blocks = vanilla_block(cfg)
-    t, h, dh = cfg.length, cfg.heads, cfg.head_dim
-    inp = SimpleNamespace(q=SimpleNamespace(shape=(h, t, dh)), nq=t, nk=t, head_dim=dh, value_dim=dh,
-                          mask=MaskSpec(None, None, False))
-    lat = SimpleNamespace(inp=inp, mode="relative", exact_scores="int8")
-    kept = np.full((h, t), max(1, int(round(cfg.latte_keep * t))), np.int64)
-    ops, _ = latte_ops(lat, kept)
-    blocks["scores"] = ops
-    blocks["softmax_pv"] = OpCounts()
-    return blocks
-
-
-def _rfa_inputs(cfg, length):
-    """The fields :func:`mcattn.rfa.rfa_ops` reads, for one sequence (positive features)."""
-    return SimpleNamespace(q=SimpleNamespace(shape=(cfg.heads, length, cfg.head_dim)), nq=length,
-                           nk=length, value_dim=cfg.head_dim, num_features=cfg.rfa_features,
-                           feature_dim=cfg.rfa_features, unit=False, kind="positive",
-                           is_causal=False, chunk_size=64, log_gate=None)
-
-
-def rfa_block(cfg):
-    """RFA (positive random features, non-causal): its whole attention core as ``scores``."""
-    from ..rfa import rfa_ops
-
-    blocks = vanilla_block(cfg)
-    blocks["scores"] = rfa_ops(_rfa_inputs(cfg, cfg.length))
-    blocks["softmax_pv"] = OpCounts()
-    return blocks
-
-
-#: Method -> function of an EnergyConfig returning the block's counts by stage.
-METHODS = {
-    "exact": vanilla_block,
-    "eatt": eatt_block,
-    "eatt-hamming": eatt_hamming_block,
-    "mca": mca_block,
-    "latte": latte_block,
-    "rfa": rfa_block,
-}
 ANALYTICAL = set()  # every method is counted by the library's own count functions
 
 
 def _energy(blocks, stages, table):
     return sum(energy_pj(blocks[s], table) for s in stages if s in blocks)
-
-
-def rfa_crossover(cfg, table):
-    """Smallest length at which RFA's attention core costs less energy than exact's."""
-    from dataclasses import replace
-
-    def cheaper(n):
-        c = replace(cfg, length=n)
-        core = ("scores", "softmax_pv")
-        return _energy(rfa_block(c), core, table) < _energy(vanilla_block(c), core, table)
-
-    hi = 1
-    while not cheaper(hi):
-        hi *= 2
-        if hi > 1 << 26:
-            return None
-    lo = hi // 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if cheaper(mid) else (mid, hi)
-    return hi
-
-
-def mca_sample_figures(alphas=(0.1, 0.2, 0.4, 0.6, 1.0, 2.0, 4.0)):
-    """MCA's FLOPs on the embedded MiniLM sample, from its real attention budgets.
-
-    Per alpha, over every layer: the value projection's FLOPs, dense over sampled,
-    (a) paper-style: every sequence padded to 128 positions, ``n = 128`` and ``floor`` as
-    in the authors' code, the dense baseline over all 128 positions (padding counted as
-    dense work, free for MCA), multiply-adds only; (b) ours: unpadded, ``n`` = real
-    tokens, ``ceil``, sampling work included (:func:`mcattn.mca.attention`'s counts);
-    (c) ours for the whole of value projection + attention.
-    """
-    import mcattn
-
-    from ..mca import _projection_ops
-    from .data import load_sample
-    from .mca.report import PADDED_LENGTH, _pad, _paper_budgets
-
-    sample = load_sample()
-    kpm = sample.key_padding_mask
-    heads = sample.num_heads
-    rows = []
-    for alpha in alphas:
-        padded = [0.0, 0.0]
-        ours = [0.0, 0.0]
-        whole = [0.0, 0.0]
-        for layer in range(sample.num_layers):
-            q, k = sample.q[layer], sample.k[layer]
-            d_in = sample.x.shape[-1]
-            dv = sample.w_v.shape[-1] // heads
-            probs = mcattn.attention_probs(q, k, key_padding_mask=kpm, scale=sample.scale)
-            r = mcattn.mca.budgets(probs, alpha, d_in, key_padding_mask=kpm)
-            valid = np.broadcast_to(kpm[:, None, :], r.shape)
-            sampled, dense = _projection_ops(r, d_in, dv, "weight", valid)
-            ours[0] += dense.flops
-            ours[1] += sampled.flops
-            qp, kp = (_pad(a, 2, PADDED_LENGTH) for a in (q, k))
-            kpm_p = _pad(kpm, 1, PADDED_LENGTH)
-            probs_p = mcattn.attention_probs(qp, kp, key_padding_mask=kpm_p, scale=sample.scale)
-            r_p = np.minimum(_paper_budgets(probs_p, alpha, d_in, PADDED_LENGTH), d_in)
-            padded[0] += r_p.size * d_in  # dense MACs over all padded positions
-            padded[1] += int(r_p.sum())
-            # Whole scope: exact attention (unpadded) + dense projection vs MCA's.
-            attn = mcattn.exact.exact_ops(_sample_inputs(q, k, kpm, sample.scale), value_dim=dv)
-            whole[0] += (attn + dense).flops
-            whole[1] += (attn + sampled).flops
-        rows.append({"alpha": alpha, "paper_padded_projection_x": padded[0] / max(padded[1], 1),
-                     "ours_projection_x": ours[0] / ours[1],
-                     "ours_attention_and_projection_x": whole[0] / whole[1]})
-    return rows
-
-
-def _sample_inputs(q, k, kpm, scale):
-    from .._validate import prepare_attention
-
-    return prepare_attention(q, k, k, key_padding_mask=kpm, scale=scale, check_finite=False)
 
 
 def load_table(path=None):
@@ -324,52 +150,45 @@ def _saving(ours, base):
     return 1.0 - ours / base if base else float("nan")
 
 
+def _energy_modules():
+    """The energy modules of the registered methods' study entries, in registry order."""
+    import importlib
+
+    from .entries import get_entries
+
+    return [importlib.import_module(e.energy) for e in get_entries() if e.energy is not None]
+
+
+def blocks():
+    """``mcattn energy`` rows: label -> function of an :class:`EnergyConfig` returning the
+    block's counts by stage; exact attention (:func:`vanilla_block`) first, then each
+    method's rows (``BLOCKS`` of ``studies/<method>/energy.py``)."""
+    rows = {"exact": vanilla_block}
+    for module in _energy_modules():
+        rows.update(module.BLOCKS)
+    return rows
+
+
 def run(cfg=EnergyConfig(), table=None, *, lengths=(16, 32, 64, 128, 512), mca=True):
     """Every method's block energy and the papers' claims, as a JSON-ready dict."""
-    from dataclasses import replace
-
     _check(cfg)
     table = dict(HOROWITZ_45NM_PJ) if table is None else dict(table)
     methods = {}
-    for name, fn in METHODS.items():
-        blocks = fn(cfg)
+    for name, fn in blocks().items():
+        counts = fn(cfg)
         methods[name] = {
             "analytical": name in ANALYTICAL,
-            "stages_pj": {s: energy_pj(blocks[s], table) for s in STAGES if s in blocks},
-            "ops": {s: dict(blocks[s]) for s in STAGES if s in blocks},
+            "stages_pj": {s: energy_pj(counts[s], table) for s in STAGES if s in counts},
+            "ops": {s: dict(counts[s]) for s in STAGES if s in counts},
         }
         methods[name]["total_pj"] = sum(methods[name]["stages_pj"].values())
     base = methods["exact"]
     for m in methods.values():
         m["energy_vs_exact"] = m["total_pj"] / base["total_pj"]
-
-    def eatt_savings(c):
-        van, ea = vanilla_block(c), eatt_block(c)
-        no_out = ("qk_projection", "scores", "softmax_pv", "v_projection")
-        return {
-            "length": c.length,
-            "alignment": _saving(_energy(ea, ALIGNMENT_STAGES, table), _energy(van, ALIGNMENT_STAGES, table)),
-            "attention_without_out_projection": _saving(_energy(ea, no_out, table),
-                                                        _energy(van, no_out, table)),
-            "attention_with_out_projection": _saving(_energy(ea, STAGES, table), _energy(van, STAGES, table)),
-        }
-
-    core = ("scores", "softmax_pv")
-    latte = latte_block(cfg)
-    van = vanilla_block(cfg)
-    claims = {
-        "eatt": eatt_savings(cfg),
-        "eatt_by_length": [eatt_savings(replace(cfg, length=n)) for n in lengths],
-        "latte": {
-            "keep": cfg.latte_keep,
-            "core_saving": _saving(_energy(latte, core, table), _energy(van, core, table)),
-            "block_saving": _saving(_energy(latte, STAGES, table), _energy(van, STAGES, table)),
-        },
-        "rfa": {"features": cfg.rfa_features, "head_dim": cfg.head_dim,
-                "crossover_length": rfa_crossover(cfg, table)},
-    }
-    if mca:
-        claims["mca"] = mca_sample_figures()
+    claims = {}
+    for module in _energy_modules():  # each paper's claims, checked by its method's module
+        if hasattr(module, "claims"):
+            claims.update(module.claims(cfg, table, lengths, mca=mca))
     return {"config": asdict(cfg), "table_pj": table, "methods": methods, "claims": claims}
 
 
@@ -406,30 +225,8 @@ def format_report(result, replaced=()):
         lines.append(f"{label:<14}{stages}{m['total_pj'] / 1e3:>11.1f}{m['energy_vs_exact']:>8.3f}")
     if any(m["analytical"] for m in result["methods"].values()):
         lines.append("(* analytical count)")
-    c = result["claims"]
-    e = c["eatt"]
-    lines += ["", "claims:",
-              f"E-Att alignment energy saved (Q/K projections + scores): {e['alignment']:.1%} "
-              "(paper: 99%)",
-              f"E-Att attention energy saved, without the output projection: "
-              f"{e['attention_without_out_projection']:.1%}; with it: "
-              f"{e['attention_with_out_projection']:.1%} (paper: 66%)",
-              "  by length:  " + "  ".join(
-                  f"N={r['length']}: {r['alignment']:.1%} / {r['attention_without_out_projection']:.1%}"
-                  f" / {r['attention_with_out_projection']:.1%}" for r in c["eatt_by_length"])
-              + "  (alignment / attention without / with output projection)"]
-    la = c["latte"]
-    lines.append(f"LATTE (keep {la['keep']:.0%} of keys): attention core (scores + softmax + PV) "
-                 f"energy saved {la['core_saving']:.1%}, whole block {la['block_saving']:.1%}")
-    r = c["rfa"]
-    lines.append(f"RFA ({r['features']} features, head dim {r['head_dim']}): its core costs less "
-                 f"energy than exact attention's from length {r['crossover_length']}")
-    if "mca" in c:
-        lines.append("MCA on the real sample, FLOPs dense / MCA (paper: up to 11x):")
-        lines.append(f"  {'alpha':>6} {'padded 128, paper-style':>24} {'ours, unpadded':>15} "
-                     f"{'ours, V proj + attention':>25}")
-        for row in c["mca"]:
-            lines.append(f"  {row['alpha']:>6} {row['paper_padded_projection_x']:>23.2f}x "
-                         f"{row['ours_projection_x']:>14.2f}x "
-                         f"{row['ours_attention_and_projection_x']:>24.2f}x")
+    lines += ["", "claims:"]
+    for module in _energy_modules():
+        if hasattr(module, "report"):
+            lines += module.report(result["claims"])
     return "\n".join(lines)

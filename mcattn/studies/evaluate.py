@@ -121,21 +121,20 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
         Exact attention first.
     """
     from ..frameworks.torch import use_method
-    from ..registry import get_entries
+    from .entries import get_entries
 
-    entries = [e for e in get_entries(methods) if e.attention is not None]
+    entries = get_entries(methods)
     model = _load_model() if model is None else model
     tasks = load_tasks() if tasks is None else tasks
     bert = model[0].auto_model
     runs = [("exact", "exact", None, None, {})]
     for e in entries:
         if e.name != "exact":
-            runs += [(e.name, e.method, e.knob, v, dict(e.fixed)) for v in (e.eval_values or e.values)]
+            runs += [(e.name, e.method, e.knob, v, e.options(v)) for v in (e.eval_values or e.values)]
     bar = progress(len(runs)) if progress is not None else None
     rows, reference = [], None
     try:
-        for name, method, knob, value, fixed in runs:  # a variant: its method and fixed knobs
-            options = dict(fixed) if knob is None else {knob: value, **fixed}
+        for name, method, knob, value, options in runs:  # a variant: its method and fixed knobs
             if knob is not None and "seed" in _knob_names(method):
                 options["seed"] = seed
             with use_method(bert, method, **options):

@@ -131,14 +131,17 @@ class FinetuneConfig:
             raise ValueError(f"token_weight must be a finite number >= 0; got {self.token_weight!r}")
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose from {sorted(CORPORA)}")
-        if self.gate and self.method != "rfa":
+        get_method(self.method)  # unknown method: ValueError naming the methods
+        hooks = _hooks(self.method)
+        if self.gate and "gate" not in getattr(hooks, "FLAGS", ()):
             raise ValueError("gate=True is rfa's recency gate; the method is " + repr(self.method))
         hook = get_method(self.method).model or ModelHooks()
         given = {n: v for n, v in self.knobs.items()
                  if n not in hook.consumes and n not in COMMON_ARGUMENTS}
-        supplied = dict.fromkeys(hook.supplies + _method_supplies(self.method, self.gate))
-        entry, spec = check_knobs(self.method, dict(given, **supplied))
-        if entry.grad is None:
+        own = tuple(n for n in hooks.supplies(self) if n not in COMMON_ARGUMENTS) if hooks else ()
+        supplied = dict.fromkeys(hook.supplies + own)
+        found, spec = check_knobs(self.method, dict(given, **supplied))
+        if found.grad is None:
             raise ValueError(f"method {self.method!r} has no backward pass: it cannot be fine-tuned")
         knobs = dict(self.knobs)
         if "seed" in spec.knobs and knobs.get("seed") is None:
@@ -146,12 +149,24 @@ class FinetuneConfig:
         return FinetuneConfig(**dict(asdict(self), knobs=knobs))
 
 
-def _method_supplies(method, gate):
-    if method == "rfa" and gate:
-        return ("gate",)
-    if method == "latte":
-        return ("threshold",)
-    return ()
+def _entry(method):
+    from .entries import get_entries
+
+    return get_entries([method])[0]
+
+
+def _hooks(method):
+    from .entries import finetune_hooks
+
+    return finetune_hooks(_entry(method))
+
+
+def _model_options(method, knobs):
+    """``knobs`` with the study's options for the swept knob's value (eigen's calibration)."""
+    entry = _entry(method)
+    if entry.model_options is None or entry.knob not in knobs:
+        return knobs
+    return dict(knobs, **entry.model_options(knobs[entry.knob]))
 
 
 def _torch():
@@ -163,49 +178,27 @@ def _torch():
 class MethodParameters:
     """The method's own trainable parameters, per layer, and the knobs they give a call.
 
-    ``__call__(module)`` returns the knobs of the attention ``module``'s call (the
-    ``layer_knobs`` of :func:`mcattn.frameworks.torch.use_method`); ``supplies`` names
-    them. ``module`` holds the parameters as torch modules (``None`` when there are none).
+    From the method's fine-tuning hooks (:func:`mcattn.studies.entries.finetune_hooks`:
+    rfa's gate, latte's thresholds). ``__call__(module)`` returns the knobs of the
+    attention ``module``'s call (the ``layer_knobs`` of
+    :func:`mcattn.frameworks.torch.use_method`); ``supplies`` names them. ``module`` holds
+    the parameters as torch modules (``None`` when there are none).
     """
 
     def __init__(self, config, bert):
-        torch = _torch()
-        nn = torch.nn
-        cfg = bert.config
-        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-        self.method, self.supplies, self.module = config.method, (), None
-        self.knobs = dict(config.knobs)
-        if config.method == "rfa" and config.gate:
-            gates = nn.ModuleList(nn.Linear(cfg.hidden_size, heads) for _ in range(layers))
-            generator = torch.Generator().manual_seed(config.seed)
-            for lin in gates:  # start near g = sigmoid(2) = 0.88: a long memory
-                nn.init.normal_(lin.weight, std=0.01, generator=generator)
-                nn.init.constant_(lin.bias, 2.0)
-            self.module = nn.ModuleDict({"gate": gates})
-            self.supplies = ("gate", "is_causal")
-        elif config.method == "latte":
-            from .latte.compare import sample_thresholds
-
-            target = self.knobs.pop("target_mass", 0.99)
-            start = np.asarray(sample_thresholds(target), dtype=np.float32).reshape(layers, heads)
-            self.module = nn.ParameterDict({"threshold": nn.Parameter(torch.from_numpy(start))})
-            self.knobs.setdefault("soft", True)
-            self.supplies = ("threshold",)
+        self.hooks = _hooks(config.method)
+        self.module, self.supplies, self.knobs = None, (), dict(config.knobs)
+        if self.hooks is not None:
+            self.module, self.knobs = self.hooks.parameters(config, bert, self.knobs)
+            self.supplies = tuple(self.hooks.supplies(config))
+        else:  # the study's model options (eigen: bases fitted on held-out text)
+            self.knobs = _model_options(config.method, self.knobs)
 
     def parameters(self):
         return [] if self.module is None else list(self.module.parameters())
 
     def __call__(self, attention_module):
-        i = attention_module.layer_idx
-        if self.method == "rfa" and "gate" in self.supplies:
-            x = attention_module.value._mcattn_input  # [B, N, hidden], the layer's input
-            gate = _torch().sigmoid(self.module["gate"][i](x)).transpose(1, 2)  # [B, H, N]
-            return {"gate": gate, "is_causal": True}
-        if self.method == "latte":
-            # relative thresholds are distances below the row maximum: kept >= 0 (a step
-            # that would take one below zero leaves it at zero, with no gradient there)
-            return {"threshold": self.module["threshold"][i].clamp(min=0.0)}
-        return {}
+        return {} if self.hooks is None else self.hooks.layer_knobs(self.module, attention_module)
 
 
 class Student:
@@ -426,8 +419,9 @@ def run_finetune(config, *, model=None, tasks=None, texts=None, evaluate=True, p
     if evaluate:
         with torch.no_grad():
             result["after"], _ = score(student.embed, tasks, reference)
-            if config.method == "latte":  # trained with soft keep weights; deployed hard
-                result["after_hard"], _ = score(lambda t: student.embed(t, soft=False), tasks,
+            deploy = getattr(student.method_params.hooks, "DEPLOY", None)
+            if deploy:  # trained in a relaxed form (latte: soft keep weights); deployed as is
+                result["after_hard"], _ = score(lambda t: student.embed(t, **deploy), tasks,
                                                 reference)
     result["wall_seconds"] = time.perf_counter() - wall
     result["torch_threads"] = torch.get_num_threads()

@@ -7,7 +7,7 @@ accuracy after training (that is the finetune issue's).
 """
 
 from ...eatt import attention
-from ...registry import MethodEntry, Trial
+from ..entries import MethodEntry, Trial
 
 __all__ = ["ENTRY"]
 
@@ -20,11 +20,9 @@ def _run(inputs, alignment, seed, **knobs):
 
 
 ENTRY = MethodEntry(
+    energy="mcattn.studies.eatt.energy",
     name="eatt", knob="alignment", values=("l1", "hamming"), run=_run,
     bound_note="eatt: no bound (a different attention function, not an approximation)",
     table_note="eatt needs training: its rows swap L1 / Hamming alignment into a model trained "
                "for dot products, so their error is not E-Att's accuracy after training",
-    attention=attention, grad="mcattn.eatt.grad",
-    description="energy-friendly attention (E-Att): L1 or Hamming alignment, no multiplications in "
-                "the scores; a different model, needs training",
 )

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...eigen import attention, bounds, fit, score_rows
 from ...eigen.plan import make_plan
-from ...registry import MethodEntry, Trial
+from ..entries import MethodEntry, Trial
 
 __all__ = ["ENTRY", "RANK", "layer_bases", "relative_bound"]
 
@@ -77,23 +77,24 @@ def _bound(inputs, num_columns, trial, exact_out):
     return relative_bound(inputs, bases, plan, exact_out)
 
 
-def dask_plan(knobs, batch_shape):
-    """eigen on dask chunks: per-head bases need every head, so the head dim stays whole."""
-    from ..._dask import DaskPlan
 
-    def run(q, k, v, arrays, coords, **common):
-        return attention(q, k, v, **common, **knobs)
 
-    return DaskPlan(run=run, split_dims=tuple(range(max(0, len(batch_shape) - 1))))
+_TEXT = {}
+
+
+def model_options(num_columns):
+    """Inside the model: ``num_columns`` per row, bases fitted per length on held-out text."""
+    if "windows" not in _TEXT:
+        from .calibration import TextWindows
+
+        _TEXT["windows"] = TextWindows()
+    return {"num_columns": num_columns, "calibration": _TEXT["windows"]}
 
 
 ENTRY = MethodEntry(
     name="eigen", knob="num_columns", values=(16, 32, 48, 64), run=_run, bound=_bound,
     supplied=("basis",),
-    eval_values=(16, 32, 64),
+    eval_values=(16, 32, 64), model_options=model_options,
     bound_note=f"eigen: rank {RANK} per-head bases fitted on this layer's full-length sequences "
                "(in-sample for those); deterministic bound (holds for every row) relative to ||O||",
-    attention=attention, dask_plan=dask_plan, grad="mcattn.eigen.grad",
-    description="eigen reconstruction: scores of a few key columns computed, the rest of each row "
-                "reconstructed from a fitted eigenbasis (knobs basis, columns)",
 )

@@ -1,7 +1,7 @@
 """Exact attention's entry in ``mcattn compare`` (the reference row)."""
 
 from ...exact import attention
-from ...registry import MethodEntry, Trial
+from ..entries import MethodEntry, Trial
 
 
 def _run(inputs, value, seed, **knobs):
@@ -11,5 +11,4 @@ def _run(inputs, value, seed, **knobs):
 
 
 ENTRY = MethodEntry(name="exact", knob=None, values=(None,), run=_run,
-                    bound_note="exact: no error", attention=attention, grad="mcattn.exact.grad",
-                    description="exact softmax attention (streaming, O(N d) memory): the baseline")
+                    bound_note="exact: no error")

@@ -3,9 +3,9 @@
 import numpy as np
 
 from ...latte import attention, bounds, calibrate, kept_mask
-from ...registry import MethodEntry, Trial
+from ..entries import MethodEntry, Trial
 
-__all__ = ["ENTRY", "thresholds_for", "sample_thresholds", "relative_bound"]
+__all__ = ["ENTRY", "thresholds_for", "sample_thresholds", "SampleThresholds", "relative_bound"]
 
 _CACHE = {}
 
@@ -74,33 +74,29 @@ def _bound(inputs, target_mass, trial, exact_out):
     return relative_bound(inputs, thresholds_for(inputs, target_mass), exact_out)
 
 
-def dask_plan(knobs, batch_shape):
-    """latte on dask chunks: a per-head threshold ``[H]`` is split with the head dim."""
-    from ..._dask import ChunkedArray, DaskPlan, is_dask
 
-    knobs = dict(knobs)
-    theta = knobs.pop("threshold")
-    for name, value in knobs.items():
-        if is_dask(value):
-            raise TypeError(f"latte's knob {name!r} cannot be a dask array")
-    arrays = {}
-    if getattr(theta, "ndim", 0) == 1 and len(batch_shape) >= 1:
-        arrays["threshold"] = ChunkedArray(theta, (len(batch_shape) - 1,))
 
-    def run(q, k, v, arrays, coords, **common):
-        return attention(q, k, v, threshold=arrays.get("threshold", theta), **common, **knobs)
+class SampleThresholds:
+    """``layer_knobs`` for ``use_method`` in all-MiniLM-L6-v2: each layer's thresholds for
+    ``target_mass`` calibrated on the embedded sample (:func:`sample_thresholds`)."""
 
-    return DaskPlan(run=run, arrays=arrays)
+    supplies = ("threshold",)
+
+    def __init__(self, target_mass):
+        self.theta = sample_thresholds(target_mass)
+
+    def __call__(self, attention_module):
+        return {"threshold": self.theta[attention_module.layer_idx]}
 
 
 ENTRY = MethodEntry(
+    energy="mcattn.studies.latte.energy",
+    finetune="mcattn.studies.latte.finetune",
     name="latte", knob="target_mass", values=(0.9, 0.99, 0.999), run=_run, bound=_bound,
     supplied=("threshold",),
     eval_values=(0.5, 0.7, 0.9, 0.99, 0.999),
+    model_options=lambda target_mass: {"layer_knobs": SampleThresholds(target_mass)},
     bound_note="latte: relative thresholds per head calibrated in-sample to keep the target share "
                "of attention mass; deterministic bound from the dropped-mass bound and the int8 "
                "score error, relative to ||O||",
-    attention=attention, dask_plan=dask_plan, grad="mcattn.latte.grad",
-    description="LATTE: a 4-bit (high-nibble) score estimate filters keys per head (thresholds); "
-                "exact softmax over the kept keys, reusing the int8 products",
 )
