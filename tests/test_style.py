@@ -166,3 +166,24 @@ def test_naive_reference_is_pure_numpy(method):
     """``mcattn/<method>/naive.py`` (the readable definition) needs nothing but NumPy and pure
     package modules: no Numba, no CuPy, no compiled kernels, also through what it imports."""
     assert _impure_imports(f"mcattn.{method}.naive", True, set()) == []
+
+
+def test_import_circles_are_only_the_one_design_md_names():
+    """docs/design.md item 25: every other circle between modules is a regression."""
+    import import_graph
+
+    found = import_graph.summary(ROOT)["circles"]
+    assert found == [["mcattn.rfa._inputs", "mcattn.rfa.decoding", "mcattn.rfa.features"]]
+
+
+def test_import_graph_finds_a_circle(tmp_path):
+    """The checker can fail: a two-module circle inside a function is found."""
+    import import_graph
+
+    pkg = tmp_path / "mcattn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from . import b\n")
+    (pkg / "b.py").write_text("from .a import f\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    assert import_graph.summary(tmp_path)["circles"] == [["mcattn.a", "mcattn.b"]]

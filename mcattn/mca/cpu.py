@@ -20,8 +20,10 @@ from .. import config
 from .. import random as mrandom
 from .._cpu import run_tasks
 from .._jit import njit
-from . import naive
 from .naive import SHARED_STREAM_BASE
+from .shared_cpu import value_projection as shared_projection
+from .tables import WeightTables, alias_tables, weight_tables
+from .tables import alias_draw as _alias
 
 __all__ = ["value_projection", "WeightTables", "weight_tables", "alias_tables"]
 
@@ -31,37 +33,6 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 _SHIFT11 = np.uint64(11)
 _TWO_M53 = 2.0**-53
-
-_vose = njit(cache=True)(naive.vose)
-
-
-def alias_tables(p):
-    """:func:`mcattn.mca.naive.alias_tables` built by compiled code (the same tables)."""
-    return naive.alias_tables(p, build=_vose)
-
-
-class WeightTables(naive.WeightTables):
-    """:class:`mcattn.mca.naive.WeightTables` with the alias tables built by compiled code
-    (the same tables: a few hundred microseconds for a 384 x 384 weight, not milliseconds)."""
-
-    _alias_tables = staticmethod(alias_tables)
-
-
-def weight_tables(w, num_heads):
-    """:class:`WeightTables` of a host weight ``[d_in, H * dh]``."""
-    return WeightTables(w, num_heads)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _alias(bits, threshold, alias, shift, d_in):
-    """Index drawn by the alias method from 64 random bits (see naive.py)."""
-    c = (bits >> np.uint64(shift)) * np.uint64(d_in)
-    low = np.uint64(64 - shift)
-    k = np.int64(c >> low)
-    if (c & ((np.uint64(1) << low) - np.uint64(1))) < threshold[k]:
-        return k
-    return alias[k]
-
 
 @njit(nogil=True, cache=True, inline="always")
 def _search(cdf, u):
@@ -226,8 +197,6 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
         # Reduced GEMMs over the distinct drawn rows (mcattn.mca.shared_cpu). Very short
         # sequences stay in the per-draw kernel below, where planning the groups costs
         # more than the draws themselves.
-        from .shared_cpu import value_projection as shared_projection
-
         return shared_projection(x, w, bias, num_heads, budgets, seed, tables)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads

@@ -33,8 +33,9 @@ import numpy as np
 from .. import random as mrandom
 from .._cpu import run_tasks
 from .._jit import njit
-from .cpu import _alias, weight_tables
 from .naive import SHARED_STREAM_BASE
+from .tables import alias_draw as _alias
+from .tables import weight_tables
 
 __all__ = ["value_projection", "make_plan", "SharedPlan", "reduced_macs", "token_block",
            "TOKEN_BLOCK", "MAX_TOKEN_BLOCK", "BLAS_MIN_MACS"]

@@ -52,6 +52,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._array import host_copy as _host
+from .._array import import_arrays
+from ._inputs import prepare_rfa
+from .features import RandomFeatures
+from .naive import KINDS, log_kernel_matrix, scaled_rows, target_attention
+
 __all__ = [
     "kernel",
     "kernel_variance",
@@ -67,12 +73,11 @@ __all__ = [
     "features_for_output_error",
 ]
 
-_KINDS = ("positive", "sincos", "arccos")
 
 
 def _check_kind(kind):
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}; got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
 
 
 def _angle_terms(x, y):
@@ -139,26 +144,6 @@ def kernel_variance(kind, x, y, num_features):
     j2 = 3.0 * sin * cos + (np.pi - theta) * (1.0 + 2.0 * cos**2)
     k1 = nx * ny * (sin + (np.pi - theta) * cos) / (2 * np.pi)
     return np.maximum(nx**2 * ny**2 * j2 / (2 * np.pi) - k1**2, 0.0) / D
-
-
-def log_kernel_matrix(kind, xq, xk):
-    """``log kappa(q'_i, k'_j)`` ``[..., Nq, Nk]`` as attention weights (up to a per-query constant).
-
-    ``positive`` and ``sincos``: ``q' . k'`` (both estimate softmax attention: the sin/cos
-    query factor cancels in the ratio); ``arccos``: the log arc-cosine kernel.
-    """
-    _check_kind(kind)
-    dots = xq @ np.swapaxes(xk, -1, -2)
-    if kind in ("positive", "sincos"):
-        return dots
-    nq = np.linalg.norm(xq, axis=-1)[..., :, None]
-    nk = np.linalg.norm(xk, axis=-1)[..., None, :]
-    denom = nq * nk
-    cos = np.clip(np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 1.0), -1.0, 1.0)
-    theta = np.arccos(cos)
-    value = denom * (np.sin(theta) + (np.pi - theta) * cos) / (2 * np.pi)
-    with np.errstate(divide="ignore"):
-        return np.log(np.maximum(value, 0.0))
 
 
 def _log_uniform_prob(num_features, eps, head_dim, diameter):
@@ -319,8 +304,6 @@ class OutputBound:
 
 def _rho_unit(rinp):
     """``rho_i`` at ``D = 1`` ``[BH, Nq]``, the exact target ``[BH, Nq, dv]``, visible-key value norms."""
-    from .naive import scaled_rows, target_attention
-
     host = {name: np.asarray(_host(getattr(rinp, name)), dtype=np.float64) for name in ("q", "k", "v")}
     xq, _ = scaled_rows(host["q"], rinp.q_scale, rinp.unit, np)
     xk, sk = scaled_rows(host["k"], rinp.k_scale, rinp.unit, np)
@@ -375,9 +358,6 @@ def _bound_from_rho(rho, value_norm, visible, num_features, delta, exact):
 
 
 def _prepare(features, q, k, v, normalize, scale, key_padding_mask, is_causal, gate):
-    from .._array import import_arrays
-    from ._inputs import prepare_rfa
-
     _, a = import_arrays({"q": q, "k": k, "v": v, "key_padding_mask": key_padding_mask, "gate": gate},
                          float_names=("q", "k", "v"))
     rinp, _ = prepare_rfa(features, a["q"], a["k"], a["v"], attn_mask=None,
@@ -442,8 +422,6 @@ def features_for_output_error(target, q, k, v, *, kind="positive", sigma=1.0, de
         theoretical interest); ``inf`` when no ``D`` meets the target (a row whose
         spread bound is infinite, e.g. a zero denominator).
     """
-    from .features import RandomFeatures
-
     delta = _check_prob(delta)
     if not target > 0:
         raise ValueError(f"target must be positive; got {target}")
@@ -477,7 +455,3 @@ def features_for_output_error(target, q, k, v, *, kind="positive", sigma=1.0, de
     return D
 
 
-def _host(x):
-    from .._array import host_copy
-
-    return host_copy(x)

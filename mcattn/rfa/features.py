@@ -24,12 +24,12 @@ import numpy as np
 from .. import random as mcrandom
 from .._validate import check_bool, positive_real
 from ..errors import ShapeError
+from .naive import KINDS, feature_map
 
 __all__ = ["RandomFeatures", "KINDS", "draw_projections"]
 
-#: The feature maps: ``"positive"`` (FAVOR+, Choromanski et al. 2021), ``"sincos"``
-#: (random Fourier features, the paper's RFA-Gaussian), ``"arccos"`` (RFA-arccos).
-KINDS = ("positive", "sincos", "arccos")
+# KINDS (from naive): ``"positive"`` (FAVOR+, Choromanski et al. 2021), ``"sincos"``
+# (random Fourier features, the paper's RFA-Gaussian), ``"arccos"`` (RFA-arccos).
 
 
 def _positive_int(name, value):
@@ -226,8 +226,6 @@ class RandomFeatures:
             With ``phi(x) . phi(y)`` an unbiased estimate of
             :func:`mcattn.rfa.bounds.kernel` ``(kind, x / sigma, y / sigma)``.
         """
-        from .naive import feature_map
-
         x = np.asarray(x, dtype=np.float64) / self.sigma
         if x.shape[-1] != self.head_dim:
             raise ShapeError(f"x must have last dim head_dim={self.head_dim}; got shape {x.shape}")

@@ -10,7 +10,8 @@ time ``O(N C (m + dv) + N m dv)``.
 
 Kernels: ``numba`` (:func:`mcattn.rfa.cpu.backward`, one task per batch row),
 ``numpy`` and ``cupy`` (:func:`mcattn.rfa.naive.backward`, array operations). The
-``O(N^2)`` float64 reference is :func:`mcattn.rfa.naive.reference_backward`.
+``O(N^2)`` float64 reference is :func:`reference_backward` (formulas in
+:func:`mcattn.rfa.naive.reference_backward`).
 
 The gate ``g_t`` enters as ``log(1 - g_t)`` in key ``t``'s weight and as the decay
 ``D_ij = prod_{j < t <= i} g_t``. Since ``out`` is a ratio, scaling query ``i``'s row of
@@ -27,10 +28,10 @@ denominator floor of the forward (``eps``) is treated as inactive.
 from .._dispatch import Kernel, select_kernel
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
-from . import attention
+from . import attention, naive
 from ._inputs import prepare_rfa, resolve_training_features
 
-__all__ = ["forward", "backward", "TRAINABLE", "BACKWARD_KERNELS"]
+__all__ = ["forward", "backward", "reference_backward", "TRAINABLE", "BACKWARD_KERNELS"]
 
 #: Knob arrays that receive gradients.
 TRAINABLE = ("gate",)
@@ -123,3 +124,27 @@ key_padding_mask, is_causal, scale, backend
         dg = xp.where(masked, 0, dlog_g / g - key_u / one_minus)
         grads["gate"] = sum_to_shape(dg.reshape(batch + (nk,)), gate.shape).astype(gate.dtype)
     return grads
+
+
+def reference_backward(q, k, v, out, residuals, dout, *, features=None, num_features=None,
+                       kind="positive", seed=None, gate=None, normalize=None, chunk_size=None,
+                       eps=None, attn_mask=None, key_padding_mask=None, is_causal=False,
+                       scale=None, backend=None, check_finite=True):
+    """The ``O(N^2)`` float64 reference of :func:`backward`, with the same arguments.
+
+    Prepares the inputs as the forward did and calls :func:`mcattn.rfa.naive.reference_backward`
+    (the formulas are there). ``backend`` and ``check_finite`` are ignored.
+
+    Returns
+    -------
+    dict
+        ``{"q": dq, "k": dk, "v": dv}`` (and ``"gate"``) in the shapes of the inputs.
+    """
+    if normalize is not None:
+        raise GradientNotSupportedError('rfa gradients are implemented for normalize=None only')
+    feats = resolve_training_features(q, features, num_features, kind, seed)
+    rinp, inp = prepare_rfa(feats, q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                            gate=gate, is_causal=is_causal, normalize=None, scale=scale,
+                            chunk_size=chunk_size, eps=eps, check_finite=False)
+    return naive.reference_backward(rinp, inp, feats, q, k, v, out, dout, gate=gate,
+                                    is_causal=is_causal)

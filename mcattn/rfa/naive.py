@@ -53,10 +53,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._array import host_copy
 from .._validate import sum_to_shape
 from ..errors import GradientNotSupportedError
 
 __all__ = [
+    "KINDS",
+    "log_kernel_matrix",
     "feature_map",
     "row_features",
     "RFAState",
@@ -74,6 +77,10 @@ __all__ = [
     "training_features",
     "feature_gradients",
 ]
+
+#: The feature maps: ``positive`` and ``sincos`` estimate softmax attention, ``arccos`` the
+#: arc-cosine kernel.
+KINDS = ("positive", "sincos", "arccos")
 
 
 def feature_map(u, sqnorm, kind, xp):
@@ -398,6 +405,27 @@ def forward(rinp):
     return parallel(rinp)
 
 
+def log_kernel_matrix(kind, xq, xk):
+    """``log kappa(q'_i, k'_j)`` ``[..., Nq, Nk]`` as attention weights (up to a per-query constant).
+
+    ``positive`` and ``sincos``: ``q' . k'`` (both estimate softmax attention: the sin/cos
+    query factor cancels in the ratio); ``arccos``: the log arc-cosine kernel.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
+    dots = xq @ np.swapaxes(xk, -1, -2)
+    if kind in ("positive", "sincos"):
+        return dots
+    nq = np.linalg.norm(xq, axis=-1)[..., :, None]
+    nk = np.linalg.norm(xk, axis=-1)[..., None, :]
+    denom = nq * nk
+    cos = np.clip(np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 1.0), -1.0, 1.0)
+    theta = np.arccos(cos)
+    value = denom * (np.sin(theta) + (np.pi - theta) * cos) / (2 * np.pi)
+    with np.errstate(divide="ignore"):
+        return np.log(np.maximum(value, 0.0))
+
+
 def target_attention(rinp):
     """What RFA estimates, computed exactly (float64 NumPy, ``O(Nq Nk)``; for tests and bounds).
 
@@ -410,8 +438,6 @@ def target_attention(rinp):
     -------
     numpy.ndarray ``[BH, Nq, dv]``
     """
-    from .bounds import log_kernel_matrix
-
     host = {name: np.asarray(_host(getattr(rinp, name)), dtype=np.float64)
             for name in ("q", "k", "v")}
     xq, _ = scaled_rows(host["q"], rinp.q_scale, rinp.unit, np)
@@ -434,8 +460,6 @@ def target_attention(rinp):
 
 
 def _host(x):
-    from .._array import host_copy
-
     return host_copy(x)
 
 
@@ -585,10 +609,7 @@ def backward(rinp, out, dout):
     return dq, dk, dv, key_u
 
 
-def reference_backward(q, k, v, out, residuals, dout, *, features=None, num_features=None,
-                       kind="positive", seed=None, gate=None, normalize=None, chunk_size=None,
-                       eps=None, attn_mask=None, key_padding_mask=None, is_causal=False,
-                       scale=None, backend=None, check_finite=True):
+def reference_backward(rinp, inp, feats, q, k, v, out, dout, gate=None, is_causal=False):
     """Gradients with respect to ``q``, ``k``, ``v`` and (when given) ``gate``: the ``O(N^2)`` reference.
 
     Kept as the readable definition beside the chunked kernels (:func:`backward`,
@@ -610,19 +631,16 @@ def reference_backward(q, k, v, out, residuals, dout, *, features=None, num_feat
     key masks (padding or per-key ``attn_mask``), causal with ``Nq == Nk``, the gate. The
     denominator floor of the forward (``eps``) is treated as inactive.
 
-    Same arguments as :func:`mcattn.rfa.grad.backward`; computes in float64.
+    Takes the prepared inputs (``rinp, inp`` from :func:`mcattn.rfa._inputs.prepare_rfa`, ``feats``
+    the features) and the raw ``q, k, v, out, dout, gate`` for their shapes;
+    :func:`mcattn.rfa.grad.reference_backward` prepares them from the forward's arguments.
+    Computes in float64.
 
     Returns
     -------
     dict
         ``{"q": dq, "k": dk, "v": dv}`` (and ``"gate"``) in the shapes of the inputs.
     """
-    from ._inputs import prepare_rfa, resolve_training_features
-
-    feats = resolve_training_features(q, features, num_features, kind, seed)
-    rinp, inp = prepare_rfa(feats, q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                            gate=gate, is_causal=is_causal, normalize=None, scale=scale,
-                            chunk_size=chunk_size, eps=eps, check_finite=False)
     xp = rinp.xp
     nq, nk = q.shape[-2], k.shape[-2]
     if is_causal and nq != nk:
