@@ -89,12 +89,8 @@ key_padding_mask, is_causal, scale, backend
         ``{"q": dq, "k": dk, "v": dv}`` (and ``"gate"``) in the shapes and dtypes of the
         inputs (gradients of broadcast inputs summed over the broadcast dims).
     """
-    if normalize is not None:
-        raise GradientNotSupportedError('rfa gradients are implemented for normalize=None only')
-    feats = resolve_training_features(q, features, num_features, kind, seed)
-    rinp, inp = prepare_rfa(feats, q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-                            gate=gate, is_causal=is_causal, normalize=None, scale=scale,
-                            chunk_size=chunk_size, eps=eps, check_finite=False)
+    feats, rinp, inp = _prepare(q, k, v, features, num_features, kind, seed, gate, normalize,
+                                chunk_size, eps, attn_mask, key_padding_mask, is_causal, scale)
     xp = rinp.xp
     nq, nk = q.shape[-2], k.shape[-2]
     if is_causal and nq != nk:
@@ -140,11 +136,19 @@ def reference_backward(q, k, v, out, residuals, dout, *, features=None, num_feat
     dict
         ``{"q": dq, "k": dk, "v": dv}`` (and ``"gate"``) in the shapes of the inputs.
     """
+    feats, rinp, inp = _prepare(q, k, v, features, num_features, kind, seed, gate, normalize,
+                                chunk_size, eps, attn_mask, key_padding_mask, is_causal, scale)
+    return naive.reference_backward(rinp, inp, feats, q, k, v, out, dout, gate=gate,
+                                    is_causal=is_causal)
+
+
+def _prepare(q, k, v, features, num_features, kind, seed, gate, normalize, chunk_size, eps,
+             attn_mask, key_padding_mask, is_causal, scale):
+    """The features and prepared inputs the forward used (the backward's checks first)."""
     if normalize is not None:
         raise GradientNotSupportedError('rfa gradients are implemented for normalize=None only')
     feats = resolve_training_features(q, features, num_features, kind, seed)
     rinp, inp = prepare_rfa(feats, q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
                             gate=gate, is_causal=is_causal, normalize=None, scale=scale,
                             chunk_size=chunk_size, eps=eps, check_finite=False)
-    return naive.reference_backward(rinp, inp, feats, q, k, v, out, dout, gate=gate,
-                                    is_causal=is_causal)
+    return feats, rinp, inp
