@@ -8,10 +8,18 @@ methods) hold on every row; the others hold on each row with probability at leas
 """
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
-__all__ = ["PosteriorBound", "from_rows"]
+from ._array import host_copy
+
+__all__ = ["PosteriorBound", "from_rows", "HostInputs", "dot_intervals", "ValueSpread", "value_spread",
+           "reweighting_bound", "spread_sum", "softmax_rows", "gaussian_factor", "SLACK"]
+
+#: Relative widening of every certified bound: covers the float64 rounding of the bound's
+#: own arithmetic (a few hundred operations per row, each off by at most 2**-53).
+SLACK = 1e-9
 
 
 @dataclass(frozen=True)
@@ -76,3 +84,179 @@ def from_rows(row, out, *, certified, delta=None):
     relative = 0.0 if total == 0 else (total / floor if floor > 0 else float("inf"))
     return PosteriorBound(row=row, relative=relative, certified=bool(certified),
                           delta=None if certified else float(delta))
+
+
+class HostInputs:
+    """Float64 host copies of canonical attention inputs, for a bound computed after the call.
+
+    Attributes ``q [BH, Nq, d]``, ``k [BH, Nk, d]``, ``v [BH, Nk, dv]`` (float64 NumPy),
+    ``scale``, ``nq``, ``nk``; :meth:`row_bias` gives one batch row's mask.
+    """
+
+    def __init__(self, inp):
+        self.inp = inp
+        self.q = np.asarray(host_copy(inp.q), dtype=np.float64)
+        self.k = np.asarray(host_copy(inp.k), dtype=np.float64)
+        self.v = np.asarray(host_copy(inp.v), dtype=np.float64)
+        mask = inp.mask
+        self.bias = None if mask.bias is None else np.asarray(host_copy(mask.bias), dtype=np.float64)
+        self.mask_index = None if mask.bias is None else np.asarray(host_copy(mask.mask_index))
+        self.is_causal = bool(mask.is_causal)
+        self.scale = float(inp.scale)
+        self.nq, self.nk = inp.nq, inp.nk
+
+    def row_bias(self, b):
+        """``bias [Nq, Nk]`` (0 where invisible) and ``visible [Nq, Nk]`` of batch row ``b``."""
+        visible = np.ones((self.nq, self.nk), dtype=bool)
+        bias = np.zeros((self.nq, self.nk))
+        if self.bias is not None:
+            raw = np.broadcast_to(self.bias[int(self.mask_index[b])], (self.nq, self.nk))
+            visible &= raw > -np.inf
+            bias = np.where(visible, raw, 0.0)
+        if self.is_causal:
+            visible &= np.arange(self.nk)[None, :] <= np.arange(self.nq)[:, None]
+        return bias, visible
+
+
+def softmax_rows(s):
+    """Row softmax of scores ``s [n, N]`` (``-inf`` = not used; an empty row is 0), float64."""
+    top = s.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    e = np.exp(s - top)
+    total = e.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
+
+
+def dot_intervals(a, delta, *, rank=8):
+    """Intervals for the dot products ``a_i . delta_j`` from a low-rank part and a remainder.
+
+    ``delta_j = mu + U U^T (delta_j - mu) + r_j`` with ``mu`` the mean of the rows of
+    ``delta`` and ``U`` its ``rank`` leading principal directions; the first two parts are
+    computed exactly (``O(n N rank)``), the remainder by Cauchy-Schwarz on the part of
+    ``a_i`` outside ``U`` (``r_j`` is orthogonal to ``U``):
+    ``|a_i . r_j| <= ||a_i - U U^T a_i|| ||r_j||``. Certified: ``a_i . delta_j`` lies in
+    ``[centre - width, centre + width]`` for every pair, up to float64 rounding.
+
+    Parameters
+    ----------
+    a : numpy.ndarray, shape ``[n, d]``, float64
+    delta : numpy.ndarray, shape ``[N, d]``, float64
+    rank : int
+        Principal directions computed exactly (at most ``d``).
+
+    Returns
+    -------
+    centre, width : numpy.ndarray, shape ``[n, N]``, float64
+    """
+    n, d = a.shape
+    if delta.shape[0] == 0 or n == 0:
+        return np.zeros((n, delta.shape[0])), np.zeros((n, delta.shape[0]))
+    mu = delta.mean(axis=0)
+    dc = delta - mu
+    rank = min(int(rank), d, dc.shape[0])
+    if rank > 0:
+        # principal directions of the centred rows: eigenvectors of the d x d Gram matrix
+        w, vecs = np.linalg.eigh(dc.T @ dc)
+        u = vecs[:, np.argsort(w)[::-1][:rank]]
+    else:
+        u = np.zeros((d, 0))
+    dcu = dc @ u  # [N, rank]
+    au = a @ u  # [n, rank]
+    resid = np.sqrt(np.maximum((dc * dc).sum(-1) - (dcu * dcu).sum(-1), 0.0))  # ||r_j||
+    a_out = np.sqrt(np.maximum((a * a).sum(-1) - (au * au).sum(-1), 0.0))  # ||a_i - U U^T a_i||
+    centre = (a @ mu)[:, None] + au @ dcu.T
+    width = a_out[:, None] * resid[None, :]
+    return centre, width
+
+
+@dataclass(frozen=True)
+class ValueSpread:
+    """How far the values of one batch row spread around a centre.
+
+    Attributes
+    ----------
+    centre : numpy.ndarray, ``[dv]``
+        Mean of the visible values.
+    rho : numpy.ndarray, ``[Nk]``
+        ``||v_j - centre||``.
+    sigma : float
+        Largest singular value of the centred visible values: for any weights ``w``,
+        ``||sum_j w_j (v_j - centre)|| <= ||w||_2 sigma``.
+    """
+
+    centre: np.ndarray
+    rho: np.ndarray
+    sigma: float
+
+
+def value_spread(v, visible=None):
+    """:class:`ValueSpread` of values ``v [Nk, dv]`` (``visible [Nk]``: the keys any row may see)."""
+    v = np.asarray(v, dtype=np.float64)
+    seen = v if visible is None else v[np.asarray(visible, dtype=bool)]
+    centre = seen.mean(axis=0) if seen.shape[0] else np.zeros(v.shape[-1])
+    dc = seen - centre
+    sigma = float(np.sqrt(max(np.linalg.eigvalsh(dc.T @ dc).max(), 0.0))) if dc.size else 0.0
+    return ValueSpread(centre=centre, rho=np.linalg.norm(v - centre, axis=-1), sigma=sigma)
+
+
+def spread_sum(weight, spread):
+    """Bound on ``||sum_j c_j (v_j - centre)||`` for any ``|c_j| <= weight_j``: ``[n]``.
+
+    The smaller of ``sum_j weight_j rho_j`` (triangle inequality) and
+    ``||weight||_2 sigma`` (operator norm), row by row.
+    """
+    return np.minimum(weight @ spread.rho, np.sqrt((weight * weight).sum(-1)) * spread.sigma)
+
+
+def reweighting_bound(p, lo, hi, spread):
+    """Bound on ``||softmax(s) V - p V||`` per row when ``p = softmax(s~)`` and
+    ``lo <= s - s~ <= hi``.
+
+    With ``delta_j = s_j - s~_j``, ``softmax(s)_j / p_j = exp(delta_j) / sum_k p_k exp(delta_k)``
+    lies in ``[exp(lo_j) / A, exp(hi_j) / B]`` (``A = sum p e^hi``, ``B = sum p e^lo``), so
+    ``|softmax(s)_j - p_j| <= a_j = p_j max(exp(hi_j) / B - 1, 1 - exp(lo_j) / A)``; the
+    difference of the outputs is ``sum_j (softmax(s)_j - p_j)(v_j - centre)`` (the weights'
+    differences sum to 0), bounded by :func:`spread_sum` of ``a``. A shift common to a row
+    cancels, so only the spread of ``delta`` within the row costs.
+
+    Parameters
+    ----------
+    p : numpy.ndarray, shape ``[n, Nk]``
+        The probabilities used (rows sum to 1, or 0 for an empty row).
+    lo, hi : numpy.ndarray, shape ``[n, Nk]``
+        Bounds on each score's error ``s - s~`` (only where ``p > 0`` matters).
+    spread : ValueSpread
+
+    Returns
+    -------
+    bound : numpy.ndarray, ``[n]``
+    a : numpy.ndarray, ``[n, Nk]``
+        The per-key bounds on the probabilities' change.
+    """
+    used = p > 0
+    # shift each row so that the exponentials stay finite (the shift cancels)
+    shift = np.where(used, 0.5 * (lo + hi), 0.0).sum(-1, keepdims=True) / np.maximum(used.sum(-1, keepdims=True), 1)
+    lo = np.where(used, lo - shift, 0.0)
+    hi = np.where(used, hi - shift, 0.0)
+    big = np.exp(hi)
+    small = np.exp(lo)
+    up = (p * big).sum(-1, keepdims=True)
+    down = (p * small).sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = p * np.maximum(big / np.where(down > 0, down, 1.0) - 1.0,
+                           1.0 - small / np.where(up > 0, up, 1.0))
+    a = np.where(used, np.maximum(a, 0.0), 0.0)
+    return spread_sum(a, spread), a
+
+
+def gaussian_factor(delta):
+    """``z`` with ``P(||g|| > z sqrt(E||g||^2)) <= delta`` for every centred Gaussian vector ``g``.
+
+    The worst covariance shape at a fixed trace is rank one (``||g||^2 = E||g||^2 chi2_1``)
+    for the upper tail, so ``z`` is the two-sided normal quantile ``Phi^-1(1 - delta / 2)``
+    (1.96 at ``delta = 0.05``, 2.58 at 0.01).
+    """
+    delta = float(delta)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1); got {delta}")
+    return NormalDist().inv_cdf(1.0 - delta / 2.0)

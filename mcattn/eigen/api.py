@@ -11,11 +11,13 @@ from .._validate import check_flags
 from ..cost import CallInfo
 from ..errors import ShapeError
 from ..exact.ops import exact_ops
+from ..posterior import PosteriorBound
 from . import bounds
 from ._inputs import check_plan_fits
 from .basis import fit, score_rows
 from .ops import eigen_ops
 from .plan import make_plan
+from .posterior import attention_bound
 
 __all__ = ["attention", "fit_heads", "EigenInfo", "KERNELS"]
 
@@ -51,6 +53,8 @@ class EigenInfo(CallInfo):
     expected_row_error : numpy.ndarray ``[H]``
         Root-mean-square error of a reconstructed score row expected under the fitted
         covariance (:func:`mcattn.eigen.bounds.expected_row_error`), per head.
+    posterior : mcattn.posterior.PosteriorBound
+        Certified per-row bound on the output error (:mod:`mcattn.eigen.posterior`).
     """
 
     partial_score_macs: int = 0
@@ -60,6 +64,7 @@ class EigenInfo(CallInfo):
     per_query: int = 0
     rank: int = 0
     expected_row_error: np.ndarray | None = None
+    posterior: PosteriorBound | None = None
 
 
 @on_input_device
@@ -157,16 +162,17 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
         return inp, problem
 
     def run(inp, kernel):
-        return (inp.zero_output() if inp.empty else kernel(inp, plan)).reshape(inp.out_shape), None
+        out = (inp.zero_output() if inp.empty else kernel(inp, plan)).reshape(inp.out_shape)
+        return out, out
 
-    def info(inp, kernel, _):
+    def info(inp, kernel, out):
         ops, figures = eigen_ops(inp, plan)
         expected = np.array([bounds.expected_row_error_of_plan(plan, h, basis)
                              for h in range(plan.num_heads)])
         return EigenInfo(method="eigen", backend=kernel.backend, ops=ops,
                          dense_ops=exact_ops(inp), num_fixed=plan.num_fixed,
                          per_query=plan.per_query, rank=plan.rank, expected_row_error=expected,
-                         **figures)
+                         posterior=attention_bound(inp, plan, out), **figures)
 
     return door("eigen attention", arrays, ("q", "k", "v"), prepare, run, info,
                 kernels=KERNELS, backend=backend, return_info=return_info)

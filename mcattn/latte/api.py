@@ -13,9 +13,11 @@ from .._validate import check_flags, positive_real
 from ..cost import CallInfo, OpCounts
 from ..errors import ShapeError
 from ..exact.ops import exact_ops
+from ..posterior import PosteriorBound
 from . import naive
 from ._inputs import prepare_latte
 from .ops import latte_ops, visible_per_row
+from .posterior import attention_bound
 
 __all__ = ["attention", "quantize", "estimate_scores", "kept_mask", "LatteInfo", "MODES", "KERNELS",
            "MASK_KERNELS"]
@@ -65,6 +67,9 @@ class LatteInfo(CallInfo):
         Per row.
     reuse_saved : OpCounts
         int4 multiply-adds the ``hi.hi`` reuse avoided (int8 kept scores).
+    posterior : mcattn.posterior.PosteriorBound or None
+        Certified per-row bound on the output error (:mod:`mcattn.latte.posterior`);
+        None in soft mode.
     """
 
     mode: str = "relative"
@@ -78,12 +83,14 @@ class LatteInfo(CallInfo):
     dropped_mass_max: float = 0.0
     dropped_mass_rows: np.ndarray | None = None
     reuse_saved: OpCounts | None = None
+    posterior: PosteriorBound | None = None
 
 
 def _info(lat, kernel, rows):
     inp = lat.inp
     backend = kernel.backend
-    kept_rows, dropped_rows = rows
+    kept_rows, dropped_rows, out, soft = rows
+    bound = None if soft else attention_bound(lat, out)
     kept_rows = np.rint(host_copy(kept_rows))
     kept_rows = host_copy(kept_rows).astype(np.int64)
     vis_rows = visible_per_row(inp)
@@ -107,7 +114,7 @@ def _info(lat, kernel, rows):
         keep_fraction=kept / vis if vis else 1.0,
         keep_fraction_per_head=np.where(vis_h > 0, kept_h / np.maximum(vis_h, 1), 1.0),
         kept=kept, visible=vis, dropped_mass=mean, dropped_mass_max=worst,
-        dropped_mass_rows=rows_out, reuse_saved=saved,
+        dropped_mass_rows=rows_out, reuse_saved=saved, posterior=bound,
     )
 
 
@@ -149,7 +156,8 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
     check_finite : bool, default True
     return_info : bool, default False
         Also return a :class:`LatteInfo` (this computes the exact attention mass of the
-        dropped keys too, an extra pass over the scores).
+        dropped keys too, an extra pass over the scores, and the certified per-row error
+        bound ``info.posterior``, :mod:`mcattn.latte.posterior`).
 
     Returns
     -------
@@ -198,7 +206,8 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
             kept_rows, dropped = frac * visible_per_row(inp), None
         else:
             out, kept_rows, dropped = kernel(lat)
-        return out.reshape(inp.out_shape), (kept_rows, dropped)
+        out = out.reshape(inp.out_shape)
+        return out, (kept_rows, dropped, out, soft)
 
     return door("latte attention", arrays, ("q", "k", "v"), prepare, run, _info,
                 kernels=KERNELS, backend=backend, return_info=return_info)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._array import import_arrays
+from .._array import host_copy, import_arrays
 from .._device import on_input_device
 from .._dispatch import Kernel, Problem, select_kernel
 from .._door import door
@@ -19,6 +19,8 @@ from ._inputs import check_sampling, check_tables, check_weight, prepare_mca
 from .cpu import weight_tables as cpu_weight_tables
 from .naive import budgets_from_probs, budgets_from_top, shared_budgets, weight_probs
 from .ops import projection_ops, shared_projection_ops
+from .posterior import row_factor, token_variances
+from ..posterior import PosteriorBound, from_rows
 
 __all__ = ["sampling_probs", "weight_tables", "budgets", "value_projection", "attention", "MCAInfo",
            "PROJECTION_KERNELS"]
@@ -58,6 +60,8 @@ class MCAInfo(CallInfo):
     alpha : float or None
     sampling : str
     shared_draws : bool
+    posterior : mcattn.posterior.PosteriorBound
+        Per-row error bound at confidence ``1 - delta`` (:mod:`mcattn.mca.posterior`).
     """
 
     budgets: object = None
@@ -69,6 +73,7 @@ class MCAInfo(CallInfo):
     alpha: float | None = None
     sampling: str = "weight"
     shared_draws: bool = False
+    posterior: PosteriorBound | None = None
 
 
 @on_input_device
@@ -280,7 +285,7 @@ def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backe
 @check_flags
 def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
-              backend=None, check_finite=True, return_info=False, tables=None):
+              backend=None, check_finite=True, return_info=False, tables=None, delta=0.05):
     """Monte-Carlo attention: exact probabilities, sampled values, exact ``A @ V~``.
 
     The probabilities are never held as an ``[Nq, Nk]`` matrix: they are computed twice by
@@ -321,6 +326,9 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         Also return an :class:`MCAInfo`.
     tables : WeightTables, optional
         :func:`weight_tables` of ``w_v``, computed once and reused (faster).
+    delta : float, default 0.05
+        Failure probability of ``info.posterior``, the per-row error bound computed with
+        ``return_info`` (:mod:`mcattn.mca.posterior`), in ``(0, 1)``.
 
     Returns
     -------
@@ -332,6 +340,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
               "key_padding_mask": key_padding_mask}
 
     def prepare(a):
+        row_factor(delta)  # a bad delta fails before any work
         call = prepare_mca(a, num_heads=num_heads, sampling=sampling, shared_draws=shared_draws,
                            tables=tables, is_causal=is_causal, scale=scale,
                            check_finite=check_finite)
@@ -342,7 +351,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         if not num_heads:
             return _without_heads(inp, w, b, x.shape[-1], alpha, backend)
         return _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, backend,
-                           return_info, tables)
+                           return_info, tables, delta)
 
     def info(call, _, extra):
         if not num_heads:
@@ -354,7 +363,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
 
 
 def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, backend, return_info,
-                tables):
+                tables, delta=0.05):
     """The output ``[..., H, Nq, d_v]`` of checked inputs, and what the info needs."""
     nk, d_in = x.shape[-2], x.shape[-1]
     batch_shape = tuple(inp.batch_shape)  # [..., H]
@@ -377,14 +386,26 @@ def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, ba
     x3 = x.reshape(batch, nk, d_in)
     values, used = _run_projection(xp.ascontiguousarray(x3), w, b, num_heads, r, seed, sampling,
                                    shared_draws, backend, tables)
-    out = stream.apply(inp, stats, values.reshape(batch * num_heads, nk, values.shape[-1]))
-    return out.reshape(batch_shape + (inp.nq, out.shape[-1])), (r, used, valid, x3, seed, tables)
+    flat = values.reshape(batch * num_heads, nk, values.shape[-1])
+    bound = None
+    if return_info:  # the a-posteriori bound's variances ride on the same probability blocks
+        var = token_variances(x3, w, b, num_heads, r, flat, sampling).reshape(batch * num_heads, nk, 1)
+        second = xp.asarray(var if not shared_draws else np.sqrt(var))
+        out, spread = stream.apply(inp, stats, flat, second=second, squared=not shared_draws)
+        spread = np.asarray(host_copy(spread))[..., 0]
+        rows = row_factor(delta) * (np.sqrt(spread) if not shared_draws else spread)
+        out = out.reshape(batch_shape + (inp.nq, out.shape[-1]))
+        bound = from_rows(rows.reshape(batch_shape + (inp.nq,)), host_copy(out), certified=False,
+                          delta=delta)
+        return out, (r, used, valid, x3, seed, tables, bound)
+    out = stream.apply(inp, stats, flat)
+    return out.reshape(batch_shape + (inp.nq, out.shape[-1])), (r, used, valid, x3, seed, tables, bound)
 
 
 def _info(call, extra, num_heads, alpha, sampling, shared_draws):
     """The :class:`MCAInfo` of a call with heads."""
     inp, _, w, _ = call
-    r, used, valid, x3, seed, tables = extra
+    r, used, valid, x3, seed, tables, bound = extra
     batch_shape = tuple(inp.batch_shape)
     d_in, nk = x3.shape[-1], x3.shape[-2]
     dv = w.shape[1] // num_heads
@@ -401,7 +422,7 @@ def _info(call, extra, num_heads, alpha, sampling, shared_draws):
         macs_kept=float(kept.mean() / d_in) if kept.size else float("nan"),
         exact_fraction=float((r_host[valid] >= d_in).mean()) if kept.size else float("nan"),
         projection_ops=proj_ops, dense_projection_ops=dense_proj, seed=seed, alpha=float(alpha),
-        sampling=sampling, shared_draws=bool(shared_draws),
+        sampling=sampling, shared_draws=bool(shared_draws), posterior=bound,
     )
 
 

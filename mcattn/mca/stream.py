@@ -139,7 +139,7 @@ def row_stats(inp):
     return (top, total, kept), column_max.astype(np.float64)
 
 
-def apply(inp, stats, values):
+def apply(inp, stats, values, second=None, squared=False):
     """Pass 2: ``A @ values`` block by block.
 
     Parameters
@@ -148,17 +148,27 @@ def apply(inp, stats, values):
     stats : tuple
         From :func:`row_stats`.
     values : array, shape ``[BH, Nk, dv]``
+    second : array, shape ``[BH, Nk, c]``, optional
+        Also return ``A @ second`` (``(A * A) @ second`` with ``squared``) from the same
+        blocks of probabilities (the a-posteriori bound's variances, :mod:`mcattn.mca.posterior`).
+    squared : bool
 
     Returns
     -------
     array, shape ``[BH, Nq, dv]``
         Of the dtype ``matmul`` gives the probabilities and ``values``.
+    array, shape ``[BH, Nq, c]``, float64
+        Only with ``second``.
     """
     xp = inp.xp
     dtype = np.result_type(inp.dtype, values.dtype)
     out = xp.zeros((inp.q.shape[0], inp.nq, values.shape[-1]), dtype=dtype)
+    extra = None if second is None else xp.zeros((inp.q.shape[0], inp.nq, second.shape[-1]))
     for block in blocks(inp):
         b0, b1, i0, i1 = block
         p = probabilities(inp, block, stats)[0]
         out[b0:b1, i0:i1] = xp.matmul(p, values[b0:b1])
-    return out
+        if extra is not None:
+            p64 = p.astype(np.float64)
+            extra[b0:b1, i0:i1] = xp.matmul(p64 * p64 if squared else p64, second[b0:b1])
+    return out if second is None else (out, extra)

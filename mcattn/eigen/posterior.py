@@ -1,0 +1,85 @@
+"""Eigen reconstruction's certified a-posteriori bound, per query row.
+
+A reconstructed score is a dot product with a reconstructed key:
+``a_hat_ij = base_ij + scale q_i . k~_j`` with ``k~_j = sum_c G[c, j] k_{S_c}``, so the
+true score differs from it by ``scale q_i . (k_j - k~_j) - base_ij``, which
+:func:`mcattn.posterior.dot_intervals` bounds for every pair (the mean difference and a few
+principal directions exactly, Cauchy-Schwarz on the rest); computed columns (the fixed
+ones and each query's extra ones) are exact. The output then moves by at most
+:func:`mcattn.posterior.reweighting_bound` of those score intervals, plus the distance of
+the kernel's output from the float64 output of the same scores (docs/bounds.md).
+
+Computed on the host in float64 from the call's inputs and plan: the reconstruction is
+repeated (dense ``[Nq, Nk]``), so its cost is measured in ``benchmarks/posterior_table.py``.
+"""
+
+import numpy as np
+
+from .._array import host_copy
+from ..posterior import SLACK, HostInputs, dot_intervals, from_rows, reweighting_bound, softmax_rows
+from ..posterior import value_spread
+from . import naive
+
+__all__ = ["row_bound", "attention_bound"]
+
+
+def _batch_row(h, plan, b, extra, out_b):
+    head = b % plan.num_heads
+    cols = np.asarray(plan.columns[head])
+    g = np.asarray(plan.weights[head], dtype=np.float64)  # [m, Nk]
+    base = np.asarray(plan.base[head], dtype=np.float64)
+    base = base[: h.nq] if plan.positional else np.broadcast_to(base, (h.nq, h.nk))
+    q = h.scale * h.q[b]
+    k = h.k[b]
+    recon = k - g.T @ k[cols]  # k_j - k~_j, [Nk, d]
+    a_s = q @ k[cols].T
+    s = base + a_s @ g
+    s[:, cols] = a_s
+    computed = np.zeros((h.nq, h.nk), dtype=bool)
+    computed[:, cols] = True
+    rows = np.nonzero((extra >= 0).any(-1))[0]
+    for i in rows:
+        idx = extra[i][extra[i] >= 0]
+        s[i, idx] = q[i] @ k[idx].T
+        computed[i, idx] = True
+    bias, visible = h.row_bias(b)
+    s = np.where(visible, s + bias, -np.inf)
+    centre, width = dot_intervals(q, recon)
+    dlo = np.where(computed, 0.0, centre - base - width)
+    dhi = np.where(computed, 0.0, centre - base + width)
+    p = softmax_rows(s)
+    spread = value_spread(h.v[b], visible.any(axis=0))
+    bound, _ = reweighting_bound(p, dlo, dhi, spread)
+    bound = bound + np.linalg.norm(np.asarray(out_b, dtype=np.float64) - p @ h.v[b], axis=-1)
+    return np.where(visible.any(-1), bound * (1.0 + SLACK), 0.0)
+
+
+def row_bound(inp, plan, out):
+    """Certified bound on ``||out_i - o_i||`` per query row of one eigen call.
+
+    Parameters
+    ----------
+    inp : mcattn._validate.AttentionInputs
+        The call's canonical inputs ``q [BH, Nq, d]``, ``k``, ``v`` and mask.
+    plan : mcattn.eigen.plan.Plan
+    out : array, shape ``[BH, Nq, dv]``
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape ``[BH, Nq]``
+    """
+    h = HostInputs(inp)
+    out = np.asarray(host_copy(out), dtype=np.float64)
+    rows = np.zeros((h.q.shape[0], h.nq))
+    for b in range(h.q.shape[0]):
+        _, extra = naive.reconstruct(inp, plan, b)  # the extra columns the kernels choose
+        rows[b] = _batch_row(h, plan, b, np.asarray(host_copy(extra)), out[b])
+    return rows
+
+
+def attention_bound(inp, plan, out):
+    """:class:`mcattn.posterior.PosteriorBound` of one call (output ``[..., Nq, dv]``)."""
+    flat = np.asarray(host_copy(out)).reshape(inp.q.shape[0], inp.nq, -1)
+    rows = row_bound(inp, plan, flat)
+    return from_rows(rows.reshape(tuple(inp.batch_shape) + (inp.nq,)), np.asarray(host_copy(out)),
+                     certified=True)
