@@ -10,8 +10,10 @@ from .._door import door
 from .._validate import check_flags
 from ..cost import CallInfo
 from ..exact.ops import exact_ops
+from ..posterior import PosteriorBound, gaussian_factor
 from ._inputs import prepare_rfa, resolve_features
 from .ops import rfa_ops
+from .posterior import attention_bound
 
 __all__ = ["attention", "RFAInfo", "KERNELS"]
 
@@ -51,6 +53,9 @@ class RFAInfo(CallInfo):
         Query rows computed (``BH x Nq``).
     seed : int
         Seed of the projections.
+    posterior : mcattn.posterior.PosteriorBound or None
+        Per-row error bound at confidence ``1 - delta`` (:mod:`mcattn.rfa.posterior`);
+        None for causal, gated, ``arccos`` or ``normalize="unit"`` calls.
     """
 
     kind: str = "positive"
@@ -61,6 +66,7 @@ class RFAInfo(CallInfo):
     clamped: int = 0
     rows: int = 0
     seed: int = 0
+    posterior: PosteriorBound | None = None
 
     @property
     def clamped_fraction(self):
@@ -73,7 +79,7 @@ class RFAInfo(CallInfo):
 def attention(q, k, v, *, features=None, num_features=None, kind="positive", seed=None,
               is_causal=False, gate=None, normalize=None, attn_mask=None,
               key_padding_mask=None, scale=None, chunk_size=None, eps=None, backend=None,
-              check_finite=True, return_info=False):
+              check_finite=True, return_info=False, delta=0.05):
     """Random feature attention.
 
     Parameters
@@ -118,6 +124,8 @@ def attention(q, k, v, *, features=None, num_features=None, kind="positive", see
     check_finite : bool, default True
     return_info : bool, default False
         Also return an :class:`RFAInfo`.
+    delta : float, default 0.05
+        Failure probability of ``info.posterior`` (:mod:`mcattn.rfa.posterior`), in ``(0, 1)``.
 
     Returns
     -------
@@ -145,6 +153,7 @@ def attention(q, k, v, *, features=None, num_features=None, kind="positive", see
               "key_padding_mask": key_padding_mask, "gate": gate}
 
     def prepare(a):
+        gaussian_factor(delta)  # a bad delta fails before any work
         feats = resolve_features(features, num_features, kind, seed, a["q"])
         rinp, inp = prepare_rfa(
             feats, a["q"], a["k"], a["v"], attn_mask=a["attn_mask"],
@@ -154,7 +163,10 @@ def attention(q, k, v, *, features=None, num_features=None, kind="positive", see
         )
         return (feats, rinp, inp), inp.problem(extra_features=("gate",) if gate is not None else ())
 
-    return door("random feature attention", arrays, ("q", "k", "v"), prepare, _run, _info,
+    def info(call, kernel, extra):
+        return _info(call, kernel, extra, delta)
+
+    return door("random feature attention", arrays, ("q", "k", "v"), prepare, _run, info,
                 kernels=KERNELS, backend=backend, return_info=return_info)
 
 
@@ -164,15 +176,18 @@ def _run(call, kernel):
         out, clamped = inp.zero_output(), np.zeros(rinp.q.shape[0], np.int64)
     else:
         out, clamped = kernel(rinp)
-    return out.reshape(inp.out_shape), clamped
+    out = out.reshape(inp.out_shape)
+    return out, (clamped, out)
 
 
-def _info(call, kernel, clamped):
+def _info(call, kernel, extra, delta=0.05):
     feats, rinp, inp = call
+    clamped, out = extra
     return RFAInfo(
         method="rfa", backend=kernel.backend, ops=rfa_ops(rinp), dense_ops=exact_ops(inp),
         kind=feats.kind, num_features=feats.num_features, feature_dim=feats.feature_dim,
         normalize="unit" if rinp.unit else None,
         chunk_size=rinp.chunk_size if rinp.is_causal else None,
         clamped=int(clamped.sum()), rows=rinp.q.shape[0] * rinp.nq, seed=feats.seed,
+        posterior=None if inp.empty else attention_bound(rinp, out, delta),
     )
