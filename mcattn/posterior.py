@@ -14,12 +14,22 @@ import numpy as np
 
 from ._array import host_copy
 
-__all__ = ["PosteriorBound", "from_rows", "HostInputs", "dot_intervals", "ValueSpread", "value_spread",
-           "reweighting_bound", "spread_sum", "softmax_rows", "gaussian_factor", "SLACK"]
+__all__ = ["PosteriorBound", "from_rows", "widen", "HostInputs", "dot_intervals", "ValueSpread",
+           "value_spread", "reweighting_bound", "spread_sum", "softmax_rows", "knob_for", "gaussian_factor",
+           "SLACK"]
 
 #: Relative widening of every certified bound: covers the float64 rounding of the bound's
 #: own arithmetic (a few hundred operations per row, each off by at most 2**-53).
 SLACK = 1e-9
+
+
+def widen(rows, value_scale):
+    """Certified rows widened for float64 rounding: ``rows (1 + SLACK) + SLACK * 1e-3 value_scale``.
+
+    The absolute part (``value_scale``: the largest value norm) covers rows whose bound is
+    only the rounding-level distance between the kernel's output and its float64 recomputation.
+    """
+    return rows * (1.0 + SLACK) + (SLACK * 1e-3) * value_scale
 
 
 @dataclass(frozen=True)
@@ -235,7 +245,8 @@ def reweighting_bound(p, lo, hi, spread):
     """
     used = p > 0
     # shift each row so that the exponentials stay finite (the shift cancels)
-    shift = np.where(used, 0.5 * (lo + hi), 0.0).sum(-1, keepdims=True) / np.maximum(used.sum(-1, keepdims=True), 1)
+    count = np.maximum(used.sum(-1, keepdims=True), 1)
+    shift = np.where(used, 0.5 * (lo + hi), 0.0).sum(-1, keepdims=True) / count
     lo = np.where(used, lo - shift, 0.0)
     hi = np.where(used, hi - shift, 0.0)
     big = np.exp(hi)
@@ -260,3 +271,84 @@ def gaussian_factor(delta):
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1); got {delta}")
     return NormalDist().inv_cdf(1.0 - delta / 2.0)
+
+
+_STATISTICS = {
+    "relative": lambda b: b.relative,
+    "median": lambda b: b.median,
+    "max": lambda b: float(b.row.max()) if b.row.size else 0.0,
+}
+
+
+def knob_for(bound_of, target, low, high, *, larger_is_safer, integer=False, statistic="relative",
+             steps=30):
+    """The cheapest knob in ``[low, high]`` whose a-posteriori bound meets ``target`` (bisection).
+
+    Parameters
+    ----------
+    bound_of : callable
+        ``bound_of(knob) -> PosteriorBound``: one call of the method with that knob (fix the
+        seed of a random method, and run it on inputs like those it will see).
+    target : float
+        The largest acceptable value of ``statistic``.
+    low, high : float
+        The knob's range.
+    larger_is_safer : bool
+        True where a larger knob means less error (latte's threshold, eigen's columns, rfa's
+        features): the smallest knob meeting ``target`` is returned; False (mca's ``alpha``):
+        the largest.
+    integer : bool
+        Whole-number knobs.
+    statistic : {"relative", "median", "max"}
+        What must meet ``target``: :attr:`PosteriorBound.relative`, the median or the largest
+        row bound.
+    steps : int
+        Bisection steps (continuous knobs).
+
+    Returns
+    -------
+    knob : float or int
+    bound : PosteriorBound
+        The bound at that knob.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, or the safest end of the range does not meet ``target`` either (the
+        message gives the bound there).
+
+    Notes
+    -----
+    The bound is assumed to move monotonically with the knob; a bisection over a bound
+    that does not (a random method at a fixed seed, roughly) returns a knob that meets the
+    target, not necessarily the cheapest one.
+    """
+    if statistic not in _STATISTICS:
+        raise ValueError(f"statistic must be one of {sorted(_STATISTICS)}; got {statistic!r}")
+    target = float(target)
+    if not target > 0:
+        raise ValueError(f"target must be > 0; got {target}")
+    if not low < high:
+        raise ValueError(f"need low < high; got {low}, {high}")
+    stat = _STATISTICS[statistic]
+    safe, cheap = (high, low) if larger_is_safer else (low, high)
+    if integer:
+        safe, cheap = int(safe), int(cheap)
+    at_safe = bound_of(safe)
+    if not stat(at_safe) <= target:
+        raise ValueError(f"even the safest knob {safe} gives a {statistic} bound of {stat(at_safe):.4g} "
+                         f"> target {target:.4g}")
+    at_cheap = bound_of(cheap)
+    if stat(at_cheap) <= target:
+        return cheap, at_cheap
+    good, good_bound, bad = safe, at_safe, cheap  # invariant: good meets the target, bad does not
+    for _ in range(int(steps)):
+        if integer and abs(good - bad) <= 1:
+            break
+        mid = (good + bad) // 2 if integer else 0.5 * (good + bad)
+        b = bound_of(mid)
+        if stat(b) <= target:
+            good, good_bound = mid, b
+        else:
+            bad = mid
+    return good, good_bound

@@ -16,8 +16,15 @@ repeated (dense ``[Nq, Nk]``), so its cost is measured in ``benchmarks/posterior
 import numpy as np
 
 from .._array import host_copy
-from ..posterior import SLACK, HostInputs, dot_intervals, from_rows, reweighting_bound, softmax_rows
-from ..posterior import value_spread
+from ..posterior import (
+    HostInputs,
+    dot_intervals,
+    from_rows,
+    reweighting_bound,
+    softmax_rows,
+    value_spread,
+    widen,
+)
 from . import naive
 
 __all__ = ["row_bound", "attention_bound"]
@@ -51,7 +58,7 @@ def _batch_row(h, plan, b, extra, out_b):
     spread = value_spread(h.v[b], visible.any(axis=0))
     bound, _ = reweighting_bound(p, dlo, dhi, spread)
     bound = bound + np.linalg.norm(np.asarray(out_b, dtype=np.float64) - p @ h.v[b], axis=-1)
-    return np.where(visible.any(-1), bound * (1.0 + SLACK), 0.0)
+    return np.where(visible.any(-1), widen(bound, np.linalg.norm(h.v[b], axis=-1).max(initial=0.0)), 0.0)
 
 
 def row_bound(inp, plan, out):

@@ -24,7 +24,15 @@ inputs: the estimate, the kept sets and the kept probabilities are recomputed (d
 import numpy as np
 
 from .._array import host_copy
-from ..posterior import SLACK, HostInputs, dot_intervals, from_rows, reweighting_bound, spread_sum, value_spread
+from ..posterior import (
+    HostInputs,
+    dot_intervals,
+    from_rows,
+    reweighting_bound,
+    spread_sum,
+    value_spread,
+    widen,
+)
 from . import naive
 
 __all__ = ["row_bound", "score_intervals", "attention_bound"]
@@ -146,7 +154,7 @@ def _batch_row(h, b, keep, out_b, exact_scores, safe_units):
     dropped = np.minimum(spread_sum(weights, spread), mass * spread.rho.max(initial=0.0))
     bound = np.linalg.norm(np.asarray(out_b, dtype=np.float64) - o64, axis=-1)
     bound = bound + e_k + dropped + mass * (centre_gap + e_k)
-    return np.where(visible.any(-1), bound * (1.0 + SLACK), 0.0)
+    return np.where(visible.any(-1), widen(bound, np.linalg.norm(h.v[b], axis=-1).max(initial=0.0)), 0.0)
 
 
 def row_bound(lat, out, keep=None):

@@ -13,14 +13,14 @@ from .._validate import check_flags, namespace_of
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
 from ..exact.ops import exact_ops
+from ..posterior import PosteriorBound, from_rows
 from ..random import resolve_seed
 from . import stream
 from ._inputs import check_sampling, check_tables, check_weight, prepare_mca
 from .cpu import weight_tables as cpu_weight_tables
 from .naive import budgets_from_probs, budgets_from_top, shared_budgets, weight_probs
 from .ops import projection_ops, shared_projection_ops
-from .posterior import row_factor, token_variances
-from ..posterior import PosteriorBound, from_rows
+from .posterior import rounding_allowance, row_factor, token_variances
 
 __all__ = ["sampling_probs", "weight_tables", "budgets", "value_projection", "attention", "MCAInfo",
            "PROJECTION_KERNELS"]
@@ -394,6 +394,7 @@ def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, ba
         out, spread = stream.apply(inp, stats, flat, second=second, squared=not shared_draws)
         spread = np.asarray(host_copy(spread))[..., 0]
         rows = row_factor(delta) * (np.sqrt(spread) if not shared_draws else spread)
+        rows = rows + rounding_allowance(flat, d_in)
         out = out.reshape(batch_shape + (inp.nq, out.shape[-1]))
         bound = from_rows(rows.reshape(batch_shape + (inp.nq,)), host_copy(out), certified=False,
                           delta=delta)

@@ -30,7 +30,7 @@ import numpy as np
 from .._array import host_copy
 from ..posterior import gaussian_factor
 
-__all__ = ["token_variances", "row_factor"]
+__all__ = ["token_variances", "row_factor", "rounding_allowance"]
 
 
 def token_variances(x3, w, b, num_heads, budgets, values, sampling):
@@ -69,3 +69,15 @@ def token_variances(x3, w, b, num_heads, budgets, values, sampling):
 def row_factor(delta):
     """The Gaussian factor ``z_delta`` (validated ``delta``)."""
     return gaussian_factor(delta)
+
+
+def rounding_allowance(values, d_in):
+    """The floating-point part of a row's error, ``[BH, 1]``: ``8 u sqrt(d_in) max_j ||v~_j||``.
+
+    Tokens computed exactly (``r_j >= d_in``) have no sampling error but still the rounding
+    of their products and of ``A @ V~`` in the compute dtype (unit roundoff ``u``).
+    """
+    host = np.asarray(host_copy(values))
+    unit = float(np.finfo(host.dtype).eps) if host.dtype.kind == "f" else 2.0 ** -52
+    top = np.linalg.norm(host.astype(np.float64), axis=-1).max(-1, initial=0.0)
+    return (8.0 * unit * np.sqrt(d_in) * top)[:, None]

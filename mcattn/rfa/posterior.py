@@ -35,7 +35,7 @@ Rows whose denominator was floored get ``inf`` in both.
 import numpy as np
 
 from .._array import host_copy
-from ..posterior import SLACK, from_rows, gaussian_factor
+from ..posterior import from_rows, gaussian_factor, widen
 from . import naive
 
 __all__ = ["supported", "row_bound", "hull_bound", "attention_bound"]
@@ -79,7 +79,7 @@ def hull_bound(rinp, out):
     rho = np.where(seen, np.linalg.norm(v - centre[:, None, :], axis=-1), 0.0).max(-1, initial=0.0)
     rows = rho[:, None] + np.linalg.norm(out - centre[:, None, :], axis=-1)
     floored, _ = _floored(rinp)
-    rows = np.where(floored, np.inf, rows * (1.0 + SLACK))
+    rows = np.where(floored, np.inf, widen(rows, np.linalg.norm(v, axis=-1).max(-1, initial=0.0)[:, None]))
     return np.where(count[:, None] > 0, rows, 0.0)
 
 
