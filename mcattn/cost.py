@@ -196,6 +196,20 @@ class CallInfo:
     dense_ops: OpCounts
 
     @property
+    def posterior(self):
+        """The call's a-posteriori error bound (:class:`mcattn.posterior.PosteriorBound`), or None.
+
+        A method that has one keeps it in a ``posterior_source`` field: the bound itself, or
+        a function computing it on first access (then cached), so that ``return_info=True``
+        does not pay for a bound nobody reads (docs/bounds.md gives each bound's cost).
+        """
+        source = getattr(self, "posterior_source", None)
+        if callable(source):
+            source = source()
+            object.__setattr__(self, "posterior_source", source)  # frozen: cache it once
+        return source
+
+    @property
     def ops_ratio(self):
         """``ops.total / dense_ops.total`` (1.0 for exact attention)."""
         return self.ops.total / self.dense_ops.total if self.dense_ops.total else float("nan")

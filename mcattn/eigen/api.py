@@ -1,6 +1,6 @@
 """Eigen reconstruction's public functions: :func:`attention` and :func:`fit_heads`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,7 +11,6 @@ from .._validate import check_flags
 from ..cost import CallInfo
 from ..errors import ShapeError
 from ..exact.ops import exact_ops
-from ..posterior import PosteriorBound
 from . import bounds
 from ._inputs import check_plan_fits
 from .basis import fit, score_rows
@@ -54,7 +53,8 @@ class EigenInfo(CallInfo):
         Root-mean-square error of a reconstructed score row expected under the fitted
         covariance (:func:`mcattn.eigen.bounds.expected_row_error`), per head.
     posterior : mcattn.posterior.PosteriorBound
-        Certified per-row bound on the output error (:mod:`mcattn.eigen.posterior`).
+        Certified per-row bound on the output error (:mod:`mcattn.eigen.posterior`),
+        computed when first read.
     """
 
     partial_score_macs: int = 0
@@ -64,7 +64,7 @@ class EigenInfo(CallInfo):
     per_query: int = 0
     rank: int = 0
     expected_row_error: np.ndarray | None = None
-    posterior: PosteriorBound | None = None
+    posterior_source: object = field(default=None, repr=False, compare=False)
 
 
 @on_input_device
@@ -172,7 +172,7 @@ def attention(q, k, v, *, basis, columns, rank=None, per_query=None, estimator="
         return EigenInfo(method="eigen", backend=kernel.backend, ops=ops,
                          dense_ops=exact_ops(inp), num_fixed=plan.num_fixed,
                          per_query=plan.per_query, rank=plan.rank, expected_row_error=expected,
-                         posterior=attention_bound(inp, plan, out), **figures)
+                         posterior_source=lambda: attention_bound(inp, plan, out), **figures)
 
     return door("eigen attention", arrays, ("q", "k", "v"), prepare, run, info,
                 kernels=KERNELS, backend=backend, return_info=return_info)

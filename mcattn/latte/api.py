@@ -1,7 +1,7 @@
 """LATTE's public functions: :func:`attention`, :func:`quantize`, :func:`estimate_scores`,
 :func:`kept_mask`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,7 +13,6 @@ from .._validate import check_flags, positive_real
 from ..cost import CallInfo, OpCounts
 from ..errors import ShapeError
 from ..exact.ops import exact_ops
-from ..posterior import PosteriorBound
 from . import naive
 from ._inputs import prepare_latte
 from .ops import latte_ops, visible_per_row
@@ -69,7 +68,7 @@ class LatteInfo(CallInfo):
         int4 multiply-adds the ``hi.hi`` reuse avoided (int8 kept scores).
     posterior : mcattn.posterior.PosteriorBound or None
         Certified per-row bound on the output error (:mod:`mcattn.latte.posterior`);
-        None in soft mode.
+        None in soft mode. Computed when first read (it costs more than the call).
     """
 
     mode: str = "relative"
@@ -83,14 +82,14 @@ class LatteInfo(CallInfo):
     dropped_mass_max: float = 0.0
     dropped_mass_rows: np.ndarray | None = None
     reuse_saved: OpCounts | None = None
-    posterior: PosteriorBound | None = None
+    posterior_source: object = field(default=None, repr=False, compare=False)
 
 
 def _info(lat, kernel, rows):
     inp = lat.inp
     backend = kernel.backend
     kept_rows, dropped_rows, out, soft = rows
-    bound = None if soft else attention_bound(lat, out)
+    bound = None if soft else (lambda: attention_bound(lat, out))  # computed when read
     kept_rows = np.rint(host_copy(kept_rows))
     kept_rows = host_copy(kept_rows).astype(np.int64)
     vis_rows = visible_per_row(inp)
@@ -114,7 +113,7 @@ def _info(lat, kernel, rows):
         keep_fraction=kept / vis if vis else 1.0,
         keep_fraction_per_head=np.where(vis_h > 0, kept_h / np.maximum(vis_h, 1), 1.0),
         kept=kept, visible=vis, dropped_mass=mean, dropped_mass_max=worst,
-        dropped_mass_rows=rows_out, reuse_saved=saved, posterior=bound,
+        dropped_mass_rows=rows_out, reuse_saved=saved, posterior_source=bound,
     )
 
 
@@ -156,8 +155,8 @@ def attention(q, k, v, *, threshold, mode="relative", attn_mask=None, key_paddin
     check_finite : bool, default True
     return_info : bool, default False
         Also return a :class:`LatteInfo` (this computes the exact attention mass of the
-        dropped keys too, an extra pass over the scores, and the certified per-row error
-        bound ``info.posterior``, :mod:`mcattn.latte.posterior`).
+        dropped keys too, an extra pass over the scores; ``info.posterior``, the certified
+        per-row error bound of :mod:`mcattn.latte.posterior`, is computed when read).
 
     Returns
     -------

@@ -1,7 +1,7 @@
 """Monte-Carlo attention's public functions: :func:`attention` and its pieces
 (:func:`sampling_probs`, :func:`weight_tables`, :func:`budgets`, :func:`value_projection`)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from .._validate import check_flags, namespace_of
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
 from ..exact.ops import exact_ops
-from ..posterior import PosteriorBound, from_rows
+from ..posterior import from_rows
 from ..random import resolve_seed
 from . import stream
 from ._inputs import check_sampling, check_tables, check_weight, prepare_mca
@@ -73,7 +73,7 @@ class MCAInfo(CallInfo):
     alpha: float | None = None
     sampling: str = "weight"
     shared_draws: bool = False
-    posterior: PosteriorBound | None = None
+    posterior_source: object = field(default=None, repr=False, compare=False)
 
 
 @on_input_device
@@ -423,7 +423,7 @@ def _info(call, extra, num_heads, alpha, sampling, shared_draws):
         macs_kept=float(kept.mean() / d_in) if kept.size else float("nan"),
         exact_fraction=float((r_host[valid] >= d_in).mean()) if kept.size else float("nan"),
         projection_ops=proj_ops, dense_projection_ops=dense_proj, seed=seed, alpha=float(alpha),
-        sampling=sampling, shared_draws=bool(shared_draws), posterior=bound,
+        sampling=sampling, shared_draws=bool(shared_draws), posterior_source=bound,
     )
 
 

@@ -1,6 +1,6 @@
 """Random feature attention's public function, :func:`attention`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -10,7 +10,7 @@ from .._door import door
 from .._validate import check_flags
 from ..cost import CallInfo
 from ..exact.ops import exact_ops
-from ..posterior import PosteriorBound, gaussian_factor
+from ..posterior import gaussian_factor
 from ._inputs import prepare_rfa, resolve_features
 from .ops import rfa_ops
 from .posterior import attention_bound
@@ -55,7 +55,8 @@ class RFAInfo(CallInfo):
         Seed of the projections.
     posterior : mcattn.posterior.PosteriorBound or None
         Per-row error bound at confidence ``1 - delta`` (:mod:`mcattn.rfa.posterior`);
-        None for causal, gated, ``arccos`` or ``normalize="unit"`` calls.
+        None for ``sincos`` calls that are causal, gated or ``normalize="unit"``.
+        Computed when first read.
     """
 
     kind: str = "positive"
@@ -66,7 +67,7 @@ class RFAInfo(CallInfo):
     clamped: int = 0
     rows: int = 0
     seed: int = 0
-    posterior: PosteriorBound | None = None
+    posterior_source: object = field(default=None, repr=False, compare=False)
 
     @property
     def clamped_fraction(self):
@@ -189,5 +190,5 @@ def _info(call, kernel, extra, delta=0.05):
         normalize="unit" if rinp.unit else None,
         chunk_size=rinp.chunk_size if rinp.is_causal else None,
         clamped=int(clamped.sum()), rows=rinp.q.shape[0] * rinp.nq, seed=feats.seed,
-        posterior=None if inp.empty else attention_bound(rinp, out, delta),
+        posterior_source=None if inp.empty else (lambda: attention_bound(rinp, out, delta, clamped)),
     )

@@ -62,12 +62,14 @@ def _floored(rinp):
     return (ref > 0) & (den <= rinp.eps * ref), (fq, kw, z, den, ref)
 
 
-def hull_bound(rinp, out):
+def hull_bound(rinp, out, clamped=None):
     """Certified bound for non-negative feature maps: ``max_j ||v_j - c|| + ||out_i - c||``, ``[BH, Nq]``.
 
     Any weighted mean of the visible values, exact attention's included, lies within
     ``max_j ||v_j - c||`` of ``c``; ``inf`` on floored rows (causal, gated calls: the
     visible keys of a row are among all the batch row's keys, so the bound still holds).
+    ``clamped [BH]``: the kernels' count of floored rows per batch row; where it is known to
+    be 0 the features are not recomputed.
     """
     v = np.asarray(host_copy(rinp.v), dtype=np.float64)
     out = np.asarray(host_copy(out), dtype=np.float64)
@@ -78,7 +80,10 @@ def hull_bound(rinp, out):
     centre = (v * seen[..., None]).sum(1) / np.maximum(count, 1)[:, None]  # [BH, dv]
     rho = np.where(seen, np.linalg.norm(v - centre[:, None, :], axis=-1), 0.0).max(-1, initial=0.0)
     rows = rho[:, None] + np.linalg.norm(out - centre[:, None, :], axis=-1)
-    floored, _ = _floored(rinp)
+    if clamped is not None and not np.asarray(host_copy(clamped)).any():
+        floored = np.zeros(rows.shape, dtype=bool)
+    else:
+        floored, _ = _floored(rinp)
     rows = np.where(floored, np.inf, widen(rows, np.linalg.norm(v, axis=-1).max(-1, initial=0.0)[:, None]))
     return np.where(count[:, None] > 0, rows, 0.0)
 
@@ -131,13 +136,13 @@ def row_bound(rinp, out, delta):
     return np.where(has, rows, 0.0)
 
 
-def attention_bound(rinp, out, delta):
+def attention_bound(rinp, out, delta, clamped=None):
     """:class:`mcattn.posterior.PosteriorBound` of one call (see the module docstring), or None."""
     host_out = np.asarray(host_copy(out))
     flat = host_out.reshape(rinp.q.shape[0], rinp.nq, -1)
     shape = tuple(rinp.batch_shape) + (rinp.nq,)
     if rinp.kind in ("positive", "arccos"):
-        return from_rows(hull_bound(rinp, flat).reshape(shape), host_out, certified=True)
+        return from_rows(hull_bound(rinp, flat, clamped).reshape(shape), host_out, certified=True)
     if not supported(rinp):
         return None
     return from_rows(row_bound(rinp, flat, delta).reshape(shape), host_out, certified=False,

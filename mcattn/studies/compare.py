@@ -25,8 +25,8 @@ import numpy as np
 from ..cost import OpCounts
 from .entries import LayerInputs, get_entries
 
-__all__ = ["json_safe", "ComparisonRow", "layer_inputs", "relative_errors", "run_comparison", "format_table",
-           "plot_pareto"]
+__all__ = ["json_safe", "ComparisonRow", "layer_inputs", "relative_errors", "posterior_relative",
+           "run_comparison", "format_table", "plot_pareto"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class ComparisonRow:
     time_ratio: float
     cells: int
     backend: str
+    posterior_median: float | None = None
 
     def as_dict(self):
         """The row as strict JSON values: a non-finite number becomes None, and its key is
@@ -135,6 +136,23 @@ def _timed(fn, repeats):
     return best, result
 
 
+def posterior_relative(info, out, key_padding_mask):
+    """The a-posteriori bound (``info.posterior``) on :func:`relative_errors`, per ``[B, H]``, or None.
+
+    Over the real query rows of each ``(b, h)``: ``r / max(||O~|| - r, 0)`` with
+    ``r = sqrt(sum_i row_i^2)`` (``||O|| >= ||O~|| - r``; ``inf`` where ``r >= ||O~||``).
+    """
+    bound = info.posterior
+    if bound is None:
+        return None
+    rows = np.asarray(key_padding_mask, dtype=bool)[:, None, :]
+    r = np.sqrt(np.where(rows, bound.row**2, 0.0).sum(-1))
+    norm = np.sqrt((np.asarray(out, dtype=np.float64) ** 2 * rows[..., None]).sum(axis=(-1, -2)))
+    floor = norm - r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r == 0, 0.0, np.where(floor > 0, r / np.where(floor > 0, floor, 1.0), np.inf))
+
+
 def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, progress=None):
     """Run every method over its knob sweep on every layer of ``sample``.
 
@@ -191,13 +209,16 @@ def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, prog
                     bound = trial.bound
                     if entry.bound is not None:
                         bound = entry.bound(inputs, value, trial, reference)
+                    posterior = posterior_relative(trial.info, trial.out, inputs.key_padding_mask)
                     record = runs.setdefault((entry.name, value), {
-                        "entry": entry, "errors": [], "bounds": [], "ops": 0, "dense": 0,
+                        "entry": entry, "errors": [], "bounds": [], "posteriors": [], "ops": 0, "dense": 0,
                         "energy": 0.0, "dense_energy": 0.0, "time": 0.0, "exact_time": 0.0,
                         "backend": trial.info.backend})
                     record["errors"].append(errors.ravel())
                     if bound is not None:
                         record["bounds"].append(np.broadcast_to(bound, errors.shape).ravel())
+                    if posterior is not None:
+                        record["posteriors"].append(posterior.ravel())
                     ops, dense = trial.info.ops, trial.info.dense_ops
                     if not entry.needs_projection:  # same scope for all: projection included
                         ops, dense = ops + projection, dense + projection
@@ -216,6 +237,7 @@ def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, prog
     for (name, value), rec in runs.items():
         errors = np.concatenate(rec["errors"])
         bounds = np.concatenate(rec["bounds"]) if rec["bounds"] else None
+        posteriors = np.concatenate(rec["posteriors"]) if rec["posteriors"] else None
         rows.append(ComparisonRow(
             method=name, knob=rec["entry"].knob, value=value,
             error_median=float(np.median(errors)), error_p90=float(np.percentile(errors, 90)),
@@ -223,6 +245,7 @@ def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, prog
             ops_ratio=rec["ops"] / rec["dense"], energy_ratio=rec["energy"] / rec["dense_energy"],
             time_ratio=rec["time"] / rec["exact_time"], cells=int(errors.size),
             backend=rec["backend"],
+            posterior_median=None if posteriors is None else float(np.median(posteriors)),
         ))
     return rows
 
@@ -231,14 +254,15 @@ def format_table(rows):
     """A plain-text table of comparison rows (one line per method and knob value)."""
     width = max([8] + [len(r.method) for r in rows])  # variants: "mca:shared_draws=True"
     header = (f"{'method':<{width}} {'knob':<14} {'value':>8} {'err med':>9} {'err p90':>9} "
-              f"{'bound med':>10} {'ops/exact':>10} {'energy/ex':>10} {'time/ex':>8}")
+              f"{'bound med':>10} {'post med':>9} {'ops/exact':>10} {'energy/ex':>10} {'time/ex':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         bound = "-" if r.bound_median is None else f"{r.bound_median:.3g}"
+        post = "-" if r.posterior_median is None else f"{r.posterior_median:.3g}"
         value = "-" if r.value is None else str(r.value)
         lines.append(
             f"{r.method:<{width}} {(r.knob or '-'):<14} {value:>8} {r.error_median:>9.3g} "
-            f"{r.error_p90:>9.3g} {bound:>10} {r.ops_ratio:>10.3f} {r.energy_ratio:>10.3f} "
+            f"{r.error_p90:>9.3g} {bound:>10} {post:>9} {r.ops_ratio:>10.3f} {r.energy_ratio:>10.3f} "
             f"{r.time_ratio:>8.2f}"
         )
     return "\n".join(lines)
