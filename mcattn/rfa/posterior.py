@@ -29,6 +29,7 @@ So the bound ``info.posterior`` reports depends on the feature map:
   rfa's error is itself a large fraction of the values' spread.
 * ``sincos``: the delta-method bound (:func:`row_bound`), for the drop-in estimator
   (``normalize=None``) without causal masking or a gate; other ``sincos`` calls get None.
+
 Rows whose denominator was floored get ``inf`` in both.
 """
 
