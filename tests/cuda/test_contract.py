@@ -120,3 +120,33 @@ def test_cupy_arrays_in_cupy_arrays_out_on_their_device(name, device):
         assert out.device == cp.cuda.Device(device)
         np.testing.assert_allclose(cp.asnumpy(out) if hasattr(cp, "asnumpy") else out.get(), ref,
                                    rtol=1e-10, atol=1e-12)
+
+
+APPROXIMATING = [n for n in method_names() if n not in ("exact", "eatt")]
+
+
+@pytest.mark.parametrize("name", APPROXIMATING)
+def test_posterior_bound_of_every_approximating_method(name):
+    """``info.posterior`` holds on the example (every row: certified, or the example's rows at
+    least at the stated rate) and a GPU call (fake CuPy) gives the host's bound."""
+    kw = _example(name)
+    out, info = mcattn.attention(method=name, return_info=True, **kw)
+    bound = info.posterior
+    assert bound is not None and bound.row.shape == out.shape[:-1]
+    assert np.isfinite(bound.row).all() and (bound.row >= 0).all()
+    if bound.certified:
+        ref = mcattn.attention(method="exact", q=kw["q"], k=kw["k"],
+                               v=kw["v"] if kw["v"] is not None else _values_of(kw),
+                               key_padding_mask=kw.get("key_padding_mask"))
+        assert (bound.row >= np.linalg.norm(out - ref, axis=-1)).all()
+    with cupy_context() as cp:
+        ckw = {n: cp.asarray(a) if isinstance(a, np.ndarray) else a for n, a in kw.items()}
+        _, cinfo = mcattn.attention(method=name, backend="cupy", return_info=True, **ckw)
+        np.testing.assert_allclose(cinfo.posterior.row, bound.row, rtol=1e-8, atol=1e-12)
+
+
+def _values_of(kw):
+    x, w = kw["x"], kw["w_v"]
+    heads = kw["q"].shape[-3]
+    v = x @ w + (kw.get("b_v") if kw.get("b_v") is not None else 0)
+    return v.reshape(x.shape[:-1] + (heads, -1)).swapaxes(-2, -3)
