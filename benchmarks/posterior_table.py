@@ -6,6 +6,7 @@ Usage::
     python benchmarks/posterior_table.py                 # the docs/bounds.md table
     python benchmarks/posterior_table.py --quick         # fewer windows and seeds
     python benchmarks/posterior_table.py --cost-only     # only the cost table
+    python benchmarks/posterior_table.py --eigen-ranks   # eigen's tightness by rank
 
 Real attention (all-MiniLM-L6-v2, layers 0, 2 and 5, needs ``mcattn[eval]``):
 
@@ -197,6 +198,39 @@ def cost_rows(n=1024):
     return [{"method": m, "n": n, "bound_over_call": round(b / c, 3)} for m, c, b in rows]
 
 
+def eigen_rank_sweep(ranks=(4, 8, 16, 24, 32), columns=16):
+    """Median bound / error of eigen's bound per layer on the embedded sample, by rank."""
+    import mcattn.eigen.posterior as ep
+    from mcattn.studies import data
+    from mcattn.studies.compare import layer_inputs
+    from mcattn.studies.eigen.compare import layer_bases
+
+    sample = data.load_sample()
+    kpm = np.asarray(sample.key_padding_mask, bool)
+    default = ep.default_rank
+    lines = [f"eigen, {columns} columns, embedded sample: median bound / error (coverage) per layer"]
+    try:
+        for rank in ranks:
+            ep.default_rank = lambda _d, r=rank: r
+            cells = []
+            for layer in LAYERS:
+                inputs = layer_inputs(sample, layer)
+                ref = mcattn.attention(*(np.asarray(a, np.float64) for a in (inputs.q, inputs.k, inputs.v)),
+                                       key_padding_mask=kpm, scale=inputs.scale)
+                out, info = eigen.attention(inputs.q, inputs.k, inputs.v, basis=layer_bases(inputs),
+                                            columns=columns, key_padding_mask=kpm, scale=inputs.scale,
+                                            return_info=True)
+                err = np.linalg.norm(out - ref, axis=-1)
+                rows = np.broadcast_to(kpm[:, None, :], err.shape) & (err > 1e-6)
+                bound = info.posterior.row
+                cells.append(f"layer {layer}: {np.median(bound[rows] / err[rows]):.3g} "
+                             f"({100 * np.mean(bound[rows] >= err[rows]):.1f} %)")
+            lines.append(f"rank {rank}: " + ", ".join(cells))
+    finally:
+        ep.default_rank = default
+    return "\n".join(lines)
+
+
 def _markdown(rows):
     lines = ["| method | layer | setting | coverage | tightness (median bound / error) | rows |",
              "|---|---|---|---|---|---|"]
@@ -210,10 +244,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cost-only", action="store_true")
+    ap.add_argument("--eigen-ranks", action="store_true", help="only eigen's tightness by rank")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "measurements",
                                                   "posterior_table"))
     args = ap.parse_args(argv)
+    if args.eigen_ranks:
+        text = eigen_rank_sweep()
+        print(text)
+        with open(args.out.replace("posterior_table", "posterior_eigen_rank") + ".txt", "w") as fh:
+            fh.write("# python benchmarks/posterior_table.py --eigen-ranks\n" + text + "\n")
+        return
     result = {"cost": cost_rows()}
     print(json.dumps(result["cost"], indent=1), flush=True)
     if not args.cost_only:
