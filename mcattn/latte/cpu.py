@@ -65,6 +65,37 @@ def _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes):
 
 
 @njit(nogil=True, cache=True)
+def _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx, lanes):
+    """Relative / absolute rule of one row without a float mask, in one pass over the tile row.
+
+    The same IEEE operations as :func:`_row_units` and :func:`_select` (``u = est * 256 s_k``
+    in float64, exact, then one compare with the row's cut), but ``u`` is recomputed in
+    registers instead of stored, and the kept indices are written without a branch (a
+    15 % keep rule mispredicts a branch on most kept keys). Returns the kept count.
+    """
+    for a in range(8):
+        lanes[a] = -np.inf
+    m = rend // 8 * 8
+    for j in range(0, m, 8):
+        for a in range(8):
+            x = np.float64(est[i, j + a]) * sk256[bh, j + a]
+            lanes[a] = x if x > lanes[a] else lanes[a]
+    top = -np.inf
+    for a in range(8):
+        top = max(top, lanes[a])
+    for j in range(m, rend):
+        top = max(top, np.float64(est[i, j]) * sk256[bh, j])
+    if top == -np.inf:
+        return 0
+    cut = top - th / c if mode == 0 else min(th / c, top)
+    n = 0
+    for j in range(rend):
+        idx[n] = j
+        n += np.float64(est[i, j]) * sk256[bh, j] >= cut
+    return n
+
+
+@njit(nogil=True, cache=True)
 def _select(low, up, top, rend, mode, th, c, sel, idx):
     """The kept keys of one row into ``idx``; returns their count (the rule of naive.keep_rows)."""
     ninf = -np.inf
@@ -102,19 +133,43 @@ def _select(low, up, top, rend, mode, th, c, sel, idx):
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c, scale, idx,
                  n, sc, bits, acc, out):
-    """Softmax over the kept keys ``idx[:n]`` and ``sum p v`` into ``out[bh, row]``."""
+    """Softmax over the kept keys ``idx[:n]`` and ``sum p v`` into ``out[bh, row]``.
+
+    Keys go four at a time: four dot products share each load of ``qrow``, and each
+    ``acc`` load/store serves four value rows (one key at a time, the loop waits on
+    the accumulator's store-to-load round trip).
+    """
     ninf = -np.inf
+    d = qrow.shape[0]
+    dv = v.shape[2]
+    n4 = n // 4 * 4
+    for t in range(0, n4, 4):
+        j0, j1, j2, j3 = idx[t], idx[t + 1], idx[t + 2], idx[t + 3]
+        z = qrow[0] * 0
+        d0, d1, d2, d3 = z, z, z, z
+        for cc in range(d):  # int8 values in float32: exact in any order
+            x = qrow[cc]
+            d0 += x * krows[j0, cc]
+            d1 += x * krows[j1, cc]
+            d2 += x * krows[j2, cc]
+            d3 += x * krows[j3, cc]
+        sc[0, t] = d0
+        sc[0, t + 1] = d1
+        sc[0, t + 2] = d2
+        sc[0, t + 3] = d3
+    for t in range(n4, n):
+        j = idx[t]
+        dot = qrow[0] * 0
+        for cc in range(d):
+            dot += qrow[cc] * krows[j, cc]
+        sc[0, t] = dot
     smax = ninf
     for t in range(n):
         j = idx[t]
-        krow = krows[j]
-        dot = qrow[0] * 0
-        for cc in range(qrow.shape[0]):  # int8 values in float32: exact in any order
-            dot += qrow[cc] * krow[cc]
         if int8_scores:
-            sval = c * np.float64(s_k[bh, j]) * np.float64(dot)
+            sval = c * np.float64(s_k[bh, j]) * np.float64(sc[0, t])
         else:
-            sval = np.float64(dot) * scale
+            sval = np.float64(sc[0, t]) * scale
         if has_bias:
             sval += np.float64(bias[slot, r, j])
         sc[0, t] = sval
@@ -124,16 +179,35 @@ def _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_sco
     exp_block(sc, bits, 1, n)
     total = sc[0, 0] * 0
     acc[:] = 0.0
-    for t in range(n):
+    for t in range(0, n4, 4):
+        j0, j1, j2, j3 = idx[t], idx[t + 1], idx[t + 2], idx[t + 3]
+        p0, p1, p2, p3 = sc[0, t], sc[0, t + 1], sc[0, t + 2], sc[0, t + 3]
+        total += (p0 + p1) + (p2 + p3)
+        for cc in range(dv):
+            acc[cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc] + p3 * v[bh, j3, cc])
+    for t in range(n4, n):
         p = sc[0, t]
         total += p
-        vrow = v[bh, idx[t]]
-        for cc in range(vrow.shape[0]):
-            acc[cc] += p * vrow[cc]
+        j = idx[t]
+        for cc in range(dv):
+            acc[cc] += p * v[bh, j, cc]
     inv = 1.0 / total
-    orow = out[bh, row]
-    for cc in range(orow.shape[0]):
-        orow[cc] = acc[cc] * inv
+    for cc in range(dv):
+        out[bh, row, cc] = acc[cc] * inv
+
+
+@njit(nogil=True, cache=True)
+def _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
+                scale, idx, n, sc, bits, acc, out):
+    """:func:`_kept_output` of query ``row`` with the int8 or float rows it takes."""
+    if int8_scores:
+        for cc in range(q8.shape[2]):
+            qbuf[cc] = q8[bh, row, cc]
+        _kept_output(qbuf, kbuf, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
+                     scale, idx, n, sc, bits, acc, out)
+    else:
+        _kept_output(qf[bh, row], kf[bh], v, s_k, bias, bh, row, slot, r, has_bias, int8_scores,
+                     c, scale, idx, n, sc, bits, acc, out)
 
 
 @njit(nogil=True, cache=True)
@@ -163,6 +237,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     acc = np.empty(dv, v.dtype)
     lanes = np.empty(8, np.float64)
     ninf = -np.inf
+    plain = (mode == 0 or mode == 1) and not has_bias and not want_mass
     for task in range(t0, t1):
         bh = task // n_qblocks
         i0 = (task % n_qblocks) * block_q
@@ -199,6 +274,16 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
             rend = min(kend, row + 1) if is_causal else kend
             r = row if row_bias else 0
             c = scale * np.float64(s_q[bh, row])
+            if plain:
+                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx, lanes)
+                kept_out[bh, row] = n
+                if write_mask:
+                    for t in range(n):
+                        mask_out[bh, row, idx[t]] = True
+                if do_output and n > 0:
+                    _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias,
+                                int8_scores, c, scale, idx, n, sc, bits, acc, out)
+                continue
             top = _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes)
             if mode == 3:  # widen by the error bound: lower and upper estimates
                 top = ninf
@@ -241,16 +326,8 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                         dropped += w
                 dropped_out[bh, row] = dropped / total if total > 0 else 0.0
             if do_output and n > 0:
-                if int8_scores:
-                    for cc in range(d):
-                        qbuf[cc] = q8[bh, row, cc]
-                    qrow = qbuf
-                    krows = kbuf
-                else:
-                    qrow = qf[bh, row]
-                    krows = kf[bh]
-                _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
-                             scale, idx, n, sc, bits, acc, out)
+                _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias,
+                            int8_scores, c, scale, idx, n, sc, bits, acc, out)
 
 
 def kernel_arrays(lat):
