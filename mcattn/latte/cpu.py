@@ -28,9 +28,10 @@ from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
 from .._jit import njit
+from . import vnni
 from .naive import MODES
 
-__all__ = ["forward", "kept_mask", "backward", "kernel_arrays"]
+__all__ = ["forward", "kept_mask", "backward", "kernel_arrays", "use_vnni"]
 
 
 _FAST = {"nsz", "contract", "reassoc"}  # order of sums only, for the kept scores and P V
@@ -213,16 +214,27 @@ def _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias
 @njit(nogil=True, cache=True)
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
-                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type, t0, t1):
+                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
+                 use_vnni, t0, t1):
     bh_count, nq, d = q8.shape
     nk = k8.shape[1]
     dv = v.shape[2]
     row_bias = bias.shape[1] > 1
     n_qblocks = (nq + block_q - 1) // block_q
-    est_buf = np.empty(block_q * nk, np.float32)
+    est_buf = np.empty(1 if use_vnni else block_q * nk, np.float32)
     # Nibble and int8 matrices of the current head only (small integers, exact in floats).
-    hk = np.empty((nk, d), np.float32)
+    hk = np.empty((1 if use_vnni else nk, d), np.float32)
     hq = np.empty((block_q, d), np.float32)
+    # The VNNI estimate's byte layouts (see mcattn.latte.vnni), padded to whole tiles.
+    d4 = (d + 3) // 4
+    nk_pad = (nk + vnni.NR - 1) // vnni.NR * vnni.NR if use_vnni else 1
+    rows_pad = (block_q + vnni.MR - 1) // vnni.MR * vnni.MR if use_vnni else 1
+    kbytes = np.zeros(d4 * nk_pad * 4, np.int8)
+    kw = kbytes.view(np.int32).reshape((d4, nk_pad))
+    corr = np.zeros(nk_pad, np.int32)
+    qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
+    qw = qbytes.view(np.int32).reshape((rows_pad, d4))
+    est_tiles = np.empty((rows_pad, nk_pad), np.float32)
     kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
     qbuf = np.empty(d, qf.dtype)
     current = -1
@@ -248,18 +260,28 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
         if kend == 0:
             continue
         if bh != current:
+            if use_vnni:
+                vnni.pack_keys(k8, bh, nk, kbytes.reshape((d4, nk_pad, 4)), kw, corr)
             for j in range(nk):
                 for cc in range(d):
                     x = k8[bh, j, cc]
-                    hk[j, cc] = x >> 4
+                    if not use_vnni:
+                        hk[j, cc] = x >> 4
                     if int8_scores:
                         kbuf[j, cc] = x
             current = bh
-        for i in range(nrows):
-            for cc in range(d):
-                hq[i, cc] = q8[bh, i0 + i, cc] >> 4
-        est = est_buf[: nrows * kend].reshape((nrows, kend))
-        np.dot(hq[:nrows], hk[:kend].T, est)
+        if use_vnni:  # the same integers as the BLAS product, in int8 arithmetic
+            vnni.pack_queries(q8, bh, i0, nrows, qbytes.reshape((rows_pad, 4 * d4)))
+            for ti in range(0, nrows, vnni.MR):
+                for tj in range(0, kend, vnni.NR):
+                    vnni.estimate_tile(est_tiles, qw, kw, corr, ti, tj)
+            est = est_tiles
+        else:
+            for i in range(nrows):
+                for cc in range(d):
+                    hq[i, cc] = q8[bh, i0 + i, cc] >> 4
+            est = est_buf[: nrows * kend].reshape((nrows, kend))
+            np.dot(hq[:nrows], hk[:kend].T, est)
         if mode == 3:
             err = err_buf[: nrows * kend].reshape((nrows, kend))
             np.dot(aq[bh, i0:i1], bk[bh, :kend].T, err)
@@ -330,6 +352,12 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                             int8_scores, c, scale, idx, n, sc, bits, acc, out)
 
 
+def use_vnni(lat):
+    """Whether the estimate takes the int8 (VNNI) tiles: on a VNNI CPU, unless
+    ``config.LATTE_CPU_VNNI`` is off; the kept sets are the same either way."""
+    return bool(vnni.AVAILABLE and config.LATTE_CPU_VNNI)
+
+
 def kernel_arrays(lat):
     """Host arrays of ``safe`` mode: the nibble matrices of its error bound (float32) and row norms."""
     if lat.mode != "safe":
@@ -370,7 +398,7 @@ def _run(lat, *, do_output, write_mask, select=True):
               256.0 * lat.s_k.astype(np.float64), float(inp.scale),
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
               bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,
-              out, kept, dropped, mask_out, bits_dtype(q.dtype))
+              out, kept, dropped, mask_out, bits_dtype(q.dtype), use_vnni(lat))
     return out, kept, dropped, mask_out
 
 
