@@ -197,6 +197,100 @@ def _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_sco
         out[bh, row, cc] = acc[cc] * inv
 
 
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
+                  bits, acc, pos, tot, chunk, dense, s8, out):
+    """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
+
+    Row ``i`` (query ``i0 + i``) keeps ``idxb[i, :cnt[i]]`` (ascending). The keys are
+    visited a chunk of ``chunk`` keys at a time for all the rows of the block, so the
+    chunk's key and value rows stay in cache while every row takes its kept keys from it
+    (row by row, each row would sweep the head's whole ``K`` and ``V``). ``qblk [nrows, d]``
+    holds the rows' int8 (as floats) or float queries; ``cvals [nrows]`` their
+    ``scale s_q``; ``sc`` the kept scores, then probabilities. With ``dense`` the int8
+    scores ``q8 . k8`` are read from the tile ``s8 [>= nrows, >= Nk]`` instead.
+    """
+    nk = v.shape[1]
+    d = qblk.shape[1]
+    dv = v.shape[2]
+    pos[:nrows] = 0
+    if dense:
+        for i in range(nrows):
+            for t in range(cnt[i]):
+                sc[i, t] = s8[i, idxb[i, t]]
+    for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
+        c1 = min(nk, c0 + chunk)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            while t + 4 <= n and idxb[i, t + 3] < c1:
+                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
+                z = qblk[i, 0] * 0
+                d0, d1, d2, d3 = z, z, z, z
+                for cc in range(d):  # int8 values in float32: exact in any order
+                    x = qblk[i, cc]
+                    d0 += x * krows[j0, cc]
+                    d1 += x * krows[j1, cc]
+                    d2 += x * krows[j2, cc]
+                    d3 += x * krows[j3, cc]
+                sc[i, t] = d0
+                sc[i, t + 1] = d1
+                sc[i, t + 2] = d2
+                sc[i, t + 3] = d3
+                t += 4
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                dot = qblk[i, 0] * 0
+                for cc in range(d):
+                    dot += qblk[i, cc] * krows[j, cc]
+                sc[i, t] = dot
+                t += 1
+            pos[i] = t
+    for i in range(nrows):  # the scores' scales, the row max and exp
+        n = cnt[i]
+        smax = -np.inf
+        for t in range(n):
+            if int8_scores:
+                sval = cvals[i] * np.float64(s_k[bh, idxb[i, t]]) * np.float64(sc[i, t])
+            else:
+                sval = np.float64(sc[i, t]) * scale
+            sc[i, t] = sval
+            smax = max(smax, sc[i, t])
+        for t in range(n):
+            sc[i, t] -= smax
+        exp_block(sc[i:i + 1], bits, 1, n)
+        total = sc[i, 0] * 0
+        for t in range(n):
+            total += sc[i, t]
+        tot[i] = total
+    acc[:nrows] = 0.0
+    pos[:nrows] = 0
+    for c0 in range(0, nk, chunk):  # sum p v, four value rows per pass over acc
+        c1 = min(nk, c0 + chunk)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            while t + 4 <= n and idxb[i, t + 3] < c1:
+                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
+                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
+                for cc in range(dv):
+                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
+                                                                            + p3 * v[bh, j3, cc])
+                t += 4
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                p = sc[i, t]
+                for cc in range(dv):
+                    acc[i, cc] += p * v[bh, j, cc]
+                t += 1
+            pos[i] = t
+    for i in range(nrows):
+        if cnt[i] > 0:
+            inv = 1.0 / tot[i]
+            for cc in range(dv):
+                out[bh, i0 + i, cc] = acc[i, cc] * inv
+
+
 @njit(nogil=True, cache=True)
 def _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
                 scale, idx, n, sc, bits, acc, out):
@@ -215,7 +309,7 @@ def _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
                  do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
-                 use_vnni, t0, t1):
+                 use_vnni, block_k, t0, t1):
     bh_count, nq, d = q8.shape
     nk = k8.shape[1]
     dv = v.shape[2]
@@ -235,6 +329,16 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
     qw = qbytes.view(np.int32).reshape((rows_pad, d4))
     est_tiles = np.empty((rows_pad, nk_pad), np.float32)
+    # With VNNI, the plain rules' int8 kept scores come from a dense q8 . k8 tile too.
+    dense = use_vnni and int8_scores and do_output and (mode == 0 or mode == 1) \
+        and not has_bias and not want_mass
+    nk8 = nk_pad if dense else 1
+    kbytes8 = np.zeros(d4 * nk8 * 4, np.int8)
+    kw8 = kbytes8.view(np.int32).reshape((d4, nk8))
+    corr8 = np.zeros(nk8, np.int32)
+    qbytes8 = np.zeros((rows_pad if dense else 1) * d4 * 4, np.uint8)
+    qw8 = qbytes8.view(np.int32).reshape((rows_pad if dense else 1, d4))
+    s8_tiles = np.empty((rows_pad if dense else 1, nk8), np.float32)
     kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
     qbuf = np.empty(d, qf.dtype)
     current = -1
@@ -250,6 +354,17 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     lanes = np.empty(8, np.float64)
     ninf = -np.inf
     plain = (mode == 0 or mode == 1) and not has_bias and not want_mass
+    # The plain rules' block output (_block_output): kept lists and scores of the block's rows.
+    pb = block_q if plain else 1
+    idxb = np.empty((pb, nk + 1 if plain else 1), np.int32)
+    cnt = np.zeros(pb, np.int64)
+    scb = np.empty((pb, nk + 1 if plain else 1), v.dtype)
+    bitsb = np.empty((1, nk + 1 if plain else 1), bits_type)
+    accb = np.empty((pb, dv), v.dtype)
+    posb = np.zeros(pb, np.int64)
+    totb = np.zeros(pb, v.dtype)
+    cvals = np.zeros(pb, np.float64)
+    qblk = np.zeros((pb, d), qf.dtype)
     for task in range(t0, t1):
         bh = task // n_qblocks
         i0 = (task % n_qblocks) * block_q
@@ -261,8 +376,10 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
             continue
         if bh != current:
             if use_vnni:
-                vnni.pack_keys(k8, bh, nk, kbytes.reshape((d4, nk_pad, 4)), kw, corr)
-            for j in range(nk):
+                vnni.pack_keys(k8, bh, nk, False, kbytes.reshape((d4, nk_pad, 4)), kw, corr)
+            if dense:
+                vnni.pack_keys(k8, bh, nk, True, kbytes8.reshape((d4, nk8, 4)), kw8, corr8)
+            for j in range(nk if not use_vnni or (int8_scores and not dense) else 0):
                 for cc in range(d):
                     x = k8[bh, j, cc]
                     if not use_vnni:
@@ -271,10 +388,15 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                         kbuf[j, cc] = x
             current = bh
         if use_vnni:  # the same integers as the BLAS product, in int8 arithmetic
-            vnni.pack_queries(q8, bh, i0, nrows, qbytes.reshape((rows_pad, 4 * d4)))
+            vnni.pack_queries(q8, bh, i0, nrows, False, qbytes.reshape((rows_pad, 4 * d4)))
             for ti in range(0, nrows, vnni.MR):
                 for tj in range(0, kend, vnni.NR):
                     vnni.estimate_tile(est_tiles, qw, kw, corr, ti, tj)
+            if dense and do_select:
+                vnni.pack_queries(q8, bh, i0, nrows, True, qbytes8.reshape((rows_pad, 4 * d4)))
+                for ti in range(0, nrows, vnni.MR):
+                    for tj in range(0, kend, vnni.NR):
+                        vnni.estimate_tile(s8_tiles, qw8, kw8, corr8, ti, tj)
             est = est_tiles
         else:
             for i in range(nrows):
@@ -291,21 +413,30 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
         th = theta[bh]
         if not do_select:  # (benchmarks: the estimate product alone)
             continue
+        if plain:
+            for i in range(nrows):
+                row = i0 + i
+                rend = min(kend, row + 1) if is_causal else kend
+                c = scale * np.float64(s_q[bh, row])
+                cvals[i] = c
+                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idxb[i], lanes)
+                cnt[i] = n
+                kept_out[bh, row] = n
+                if write_mask:
+                    for t in range(n):
+                        mask_out[bh, row, idxb[i, t]] = True
+                for cc in range(d):
+                    qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
+            if do_output:
+                _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
+                              scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
+                              block_k, dense, s8_tiles, out)
+            continue
         for i in range(nrows):
             row = i0 + i
             rend = min(kend, row + 1) if is_causal else kend
             r = row if row_bias else 0
             c = scale * np.float64(s_q[bh, row])
-            if plain:
-                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx, lanes)
-                kept_out[bh, row] = n
-                if write_mask:
-                    for t in range(n):
-                        mask_out[bh, row, idx[t]] = True
-                if do_output and n > 0:
-                    _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias,
-                                int8_scores, c, scale, idx, n, sc, bits, acc, out)
-                continue
             top = _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes)
             if mode == 3:  # widen by the error bound: lower and upper estimates
                 top = ninf
@@ -398,7 +529,8 @@ def _run(lat, *, do_output, write_mask, select=True):
               256.0 * lat.s_k.astype(np.float64), float(inp.scale),
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
               bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,
-              out, kept, dropped, mask_out, bits_dtype(q.dtype), use_vnni(lat))
+              out, kept, dropped, mask_out, bits_dtype(q.dtype), use_vnni(lat),
+              max(1, int(config.LATTE_CPU_BLOCK_K)))
     return out, kept, dropped, mask_out
 
 

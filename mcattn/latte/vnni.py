@@ -14,6 +14,11 @@ Layouts (all int32 words of four bytes along the head dim, ``d4 = ceil(d / 4)``)
   16 consecutive keys are one 64-byte load (``nk_pad`` a multiple of :data:`NR`);
 * ``corr [nk_pad]``: ``8 sum_c hi(k8)_c`` per key.
 
+The same tile gives the int8 scores ``q8 . k8`` exactly (queries biased to ``q8 + 128``,
+``corr = 128 sum_c k8_c``; ``|q8 . k8| <= 127^2 d < 2^24`` for ``d <= 1024``, exact in
+float32): the kernel takes the kept scores from that dense tile instead of one dot
+product per kept key (a kept key costs a load, not ``d`` multiply-adds).
+
 :func:`estimate_tile` writes ``est[i, j] = hh`` (as float32: the same values the BLAS
 product gives) for ``MR`` query rows and ``NR`` keys; with no VNNI on the host it is a
 plain loop (the kernel that calls it then uses BLAS instead: see :data:`AVAILABLE`).
@@ -72,12 +77,14 @@ def _vnni_tile(typingctx, est, qw, kw, corr, i0, j0):
         with cgutils.for_range(builder, d4) as loop:
             c = loop.index
             krow = builder.add(builder.mul(c, ldk), j0v)
-            kv = [builder.load(builder.bitcast(builder.gep(kw_a.data, [builder.add(krow, ir.Constant(_I64, 16 * n))]), pv),
-                               align=4) for n in range(nvec)]
+            kv = [builder.load(builder.bitcast(
+                builder.gep(kw_a.data, [builder.add(krow, ir.Constant(_I64, 16 * n))]), pv), align=4)
+                for n in range(nvec)]
             for m in range(MR):
                 qi = builder.add(builder.mul(builder.add(i0v, ir.Constant(_I64, m)), d4), c)
                 word = builder.load(builder.gep(qw_a.data, [qi]))
-                splat = builder.insert_element(ir.Constant(_V16, None), word, ir.Constant(ir.IntType(32), 0))
+                splat = builder.insert_element(ir.Constant(_V16, None), word,
+                                               ir.Constant(ir.IntType(32), 0))
                 splat = builder.shuffle_vector(splat, ir.Constant(_V16, None),
                                                ir.Constant(_V16, [0] * 16))
                 for n in range(nvec):
@@ -124,34 +131,36 @@ def _estimate_tile_typed(est, qw, kw, corr, i0, j0):
 
 
 @njit(nogil=True, cache=True)
-def pack_keys(k8, bh, kend, kbytes, kw, corr):
-    """Key nibbles of head ``bh`` into ``kw`` (via its byte view ``kbytes``) and ``corr``.
+def pack_keys(k8, bh, kend, full, kbytes, kw, corr):
+    """Keys of head ``bh`` into ``kw`` (through its byte view ``kbytes``) and ``corr``.
 
-    ``kbytes [d4, nk_pad, 4]`` int8 is ``kw``'s memory; keys ``>= kend`` and bytes past
-    ``d`` are zero (they add nothing).
+    ``full=False``: the high nibbles ``hi(k8)`` and ``corr = 8 sum hi(k8)`` (the
+    estimate); ``full=True``: ``k8`` itself and ``corr = 128 sum k8`` (the int8 scores
+    ``q8 . k8``, with the queries biased by 128). ``kbytes [d4, nk_pad, 4]`` int8 is
+    ``kw``'s memory; keys ``>= kend`` and bytes past ``d`` are zero (they add nothing).
     """
     d = k8.shape[2]
-    d4, nk_pad = kbytes.shape[0], kbytes.shape[1]
     kbytes[:] = 0
     corr[:] = 0
     for j in range(kend):
         s = np.int32(0)
         for cc in range(d):
-            h = np.int8(k8[bh, j, cc] >> 4)
+            h = k8[bh, j, cc] if full else np.int8(k8[bh, j, cc] >> 4)
             kbytes[cc // 4, j, cc % 4] = h
             s += np.int32(h)
-        corr[j] = 8 * s
-    return d4, nk_pad
+        corr[j] = (128 if full else 8) * s
 
 
 @njit(nogil=True, cache=True)
-def pack_queries(q8, bh, i0, nrows, qbytes):
-    """Biased query nibbles ``hi(q8) + 8`` of rows ``i0 : i0 + nrows`` into ``qbytes [rows_pad, 4 d4]``.
+def pack_queries(q8, bh, i0, nrows, full, qbytes):
+    """Biased query rows ``i0 : i0 + nrows`` into ``qbytes [rows_pad, 4 d4]`` (uint8).
 
+    ``full=False``: ``hi(q8) + 8`` in [0, 15]; ``full=True``: ``q8 + 128`` in [1, 255].
     Rows past ``nrows`` and bytes past ``d`` are zero.
     """
     d = q8.shape[2]
     qbytes[:] = 0
     for i in range(nrows):
         for cc in range(d):
-            qbytes[i, cc] = np.uint8((q8[bh, i0 + i, cc] >> 4) + 8)
+            x = np.int32(q8[bh, i0 + i, cc])
+            qbytes[i, cc] = np.uint8(x + 128 if full else (x >> 4) + 8)
