@@ -66,33 +66,30 @@ def _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes):
 
 
 @njit(nogil=True, cache=True)
-def _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx, lanes):
+def _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx):
     """Relative / absolute rule of one row without a float mask, in one pass over the tile row.
 
     The same IEEE operations as :func:`_row_units` and :func:`_select` (``u = est * 256 s_k``
     in float64, exact, then one compare with the row's cut), but ``u`` is recomputed in
-    registers instead of stored, and the kept indices are written without a branch (a
-    15 % keep rule mispredicts a branch on most kept keys). Returns the kept count.
+    vector registers instead of stored, and the kept indices are packed 16 keys at a
+    time (:func:`mcattn.latte.vnni.compress_groups`), with no branch per key (a 15 % rule
+    would mispredict most kept keys). ``idx`` needs ``rend + 16`` slots. Returns the kept
+    count.
     """
-    for a in range(8):
-        lanes[a] = -np.inf
-    m = rend // 8 * 8
-    for j in range(0, m, 8):
-        for a in range(8):
-            x = np.float64(est[i, j + a]) * sk256[bh, j + a]
-            lanes[a] = x if x > lanes[a] else lanes[a]
-    top = -np.inf
-    for a in range(8):
-        top = max(top, lanes[a])
-    for j in range(m, rend):
-        top = max(top, np.float64(est[i, j]) * sk256[bh, j])
+    est_row = est[i]
+    sk_row = sk256[bh]
+    g8 = rend // 8
+    top = vnni.max_groups(est_row, sk_row, g8)
+    for j in range(8 * g8, rend):
+        top = max(top, np.float64(est_row[j]) * sk_row[j])
     if top == -np.inf:
         return 0
     cut = top - th / c if mode == 0 else min(th / c, top)
-    n = 0
-    for j in range(rend):
+    g16 = rend // 16
+    n = vnni.compress_groups(est_row, sk_row, g16, cut, idx)
+    for j in range(16 * g16, rend):
         idx[n] = j
-        n += np.float64(est[i, j]) * sk256[bh, j] >= cut
+        n += np.float64(est_row[j]) * sk_row[j] >= cut
     return n
 
 
@@ -356,7 +353,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     plain = (mode == 0 or mode == 1) and not has_bias and not want_mass
     # The plain rules' block output (_block_output): kept lists and scores of the block's rows.
     pb = block_q if plain else 1
-    idxb = np.empty((pb, nk + 1 if plain else 1), np.int32)
+    idxb = np.empty((pb, nk + 16 if plain else 1), np.int32)  # 16 slots of slack: vnni.compress_groups
     cnt = np.zeros(pb, np.int64)
     scb = np.empty((pb, nk + 1 if plain else 1), v.dtype)
     bitsb = np.empty((1, nk + 1 if plain else 1), bits_type)
@@ -419,7 +416,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                 rend = min(kend, row + 1) if is_causal else kend
                 c = scale * np.float64(s_q[bh, row])
                 cvals[i] = c
-                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idxb[i], lanes)
+                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idxb[i])
                 cnt[i] = n
                 kept_out[bh, row] = n
                 if write_mask:

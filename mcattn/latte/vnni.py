@@ -33,7 +33,8 @@ from numba.extending import intrinsic, overload
 
 from .._jit import njit
 
-__all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "pack_keys", "pack_queries"]
+__all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "pack_keys", "pack_queries", "max_groups",
+           "compress_groups"]
 
 #: Query rows and keys of one register tile: 6 x 4 accumulators of 16 int32 lanes (24 of
 #: the 32 zmm registers; 4 more hold the key words).
@@ -164,3 +165,132 @@ def pack_queries(q8, bh, i0, nrows, full, qbytes):
         for cc in range(d):
             x = np.int32(q8[bh, i0 + i, cc])
             qbytes[i, cc] = np.uint8(x + 128 if full else (x >> 4) + 8)
+
+
+# ----------------------------------------------------------------------------- the keep rule
+# Two row passes of the relative / absolute keep rule in AVX-512 vectors: the row maximum
+# of ``u = est * 256 s_k`` and the kept indices ``{j : u_j >= cut}`` (vpcompressd into a
+# register, then one store). The products are the same IEEE float64 operations as the
+# scalar code (fpext, fmul) and a maximum does not depend on its order, so the kept sets
+# are identical. Whole groups only: the caller finishes the row's tail in scalar code.
+
+_F8 = ir.VectorType(ir.FloatType(), 8)
+_F16 = ir.VectorType(ir.FloatType(), 16)
+_D8 = ir.VectorType(ir.DoubleType(), 8)
+_B16 = ir.VectorType(ir.IntType(1), 16)
+
+
+def _ptr(builder, arr, index, vtype):
+    return builder.bitcast(builder.gep(arr.data, [index]), ir.PointerType(vtype))
+
+
+@intrinsic
+def _max_groups(typingctx, est_row, sk_row, groups):
+    """``max u`` over the first ``8 groups`` keys (float64; -inf for none)."""
+    sig = types.float64(est_row, sk_row, groups)
+
+    def codegen(context, builder, signature, args):
+        est_a, sk_a = (context.make_array(t)(context, builder, a)
+                       for t, a in zip(signature.args[:2], args[:2]))
+        fmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_D8, [_D8, _D8]),
+                                              "llvm.maxnum.v8f64")
+        red = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.DoubleType(), [_D8]), "llvm.vector.reduce.fmax.v8f64")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(_D8, [float("-inf")] * 8))
+        with cgutils.for_range(builder, args[2]) as loop:
+            off = builder.mul(loop.index, ir.Constant(_I64, 8))
+            e = builder.fpext(builder.load(_ptr(builder, est_a, off, _F8), align=4), _D8)
+            s = builder.load(_ptr(builder, sk_a, off, _D8), align=8)
+            builder.store(builder.call(fmax, [builder.load(acc), builder.fmul(e, s)]), acc)
+        return builder.call(red, [builder.load(acc)])
+
+    return sig, codegen
+
+
+@intrinsic
+def _compress_groups(typingctx, est_row, sk_row, groups, cut, idx):
+    """Indices ``j < 16 groups`` with ``u_j >= cut`` into ``idx`` (ascending); their count.
+
+    ``idx`` (int32) needs 16 slots of slack past the count: each group stores 16 lanes.
+    """
+    sig = types.int64(est_row, sk_row, groups, cut, idx)
+
+    def codegen(context, builder, signature, args):
+        est_a, sk_a = (context.make_array(t)(context, builder, a)
+                       for t, a in zip(signature.args[:2], args[:2]))
+        idx_a = context.make_array(signature.args[4])(context, builder, args[4])
+        i32 = ir.IntType(32)
+        i16 = ir.IntType(16)
+        comp = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _B16]), "llvm.x86.avx512.mask.compress.v16i32")
+        pop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+        cutv = builder.insert_element(ir.Constant(_D8, None), args[3], ir.Constant(i32, 0))
+        sel8 = ir.VectorType(i32, 8)
+        cutv = builder.shuffle_vector(cutv, ir.Constant(_D8, None), ir.Constant(sel8, [0] * 8))
+        lanes = ir.Constant(_V16, list(range(16)))
+        count = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
+        with cgutils.for_range(builder, args[2]) as loop:
+            off = builder.mul(loop.index, ir.Constant(_I64, 16))
+            e = builder.load(_ptr(builder, est_a, off, _F16), align=4)
+            masks = []
+            for h in range(2):
+                half = builder.shuffle_vector(e, ir.Constant(_F16, None),
+                                              ir.Constant(sel8, list(range(8 * h, 8 * h + 8))))
+                at = builder.add(off, ir.Constant(_I64, 8 * h))
+                s = builder.load(_ptr(builder, sk_a, at, _D8), align=8)
+                masks.append(builder.fcmp_ordered(">=", builder.fmul(builder.fpext(half, _D8), s), cutv))
+            m = builder.shuffle_vector(masks[0], masks[1], lanes)
+            base = builder.trunc(off, i32)
+            bvec = builder.insert_element(ir.Constant(_V16, None), base, ir.Constant(i32, 0))
+            bvec = builder.shuffle_vector(bvec, ir.Constant(_V16, None), ir.Constant(_V16, [0] * 16))
+            packed = builder.call(comp, [builder.add(bvec, lanes), ir.Constant(_V16, None), m])
+            n = builder.load(count)
+            builder.store(packed, _ptr(builder, idx_a, n, _V16), align=4)
+            bits = builder.bitcast(m, ir.IntType(16))
+            builder.store(builder.add(n, builder.zext(builder.call(pop, [bits]), _I64)), count)
+        return builder.load(count)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _max_groups_plain(est_row, sk_row, groups):
+    top = -np.inf
+    for j in range(8 * groups):
+        top = max(top, np.float64(est_row[j]) * sk_row[j])
+    return top
+
+
+@njit(nogil=True, cache=True)
+def _compress_groups_plain(est_row, sk_row, groups, cut, idx):
+    n = 0
+    for j in range(16 * groups):
+        idx[n] = j
+        n += np.float64(est_row[j]) * sk_row[j] >= cut
+    return n
+
+
+def max_groups(est_row, sk_row, groups):
+    """``max_j est_row[j] * sk_row[j]`` over ``j < 8 groups`` (Numba only)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+def compress_groups(est_row, sk_row, groups, cut, idx):
+    """Kept indices of ``j < 16 groups`` into ``idx``, their count (Numba only)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(max_groups, jit_options={"nogil": True})
+def _max_groups_typed(est_row, sk_row, groups):
+    if AVAILABLE:
+        return lambda est_row, sk_row, groups: _max_groups(est_row, sk_row, groups)
+    return lambda est_row, sk_row, groups: _max_groups_plain(est_row, sk_row, groups)
+
+
+@overload(compress_groups, jit_options={"nogil": True})
+def _compress_groups_typed(est_row, sk_row, groups, cut, idx):
+    if AVAILABLE:
+        return lambda est_row, sk_row, groups, cut, idx: _compress_groups(
+            est_row, sk_row, groups, cut, idx)
+    return lambda est_row, sk_row, groups, cut, idx: _compress_groups_plain(
+        est_row, sk_row, groups, cut, idx)
