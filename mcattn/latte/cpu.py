@@ -211,10 +211,14 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
     d = qblk.shape[1]
     dv = v.shape[2]
     pos[:nrows] = 0
-    if dense:
+    if dense:  # the scores' scales and the row max in the same pass as the tile loads
         for i in range(nrows):
+            smax = -np.inf
             for t in range(cnt[i]):
-                sc[i, t] = s8[i, idxb[i, t]]
+                j = idxb[i, t]
+                sc[i, t] = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j])
+                smax = max(smax, sc[i, t])
+            tot[i] = smax
     for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
         c1 = min(nk, c0 + chunk)
         for i in range(nrows):
@@ -245,14 +249,17 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
             pos[i] = t
     for i in range(nrows):  # the scores' scales, the row max and exp
         n = cnt[i]
-        smax = -np.inf
-        for t in range(n):
-            if int8_scores:
-                sval = cvals[i] * np.float64(s_k[bh, idxb[i, t]]) * np.float64(sc[i, t])
-            else:
-                sval = np.float64(sc[i, t]) * scale
-            sc[i, t] = sval
-            smax = max(smax, sc[i, t])
+        if dense:
+            smax = tot[i]
+        else:
+            smax = -np.inf
+            for t in range(n):
+                if int8_scores:
+                    sval = cvals[i] * np.float64(s_k[bh, idxb[i, t]]) * np.float64(sc[i, t])
+                else:
+                    sval = np.float64(sc[i, t]) * scale
+                sc[i, t] = sval
+                smax = max(smax, sc[i, t])
         for t in range(n):
             sc[i, t] -= smax
         exp_block(sc[i:i + 1], bits, 1, n)
