@@ -393,13 +393,13 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
             current = bh
         if use_vnni:  # the same integers as the BLAS product, in int8 arithmetic
             vnni.pack_queries(q8, bh, i0, nrows, False, qbytes.reshape((rows_pad, 4 * d4)))
-            for ti in range(0, nrows, vnni.MR):
-                for tj in range(0, kend, vnni.NR):
+            for tj in range(0, kend, vnni.NR):  # a key block's words stay in L1 for all rows
+                for ti in range(0, nrows, vnni.MR):
                     vnni.estimate_tile(est_tiles, qw, kw, corr, ti, tj)
             if dense and do_select:
                 vnni.pack_queries(q8, bh, i0, nrows, True, qbytes8.reshape((rows_pad, 4 * d4)))
-                for ti in range(0, nrows, vnni.MR):
-                    for tj in range(0, kend, vnni.NR):
+                for tj in range(0, kend, vnni.NR):
+                    for ti in range(0, nrows, vnni.MR):
                         vnni.estimate_tile(s8_tiles, qw8, kw8, corr8, ti, tj)
             est = est_tiles
         else:
@@ -523,7 +523,8 @@ def _run(lat, *, do_output, write_mask, select=True):
         return out, kept, dropped, mask_out
     arrays = kernel_arrays(lat)
     int8_scores = lat.exact_scores == "int8"
-    block_q = max(1, min(int(config.LATTE_CPU_BLOCK_Q), nq))
+    # Query rows per task, at most 2^18 estimates per thread (1 MiB float32 tiles stay in L2).
+    block_q = max(1, min(int(config.LATTE_CPU_BLOCK_Q), nq, max(vnni.MR, (1 << 18) // nk)))
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
