@@ -1,19 +1,30 @@
 """LATTE on the CPU: a streaming Numba kernel (integer estimate per block, then only kept keys).
 
-A task is one block of ``LATTE_CPU_BLOCK_Q`` query rows of one batch row:
+A task is one block of query rows of one batch row (``LATTE_CPU_BLOCK_Q``, at most
+``2^18 / Nk`` so that a block's tiles stay in L2):
 
-1. the MS4B estimate of the block, ``hi(q8) . hi(k8)`` for every key, is one BLAS
-   float32 product of the nibble matrices (small integers: exact in float32 up to
-   ``d = 262144``); ``safe`` adds one product of width ``3d`` for the error bound;
+1. the MS4B estimate of the block, ``hi(q8) . hi(k8)`` for every key: on a CPU with
+   AVX-512 VNNI int8 tiles (:mod:`mcattn.latte.vnni`, ``vpdpbusd``, about a quarter of
+   the float32 product's time), else one BLAS float32 product of the nibble matrices
+   (small integers: exact in float32 up to ``d = 262144``); the same integers either
+   way. ``safe`` adds one product of width ``3d`` for the error bound;
 2. per query row, the keep rule in exact float64 arithmetic (the same operations as
-   :mod:`mcattn.latte.naive`, so the kept sets are identical) gives the list of kept keys;
-3. only the kept keys are visited: their score (``q8 . k8`` as a float32 dot of int8
-   values, exact, or ``q . k``), the softmax, and ``sum p_j v_j``.
+   :mod:`mcattn.latte.naive`, so the kept sets are identical) gives the list of kept
+   keys. The relative and absolute rules without a float mask (the common case, "plain")
+   take one vectorised pass for the row maximum and one that packs the kept indices 16
+   keys at a time (:func:`_row_keep_plain`); the other rules store the row's float64
+   estimates first (:func:`_row_units`, :func:`_select`);
+3. only the kept keys are visited: their score (``q8 . k8``, exact, or ``q . k``), the
+   softmax, and ``sum p_j v_j``. Plain rules: for all rows of the block at once, a key
+   chunk (``LATTE_CPU_BLOCK_K``) at a time (:func:`_block_output`), and with VNNI the
+   int8 scores are read from a dense ``q8 . k8`` tile of the block (one more int8 tile,
+   cheaper than ``d`` multiply-adds per kept key); otherwise row by row
+   (:func:`_kept_output`).
 
-Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (one row of estimates per query of
-the block) plus the current head's nibble and int8 matrices (``Nk x d``): no ``Nq x Nk``
-buffer. With ``want_mass`` the exact scores of the block are
-computed too (one more BLAS product) to report the dropped attention mass.
+Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (the block's estimate and score
+tiles, kept lists) plus the current head's nibble and int8 matrices (``Nk x d``): no
+``Nq x Nk`` buffer. With ``want_mass`` the exact scores of the block are computed too
+(one more BLAS product) to report the dropped attention mass.
 
 Backward (hard mask, :func:`backward`): a task is a batch row; each query row revisits
 its kept keys (from :func:`kept_mask`) to recompute the probabilities and accumulate
