@@ -15,11 +15,11 @@ A task is one block of query rows of one batch row (``LATTE_CPU_BLOCK_Q``, at mo
    keys at a time (:func:`_row_keep_plain`); the other rules store the row's float64
    estimates first (:func:`_row_units`, :func:`_select`);
 3. only the kept keys are visited: their score (``q8 . k8``, exact, or ``q . k``), the
-   softmax, and ``sum p_j v_j``. Plain rules: for all rows of the block at once, a key
-   chunk (``LATTE_CPU_BLOCK_K``) at a time (:func:`_block_output`), and with VNNI the
+   softmax, and ``sum p_j v_j``, for all rows of the block at once, a key chunk
+   (``LATTE_CPU_BLOCK_K``) at a time (:func:`_block_output`); with VNNI the
    int8 scores are read from a dense ``q8 . k8`` tile of the block (one more int8 tile,
-   cheaper than ``d`` multiply-adds per kept key); otherwise row by row
-   (:func:`_kept_output`).
+   cheaper than ``d`` multiply-adds per kept key). Every rule and mask takes this pass,
+   so a float mask of zeros or ``return_info`` leaves the output bit for bit unchanged.
 
 Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (the block's estimate and score
 tiles, kept lists) plus the current head's nibble and int8 matrices (``Nk x d``): no
@@ -74,6 +74,26 @@ def _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes):
     for j in range(m, rend):
         top = max(top, low[j])
     return top
+
+
+@njit(nogil=True, cache=True)
+def _dropped_plain(ts, i, rend, scale, idx, n, sel):
+    """Exact attention mass of the keys ``j < rend`` not in ``idx[:n]`` (row ``i`` of ``ts``)."""
+    tmax = -np.inf
+    for j in range(rend):
+        sel[j] = np.float64(ts[i, j]) * scale
+        tmax = max(tmax, sel[j])
+    total = 0.0
+    dropped = 0.0
+    t = 0
+    for j in range(rend):
+        w = math.exp(sel[j] - tmax)
+        total += w
+        if t < n and idx[t] == j:
+            t += 1
+        else:
+            dropped += w
+    return dropped / total if total > 0 else 0.0
 
 
 @njit(nogil=True, cache=True)
@@ -140,74 +160,8 @@ def _select(low, up, top, rend, mode, th, c, sel, idx):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c, scale, idx,
-                 n, sc, bits, acc, out):
-    """Softmax over the kept keys ``idx[:n]`` and ``sum p v`` into ``out[bh, row]``.
-
-    Keys go four at a time: four dot products share each load of ``qrow``, and each
-    ``acc`` load/store serves four value rows (one key at a time, the loop waits on
-    the accumulator's store-to-load round trip).
-    """
-    ninf = -np.inf
-    d = qrow.shape[0]
-    dv = v.shape[2]
-    n4 = n // 4 * 4
-    for t in range(0, n4, 4):
-        j0, j1, j2, j3 = idx[t], idx[t + 1], idx[t + 2], idx[t + 3]
-        z = qrow[0] * 0
-        d0, d1, d2, d3 = z, z, z, z
-        for cc in range(d):  # int8 values in float32: exact in any order
-            x = qrow[cc]
-            d0 += x * krows[j0, cc]
-            d1 += x * krows[j1, cc]
-            d2 += x * krows[j2, cc]
-            d3 += x * krows[j3, cc]
-        sc[0, t] = d0
-        sc[0, t + 1] = d1
-        sc[0, t + 2] = d2
-        sc[0, t + 3] = d3
-    for t in range(n4, n):
-        j = idx[t]
-        dot = qrow[0] * 0
-        for cc in range(d):
-            dot += qrow[cc] * krows[j, cc]
-        sc[0, t] = dot
-    smax = ninf
-    for t in range(n):
-        j = idx[t]
-        if int8_scores:
-            sval = c * np.float64(s_k[bh, j]) * np.float64(sc[0, t])
-        else:
-            sval = np.float64(sc[0, t]) * scale
-        if has_bias:
-            sval += np.float64(bias[slot, r, j])
-        sc[0, t] = sval
-        smax = max(smax, sc[0, t])
-    for t in range(n):
-        sc[0, t] -= smax
-    exp_block(sc, bits, 1, n)
-    total = sc[0, 0] * 0
-    acc[:] = 0.0
-    for t in range(0, n4, 4):
-        j0, j1, j2, j3 = idx[t], idx[t + 1], idx[t + 2], idx[t + 3]
-        p0, p1, p2, p3 = sc[0, t], sc[0, t + 1], sc[0, t + 2], sc[0, t + 3]
-        total += (p0 + p1) + (p2 + p3)
-        for cc in range(dv):
-            acc[cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc] + p3 * v[bh, j3, cc])
-    for t in range(n4, n):
-        p = sc[0, t]
-        total += p
-        j = idx[t]
-        for cc in range(dv):
-            acc[cc] += p * v[bh, j, cc]
-    inv = 1.0 / total
-    for cc in range(dv):
-        out[bh, row, cc] = acc[cc] * inv
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST)
 def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
-                  bits, acc, pos, tot, chunk, dense, s8, out):
+                  bits, acc, pos, tot, chunk, dense, s8, out, bias, slot, has_bias):
     """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
 
     Row ``i`` (query ``i0 + i``) keeps ``idxb[i, :cnt[i]]`` (ascending). The keys are
@@ -221,13 +175,18 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
     nk = v.shape[1]
     d = qblk.shape[1]
     dv = v.shape[2]
+    row_bias = bias.shape[1] > 1
+    r0 = i0
     pos[:nrows] = 0
     if dense:  # the scores' scales and the row max in the same pass as the tile loads
         for i in range(nrows):
             smax = -np.inf
             for t in range(cnt[i]):
                 j = idxb[i, t]
-                sc[i, t] = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j])
+                sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j])
+                if has_bias:
+                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
+                sc[i, t] = sval
                 smax = max(smax, sc[i, t])
             tot[i] = smax
     for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
@@ -265,10 +224,13 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
         else:
             smax = -np.inf
             for t in range(n):
+                j = idxb[i, t]
                 if int8_scores:
-                    sval = cvals[i] * np.float64(s_k[bh, idxb[i, t]]) * np.float64(sc[i, t])
+                    sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(sc[i, t])
                 else:
                     sval = np.float64(sc[i, t]) * scale
+                if has_bias:
+                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
                 sc[i, t] = sval
                 smax = max(smax, sc[i, t])
         for t in range(n):
@@ -307,20 +269,6 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
 
 
 @njit(nogil=True, cache=True)
-def _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
-                scale, idx, n, sc, bits, acc, out):
-    """:func:`_kept_output` of query ``row`` with the int8 or float rows it takes."""
-    if int8_scores:
-        for cc in range(q8.shape[2]):
-            qbuf[cc] = q8[bh, row, cc]
-        _kept_output(qbuf, kbuf, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
-                     scale, idx, n, sc, bits, acc, out)
-    else:
-        _kept_output(qf[bh, row], kf[bh], v, s_k, bias, bh, row, slot, r, has_bias, int8_scores,
-                     c, scale, idx, n, sc, bits, acc, out)
-
-
-@njit(nogil=True, cache=True)
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
                  do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
@@ -345,8 +293,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     qw = qbytes.view(np.int32).reshape((rows_pad, d4))
     est_tiles = np.empty((rows_pad, nk_pad), np.float32)
     # With VNNI, the plain rules' int8 kept scores come from a dense q8 . k8 tile too.
-    dense = use_vnni and int8_scores and do_output and (mode == 0 or mode == 1) \
-        and not has_bias and not want_mass
+    dense = use_vnni and int8_scores and do_output
     nk8 = nk_pad if dense else 1
     kbytes8 = np.zeros(d4 * nk8 * 4, np.int8)
     kw8 = kbytes8.view(np.int32).reshape((d4, nk8))
@@ -355,7 +302,6 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     qw8 = qbytes8.view(np.int32).reshape((rows_pad if dense else 1, d4))
     s8_tiles = np.empty((rows_pad if dense else 1, nk8), np.float32)
     kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
-    qbuf = np.empty(d, qf.dtype)
     current = -1
     err_buf = np.empty(block_q * nk if mode == 3 else 1, np.float32)
     true_buf = np.empty(block_q * nk if want_mass else 1, qf.dtype)
@@ -363,18 +309,15 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     up = np.empty(nk, np.float64) if mode == 3 else low
     idx = np.empty(nk, np.int64)
     sel = np.empty(nk, np.float64)
-    sc = np.empty((1, max(nk, 1)), v.dtype)
-    bits = np.empty((1, max(nk, 1)), bits_type)
-    acc = np.empty(dv, v.dtype)
     lanes = np.empty(8, np.float64)
     ninf = -np.inf
-    plain = (mode == 0 or mode == 1) and not has_bias and not want_mass
+    plain = (mode == 0 or mode == 1) and not has_bias  # (return_info must not change the output)
     # The plain rules' block output (_block_output): kept lists and scores of the block's rows.
-    pb = block_q if plain else 1
-    idxb = np.empty((pb, nk + 16 if plain else 1), np.int32)  # 16 slots of slack: vnni.compress_groups
+    pb = block_q
+    idxb = np.empty((pb, nk + 16), np.int32)  # 16 slots of slack: vnni.compress_groups
     cnt = np.zeros(pb, np.int64)
-    scb = np.empty((pb, nk + 1 if plain else 1), v.dtype)
-    bitsb = np.empty((1, nk + 1 if plain else 1), bits_type)
+    scb = np.empty((pb, nk + 1), v.dtype)
+    bitsb = np.empty((1, nk + 1), bits_type)
     accb = np.empty((pb, dv), v.dtype)
     posb = np.zeros(pb, np.int64)
     totb = np.zeros(pb, v.dtype)
@@ -440,12 +383,14 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                 if write_mask:
                     for t in range(n):
                         mask_out[bh, row, idxb[i, t]] = True
+                if want_mass:  # every key j < rend is visible here (no float mask)
+                    dropped_out[bh, row] = _dropped_plain(ts, i, rend, scale, idxb[i], n, sel)
                 for cc in range(d):
                     qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
             if do_output:
                 _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
                               scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
-                              block_k, dense, s8_tiles, out)
+                              block_k, dense, s8_tiles, out, bias, slot, has_bias)
             continue
         for i in range(nrows):
             row = i0 + i
@@ -493,9 +438,17 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                     else:
                         dropped += w
                 dropped_out[bh, row] = dropped / total if total > 0 else 0.0
-            if do_output and n > 0:
-                _output_row(q8, qf, kf, kbuf, qbuf, v, s_k, bias, bh, row, slot, r, has_bias,
-                            int8_scores, c, scale, idx, n, sc, bits, acc, out)
+            if do_output:  # the block's kept keys go through _block_output below
+                for t in range(n):
+                    idxb[i, t] = idx[t]
+                cnt[i] = n
+                cvals[i] = c
+                for cc in range(d):
+                    qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
+        if do_output:
+            _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
+                          scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
+                          block_k, dense, s8_tiles, out, bias, slot, has_bias)
 
 
 def use_vnni(lat):
