@@ -56,6 +56,13 @@ RFA_EPS = 1e-6
 #: LATTE (mcattn.latte): query rows per task of the CPU kernel (its scratch is one row of
 #: estimates per query of the block, BLOCK_Q x Nk float32).
 LATTE_CPU_BLOCK_Q = 64
+#: LATTE's CPU estimate in int8 arithmetic (AVX-512 VNNI, mcattn.latte.vnni) where the
+#: CPU has it; False takes the float32 BLAS product (the same kept sets, slower).
+LATTE_CPU_VNNI = True
+#: Keys per chunk of the CPU kernel's kept-key pass (relative / absolute rules without a
+#: float mask): every query row of a block takes its kept keys from a chunk while the
+#: chunk's key and value rows are in cache.
+LATTE_CPU_BLOCK_K = 512
 
 #: Monte-Carlo attention with shared draws: budgets of a head are rounded up into groups
 #: spanning at most this relative width (more samples, never fewer), so that the

@@ -57,7 +57,9 @@ class Latte:
 
 
 def _phases(q, k, v, theta):
-    """Seconds of the kernel's phases: estimate GEMM + keep rule, and the whole call."""
+    """Seconds of the kernel's phases (int8 kept scores): quantisation; the estimate alone;
+    the estimate and the keep rule (``filter_s``); the whole kernel (``kernel_s``: with the
+    kept scores, softmax and ``P V``; with VNNI also the dense ``q8 . k8`` tile)."""
     import time
 
     from mcattn.latte import cpu
@@ -80,10 +82,13 @@ def _phases(q, k, v, theta):
                       key_padding_mask=None, is_causal=False, scale=None, exact_scores="int8",
                       check_finite=False, want_mass=False)
 
+    kernel = best(lambda: cpu._run(lat, do_output=True, write_mask=False))
+    filt = best(lambda: cpu._run(lat, do_output=False, write_mask=False))
     return {
         "quantise_s": best(prepare),
         "estimate_s": best(lambda: cpu._run(lat, do_output=False, write_mask=False, select=False)),
-        "filter_s": best(lambda: cpu._run(lat, do_output=False, write_mask=False)),
+        "filter_s": filt,
+        "kernel_s": kernel,
     }
 
 
@@ -101,10 +106,18 @@ def ratio_rows(argv):
     parser.add_argument("--phases", action="store_true",
                         help="also time the phases (quantise; estimate GEMM alone; estimate + keep rule)")
     parser.add_argument("--memory", action="store_true", help="peak RSS growth per call")
+    parser.add_argument("--no-vnni", action="store_true",
+                        help="config.LATTE_CPU_VNNI = False: the float32 BLAS estimate")
     args = parser.parse_args(argv)
+    from mcattn import config
+    from mcattn.latte import vnni
+
+    if args.no_vnni:
+        config.LATTE_CPU_VNNI = False
+    path = "int8 VNNI" if vnni.AVAILABLE and config.LATTE_CPU_VNNI else "float32 BLAS"
     title = (f"mcattn latte (numba {numba.__version__}) / mcattn exact (numba), CPU, B=1 "
              f"H={args.heads} d=64 float32, relative thresholds per head calibrated to keep "
-             f"{args.keep:.0%} of keys, threads {__import__('mcattn').config.num_threads()}")
+             f"{args.keep:.0%} of keys, threads {config.num_threads()}, estimate {path}")
 
     def rows():
         for n in args.sizes:

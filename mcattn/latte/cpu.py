@@ -1,19 +1,30 @@
 """LATTE on the CPU: a streaming Numba kernel (integer estimate per block, then only kept keys).
 
-A task is one block of ``LATTE_CPU_BLOCK_Q`` query rows of one batch row:
+A task is one block of query rows of one batch row (``LATTE_CPU_BLOCK_Q``, at most
+``2^18 / Nk`` so that a block's tiles stay in L2):
 
-1. the MS4B estimate of the block, ``hi(q8) . hi(k8)`` for every key, is one BLAS
-   float32 product of the nibble matrices (small integers: exact in float32 up to
-   ``d = 262144``); ``safe`` adds one product of width ``3d`` for the error bound;
+1. the MS4B estimate of the block, ``hi(q8) . hi(k8)`` for every key: on a CPU with
+   AVX-512 VNNI int8 tiles (:mod:`mcattn.latte.vnni`, ``vpdpbusd``, about a quarter of
+   the float32 product's time), else one BLAS float32 product of the nibble matrices
+   (small integers: exact in float32 up to ``d = 262144``); the same integers either
+   way. ``safe`` adds one product of width ``3d`` for the error bound;
 2. per query row, the keep rule in exact float64 arithmetic (the same operations as
-   :mod:`mcattn.latte.naive`, so the kept sets are identical) gives the list of kept keys;
-3. only the kept keys are visited: their score (``q8 . k8`` as a float32 dot of int8
-   values, exact, or ``q . k``), the softmax, and ``sum p_j v_j``.
+   :mod:`mcattn.latte.naive`, so the kept sets are identical) gives the list of kept
+   keys. The relative and absolute rules without a float mask (the common case, "plain")
+   take one vectorised pass for the row maximum and one that packs the kept indices 16
+   keys at a time (:func:`_row_keep_plain`); the other rules store the row's float64
+   estimates first (:func:`_row_units`, :func:`_select`);
+3. only the kept keys are visited: their score (``q8 . k8``, exact, or ``q . k``), the
+   softmax, and ``sum p_j v_j``, for all rows of the block at once, a key chunk
+   (``LATTE_CPU_BLOCK_K``) at a time (:func:`_block_output`); with VNNI the
+   int8 scores are read from a dense ``q8 . k8`` tile of the block (one more int8 tile,
+   cheaper than ``d`` multiply-adds per kept key). Every rule and mask takes this pass,
+   so a float mask of zeros or ``return_info`` leaves the output bit for bit unchanged.
 
-Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (one row of estimates per query of
-the block) plus the current head's nibble and int8 matrices (``Nk x d``): no ``Nq x Nk``
-buffer. With ``want_mass`` the exact scores of the block are
-computed too (one more BLAS product) to report the dropped attention mass.
+Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (the block's estimate and score
+tiles, kept lists) plus the current head's nibble and int8 matrices (``Nk x d``): no
+``Nq x Nk`` buffer. With ``want_mass`` the exact scores of the block are computed too
+(one more BLAS product) to report the dropped attention mass.
 
 Backward (hard mask, :func:`backward`): a task is a batch row; each query row revisits
 its kept keys (from :func:`kept_mask`) to recompute the probabilities and accumulate
@@ -28,9 +39,10 @@ from .. import config
 from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
 from .._jit import njit
+from . import vnni
 from .naive import MODES
 
-__all__ = ["forward", "kept_mask", "backward", "kernel_arrays"]
+__all__ = ["forward", "kept_mask", "backward", "kernel_arrays", "use_vnni"]
 
 
 _FAST = {"nsz", "contract", "reassoc"}  # order of sums only, for the kept scores and P V
@@ -62,6 +74,54 @@ def _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low, lanes):
     for j in range(m, rend):
         top = max(top, low[j])
     return top
+
+
+@njit(nogil=True, cache=True)
+def _dropped_plain(ts, i, rend, scale, idx, n, sel):
+    """Exact attention mass of the keys ``j < rend`` not in ``idx[:n]`` (row ``i`` of ``ts``)."""
+    tmax = -np.inf
+    for j in range(rend):
+        sel[j] = np.float64(ts[i, j]) * scale
+        tmax = max(tmax, sel[j])
+    total = 0.0
+    dropped = 0.0
+    t = 0
+    for j in range(rend):
+        w = math.exp(sel[j] - tmax)
+        total += w
+        if t < n and idx[t] == j:
+            t += 1
+        else:
+            dropped += w
+    return dropped / total if total > 0 else 0.0
+
+
+@njit(nogil=True, cache=True)
+def _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx):
+    """Relative / absolute rule of one row without a float mask, in one pass over the tile row.
+
+    The same IEEE operations as :func:`_row_units` and :func:`_select` (``u = est * 256 s_k``
+    in float64, exact, then one compare with the row's cut), but ``u`` is recomputed in
+    vector registers instead of stored, and the kept indices are packed 16 keys at a
+    time (:func:`mcattn.latte.vnni.compress_groups`), with no branch per key (a 15 % rule
+    would mispredict most kept keys). ``idx`` needs ``rend + 16`` slots. Returns the kept
+    count.
+    """
+    est_row = est[i]
+    sk_row = sk256[bh]
+    g8 = rend // 8
+    top = vnni.max_groups(est_row, sk_row, g8)
+    for j in range(8 * g8, rend):
+        top = max(top, np.float64(est_row[j]) * sk_row[j])
+    if top == -np.inf:
+        return 0
+    cut = top - th / c if mode == 0 else min(th / c, top)
+    g16 = rend // 16
+    n = vnni.compress_groups(est_row, sk_row, g16, cut, idx)
+    for j in range(16 * g16, rend):
+        idx[n] = j
+        n += np.float64(est_row[j]) * sk_row[j] >= cut
+    return n
 
 
 @njit(nogil=True, cache=True)
@@ -100,57 +160,148 @@ def _select(low, up, top, rend, mode, th, c, sel, idx):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c, scale, idx,
-                 n, sc, bits, acc, out):
-    """Softmax over the kept keys ``idx[:n]`` and ``sum p v`` into ``out[bh, row]``."""
-    ninf = -np.inf
-    smax = ninf
-    for t in range(n):
-        j = idx[t]
-        krow = krows[j]
-        dot = qrow[0] * 0
-        for cc in range(qrow.shape[0]):  # int8 values in float32: exact in any order
-            dot += qrow[cc] * krow[cc]
-        if int8_scores:
-            sval = c * np.float64(s_k[bh, j]) * np.float64(dot)
+def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
+                  bits, acc, pos, tot, chunk, dense, s8, out, bias, slot, has_bias):
+    """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
+
+    Row ``i`` (query ``i0 + i``) keeps ``idxb[i, :cnt[i]]`` (ascending). The keys are
+    visited a chunk of ``chunk`` keys at a time for all the rows of the block, so the
+    chunk's key and value rows stay in cache while every row takes its kept keys from it
+    (row by row, each row would sweep the head's whole ``K`` and ``V``). ``qblk [nrows, d]``
+    holds the rows' int8 (as floats) or float queries; ``cvals [nrows]`` their
+    ``scale s_q``; ``sc`` the kept scores, then probabilities. With ``dense`` the int8
+    scores ``q8 . k8`` are read from the tile ``s8 [>= nrows, >= Nk]`` instead.
+    """
+    nk = v.shape[1]
+    d = qblk.shape[1]
+    dv = v.shape[2]
+    row_bias = bias.shape[1] > 1
+    r0 = i0
+    pos[:nrows] = 0
+    if dense:  # the scores' scales and the row max in the same pass as the tile loads
+        for i in range(nrows):
+            smax = -np.inf
+            for t in range(cnt[i]):
+                j = idxb[i, t]
+                sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j])
+                if has_bias:
+                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
+                sc[i, t] = sval
+                smax = max(smax, sc[i, t])
+            tot[i] = smax
+    for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
+        c1 = min(nk, c0 + chunk)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            while t + 4 <= n and idxb[i, t + 3] < c1:
+                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
+                z = qblk[i, 0] * 0
+                d0, d1, d2, d3 = z, z, z, z
+                for cc in range(d):  # int8 values in float32: exact in any order
+                    x = qblk[i, cc]
+                    d0 += x * krows[j0, cc]
+                    d1 += x * krows[j1, cc]
+                    d2 += x * krows[j2, cc]
+                    d3 += x * krows[j3, cc]
+                sc[i, t] = d0
+                sc[i, t + 1] = d1
+                sc[i, t + 2] = d2
+                sc[i, t + 3] = d3
+                t += 4
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                dot = qblk[i, 0] * 0
+                for cc in range(d):
+                    dot += qblk[i, cc] * krows[j, cc]
+                sc[i, t] = dot
+                t += 1
+            pos[i] = t
+    for i in range(nrows):  # the scores' scales, the row max and exp
+        n = cnt[i]
+        if dense:
+            smax = tot[i]
         else:
-            sval = np.float64(dot) * scale
-        if has_bias:
-            sval += np.float64(bias[slot, r, j])
-        sc[0, t] = sval
-        smax = max(smax, sc[0, t])
-    for t in range(n):
-        sc[0, t] -= smax
-    exp_block(sc, bits, 1, n)
-    total = sc[0, 0] * 0
-    acc[:] = 0.0
-    for t in range(n):
-        p = sc[0, t]
-        total += p
-        vrow = v[bh, idx[t]]
-        for cc in range(vrow.shape[0]):
-            acc[cc] += p * vrow[cc]
-    inv = 1.0 / total
-    orow = out[bh, row]
-    for cc in range(orow.shape[0]):
-        orow[cc] = acc[cc] * inv
+            smax = -np.inf
+            for t in range(n):
+                j = idxb[i, t]
+                if int8_scores:
+                    sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(sc[i, t])
+                else:
+                    sval = np.float64(sc[i, t]) * scale
+                if has_bias:
+                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
+                sc[i, t] = sval
+                smax = max(smax, sc[i, t])
+        for t in range(n):
+            sc[i, t] -= smax
+        exp_block(sc[i:i + 1], bits, 1, n)
+        total = sc[i, 0] * 0
+        for t in range(n):
+            total += sc[i, t]
+        tot[i] = total
+    acc[:nrows] = 0.0
+    pos[:nrows] = 0
+    for c0 in range(0, nk, chunk):  # sum p v, four value rows per pass over acc
+        c1 = min(nk, c0 + chunk)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            while t + 4 <= n and idxb[i, t + 3] < c1:
+                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
+                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
+                for cc in range(dv):
+                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
+                                                                            + p3 * v[bh, j3, cc])
+                t += 4
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                p = sc[i, t]
+                for cc in range(dv):
+                    acc[i, cc] += p * v[bh, j, cc]
+                t += 1
+            pos[i] = t
+    for i in range(nrows):
+        if cnt[i] > 0:
+            inv = 1.0 / tot[i]
+            for cc in range(dv):
+                out[bh, i0 + i, cc] = acc[i, cc] * inv
 
 
 @njit(nogil=True, cache=True)
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
-                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type, t0, t1):
+                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
+                 use_vnni, block_k, t0, t1):
     bh_count, nq, d = q8.shape
     nk = k8.shape[1]
     dv = v.shape[2]
     row_bias = bias.shape[1] > 1
     n_qblocks = (nq + block_q - 1) // block_q
-    est_buf = np.empty(block_q * nk, np.float32)
+    est_buf = np.empty(1 if use_vnni else block_q * nk, np.float32)
     # Nibble and int8 matrices of the current head only (small integers, exact in floats).
-    hk = np.empty((nk, d), np.float32)
+    hk = np.empty((1 if use_vnni else nk, d), np.float32)
     hq = np.empty((block_q, d), np.float32)
+    # The VNNI estimate's byte layouts (see mcattn.latte.vnni), padded to whole tiles.
+    d4 = (d + 3) // 4
+    nk_pad = (nk + vnni.NR - 1) // vnni.NR * vnni.NR if use_vnni else 1
+    rows_pad = (block_q + vnni.MR - 1) // vnni.MR * vnni.MR if use_vnni else 1
+    kbytes = np.zeros(d4 * nk_pad * 4, np.int8)
+    kw = kbytes.view(np.int32).reshape((d4, nk_pad))
+    corr = np.zeros(nk_pad, np.int32)
+    qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
+    qw = qbytes.view(np.int32).reshape((rows_pad, d4))
+    est_tiles = np.empty((rows_pad, nk_pad), np.float32)
+    # With VNNI, the plain rules' int8 kept scores come from a dense q8 . k8 tile too.
+    dense = use_vnni and int8_scores and do_output
+    nk8 = nk_pad if dense else 1
+    kbytes8 = np.zeros(d4 * nk8 * 4, np.int8)
+    kw8 = kbytes8.view(np.int32).reshape((d4, nk8))
+    corr8 = np.zeros(nk8, np.int32)
+    qbytes8 = np.zeros((rows_pad if dense else 1) * d4 * 4, np.uint8)
+    qw8 = qbytes8.view(np.int32).reshape((rows_pad if dense else 1, d4))
+    s8_tiles = np.empty((rows_pad if dense else 1, nk8), np.float32)
     kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
-    qbuf = np.empty(d, qf.dtype)
     current = -1
     err_buf = np.empty(block_q * nk if mode == 3 else 1, np.float32)
     true_buf = np.empty(block_q * nk if want_mass else 1, qf.dtype)
@@ -158,11 +309,20 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     up = np.empty(nk, np.float64) if mode == 3 else low
     idx = np.empty(nk, np.int64)
     sel = np.empty(nk, np.float64)
-    sc = np.empty((1, max(nk, 1)), v.dtype)
-    bits = np.empty((1, max(nk, 1)), bits_type)
-    acc = np.empty(dv, v.dtype)
     lanes = np.empty(8, np.float64)
     ninf = -np.inf
+    plain = (mode == 0 or mode == 1) and not has_bias  # (return_info must not change the output)
+    # The plain rules' block output (_block_output): kept lists and scores of the block's rows.
+    pb = block_q
+    idxb = np.empty((pb, nk + 16), np.int32)  # 16 slots of slack: vnni.compress_groups
+    cnt = np.zeros(pb, np.int64)
+    scb = np.empty((pb, nk + 1), v.dtype)
+    bitsb = np.empty((1, nk + 1), bits_type)
+    accb = np.empty((pb, dv), v.dtype)
+    posb = np.zeros(pb, np.int64)
+    totb = np.zeros(pb, v.dtype)
+    cvals = np.zeros(pb, np.float64)
+    qblk = np.zeros((pb, d), qf.dtype)
     for task in range(t0, t1):
         bh = task // n_qblocks
         i0 = (task % n_qblocks) * block_q
@@ -173,18 +333,35 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
         if kend == 0:
             continue
         if bh != current:
-            for j in range(nk):
+            if use_vnni:
+                vnni.pack_keys(k8, bh, nk, False, kbytes.reshape((d4, nk_pad, 4)), kw, corr)
+            if dense:
+                vnni.pack_keys(k8, bh, nk, True, kbytes8.reshape((d4, nk8, 4)), kw8, corr8)
+            for j in range(nk if not use_vnni or (int8_scores and not dense) else 0):
                 for cc in range(d):
                     x = k8[bh, j, cc]
-                    hk[j, cc] = x >> 4
+                    if not use_vnni:
+                        hk[j, cc] = x >> 4
                     if int8_scores:
                         kbuf[j, cc] = x
             current = bh
-        for i in range(nrows):
-            for cc in range(d):
-                hq[i, cc] = q8[bh, i0 + i, cc] >> 4
-        est = est_buf[: nrows * kend].reshape((nrows, kend))
-        np.dot(hq[:nrows], hk[:kend].T, est)
+        if use_vnni:  # the same integers as the BLAS product, in int8 arithmetic
+            vnni.pack_queries(q8, bh, i0, nrows, False, qbytes.reshape((rows_pad, 4 * d4)))
+            for tj in range(0, kend, vnni.NR):  # a key block's words stay in L1 for all rows
+                for ti in range(0, nrows, vnni.MR):
+                    vnni.estimate_tile(est_tiles, qw, kw, corr, ti, tj)
+            if dense and do_select:
+                vnni.pack_queries(q8, bh, i0, nrows, True, qbytes8.reshape((rows_pad, 4 * d4)))
+                for tj in range(0, kend, vnni.NR):
+                    for ti in range(0, nrows, vnni.MR):
+                        vnni.estimate_tile(s8_tiles, qw8, kw8, corr8, ti, tj)
+            est = est_tiles
+        else:
+            for i in range(nrows):
+                for cc in range(d):
+                    hq[i, cc] = q8[bh, i0 + i, cc] >> 4
+            est = est_buf[: nrows * kend].reshape((nrows, kend))
+            np.dot(hq[:nrows], hk[:kend].T, est)
         if mode == 3:
             err = err_buf[: nrows * kend].reshape((nrows, kend))
             np.dot(aq[bh, i0:i1], bk[bh, :kend].T, err)
@@ -193,6 +370,27 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
             np.dot(qf[bh, i0:i1], kf[bh, :kend].T, ts)
         th = theta[bh]
         if not do_select:  # (benchmarks: the estimate product alone)
+            continue
+        if plain:
+            for i in range(nrows):
+                row = i0 + i
+                rend = min(kend, row + 1) if is_causal else kend
+                c = scale * np.float64(s_q[bh, row])
+                cvals[i] = c
+                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idxb[i])
+                cnt[i] = n
+                kept_out[bh, row] = n
+                if write_mask:
+                    for t in range(n):
+                        mask_out[bh, row, idxb[i, t]] = True
+                if want_mass:  # every key j < rend is visible here (no float mask)
+                    dropped_out[bh, row] = _dropped_plain(ts, i, rend, scale, idxb[i], n, sel)
+                for cc in range(d):
+                    qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
+            if do_output:
+                _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
+                              scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
+                              block_k, dense, s8_tiles, out, bias, slot, has_bias)
             continue
         for i in range(nrows):
             row = i0 + i
@@ -240,17 +438,23 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                     else:
                         dropped += w
                 dropped_out[bh, row] = dropped / total if total > 0 else 0.0
-            if do_output and n > 0:
-                if int8_scores:
-                    for cc in range(d):
-                        qbuf[cc] = q8[bh, row, cc]
-                    qrow = qbuf
-                    krows = kbuf
-                else:
-                    qrow = qf[bh, row]
-                    krows = kf[bh]
-                _kept_output(qrow, krows, v, s_k, bias, bh, row, slot, r, has_bias, int8_scores, c,
-                             scale, idx, n, sc, bits, acc, out)
+            if do_output:  # the block's kept keys go through _block_output below
+                for t in range(n):
+                    idxb[i, t] = idx[t]
+                cnt[i] = n
+                cvals[i] = c
+                for cc in range(d):
+                    qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
+        if do_output:
+            _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
+                          scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
+                          block_k, dense, s8_tiles, out, bias, slot, has_bias)
+
+
+def use_vnni(lat):
+    """Whether the estimate takes the int8 (VNNI) tiles: on a VNNI CPU, unless
+    ``config.LATTE_CPU_VNNI`` is off; the kept sets are the same either way."""
+    return bool(vnni.AVAILABLE and config.LATTE_CPU_VNNI)
 
 
 def kernel_arrays(lat):
@@ -283,7 +487,8 @@ def _run(lat, *, do_output, write_mask, select=True):
         return out, kept, dropped, mask_out
     arrays = kernel_arrays(lat)
     int8_scores = lat.exact_scores == "int8"
-    block_q = max(1, min(int(config.LATTE_CPU_BLOCK_Q), nq))
+    # Query rows per task, at most 2^18 estimates per thread (1 MiB float32 tiles stay in L2).
+    block_q = max(1, min(int(config.LATTE_CPU_BLOCK_Q), nq, max(vnni.MR, (1 << 18) // nk)))
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
@@ -293,7 +498,8 @@ def _run(lat, *, do_output, write_mask, select=True):
               256.0 * lat.s_k.astype(np.float64), float(inp.scale),
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
               bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,
-              out, kept, dropped, mask_out, bits_dtype(q.dtype))
+              out, kept, dropped, mask_out, bits_dtype(q.dtype), use_vnni(lat),
+              max(1, int(config.LATTE_CPU_BLOCK_K)))
     return out, kept, dropped, mask_out
 
 

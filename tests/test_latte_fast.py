@@ -1,0 +1,147 @@
+"""LATTE's fast CPU path (issue 22): the int8 (VNNI) estimate and score tiles, the vector keep
+rule, and the block-wise kept-key pass, against exact integer products and the reference.
+
+The relative and absolute rules without a float mask and without ``return_info`` take that
+path (``mcattn.latte.cpu._row_keep_plain`` and ``_block_output``); every other case keeps
+the per-row code, tested in test_latte.py. Kept sets must be identical, key for key, with
+VNNI on and off.
+"""
+
+import numpy as np
+import pytest
+from helpers import rel_error
+from numba import njit
+
+from mcattn import config, latte
+from mcattn.latte import vnni
+from mcattn.studies import data
+
+
+@njit
+def _tiles(est, qw, kw, corr, rows, keys):
+    for ti in range(0, rows, vnni.MR):
+        for tj in range(0, keys, vnni.NR):
+            vnni.estimate_tile(est, qw, kw, corr, ti, tj)
+
+
+def _packed_product(q8, k8, full, plain=False):
+    """``hi(q8) . hi(k8)`` (or ``q8 . k8``) through the packing and tile routines."""
+    nq, d = q8.shape
+    nk = k8.shape[0]
+    d4 = (d + 3) // 4
+    nk_pad = -(-nk // vnni.NR) * vnni.NR
+    rows_pad = -(-nq // vnni.MR) * vnni.MR
+    kbytes = np.zeros(d4 * nk_pad * 4, np.int8)
+    kw = kbytes.view(np.int32).reshape(d4, nk_pad)
+    corr = np.zeros(nk_pad, np.int32)
+    vnni.pack_keys(k8[None], 0, nk, full, kbytes.reshape(d4, nk_pad, 4), kw, corr)
+    qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
+    qw = qbytes.view(np.int32).reshape(rows_pad, d4)
+    vnni.pack_queries(q8[None], 0, 0, nq, full, qbytes.reshape(rows_pad, 4 * d4))
+    est = np.full((rows_pad, nk_pad), np.nan, np.float32)
+    if plain:
+        for ti in range(0, nq, vnni.MR):
+            for tj in range(0, nk, vnni.NR):
+                vnni._plain_tile(est, qw, kw, corr, ti, tj)
+    else:
+        _tiles(est, qw, kw, corr, nq, nk)
+    return est[:nq, :nk]
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("shape", [(13, 70, 64), (6, 64, 33), (1, 1, 1), (20, 130, 128)])
+def test_tiles_are_the_exact_integer_products(full, shape):
+    nq, nk, d = shape
+    rng = np.random.default_rng(nq * nk + d)
+    q8 = rng.integers(-127, 128, (nq, d)).astype(np.int8)
+    k8 = rng.integers(-127, 128, (nk, d)).astype(np.int8)
+    q8[0, :] = -127  # the extremes of both ranges
+    k8[0, :] = -127
+    ref = (q8.astype(np.int64) @ k8.astype(np.int64).T if full
+           else (q8.astype(np.int64) >> 4) @ (k8.astype(np.int64) >> 4).T)
+    got = _packed_product(q8, k8, full)
+    assert np.array_equal(got, ref.astype(np.float32)) and np.array_equal(got.astype(np.int64), ref)
+    if nq * nk <= 1000:  # the scalar fallback (hosts without VNNI) gives the same integers
+        assert np.array_equal(_packed_product(q8, k8, full, plain=True), got)
+
+
+@njit
+def _keep_helpers(est, sk, cut, idx):
+    g8, g16 = est.shape[0] // 8, est.shape[0] // 16
+    return vnni.max_groups(est, sk, g8), vnni.compress_groups(est, sk, g16, cut, idx)
+
+
+@pytest.mark.parametrize("n", [16, 37, 4096])
+def test_vector_max_and_kept_indices_match_numpy(n):
+    rng = np.random.default_rng(n)
+    est = rng.integers(-4096, 4097, n).astype(np.float32)
+    sk = (256 * rng.random(n).astype(np.float32)).astype(np.float64)
+    u = est.astype(np.float64) * sk
+    j0 = int(np.argsort(u)[int(0.85 * n)])
+    j1 = (j0 + 3) % (n // 16 * 16)
+    est[j1], sk[j1] = est[j0], sk[j0]  # a tie at the cut: both are kept
+    u = est.astype(np.float64) * sk
+    cut = float(u[j0])
+    idx = np.full(n + 16, -1, np.int32)
+    top, count = _keep_helpers(est, sk, cut, idx)
+    whole8, whole16 = n // 8 * 8, n // 16 * 16
+    assert top == u[:whole8].max()
+    expect = np.flatnonzero(u[:whole16] >= cut)
+    assert count == len(expect) and np.array_equal(idx[:count], expect)
+    assert 0 < count < whole16  # the test sees kept and dropped keys
+
+
+def _qkv(shape, n, nk, d, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape + (n, d)).astype(dtype),
+            rng.standard_normal(shape + (nk, d)).astype(dtype),
+            rng.standard_normal(shape + (nk, d + 3)).astype(dtype))
+
+
+@pytest.mark.parametrize("vnni_on", [True, False])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize("case", ["square", "causal", "wide", "float64"])
+def test_fast_path_matches_the_reference(vnni_on, mode, case, monkeypatch):
+    monkeypatch.setattr(config, "LATTE_CPU_VNNI", vnni_on)
+    monkeypatch.setattr(config, "LATTE_CPU_BLOCK_K", 40)  # several key chunks per row
+    n, nk, dtype, causal = 45, 45, np.float32, False
+    if case == "causal":
+        n, nk, causal = 83, 83, True
+    elif case == "wide":
+        n, nk = 29, 150
+    elif case == "float64":
+        dtype, nk = np.float64, 77
+    q, k, v = _qkv((2, 3), n, nk, 24, dtype, seed=31)
+    theta = {"relative": np.array([1.0, 2.0, 3.0]), "absolute": 0.2}[mode]
+    kw = {"threshold": theta, "mode": mode, "is_causal": causal}
+    keep_ref = latte.kept_mask(q, k, backend="numpy", **kw)
+    keep = latte.kept_mask(q, k, backend="numba", **kw)
+    assert np.array_equal(keep, keep_ref)
+    assert 0.05 < keep_ref.mean() < 0.9  # kept and dropped keys on every path
+    for scores in ("int8", "float"):
+        ref = latte.attention(q, k, v, exact_scores=scores, backend="numpy", **kw)
+        out = latte.attention(q, k, v, exact_scores=scores, backend="numba", **kw)
+        assert rel_error(out, ref) < (1e-12 if dtype == np.float64 else 2e-6)
+
+
+def test_fast_path_on_real_attention():
+    """The embedded MiniLM sample (layer 2, unpadded tokens of each sequence), 15 % kept."""
+    s = data.load_sample()
+    for row in range(3):
+        length = int(s.key_padding_mask[row].sum())
+        assert s.key_padding_mask[row, :length].all()
+        q, k, v = (a[2, row, :, :length] for a in (s.q, s.k, s.v))
+        theta = latte.calibrate(q, k, target_keep=0.15, scale=s.scale)
+        keep_ref = latte.kept_mask(q, k, threshold=theta, scale=s.scale, backend="numpy")
+        ref = latte.attention(q, k, v, threshold=theta, scale=s.scale, backend="numpy")
+        for vnni_on in (True, False):
+            config_vnni = config.LATTE_CPU_VNNI
+            config.LATTE_CPU_VNNI = vnni_on
+            try:
+                keep = latte.kept_mask(q, k, threshold=theta, scale=s.scale, backend="numba")
+                out = latte.attention(q, k, v, threshold=theta, scale=s.scale, backend="numba")
+            finally:
+                config.LATTE_CPU_VNNI = config_vnni
+            assert np.array_equal(keep, keep_ref)
+            assert rel_error(out, ref) < 2e-6
+        assert keep_ref.mean() < 0.5
