@@ -1,0 +1,1 @@
+"""Hybrid sparse + low-rank attention (issue 26)."""

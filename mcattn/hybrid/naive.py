@@ -1,0 +1,124 @@
+"""Hybrid sparse + low-rank attention, the readable reference (NumPy, float64, dense).
+
+For one batch row (query ``i``, key ``j``; ``s`` the exact scores ``scale q k^T`` plus the
+mask, ``est`` LATTE's 4-bit estimate, ``K_i`` the kept set LATTE's rule picks from ``est``,
+``D_i`` the visible keys it drops, ``m_i = max_{j in K_i} s_ij``):
+
+``w_ij = exp(s_ij - m_i)`` on ``K_i`` (exact), ``r_ij`` on ``D_i`` (the remainder), 0 elsewhere;
+``out_i = sum_j (w_ij + r_ij) v_j / sum_j (w_ij + r_ij)``.
+
+Remainders ``r`` (:data:`REMAINDERS`):
+
+* ``"none"``: 0 (LATTE itself);
+* ``"pooled"``: the dropped keys of each key block ``B`` (``block`` keys) share the block's
+  estimated dropped mass ``M_iB = sum_{j in D_i, j in B} exp(est_ij - m_i)`` evenly, so the
+  block adds ``M_iB`` times the mean value of its dropped keys. The fast form keeps one value
+  sum per block (once per call) and subtracts the kept keys: ``O(N/b dv)`` per row on top of
+  the estimate LATTE computes anyway;
+* ``"rfa"``: positive random features (Performer), ``r_ij = phi(q_i) . phi(k_j) e^{-m_i}``,
+  an unbiased estimate of ``exp(s_ij - m_i)``. The fast form is Scatterbrain's: the feature
+  sums over all keys minus those over the kept keys (``O(F dv)`` per row plus ``O(F)`` per
+  kept key);
+* ``"eigen"`` (measurement only, :mod:`benchmarks.hybrid_heldout`): ``r_ij = exp(min(rec_ij,
+  m_i) - m_i)`` with ``rec`` eigen's reconstruction from a fitted plan's fixed columns.
+
+Everything is written as dense ``[Nq, Nk]`` weight matrices: it is the definition the fast
+kernels are tested against, not a fast path.
+"""
+
+import numpy as np
+
+__all__ = ["REMAINDERS", "weights", "output", "positive_features", "pooled_weights"]
+
+#: The remainders the public method offers (``"eigen"`` is measured in the benchmark only).
+REMAINDERS = ("none", "pooled", "rfa")
+
+
+def positive_features(x, omega, scale):
+    """Log of the positive random features ``phi(x) = exp(w.x' - |x'|^2 / 2) / sqrt(F)``.
+
+    Parameters
+    ----------
+    x : array ``[N, d]``
+    omega : array ``[F, d]``
+        Standard normal draws.
+    scale : float
+        The attention scale; ``x' = sqrt(scale) x`` so that ``E phi(q).phi(k) = exp(scale q.k)``.
+
+    Returns
+    -------
+    array ``[N, F]``, float64: ``log phi(x)`` (kept in logs so that the row shift is exact).
+    """
+    xs = np.sqrt(scale) * np.asarray(x, dtype=np.float64)
+    return xs @ np.asarray(omega, np.float64).T - 0.5 * (xs * xs).sum(-1, keepdims=True) \
+        - 0.5 * np.log(omega.shape[0])
+
+
+def pooled_weights(est, drop, top, block):
+    """The pooled remainder ``r [Nq, Nk]``: each block's estimated dropped mass spread evenly.
+
+    Parameters
+    ----------
+    est : array ``[Nq, Nk]``
+        The estimate in logit units (mask added).
+    drop : array of bool ``[Nq, Nk]``
+        Visible keys not kept.
+    top : array ``[Nq, 1]``
+        ``m_i``, the largest kept exact score.
+    block : int
+        Keys per block (the last block may be shorter).
+    """
+    nq, nk = est.shape
+    e = np.where(drop, np.exp(np.where(drop, est, 0.0) - top), 0.0)
+    r = np.zeros_like(e)
+    for j0 in range(0, nk, block):
+        sl = slice(j0, min(j0 + block, nk))
+        mass = e[:, sl].sum(-1, keepdims=True)
+        count = drop[:, sl].sum(-1, keepdims=True)
+        r[:, sl] = np.where(drop[:, sl], mass / np.maximum(count, 1), 0.0)
+    return r
+
+
+def weights(s, keep, visible, remainder, *, est=None, block=16, log_phi_q=None, log_phi_k=None,
+            rec=None):
+    """Unnormalised weights ``w + r`` ``[Nq, Nk]`` of one batch row (float64).
+
+    Parameters
+    ----------
+    s : array ``[Nq, Nk]``
+        Exact scores (mask added; any value where not visible).
+    keep, visible : arrays of bool ``[Nq, Nk]``
+        The kept set (a subset of ``visible``) and the visible keys.
+    remainder : {"none", "pooled", "rfa", "eigen"}
+    est : array ``[Nq, Nk]``, for ``"pooled"``
+    block : int, for ``"pooled"``
+    log_phi_q, log_phi_k : arrays ``[Nq, F]``, ``[Nk, F]``, for ``"rfa"``
+        :func:`positive_features` of ``q`` and ``k``.
+    rec : array ``[Nq, Nk]``, for ``"eigen"``
+        Reconstructed scores (mask added).
+    """
+    s = np.asarray(s, dtype=np.float64)
+    top = np.where(keep, s, -np.inf).max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)  # rows that keep nothing (no visible key)
+    w = np.where(keep, np.exp(np.where(keep, s, 0.0) - top), 0.0)
+    drop = visible & ~keep
+    if remainder == "none":
+        return w
+    if remainder == "pooled":
+        return w + pooled_weights(est, drop, top, int(block))
+    if remainder == "rfa":
+        a = log_phi_q - top  # [Nq, F]
+        # phi(q).phi(k) e^{-m} with one shift per feature so that exp stays in range
+        shift = log_phi_k.max(0, keepdims=True)
+        kern = np.exp(a + shift) @ np.exp(log_phi_k - shift).T
+        return w + np.where(drop, kern, 0.0)
+    if remainder == "eigen":
+        r = np.exp(np.minimum(np.where(drop, rec, 0.0), top) - top)
+        return w + np.where(drop, r, 0.0)
+    raise ValueError(f"remainder must be one of {REMAINDERS}; got {remainder!r}")
+
+
+def output(wt, v):
+    """``wt @ v / wt.sum(-1)`` (rows of zero weight give zeros); float64 ``[Nq, dv]``."""
+    total = wt.sum(-1, keepdims=True)
+    return np.where(total > 0, (wt @ np.asarray(v, np.float64)) / np.where(total > 0, total, 1.0), 0.0)
