@@ -187,7 +187,8 @@ def main(argv=None):
             "eigen fitted on docs 0-24), float64\n"
             "# output error ||O~ - O|| / ||O|| per layer and budget k (exact scores per row); "
             "mean rows: mean over layers 0/2/5 (ratio to the oracle)\n"
-            f"# command: python benchmarks/hybrid_heldout.py --out <this file>  ({time.time() - t0:.0f} s)\n\n"
+            f"# command: python benchmarks/hybrid_heldout.py --out <this file>  "
+            f"({time.time() - t0:.0f} s)\n\n"
             + format_table(result, kept) + "\n")
     sys.stdout.write(text)
     if args.out:

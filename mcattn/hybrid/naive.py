@@ -28,10 +28,11 @@ kernels are tested against, not a fast path.
 
 import numpy as np
 
-__all__ = ["REMAINDERS", "weights", "output", "positive_features", "pooled_weights"]
+__all__ = ["REMAINDERS", "weights", "output", "positive_features", "pooled_weights", "scores",
+           "estimate", "forward"]
 
-#: The remainders the public method offers (``"eigen"`` is measured in the benchmark only).
-REMAINDERS = ("none", "pooled", "rfa")
+#: The remainders the public method offers (``"rfa"`` and ``"eigen"``: the benchmark only).
+REMAINDERS = ("pooled", "none")
 
 
 def positive_features(x, omega, scale):
@@ -115,10 +116,76 @@ def weights(s, keep, visible, remainder, *, est=None, block=16, log_phi_q=None, 
     if remainder == "eigen":
         r = np.exp(np.minimum(np.where(drop, rec, 0.0), top) - top)
         return w + np.where(drop, r, 0.0)
-    raise ValueError(f"remainder must be one of {REMAINDERS}; got {remainder!r}")
+    raise ValueError(f"remainder must be none, pooled, rfa or eigen; got {remainder!r}")
 
 
 def output(wt, v):
     """``wt @ v / wt.sum(-1)`` (rows of zero weight give zeros); float64 ``[Nq, dv]``."""
     total = wt.sum(-1, keepdims=True)
     return np.where(total > 0, (wt @ np.asarray(v, np.float64)) / np.where(total > 0, total, 1.0), 0.0)
+
+
+# ------------------------------------------------------------------ canonical inputs
+
+
+def scores(inp, b):
+    """Exact scores ``scale q k^T + bias`` (float64 ``[Nq, Nk]``) and the visible keys (bool)."""
+    nq, nk = inp.nq, inp.nk
+    s = inp.scale * (np.asarray(inp.q[b], np.float64) @ np.asarray(inp.k[b], np.float64).T)
+    visible = np.ones((nq, nk), dtype=bool)
+    bias = None
+    if inp.mask.bias is not None:
+        bias = np.broadcast_to(np.asarray(inp.mask.bias[int(inp.mask.mask_index[b])], np.float64),
+                               (nq, nk))
+        visible &= bias > -np.inf
+        bias = np.where(visible, bias, 0.0)
+        s = s + bias
+    if inp.mask.is_causal:
+        visible &= np.arange(nk)[None, :] <= np.arange(nq)[:, None]
+    return s, visible, bias
+
+
+def estimate(lat, b, bias):
+    """LATTE's estimate of batch row ``b`` in logit units, ``c u`` (+ the bias): ``[Nq, Nk]``."""
+    from ..latte.naive import estimate_units
+
+    u, c = estimate_units(lat, b)
+    est = c[:, None] * u
+    return est if bias is None else est + bias
+
+
+def forward(lat, remainder, block):
+    """Hybrid attention of canonical LATTE inputs (exact float kept scores).
+
+    Parameters
+    ----------
+    lat : mcattn.latte.LatteInputs
+    remainder : {"none", "pooled"}
+    block : int
+        Keys per block of the pooled remainder.
+
+    Returns
+    -------
+    out : array ``[BH, Nq, dv]`` (compute dtype)
+    kept : array of int64 ``[BH, Nq]``
+    remainder_share : array of float64 ``[BH, Nq]``
+        The remainder's share of each row's weight, ``sum r / sum (w + r)``.
+    """
+    from ..latte.naive import keep_rows
+
+    inp = lat.inp
+    bh = inp.q.shape[0]
+    out = np.zeros((bh, inp.nq, inp.value_dim), dtype=inp.dtype)
+    kept = np.zeros((bh, inp.nq), dtype=np.int64)
+    share = np.zeros((bh, inp.nq), dtype=np.float64)
+    for b in range(bh):
+        keep = np.asarray(keep_rows(lat, b))
+        s, visible, bias = scores(inp, b)
+        keep &= visible
+        est = estimate(lat, b, bias) if remainder == "pooled" else None
+        wt = weights(s, keep, visible, remainder, est=est, block=block)
+        out[b] = output(wt, inp.v[b]).astype(inp.dtype)
+        kept[b] = keep.sum(-1)
+        total = wt.sum(-1)
+        share[b] = np.where(total > 0, np.where(keep, 0.0, wt).sum(-1) / np.where(total > 0, total, 1), 0)
+    return out, kept, share
