@@ -57,11 +57,18 @@ def test_numpy_matches_the_definition(mode, theta, causal):
 def test_numba_matches_numpy(dtype, tol, remainder):
     rng = np.random.default_rng(12)
     q, k, v = (rng.standard_normal((2, 4, 70, 24)).astype(dtype) for _ in range(3))
-    for causal in (False, True):
+    kpm = np.ones((2, 70), bool)
+    kpm[0, 50:] = False
+    kpm[1, 3:9] = False
+    bias = np.where(rng.random((70, 70)) < 0.1, -np.inf, rng.standard_normal((70, 70)))
+    for causal, masks in ((False, {}), (True, {}), (False, {"key_padding_mask": kpm}),
+                          (True, {"attn_mask": bias.astype(dtype)})):
         a, ia = mcattn.attention(q, k, v, method="hybrid", threshold=12, remainder=remainder,
-                                 block=8, is_causal=causal, backend="numpy", return_info=True)
+                                 block=8, is_causal=causal, backend="numpy", return_info=True,
+                                 **masks)
         b, ib = mcattn.attention(q, k, v, method="hybrid", threshold=12, remainder=remainder,
-                                 block=8, is_causal=causal, backend="numba", return_info=True)
+                                 block=8, is_causal=causal, backend="numba", return_info=True,
+                                 **masks)
         assert a.dtype == b.dtype == dtype
         assert ia.kept == ib.kept  # the same kept sets
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)

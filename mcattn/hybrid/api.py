@@ -23,8 +23,10 @@ MODES = ("relative", "absolute", "topk")
 
 #: ``forward(lat, remainder, block) -> (out, kept per row, remainder share per row)``.
 KERNELS = (
-    Kernel("numba", "mcattn.hybrid.cpu", "forward", max_head_dim=1024, features={"causal", "topk"}),
+    Kernel("numba", "mcattn.hybrid.cpu", "forward", max_head_dim=1024, features={"mask", "causal", "topk"}),
     Kernel("numpy", "mcattn.hybrid.naive", "forward", features={"mask", "causal", "topk"}),
+    # the reference in CuPy array operations (no RawKernel yet: the GPU-methods issue)
+    Kernel("cupy", "mcattn.hybrid.naive", "forward", features={"mask", "causal", "topk"}),
 )
 
 
@@ -92,7 +94,8 @@ def attention(q, k, v, *, threshold, mode="topk", remainder="pooled", block=16, 
         Keys per block of the pooled remainder.
     attn_mask, key_padding_mask, is_causal, scale, backend, check_finite
         As :func:`mcattn.attention`. Masked and future keys are neither kept nor pooled.
-        ``backend``: ``"numba"`` (no float mask) or ``"numpy"`` (the reference).
+        ``backend``: ``"numba"``, ``"numpy"`` (the reference) or ``"cupy"`` (the reference in
+        CuPy array operations; no RawKernel yet).
     return_info : bool
         Also return a :class:`HybridInfo`.
 

@@ -9,7 +9,8 @@ nibble matrices (small integers: exact). Then per query row (threads over rows):
 3. ``pooled``: per key block the estimated mass of its dropped keys and their value sum,
    the block's value sum (once per batch row) minus its kept keys' values.
 
-No attention mask beyond causality (a float mask goes to the numpy backend).
+Masks (a float bias, key padding) enter the estimate and the scores as in
+:mod:`mcattn.latte.naive`; masked keys are neither kept nor pooled.
 """
 
 import math
@@ -24,8 +25,8 @@ __all__ = ["forward"]
 
 
 @njit(nogil=True, cache=True)
-def _rows(hh, sk256, c_rows, theta, mode, causal, q, k, v, vsum, block, pooled, out, kept, share,
-          t0, t1):
+def _rows(hh, sk256, c_rows, theta, mode, causal, bias, has_bias, q, k, v, vsum, block, pooled, out,
+          kept, share, t0, t1):
     nk, d = k.shape
     dv = v.shape[1]
     u = np.empty(nk, np.float64)
@@ -38,29 +39,40 @@ def _rows(hh, sk256, c_rows, theta, mode, causal, q, k, v, vsum, block, pooled, 
         if rend == 0:
             continue
         c = c_rows[i]
+        r = i if bias.shape[0] > 1 else 0
         top = -np.inf
+        count = 0
         for j in range(rend):
             u[j] = np.float64(hh[i, j]) * sk256[j]
+            if has_bias:  # as latte's rule: the estimate in units of c, plus bias / c
+                bj = bias[r, j]
+                u[j] = -np.inf if bj == -np.inf else u[j] + np.float64(bj) / c
+            if u[j] > -np.inf:
+                count += 1
             if u[j] > top:
                 top = u[j]
+        if count == 0:
+            continue  # no visible key: a zero row
         if mode == 0:
             cut = top - theta / c
         elif mode == 1:
             cut = min(theta / c, top)
         else:
             kk = int(theta)
-            if rend <= kk:
+            if count <= kk:
                 cut = -np.inf
             else:
                 cut = np.partition(u[:rend].copy(), rend - kk)[rend - kk]
         m = -np.inf
         n = 0
         for j in range(rend):
-            keep[j] = u[j] >= cut
+            keep[j] = u[j] >= cut and u[j] > -np.inf
             if keep[j]:
                 x = 0.0
                 for t in range(d):
                     x += q[i, t] * k[j, t]
+                if has_bias:
+                    x += np.float64(bias[r, j])
                 s[j] = x
                 n += 1
                 if x > m:
@@ -89,12 +101,15 @@ def _rows(hh, sk256, c_rows, theta, mode, causal, q, k, v, vsum, block, pooled, 
                     for t in range(dv):
                         dsum[t] = 0.0
                 for j in range(j0, j1):
-                    if keep[j]:
+                    if keep[j] or u[j] == -np.inf:  # kept, or masked: not pooled
                         if full:
                             for t in range(dv):
                                 dsum[t] -= v[j, t]
                     else:
-                        mass += math.exp(c * u[j] - m)
+                        est = c * (np.float64(hh[i, j]) * sk256[j])  # as the reference: c u + bias
+                        if has_bias:
+                            est += np.float64(bias[r, j])
+                        mass += math.exp(est - m)
                         cnt += 1
                         if not full:
                             for t in range(dv):
@@ -118,6 +133,9 @@ def forward(lat, remainder, block):
     kept = np.zeros((bh, nq), np.int64)
     share = np.zeros((bh, nq), np.float64)
     pooled = remainder == "pooled"
+    mask = inp.mask
+    has_bias = mask.bias is not None
+    none = np.zeros((1, 1), np.float64)
     nblocks = -(-nk // block)
     for b in range(bh):
         hq = nibbles(lat.q8[b])[0].astype(np.float32)
@@ -131,7 +149,9 @@ def forward(lat, remainder, block):
         vpad = np.zeros((nblocks * block, dv))
         vpad[:nk] = v
         vsum = vpad.reshape(nblocks, block, dv).sum(1)
+        bias = (np.ascontiguousarray(mask.bias[int(mask.mask_index[b])], np.float64) if has_bias
+                else none)
         run_tasks(_rows, nq, hh, sk256, c_rows, float(lat.theta[b]), MODES[lat.mode],
-                  bool(inp.mask.is_causal), q, k, v, vsum, int(block), pooled, out[b], kept[b],
+                  bool(mask.is_causal), bias, has_bias, q, k, v, vsum, int(block), pooled, out[b], kept[b],
                   share[b], work=nq * nk * (inp.head_dim + dv))
     return out.astype(inp.dtype), kept, share

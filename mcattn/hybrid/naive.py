@@ -55,7 +55,7 @@ def positive_features(x, omega, scale):
         - 0.5 * np.log(omega.shape[0])
 
 
-def pooled_weights(est, drop, top, block):
+def pooled_weights(est, drop, top, block, xp=np):
     """The pooled remainder ``r [Nq, Nk]``: each block's estimated dropped mass spread evenly.
 
     Parameters
@@ -70,18 +70,18 @@ def pooled_weights(est, drop, top, block):
         Keys per block (the last block may be shorter).
     """
     nq, nk = est.shape
-    e = np.where(drop, np.exp(np.where(drop, est, 0.0) - top), 0.0)
-    r = np.zeros_like(e)
+    e = xp.where(drop, xp.exp(xp.where(drop, est, 0.0) - top), 0.0)
+    r = xp.zeros_like(e)
     for j0 in range(0, nk, block):
         sl = slice(j0, min(j0 + block, nk))
         mass = e[:, sl].sum(-1, keepdims=True)
         count = drop[:, sl].sum(-1, keepdims=True)
-        r[:, sl] = np.where(drop[:, sl], mass / np.maximum(count, 1), 0.0)
+        r[:, sl] = xp.where(drop[:, sl], mass / xp.maximum(count, 1), 0.0)
     return r
 
 
 def weights(s, keep, visible, remainder, *, est=None, block=16, log_phi_q=None, log_phi_k=None,
-            rec=None):
+            rec=None, xp=np):
     """Unnormalised weights ``w + r`` ``[Nq, Nk]`` of one batch row (float64).
 
     Parameters
@@ -98,31 +98,31 @@ def weights(s, keep, visible, remainder, *, est=None, block=16, log_phi_q=None, 
     rec : array ``[Nq, Nk]``, for ``"eigen"``
         Reconstructed scores (mask added).
     """
-    s = np.asarray(s, dtype=np.float64)
-    top = np.where(keep, s, -np.inf).max(-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)  # rows that keep nothing (no visible key)
-    w = np.where(keep, np.exp(np.where(keep, s, 0.0) - top), 0.0)
+    s = s.astype(np.float64)
+    top = xp.where(keep, s, -np.inf).max(-1, keepdims=True)
+    top = xp.where(xp.isfinite(top), top, 0.0)  # rows that keep nothing (no visible key)
+    w = xp.where(keep, xp.exp(xp.where(keep, s, 0.0) - top), 0.0)
     drop = visible & ~keep
     if remainder == "none":
         return w
     if remainder == "pooled":
-        return w + pooled_weights(est, drop, top, int(block))
+        return w + pooled_weights(est, drop, top, int(block), xp)
     if remainder == "rfa":
         a = log_phi_q - top  # [Nq, F]
         # phi(q).phi(k) e^{-m} with one shift per feature so that exp stays in range
         shift = log_phi_k.max(0, keepdims=True)
-        kern = np.exp(a + shift) @ np.exp(log_phi_k - shift).T
-        return w + np.where(drop, kern, 0.0)
+        kern = xp.exp(a + shift) @ xp.exp(log_phi_k - shift).T
+        return w + xp.where(drop, kern, 0.0)
     if remainder == "eigen":
-        r = np.exp(np.minimum(np.where(drop, rec, 0.0), top) - top)
-        return w + np.where(drop, r, 0.0)
+        r = xp.exp(xp.minimum(xp.where(drop, rec, 0.0), top) - top)
+        return w + xp.where(drop, r, 0.0)
     raise ValueError(f"remainder must be none, pooled, rfa or eigen; got {remainder!r}")
 
 
-def output(wt, v):
+def output(wt, v, xp=np):
     """``wt @ v / wt.sum(-1)`` (rows of zero weight give zeros); float64 ``[Nq, dv]``."""
     total = wt.sum(-1, keepdims=True)
-    return np.where(total > 0, (wt @ np.asarray(v, np.float64)) / np.where(total > 0, total, 1.0), 0.0)
+    return xp.where(total > 0, (wt @ v.astype(np.float64)) / xp.where(total > 0, total, 1.0), 0.0)
 
 
 # ------------------------------------------------------------------ canonical inputs
@@ -130,18 +130,18 @@ def output(wt, v):
 
 def scores(inp, b):
     """Exact scores ``scale q k^T + bias`` (float64 ``[Nq, Nk]``) and the visible keys (bool)."""
+    xp = inp.xp
     nq, nk = inp.nq, inp.nk
-    s = inp.scale * (np.asarray(inp.q[b], np.float64) @ np.asarray(inp.k[b], np.float64).T)
-    visible = np.ones((nq, nk), dtype=bool)
+    s = inp.scale * (inp.q[b].astype(np.float64) @ inp.k[b].astype(np.float64).T)
+    visible = xp.ones((nq, nk), dtype=bool)
     bias = None
     if inp.mask.bias is not None:
-        bias = np.broadcast_to(np.asarray(inp.mask.bias[int(inp.mask.mask_index[b])], np.float64),
-                               (nq, nk))
+        bias = xp.broadcast_to(inp.mask.bias[int(inp.mask.mask_index[b])].astype(np.float64), (nq, nk))
         visible &= bias > -np.inf
-        bias = np.where(visible, bias, 0.0)
+        bias = xp.where(visible, bias, 0.0)
         s = s + bias
     if inp.mask.is_causal:
-        visible &= np.arange(nk)[None, :] <= np.arange(nq)[:, None]
+        visible &= xp.arange(nk)[None, :] <= xp.arange(nq)[:, None]
     return s, visible, bias
 
 
@@ -174,18 +174,19 @@ def forward(lat, remainder, block):
     from ..latte.naive import keep_rows
 
     inp = lat.inp
+    xp = inp.xp
     bh = inp.q.shape[0]
-    out = np.zeros((bh, inp.nq, inp.value_dim), dtype=inp.dtype)
-    kept = np.zeros((bh, inp.nq), dtype=np.int64)
-    share = np.zeros((bh, inp.nq), dtype=np.float64)
+    out = xp.zeros((bh, inp.nq, inp.value_dim), dtype=inp.dtype)
+    kept = xp.zeros((bh, inp.nq), dtype=np.int64)
+    share = xp.zeros((bh, inp.nq), dtype=np.float64)
     for b in range(bh):
-        keep = np.asarray(keep_rows(lat, b))
+        keep = keep_rows(lat, b)
         s, visible, bias = scores(inp, b)
         keep &= visible
         est = estimate(lat, b, bias) if remainder == "pooled" else None
-        wt = weights(s, keep, visible, remainder, est=est, block=block)
-        out[b] = output(wt, inp.v[b]).astype(inp.dtype)
+        wt = weights(s, keep, visible, remainder, est=est, block=block, xp=xp)
+        out[b] = output(wt, inp.v[b], xp).astype(inp.dtype)
         kept[b] = keep.sum(-1)
         total = wt.sum(-1)
-        share[b] = np.where(total > 0, np.where(keep, 0.0, wt).sum(-1) / np.where(total > 0, total, 1), 0)
+        share[b] = xp.where(total > 0, xp.where(keep, 0.0, wt).sum(-1) / xp.where(total > 0, total, 1), 0)
     return out, kept, share
