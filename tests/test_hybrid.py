@@ -124,3 +124,42 @@ def test_info_counts_and_bad_input():
     for bad in (dict(remainder="rfa"), dict(mode="safe"), dict(block=0), dict(threshold=0)):
         with pytest.raises(ValueError):
             mcattn.attention(q, k, v, method="hybrid", **{"threshold": 4, **bad})
+
+
+def test_backward_matches_torch_autograd_of_the_dense_definition():
+    """dq, dk, dv against torch autograd of the float64 weights with the kept sets and the
+    estimate held fixed (they are piecewise constant in q and k), through the torch adapter."""
+    torch = pytest.importorskip("torch")
+    from mcattn.frameworks.torch import attention as torch_attention
+
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal((2, 2, 20, 8)) for _ in range(3))
+    dout = rng.standard_normal((2, 2, 20, 8))
+    kpm = np.ones((2, 20), bool)
+    kpm[1, 15:] = False
+    keep = np.asarray(mcattn.latte.kept_mask(q, k, threshold=5, mode="topk", key_padding_mask=kpm))
+    est = np.asarray(mcattn.latte.estimate_scores(q, k))
+    vis = np.broadcast_to(kpm[:, None, None, :], keep.shape)
+    drop = vis & ~keep
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    s = 8 ** -0.5 * tq @ tk.transpose(-1, -2)
+    kt, dt = torch.tensor(keep), torch.tensor(drop)
+    m = torch.where(kt, s, torch.tensor(-np.inf)).amax(-1, keepdim=True).detach()
+    w = torch.where(kt, torch.exp(s - m), torch.zeros(()))
+    e = torch.where(dt, torch.exp(torch.tensor(est) - m), torch.zeros(()))
+    r = torch.zeros_like(e)
+    for j0 in range(0, 20, 4):
+        mass = e[..., j0:j0 + 4].sum(-1, keepdim=True)
+        cnt = dt[..., j0:j0 + 4].sum(-1, keepdim=True).clamp(min=1)
+        r[..., j0:j0 + 4] = torch.where(dt[..., j0:j0 + 4], mass / cnt, torch.zeros(()))
+    wt = w + r
+    ref_out = (wt / wt.sum(-1, keepdim=True)) @ tv
+    ref_out.backward(torch.tensor(dout))
+    aq, ak, av = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    out = torch_attention(aq, ak, av, method="hybrid", threshold=5, block=4,
+                          key_padding_mask=torch.tensor(kpm))
+    np.testing.assert_allclose(out.detach().numpy(), ref_out.detach().numpy(), rtol=1e-12, atol=1e-13)
+    out.backward(torch.tensor(dout))
+    for a, ref in ((aq, tq), (ak, tk), (av, tv)):
+        np.testing.assert_allclose(a.grad.numpy(), ref.grad.numpy(), rtol=1e-10, atol=1e-12)
+    assert np.abs(av.grad.numpy()[:, :, :15]).min() > 0  # the pooled keys' values get gradient

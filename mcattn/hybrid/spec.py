@@ -40,6 +40,7 @@ METHOD = Method(
                 "each key block's dropped keys pooled (estimated mass, mean value)",
     attention=attention,
     knobs_for=lambda rng, heads, nk, dv: dict(threshold=max(1, nk // 4)),
+    grad="mcattn.hybrid.grad",
     model=ModelHooks(supplies=("threshold", "mode"), consumes=("target_keep", "target_mass"),
                      calibrate=_calibrate,
                      needs_calibration=lambda options: options.get("target_keep") is not None
