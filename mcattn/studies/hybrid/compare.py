@@ -32,6 +32,6 @@ def _run(inputs, target_keep, seed, **knobs):
 
 
 ENTRY = MethodEntry(
-    name="hybrid", knob="target_keep", values=(0.125, 0.25, 1 / 3), run=_run, eval_values=(0.25,),
+    name="hybrid", knob="target_keep", values=(0.125, 0.25, 0.33), run=_run, eval_values=(0.25,),
     model_options=lambda value: {"target_keep": value}, supplied=("threshold", "mode"),
 )
