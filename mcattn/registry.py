@@ -27,6 +27,7 @@ METHODS = {
     "eatt": "mcattn.eatt.spec:METHOD",
     "latte": "mcattn.latte.spec:METHOD",
     "eigen": "mcattn.eigen.spec:METHOD",
+    "hybrid": "mcattn.hybrid.spec:METHOD",
 }
 _REGISTERED = {}  # name -> Method, from register()
 

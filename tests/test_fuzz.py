@@ -364,8 +364,27 @@ def eigen_case(draw):
     return case
 
 
+@st.composite
+def hybrid_case(draw):
+    case = draw(common_case("hybrid"))
+    mode = draw(st.sampled_from(["relative", "absolute", "topk"]))
+    threshold = {"relative": draw(st.sampled_from([0.0, 1.0, 3.0, np.inf])),
+                 "absolute": draw(st.sampled_from([-1.0, 0.0, 0.5])),
+                 "topk": draw(st.sampled_from([1, 2, 10]))}[mode]
+    case.kwargs.update(threshold=threshold, mode=mode,
+                       remainder=draw(st.sampled_from(["pooled", "none"])),
+                       block=draw(st.integers(1, 9)))
+    nk = case.host["k"].shape[-2]
+    case.reference = (mode == "relative" and threshold == np.inf) or (mode == "topk" and threshold >= nk)
+    if draw(st.integers(0, 5)) == 0:
+        bad = draw(st.sampled_from([dict(remainder="rfa"), dict(block=0), dict(mode="safe"),
+                                    dict(threshold=None), dict(mode="topk", threshold=1.5)]))
+        _bad(draw, case, (TypeError, ValueError), **bad)
+    return case
+
+
 CASES = {"exact": exact_case, "rfa": rfa_case, "mca": mca_case, "eatt": eatt_case,
-         "latte": latte_case, "eigen": eigen_case}
+         "latte": latte_case, "eigen": eigen_case, "hybrid": hybrid_case}
 
 
 # ----------------------------------------------------------------------------- checks

@@ -200,6 +200,7 @@ def _problem():
     q, k, v = (rng.standard_normal((1, 2, 6, 4)) * 0.7 for _ in range(3))
     bases = eigen.fit_heads(rng.standard_normal((5, 2, 6, 4)), rng.standard_normal((5, 2, 6, 4)), rank=3)
     knobs = {"exact": {}, "rfa": dict(RFA), "eatt": {}, "latte": {"threshold": 0.5},
+             "hybrid": {"threshold": 3, "block": 2},
              "eigen": {"basis": bases, "columns": np.array([1, 3, 5]), "per_query": 1},
              "mca": {"x": rng.standard_normal((1, 6, 8)), "w_v": rng.standard_normal((8, 8)),
                      "alpha": 1.0, "seed": 0}}

@@ -164,10 +164,12 @@ MODEL_OPTIONS = {
     "eatt": {"alignment": "l1"},
     "latte": {"target_mass": 0.95},
     "eigen": {"num_columns": 8},
+    "hybrid": {"target_keep": 0.25},
 }
 #: Largest relative error of the last hidden state against the model's own attention
 #: (eatt is a different attention function, not an approximation: only finite).
-MAX_ERROR = {"exact": 1e-5, "mca": 0.5, "rfa": 0.5, "eatt": None, "latte": 0.2, "eigen": 0.5}
+MAX_ERROR = {"exact": 1e-5, "mca": 0.5, "rfa": 0.5, "eatt": None, "latte": 0.2, "eigen": 0.5,
+             "hybrid": 0.2}
 
 
 def test_every_registered_method_has_model_options():

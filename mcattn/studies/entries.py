@@ -156,6 +156,7 @@ METHOD_ENTRIES = {
     "eatt": "mcattn.studies.eatt.compare:ENTRY",
     "latte": "mcattn.studies.latte.compare:ENTRY",
     "eigen": "mcattn.studies.eigen.compare:ENTRY",
+    "hybrid": "mcattn.studies.hybrid.compare:ENTRY",
 }
 
 

@@ -1,0 +1,1 @@
+"""Studies of hybrid attention (:mod:`mcattn.hybrid`): its comparison entry."""
