@@ -28,6 +28,14 @@ NUMPY_MAX_BLOCK_ELEMENTS = 1 << 22
 #: Threads per block (= query rows per block) of the GPU exact-attention kernels.
 CUDA_THREADS_PER_BLOCK = 64
 
+#: Tensor cores for exact attention's forward on CuPy (``mcattn/exact/kernels/exact_mma.cu``):
+#: ``None`` (default: the float32 kernel), ``"float16"`` or ``"bfloat16"``. With a value, a
+#: float32 (or widened float16/bfloat16) forward with head dim 32, 64 or 128 rounds q, k, v
+#: and the probabilities to that type and accumulates in float32: relative error of order
+#: 2^-11 (float16) or 2^-8 (bfloat16) instead of float32's. Training (forward with lse,
+#: backward) stays on the float32 kernels.
+EXACT_TENSOR_CORES = None
+
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
 #: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
 CUDA_SCRATCH_BYTES = 1 << 27

@@ -25,6 +25,9 @@
 
 #ifndef MCATTN_HOST_SHIM
 
+// The block size a kernel is compiled for (ptxas may then use up to 65536 / n registers).
+#define MCATTN_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+
 // float -> half / bfloat16, round to nearest even; half -> float (exact).
 __device__ __forceinline__ unsigned short mcattn_f32_to_f16(float x) {
     unsigned short h;
@@ -73,6 +76,8 @@ __device__ __forceinline__ void mcattn_mma_m16n8k32_s8(int* acc, const unsigned*
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+#else
+#define MCATTN_LAUNCH_BOUNDS(n)
 #endif  // MCATTN_HOST_SHIM
 
 __device__ __forceinline__ float mcattn_bf16_to_f32(unsigned short h) {

@@ -1,0 +1,161 @@
+"""The tensor-core exact forward (``mcattn/exact/kernels/exact_mma.cu``) against float64.
+
+Under the host shim its warps run on the shim's warp emulation (mma.sync from the PTX
+ISA's layouts, shuffles); with a GPU the same tests run the real tensor cores. The
+kernel rounds q, k, v and the probabilities to float16 / bfloat16 and accumulates in
+float32, so the reference is float64 attention on the rounded q, k, v: the remaining
+error is the probabilities' rounding, bounded by the type's unit roundoff u (2^-11,
+2^-8) relative to the values. A float32 path that skipped the rounding would be more
+accurate against the unrounded inputs than the rounding allows, which the last check of
+each case rules out (the tensor-core path really ran). Shapes are small: the shim runs
+128 host threads a block.
+"""
+
+import numpy as np
+import pytest
+from helpers import GPU_PRESENT, dense_attention, rel_error
+
+import mcattn
+
+pytestmark = pytest.mark.hostshim
+
+UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def _round(a, precision):
+    if precision == "float16":
+        return a.astype(np.float16).astype(np.float64)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return a.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+@pytest.fixture
+def tensor_cores(cupy_or_fake):
+    def run(precision, q, k, v, **mask):
+        cp = cupy_or_fake
+        saved = mcattn.config.EXACT_TENSOR_CORES
+        mcattn.config.EXACT_TENSOR_CORES = precision
+        try:
+            out = mcattn.attention(*(cp.asarray(a) for a in (q, k, v)), backend="cupy",
+                                   **{n: cp.asarray(m) if isinstance(m, np.ndarray) else m
+                                      for n, m in mask.items()})
+        finally:
+            mcattn.config.EXACT_TENSOR_CORES = saved
+        return out.get()
+    return run
+
+
+def _check(out, q, k, v, precision, mask=None, is_causal=False, scale=None):
+    qr, kr, vr = (_round(a, precision) for a in (q, k, v))
+    ref = dense_attention(qr, kr, vr, mask=mask, is_causal=is_causal, scale=scale)
+    u = UNIT[precision]
+    err = rel_error(out, ref)
+    assert err < u, err
+    assert np.abs(out - ref).max() < 4 * u * np.abs(vr).max()
+    # the rounding is there: the unrounded float64 answer is farther than float32 would be
+    exact = dense_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
+    assert rel_error(out, exact) > 1e-2 * u
+    return err
+
+
+def _launches():
+    import fake_cupy
+
+    return [r for r in fake_cupy.LAUNCHES if r["kernel"].startswith("mcattn_exact_mma_forward")]
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_forward_equals_float64_on_the_rounded_inputs(tensor_cores, precision, d):
+    """Nq = 70 and Nk = 130: neither a multiple of the 64-row block or the 64-key tile."""
+    rng = np.random.default_rng(d)
+    q = rng.standard_normal((1, 2, 70, d)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 130, d)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 130, d)).astype(np.float32)
+    if not GPU_PRESENT:
+        before = len(_launches())
+    out = tensor_cores(precision, q, k, v)
+    _check(out, q, k, v, precision)
+    if not GPU_PRESENT:
+        (launch,) = _launches()[before:]
+        tag = {"float16": "f16", "bfloat16": "bf16"}[precision]
+        assert launch["kernel"] == f"mcattn_exact_mma_forward_{tag}_d{d}"
+        assert tuple(launch["grid"])[:2] == (2, 2) and tuple(launch["block"])[:1] == (128,)
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_forward_masks(tensor_cores, precision):
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 1, 75, 32)).astype(np.float32) * 2
+    k = rng.standard_normal((2, 1, 90, 32)).astype(np.float32) * 2
+    v = rng.standard_normal((2, 1, 90, 32)).astype(np.float32)
+    kpm = rng.random((2, 90)) > 0.3
+    kpm[1] = False  # a fully padded sequence: zeros, not NaN
+    out = tensor_cores(precision, q, k, v, key_padding_mask=kpm)
+    assert np.all(out[1] == 0) and np.all(np.isfinite(out))
+    _check(out[:1], q[:1], k[:1], v[:1], precision, mask=kpm[:1, None, None, :])
+    # causal with Nq < Nk and Nq > Nk (key j visible from query i iff j <= i)
+    out = tensor_cores(precision, q, k, v, is_causal=True)
+    _check(out, q, k, v, precision, is_causal=True)
+    out = tensor_cores(precision, k[:, :, :70], q, k[:, :, :75] * 0 + v[:, :, :75], is_causal=True)
+    _check(out, k[:, :, :70], q, v[:, :, :75], precision, is_causal=True)
+    additive = rng.standard_normal((2, 1, 75, 90)).astype(np.float32)
+    additive[0, 0, 4] = -np.inf  # a row with no visible key
+    out = tensor_cores(precision, q, k, v, attn_mask=additive, scale=0.3)
+    assert np.all(out[0, :, 4] == 0)
+    _check(out, q, k, v, precision, mask=additive, scale=0.3)
+
+
+def test_forward_causal_skips_tiles(tensor_cores):
+    """Causal, Nq = Nk = 130: the first block of rows (0-63) sees one key tile only."""
+    if GPU_PRESENT:
+        pytest.skip("inspects the fake CuPy's launches")
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((1, 1, 130, 64)).astype(np.float32) for _ in range(3))
+    out = tensor_cores("float16", q, k, v, is_causal=True)
+    _check(out, q, k, v, "float16", is_causal=True)
+
+
+def test_forward_on_real_attention(tensor_cores):
+    """Two MiniLM sequences of layer 3 (head dim 32, padded keys)."""
+    from mcattn.studies.data import load_sample
+
+    s = load_sample()
+    q, k, v = (a[3, :2].astype(np.float32) for a in (s.q, s.k, s.v))
+    assert q.shape[-1] in (32, 64, 128)
+    kpm = s.key_padding_mask[:2]
+    out = tensor_cores("float16", q, k, v, key_padding_mask=kpm, scale=s.scale)
+    _check(out, q, k, v, "float16", mask=kpm[:, None, None, :], scale=s.scale)
+
+
+def test_lse_and_the_float32_path_stay(cupy_or_fake):
+    """forward_lse: the kernel's log-sum-exp equals float64's on the rounded inputs; and
+    without the knob, or for float64 or an unsupported head dim, today's kernels run."""
+    from mcattn._validate import prepare_attention
+    from mcattn.exact import cupy as exact_cupy
+
+    cp = cupy_or_fake
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, 67, 64)).astype(np.float32) for _ in range(3))
+    inp = prepare_attention(*(cp.asarray(a) for a in (q, k, v)), is_causal=True)
+    out, lse = exact_cupy._forward_mma(inp, "float16", want_lse=True)
+    qr, kr = (_round(a, "float16") for a in (q, k))
+    s = (qr @ np.swapaxes(kr, -1, -2)) / 8.0
+    s = np.where(np.tril(np.ones((67, 67), bool)), s, -np.inf)
+    top = s.max(-1)
+    want = top + np.log(np.exp(s - top[..., None]).sum(-1))
+    assert np.abs(lse.get().reshape(1, 2, 67) - want).max() < 2e-5
+    _check(out.get().reshape(q.shape), q, k, v, "float16", is_causal=True)
+    mcattn.config.EXACT_TENSOR_CORES = "float16"
+    try:
+        assert exact_cupy._tensor_cores(inp) == "float16"
+        q48 = prepare_attention(*(cp.asarray(a[..., :48]) for a in (q, k, v)))
+        assert exact_cupy._tensor_cores(q48) is None  # head dim 48: the float32 kernel
+        q64 = prepare_attention(*(cp.asarray(a.astype(np.float64)) for a in (q, k, v)))
+        assert exact_cupy._tensor_cores(q64) is None
+        mcattn.config.EXACT_TENSOR_CORES = "tf16"
+        with pytest.raises(mcattn.errors.ConfigError):
+            exact_cupy._tensor_cores(inp)
+    finally:
+        mcattn.config.EXACT_TENSOR_CORES = None
+    assert exact_cupy._tensor_cores(inp) is None
