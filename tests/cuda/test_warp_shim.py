@@ -209,8 +209,8 @@ def test_shuffles_and_ballot_equal_numpy(module, xor_mask, delta, width):
     v = rng.standard_normal(64).astype(np.float32)  # two warps
     src = rng.integers(0, 64, 64).astype(np.int32)
     out, ballot = cp.zeros((64, 4), cp.float32), cp.zeros(64, cp.uint32)
-    mod.get_function("shim_warp_shuffles")((1,), (64,), (cp.asarray(v), cp.asarray(src), out, ballot,
-                                                         np.int32(xor_mask), np.int32(delta), np.int32(width)))
+    args = (cp.asarray(v), cp.asarray(src), out, ballot, np.int32(xor_mask), np.int32(delta), np.int32(width))
+    mod.get_function("shim_warp_shuffles")((1,), (64,), args)
     want, want_ballot = _reference_shuffles(v, src, xor_mask, delta, width)
     assert np.array_equal(out.get()[:, :3], want[:, :3])
     np.testing.assert_allclose(out.get()[:, 3], want[:, 3], rtol=1e-7)
@@ -226,7 +226,7 @@ def test_a_mask_without_a_running_lane_is_refused(module):
     with pytest.raises(Exception, match="mask"):  # lanes 0-3 returned: a full mask is wrong
         kernel((1,), (32,), (v, out, np.uint32(0xFFFFFFFF), np.int32(4)))
     kernel((1,), (32,), (v, out, np.uint32(0xFFFFFFF0), np.int32(4)))
-    assert np.array_equal(out.get()[4:], np.arange(32, dtype=np.float32)[4:] .reshape(-1, 2)[:, ::-1].ravel())
+    assert np.array_equal(out.get()[4:], np.arange(32, dtype=np.float32)[4:].reshape(-1, 2)[:, ::-1].ravel())
 
 
 def _tf32_reference(x):
