@@ -216,10 +216,12 @@ def resource_table(arch="sm_90", numba=True, sources=None):
                 with open(r["ptx_path"]) as fh:
                     resources, tool = ptxas_resources(fh.read(), arch)
                 rows += [(f"{r['module']}:{r['kernel']}", res, tool) for res in resources.values()]
-    lines = [f"{'kernel':66s} {'regs':>4s} {'stack':>6s} {'spills':>6s} {'smem':>6s} {'max block':>9s}  ptxas"]
+    lines = [f"{'kernel':66s} {'regs':>4s} {'stack':>6s} {'spills':>6s} {'smem':>6s} "
+             f"{'max block':>9s}  ptxas"]
     for name, res, tool in rows:
-        lines.append(f"{name:66s} {res['registers']:4d} {res['stack']:6d} {res['spills']:6d} {res['shared']:6d} "
-                     f"{max_threads_for_registers(res['registers']):9d}  {os.path.basename(tool)}")
+        lines.append(f"{name:66s} {res['registers']:4d} {res['stack']:6d} {res['spills']:6d} "
+                     f"{res['shared']:6d} {max_threads_for_registers(res['registers']):9d}  "
+                     f"{os.path.basename(tool)}")
     return lines
 
 
