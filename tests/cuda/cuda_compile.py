@@ -102,7 +102,10 @@ SM_REGISTERS = 65536
 MAX_STATIC_SHARED = 48 * 1024
 #: Kernels that must not spill registers to local memory: the tensor-core ones, whose
 #: accumulator fragments are the point (a spill turns register work into memory traffic).
-SPILL_FREE = tuple(f"mcattn_exact_mma_forward_{t}_d{d}" for t in ("f16", "bf16") for d in (32, 64, 128))
+SPILL_FREE = tuple(
+    [f"mcattn_exact_mma_forward_{t}_d{d}" for t in ("f16", "bf16") for d in (32, 64, 128)]
+    + [f"mcattn_exact_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv") for t in ("f16", "bf16")
+       for d in (32, 64)])
 
 
 def ptxas_resources(ptx, arch):
