@@ -32,8 +32,9 @@ CUDA_THREADS_PER_BLOCK = 64
 #: ``None`` (default: the float32 kernel), ``"float16"`` or ``"bfloat16"``. With a value, a
 #: float32 (or widened float16/bfloat16) forward with head dim 32, 64 or 128 rounds q, k, v
 #: and the probabilities to that type and accumulates in float32: relative error of order
-#: 2^-11 (float16) or 2^-8 (bfloat16) instead of float32's. Training (forward with lse,
-#: backward) stays on the float32 kernels.
+#: 2^-11 (float16) or 2^-8 (bfloat16) instead of float32's. The training pair (forward
+#: with lse, then backward: ``exact_mma_backward.cu``) uses them for head dims 32 and 64;
+#: set the knob the same for a forward and its backward.
 EXACT_TENSOR_CORES = None
 
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.

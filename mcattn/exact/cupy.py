@@ -4,7 +4,9 @@ The forward (optionally with the rows' log-sum-exp, for training) and the two ba
 kernels (dq, then dk/dv) take head dims up to :data:`MAX_HEAD_DIM`. With
 ``config.EXACT_TENSOR_CORES`` set (``"float16"`` or ``"bfloat16"``) the float32 forward of
 head dim 32, 64 or 128 runs on tensor cores instead (``kernels/exact_mma.cu``, the
-FlashAttention-2 recipe: 64 query rows a block, mma.sync m16n8k16, float32 accumulation). The training entry
+FlashAttention-2 recipe: 64 query rows a block, mma.sync m16n8k16, float32 accumulation),
+and for head dims 32 and 64 the training pair too (``forward_lse`` there, and
+``backward`` through ``kernels/exact_mma_backward.cu``). The training entry
 points :func:`forward_lse` and :func:`backward` fall back to the CuPy array reference
 (:mod:`mcattn.exact.naive`) for wider heads, so training on a GPU is never refused for
 the head width alone.
