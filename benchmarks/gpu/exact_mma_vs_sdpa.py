@@ -3,7 +3,9 @@
 ``python benchmarks/gpu/exact_mma_vs_sdpa.py [--out docs/measurements/gpu-exact-mma.txt]``
 on a machine with an NVIDIA GPU, CuPy and torch (``tests/cuda/on_device.sh`` runs it).
 
-For each shape ``[B, H, N, d]`` and type it times, in this process and on the same GPU:
+For each shape ``[B, H, N, d]`` and type it times, in this process and on the same GPU,
+the forward (``fwd``) and, for the training shapes, forward + backward (``fwd+bwd``:
+``mcattn.exact.grad.forward`` then ``backward``; SDPA and ``torch.autograd.grad``):
 
 * ``mcattn``: ``mcattn.attention(..., backend="cupy", check_finite=False)`` (the kernel
   and its launcher, without the input scan) on CuPy float32 arrays with
@@ -29,8 +31,13 @@ import numpy as np
 SHAPES = [(1, 8, 1024, 64), (1, 8, 4096, 64), (1, 8, 16384, 64), (4, 16, 4096, 64),
           (1, 8, 1024, 128), (1, 8, 4096, 128), (1, 8, 16384, 128)]
 FLOAT32_SHAPES = [(1, 8, 1024, 64), (1, 8, 4096, 64)]  # today's float32 kernel is slow
+#: Forward + backward (mcattn.exact.grad with the knob; SDPA through torch autograd).
+TRAIN_SHAPES = [(1, 8, 1024, 64), (1, 8, 4096, 64), (4, 16, 2048, 64)]
+FLOAT32_TRAIN_SHAPES = [(1, 8, 1024, 64)]
 #: Largest relative difference to SDPA's output accepted: 4 unit roundoffs of the type.
 TOLERANCE = {"float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8, "float32": 1e-5}
+#: ... and for the gradients (dq, dk, dv, the largest of the three).
+GRAD_TOLERANCE = {"float16": 8 * 2.0**-11, "bfloat16": 8 * 2.0**-8, "float32": 1e-4}
 
 
 def _time(fn, sync, target=0.05):
@@ -80,6 +87,48 @@ def _case(precision, shape, sync):
     return t_ours, t_sdpa, err
 
 
+def _train_case(precision, shape, sync):
+    """(mcattn seconds, SDPA seconds, largest relative gradient difference), forward + backward."""
+    import cupy
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import mcattn
+    from mcattn.exact import grad
+
+    rng = np.random.default_rng(shape[2] + 1)
+    host = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
+    q, k, v, dout = (cupy.asarray(a) for a in host)
+    tq, tk, tv = (torch.as_tensor(a, device="cuda").to(getattr(torch, precision)).requires_grad_()
+                  for a in host[:3])
+    tdout = torch.as_tensor(host[3], device="cuda").to(getattr(torch, precision))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backend = SDPBackend.EFFICIENT_ATTENTION if precision == "float32" else SDPBackend.FLASH_ATTENTION
+
+    def ours():
+        out, res = grad.forward(q, k, v, backend="cupy", check_finite=False)
+        return grad.backward(q, k, v, out, res, dout, backend="cupy", check_finite=False)
+
+    def theirs():
+        return torch.autograd.grad(sdpa(tq, tk, tv), (tq, tk, tv), tdout)
+
+    mcattn.config.EXACT_TENSOR_CORES = None if precision == "float32" else precision
+    try:
+        grads = ours()
+        with sdpa_kernel(backend):
+            ref = theirs()
+            t_sdpa = _time(theirs, sync)
+        t_ours = _time(ours, sync)
+    finally:
+        mcattn.config.EXACT_TENSOR_CORES = None
+    err = 0.0
+    for name, r in zip("qkv", ref):
+        r64 = r.double().cpu().numpy()
+        got = cupy.asnumpy(grads[name]).astype(np.float64)
+        err = max(err, float(np.linalg.norm(got - r64) / np.linalg.norm(r64)))
+    return t_ours, t_sdpa, err
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the table to this file")
@@ -94,28 +143,37 @@ def main(argv=None):
 
     lines = [f"# benchmarks/gpu/exact_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}, CuPy {cupy.__version__}",
-             f"{'type':9s} {'B':>2s} {'H':>3s} {'N':>6s} {'d':>4s} {'mcattn ms':>10s} {'sdpa ms':>9s} "
-             f"{'ratio':>6s} {'rel err':>8s}"]
+             f"{'pass':7s} {'type':9s} {'B':>2s} {'H':>3s} {'N':>6s} {'d':>4s} {'mcattn ms':>10s} "
+             f"{'sdpa ms':>9s} {'ratio':>6s} {'rel err':>8s}"]
     print("\n".join(lines), flush=True)
     results, bad = {}, []
-    cases = [(t, s) for t in ("float16", "bfloat16") for s in SHAPES]
-    cases += [("float32", s) for s in FLOAT32_SHAPES]
-    for precision, (b, h, n, d) in cases:
-        t_ours, t_sdpa, err = _case(precision, (b, h, n, d), sync)
-        if not err < TOLERANCE[precision]:
-            bad.append(f"{precision} {b}x{h}x{n}x{d}: rel err {err:.2e}")
-        results.setdefault((precision, d), []).append(t_ours / t_sdpa)
-        line = (f"{precision:9s} {b:2d} {h:3d} {n:6d} {d:4d} {t_ours * 1e3:10.3f} {t_sdpa * 1e3:9.3f} "
-                f"{t_ours / t_sdpa:6.2f} {err:8.1e}")
+    cases = [("fwd", t, s) for t in ("float16", "bfloat16") for s in SHAPES]
+    cases += [("fwd", "float32", s) for s in FLOAT32_SHAPES]
+    cases += [("fwd+bwd", t, s) for t in ("float16", "bfloat16") for s in TRAIN_SHAPES]
+    cases += [("fwd+bwd", "float32", s) for s in FLOAT32_TRAIN_SHAPES]
+    for what, precision, (b, h, n, d) in cases:
+        run = _case if what == "fwd" else _train_case
+        try:
+            t_ours, t_sdpa, err = run(precision, (b, h, n, d), sync)
+        except Exception as exc:  # one failing case (an SDPA backend missing...) must not hide the rest
+            bad.append(f"{what} {precision} {b}x{h}x{n}x{d}: {type(exc).__name__}: {exc}"[:300])
+            print(bad[-1], flush=True)
+            continue
+        if not err < (TOLERANCE if what == "fwd" else GRAD_TOLERANCE)[precision]:
+            bad.append(f"{what} {precision} {b}x{h}x{n}x{d}: rel err {err:.2e}")
+        results.setdefault((what, precision, d), []).append(t_ours / t_sdpa)
+        line = (f"{what:7s} {precision:9s} {b:2d} {h:3d} {n:6d} {d:4d} {t_ours * 1e3:10.3f} "
+                f"{t_sdpa * 1e3:9.3f} {t_ours / t_sdpa:6.2f} {err:8.1e}")
         lines.append(line)
         print(line, flush=True)
-    lines.append("")
-    for (precision, d), ratios in results.items():
-        kernel = "exact float32 kernel" if precision == "float32" else f"exact_mma {precision}"
-        lines.append(f"summary: {kernel} d={d}: mcattn / SDPA {min(ratios):.2f}-{max(ratios):.2f} "
-                     f"over {len(ratios)} shapes")
-    lines += [f"MISMATCH {m}" for m in bad] or ["every output within 4 unit roundoffs of SDPA's"]
-    print("\n".join(lines[-len(results) - max(1, len(bad)) - 1:]))
+    summary = [""]
+    for (what, precision, d), ratios in results.items():
+        kernel = "exact float32 kernels" if precision == "float32" else f"exact_mma {precision}"
+        summary.append(f"summary: {what} {kernel} d={d}: mcattn / SDPA "
+                       f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} shapes")
+    summary += [f"MISMATCH {m}" for m in bad] or ["every output and gradient within the tolerances"]
+    print("\n".join(summary))
+    lines += summary
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")
