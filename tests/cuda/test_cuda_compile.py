@@ -103,6 +103,7 @@ def test_resource_check_catches_a_large_stack():
     assert spilled["spills"] == 8
     assert not resource_problems("mcattn_exact_mma_forward_f16_d64", {**res, "stack": 0, "shared": 0}, 128)
     assert resource_problems("mcattn_exact_mma_forward_f16_d64", {**spilled, "stack": 0, "shared": 0}, 128)
+    assert resource_problems("mcattn_exact_mma_forward_f16_d64", {**res, "stack": 128, "shared": 0}, 128)
 
 
 #: A float32 value widened to float64: the mark of float64 arithmetic on float32 data.

@@ -127,7 +127,9 @@ __device__ __forceinline__ void mcattn_exact_mma_backward_dq(
                 Ops::mma(dp[n], da[kk], bv);
             }
         }
+#pragma unroll
         for (int n = 0; n < MCATTN_MMA_BWD_TILE / 8; ++n)
+#pragma unroll
             for (int i = 0; i < 4; ++i) {  // s becomes dS = P (dP - delta)
                 const int h = i >> 1, key = j0 + 8 * n + 2 * t + (i & 1);
                 float p = 0.0f;
@@ -206,7 +208,10 @@ __device__ __forceinline__ void mcattn_exact_mma_backward_dkdv(
                 Ops::mma(dp[n], va[kk], bd);
             }
         }
+        // unrolled: s and dp must stay in registers (indexed by constants)
+#pragma unroll
         for (int n = 0; n < MCATTN_MMA_BWD_TILE / 8; ++n)
+#pragma unroll
             for (int i = 0; i < 4; ++i) {  // s becomes P^T, dp becomes dS^T
                 const int key = keys[i >> 1], r = 8 * n + 2 * t + (i & 1), query = i0 + r;
                 const float top = lse_tile[r];
