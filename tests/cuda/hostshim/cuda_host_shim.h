@@ -29,8 +29,9 @@
 //   tf32 -> f32, m16n8k32 s8 -> s32 (each lane publishes its fragment registers, meets its
 //   warp at the barrier, and computes its own output elements from the PTX ISA's fragment
 //   layouts), half / bfloat16 / tf32 conversions (round to nearest even; tf32: nearest,
-//   ties away, as cvt.rna). The mask of a warp intrinsic must name every lane of the warp
-//   that is still running (divergent warp code is not emulated): another mask fails the launch.
+//   ties away, as cvt.rna). The mask of a warp intrinsic must name exactly the lanes of the
+//   warp that are still running (divergent warp code is not emulated): another mask fails
+//   the launch.
 // What it does not provide: cooperative groups, dynamic shared memory, streams, textures,
 // ldmatrix / cp.async (warp.cuh's kernels load fragments with plain loads).
 #ifndef MCATTN_CUDA_HOST_SHIM_H
@@ -138,7 +139,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
                 }
         block_barrier = nullptr;
         warp = nullptr;
-        if (warp_misuse.exchange(false)) throw std::invalid_argument("warp intrinsic mask leaves out a running lane");
+        if (warp_misuse.exchange(false)) throw std::invalid_argument("warp intrinsic mask differs from the lanes that met (a running lane left out, or an exited one named)");
         return;
     }
     for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -167,7 +168,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
                 }
                 for (auto& thread : team) thread.join();
                 if (warp_misuse.exchange(false))
-                    throw std::invalid_argument("warp intrinsic mask leaves out a running lane");
+                    throw std::invalid_argument("warp intrinsic mask differs from the lanes that met (a running lane left out, or an exited one named)");
             }
 }
 }  // namespace mcattn_shim
