@@ -15,11 +15,15 @@ pytestmark = pytest.mark.hostshim
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 
 
-def test_bench_script_runs_and_agrees_with_torch(cupy_or_fake, monkeypatch, capsys):
+def test_bench_script_runs_and_agrees_with_torch(monkeypatch, capsys):
     if GPU_PRESENT:
         pytest.skip("on a GPU, tests/cuda/on_device.sh runs the script itself")
+    # torch first, with the real cupy (or none) importable: torch probes cupy on import,
+    # and a torch half-imported under the fake would break every later torch test
     torch = pytest.importorskip("torch")
     pytest.importorskip("torch.nn.attention")
+    from fake_cupy import cupy_context
+
     monkeypatch.syspath_prepend(str(BENCH_DIR))
     import exact_mma_vs_sdpa as bench
 
@@ -32,7 +36,8 @@ def test_bench_script_runs_and_agrees_with_torch(cupy_or_fake, monkeypatch, caps
     monkeypatch.setattr(bench, "TRAIN_SHAPES", [(1, 1, 70, 64)])
     monkeypatch.setattr(bench, "FLOAT32_TRAIN_SHAPES", [(1, 1, 33, 64)])
     monkeypatch.setattr(bench, "_time", lambda fn, sync, target=0: (fn(), sync(), 1.0)[2])
-    assert bench.main([]) == 0
+    with cupy_context():
+        assert bench.main([]) == 0
     text = capsys.readouterr().out
     assert "MISMATCH" not in text
     assert text.count("summary: ") == 8  # fwd: f16 / bf16 x d 32 / 128, float32; fwd+bwd: 3

@@ -7,9 +7,10 @@ float32, so the reference is float64 attention on the rounded q, k, v: the remai
 error is the probabilities' rounding: 0.26-0.37 unit roundoffs u of the type (2^-11,
 2^-8), relative (Frobenius), for shapes and masks like these tests'
 (benchmarks/exact_mma_shim_errors.py, docs/measurements/exact-mma-shim-errors.txt),
-held to 0.5 u; the gradients (P and dS rounded too) 0.38-0.56 u, held to 1 u. A float32 path that skipped the rounding would be more
-accurate against the unrounded inputs than the rounding allows, which the last check of
-each case rules out (the tensor-core path really ran). Shapes are small: the shim runs
+held to 0.5 u; the gradients (P and dS rounded too) 0.38-0.56 u, held to 1 u. A float32
+path that skipped the rounding would be more accurate against the unrounded inputs than
+the rounding allows, which the last check of each case rules out (the tensor-core path
+really ran). Shapes are small: the shim runs
 128 host threads a block.
 """
 
