@@ -6,8 +6,8 @@ Runs ``exact/kernels/exact_mma.cu`` (forward) and ``exact_mma_backward.cu`` (tra
 pair) on the fake CuPy of ``tests/cuda`` (the CUDA C under the host shim, its warps and
 mma.sync emulated) for the shapes and masks of ``tests/cuda/test_exact_mma_cuda.py`` and
 prints, per case, the relative (Frobenius) error against float64 attention on the inputs
-rounded to the 16-bit type, in unit roundoffs u of that type (2^-11 float16, 2^-8
-bfloat16), and against float64 on the unrounded float32 inputs. The tests hold the
+rounded to the tensor cores' type, in unit roundoffs u of that type (2^-11 float16 and
+tf32, 2^-8 bfloat16; tf32 is forward only), and against float64 on the unrounded float32 inputs. The tests hold the
 forward to 0.5 u and the gradients to 1 u.
 """
 
@@ -19,12 +19,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "tf32": 2.0**-11}
 
 
 def _round(a, precision):
     if precision == "float16":
         return a.astype(np.float16).astype(np.float64)
+    if precision == "tf32":  # nearest, ties away from zero (cvt.rna)
+        m, e = np.frexp(a.astype(np.float64))
+        return np.sign(m) * np.floor(np.abs(m) * 2.0**11 + 0.5) * 2.0 ** (e - 11)
     import ml_dtypes
 
     return a.astype(ml_dtypes.bfloat16).astype(np.float64)
@@ -105,7 +108,7 @@ def main(argv=None):
         cases += [(True, 32, "plain"), (True, 64, "plain"), (True, 32, "causal"), (True, 64, "padding"),
                   (True, 32, "bias")]
         for train, d, case in cases:
-            for precision in ("float16", "bfloat16"):
+            for precision in ("float16", "bfloat16") + (() if train else ("tf32",)):
                 errs = _case(cp, precision, d, case, train)
                 cells = " ".join(f"{a:5.2f} ({b:5.2f})" for a, b in errs)
                 lines.append(f"{'fwd+bwd' if train else 'fwd':8s} {precision:9s} {d:4d} {case:8s} {cells}")

@@ -2,11 +2,11 @@
 
 The forward (optionally with the rows' log-sum-exp, for training) and the two backward
 kernels (dq, then dk/dv) take head dims up to :data:`MAX_HEAD_DIM`. With
-``config.EXACT_TENSOR_CORES`` set (``"float16"`` or ``"bfloat16"``) the float32 forward of
-head dim 32, 64 or 128 runs on tensor cores instead (``kernels/exact_mma.cu``, the
+``config.EXACT_TENSOR_CORES`` set (``"float16"``, ``"bfloat16"`` or ``"tf32"``) the float32
+forward of head dim 32, 64 or 128 runs on tensor cores instead (``kernels/exact_mma.cu``, the
 FlashAttention-2 recipe: 64 query rows a block, mma.sync m16n8k16, float32 accumulation),
-and for head dims 32 and 64 the training pair too (``forward_lse`` there, and
-``backward`` through ``kernels/exact_mma_backward.cu``). The training entry
+and for head dims 32 and 64 the float16 / bfloat16 training pair too (``forward_lse``
+there, and ``backward`` through ``kernels/exact_mma_backward.cu``; tf32 has no backward). The training entry
 points :func:`forward_lse` and :func:`backward` fall back to the CuPy array reference
 (:mod:`mcattn.exact.naive`) for wider heads, so training on a GPU is never refused for
 the head width alone.
@@ -74,11 +74,14 @@ def _tensor_cores(inp, dims=MMA_HEAD_DIMS):
     precision = config.EXACT_TENSOR_CORES
     if precision is None:
         return None
-    if precision not in _MMA_TYPES:
-        raise ConfigError(f"EXACT_TENSOR_CORES must be None, 'float16' or 'bfloat16'; got {precision!r}")
+    if precision not in _MMA_TYPES and precision != "tf32":
+        raise ConfigError("EXACT_TENSOR_CORES must be None, 'float16', 'bfloat16' or 'tf32'; "
+                          f"got {precision!r}")
     d = inp.q.shape[2]
     if inp.q.dtype != np.float32 or d != inp.value_dim or d not in dims:
         return None
+    if precision == "tf32" and dims is MMA_TRAINING_HEAD_DIMS:
+        return None  # no tf32 backward: the training pair stays on the float32 kernels
     return precision
 
 
@@ -93,7 +96,8 @@ def _forward_mma(inp, precision, want_lse):
     lse = cupy.full((bh, nq) if want_lse else (1, 1), -np.inf, dtype=q.dtype)
     if bh == 0 or nq == 0 or nk == 0:
         return out, lse
-    name = f"mcattn_exact_mma_forward_{_MMA_TYPES[precision]}_d{d}"
+    name = (f"mcattn_exact_tf32_forward_d{d}" if precision == "tf32"
+            else f"mcattn_exact_mma_forward_{_MMA_TYPES[precision]}_d{d}")
     kernel = raw_module(_MMA_SOURCE).get_function(name)
     has_bias, bias, mask_index = _mask_arrays(inp)
     for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535

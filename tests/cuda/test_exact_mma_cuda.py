@@ -22,12 +22,20 @@ import mcattn
 
 pytestmark = pytest.mark.hostshim
 
-UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+UNIT = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "tf32": 2.0**-11}
+
+
+def _tf32(a):
+    """Nearest tf32 (10 mantissa bits), ties away from zero (cvt.rna), by float64 arithmetic."""
+    m, e = np.frexp(a.astype(np.float64))
+    return np.sign(m) * np.floor(np.abs(m) * 2.0**11 + 0.5) * 2.0 ** (e - 11)
 
 
 def _round(a, precision):
     if precision == "float16":
         return a.astype(np.float16).astype(np.float64)
+    if precision == "tf32":
+        return _tf32(a)
     ml_dtypes = pytest.importorskip("ml_dtypes")
     return a.astype(ml_dtypes.bfloat16).astype(np.float64)
 
@@ -64,10 +72,11 @@ def _check(out, q, k, v, precision, mask=None, is_causal=False, scale=None):
 def _launches():
     import fake_cupy
 
-    return [r for r in fake_cupy.LAUNCHES if r["kernel"].startswith("mcattn_exact_mma_forward")]
+    return [r for r in fake_cupy.LAUNCHES if r["kernel"].startswith(("mcattn_exact_mma_forward",
+                                                                      "mcattn_exact_tf32_forward"))]
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_forward_equals_float64_on_the_rounded_inputs(tensor_cores, precision, d):
     """Nq = 70 and Nk = 130: neither a multiple of the 64-row block or the 64-key tile."""
@@ -81,12 +90,12 @@ def test_forward_equals_float64_on_the_rounded_inputs(tensor_cores, precision, d
     _check(out, q, k, v, precision)
     if not GPU_PRESENT:
         (launch,) = _launches()[before:]
-        tag = {"float16": "f16", "bfloat16": "bf16"}[precision]
-        assert launch["kernel"] == f"mcattn_exact_mma_forward_{tag}_d{d}"
+        tag = {"float16": "mma_forward_f16", "bfloat16": "mma_forward_bf16", "tf32": "tf32_forward"}
+        assert launch["kernel"] == f"mcattn_exact_{tag[precision]}_d{d}"
         assert tuple(launch["grid"])[:2] == (2, 2) and tuple(launch["block"])[:1] == (128,)
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "tf32"])
 def test_forward_masks(tensor_cores, precision):
     rng = np.random.default_rng(7)
     q = rng.standard_normal((2, 1, 75, 32)).astype(np.float32) * 2
@@ -156,6 +165,9 @@ def test_lse_and_the_float32_path_stay(cupy_or_fake):
         assert exact_cupy._tensor_cores(q48) is None  # head dim 48: the float32 kernel
         q64 = prepare_attention(*(cp.asarray(a.astype(np.float64)) for a in (q, k, v)))
         assert exact_cupy._tensor_cores(q64) is None
+        mcattn.config.EXACT_TENSOR_CORES = "tf32"  # forward only: training stays on float32
+        assert exact_cupy._tensor_cores(inp) == "tf32"
+        assert exact_cupy._tensor_cores(inp, exact_cupy.MMA_TRAINING_HEAD_DIMS) is None
         mcattn.config.EXACT_TENSOR_CORES = "tf16"
         with pytest.raises(mcattn.errors.ConfigError):
             exact_cupy._tensor_cores(inp)

@@ -21,6 +21,13 @@
 // Grid: (ceil(Nq / 64), BH), gridDim.y at most 65535 (the launcher splits BH). Head dim
 // D = dv in {32, 64, 128}, one kernel each: mcattn_exact_mma_forward_{f16,bf16}_d{D}.
 // Static shared memory: (64 (D + 8) + D (64 + 8)) * 2 bytes: 35,840 at D = 128.
+//
+// TF32 (mcattn_exact_tf32_forward_d{D}, float32 only when the user asks for it): the same
+// recipe on mma.m16n8k8.tf32, operands rounded to tf32 (10 mantissa bits, cvt.rna) and
+// kept as 32-bit words, so the tiles hold 32 keys (K [key][dim] and V [key][dim], rows
+// padded by 4 and 8 words for conflict-free fragment reads: 34,304 bytes at D = 128).
+// A tf32 A fragment holds P[g][t] and P[g][t+4] where the accumulator holds P[g][2t],
+// P[g][2t+1]: the row's 4 lanes exchange them by __shfl_sync.
 #include "common.cuh"
 #include "warp.cuh"
 
@@ -153,6 +160,146 @@ __device__ __forceinline__ void mcattn_exact_mma_forward(
     }
 }
 
+template <int D>
+__device__ __forceinline__ void mcattn_exact_tf32_forward(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ bias,
+    const long long* __restrict__ mask_index, int nq, int nk, float scale, int has_bias,
+    int bias_rows, int is_causal, int write_lse) {
+    constexpr int KEYS = 32;
+    __shared__ unsigned k_tile[KEYS][D + 4];  // [key][dim], tf32 words
+    __shared__ unsigned v_tile[KEYS][D + 8];  // [key][dim]
+    const float neg_inf = mcattn_neg_inf<float>();
+    const float log2e = 1.4426950408889634f;
+    const long long bh = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * MCATTN_MMA_ROWS + warp * 16;
+    const int rows[2] = {row0 + g, row0 + g + 8};
+    const float* qb = q + bh * nq * (long long)D;
+    const float* kb = k + bh * nk * (long long)D;
+    const float* vb = v + bh * nk * (long long)D;
+
+    // Q as tf32 A fragments: register r holds row rows[r & 1], dim 8 kk + t (+4 for r >= 2).
+    unsigned qa[D / 8][4];
+    for (int kk = 0; kk < D / 8; ++kk)
+        for (int r = 0; r < 4; ++r) {
+            const int row = rows[r & 1], c = 8 * kk + t + 4 * (r >> 1);
+            qa[kk][r] = mcattn_f32_to_tf32(row < nq ? qb[(long long)row * D + c] : 0.0f);
+        }
+    const float* brow[2];
+    for (int h = 0; h < 2; ++h)
+        brow[h] = mcattn_bias_row(bias, mask_index, bh, mcattn_min(rows[h], nq - 1), bias_rows, nk,
+                                  has_bias != 0);
+    float o[D / 8][4];
+    for (int n = 0; n < D / 8; ++n)
+        for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
+    float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
+    const float scale2 = scale * log2e;
+    // The lanes of this lane's row group that hold P[.][t] and P[.][t + 4] of a key group.
+    const int src_lo = 4 * g + (t >> 1), src_hi = 4 * g + 2 + (t >> 1);
+    const bool odd = t & 1;
+
+    const int block_last = mcattn_min(nq, (int)(blockIdx.x + 1) * MCATTN_MMA_ROWS) - 1;
+    const int key_end = is_causal ? mcattn_min(nk, block_last + 1) : nk;
+    for (int j0 = 0; j0 < key_end; j0 += KEYS) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < KEYS * D; e += MCATTN_MMA_THREADS) {
+            const int key = e / D, c = e % D, j = j0 + key;
+            k_tile[key][c] = j < nk ? mcattn_f32_to_tf32(kb[(long long)j * D + c]) : 0u;
+            v_tile[key][c] = j < nk ? mcattn_f32_to_tf32(vb[(long long)j * D + c]) : 0u;
+        }
+        __syncthreads();
+        if (is_causal && j0 > row0 + 15) continue;
+
+        float s[KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < KEYS / 8; ++n) {
+            for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+            for (int kk = 0; kk < D / 8; ++kk) {
+                const unsigned b[2] = {k_tile[8 * n + g][8 * kk + t], k_tile[8 * n + g][8 * kk + t + 4]};
+                mcattn_mma_m16n8k8_tf32(s[n], qa[kk], b);
+            }
+        }
+        float top[2] = {neg_inf, neg_inf};
+#pragma unroll
+        for (int n = 0; n < KEYS / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int h = i >> 1, key = j0 + 8 * n + 2 * t + (i & 1);
+                float x = s[n][i] * scale2;
+                if (key >= nk || (is_causal && key > rows[h])) x = neg_inf;
+                else if (has_bias) x += brow[h][key] * log2e;
+                s[n][i] = x;
+                top[h] = mcattn_max(top[h], x);
+            }
+        for (int h = 0; h < 2; ++h) {
+            top[h] = mcattn_max(top[h], __shfl_xor_sync(0xffffffffu, top[h], 1));
+            top[h] = mcattn_max(top[h], __shfl_xor_sync(0xffffffffu, top[h], 2));
+        }
+        float alpha[2];
+        for (int h = 0; h < 2; ++h) {
+            const float m_new = mcattn_max(m[h], top[h]);
+            const float base = m_new == neg_inf ? 0.0f : m_new;
+            alpha[h] = exp2f(m[h] - base);
+            m[h] = m_new;
+            top[h] = base;
+            l[h] *= alpha[h];
+        }
+        for (int n = 0; n < D / 8; ++n)
+            for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
+#pragma unroll
+        for (int n = 0; n < KEYS / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float p = exp2f(s[n][i] - top[i >> 1]);
+                l[i >> 1] += p;
+                s[n][i] = __int_as_float((int)mcattn_f32_to_tf32(p));
+            }
+        // Key group kk (8 keys) is one k-step: gather its A fragment from the row's lanes.
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 8; ++kk) {
+            float x[8];
+            for (int i = 0; i < 4; ++i) {
+                x[i] = __shfl_sync(0xffffffffu, s[kk][i], src_lo);
+                x[4 + i] = __shfl_sync(0xffffffffu, s[kk][i], src_hi);
+            }
+            const unsigned a[4] = {(unsigned)__float_as_int(odd ? x[1] : x[0]),
+                                   (unsigned)__float_as_int(odd ? x[3] : x[2]),
+                                   (unsigned)__float_as_int(odd ? x[5] : x[4]),
+                                   (unsigned)__float_as_int(odd ? x[7] : x[6])};
+            for (int n = 0; n < D / 8; ++n) {
+                const unsigned b[2] = {v_tile[8 * kk + t][8 * n + g], v_tile[8 * kk + t + 4][8 * n + g]};
+                mcattn_mma_m16n8k8_tf32(o[n], a, b);
+            }
+        }
+    }
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    for (int h = 0; h < 2; ++h) {
+        const int row = rows[h];
+        if (row >= nq) continue;
+        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+        float* orow = out + (bh * nq + row) * (long long)D;
+        for (int n = 0; n < D / 8; ++n)
+            for (int i = 0; i < 2; ++i) orow[8 * n + 2 * t + i] = o[n][2 * h + i] * inv;
+        if (write_lse && t == 0)
+            lse[bh * nq + row] = l[h] > 0.0f ? (m[h] + log2f(l[h])) * 0.6931471805599453f : neg_inf;
+    }
+}
+
+#define MCATTN_EXACT_TF32_FORWARD(D)                                                            \
+    extern "C" __global__ void MCATTN_LAUNCH_BOUNDS(MCATTN_MMA_THREADS)                         \
+        mcattn_exact_tf32_forward_d##D(                                                         \
+            const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, \
+            float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ bias,   \
+            const long long* __restrict__ mask_index, int nq, int nk, float scale, int has_bias, \
+            int bias_rows, int is_causal, int write_lse) {                                      \
+        mcattn_exact_tf32_forward<D>(q, k, v, out, lse, bias, mask_index, nq, nk, scale,        \
+                                     has_bias, bias_rows, is_causal, write_lse);                \
+    }
+
 #define MCATTN_EXACT_MMA_FORWARD(NAME, OPS, D)                                                  \
     extern "C" __global__ void MCATTN_LAUNCH_BOUNDS(MCATTN_MMA_THREADS) NAME(                    \
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,  \
@@ -169,3 +316,6 @@ MCATTN_EXACT_MMA_FORWARD(mcattn_exact_mma_forward_f16_d128, mcattn_f16_ops, 128)
 MCATTN_EXACT_MMA_FORWARD(mcattn_exact_mma_forward_bf16_d32, mcattn_bf16_ops, 32)
 MCATTN_EXACT_MMA_FORWARD(mcattn_exact_mma_forward_bf16_d64, mcattn_bf16_ops, 64)
 MCATTN_EXACT_MMA_FORWARD(mcattn_exact_mma_forward_bf16_d128, mcattn_bf16_ops, 128)
+MCATTN_EXACT_TF32_FORWARD(32)
+MCATTN_EXACT_TF32_FORWARD(64)
+MCATTN_EXACT_TF32_FORWARD(128)
