@@ -7,8 +7,8 @@ pair) on the fake CuPy of ``tests/cuda`` (the CUDA C under the host shim, its wa
 mma.sync emulated) for the shapes and masks of ``tests/cuda/test_exact_mma_cuda.py`` and
 prints, per case, the relative (Frobenius) error against float64 attention on the inputs
 rounded to the tensor cores' type, in unit roundoffs u of that type (2^-11 float16 and
-tf32, 2^-8 bfloat16; tf32 is forward only), and against float64 on the unrounded float32 inputs. The tests hold the
-forward to 0.5 u and the gradients to 1 u.
+tf32, 2^-8 bfloat16; tf32 is forward only), and against float64 on the unrounded
+float32 inputs. The tests hold the forward to 0.5 u and the gradients to 1 u.
 """
 
 import argparse
