@@ -10,7 +10,8 @@ the forward (``fwd``) and, for the training shapes, forward + backward (``fwd+bw
 * ``mcattn``: ``mcattn.attention(..., backend="cupy", check_finite=False)`` (the kernel
   and its launcher, without the input scan) on CuPy float32 arrays with
   ``config.EXACT_TENSOR_CORES`` = float16 / bfloat16 (the kernel rounds while loading);
-  for float32, today's float32 kernel (the knob off);
+  for float32, today's float32 kernel (the knob off), and ``tf32`` (the knob "tf32":
+  float32 inputs on TF32 tensor cores, timed against SDPA float32);
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the same values in
   that type (flash backend for float16 / bfloat16, memory-efficient for float32, math
   where that is missing).
@@ -36,7 +37,7 @@ FLOAT32_SHAPES = [(1, 8, 1024, 64), (1, 8, 4096, 64)]  # today's float32 kernel 
 TRAIN_SHAPES = [(1, 8, 1024, 64), (1, 8, 4096, 64), (4, 16, 2048, 64)]
 FLOAT32_TRAIN_SHAPES = [(1, 8, 1024, 64)]
 #: Largest relative difference to SDPA's output accepted: 4 unit roundoffs of the type.
-TOLERANCE = {"float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8, "float32": 1e-5}
+TOLERANCE = {"float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8, "float32": 1e-5, "tf32": 4 * 2.0**-11}
 #: ... and for the gradients (dq, dk, dv, the largest of the three).
 GRAD_TOLERANCE = {"float16": 8 * 2.0**-11, "bfloat16": 8 * 2.0**-8, "float32": 1e-4}
 
@@ -64,7 +65,7 @@ def _sdpa_backends(precision):
     """Flash for float16 / bfloat16; memory-efficient for float32 (math where it is missing)."""
     from torch.nn.attention import SDPBackend
 
-    if precision == "float32":
+    if precision in ("float32", "tf32"):
         return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return [SDPBackend.FLASH_ATTENTION]
 
@@ -80,7 +81,8 @@ def _case(precision, shape, sync):
     rng = np.random.default_rng(shape[2] + shape[3])
     host = [rng.standard_normal(shape, dtype=np.float32) for _ in range(3)]
     q, k, v = (cupy.asarray(a) for a in host)
-    tq, tk, tv = (torch.as_tensor(a, device="cuda").to(getattr(torch, precision)) for a in host)
+    torch_type = torch.float32 if precision == "tf32" else getattr(torch, precision)
+    tq, tk, tv = (torch.as_tensor(a, device="cuda").to(torch_type) for a in host)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     backend = _sdpa_backends(precision)
     mcattn.config.EXACT_TENSOR_CORES = None if precision == "float32" else precision
@@ -159,6 +161,7 @@ def main(argv=None):
     results, bad = {}, []
     cases = [("fwd", t, s) for t in ("float16", "bfloat16") for s in SHAPES]
     cases += [("fwd", "float32", s) for s in FLOAT32_SHAPES]
+    cases += [("fwd", "tf32", s) for s in FLOAT32_SHAPES + [(1, 8, 16384, 64)]]
     cases += [("fwd+bwd", t, s) for t in ("float16", "bfloat16") for s in TRAIN_SHAPES]
     cases += [("fwd+bwd", "float32", s) for s in FLOAT32_TRAIN_SHAPES]
     for what, precision, (b, h, n, d) in cases:
@@ -178,7 +181,8 @@ def main(argv=None):
         print(line, flush=True)
     summary = [""]
     for (what, precision, d), ratios in results.items():
-        kernel = "exact float32 kernels" if precision == "float32" else f"exact_mma {precision}"
+        names = {"float32": "exact float32 kernels", "tf32": "exact_tf32 (vs SDPA float32)"}
+        kernel = names.get(precision, f"exact_mma {precision}")
         summary.append(f"summary: {what} {kernel} d={d}: mcattn / SDPA "
                        f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} shapes")
     summary += [f"MISMATCH {m}" for m in bad] or ["every output and gradient within the tolerances"]

@@ -40,6 +40,6 @@ def test_bench_script_runs_and_agrees_with_torch(monkeypatch, capsys):
         assert bench.main([]) == 0
     text = capsys.readouterr().out
     assert "MISMATCH" not in text
-    assert text.count("summary: ") == 8  # fwd: f16 / bf16 x d 32 / 128, float32; fwd+bwd: 3
+    assert text.count("summary: ") == 9  # fwd: f16 / bf16 x d 32 / 128, float32, tf32; fwd+bwd: 3
     assert "every output and gradient within the tolerances" in text
     sys.modules.pop("exact_mma_vs_sdpa", None)
