@@ -33,6 +33,7 @@ def test_bench_script_runs_and_agrees_with_torch(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "CPU (fake CuPy)")
     monkeypatch.setattr(bench, "SHAPES", [(1, 1, 70, 32), (1, 1, 40, 128)])
     monkeypatch.setattr(bench, "FLOAT32_SHAPES", [(1, 1, 50, 64)])
+    monkeypatch.setattr(bench, "TF32_SHAPES", [(1, 1, 50, 64)])
     monkeypatch.setattr(bench, "TRAIN_SHAPES", [(1, 1, 70, 64)])
     monkeypatch.setattr(bench, "FLOAT32_TRAIN_SHAPES", [(1, 1, 33, 64)])
     monkeypatch.setattr(bench, "_time", lambda fn, sync, target=0: (fn(), sync(), 1.0)[2])
