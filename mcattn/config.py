@@ -28,6 +28,17 @@ NUMPY_MAX_BLOCK_ELEMENTS = 1 << 22
 #: Threads per block (= query rows per block) of the GPU exact-attention kernels.
 CUDA_THREADS_PER_BLOCK = 64
 
+#: Tensor cores for exact attention's forward on CuPy (``mcattn/exact/kernels/exact_mma.cu``):
+#: ``None`` (default: the float32 kernel), ``"float16"``, ``"bfloat16"`` or ``"tf32"``. With
+#: a value, a float32 (or widened float16/bfloat16) forward with head dim 32, 64 or 128
+#: rounds q, k, v and the probabilities to that type and accumulates in float32: relative
+#: error of order its unit roundoff, 2^-11 (float16, tf32: 10 mantissa bits) or 2^-8
+#: (bfloat16), instead of float32's 2^-24 (docs/measurements/exact-mma-shim-errors.txt:
+#: 0.26-0.37 of it). The float16/bfloat16 training pair (forward with lse, then backward:
+#: ``exact_mma_backward.cu``) uses them for head dims 32 and 64; set the knob the same for
+#: a forward and its backward. tf32 is forward only.
+EXACT_TENSOR_CORES = None
+
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
 #: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
 CUDA_SCRATCH_BYTES = 1 << 27

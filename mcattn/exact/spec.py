@@ -65,5 +65,10 @@ METHOD = Method(
         "mcattn_exact_forward_f32", "mcattn_exact_forward_f64",
         "mcattn_exact_backward_dq_f32", "mcattn_exact_backward_dq_f64",
         "mcattn_exact_backward_dkdv_f32", "mcattn_exact_backward_dkdv_f64",
-    )},
+    ), "exact/kernels/exact_mma.cu": tuple(
+        [f"mcattn_exact_mma_forward_{t}_d{d}" for t in ("f16", "bf16") for d in (32, 64, 128)]
+        + [f"mcattn_exact_tf32_forward_d{d}" for d in (32, 64, 128)]),
+        "exact/kernels/exact_mma_backward.cu": tuple(
+            f"mcattn_exact_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv") for t in ("f16", "bf16")
+            for d in (32, 64))},
 )

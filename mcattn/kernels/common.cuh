@@ -2,10 +2,11 @@
 //
 // The kernels are compiled three ways: by CuPy (NVRTC) on a GPU machine, by NVRTC alone
 // in the tests (sm_80, sm_90), and by the host C++ compiler under the test shim
-// (tests/cuda/shim/cuda_host_shim.h), which runs a block's threads as host threads. So
+// (tests/cuda/hostshim/cuda_host_shim.h), which runs a block's threads as host threads. So
 // they use no CUDA headers and only what the shim provides: blockIdx/threadIdx/
 // blockDim/gridDim, __shared__, __syncthreads, __int_as_float/__longlong_as_double and
-// the C math functions. No warp intrinsics.
+// the C math functions; warp-level code (shuffles with full masks, mma.sync) only as
+// warp.cuh declares it, which the shim emulates lane by lane.
 #ifndef MCATTN_COMMON_CUH
 #define MCATTN_COMMON_CUH
 

@@ -100,6 +100,15 @@ MAX_STACK_BYTES = 4096
 #: Registers of one SM (sm_80 and sm_90) and the static shared memory a block may use.
 SM_REGISTERS = 65536
 MAX_STATIC_SHARED = 48 * 1024
+#: Kernels that must use no local memory (no spills, no stack): the tensor-core ones,
+#: whose fragments are meant to live in registers (local memory turns register work
+#: into memory traffic; a fragment array indexed in a loop the compiler did not unroll
+#: lands there).
+SPILL_FREE = tuple(
+    [f"mcattn_exact_mma_forward_{t}_d{d}" for t in ("f16", "bf16") for d in (32, 64, 128)]
+    + [f"mcattn_exact_tf32_forward_d{d}" for d in (32, 64, 128)]
+    + [f"mcattn_exact_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv") for t in ("f16", "bf16")
+       for d in (32, 64)])
 
 
 def ptxas_resources(ptx, arch):
@@ -159,13 +168,16 @@ def _parse_ptxas(log):
             continue
         m = re.search(r"Compiling entry function '([^']+)'", line)
         if m:
-            current = kernels.setdefault(m.group(1), {"registers": 0, "stack": 0, "shared": 0})
+            current = kernels.setdefault(m.group(1), {"registers": 0, "stack": 0, "shared": 0, "spills": 0})
             continue
         if current is None:
             continue
         m = re.search(r"(\d+) bytes stack frame", line)
         if m:
             current["stack"] = int(m.group(1))
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["spills"] = int(m.group(1)) + int(m.group(2))
         m = re.search(r"Used (\d+) registers", line)
         if m:
             current["registers"] = int(m.group(1))
@@ -190,30 +202,41 @@ def resource_problems(name, res, block):
                         f"{SM_REGISTERS}")
     if res["shared"] > MAX_STATIC_SHARED:
         problems.append(f"{name}: {res['shared']} bytes of static shared memory > {MAX_STATIC_SHARED}")
+    if name.split(":")[-1].split(".")[-1] in SPILL_FREE:
+        if res.get("spills", 0):
+            problems.append(f"{name}: {res['spills']} bytes of register spills (stores + loads)")
+        if res["stack"]:  # a local array: fragments indexed by a variable
+            problems.append(f"{name}: {res['stack']} bytes of stack (local memory) in a tensor-core kernel")
     return problems
 
 
-def resource_table(arch="sm_90"):
-    """Lines ``kernel registers stack shared max-block tool`` for every kernel (CUDA C and numba)."""
+def resource_table(arch="sm_90", numba=True, sources=None):
+    """Lines ``kernel registers stack spills shared max-block tool`` for every kernel (CUDA C
+    and, with ``numba``, numba.cuda), or for the CUDA C ``sources`` given."""
     from mcattn._cupy import KERNEL_SOURCES
 
     rows = []
-    for source in sorted(KERNEL_SOURCES):
+    for source in sorted(KERNEL_SOURCES if sources is None else sources):
         resources, tool = ptxas_resources(nvrtc_compile(source, arch), arch)
         rows += [(f"{source}:{name}", res, tool) for name, res in sorted(resources.items())]
     with tempfile.TemporaryDirectory() as tmp:
-        for r in numba_ptx_results(ptx_dir=tmp):
+        for r in (numba_ptx_results(ptx_dir=tmp) if numba else ()):
             if tuple(r.get("cc", ())) == (int(arch[3]), int(arch[4])) and "ptx_path" in r:
                 with open(r["ptx_path"]) as fh:
                     resources, tool = ptxas_resources(fh.read(), arch)
                 rows += [(f"{r['module']}:{r['kernel']}", res, tool) for res in resources.values()]
-    lines = [f"{'kernel':66s} {'regs':>4s} {'stack':>6s} {'smem':>6s} {'max block':>9s}  ptxas"]
+    lines = [f"{'kernel':78s} {'regs':>4s} {'stack':>6s} {'spills':>6s} {'smem':>6s} "
+             f"{'max block':>9s}  ptxas"]
     for name, res, tool in rows:
-        lines.append(f"{name:66s} {res['registers']:4d} {res['stack']:6d} {res['shared']:6d} "
-                     f"{max_threads_for_registers(res['registers']):9d}  {os.path.basename(tool)}")
+        lines.append(f"{name:78s} {res['registers']:4d} {res['stack']:6d} {res['spills']:6d} "
+                     f"{res['shared']:6d} {max_threads_for_registers(res['registers']):9d}  "
+                     f"{os.path.basename(tool)}")
     return lines
 
 
 if __name__ == "__main__":
+    # python tests/cuda/cuda_compile.py [arch] [source.cu ...]: every kernel, or those sources'
     sys.path.insert(0, os.getcwd())
-    print("\n".join(resource_table(sys.argv[1] if len(sys.argv) > 1 else "sm_90")))
+    arch = sys.argv[1] if len(sys.argv) > 1 else "sm_90"
+    chosen = sys.argv[2:] or None
+    print("\n".join(resource_table(arch, numba=chosen is None, sources=chosen)))

@@ -277,7 +277,11 @@ def _build(code, options):
     """A shared library of ``code`` under the shim (cached by content)."""
     includes = [o[2:] for o in options if o.startswith("-I")]
     defines = [o for o in options if o.startswith("-D")]
-    names = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(', code))
+    # kernels declared in the code itself: outside preprocessor lines (a macro's body
+    # names its parameters), after an optional launch-bounds annotation
+    plain = re.sub(r"^[ \t]*#(?:[^\n]*\\\n)*[^\n]*", "", code, flags=re.M)
+    names = set(re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:\w+\s*\([^)]*\)\s+)?(\w+)\s*\(',
+                           plain))
     from mcattn import _cupy  # kernels declared through macros: the package's registry names them
 
     for relative, kernels in _cupy.KERNEL_SOURCES.items():

@@ -90,7 +90,7 @@ def test_resource_check_catches_a_large_stack():
            "ptxas         .     33792 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
            "ptxas info    : Used 255 registers, used 0 barriers, 49664 bytes smem\n")
     res = _parse_ptxas(log)["k"]
-    assert res == {"registers": 255, "stack": 33792, "shared": 49664}
+    assert res == {"registers": 255, "stack": 33792, "shared": 49664, "spills": 0}
     problems = resource_problems("k", res, 512)
     assert len(problems) == 3, problems
     # nvJitLink's summary counts module-level shared arrays (numba.cuda) that ptxas' line omits
@@ -98,6 +98,12 @@ def test_resource_check_catches_a_large_stack():
         "info    : Function properties for 'k':\n"
         "info    : used 255 registers, used 1 barriers, 33792 stack, 50000 bytes smem, 0 bytes lmem\n")
     assert _parse_ptxas(linked)["k"]["shared"] == 50000
+    # a tensor-core kernel must not spill
+    spilled = _parse_ptxas(log.replace("0 bytes spill stores", "8 bytes spill stores"))["k"]
+    assert spilled["spills"] == 8
+    assert not resource_problems("mcattn_exact_mma_forward_f16_d64", {**res, "stack": 0, "shared": 0}, 128)
+    assert resource_problems("mcattn_exact_mma_forward_f16_d64", {**spilled, "stack": 0, "shared": 0}, 128)
+    assert resource_problems("mcattn_exact_mma_forward_f16_d64", {**res, "stack": 128, "shared": 0}, 128)
 
 
 #: A float32 value widened to float64: the mark of float64 arithmetic on float32 data.
