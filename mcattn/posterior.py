@@ -14,9 +14,9 @@ import numpy as np
 
 from ._array import host_copy
 
-__all__ = ["PosteriorBound", "from_rows", "widen", "HostInputs", "dot_intervals", "ValueSpread",
-           "value_spread", "reweighting_bound", "spread_sum", "softmax_rows", "knob_for", "gaussian_factor",
-           "SLACK"]
+__all__ = ["PosteriorBound", "from_rows", "relative_of", "widen", "HostInputs", "dot_intervals",
+           "ValueSpread", "value_spread", "reweighting_bound", "spread_sum", "softmax_rows", "knob_for",
+           "gaussian_factor", "SLACK"]
 
 #: Relative widening of every certified bound: covers the float64 rounding of the bound's
 #: own arithmetic (a few hundred operations per row, each off by at most 2**-53).
@@ -62,6 +62,16 @@ class PosteriorBound:
         return float(np.median(self.row)) if self.row.size else 0.0
 
 
+def relative_of(total, norm):
+    """``total / max(norm - total, 0)`` elementwise: a bound on ``||O~ - O|| / ||O||`` from
+    ``total >= ||O~ - O||`` and ``norm = ||O~||`` (``||O|| >= ||O~|| - total``); 0 where
+    ``total`` is 0, ``inf`` where it reaches ``norm``."""
+    total = np.asarray(total, dtype=np.float64)
+    floor = np.asarray(norm, dtype=np.float64) - total
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total == 0, 0.0, np.where(floor > 0, total / np.where(floor > 0, floor, 1.0), np.inf))
+
+
 def from_rows(row, out, *, certified, delta=None):
     """A :class:`PosteriorBound` from per-row bounds and the call's output.
 
@@ -88,10 +98,7 @@ def from_rows(row, out, *, certified, delta=None):
             raise ValueError("a certified bound has no delta")
     elif delta is None or not 0 < float(delta) < 1:
         raise ValueError(f"a random bound needs delta in (0, 1); got {delta}")
-    total = float(np.sqrt((row * row).sum()))
-    norm = float(np.linalg.norm(out))
-    floor = norm - total
-    relative = 0.0 if total == 0 else (total / floor if floor > 0 else float("inf"))
+    relative = float(relative_of(np.sqrt((row * row).sum()), np.linalg.norm(out)))
     return PosteriorBound(row=row, relative=relative, certified=bool(certified),
                           delta=None if certified else float(delta))
 
@@ -239,9 +246,7 @@ def reweighting_bound(p, lo, hi, spread):
 
     Returns
     -------
-    bound : numpy.ndarray, ``[n]``
-    a : numpy.ndarray, ``[n, Nk]``
-        The per-key bounds on the probabilities' change.
+    numpy.ndarray, ``[n]``
     """
     used = p > 0
     # shift each row so that the exponentials stay finite (the shift cancels)
@@ -256,8 +261,7 @@ def reweighting_bound(p, lo, hi, spread):
     with np.errstate(divide="ignore", invalid="ignore"):
         a = p * np.maximum(big / np.where(down > 0, down, 1.0) - 1.0,
                            1.0 - small / np.where(up > 0, up, 1.0))
-    a = np.where(used, np.maximum(a, 0.0), 0.0)
-    return spread_sum(a, spread), a
+    return spread_sum(np.where(used, np.maximum(a, 0.0), 0.0), spread)
 
 
 def gaussian_factor(delta):

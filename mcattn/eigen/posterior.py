@@ -68,7 +68,7 @@ def _batch_row(h, plan, b, extra, out_b, rank):
     dhi = np.where(computed, 0.0, centre - base + width)
     p = softmax_rows(s)
     spread = value_spread(h.v[b], visible.any(axis=0))
-    bound, _ = reweighting_bound(p, dlo, dhi, spread)
+    bound = reweighting_bound(p, dlo, dhi, spread)
     bound = bound + np.linalg.norm(np.asarray(out_b, dtype=np.float64) - p @ h.v[b], axis=-1)
     return np.where(visible.any(-1), widen(bound, np.linalg.norm(h.v[b], axis=-1).max(initial=0.0)), 0.0)
 

@@ -83,11 +83,18 @@ def _dropped_plain(ts, i, rend, scale, idx, n, sel):
     for j in range(rend):
         sel[j] = np.float64(ts[i, j]) * scale
         tmax = max(tmax, sel[j])
+    return _dropped_share(sel, rend, tmax, idx, n)
+
+
+@njit(nogil=True, cache=True)
+def _dropped_share(sel, rend, tmax, idx, n):
+    """Softmax mass of the scores ``sel[:rend]`` (largest ``tmax``; ``-inf`` = invisible) outside
+    the kept keys ``idx[:n]`` (ascending, all visible)."""
     total = 0.0
     dropped = 0.0
     t = 0
     for j in range(rend):
-        w = math.exp(sel[j] - tmax)
+        w = math.exp(sel[j] - tmax)  # 0 for an invisible key, which is never kept
         total += w
         if t < n and idx[t] == j:
             t += 1
@@ -425,19 +432,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                         tmax = max(tmax, sval)
                     else:
                         sel[j] = ninf
-                total = 0.0
-                dropped = 0.0
-                t = 0
-                for j in range(rend):
-                    if sel[j] == ninf:
-                        continue
-                    w = math.exp(sel[j] - tmax)
-                    total += w
-                    if t < n and idx[t] == j:
-                        t += 1
-                    else:
-                        dropped += w
-                dropped_out[bh, row] = dropped / total if total > 0 else 0.0
+                dropped_out[bh, row] = _dropped_share(sel, rend, tmax, idx, n)
             if do_output:  # the block's kept keys go through _block_output below
                 for t in range(n):
                     idxb[i, t] = idx[t]

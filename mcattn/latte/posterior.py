@@ -140,7 +140,7 @@ def _batch_row(h, b, keep, out_b, exact_scores, safe_units):
     p = np.where(total > 0, e_kept / np.where(total > 0, total, 1.0), 0.0)
     spread = value_spread(h.v[b], visible.any(axis=0))
     o64 = p @ h.v[b]
-    e_k, _ = reweighting_bound(p, dlo, dhi, spread)
+    e_k = reweighting_bound(p, dlo, dhi, spread)
     z_lo = np.where(keep, np.exp(s_t + dlo - top), 0.0).sum(-1)
     up = np.where(drop, np.exp(hi - top), 0.0)
     upper_mass = up.sum(-1)

@@ -13,14 +13,14 @@ from .._validate import check_flags, namespace_of
 from ..cost import CallInfo, OpCounts
 from ..errors import DTypeError, ShapeError
 from ..exact.ops import exact_ops
-from ..posterior import from_rows
+from ..posterior import from_rows, gaussian_factor
 from ..random import resolve_seed
 from . import stream
 from ._inputs import check_sampling, check_tables, check_weight, prepare_mca
 from .cpu import weight_tables as cpu_weight_tables
 from .naive import budgets_from_probs, budgets_from_top, shared_budgets, weight_probs
 from .ops import projection_ops, shared_projection_ops
-from .posterior import rounding_allowance, row_factor, token_variances
+from .posterior import rounding_allowance, token_variances
 
 __all__ = ["sampling_probs", "weight_tables", "budgets", "value_projection", "attention", "MCAInfo",
            "PROJECTION_KERNELS"]
@@ -340,7 +340,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
               "key_padding_mask": key_padding_mask}
 
     def prepare(a):
-        row_factor(delta)  # a bad delta fails before any work
+        gaussian_factor(delta)  # a bad delta fails before any work
         call = prepare_mca(a, num_heads=num_heads, sampling=sampling, shared_draws=shared_draws,
                            tables=tables, is_causal=is_causal, scale=scale,
                            check_finite=check_finite)
@@ -393,7 +393,7 @@ def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, ba
         second = xp.asarray(var if not shared_draws else np.sqrt(var))
         out, spread = stream.apply(inp, stats, flat, second=second, squared=not shared_draws)
         spread = np.asarray(host_copy(spread))[..., 0]
-        rows = row_factor(delta) * (np.sqrt(spread) if not shared_draws else spread)
+        rows = gaussian_factor(delta) * (np.sqrt(spread) if not shared_draws else spread)
         rows = rows + rounding_allowance(flat, d_in)
         out = out.reshape(batch_shape + (inp.nq, out.shape[-1]))
         bound = from_rows(rows.reshape(batch_shape + (inp.nq,)), host_copy(out), certified=False,

@@ -28,9 +28,8 @@ probabilities already computed for ``A @ V~`` (:func:`mcattn.mca.stream.apply`).
 import numpy as np
 
 from .._array import host_copy
-from ..posterior import gaussian_factor
 
-__all__ = ["token_variances", "row_factor", "rounding_allowance"]
+__all__ = ["token_variances", "rounding_allowance"]
 
 
 def token_variances(x3, w, b, num_heads, budgets, values, sampling):
@@ -64,11 +63,6 @@ def token_variances(x3, w, b, num_heads, budgets, values, sampling):
     spare = np.maximum(t - (vals * vals).sum(-1), 0.0) / np.maximum(r - 1, 1)
     est = np.where(r > 1, spare, t / np.maximum(r, 1))
     return np.where(sampled, est, 0.0)
-
-
-def row_factor(delta):
-    """The Gaussian factor ``z_delta`` (validated ``delta``)."""
-    return gaussian_factor(delta)
 
 
 def rounding_allowance(values, d_in):

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ..cost import OpCounts
+from ..posterior import relative_of
 from .entries import LayerInputs, get_entries
 
 __all__ = ["json_safe", "ComparisonRow", "layer_inputs", "relative_errors", "posterior_relative",
@@ -148,9 +149,7 @@ def posterior_relative(info, out, key_padding_mask):
     rows = np.asarray(key_padding_mask, dtype=bool)[:, None, :]
     r = np.sqrt(np.where(rows, bound.row**2, 0.0).sum(-1))
     norm = np.sqrt((np.asarray(out, dtype=np.float64) ** 2 * rows[..., None]).sum(axis=(-1, -2)))
-    floor = norm - r
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(r == 0, 0.0, np.where(floor > 0, r / np.where(floor > 0, floor, 1.0), np.inf))
+    return relative_of(r, norm)
 
 
 def run_comparison(sample, methods=None, *, seed=0, repeats=3, layers=None, progress=None):
