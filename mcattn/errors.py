@@ -14,6 +14,7 @@ __all__ = [
     "BackendError",
     "GradientNotSupportedError",
     "SampleFileError",
+    "PlanFileError",
     "ConfigError",
 ]
 
@@ -59,6 +60,10 @@ class GradientNotSupportedError(McattnError, TypeError):
 
 class SampleFileError(McattnError, ValueError):
     """A real-attention sample file is missing, unreadable or not in mcattn's format."""
+
+
+class PlanFileError(McattnError, ValueError):
+    """An attention plan file is missing, unreadable, or not a valid ``mcattn-plan-v1``."""
 
 
 class ConfigError(McattnError, ValueError):

@@ -31,7 +31,7 @@ import mcattn
 from .._plugin import ModelHooks
 from . import _grad
 
-__all__ = ["attention", "method_attention", "use_method"]
+__all__ = ["attention", "method_attention", "use_method", "attention_modules"]
 
 
 class _MethodFunction(torch.autograd.Function):
@@ -355,7 +355,7 @@ def _keep_input(module, args):
 
 
 @contextlib.contextmanager
-def use_method(model, method, **options):
+def use_method(model, method=None, *, plan=None, **options):
     """Swap an mcattn method into every self-attention of a transformers model.
 
     Each block registers its own attention function (a name of its own with transformers'
@@ -383,12 +383,25 @@ def use_method(model, method, **options):
             per-layer parameters (rfa's gate from the layer's input, which is kept as
             ``attention_module.value._mcattn_input``; latte's thresholds). Its attribute
             ``supplies`` (tuple of str) names the knobs it gives. ``mcattn finetune`` uses it.
+    plan : mcattn.plan.Plan, dict or path, optional
+        Instead of ``method`` and options: a method per layer (:mod:`mcattn.plan`). Layer
+        ``i`` is the ``i``-th self-attention module (one with ``query``, ``key`` and
+        ``value`` Linears) in module order; layers the plan marks ``exact`` or does not
+        list run the model's own attention.
 
     Examples
     --------
     >>> with use_method(bert, "mca", alpha=0.2, seed=0):   # doctest: +SKIP
     ...     embeddings = bert(**batch).last_hidden_state
     """
+    if plan is not None:
+        if method is not None or options:
+            raise TypeError("use_method: give either plan= or a method and its options, not both")
+        with _use_plan(model, plan):
+            yield model
+        return
+    if method is None:
+        raise TypeError("use_method needs a method name (or plan=)")
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -466,6 +479,34 @@ def use_method(model, method, **options):
         for value in hooked:  # an outer block's hook still needs the input
             if _keep_input not in value._forward_pre_hooks.values() and hasattr(value, "_mcattn_input"):
                 del value._mcattn_input
+
+
+def attention_modules(model):
+    """The self-attention modules of ``model`` in module order (what a plan's layers index)."""
+    return [m for m in model.modules() if all(isinstance(getattr(m, n, None), torch.nn.Linear)
+                                              for n in ("query", "key", "value"))]
+
+
+@contextlib.contextmanager
+def _use_plan(model, plan):
+    """``use_method(model, plan=plan)``: one nested block per layer the plan swaps."""
+    from ..plan import Plan, load_plan
+
+    if isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    elif not isinstance(plan, Plan):
+        plan = load_plan(plan)
+    modules = attention_modules(model)
+    beyond = [c.layer for c in plan.layers if c.layer >= len(modules)]
+    if beyond:
+        raise ValueError(f"plan for {plan.model!r} names layers {beyond}, but the model has "
+                         f"{len(modules)} self-attention layers")
+    with contextlib.ExitStack() as stack:
+        for choice in plan.layers:  # each block owns only its layer's modules
+            if choice.method != "exact":
+                stack.enter_context(use_method(modules[choice.layer], choice.method,
+                                               **choice.knobs))
+        yield model
 
 
 def __getattr__(name):  # the names of the method table this module had before the specs
