@@ -112,6 +112,7 @@ def test_use_method_mca_with_shared_draws(model):
 
 def test_evaluation_pipeline_on_a_small_task(model):
     from mcattn.studies.evaluate import format_table, lee_pearson, polarity_accuracy, run_evaluation
+    from mcattn.studies.mca.compare import ENTRY as MCA_ENTRY
 
     require("sklearn")
     rng = np.random.default_rng(0)
@@ -122,11 +123,11 @@ def test_evaluation_pipeline_on_a_small_task(model):
     rows = run_evaluation(["mca", "mca:shared_draws=True"], model=model, tasks=tasks)
     shared_rows = [r for r in rows if r.method == "mca:shared_draws=True"]
     rows = [r for r in rows if r.method != "mca:shared_draws=True"]
-    assert [r.value for r in shared_rows] == list(__import__("mcattn").mca.compare.ENTRY.eval_values)
+    assert [r.value for r in shared_rows] == list(MCA_ENTRY.eval_values)
     assert all(s.cosine_to_exact != r.cosine_to_exact for s, r in zip(shared_rows, rows[1:]))
     assert "mca:shared_draws=True" in format_table(shared_rows)
     assert rows[0].method == "exact" and rows[0].cosine_to_exact == pytest.approx(1.0)
-    assert [r.value for r in rows[1:]] == list(__import__("mcattn").mca.compare.ENTRY.eval_values)
+    assert [r.value for r in rows[1:]] == list(MCA_ENTRY.eval_values)
     assert "Lee Pearson" in format_table(rows)
     # mca rows: cosine to exact falls with alpha (eval_values increase).
     cosines = [r.cosine_to_exact for r in rows[1:]]
