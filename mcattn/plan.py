@@ -10,26 +10,75 @@ the versioned schema ``mcattn-plan-v1``::
      "target": {"metric": "cosine", "min": 0.99},          # or null
      "predicted": {...}, "measured": {...}}                 # figures, free-form numbers
 
-``knobs`` are the options ``use_method`` takes for that method (calibrated knobs such as
-latte's thresholds are fitted on the first batch each layer sees, so ``target_mass``
-stands for them by reference). Layers not listed, and layers with method ``exact``, run
-the model's own attention.
+``knobs`` are the options ``use_method`` takes for that method. A calibrated knob is given
+either by reference (``{"target_mass": 0.9}``: latte fits its thresholds on the first batch
+each layer sees) or inline, as fitted on calibration text (``{"threshold": {"array": [...],
+"dtype": "float32"}}``: an array knob, e.g. one threshold per head; :func:`mcattn.tune`
+writes these). Layers not listed, and layers with method ``exact``, run the model's own
+attention. ``target`` is ``{"metric": "cosine", "min": t}`` (mean cosine of the sentence
+embeddings to exact) or ``{"metric": "token_error", "max": e}`` (relative Frobenius error of
+the last hidden states over real tokens), or null.
 """
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import PlanFileError
 
-__all__ = ["PLAN_FORMAT", "LayerChoice", "Plan", "load_plan", "save_plan", "exact_plan"]
+__all__ = ["PLAN_FORMAT", "TARGET_METRICS", "LayerChoice", "Plan", "load_plan", "save_plan",
+           "exact_plan", "check_target"]
 
 #: The schema version written by :func:`save_plan` and the only one :func:`load_plan` reads.
 PLAN_FORMAT = "mcattn-plan-v1"
 _KEYS = {"format", "model", "layers", "target", "predicted", "measured"}
+#: dtypes an inline array knob may have.
+_ARRAY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "bool")
+#: The target metrics and the side of each that is bounded.
+TARGET_METRICS = {"cosine": "min", "token_error": "max"}
 
 
-@dataclass(frozen=True)
+def _encode_knob(value):
+    """A knob as JSON: arrays as ``{"array": nested list, "dtype": name}``."""
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist(), "dtype": value.dtype.name}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _json_knobs(knobs):
+    return {n: _encode_knob(v) for n, v in knobs.items()}
+
+
+def _decode_knob(value, where, bad):
+    if not isinstance(value, dict):
+        return value
+    if set(value) != {"array", "dtype"} or value["dtype"] not in _ARRAY_DTYPES:
+        raise bad(f"{where} must be a JSON value or {{'array': [...], 'dtype': one of "
+                  f"{', '.join(_ARRAY_DTYPES)}}}, got {value!r}")
+    try:
+        return np.asarray(value["array"], dtype=value["dtype"])
+    except (TypeError, ValueError) as exc:
+        raise bad(f"{where}.array is not a {value['dtype']} array: {exc}") from None
+
+
+def check_target(target, bad=ValueError):
+    """Validate a plan target (see the module docstring); returns it."""
+    if target is None:
+        return None
+    metric = target.get("metric") if isinstance(target, dict) else None
+    side = TARGET_METRICS.get(metric)
+    if side is None or set(target) != {"metric", side} or isinstance(target[side], bool) \
+            or not isinstance(target[side], (int, float)):
+        raise bad("target must be null, {'metric': 'cosine', 'min': number} or "
+                  f"{{'metric': 'token_error', 'max': number}}, got {target!r}")
+    return target
+
+
+@dataclass(frozen=True, eq=False)
 class LayerChoice:
     """The method of one self-attention layer.
 
@@ -47,6 +96,14 @@ class LayerChoice:
     method: str
     knobs: dict = field(default_factory=dict)
 
+    def __eq__(self, other):  # knobs may hold arrays: compare their JSON forms
+        if not isinstance(other, LayerChoice):
+            return NotImplemented
+        return (self.layer, self.method, _json_knobs(self.knobs)) == \
+            (other.layer, other.method, _json_knobs(other.knobs))
+
+    __hash__ = None
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -59,7 +116,7 @@ class Plan:
     layers : tuple of LayerChoice
         At most one per layer, sorted by layer.
     target : dict or None
-        ``{"metric": "cosine", "min": t}`` (cosine of the final embeddings to exact).
+        ``{"metric": "cosine", "min": t}`` or ``{"metric": "token_error", "max": e}``.
     predicted, measured : dict
         Figures from the search (calibration text) and the check (held-out text).
     """
@@ -76,7 +133,8 @@ class Plan:
 
     def to_dict(self):
         return {"format": PLAN_FORMAT, "model": self.model,
-                "layers": [{"layer": c.layer, "method": c.method, "knobs": dict(c.knobs)}
+                "layers": [{"layer": c.layer, "method": c.method,
+                            "knobs": _json_knobs(c.knobs)}
                            for c in self.layers],
                 "target": self.target, "predicted": dict(self.predicted),
                 "measured": dict(self.measured)}
@@ -120,14 +178,12 @@ class Plan:
                           f"({', '.join(known)})")
             if not isinstance(knobs, dict):
                 raise bad(f"layers[{i}].knobs must be an object, got {type(knobs).__name__}")
-            choices.append(LayerChoice(layer, method, dict(knobs)))
+            knobs = {n: _decode_knob(v, f"layers[{i}].knobs.{n}", bad) for n, v in knobs.items()}
+            choices.append(LayerChoice(layer, method, knobs))
         seen = [c.layer for c in choices]
         if len(set(seen)) != len(seen):
             raise bad(f"a layer is listed twice: {seen}")
-        target = data.get("target")
-        if target is not None and (not isinstance(target, dict) or target.get("metric") != "cosine"
-                                   or not isinstance(target.get("min"), (int, float))):
-            raise bad(f"target must be null or {{'metric': 'cosine', 'min': number}}, got {target!r}")
+        target = check_target(data.get("target"), lambda what: bad(what))
         for key in ("predicted", "measured"):
             if not isinstance(data.get(key, {}), dict):
                 raise bad(f"{key} must be an object, got {type(data[key]).__name__}")

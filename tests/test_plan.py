@@ -29,6 +29,20 @@ def test_round_trip(tmp_path):
     assert again.choice(1).method == "exact" and again.choice(7).method == "exact"
 
 
+def test_round_trip_of_inline_arrays_and_token_error_target(tmp_path):
+    theta = np.array([0.5, 1.25, 7.0], np.float32)  # per-head thresholds, fitted
+    plan = Plan("m", (LayerChoice(1, "latte", {"threshold": theta, "mode": "relative"}),),
+                {"metric": "token_error", "max": 0.05})
+    save_plan(plan, tmp_path / "p.json")
+    again = load_plan(tmp_path / "p.json")
+    assert again == plan and again != Plan("m", (LayerChoice(1, "latte", {"threshold": theta + 1}),),
+                                           plan.target)
+    got = again.choice(1).knobs["threshold"]
+    assert got.dtype == np.float32 and np.array_equal(got, theta)
+    assert json.loads((tmp_path / "p.json").read_text())["layers"][0]["knobs"]["threshold"] == \
+        {"array": [0.5, 1.25, 7.0], "dtype": "float32"}
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(format="mcattn-plan-v0"), "format must be 'mcattn-plan-v1'"),
     (lambda d: d.update(extra=1), r"unknown fields \['extra'\]"),
@@ -38,7 +52,12 @@ def test_round_trip(tmp_path):
     (lambda d: d["layers"][1].update(layer=-1), r"layers\[1\].layer must be an integer >= 0"),
     (lambda d: d["layers"][1].update(layer=0), "a layer is listed twice"),
     (lambda d: d["layers"][2].update(knobs=[1]), r"layers\[2\].knobs must be an object"),
-    (lambda d: d.update(target={"metric": "mse", "min": 1}), "target must be null or"),
+    (lambda d: d.update(target={"metric": "mse", "min": 1}), "target must be null,"),
+    (lambda d: d.update(target={"metric": "token_error", "min": 0.1}), "target must be null,"),
+    (lambda d: d["layers"][0].update(knobs={"threshold": {"array": [1], "dtype": "complex64"}}),
+     r"layers\[0\].knobs.threshold must be"),
+    (lambda d: d["layers"][0].update(knobs={"threshold": {"array": [[1], [1, 2]], "dtype": "float32"}}),
+     r"layers\[0\].knobs.threshold.array is not"),
 ])
 def test_bad_plan_files(tmp_path, edit, message):
     data = _plan().to_dict()

@@ -21,6 +21,7 @@ its weight as ``value.weight.T``; ``latte`` (``target_mass=``) and ``eigen``
 import contextlib
 import itertools
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -31,7 +32,8 @@ import mcattn
 from .._plugin import ModelHooks
 from . import _grad
 
-__all__ = ["attention", "method_attention", "use_method", "attention_modules"]
+__all__ = ["attention", "method_attention", "use_method", "attention_modules", "layer_inputs",
+           "ModelCall"]
 
 
 class _MethodFunction(torch.autograd.Function):
@@ -213,8 +215,31 @@ class _Calibration:
         return self.knobs[key]
 
 
+@dataclass(frozen=True)
+class ModelCall:
+    """One attention call inside a model, as ``use_method(..., on_call=...)`` reports it.
+
+    Attributes
+    ----------
+    module : torch.nn.Module
+        The self-attention module that made the call.
+    info : mcattn.cost.CallInfo
+        The call's operation counts (and the method's own figures, e.g. ``posterior``).
+    seconds : float
+        Wall-clock time of the mcattn call (inputs' conversion included).
+    tokens : int
+        Real (unmasked) key positions over the batch: what the layer's dense value
+        projection ran on.
+    """
+
+    module: object
+    info: object
+    seconds: float
+    tokens: int
+
+
 def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _calls=None,
-                     _calibration=None, _model=None, **knobs):
+                     _calibration=None, _model=None, _on_call=None, **knobs):
     """Run ``method`` on torch tensors ``[B, H, N, d]`` inside a model; a torch tensor back.
 
     ``mask`` is boolean ``[B, 1, Nq, Nk]`` (True = may attend) or None; the method's knobs
@@ -234,7 +259,7 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
         return attention(q, k, v, method="exact", attn_mask=mask, scale=scale)
     if hooks.exact_when is not None and hooks.wants_calibration(knobs) \
             and hooks.exact_when(int(q.shape[-2]), int(k.shape[-2]), knobs):
-        return attention(q, k, v, method="exact", attn_mask=mask, scale=scale)
+        return _reported("exact", q, k, v, mask, scale, {}, module, _on_call)
     merged = {n: a for n, a in knobs.items() if n not in hooks.consumes}
     if _calibration is None and hooks.wants_calibration(knobs):  # a call on its own: fit on it
         _calibration = _Calibration(hooks, knobs, None)
@@ -244,8 +269,24 @@ def method_attention(method, q, k, v, *, module=None, mask=None, scale=None, _ca
         merged = hooks.resolve(module, q, merged, calls)
     common = {n: merged.pop(n) for n in _COMMON if n in merged}  # is_causal, ... by keyword
     _, spec = check_knobs(method, merged)
-    return attention(q, k, v if spec.needs_values else None, method=method, attn_mask=mask,
-                     scale=scale, **common, **merged)
+    return _reported(method, q, k, v if spec.needs_values else None, mask, scale,
+                     dict(common, **merged), module, _on_call)
+
+
+def _reported(method, q, k, v, mask, scale, knobs, module, on_call):
+    """``attention(...)``, reporting the call to ``on_call`` (a :class:`ModelCall`) if given."""
+    if on_call is None:
+        return attention(q, k, v, method=method, attn_mask=mask, scale=scale, **knobs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+        raise ValueError("use_method(on_call=...) reports inference calls only; run the model "
+                         "under torch.no_grad()")
+    start = time.perf_counter()
+    out, info = attention(q, k, v, method=method, attn_mask=mask, scale=scale, return_info=True,
+                          **knobs)
+    seconds = time.perf_counter() - start
+    tokens = int(q.shape[0] * k.shape[-2]) if mask is None else int(mask.any(-2).sum())
+    on_call(ModelCall(module, info, seconds, tokens))
+    return out
 
 
 #: One registered attention name per ``use_method`` context ("mcattn_0", "mcattn_1", ...).
@@ -383,11 +424,15 @@ def use_method(model, method=None, *, plan=None, **options):
             per-layer parameters (rfa's gate from the layer's input, which is kept as
             ``attention_module.value._mcattn_input``; latte's thresholds). Its attribute
             ``supplies`` (tuple of str) names the knobs it gives. ``mcattn finetune`` uses it.
+        ``on_call`` : callable ``(ModelCall) -> None``, optional
+            Called after each of the method's calls with its :class:`ModelCall` (the
+            module, the call's ``info``, its time and its real tokens), for cost
+            accounting (``mcattn.tune``). Inference only (under ``torch.no_grad()``).
     plan : mcattn.plan.Plan, dict or path, optional
         Instead of ``method`` and options: a method per layer (:mod:`mcattn.plan`). Layer
         ``i`` is the ``i``-th self-attention module (one with ``query``, ``key`` and
         ``value`` Linears) in module order; layers the plan marks ``exact`` or does not
-        list run the model's own attention.
+        list run the model's own attention. ``on_call`` may be given with a plan.
 
     Examples
     --------
@@ -395,21 +440,21 @@ def use_method(model, method=None, *, plan=None, **options):
     ...     embeddings = bert(**batch).last_hidden_state
     """
     if plan is not None:
-        if method is not None or options:
+        if method is not None or set(options) - {"on_call"}:
             raise TypeError("use_method: give either plan= or a method and its options, not both")
-        with _use_plan(model, plan):
+        with _use_plan(model, plan, options.get("on_call")):
             yield model
         return
     if method is None:
         raise TypeError("use_method needs a method name (or plan=)")
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     from ..front import check_knobs
     from ..registry import get_method
 
     hooks = get_method(method).model or _NO_HOOKS
     layer_knobs = options.pop("layer_knobs", None)
+    on_call = options.pop("on_call", None)
+    if on_call is not None and not callable(on_call):
+        raise TypeError(f"use_method: on_call must be callable, got {type(on_call).__name__}")
     source = options.pop("calibration", None)
     calibrated = hooks.wants_calibration(options)
     supplied = (hooks.supplies if hooks.resolve is not None or calibrated else ()) \
@@ -430,7 +475,8 @@ def use_method(model, method=None, *, plan=None, **options):
                         "AttentionInterface (model.config._attn_implementation); got "
                         f"{type(model).__name__}")
     calibration = _Calibration(hooks, options, source) if calibrated else None
-    options = dict(options, _calls=itertools.count(), _calibration=calibration, _model=model)
+    options = dict(options, _calls=itertools.count(), _calibration=calibration, _model=model,
+                   _on_call=on_call)
     name = f"mcattn_{next(_NAMES)}"
     owned = set(model.modules())
     warned = []
@@ -445,11 +491,9 @@ def use_method(model, method=None, *, plan=None, **options):
             warnings.warn(f"use_method: attention dropout (p={dropout}) is not applied by mcattn's "
                           "methods; call model.eval() for inference, or set the model's attention "
                           "dropout to 0 for training", RuntimeWarning, stacklevel=2)
-        mask = _as_bool_mask(attention_mask, query)
+        mask, causal = _call_mask(module, query, attention_mask, kwargs)
         extra = layer_knobs(module) if layer_knobs is not None else {}
-        causal = kwargs.get("is_causal")  # transformers' SDPA rule: the call's flag, else the module's
-        causal = getattr(module, "is_causal", True) if causal is None else causal
-        if mask is None and causal and query.shape[-2] > 1 and "is_causal" not in extra:
+        if causal and "is_causal" not in extra:
             extra = dict(extra, is_causal=True)
         out = method_attention(method, query, key, value, module=module, mask=mask,
                                scale=scaling, **options, **extra)
@@ -462,23 +506,75 @@ def use_method(model, method=None, *, plan=None, **options):
             if isinstance(value, torch.nn.Linear) and hasattr(sub, "query"):
                 hooks_.append(value.register_forward_pre_hook(_keep_input))
                 hooked.append(value)
-    configs = _model_configs(model)
-    AttentionInterface.register(name, attention_function)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    _push(configs, name)
     try:
-        if calibration is not None and source is not None and not callable(source):
-            calibration.run_source(model, source)  # the calibration batch, before the block runs
-        yield model
+        with _registered(model, name, attention_function):
+            if calibration is not None and source is not None and not callable(source):
+                calibration.run_source(model, source)  # the calibration batch, before the block runs
+            yield model
     finally:
-        _pop(configs, name)
-        for interface in (AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS):
-            interface._global_mapping.pop(name, None)  # register() writes the class-wide dict
         for handle in hooks_:
             handle.remove()
         for value in hooked:  # an outer block's hook still needs the input
             if _keep_input not in value._forward_pre_hooks.values() and hasattr(value, "_mcattn_input"):
                 del value._mcattn_input
+
+
+@contextlib.contextmanager
+def _registered(model, name, attention_function):
+    """``attention_function`` registered as ``name`` and run by ``model``'s attention for the block."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    configs = _model_configs(model)
+    AttentionInterface.register(name, attention_function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    _push(configs, name)
+    try:
+        yield
+    finally:
+        _pop(configs, name)
+        for interface in (AttentionInterface, ALL_MASK_ATTENTION_FUNCTIONS):
+            interface._global_mapping.pop(name, None)  # register() writes the class-wide dict
+
+
+def _call_mask(module, query, attention_mask, kwargs):
+    """The boolean mask of one call and whether it is causal (transformers' SDPA rule: the
+    call's ``is_causal`` flag, else the module's; only without a mask and for Nq > 1)."""
+    mask = _as_bool_mask(attention_mask, query)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    return mask, bool(mask is None and causal and query.shape[-2] > 1)
+
+
+def layer_inputs(model, inputs):
+    """Each self-attention layer's exact-attention inputs on one batch.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+    inputs : dict
+        Model inputs (``input_ids``, ``attention_mask``, ...), one batch.
+
+    Returns
+    -------
+    list of dict
+        One per :func:`attention_modules` entry, in order, as calibration hooks take them:
+        float64 NumPy ``q``, ``k``, ``v`` ``[B, H, N, d]``, ``key_padding_mask`` ``[B, N]``
+        or None, ``scale`` (None for a layer the batch did not reach). The model runs
+        mcattn's exact attention meanwhile.
+    """
+    modules = attention_modules(model)
+    found = {}
+
+    def record(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        mask, causal = _call_mask(module, query, attention_mask, kwargs)
+        found.setdefault(module, _layer_inputs(query, key, value, mask, scaling))
+        out = attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    with _registered(model, f"mcattn_{next(_NAMES)}", record), torch.no_grad():
+        model(**inputs)
+    return [found.get(m) for m in modules]
 
 
 def attention_modules(model):
@@ -488,7 +584,7 @@ def attention_modules(model):
 
 
 @contextlib.contextmanager
-def _use_plan(model, plan):
+def _use_plan(model, plan, on_call=None):
     """``use_method(model, plan=plan)``: one nested block per layer the plan swaps."""
     from ..plan import Plan, load_plan
 
@@ -504,8 +600,9 @@ def _use_plan(model, plan):
     with contextlib.ExitStack() as stack:
         for choice in plan.layers:  # each block owns only its layer's modules
             if choice.method != "exact":
+                extra = {} if on_call is None else {"on_call": on_call}
                 stack.enter_context(use_method(modules[choice.layer], choice.method,
-                                               **choice.knobs))
+                                               **choice.knobs, **extra))
         yield model
 
 
