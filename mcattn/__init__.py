@@ -21,6 +21,7 @@ from ._dispatch import backends
 from .cost import CallInfo, OpCounts
 from .exact import attention_probs
 from .front import attention, methods
+from .tuning import tune
 
 _moved.install()  # the old paths of the modules now in mcattn.studies, with a warning
 
@@ -30,6 +31,7 @@ __all__ = [
     "attention",
     "attention_probs",
     "methods",
+    "tune",
     "backends",
     "CallInfo",
     "OpCounts",

@@ -7,6 +7,7 @@
 ``mcattn energy``    each method's operations priced by kind, next to the papers' claims
 ``mcattn selftest``  every method on every backend against the NumPy reference (+ GPU timings)
 ``mcattn finetune``  distil the real model with a method swapped in; task scores before/after
+``mcattn tune``      the cheapest per-layer plan meeting an accuracy target, checked on held-out text
 """
 
 import argparse
@@ -163,6 +164,60 @@ def _check_selftest(args):
         _output_file("--json", args.json)
 
 
+def _check_evaluate(args):
+    _check_json_and_methods(args)
+    if args.plan is None:
+        return
+    if args.methods:
+        raise _Refused("--plan", "give --plan or --methods, not both")
+    from .errors import PlanFileError
+    from .plan import load_plan
+    from .studies.models import MODELS
+
+    try:
+        args.loaded_plan = load_plan(args.plan)
+    except PlanFileError as exc:
+        raise _Refused("--plan", str(exc)) from None
+    if args.loaded_plan.model not in MODELS:
+        raise _Refused("--plan", f"{args.plan!r} is for model {args.loaded_plan.model!r}; "
+                                 f"mcattn evaluate runs {', '.join(MODELS)}")
+
+
+def _check_tune(args):
+    from .registry import method_names
+    from .tuning import DEFAULT_GRID
+
+    for option, path, formats in (("--out", args.out, ("json",)), ("--json", args.json, None),
+                                  ("--plot", args.plot, _image_formats() if args.plot else None)):
+        if path:
+            _output_file(option, path, formats=formats)
+    paths = [Path(p).resolve() for p in (args.out, args.json, args.plot) if p]
+    if len(set(paths)) != len(paths):
+        raise _Refused("--out", "--out, --json and --plot must be different files")
+    if args.metric == "cosine" and not 0 < args.target <= 1:
+        raise _Refused("--target", f"a cosine target must be in (0, 1], got {args.target}")
+    if args.metric == "token_error" and not args.target >= 0:
+        raise _Refused("--target", f"a token_error target must be >= 0, got {args.target}")
+    grid_methods = set(DEFAULT_GRID)
+    for entry in args.grid or ():
+        method, _, rest = entry.partition(":")
+        knob, _, values = rest.partition("=")
+        try:
+            [json.loads(v) for v in values.split(",")]
+        except ValueError:
+            values = ""
+        if method not in method_names() or not knob or not values:
+            raise _Refused("--grid", f"expected METHOD:KNOB=V1,V2,... with a registered method and "
+                                     f"JSON values, got {entry!r}")
+        grid_methods.add(method)
+    for name in args.methods or ():
+        if name not in method_names():
+            raise _Refused("--methods", f"unknown method {name!r}; registered: {', '.join(method_names())}")
+        if name not in grid_methods and name != "exact":
+            raise _Refused("--methods", f"no knob grid for {name!r}; give one with --grid "
+                                        f"{name}:KNOB=V1,V2,...")
+
+
 def _check_finetune(args):
     # The method, its knobs and the hyper-parameters are checked by FinetuneConfig.checked
     # (mcattn.studies.finetune.main), also before any work.
@@ -265,6 +320,12 @@ def _cmd_finetune(args):
     return finetune_main(args, args.knobs)
 
 
+def _cmd_tune(args):
+    from .studies.tune import main as tune_main
+
+    return tune_main(args)
+
+
 def _cmd_selftest(args):
     from .selftest import main as selftest_main
 
@@ -311,7 +372,39 @@ def build_parser():
     evaluate.add_argument("--seed", type=_seed, default=0)
     evaluate.add_argument("--json", metavar="FILE")
     evaluate.add_argument("--no-progress", action="store_true")
-    evaluate.set_defaults(func=_cmd_evaluate, check=_check_json_and_methods)
+    evaluate.add_argument("--plan", metavar="FILE",
+                          help="score a per-layer plan (mcattn tune --out) against exact instead")
+    evaluate.set_defaults(func=_cmd_evaluate, check=_check_evaluate)
+
+    tune = sub.add_parser(
+        "tune", help="the cheapest per-layer plan meeting an accuracy target (needs mcattn[eval])",
+        description="Choose a method and its knob for each self-attention layer of a real model, "
+                    "minimising --objective while the model's output stays within --target of "
+                    "exact on calibration text (lee_background.cor); then check the plan on the "
+                    "held-out texts of mcattn evaluate. Exit status 1 when the target is missed.")
+    from .studies.models import MODELS
+
+    tune.add_argument("--model", choices=sorted(MODELS), default="all-MiniLM-L6-v2")
+    tune.add_argument("--target", type=float, default=0.99,
+                      help="cosine to exact at least (or token error at most), default 0.99")
+    tune.add_argument("--metric", choices=("cosine", "token_error"), default="cosine")
+    tune.add_argument("--objective", choices=("ops", "energy", "time"), default="ops")
+    tune.add_argument("--methods", nargs="+", metavar="NAME",
+                      help="methods to choose from (default: latte hybrid mca)")
+    tune.add_argument("--grid", nargs="+", metavar="METHOD:KNOB=V1,V2",
+                      help="knob values searched for a method (replaces its default grid)")
+    tune.add_argument("--margin", type=_number(float, lambda x: 0 <= x < 1, "a number in [0, 1)"),
+                      default=0.25, help="share of the allowed loss kept for held-out text")
+    tune.add_argument("--layer-bound", type=_number(float, lambda x: x > 0, "a number > 0"),
+                      help="admit a method in a layer only if its a-posteriori relative bound is "
+                           "at most this on every calibration call")
+    tune.add_argument("--calibration-docs", type=_positive_int, default=32)
+    tune.add_argument("--seed", type=_seed, default=0)
+    tune.add_argument("--out", metavar="FILE.json", help="write the plan (mcattn-plan-v1)")
+    tune.add_argument("--plot", metavar="FILE", help="Pareto plot of the plans tried")
+    tune.add_argument("--json", metavar="FILE", help="every measurement as JSON")
+    tune.add_argument("--no-progress", action="store_true")
+    tune.set_defaults(func=_cmd_tune, check=_check_tune)
 
     methods = sub.add_parser("methods", help="the methods mcattn.attention runs, with their knobs")
     methods.set_defaults(func=_cmd_methods)

@@ -20,12 +20,13 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .compare import json_safe
 
-__all__ = ["EvalRow", "load_tasks", "run_evaluation", "format_table", "main"]
+__all__ = ["EvalRow", "load_tasks", "run_evaluation", "run_plan_evaluation", "format_table", "main"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,49 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
     return rows
 
 
+def run_plan_evaluation(plan, *, encoder=None, tasks=None, label="plan"):
+    """Score exact attention and a per-layer plan (``mcattn evaluate --plan``) on both tasks.
+
+    Parameters
+    ----------
+    plan : mcattn.plan.Plan
+        Its ``model`` names one of :data:`mcattn.studies.models.MODELS`.
+    encoder : mcattn.studies.models.TextEncoder, optional
+        Loaded from ``plan.model`` when None.
+    tasks : dict, optional
+        :func:`load_tasks` output.
+    label : str
+        The plan row's ``method``.
+
+    Returns
+    -------
+    list of EvalRow
+        ``[exact, plan]``; the plan's ``cosine_to_exact`` is over all 250 task texts.
+    """
+    from ..frameworks.torch import use_method
+    from .models import load_model
+
+    encoder = load_model(plan.model) if encoder is None else encoder
+    tasks = load_tasks() if tasks is None else tasks
+    rows, reference = [], None
+    for name, swap in (("exact", None), (label, plan)):
+        with use_method(encoder.bert, plan=swap) if swap is not None else _nothing():
+            lee = encoder.encode(tasks["lee_docs"])
+            pol = encoder.encode(tasks["polarity_texts"])
+        both = np.concatenate([lee, pol])
+        reference = both if reference is None else reference
+        cos = (both * reference).sum(1) / (np.linalg.norm(both, axis=1) * np.linalg.norm(reference, axis=1))
+        rows.append(EvalRow(name, None, None, lee_pearson(lee, tasks["lee_ratings"]),
+                            polarity_accuracy(pol, tasks["polarity_labels"]), float(cos.mean())))
+    return rows
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def format_table(rows):
     """Plain-text table of evaluation rows."""
     width = max([8] + [len(r.method) for r in rows])
@@ -186,10 +230,17 @@ def main(args):
 
         progress = lambda total: tqdm(total=total, desc="mcattn evaluate", unit="run",  # noqa: E731
                                       file=sys.stderr, leave=False)
-    rows = run_evaluation(args.methods, seed=args.seed, progress=progress)
-    print("all-MiniLM-L6-v2 with each method in all 6 self-attention layers; Lee: Pearson of "
-          "embedding cosines vs human ratings (50 docs); polarity: 5-fold logistic regression "
-          "(200 sentences)")
+    if getattr(args, "plan", None) is not None:
+        plan = args.loaded_plan  # read and validated by the command's check
+        rows = run_plan_evaluation(plan, label=f"plan {Path(args.plan).name}")
+        print(f"{plan.model} with the plan's method in each layer ({args.plan}); Lee: Pearson of "
+              "embedding cosines vs human ratings (50 docs); polarity: 5-fold logistic regression "
+              "(200 sentences)")
+    else:
+        rows = run_evaluation(args.methods, seed=args.seed, progress=progress)
+        print("all-MiniLM-L6-v2 with each method in all 6 self-attention layers; Lee: Pearson of "
+              "embedding cosines vs human ratings (50 docs); polarity: 5-fold logistic regression "
+              "(200 sentences)")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
