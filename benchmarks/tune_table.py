@@ -53,6 +53,7 @@ def main(argv=None):
         batches = tokenized(encoder, calibration_texts(args.calibration_docs))
         started = time.perf_counter()
         session = TuneSession(encoder.bert, batches, objective=args.objective, name=name,
+                              stop_loss=(1 - min(TARGETS)) * 0.75,  # the loosest target's level
                               progress=lambda total, name=name: tqdm(total=total, desc=f"{name} curves",
                                                                      file=sys.stderr, leave=False))
         curves = time.perf_counter() - started

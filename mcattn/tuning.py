@@ -235,11 +235,16 @@ def _loss(metric, outs, reference):
 class TuneSession:
     """The layer curves of one model on its calibration batches; searches reuse them.
 
-    Parameters are those of :func:`tune` (``target`` and ``margin`` go to :meth:`search`).
+    Parameters are those of :func:`tune` (``target`` and ``margin`` go to :meth:`search`),
+    and ``stop_loss``: in each layer a method's sweep (its grid runs from the safest value to
+    the cheapest) stops after the first value whose single-layer loss exceeds it, since a
+    swap that alone misses the level cannot be part of a plan meeting it. :func:`tune` sets
+    it to the required loss; a session searched for several targets takes the loosest.
     """
 
     def __init__(self, model, calibration_batches, *, metric="cosine", objective="ops",
-                 methods=None, grid=None, layer_bound=None, seed=0, progress=None, name=None):
+                 methods=None, grid=None, layer_bound=None, seed=0, progress=None, name=None,
+                 stop_loss=None):
         from .frameworks.torch import attention_modules
 
         grid = dict(DEFAULT_GRID, **(grid or {}))
@@ -268,10 +273,17 @@ class TuneSession:
             self.exact_costs = [exact_costs[i] for i in range(len(self.modules))]
             self.layer_options = [LayerOption(i, EXACT, {}, c, 0.0) for i, c in enumerate(self.exact_costs)]
             for layer in range(len(self.modules)):
+                stopped = set()  # methods whose sweep in this layer passed stop_loss
                 for cand in self.candidates:
+                    if cand.method in stopped:
+                        if self._bar is not None:
+                            self._bar.update(1)
+                        continue
                     knobs = self._knobs(layer, cand)
                     costs, loss, bound = self._run({layer: (cand, knobs)}, bounds=True)
                     self.layer_options.append(LayerOption(layer, cand, knobs, costs[layer], loss, bound))
+                    if stop_loss is not None and loss > stop_loss:
+                        stopped.add(cand.method)
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -412,11 +424,16 @@ class TuneSession:
             best = self._refine(best, admissible, measure)
         uniform_best = None
         if uniform:
+            failed = set()  # a method's grid runs safest to cheapest: past a miss, cheaper misses too
             for cand in self.candidates:
                 options = tuple(self._option(i, cand) for i in layers)
+                if cand.method in failed or None in options:  # None: a layer's sweep stopped before
+                    continue
                 point = measure(options, f"uniform {cand.label}")
-                if point.meets and (uniform_best is None or point.cost < uniform_best.cost):
-                    uniform_best = point
+                if not point.meets:
+                    failed.add(cand.method)
+                elif point.cost < (exact_point if uniform_best is None else uniform_best).cost:
+                    uniform_best = point  # exact is a uniform setting too: the others must beat it
         if bar is not None:
             bar.close()
         if uniform_best is not None and uniform_best.cost < best.cost:
@@ -449,7 +466,7 @@ class TuneSession:
                           self.metric, target)
 
     def _option(self, layer, cand):
-        return next(o for o in self.layer_options if o.layer == layer and o.candidate == cand)
+        return next((o for o in self.layer_options if o.layer == layer and o.candidate == cand), None)
 
     def _frontier(self, layer):
         """The layer's admissible options on the cost/loss Pareto front, exact first."""
@@ -490,7 +507,10 @@ class TuneSession:
                         "cost_ratio": o.cost / self.exact_costs[o.layer],
                         "alone_" + self.metric: _achieved(self.metric, o.loss)} for o in best.options],
         }
-        if uniform_best is not None:
+        if uniform_best is None:  # exact attention in every layer is the cheapest uniform setting
+            predicted["best_uniform"] = {"candidate": "exact", "cost_ratio": 1.0,
+                                         f"calibration_{self.metric}": _achieved(self.metric, 0.0)}
+        else:
             predicted["best_uniform"] = {
                 "candidate": uniform_best.label.removeprefix("uniform "),
                 "cost_ratio": uniform_best.cost / exact_cost,
@@ -584,5 +604,6 @@ def tune(model, calibration_batches, *, target=0.99, metric="cosine", objective=
                    tuple(m for m in methods_t if m != "exact"), dict(DEFAULT_GRID, **(grid or {})))
     session = TuneSession(model, calibration_batches, metric=metric, objective=objective,
                           methods=methods_t, grid=grid, layer_bound=layer_bound, seed=seed,
-                          progress=progress, name=name)
+                          progress=progress, name=name,
+                          stop_loss=_loss_of(metric, target) * (1.0 - margin))
     return session.search(target, margin=margin, progress=progress)

@@ -97,6 +97,18 @@ def test_costs_are_the_layers_measured_ops(l3, batches, tuned):
     assert all(o.cost > 0 and math.isfinite(o.loss) for o in tuned.layer_options)
 
 
+def test_a_sweep_stops_after_its_first_miss(tuned):
+    stop = 0.01 * 0.75  # tune's stop_loss: the required level's loss
+    for layer in range(3):
+        for method, (_, values) in GRID.items():
+            measured = [o for o in tuned.layer_options if o.layer == layer and o.candidate.method == method]
+            assert [o.candidate.value for o in measured] == list(values[:len(measured)])
+            misses = [i for i, o in enumerate(measured) if o.loss > stop]
+            assert misses in ([], [len(measured) - 1])  # only the last measured one misses
+            if not misses:
+                assert len(measured) == len(values)
+
+
 def test_lagrange_sequence_is_the_lower_hull():
     rng = np.random.default_rng(4)
     fronts = []
