@@ -61,5 +61,7 @@ METHOD = Method(
     model=ModelHooks(supplies=("threshold",), consumes=("target_mass",), calibrate=_calibrate,
                      needs_calibration=lambda options: options.get("target_mass") is not None),
     checks={"latte": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench)},
-    kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64")},
+    kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64"),
+                    "latte/kernels/latte_mma.cu": tuple(f"mcattn_latte_mma_forward_{t}_d{d}"
+                                                        for t in ("f16", "bf16") for d in (32, 64, 128))},
 )
