@@ -154,7 +154,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
         if (is_causal && j0 > row0 + 15) continue;  // the whole warp: every key after its rows
         unsigned qh[D / 32][4];
         hi_fragments(qh);
-#pragma unroll
+#pragma unroll 1  // rolled: fewer live registers (sm_80, D = 128)
         for (int n = 0; n < MCATTN_LMMA_KEYS / 8; ++n) {
             int acc[4];
             estimate(acc, qh, n);
@@ -190,7 +190,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
         if (!(is_causal && j0 > row0 + 15)) {
             unsigned qh[D / 32][4];
             hi_fragments(qh);
-#pragma unroll
+#pragma unroll 1  // rolled: fewer live registers (sm_80, D = 128)
             for (int n = 0; n < MCATTN_LMMA_KEYS / 8; ++n) {
                 int acc[4];
                 estimate(acc, qh, n);
