@@ -106,8 +106,9 @@ def _check(cp, precision, q, k, v, threshold, mode="relative", **mask):
     assert np.abs(out - ref).max() < 4 * u * np.abs(v).max()
     unrounded = latte.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                                 threshold=threshold, mode=mode, backend="numpy", **f64)
-    assert rel_error(out, unrounded) > 1e-2 * u  # the 16-bit path ran
-    return err, ref_keep, tiles
+    far = rel_error(out, unrounded)
+    assert far > 1e-2 * u  # the 16-bit path ran
+    return {"err": err / u, "unrounded": far / u, "keep": ref_keep, "tiles": tiles}
 
 
 def _nonempty_tiles(keep):
@@ -122,35 +123,45 @@ CASES = [(m, d, p) for m in ("relative", "absolute") for d in (32, 64) for p in 
 CASES += [("relative", 128, "float16"), ("absolute", 128, "bfloat16")]  # d = 128 twice: the shim is slow
 
 
-@pytest.mark.parametrize("mode,d,precision", CASES)
-def test_kept_sets_key_for_key_and_output(cupy_or_fake, knob, precision, d, mode):
-    """Nq = 70, Nk = 130: neither a multiple of the 64-row block or the 64-key tile;
-    thresholds per head."""
+def grid_case(mode, d):
+    """q, k, v, per-head thresholds of the main grid: Nq = 70, Nk = 130 (neither a multiple of
+    the 64-row block or the 64-key tile)."""
     rng = np.random.default_rng(d + len(mode))
     q = rng.standard_normal((1, 2, 70, d)).astype(np.float32) * 1.5
     k = rng.standard_normal((1, 2, 130, d)).astype(np.float32) * 1.5
     v = rng.standard_normal((1, 2, 130, d)).astype(np.float32)
     theta = np.array([2.0, 4.0]) if mode == "relative" else np.array([0.5, 1.5])
-    _, keep, _ = _check(cupy_or_fake, precision, q, k, v, theta, mode)
-    assert 0.02 < keep.mean() < 0.9  # the filter kept some keys and dropped others
+    return q, k, v, theta
 
 
-@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
-def test_masks_causal_and_sizes(cupy_or_fake, knob, precision):
-    cp = cupy_or_fake
+def mask_cases():
+    """(label, q, k, v, threshold, mask arguments) with masks, causal, Nq != Nk, keep-all."""
     rng = np.random.default_rng(3)
     q = rng.standard_normal((2, 1, 75, 32)).astype(np.float32) * 2
     k = rng.standard_normal((2, 1, 90, 32)).astype(np.float32) * 2
     v = rng.standard_normal((2, 1, 90, 32)).astype(np.float32)
     kpm = rng.random((2, 90)) > 0.3
-    _check(cp, precision, q, k, v, 3.0, key_padding_mask=kpm)
-    _check(cp, precision, q, k, v, 3.0, is_causal=True)  # Nq < Nk
-    _check(cp, precision, k[:, :, :80], q, v[:, :, :75], 3.0, is_causal=True)  # Nq > Nk
     additive = rng.standard_normal((2, 1, 75, 90)).astype(np.float32)
     additive[0, 0, 4] = -np.inf  # a row with no visible key: zeros
     additive[1, 0, :, 7] = 0.0
-    _check(cp, precision, q, k, v, 2.0, attn_mask=additive, scale=0.3)
-    _check(cp, precision, q, k, v, np.inf)  # keeps every key: exact attention on 16 bits
+    return [("padding", q, k, v, 3.0, {"key_padding_mask": kpm}),
+            ("causal Nq<Nk", q, k, v, 3.0, {"is_causal": True}),
+            ("causal Nq>Nk", k[:, :, :80], q, v[:, :, :75], 3.0, {"is_causal": True}),
+            ("bias", q, k, v, 2.0, {"attn_mask": additive, "scale": 0.3}),
+            ("keep all", q, k, v, np.inf, {})]
+
+
+@pytest.mark.parametrize("mode,d,precision", CASES)
+def test_kept_sets_key_for_key_and_output(cupy_or_fake, knob, precision, d, mode):
+    q, k, v, theta = grid_case(mode, d)
+    keep = _check(cupy_or_fake, precision, q, k, v, theta, mode)["keep"]
+    assert 0.02 < keep.mean() < 0.9  # the filter kept some keys and dropped others
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_masks_causal_and_sizes(cupy_or_fake, knob, precision):
+    for _, q, k, v, theta, mask in mask_cases():
+        _check(cupy_or_fake, precision, q, k, v, theta, **mask)
 
 
 def test_a_fully_padded_sequence_gives_zeros(cupy_or_fake, knob):
@@ -174,8 +185,8 @@ def test_real_attention(cupy_or_fake, knob):
     assert q.shape[-1] == 32
     kpm = s.key_padding_mask[:2]
     theta = latte.calibrate(q, k, target_mass=0.95, key_padding_mask=kpm, scale=s.scale)
-    _, keep, _ = _check(cupy_or_fake, "float16", q, k, v, np.asarray(theta, np.float64),
-                        key_padding_mask=kpm, scale=s.scale)
+    keep = _check(cupy_or_fake, "float16", q, k, v, np.asarray(theta, np.float64),
+                  key_padding_mask=kpm, scale=s.scale)["keep"]
     assert keep.sum() < 0.9 * np.broadcast_to(kpm[:, None, None, :], keep.shape).sum()
 
 
@@ -189,11 +200,10 @@ def test_tiles_with_no_kept_key_are_skipped(cupy_or_fake, knob):
     q = (centres[np.arange(n) // 64] + 0.3 * rng.standard_normal((n, d))).astype(np.float32)[None, None]
     k = (centres[np.arange(n) // 64] + 0.3 * rng.standard_normal((n, d))).astype(np.float32)[None, None]
     v = rng.standard_normal((1, 1, n, d)).astype(np.float32)
-    _, keep, tiles = _check(cp, "float16", q, k, v, 8.0)
-    assert tiles == (9, _nonempty_tiles(keep))
-    assert tiles[1] == 3  # the diagonal
-    _, keep, tiles = _check(cp, "float16", q, k, v, np.inf)
-    assert tiles == (9, 9)
+    r = _check(cp, "float16", q, k, v, 8.0)
+    assert r["tiles"] == (9, _nonempty_tiles(r["keep"]))
+    assert r["tiles"][1] == 3  # the diagonal
+    assert _check(cp, "float16", q, k, v, np.inf)["tiles"] == (9, 9)
 
 
 def test_the_tensor_core_kernel_runs_only_where_it_applies(cupy_or_fake, knob):
