@@ -29,7 +29,7 @@
 // mcattn_latte_mma_forward_{f16,bf16}_d{D}. Static shared memory at D = 128:
 // 2 x 64 x 36 words (k8, hi) + 128 x 36 words (V^T) + 64 x 12 bytes = 37,632 bytes.
 #include "common.cuh"
-#include "warp.cuh"
+#include "mma_softmax.cuh"
 
 #define MCATTN_LMMA_ROWS 64
 #define MCATTN_LMMA_KEYS 64
@@ -233,7 +233,6 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
         for (int half = 0; half < 2; ++half) {
             constexpr int G = MCATTN_LMMA_KEYS / 16;  // key groups of 8 per half
             float s[G][4];
-            float tmax[2] = {neg_inf, neg_inf};
 #pragma unroll
             for (int nn = 0; nn < G; ++nn) {
                 const int n = G * half + nn;
@@ -253,72 +252,19 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
                         x *= log2e;
                     }
                     s[nn][i] = x;
-                    tmax[h] = mcattn_max(tmax[h], x);
                 }
             }
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                tmax[h] = mcattn_max(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 1));
-                tmax[h] = mcattn_max(tmax[h], __shfl_xor_sync(0xffffffffu, tmax[h], 2));
-            }
-            float alpha[2], base[2];
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float m_new = mcattn_max(m[h], tmax[h]);
-                base[h] = m_new == neg_inf ? 0.0f : m_new;  // nothing kept yet: p = 0
-                alpha[h] = exp2f(m[h] - base[h]);
-                m[h] = m_new;
-                l[h] *= alpha[h];
-            }
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
-#pragma unroll
-            for (int nn = 0; nn < G; ++nn)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    s[nn][i] = exp2f(s[nn][i] - base[i >> 1]);
-                    l[i >> 1] += s[nn][i];
-                }
-            // P's fragments of key groups 2kk, 2kk + 1 are the A fragment of keys 16 kk...
-#pragma unroll
-            for (int kk = 0; kk < G / 2; ++kk) {
-                const unsigned pa[4] = {
-                    mcattn_pack16(Ops::round(s[2 * kk][0]), Ops::round(s[2 * kk][1])),
-                    mcattn_pack16(Ops::round(s[2 * kk][2]), Ops::round(s[2 * kk][3])),
-                    mcattn_pack16(Ops::round(s[2 * kk + 1][0]), Ops::round(s[2 * kk + 1][1])),
-                    mcattn_pack16(Ops::round(s[2 * kk + 1][2]), Ops::round(s[2 * kk + 1][3]))};
-                const int kp = 8 * (G / 2 * half + kk);  // the key-pair word of keys 16 (kk + ...)
-#pragma unroll
-                for (int n = 0; n < D / 8; ++n) {
-                    const unsigned b[2] = {vt_tile[8 * n + g][kp + t], vt_tile[8 * n + g][kp + 4 + t]};
-                    Ops::mma(o[n], pa, b);
-                }
-            }
+            mcattn_mma_softmax_pv<Ops, D, G>(s, m, l, o, vt_tile, 4 * G * half, g, t);
         }
     }
 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
         count[h] += __shfl_xor_sync(0xffffffffu, count[h], 1);
         count[h] += __shfl_xor_sync(0xffffffffu, count[h], 2);
+        if (rows[h] < nq && t == 0) kept[bh * nq + rows[h]] = count[h];
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int row = rows[h];
-        if (row >= nq) continue;
-        if (t == 0) kept[bh * nq + row] = count[h];
-        if (!do_output) continue;
-        const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-        float* orow = out + (bh * nq + row) * (long long)D;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-            for (int i = 0; i < 2; ++i) orow[8 * n + 2 * t + i] = o[n][2 * h + i] * inv;
-    }
+    if (do_output) mcattn_mma_store_rows<D>(out + bh * nq * (long long)D, o, l, rows, nq, t);
 }
 
 #define MCATTN_LATTE_MMA_FORWARD(NAME, OPS, D)                                                   \
