@@ -8,7 +8,7 @@ on the host shim, whose warps emulate mma.sync from the PTX ISA's layouts):
   int8 product, so anything but equality is a bug;
 * the output against float64 LATTE on the same kept sets with v rounded to the 16-bit
   type (the kernel rounds v and the probabilities): what remains is the probabilities'
-  rounding, 0.08-0.19 unit roundoffs u of the type, relative (Frobenius), held to 0.3 u
+  rounding, 0.07-0.19 unit roundoffs u of the type, relative (Frobenius), held to 0.3 u
   (docs/measurements/latte-mma-shim-errors.txt); and at least 0.2 u from the unrounded
   answer (measured 0.42-0.47 u; float32 would be ~1e-4 u: the 16-bit path really ran);
 * tiles with no kept key are skipped: the kernel's counts of (query block, key tile)
