@@ -30,5 +30,7 @@ METHOD = Method(
     attention=attention,
     grad="mcattn.eatt.grad",
     checks={"eatt": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench)},
-    kernel_sources={"eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64")},
+    kernel_sources={"eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64"),
+                    "eatt/kernels/eatt_mma.cu": tuple(f"mcattn_eatt_mma_hamming_{t}_dv{dv}"
+                                                      for t in ("f16", "bf16") for dv in (32, 64, 128))},
 )
