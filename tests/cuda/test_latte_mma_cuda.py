@@ -248,3 +248,18 @@ def test_skip_count_is_checked_against_a_different_mask():
     assert _nonempty_tiles(keep) == 3
     assert _nonempty_tiles(np.roll(keep, 1, axis=-1)) == 6  # one column more per block row
     assert naive.MODES["relative"] == 0 and naive.MODES["absolute"] == 1  # the kernel's mode codes
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_ptx_has_the_int8_and_16_bit_mma(arch):
+    """Each kernel: the estimate and kept scores on mma.sync m16n8k32 s8, P V on m16n8k16."""
+    from cuda_compile import nvrtc_compile
+
+    ptx = nvrtc_compile("latte/kernels/latte_mma.cu", arch)
+    for tag in ("f16", "bf16"):
+        for d in (32, 64, 128):
+            body = ptx[ptx.index(f".entry mcattn_latte_mma_forward_{tag}_d{d}("):]
+            body = body[:body.find(".entry", 10)] if ".entry" in body[10:] else body
+            assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in body
+            assert f"mma.sync.aligned.m16n8k16.row.col.f32.{tag}.{tag}.f32" in body
