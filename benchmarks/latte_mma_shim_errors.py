@@ -4,7 +4,8 @@
 
 Runs ``latte/kernels/latte_mma.cu`` on the fake CuPy of ``tests/cuda`` (the CUDA C under
 the host shim, its warps and mma.sync emulated) for the cases of
-``tests/cuda/test_latte_mma_cuda.py`` (its ``grid_case`` and ``mask_cases``, and its
+``tests/cuda/test_latte_mma_cuda.py`` (its ``grid_case``, ``mask_cases`` and
+``block_diagonal_case``, and its
 ``_check``, which also asserts the kept sets key for key) and prints, per case, the
 relative (Frobenius) error against float64 LATTE on the same kept sets with v rounded
 to the 16-bit type, in unit roundoffs u of that type (2^-11 float16, 2^-8 bfloat16), and
@@ -15,6 +16,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +38,8 @@ def main(argv=None):
         cases = [(p, m, d, "grid", *t.grid_case(m, d), {}) for m, d, p in t.CASES]
         cases += [(p, "relative", 32, label, q, k, v, theta, mask)
                   for p in ("float16", "bfloat16") for label, q, k, v, theta, mask in t.mask_cases()]
+        cases += [("float16", "relative", 32, f"blockdiag {theta}", *t.block_diagonal_case(), theta, {})
+                  for theta in (8.0, np.inf)]  # the skip test's inputs
         for precision, mode, d, label, q, k, v, theta, mask in cases:
             r = t._check(cp, precision, q, k, v, theta, mode, **mask)
             lines.append(f"{precision:9s} {mode:9s} {d:4d} {label:13s} {r['keep'].mean():5.3f} "

@@ -192,16 +192,22 @@ def test_real_attention(cupy_or_fake, knob):
     assert keep.sum() < 0.9 * np.broadcast_to(kpm[:, None, None, :], keep.shape).sum()
 
 
-def test_tiles_with_no_kept_key_are_skipped(cupy_or_fake, knob):
-    """Block-diagonal attention (queries and keys of each 64-token block share a direction):
-    the kernel computes exactly the tiles whose 64 x 64 block of the kept mask has a kept key."""
-    cp = cupy_or_fake
+def block_diagonal_case():
+    """q, k, v ``[1, 1, 160, 32]``: the tokens of each 64-token block near one direction of three."""
     rng = np.random.default_rng(9)
     n, d = 160, 32
     centres = rng.standard_normal((3, d)).astype(np.float32) * 3
     q = (centres[np.arange(n) // 64] + 0.3 * rng.standard_normal((n, d))).astype(np.float32)[None, None]
     k = (centres[np.arange(n) // 64] + 0.3 * rng.standard_normal((n, d))).astype(np.float32)[None, None]
     v = rng.standard_normal((1, 1, n, d)).astype(np.float32)
+    return q, k, v
+
+
+def test_tiles_with_no_kept_key_are_skipped(cupy_or_fake, knob):
+    """Block-diagonal attention (queries and keys of each 64-token block share a direction):
+    the kernel computes exactly the tiles whose 64 x 64 block of the kept mask has a kept key."""
+    cp = cupy_or_fake
+    q, k, v = block_diagonal_case()
     r = _check(cp, "float16", q, k, v, 8.0)
     assert r["tiles"] == (9, _nonempty_tiles(r["keep"]))
     assert r["tiles"][1] == 3  # the diagonal
