@@ -271,3 +271,44 @@ def test_ptx_has_the_int8_and_16_bit_mma(arch):
             body = body[:body.find(".entry", 10)] if ".entry" in body[10:] else body
             assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in body
             assert f"mma.sync.aligned.m16n8k16.row.col.f32.{tag}.{tag}.f32" in body
+
+
+def near_tie_case():
+    """Two keys whose estimates round to the same float32 but differ in float64.
+
+    Query rows ``[1, 0, ...]`` (hi nibble 7 on dim 0); key A ``[48 / 127, 1] * M_A`` (int8
+    ``[48, 127]``, hh = 21), key B ``[16 / 127, 1] * M_B`` (hh = 7) with ``M_B`` near 3 M_A,
+    searched so that ``float32(21) * 256 s_A == float32(7) * 256 s_B`` (what the kernel's
+    float32 pre-test computes) while ``21 s_A != 7 s_B`` in float64: the cut equals the
+    larger, and only the float64 comparison drops the other. Filler keys have hh = 0.
+    """
+    rng = np.random.default_rng(12)
+    d, nk = 32, 70
+    for _ in range(4000):
+        m_a = np.float32(rng.uniform(1.0, 2.0))
+        m_b = np.float32(3 * m_a) + np.float32(rng.integers(-40, 41)) * np.spacing(np.float32(3 * m_a))
+        k = np.zeros((nk, d), np.float32)
+        k[:, 1] = 1.0
+        k[5, :2] = [48 / 127 * m_a, m_a]
+        k[66, :2] = [16 / 127 * m_b, m_b]
+        k8, s = naive.quantize_rows(k)
+        if k8[5, 0] != 48 or k8[66, 0] != 16:
+            continue
+        sa, sb = np.float32(256) * s[5, 0], np.float32(256) * s[66, 0]
+        fa, fb = np.float32(21) * sa, np.float32(7) * sb
+        ua, ub = 21 * np.float64(sa), 7 * np.float64(sb)
+        if fa == fb and ua != ub:
+            q = np.zeros((1, 1, 3, d), np.float32)
+            q[..., 0] = 1.0
+            v = rng.standard_normal((1, 1, nk, d)).astype(np.float32)
+            return q, k[None, None], v
+    raise AssertionError("no near tie found")
+
+
+@pytest.mark.parametrize("mode,theta", [("relative", 0.0), ("absolute", 1e30)])
+def test_float32_pre_test_defers_near_ties_to_float64(cupy_or_fake, knob, mode, theta):
+    """The cut is the row maximum; the other key of the near tie rounds to it in float32 and
+    must still be dropped (a kernel keeping float32 ties keeps both)."""
+    q, k, v = near_tie_case()
+    keep = _check(cupy_or_fake, "float16", q, k, v, theta, mode)["keep"]
+    assert keep.sum(-1).tolist() == [[[1, 1, 1]]]

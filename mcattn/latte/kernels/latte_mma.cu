@@ -8,7 +8,11 @@
 //   pass 1   hh = hi(q8) hi(k8)^T on mma.m16n8k32.s8 (exact integers), u = hh * 256 s_k
 //            (+ bias / c) in double: the CPU kernel's IEEE operations, so the row maxima
 //            are its maxima; the cut (relative: max - theta / c, absolute:
-//            min(theta / c, max)) is one division and one subtraction, as on the CPU;
+//            min(theta / c, max)) is one division and one subtraction, as on the CPU.
+//            Most elements need no double: without a bias term, fu = float(hh) * 256 s_k
+//            is u rounded to float32 (monotone), so an element with fu below the float32
+//            maximum so far cannot be the maximum, and in pass 2 fu > float(cut) keeps,
+//            fu < float(cut) drops; only equality (and bias terms) take the double;
 //   pass 2   hh again, keep u >= cut as a bit per accumulator element (registers only);
 //            kept counts (and, with write_mask, the mask) per key; a tile that no row of
 //            the block keeps is skipped: V is not loaded and no score is computed;
@@ -69,6 +73,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
     __shared__ unsigned vt_tile[D][MCATTN_LMMA_KEYS / 2 + 4];  // [dim][key pair], 16-bit codes
     __shared__ double sk_tile[MCATTN_LMMA_KEYS];
     __shared__ float skf_tile[MCATTN_LMMA_KEYS];
+    __shared__ float skf256_tile[MCATTN_LMMA_KEYS];
     __shared__ int any_kept;
     const double dninf = mcattn_neg_inf<double>();
     const float neg_inf = mcattn_neg_inf<float>();
@@ -91,6 +96,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
             qa[kk][r] = w;
         }
     double cq[2], cut[2] = {dninf, dninf};
+    float cutf[2];
     float cqf[2];
     const float* brow[2];
 #pragma unroll
@@ -103,14 +109,29 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
     const int block_last = mcattn_min(nq, (int)(blockIdx.x + 1) * MCATTN_LMMA_ROWS) - 1;
     const int key_end = is_causal ? mcattn_min(nk, block_last + 1) : nk;
 
-    // u of accumulator element i of key group n (-inf when the key is not visible).
+    // Accumulator element i of key group n: 0 when the key is not visible; 1 when u has no
+    // bias term and a float32 scale, with fu = float(hh) * 256 s_k its float32 rounding
+    // (an IEEE product of exact operands: round(u), monotone in u, so fu > float(cut)
+    // implies u >= cut and fu < float(cut) implies u < cut); 2 when only the double says.
+    auto classify = [&](const int* acc, int i, int j0, int n, float& fu) -> int {
+        const int h = i >> 1, key = j0 + 8 * n + 2 * t + (i & 1);
+        if (rows[h] >= nq || key >= nk || (is_causal && key > rows[h])) return 0;
+        int kind = skf256_tile[key - j0] < -neg_inf ? 1 : 2;  // 256 s_k overflowed float
+        if (has_bias) {
+            const float b = brow[h][key];
+            if (b == neg_inf) return 0;
+            if (b != 0.0f) kind = 2;
+        }
+        fu = (float)acc[i] * skf256_tile[key - j0];
+        return kind;
+    };
+    // u of a visible element in double: the CPU kernel's operations (exact product, one
+    // division by c and one addition with a bias).
     auto unit = [&](const int* acc, int i, int j0, int n) -> double {
         const int h = i >> 1, key = j0 + 8 * n + 2 * t + (i & 1);
-        if (rows[h] >= nq || key >= nk || (is_causal && key > rows[h])) return dninf;
         double val = (double)acc[i] * sk_tile[key - j0];
         if (has_bias) {
             const float b = brow[h][key];
-            if (b == neg_inf) return dninf;
             if (b != 0.0f) val = val + (double)b / cq[h];  // + 0 / c changes no comparison
         }
         return val;
@@ -127,6 +148,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
             const int j = j0 + e;
             sk_tile[e] = j < nk ? sk256[bh * nk + j] : 0.0;
             skf_tile[e] = j < nk ? s_k[bh * nk + j] : 0.0f;
+            skf256_tile[e] = 256.0f * skf_tile[e];  // exact, or inf
         }
     };
     auto estimate = [&](int (&acc)[4], const unsigned (&qh)[D / 32][4], int n) {
@@ -147,6 +169,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
 
     // Pass 1: the row maxima of the estimate.
     double top[2] = {dninf, dninf};
+    float topf[2] = {neg_inf, neg_inf};  // float32 maximum of the elements of kind 1 (a lower bound's rounding)
     for (int j0 = 0; j0 < key_end; j0 += MCATTN_LMMA_KEYS) {
         __syncthreads();
         load_keys(j0);
@@ -159,7 +182,16 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
             int acc[4];
             estimate(acc, qh, n);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) top[i >> 1] = mcattn_max(top[i >> 1], unit(acc, i, j0, n));
+            for (int i = 0; i < 4; ++i) {
+                float fu;
+                const int kind = classify(acc, i, j0, n, fu), h = i >> 1;
+                if (kind == 0) continue;
+                if (kind == 1) {  // below a float32 maximum of such elements: below the maximum
+                    if (fu < topf[h]) continue;
+                    topf[h] = fu;
+                }
+                top[h] = mcattn_max(top[h], unit(acc, i, j0, n));
+            }
         }
     }
 #pragma unroll
@@ -170,6 +202,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
             const double th = theta[bh] / cq[h];
             cut[h] = mode == 1 ? (th < top[h] ? th : top[h]) : top[h] - th;
         }
+        cutf[h] = (float)cut[h];  // round to nearest: monotone
     }
 
     // Pass 2: keep, count, skip, score, P V.
@@ -196,8 +229,13 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
                 estimate(acc, qh, n);
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const double u = unit(acc, i, j0, n);  // visible keys are finite; the cut may be -inf
-                    if (u != dninf && u >= cut[i >> 1]) bits |= 1u << (4 * n + i);
+                    float fu;
+                    const int kind = classify(acc, i, j0, n, fu), h = i >> 1;
+                    if (kind == 0) continue;
+                    const bool keep = kind == 1 && fu > cutf[h]   ? true
+                                      : kind == 1 && fu < cutf[h] ? false
+                                                                  : unit(acc, i, j0, n) >= cut[h];
+                    if (keep) bits |= 1u << (4 * n + i);
                 }
             }
         }
