@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Method", "ModelHooks", "Check", "random_qkv"]
+__all__ = ["Method", "ModelHooks", "Check", "random_qkv", "tensor_core_check"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +168,36 @@ def _needs_values(method):
 def random_qkv(rng, shape, dtype, put=lambda a: a):
     """Standard normal q, k, v of ``shape`` in ``dtype``, each passed through ``put``."""
     return tuple(put(rng.standard_normal(shape).astype(dtype)) for _ in range(3))
+
+
+def tensor_core_check(knob, run, bench, tolerance=1.5e-3, precision="float16"):
+    """A self-test row for a tensor-core path switched on by ``mcattn.config.<knob>``.
+
+    ``run(put, backend, dtype)`` and ``bench(put, backend, n) -> thunk`` are the method's
+    own calls; the row runs them with the knob set to ``precision`` (restored after each
+    call). Backends other than cupy ignore the knob, so their rows check the method's
+    usual kernels; the bench times the cupy backend only. Tolerances: ``tolerance``
+    (float32: the 16-bit rounding of the probabilities and v, about 3 float16 unit
+    roundoffs; the shim measures 2.6e-4 to 3.0e-4 on latte-mma and eatt-mma) and 1e-12
+    (float64, where the path does not apply).
+    """
+    from . import config
+
+    def switched(fn):
+        saved = getattr(config, knob)
+        setattr(config, knob, precision)
+        try:
+            return fn()
+        finally:
+            setattr(config, knob, saved)
+
+    def check(put, backend, dtype):
+        return switched(lambda: run(put, backend, dtype))
+
+    def timed(put, backend, n):
+        if backend != "cupy":
+            raise ValueError(f"the {knob} path is a cupy kernel; {backend} is benched by its own row")
+        thunk = bench(put, backend, n)
+        return lambda: switched(thunk)
+
+    return Check(check, {"float32": tolerance, "float64": 1e-12}, timed)

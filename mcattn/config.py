@@ -39,6 +39,14 @@ CUDA_THREADS_PER_BLOCK = 64
 #: a forward and its backward. tf32 is forward only.
 EXACT_TENSOR_CORES = None
 
+#: Tensor cores for E-Att's Hamming alignment on CuPy (``mcattn/eatt/kernels/eatt_mma.cu``):
+#: ``None`` (default: eatt.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 call
+#: with ``alignment="hamming"``, head dim <= 128 and value dim 32, 64 or 128 scores each
+#: 64 x 64 tile by XOR + popcount of the packed codes (the same float32 scores) and rounds
+#: the probabilities and v to that type for ``P V`` (float32 accumulation): relative error
+#: of order its unit roundoff. L1 alignment stays on eatt.cu.
+EATT_TENSOR_CORES = None
+
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
 #: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
 CUDA_SCRATCH_BYTES = 1 << 27
@@ -70,6 +78,13 @@ LATTE_CPU_BLOCK_Q = 64
 #: LATTE's CPU estimate in int8 arithmetic (AVX-512 VNNI, mcattn.latte.vnni) where the
 #: CPU has it; False takes the float32 BLAS product (the same kept sets, slower).
 LATTE_CPU_VNNI = True
+#: Tensor cores for LATTE's forward on CuPy (``mcattn/latte/kernels/latte_mma.cu``): ``None``
+#: (default: latte.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 call in
+#: mode relative or absolute with int8 kept scores, no dropped mass and head dim 32, 64 or
+#: 128 (d = dv) runs the estimate on int8 mma (the same kept sets, key for key), skips the
+#: 64 x 64 tiles where nothing is kept, and rounds the probabilities and v to that type for
+#: ``P V`` (float32 accumulation): relative error of order its unit roundoff.
+LATTE_TENSOR_CORES = None
 #: Keys per chunk of the CPU kernel's kept-key pass (relative / absolute rules without a
 #: float mask): every query row of a block takes its kept keys from a chunk while the
 #: chunk's key and value rows are in cache.

@@ -1,15 +1,62 @@
-"""E-Att attention on CUDA GPUs through a CuPy RawKernel (``kernels/eatt.cu``)."""
+"""E-Att attention on CUDA GPUs through CuPy RawKernels (``kernels/eatt.cu``, ``kernels/eatt_mma.cu``).
+
+With ``config.EATT_TENSOR_CORES`` set (``"float16"`` or ``"bfloat16"``), the Hamming
+alignment of float32 inputs with a value dim of 32, 64 or 128 runs on ``eatt_mma.cu``
+(:func:`tensor_cores`): XOR + popcount scores per 64 x 64 tile, ``P V`` on 16-bit mma.
+"""
 
 import numpy as np
 
 from .. import config
 from .._cupy import raw_module
-from ._gpu import kernel_arrays
+from ..errors import ConfigError
+from ._gpu import MAX_WORDS, kernel_arrays
 
-__all__ = ["forward"]
+__all__ = ["forward", "tensor_cores", "MMA_VALUE_DIMS"]
 
 _SOURCE = "eatt/kernels/eatt.cu"
+_MMA_SOURCE = "eatt/kernels/eatt_mma.cu"
 _MAX_GRID_Y = 65535
+#: Value dims of the tensor-core kernel; its blocks: 128 threads, 64 query rows.
+MMA_VALUE_DIMS = (32, 64, 128)
+_MMA_ROWS, _MMA_THREADS = 64, 128
+_MMA_TYPES = {"float16": "f16", "bfloat16": "bf16"}
+
+
+def tensor_cores(inp, alignment):
+    """The 16-bit type ``eatt_mma.cu`` runs these inputs in, or None (``eatt.cu`` then)."""
+    precision = config.EATT_TENSOR_CORES
+    if precision is None:
+        return None
+    if precision not in _MMA_TYPES:
+        raise ConfigError(f"EATT_TENSOR_CORES must be None, 'float16' or 'bfloat16'; got {precision!r}")
+    if (alignment != "hamming" or inp.q.dtype != np.float32 or inp.value_dim not in MMA_VALUE_DIMS
+            or (inp.head_dim + 63) // 64 > MAX_WORDS):
+        return None
+    return precision
+
+
+def _forward_mma(inp, codes, precision):
+    import cupy
+
+    bh, nq, d = inp.q.shape
+    nk, dv = inp.nk, inp.value_dim
+    out = cupy.zeros((bh, nq, dv), dtype=inp.dtype)
+    if bh == 0 or nq == 0 or nk == 0:
+        return out
+    _, _, qc, kc, table = kernel_arrays(inp, "hamming", codes, cupy)
+    kernel = raw_module(_MMA_SOURCE).get_function(f"mcattn_eatt_mma_hamming_{_MMA_TYPES[precision]}_dv{dv}")
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias if has_bias else cupy.zeros((1, 1, 1), inp.dtype)
+    mask_index = cupy.asarray(inp.mask.mask_index if has_bias else np.zeros(1, np.int64))
+    v = cupy.ascontiguousarray(inp.v)
+    for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535
+        b1 = min(bh, b0 + _MAX_GRID_Y)
+        kernel(((nq + _MMA_ROWS - 1) // _MMA_ROWS, b1 - b0), (_MMA_THREADS,),
+               (qc[b0:b1], kc[b0:b1], table, v[b0:b1], out[b0:b1], bias, mask_index[b0:b1],
+                np.int32(nq), np.int32(nk), np.int32(d), np.int32((d + 63) // 64), np.int32(has_bias),
+                np.int32(bias.shape[1]), np.int32(inp.mask.is_causal)))
+    return out
 
 
 def forward(inp, alignment="l1", codes=None):
@@ -29,6 +76,9 @@ def forward(inp, alignment="l1", codes=None):
     """
     import cupy
 
+    precision = tensor_cores(inp, alignment)
+    if precision is not None:
+        return _forward_mma(inp, codes, precision)
     bh, nq, d = inp.q.shape
     nk, dv = inp.nk, inp.value_dim
     out = cupy.zeros((bh, nq, dv), dtype=inp.dtype)

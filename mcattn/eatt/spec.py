@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .._plugin import Check, Method, random_qkv
+from .._plugin import Check, Method, random_qkv, tensor_core_check
 from . import attention
 
 __all__ = ["METHOD"]
@@ -23,12 +23,27 @@ def _bench(put, backend, n):
     return lambda: attention(q, k, v, alignment="l1", backend=backend)
 
 
+def _check_hamming_mma(put, backend, dtype):
+    """Hamming inputs the tensor-core kernel takes (value dim 32, two query blocks, three key tiles)."""
+    rng = np.random.default_rng(9)
+    q, k, v = (put(rng.standard_normal((2, 2, n, 32)).astype(dtype)) for n in (70, 130, 130))
+    return attention(q, k, v, alignment="hamming", is_causal=True, backend=backend)
+
+
+def _bench_hamming(put, backend, n):
+    q, k, v = random_qkv(np.random.default_rng(4), (1, 8, n, 64), np.float32, put)
+    return lambda: attention(q, k, v, alignment="hamming", backend=backend, check_finite=False)
+
+
 METHOD = Method(
     name="eatt",
     description="energy-friendly attention (E-Att): L1 or Hamming alignment, no multiplications in "
                 "the scores; a different model, needs training",
     attention=attention,
     grad="mcattn.eatt.grad",
-    checks={"eatt": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench)},
-    kernel_sources={"eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64")},
+    checks={"eatt": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench),
+            "eatt-mma": tensor_core_check("EATT_TENSOR_CORES", _check_hamming_mma, _bench_hamming)},
+    kernel_sources={"eatt/kernels/eatt.cu": ("mcattn_eatt_forward_f32", "mcattn_eatt_forward_f64"),
+                    "eatt/kernels/eatt_mma.cu": tuple(f"mcattn_eatt_mma_hamming_{t}_dv{dv}"
+                                                      for t in ("f16", "bf16") for dv in (32, 64, 128))},
 )

@@ -29,12 +29,14 @@ __device__ __forceinline__ double mcattn_abs(double x) { return fabs(x); }
 __device__ __forceinline__ int mcattn_min(int a, int b) { return a < b ? a : b; }
 template <typename T> __device__ __forceinline__ T mcattn_max(T a, T b) { return a > b ? a : b; }
 
-// Set bits of a 64-bit word: the __popcll intrinsic on the device, the compiler builtin
-// under the host shim (tests/cuda/hostshim).
+// Set bits of a 64-bit (32-bit) word: the __popcll (__popc) intrinsic on the device, the
+// compiler builtin under the host shim (tests/cuda/hostshim).
 #ifdef MCATTN_HOST_SHIM
 __device__ __forceinline__ int mcattn_popcll(unsigned long long x) { return __builtin_popcountll(x); }
+__device__ __forceinline__ int mcattn_popc(unsigned x) { return __builtin_popcount(x); }
 #else
 __device__ __forceinline__ int mcattn_popcll(unsigned long long x) { return __popcll(x); }
+__device__ __forceinline__ int mcattn_popc(unsigned x) { return __popc(x); }
 #endif
 
 // One thread's streaming-softmax step over a tile of `tile` scores whose maximum (with the

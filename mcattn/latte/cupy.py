@@ -1,18 +1,96 @@
-"""LATTE on CUDA GPUs through a CuPy RawKernel (``kernels/latte.cu``).
+"""LATTE on CUDA GPUs through CuPy RawKernels (``kernels/latte.cu``, ``kernels/latte_mma.cu``).
 
-The algorithm is that of :mod:`mcattn.latte.cuda`.
+The algorithm is that of :mod:`mcattn.latte.cuda`. With ``config.LATTE_TENSOR_CORES`` set
+(``"float16"`` or ``"bfloat16"``) the calls the tile kernel covers (:func:`tensor_cores`)
+run on ``latte_mma.cu`` instead: the estimate on int8 mma, tiles of 64 queries x 64 keys
+with no kept key skipped, ``P V`` on 16-bit mma. The kept sets are the same either way.
 """
 
 import numpy as np
 
 from .. import config
 from .._cupy import raw_module
+from ..errors import ConfigError
 from .naive import MODES
 
-__all__ = ["forward", "kept_mask", "kernel_arguments"]
+__all__ = ["forward", "kept_mask", "kernel_arguments", "tensor_cores", "MMA_HEAD_DIMS",
+           "last_tile_counts"]
 
 _SOURCE = "latte/kernels/latte.cu"
+_MMA_SOURCE = "latte/kernels/latte_mma.cu"
 _MAX_GRID_Y = 65535
+#: Head dims (d = dv) of the tensor-core kernel; its blocks: 128 threads, 64 query rows.
+MMA_HEAD_DIMS = (32, 64, 128)
+_MMA_ROWS, _MMA_THREADS = 64, 128
+_MMA_TYPES = {"float16": "f16", "bfloat16": "bf16"}
+_MMA_MODES = ("relative", "absolute")
+_tiles = {}
+
+
+def tensor_cores(lat, *, do_output=True):
+    """The 16-bit type ``latte_mma.cu`` runs ``lat`` in, or None (``latte.cu`` then).
+
+    Needs ``config.LATTE_TENSOR_CORES``, float32 inputs, mode relative or absolute, int8
+    kept scores, no dropped mass, and head dim 32, 64 or 128 (equal to the value dim when
+    the output is computed).
+    """
+    precision = config.LATTE_TENSOR_CORES
+    if precision is None:
+        return None
+    if precision not in _MMA_TYPES:
+        raise ConfigError(f"LATTE_TENSOR_CORES must be None, 'float16' or 'bfloat16'; got {precision!r}")
+    inp = lat.inp
+    d = inp.q.shape[2]
+    if (inp.q.dtype != np.float32 or d not in MMA_HEAD_DIMS or lat.mode not in _MMA_MODES
+            or lat.exact_scores != "int8" or lat.want_mass or (do_output and inp.value_dim != d)):
+        return None
+    return precision
+
+
+def last_tile_counts():
+    """``(estimated, computed)``: the (query block, key tile) pairs of the last tensor-core
+    forward on the current device, and those not skipped (a skipped tile loads no V and
+    computes no score). Synchronises."""
+    import cupy
+
+    counts = _tiles.get(cupy.cuda.runtime.getDevice())
+    return None if counts is None else tuple(int(c) for c in counts.get())
+
+
+def _run_mma(lat, precision, *, do_output, write_mask):
+    """The tensor-core kernel (``kernels/latte_mma.cu``); outputs as :func:`_run`."""
+    import cupy
+
+    inp = lat.inp
+    q = inp.q
+    bh, nq, d = q.shape
+    nk = inp.nk
+    out = cupy.zeros((bh, nq, d), dtype=q.dtype)
+    kept = cupy.zeros((bh, nq), dtype=np.int64)
+    dropped = cupy.zeros((bh, nq), dtype=np.float64)
+    mask_out = cupy.zeros((bh, nq, nk) if write_mask else (1, 1, 1), dtype=np.bool_)
+    tiles = cupy.zeros(2, dtype=np.uint64)
+    _tiles[cupy.cuda.runtime.getDevice()] = tiles
+    if bh == 0 or nq == 0 or nk == 0:
+        return out, kept, dropped, mask_out
+    has_bias = inp.mask.bias is not None
+    bias = inp.mask.bias if has_bias else cupy.zeros((1, 1, 1), q.dtype)
+    bias = cupy.ascontiguousarray(bias)
+    mask_index = cupy.asarray(inp.mask.mask_index if has_bias else np.zeros(1, np.int64))
+    v = inp.v if do_output else cupy.zeros((1, 1, 1), q.dtype)
+    sk256 = 256.0 * lat.s_k.astype(np.float64)
+    theta = cupy.asarray(lat.theta)
+    kernel = raw_module(_MMA_SOURCE).get_function(f"mcattn_latte_mma_forward_{_MMA_TYPES[precision]}_d{d}")
+    for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535
+        b1 = min(bh, b0 + _MAX_GRID_Y)
+        kernel(((nq + _MMA_ROWS - 1) // _MMA_ROWS, b1 - b0), (_MMA_THREADS,),
+               (lat.q8[b0:b1], lat.k8[b0:b1], v[b0:b1] if do_output else v, lat.s_q[b0:b1],
+                lat.s_k[b0:b1], sk256[b0:b1], theta[b0:b1], bias, mask_index[b0:b1], out[b0:b1],
+                kept[b0:b1], mask_out[b0:b1] if write_mask else mask_out, tiles, np.int32(nq),
+                np.int32(nk), np.float64(inp.scale), np.int32(MODES[lat.mode]), np.int32(has_bias),
+                np.int32(bias.shape[1]), np.int32(inp.mask.is_causal), np.int32(write_mask),
+                np.int32(do_output)))
+    return out, kept, dropped, mask_out
 
 
 def kernel_arguments(lat, xp, *, do_output, write_mask):
@@ -40,6 +118,10 @@ def kernel_arguments(lat, xp, *, do_output, write_mask):
 
 def _run(lat, *, do_output, write_mask):
     import cupy
+
+    precision = tensor_cores(lat, do_output=do_output)
+    if precision is not None:
+        return _run_mma(lat, precision, do_output=do_output, write_mask=write_mask)
 
     (out, kept, dropped, mask_out), args = kernel_arguments(lat, cupy, do_output=do_output,
                                                              write_mask=write_mask)

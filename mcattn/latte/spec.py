@@ -7,7 +7,7 @@ the first batch the layer sees) with :func:`mcattn.latte.calibrate`.
 
 import numpy as np
 
-from .._plugin import Check, Method, ModelHooks, random_qkv
+from .._plugin import Check, Method, ModelHooks, random_qkv, tensor_core_check
 from . import attention, calibrate
 
 __all__ = ["METHOD", "dask_plan"]
@@ -50,6 +50,14 @@ def _bench(put, backend, n):
     return lambda: attention(q, k, v, threshold=4.0, backend=backend)
 
 
+def _check_mma(put, backend, dtype):
+    """Inputs the tensor-core kernel takes (head dim 32, two query blocks, three key tiles)."""
+    rng = np.random.default_rng(6)
+    q, k, v = (put(rng.standard_normal((2, 2, n, 32)).astype(dtype)) for n in (70, 130, 130))
+    theta = put(np.array([2.0, 4.0], dtype))
+    return attention(q, k, v, threshold=theta, is_causal=True, backend=backend)
+
+
 METHOD = Method(
     name="latte",
     description="LATTE: a 4-bit (high-nibble) score estimate filters keys per head (thresholds); "
@@ -60,6 +68,9 @@ METHOD = Method(
     dask_plan=dask_plan,
     model=ModelHooks(supplies=("threshold",), consumes=("target_mass",), calibrate=_calibrate,
                      needs_calibration=lambda options: options.get("target_mass") is not None),
-    checks={"latte": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench)},
-    kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64")},
+    checks={"latte": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench),
+            "latte-mma": tensor_core_check("LATTE_TENSOR_CORES", _check_mma, _bench)},
+    kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64"),
+                    "latte/kernels/latte_mma.cu": tuple(f"mcattn_latte_mma_forward_{t}_d{d}"
+                                                        for t in ("f16", "bf16") for d in (32, 64, 128))},
 )

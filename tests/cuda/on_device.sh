@@ -8,7 +8,7 @@
 # from the wheels folder .whl/ prepared beforehand (command in docs/cuda-testing.md).
 # Then the CUDA test lanes run on the real device (not the simulator), then
 # `mcattn selftest --bench --json`. Results go to docs/measurements/gpu-*.txt|json.
-# Finishes within 8 minutes (time limits per step: 30 + 60 + 210 + 120 + 60 s); prints a short summary last;
+# Finishes within 8 minutes (time limits per step: 30 + 30 + 190 + 105 + 60 + 40 + 25 s); prints a short summary last;
 # exits 1 when anything failed or mismatched.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -78,23 +78,32 @@ if [ -n "$MISSING" ]; then
     step "install missing dependencies ($MISSING)" 30 /tmp/mcattn-wheels.log \
         $PY -m pip install -q --no-index --no-deps --find-links .whl $MISSING
 fi
-step "pip install -e . (no deps, no build isolation)" 60 /tmp/mcattn-install.log \
+step "pip install -e . (no deps, no build isolation)" 30 /tmp/mcattn-install.log \
     $PY -m pip install -q --no-build-isolation --no-deps -e .
 
 # 3. The CUDA test lanes on the device (conftest leaves the simulator off). They include
 #    MCA's shared-draw kernels (test_mca_shared_cuda.py: both GPU backends against the CPU plan).
-step "pytest tests/cuda on the GPU" 210 "$OUT_DIR/gpu-pytest.txt" \
-    $PY -m pytest tests/cuda -q -p no:cacheprovider -o addopts="-ra --strict-markers" --timeout=200
+step "pytest tests/cuda on the GPU" 190 "$OUT_DIR/gpu-pytest.txt" \
+    $PY -m pytest tests/cuda -q -p no:cacheprovider -o addopts="-ra --strict-markers" --timeout=180
 
 # 4. The self-test with GPU timings next to torch SDPA (its mca-shared rows check MCA's
 #    shared draws on every backend; their bench stops at N = 4096).
-step "mcattn selftest --bench" 120 "$OUT_DIR/gpu-selftest.txt" \
+step "mcattn selftest --bench" 105 "$OUT_DIR/gpu-selftest.txt" \
     $PY -m mcattn.cli selftest --bench --json "$OUT_DIR/gpu-selftest.json"
 
 # 5. The tensor-core exact forward against torch SDPA (flash) in float16 / bfloat16, and the
 #    float32 kernel against SDPA float32: table and one summary line per kernel.
 step "exact_mma vs SDPA" 60 "$OUT_DIR/gpu-exact-mma-log.txt" \
     $PY benchmarks/gpu/exact_mma_vs_sdpa.py --out "$OUT_DIR/gpu-exact-mma.txt"
+
+# 6. LATTE's tensor-core forward (15 % kept, random and clustered inputs) against SDPA flash:
+#    one summary line per type and input kind; a case that errors prints its line, the rest run.
+step "latte_mma vs SDPA" 40 "$OUT_DIR/gpu-latte-mma-log.txt" \
+    $PY benchmarks/gpu/latte_mma_vs_sdpa.py --out "$OUT_DIR/gpu-latte-mma.txt"
+
+# 7. E-Att's Hamming alignment on the tile machinery against SDPA flash (N = 4k-16k).
+step "eatt_mma vs SDPA" 25 "$OUT_DIR/gpu-eatt-mma-log.txt" \
+    $PY benchmarks/gpu/eatt_mma_vs_sdpa.py --out "$OUT_DIR/gpu-eatt-mma.txt"
 
 # On a GPU machine the GPU backends must have run: a GPU row that did not pass, or a bench
 # without GPU timings, fails the script.
@@ -118,13 +127,17 @@ else
     FAILED=1
 fi
 
-# 6. Summary, last.
+# 8. Summary, last.
 echo
 echo "=== on_device.sh summary ($(( $(date +%s) - START ))s, $(head -2 "$OUT_DIR/gpu-environment.txt" | tail -1)) ==="
 grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /'
 grep -E "^selftest:" "$OUT_DIR/gpu-selftest.txt" | tail -1
 grep -E "^\S+ +\S+ +\S+ +(FAIL|error) " "$OUT_DIR/gpu-selftest.txt" | head -5
 grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-exact-mma.txt" 2>/dev/null
+for kernel in latte eatt; do  # the tile kernels' summaries, or their last error lines
+    grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-$kernel-mma.txt" 2>/dev/null \
+        || grep -E "Error|MISMATCH" "$OUT_DIR/gpu-$kernel-mma-log.txt" 2>/dev/null | tail -3
+done
 printf '%s\n' "${SUMMARY[@]}"
 if [ $FAILED -ne 0 ]; then
     echo "on_device.sh: FAILED (see above); results in $OUT_DIR/gpu-*"

@@ -1,0 +1,121 @@
+"""E-Att's Hamming alignment on the tile machinery (``eatt/kernels/eatt_mma.cu``) against torch SDPA.
+
+``python benchmarks/gpu/eatt_mma_vs_sdpa.py [--out docs/measurements/gpu-eatt-mma.txt]`` on a
+machine with an NVIDIA GPU, CuPy and torch (``tests/cuda/on_device.sh`` runs it).
+
+The issue's goal: E-Att with Hamming alignment at N = 8k in at most 1.0x the time of SDPA
+(flash, float16 / bfloat16), same process, same GPU. Per case ``[1, 8, N, 64]``, standard
+normal q, k, v:
+
+* ``call``: ``mcattn.eatt.attention(..., alignment="hamming", backend="cupy",
+  check_finite=False)`` with ``config.EATT_TENSOR_CORES`` set (the sign codes packed from
+  q and k included); ``kernel``: the launcher alone on packed codes
+  (``mcattn.eatt.cupy.forward``);
+* ``sdpa``: ``scaled_dot_product_attention`` on the same values in that type (flash).
+
+Times are medians of 3 runs (``exact_mma_vs_sdpa._time``). Each case checks the output
+against today's float32 kernel (``eatt.cu``, the knob off): within 4 unit roundoffs of the
+16-bit type (relative, Frobenius). A case that errors prints its error line and the
+script goes on; one summary line per type; exit status 1 on any mismatch or error.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from exact_mma_vs_sdpa import _time  # noqa: E402  (the timing rule, written once)
+
+CASES = [("float16", 4096), ("float16", 8192), ("float16", 16384), ("bfloat16", 8192)]
+HEADS, HEAD_DIM = 8, 64
+TOLERANCE = {"float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8}
+
+
+def _case(precision, n, sync):
+    import cupy
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import mcattn
+    from mcattn._validate import prepare_attention
+    from mcattn.eatt import cupy as eatt_cupy
+    from mcattn.eatt import naive
+
+    shape = (1, HEADS, n, HEAD_DIM)
+    rng = np.random.default_rng(n)
+    host = [rng.standard_normal(shape, dtype=np.float32) for _ in range(3)]
+    q, k, v = (cupy.asarray(a) for a in host)
+    tq, tk, tv = (torch.as_tensor(a, device="cuda").to(getattr(torch, precision)) for a in host)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    inp = prepare_attention(q, k, v, check_finite=False)
+    codes = (naive.pack_bits(inp.q > 0), naive.pack_bits(inp.k > 0))
+    mcattn.config.EATT_TENSOR_CORES = precision
+    try:
+        ours = eatt_cupy.forward(inp, "hamming", codes)
+        t_call = _time(lambda: mcattn.eatt.attention(q, k, v, alignment="hamming", backend="cupy",
+                                                     check_finite=False), sync)
+        t_kernel = _time(lambda: eatt_cupy.forward(inp, "hamming", codes), sync)
+    finally:
+        mcattn.config.EATT_TENSOR_CORES = None
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        sdpa(tq, tk, tv)
+        t_sdpa = _time(lambda: sdpa(tq, tk, tv), sync)
+    ref = eatt_cupy.forward(inp, "hamming", codes)  # eatt.cu, float32
+    a, b = ours.get().astype(np.float64), ref.get().astype(np.float64)
+    err = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return t_call, t_kernel, t_sdpa, err
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+
+    import cupy
+    import torch
+
+    def sync():
+        cupy.cuda.Device().synchronize()
+        torch.cuda.synchronize()
+
+    lines = [f"# benchmarks/gpu/eatt_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, CuPy {cupy.__version__}; [1, {HEADS}, N, {HEAD_DIM}], Hamming",
+             f"{'type':9s} {'N':>6s} {'call ms':>8s} {'kernel ms':>9s} {'sdpa ms':>8s} {'call/sdpa':>9s} "
+             f"{'kern/sdpa':>9s} {'rel err':>8s}"]
+    print("\n".join(lines), flush=True)
+    results, bad = {}, []
+    for precision, n in CASES:
+        try:
+            t_call, t_kernel, t_sdpa, err = _case(precision, n, sync)
+        except Exception as exc:  # one failing case must not hide the others
+            bad.append(f"eatt_mma {precision} N={n}: {type(exc).__name__}: {exc}"[:300])
+            print(bad[-1], flush=True)
+            continue
+        if not err < TOLERANCE[precision]:
+            bad.append(f"eatt_mma {precision} N={n}: rel err {err:.2e}")
+        results.setdefault(precision, []).append((n, t_call / t_sdpa, t_kernel / t_sdpa))
+        line = (f"{precision:9s} {n:6d} {t_call * 1e3:8.3f} {t_kernel * 1e3:9.3f} {t_sdpa * 1e3:8.3f} "
+                f"{t_call / t_sdpa:9.2f} {t_kernel / t_sdpa:9.2f} {err:8.1e}")
+        lines.append(line)
+        print(line, flush=True)
+    summary = [""]
+    for precision, rows in results.items():
+        calls, kernels = [c for _, c, _ in rows], [k for _, _, k in rows]
+        at8k = [f"{c:.2f} / {k:.2f}" for n, c, k in rows if n == 8192]
+        summary.append(f"summary: eatt_mma hamming {precision}: "
+                       f"call / SDPA {min(calls):.2f}-{max(calls):.2f}, "
+                       f"kernel / SDPA {min(kernels):.2f}-{max(kernels):.2f} over {len(rows)} N "
+                       f"(goal at N = 8k <= 1.0; call / kernel there: {', '.join(at8k) or 'not run'})")
+    summary += [f"MISMATCH {m}" for m in bad] or ["every output within the tolerances of eatt.cu's"]
+    print("\n".join(summary))
+    lines += summary
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
