@@ -6,9 +6,10 @@ batches with the real model:
 1. **Layer curves.** Each candidate (a method and one value of its knob, e.g. latte at
    ``target_mass=0.9``) is swapped into one layer at a time, the others exact; the model
    output's loss (``1 - cosine`` of the sentence embeddings to exact, or the token states'
-   relative error) and the layer's cost are recorded. A method that fits knobs on the
-   model (latte's and hybrid's per-head thresholds) fits them on the first calibration
-   batch's exact attention inputs of that layer; the plan holds them inline.
+   relative error; the largest over the calibration batches, so that a plan must hold on
+   every kind of input) and the layer's cost are recorded. A method that fits knobs on the
+   model (latte's and hybrid's per-head thresholds) fits them on that layer's exact attention
+   inputs of all calibration batches; the plan holds them inline.
 2. **Frontier.** For a Lagrange multiplier ``lam`` each layer independently takes the option
    minimising ``cost + lam * loss``; sweeping ``lam`` over the layers' breakpoints gives a
    sequence of plans from all-exact to cheapest. Losses compound through the layers, so the
@@ -218,8 +219,25 @@ def _outputs(model, batches):
     return outs
 
 
-def _loss(metric, outs, reference):
-    """``1 - mean cosine`` of the mean-pooled states, or the states' relative error."""
+def _merged(batches):
+    """All batches as one: each tensor zero-padded along the sequence dim (mask 0 = padding)."""
+    import torch
+
+    n = max(int(b["input_ids"].shape[1]) for b in batches) if "input_ids" in batches[0] else None
+    merged = {}
+    for key in batches[0]:
+        parts = [b[key] for b in batches]
+        if n is not None and all(p.dim() == 2 for p in parts):
+            parts = [torch.nn.functional.pad(p, (0, n - p.shape[1])) for p in parts]
+        merged[key] = torch.cat(parts)
+    return merged
+
+
+def _loss(metric, outs, reference, worst_batch=False):
+    """``1 - mean cosine`` of the mean-pooled states, or the states' relative error, over
+    all batches together, or (``worst_batch``) the largest of the batches' own losses."""
+    if worst_batch:
+        return max(_loss(metric, [o], [r]) for o, r in zip(outs, reference))
     if metric == "cosine":
         cos = []
         for (h, m), (h0, _) in zip(outs, reference):
@@ -304,7 +322,7 @@ class TuneSession:
         if hooks is None or not hooks.wants_calibration(options):
             return options
         if self.inputs is None:
-            self.inputs = layer_inputs(self.model, self.batches[0])
+            self.inputs = layer_inputs(self.model, _merged(self.batches))
         fitted = hooks.calibrate(self.inputs[layer], options)
         return dict({n: v for n, v in options.items() if n not in hooks.consumes}, **fitted)
 
@@ -344,7 +362,7 @@ class TuneSession:
             self._bar.update(1)
         full = {i: (costs[i] if i in choices and choices[i][0] is not EXACT else self.exact_costs[i])
                 for i in range(len(self.modules))} if hasattr(self, "exact_costs") else costs
-        return full, _loss(self.metric, outs, self.reference), \
+        return full, _loss(self.metric, outs, self.reference, worst_batch=True), \
             (worst[0] if bounds and self.layer_bound is not None else None)
 
     def _cost(self, call, OpCounts):
@@ -559,7 +577,10 @@ def tune(model, calibration_batches, *, target=0.99, metric="cosine", objective=
         A model :func:`mcattn.frameworks.torch.use_method` swaps into (BERT-like encoders).
     calibration_batches : list of dict
         Model inputs (``input_ids``, ``attention_mask``, ...). Fitted knobs (latte's and
-        hybrid's per-head thresholds) are fitted on the first batch; losses are measured on all.
+        hybrid's per-head thresholds) are fitted on all of them (one zero-padded batch); a
+        plan meets the level only if it meets it on **every** batch (the loss is the largest
+        of the batches' losses), so give batches of each kind of input the model will see
+        (``mcattn tune`` batches long documents and single sentences apart).
     target : float, default 0.99
         ``metric="cosine"``: mean cosine of the mean-pooled final states (sentence
         embeddings) to the exact model's, at least ``target``. ``metric="token_error"``:
