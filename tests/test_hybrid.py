@@ -72,7 +72,8 @@ def test_numba_matches_numpy(dtype, tol, remainder):
         assert a.dtype == b.dtype == dtype
         assert ia.kept == ib.kept  # the same kept sets
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
-        assert abs(ia.remainder_share - ib.remainder_share) < 1e-9
+        # the float32 kernel computes its weights in float32 (a few float32 ulps at ~0.5)
+        assert abs(ia.remainder_share - ib.remainder_share) < (1e-12 if dtype == np.float64 else 2e-7)
 
 
 def test_none_is_latte_with_float_scores():
