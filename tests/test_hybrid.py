@@ -76,6 +76,33 @@ def test_numba_matches_numpy(dtype, tol, remainder):
         assert abs(ia.remainder_share - ib.remainder_share) < (1e-12 if dtype == np.float64 else 2e-7)
 
 
+@pytest.mark.parametrize("vnni_on", [True, False])
+@pytest.mark.parametrize("mode,theta", [("topk", 150), ("relative", 2.5), ("absolute", 0.5)])
+def test_numba_long_rows_with_ties_match_numpy(monkeypatch, vnni_on, mode, theta):
+    """Rows of 1100 keys, many repeated (ties at the top-k cut), several query blocks of the
+    kernel, blocks of 16 and a causal mask: the same kept sets as the reference, the same
+    output, with the VNNI estimate and with the BLAS one."""
+    from mcattn import config
+
+    monkeypatch.setattr(config, "LATTE_CPU_VNNI", vnni_on)
+    rng = np.random.default_rng(15)
+    n = 1100
+    q = rng.standard_normal((1, 2, n, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 2, n, 32)).astype(np.float32)
+    k[:, :, 1::3] = k[:, :, 0:-1:3][:, :, : k[:, :, 1::3].shape[2]]  # a third of the keys repeated
+    v = rng.standard_normal((1, 2, n, 24)).astype(np.float32)
+    kpm = np.ones((1, n), bool)
+    kpm[0, 700:760] = False
+    for masks in ({}, {"is_causal": True}, {"key_padding_mask": kpm}):
+        a, ia = mcattn.attention(q, k, v, method="hybrid", threshold=theta, mode=mode, backend="numpy",
+                                 return_info=True, **masks)
+        b, ib = mcattn.attention(q, k, v, method="hybrid", threshold=theta, mode=mode, backend="numba",
+                                 return_info=True, **masks)
+        np.testing.assert_array_equal(ia.remainder_share_rows > 0, ib.remainder_share_rows > 0)
+        assert ia.kept == ib.kept and 0 < ia.keep_fraction < 0.9
+        np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
+
+
 def test_none_is_latte_with_float_scores():
     rng = np.random.default_rng(13)
     q, k, v = (rng.standard_normal((1, 2, 33, 8)) for _ in range(3))

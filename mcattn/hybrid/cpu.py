@@ -24,7 +24,6 @@ A task is one block of query rows of one batch row (as :mod:`mcattn.latte.cpu`, 
 Scratch is ``O(BLOCK_Q * Nk)`` per thread, as LATTE's kernel.
 """
 
-
 import numpy as np
 
 from .. import config
@@ -184,7 +183,8 @@ def _weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _block_masses(low, rend, nk, cut, c, m, block, idx, n, masked, ex, bits, count, fb, clean):
+def _block_masses(low, est_row, sk_row, rend, nk, cut, c, m, block, idx, n, masked, ex, bits, count,
+                  fb, clean):
     """Per key block of ``[0, rend)``: ``fb[B] = M_B / |D_B|``, the dropped keys' share of the
     block's estimated mass ``M_B = sum_{D_B} exp(c low_j - m)``, and whether the block is
     whole and unmasked (``clean``: its dropped values are its value sum minus its kept ones).
@@ -193,13 +193,20 @@ def _block_masses(low, rend, nk, cut, c, m, block, idx, n, masked, ex, bits, cou
     A key is dropped when visible and below ``cut`` (the keep rule); an invisible key has
     ``low = -inf``, so its term is ``exp(-inf) = 0`` without a test. The kept keys
     ``idx[:n]`` give the blocks' dropped counts; ``masked``: the row may hold invisible keys,
-    counted per block. Three plain loops that LLVM vectorises (the exp is
+    counted per block, and its estimates are ``low`` (in units of ``c``, mask included);
+    otherwise they are recomputed from the tile row, ``est_row[j] * sk_row[j]`` (the same
+    float64 product as the keep rule's). Plain loops that LLVM vectorises (the exp is
     :func:`mcattn._cpu_math.exp_block`'s polynomial in float32).
     """
     nb = (rend + block - 1) // block
-    for j in range(rend):
-        x = low[j]
-        ex[0, j] = c * x - m if x < cut else _NINF
+    if masked:
+        for j in range(rend):
+            x = low[j]
+            ex[0, j] = c * x - m if x < cut else _NINF
+    else:
+        for j in range(rend):
+            x = np.float64(est_row[j]) * sk_row[j]
+            ex[0, j] = c * x - m if x < cut else _NINF
     exp_block(ex, bits, 1, rend)
     rem = 0.0
     for b in range(nb):
@@ -224,6 +231,27 @@ def _block_masses(low, rend, nk, cut, c, m, block, idx, n, masked, ex, bits, cou
         fb[b] = fb[b] / count[b] if count[b] > 0 else 0.0
         clean[b] = hidden == 0 and (b1 - b0 == block or b1 == nk)
     return rem
+
+
+@njit(nogil=True, cache=True)
+def _plain_keep(est_row, sk_row, rend, mode, th, c, idx):
+    """Relative / absolute rule of a row without a float mask: ``(cut, kept count)``, the kept
+    indices packed into ``idx`` (``rend + 16`` slots). The steps of
+    :func:`mcattn.latte.cpu._row_keep_plain` (vectorised maximum, 16-key compress), which
+    does not return the cut the pooled remainder needs."""
+    g8 = rend // 8
+    top = vnni.max_groups(est_row, sk_row, g8)
+    for j in range(8 * g8, rend):
+        top = max(top, np.float64(est_row[j]) * sk_row[j])
+    if top == _NINF:
+        return _NINF, 0
+    cut = top - th / c if mode == 0 else min(th / c, top)
+    g16 = rend // 16
+    n = vnni.compress_groups(est_row, sk_row, g16, cut, idx)
+    for j in range(16 * g16, rend):
+        idx[n] = j
+        n += np.float64(est_row[j]) * sk_row[j] >= cut
+    return cut, n
 
 
 @njit(nogil=True, cache=True)
@@ -257,7 +285,7 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
     hist = np.zeros(_BUCKETS, np.int64)
     lanes = np.empty(8, np.float64)
     cuts = np.empty(block_q, np.float64)
-    idxb = np.empty((block_q, nk), np.int32)
+    idxb = np.empty((block_q, nk + 16), np.int32)  # 16 slots of slack: vnni.compress_groups
     cnt = np.zeros(block_q, np.int64)
     scb = np.empty((block_q, nk + 1), v.dtype)
     bits = np.empty((1, nk + 1), bits_type)
@@ -269,7 +297,10 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
     fb = np.zeros((block_q, nblocks), np.float64)
     clean = np.zeros((block_q, nblocks), np.bool_)
     count = np.zeros(nblocks, np.int64)
+    fclean = np.zeros((block_q, nblocks), v.dtype)  # f_B on clean blocks, 0 elsewhere
+    pooled_v = np.zeros((block_q, dv), v.dtype)
     qblk = np.zeros((block_q, d), qf.dtype)
+    plain = (mode == 0 or mode == 1) and not has_bias
     for task in range(t0, t1):
         bh = task // n_qblocks
         i0 = (task % n_qblocks) * block_q
@@ -307,8 +338,13 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
             rend = min(kend, row + 1) if is_causal else kend
             r = row if row_bias else 0
             c = scale * np.float64(s_q[bh, row])
-            top = _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low[i], lanes)
-            n = 0
+            if plain:
+                cut, n = _plain_keep(est[i], sk256[bh], rend, mode, th, c, idxb[i])
+                top = _NINF  # (done)
+            else:
+                top = _row_units(est, i, sk256, bh, rend, bias, slot, r, has_bias, c, low[i], lanes)
+                cut = _NINF
+                n = 0
             if top != _NINF:
                 if mode == 0:
                     cut = top - th / c
@@ -320,8 +356,6 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
                     x = low[i, j]
                     idxb[i, n] = j
                     n += (x >= cut) & (x != _NINF)
-            else:
-                cut = _NINF
             cuts[i] = cut
             cnt[i] = n
             kept_out[bh, row] = n
@@ -332,6 +366,8 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
         _kept_dots(qblk, kf, bh, nrows, idxb, cnt, scb, posb, block_k)
         for i in range(nrows):  # softmax weights of the kept keys, the pooled block shares
             n = cnt[i]
+            if pooled:
+                fclean[i] = 0.0
             if n == 0:
                 continue
             row = i0 + i
@@ -354,15 +390,19 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
             if pooled:
                 rend = min(kend, row + 1) if is_causal else kend
                 c = scale * np.float64(s_q[bh, row])
-                rem[i] = _block_masses(low[i], rend, nk, cuts[i], c, smax, block, idxb[i], n, has_bias,
-                                       ex, bits, count, fb[i], clean[i])
+                rem[i] = _block_masses(low[i], est[i], sk256[bh], rend, nk, cuts[i], c, smax, block,
+                                       idxb[i], n, has_bias, ex, bits, count, fb[i], clean[i])
                 for t in range(n):  # a clean block's dropped values: vsum_B minus its kept ones
                     bb = idxb[i, t] // block
                     if clean[i, bb]:
                         scb[i, t] -= fb[i, bb]
+                for bb in range(nblocks):
+                    fclean[i, bb] = fb[i, bb] if clean[i, bb] and bb * block < rend else 0.0
         if stages < 4:  # (benchmarks: up to the weights and block shares)
             continue
         _weighted_values(v, bh, nrows, idxb, cnt, scb, accb, posb, block_k)
+        if pooled:  # the clean blocks' terms of all rows at once: sum_B f_B vsum_B, one product
+            np.dot(fclean[:nrows], vsum[bh], pooled_v[:nrows])
         for i in range(nrows):
             n = cnt[i]
             if n == 0:
@@ -370,20 +410,18 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
             row = i0 + i
             if pooled:
                 rend = min(kend, row + 1) if is_causal else kend
+                for cc in range(dv):
+                    accb[i, cc] += pooled_v[i, cc]
                 for bb in range((rend + block - 1) // block):
                     f = fb[i, bb]
-                    if f == 0.0:
+                    if f == 0.0 or clean[i, bb]:
                         continue
-                    if clean[i, bb]:
-                        for cc in range(dv):
-                            accb[i, cc] += f * vsum[bh, bb, cc]
-                    else:  # cut by the causal mask or holding masked keys: its dropped keys
-                        cut = cuts[i]
-                        for j in range(bb * block, min(bb * block + block, rend)):
-                            x = low[i, j]
-                            if x < cut and x != _NINF:
-                                for cc in range(dv):
-                                    accb[i, cc] += f * v[bh, j, cc]
+                    cut = cuts[i]  # cut by the causal mask or holding masked keys: its dropped keys
+                    for j in range(bb * block, min(bb * block + block, rend)):
+                        x = low[i, j] if has_bias else np.float64(est[i, j]) * sk256[bh, j]
+                        if x < cut and x != _NINF:
+                            for cc in range(dv):
+                                accb[i, cc] += f * v[bh, j, cc]
             den = tot[i] + rem[i]
             share_out[bh, row] = rem[i] / den
             inv = 1.0 / den
