@@ -103,6 +103,27 @@ def test_numba_long_rows_with_ties_match_numpy(monkeypatch, vnni_on, mode, theta
         np.testing.assert_allclose(b, a, rtol=2e-6, atol=2e-6)
 
 
+def test_topk_cut_is_the_kth_largest():
+    """The kernel's bucket select against a sort: random rows, heavy ties, invisible keys,
+    a constant row and a range too narrow for buckets."""
+    from mcattn.hybrid.cpu import _BUCKETS, _topk_cut
+
+    rng = np.random.default_rng(16)
+    sel, cand = np.empty(3000), np.empty(3000)
+    hist = np.zeros(_BUCKETS, np.int64)
+    rows = [rng.standard_normal(3000), np.round(rng.standard_normal(3000), 1), np.full(3000, 2.5),
+            1e-307 * (1 + 1e-9 * rng.random(3000)), rng.standard_normal(3000) ** 5]
+    masked = rng.standard_normal(3000)
+    masked[rng.random(3000) < 0.3] = -np.inf
+    rows.append(masked)
+    for row in rows:
+        visible = np.sort(row[row > -np.inf])[::-1]
+        for kk in (1, 7, 450, len(visible) - 1, len(visible)):
+            got = _topk_cut(row, len(row), kk, bool(np.isinf(row).any()), sel, cand, hist)
+            want = visible[kk - 1] if kk < len(visible) else -np.inf
+            assert got == want, (kk, got, want)
+
+
 def test_none_is_latte_with_float_scores():
     rng = np.random.default_rng(13)
     q, k, v = (rng.standard_normal((1, 2, 33, 8)) for _ in range(3))

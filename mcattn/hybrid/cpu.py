@@ -103,6 +103,10 @@ def _topk_cut(low, rend, kk, compact, sel, cand, hist):
     if not hi > lo:
         return hi
     inv = (_BUCKETS - 1) / (hi - lo)
+    if not inv < np.inf:  # a range too narrow for buckets (values near the underflow): select
+        for j in range(m):
+            cand[j] = src[j]
+        return _select_rank(cand, m, m - kk)
     hist[:] = 0
     for j in range(m):
         hist[np.int64((src[j] - lo) * inv)] += 1
