@@ -7,10 +7,11 @@ Usage::
     python benchmarks/posterior_table.py --quick         # fewer windows and seeds
     python benchmarks/posterior_table.py --cost-only     # only the cost table
     python benchmarks/posterior_table.py --eigen-ranks   # eigen's tightness by rank
+    python benchmarks/posterior_table.py --hybrid-only   # hybrid's rows and cost only
 
 Real attention (all-MiniLM-L6-v2, layers 0, 2 and 5, needs ``mcattn[eval]``):
 
-* latte, mca, rfa: windows of 128 and 384 tokens of gensim's ``head500.noblanks.cor``
+* latte, hybrid, mca, rfa: windows of 128 and 384 tokens of gensim's ``head500.noblanks.cor``
   (:func:`mcattn.studies.data.windows.capture_windows`, starting half-way through the
   corpus); latte's per-head thresholds are calibrated on other windows (the corpus'
   start) for a target attention mass.
@@ -36,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import mcattn  # noqa: E402
-from mcattn import eigen, latte, mca, rfa  # noqa: E402
+from mcattn import eigen, hybrid, latte, mca, rfa  # noqa: E402
 
 LAYERS = (0, 2, 5)
 
@@ -76,6 +77,30 @@ def latte_rows(win, calib, layers):
                 rows.append({"method": "latte", "layer": layer, "setting": f"{mode} {label}, {scores}",
                              "keep": round(info.keep_fraction, 3), "coverage": cover,
                              "tightness": tight, "rows": n, "certified": True})
+    return rows
+
+
+def hybrid_rows(win, calib, layers):
+    """hybrid: LATTE's kept sets (thresholds calibrated on ``calib`` for a keep fraction) with
+    the pooled remainder (block 16) and without (``none``)."""
+    rows = []
+    for layer in layers:
+        q, k, v = (np.asarray(getattr(win, n)[layer]) for n in ("q", "k", "v"))
+        ref = _exact(q, k, v)
+        cq, ck = np.asarray(calib.q[layer]), np.asarray(calib.k[layer])
+        for keep in (0.125, 0.25):
+            theta = latte.calibrate(cq, ck, target_keep=keep)
+            for remainder in hybrid.REMAINDERS:
+                out, info = hybrid.attention(q, k, v, threshold=theta, mode="relative",
+                                             remainder=remainder, return_info=True)
+                err = np.linalg.norm(out - ref, axis=-1)
+                cover, tight, n = _stats([info.posterior.row], [err])
+                rows.append({"method": "hybrid", "layer": layer,
+                             "setting": f"relative keep {keep}, {remainder}",
+                             "keep": round(info.keep_fraction, 3), "coverage": cover,
+                             "tightness": tight, "rows": n, "certified": True,
+                             "median_bound": float(np.median(info.posterior.row)),
+                             "median_error": float(np.median(err))})
     return rows
 
 
@@ -162,7 +187,7 @@ def _first_read(call):
     return time.perf_counter() - t0
 
 
-def cost_rows(n=1024):
+def cost_rows(n=1024, only=None):
     """The bound's own time over the call's (no info) time, random ``[1, 4, n, 64]`` float32.
 
     latte, eigen, rfa: the first read of ``info.posterior`` (best of 3) over the call without
@@ -178,12 +203,15 @@ def cost_rows(n=1024):
              for kind in ("positive", "sincos")}
     calls = {
         "latte": lambda **kw: latte.attention(q, k, v, threshold=3.0, **kw),
+        "hybrid": lambda **kw: hybrid.attention(q, k, v, threshold=3.0, mode="relative", **kw),
         "eigen": lambda **kw: eigen.attention(q, k, v, basis=bases, columns=64, **kw),
         "rfa positive": lambda **kw: rfa.attention(q, k, v, features=feats["positive"], **kw),
         "rfa sincos": lambda **kw: rfa.attention(q, k, v, features=feats["sincos"], **kw),
     }
     rows = []
     for name, call in calls.items():
+        if only is not None and name not in only:
+            continue
         call(return_info=True)[1].posterior  # noqa: B018 - warm up (compilation)
         plain = _best(call)
         bound = min(_first_read(lambda c=call: c(return_info=True)) for _ in range(3))
@@ -192,6 +220,8 @@ def cost_rows(n=1024):
     def mca_call(**kw):
         return mca.attention(q, k, x, w, num_heads=4, alpha=0.5, seed=0, **kw)
 
+    if only is not None:
+        return [{"method": m, "n": n, "bound_over_call": round(b / c, 3)} for m, c, b in rows]
     mca_call(return_info=True)
     plain = _best(mca_call)
     rows.append(("mca (whole info)", plain, max(_best(lambda: mca_call(return_info=True)) - plain, 0.0)))
@@ -248,7 +278,10 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "docs", "measurements",
                                                   "posterior_table"))
+    ap.add_argument("--hybrid-only", action="store_true", help="only hybrid's rows and cost")
     args = ap.parse_args(argv)
+    if args.hybrid_only:
+        return _hybrid_only(args)
     if args.eigen_ranks:
         text = eigen_rank_sweep()
         print(text)
@@ -266,7 +299,7 @@ def main(argv=None):
             win = capture_windows(length, count, start_fraction=0.5, value_inputs=True)
             calib = capture_windows(length, count, start_fraction=0.0)
             part = latte_rows(win, calib, LAYERS) + mca_rows(win, LAYERS, seeds)
-            part += rfa_rows(win, LAYERS, seeds)
+            part += rfa_rows(win, LAYERS, seeds) + hybrid_rows(win, calib, LAYERS)
             for r in part:
                 r["setting"] = f"N={length}, " + r["setting"]
             rows += part
@@ -280,6 +313,33 @@ def main(argv=None):
                 fh.write(f"| {r['method']} | {r['n']} | {r['bound_over_call']} |\n")
         print(_markdown(rows[-9:]))
     with open(args.out + ("_cost" if args.cost_only else "") + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
+def _hybrid_only(args):
+    """hybrid's rows (the same windows as the full table) and cost, to ``posterior_hybrid.*``."""
+    from mcattn.studies.data.windows import capture_windows
+
+    result = {"cost": cost_rows(only=("hybrid",))}
+    rows = []
+    for length, count in ((128, 2 if args.quick else 4), (384, 1 if args.quick else 2)):
+        win = capture_windows(length, count, start_fraction=0.5, value_inputs=True)
+        calib = capture_windows(length, count, start_fraction=0.0)
+        part = hybrid_rows(win, calib, LAYERS)
+        for r in part:
+            r["setting"] = f"N={length}, " + r["setting"]
+        rows += part
+    result["rows"] = rows
+    text = _markdown(rows)
+    print(text)
+    print(json.dumps(result["cost"]))
+    out = args.out.replace("posterior_table", "posterior_hybrid")
+    with open(out + ".md", "w") as fh:
+        fh.write("<!-- python benchmarks/posterior_table.py --hybrid-only -->\n\n" + text + "\n\n")
+        fh.write("| method | N | bound time / call time |\n|---|---|---|\n")
+        for r in result["cost"]:
+            fh.write(f"| {r['method']} | {r['n']} | {r['bound_over_call']} |\n")
+    with open(out + ".json", "w") as fh:
         json.dump(result, fh, indent=1)
 
 

@@ -1,6 +1,6 @@
 """Hybrid attention's public function, :func:`attention`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from ..latte._inputs import prepare_latte
 from ..latte.ops import visible_per_row
 from .naive import REMAINDERS
 from .ops import hybrid_ops
+from .posterior import attention_bound
 
 __all__ = ["attention", "HybridInfo", "KERNELS", "MODES", "REMAINDERS"]
 
@@ -47,6 +48,9 @@ class HybridInfo(CallInfo):
     remainder_share : float
         Mean over rows of the remainder's share of the row's weight.
     remainder_share_rows : numpy.ndarray ``[..., Nq]``
+    posterior : mcattn.posterior.PosteriorBound
+        Certified per-row bound on the output error (:mod:`mcattn.hybrid.posterior`),
+        computed when first read.
     """
 
     mode: str = "topk"
@@ -58,6 +62,7 @@ class HybridInfo(CallInfo):
     visible: int = 0
     remainder_share: float = 0.0
     remainder_share_rows: np.ndarray | None = None
+    posterior_source: object = field(default=None, repr=False, compare=False)
 
 
 def _check(remainder, mode, block):
@@ -129,9 +134,11 @@ def attention(q, k, v, *, threshold, mode="topk", remainder="pooled", block=16, 
         inp = lat.inp
         if inp.empty:
             rows = np.zeros((inp.q.shape[0], inp.nq))
-            return inp.zero_output().reshape(inp.out_shape), (rows, rows)
+            out = inp.zero_output().reshape(inp.out_shape)
+            return out, (rows, rows, out)
         out, kept, share = kernel(lat, remainder, block)
-        return out.reshape(inp.out_shape), (kept, share)
+        out = out.reshape(inp.out_shape)
+        return out, (kept, share, out)
 
     def info(lat, kernel, rows):
         inp = lat.inp
@@ -146,7 +153,8 @@ def attention(q, k, v, *, threshold, mode="topk", remainder="pooled", block=16, 
                           thresholds=lat.thresholds.copy(), keep_fraction=kept / vis if vis else 1.0,
                           kept=kept, visible=vis,
                           remainder_share=float(share[seen].mean()) if seen.any() else 0.0,
-                          remainder_share_rows=share.reshape(tuple(inp.batch_shape) + (inp.nq,)))
+                          remainder_share_rows=share.reshape(tuple(inp.batch_shape) + (inp.nq,)),
+                          posterior_source=lambda: attention_bound(lat, rows[2], remainder, block))
 
     return door("hybrid attention", arrays, ("q", "k", "v"), prepare, run, info,
                 kernels=KERNELS, backend=backend, return_info=return_info)

@@ -123,11 +123,7 @@ def test_cupy_arrays_in_cupy_arrays_out_on_their_device(name, device):
 
 
 #: Methods that approximate softmax attention: each must give ``info.posterior`` (docs/bounds.md).
-#: hybrid has none yet (its pooled remainder's bound is still to build): a strict xfail, so that
-#: the test starts failing the day it gets one and this line must go.
-_NO_BOUND_YET = pytest.mark.xfail(strict=True, reason="hybrid: no a-posteriori bound yet")
-APPROXIMATING = [pytest.param(n, marks=_NO_BOUND_YET) if n == "hybrid" else n
-                 for n in method_names() if n not in ("exact", "eatt")]
+APPROXIMATING = [n for n in method_names() if n not in ("exact", "eatt")]
 
 
 @pytest.mark.parametrize("name", APPROXIMATING)
