@@ -157,6 +157,7 @@ def online_softmax_tile(s, p, bits, v_tile, prod, m, l, acc, bias, slot, has_bia
     neg_inf = -np.inf
     dv = acc.shape[1]
     j1 = j0 + ncols
+    in_place = s.ctypes.data == p.ctypes.data
     for i in range(nrows):
         if has_bias:
             r = i0 + i if row_bias else 0
@@ -179,10 +180,16 @@ def online_softmax_tile(s, p, bits, v_tile, prod, m, l, acc, bias, slot, has_bia
             acc[i, c] *= rescale
         # One pass: exp of the shifted score and the row sum while it is in a register.
         total = l[i] * 0  # a typed zero; p is not written yet (stale scratch)
-        for j in range(ncols):
-            e = exp_scalar(s[i, j] - top)
-            p[i, j] = e
-            total += e
+        if in_place:  # (a loop over s and p with p = s fails LLVM's overlap check: scalar)
+            for j in range(ncols):
+                e = exp_scalar(s[i, j] - top)
+                s[i, j] = e
+                total += e
+        else:
+            for j in range(ncols):
+                e = exp_scalar(s[i, j] - top)
+                p[i, j] = e
+                total += e
         l[i] += total
     np.dot(p, v_tile, prod)
     for i in range(nrows):

@@ -32,8 +32,7 @@ def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal
     n_qblocks = (nq + block_q - 1) // block_q
     # Per-call scratch (each thread runs its own call): O(block_q * (d + dv + block_k)).
     score_buf = np.empty(block_q * block_k, q.dtype)
-    prob_buf = np.empty(block_q * block_k, q.dtype)
-    bits_buf = np.empty(block_q * block_k, bits_type)
+    bits = np.empty((1, 1), bits_type)  # online_softmax_tile's exp needs no scratch
     qs = np.empty((block_q, d), q.dtype)
     acc = np.empty((block_q, dv), q.dtype)
     pv = np.empty((block_q * dv,), q.dtype)
@@ -59,10 +58,9 @@ def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal
             ncols = j1 - j0
             s = score_buf[: nrows * ncols].reshape((nrows, ncols))
             np.dot(qs[:nrows], k[bh, j0:j1].T, s)
-            p = prob_buf[: nrows * ncols].reshape((nrows, ncols))
-            bits = bits_buf[: nrows * ncols].reshape((nrows, ncols))
             prod = pv[: nrows * dv].reshape((nrows, dv))
-            online_softmax_tile(s, p, bits, v[bh, j0:j1], prod, m, l, acc, bias, slot, has_bias,
+            # The probabilities overwrite the scores: one tile-sized buffer.
+            online_softmax_tile(s, s, bits, v[bh, j0:j1], prod, m, l, acc, bias, slot, has_bias,
                                 row_bias, is_causal, i0, j0, nrows, ncols)
         for i in range(nrows):
             inv = 1.0 / l[i] if l[i] > 0 else 0.0
