@@ -84,12 +84,12 @@ def main(argv=None):
     kt = np.empty((args.heads, n * d), np.float32)
 
     def kernel():
-        _transpose_key_blocks(k, bk, kt, 0, args.heads)
-        _exact_tasks(q, kt, v, out, lse, scale, no_bias, no_index, False, args.causal, bq, bk,
+        _exact_tasks(q, k, v, out, lse, scale, no_bias, no_index, False, args.causal, bq, bk,
                      np.int32, 0, tasks)
 
     def gemms():
-        _transpose_key_blocks(k, bk, kt, 0, args.heads)
+        for h in range(args.heads):
+            _transpose_key_blocks(k, h, bk, kt[h])
         _gemms_only(q, kt, v, scale, bq, bk, args.causal)
 
     def sdpa():

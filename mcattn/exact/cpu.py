@@ -4,10 +4,10 @@ A task is one block of ``BLOCK_Q`` query rows of one batch row. It walks over bl
 ``BLOCK_K`` keys: ``S = Q K^T`` by BLAS, the running max/sum update, ``exp`` by a
 vectorisable polynomial (float32) or libm (float64), and ``acc += P V`` by BLAS, the
 probabilities overwriting the scores (:func:`mcattn._cpu_math.online_softmax_tile`; why
-a polynomial: :mod:`mcattn._cpu_math`). ``K`` is first copied once into row-major ``K^T``
-blocks (OpenBLAS multiplies by them faster than by the transposed view). Scratch is
-``O(BLOCK_Q * BLOCK_K)`` per thread plus that copy, so memory is ``O(N d)`` whatever
-``N`` is; with ``is_causal`` the key blocks after a query block are skipped.
+a polynomial: :mod:`mcattn._cpu_math`). Each thread copies the current batch row's ``K``
+into row-major ``K^T`` blocks (OpenBLAS multiplies by them faster than by the transposed
+view). Scratch is ``O(BLOCK_Q * BLOCK_K + N d)`` per thread (``N d``: one batch row), so
+memory is ``O(N d)`` whatever ``N`` is; with ``is_causal`` the key blocks after a query block are skipped.
 """
 
 import math
@@ -25,23 +25,22 @@ _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math as
 
 
 @njit(nogil=True, cache=True)
-def _transpose_key_blocks(k, block_k, kt, t0, t1):
-    """``kt[bh, d j0 : d j1] = k[bh, j0:j1].T`` (row-major ``[d, j1 - j0]``) per key block."""
+def _transpose_key_blocks(k, bh, block_k, kt):
+    """``kt[d j0 : d j1] = k[bh, j0:j1].T`` (row-major ``[d, j1 - j0]``) per key block."""
     nk, d = k.shape[1], k.shape[2]
-    for bh in range(t0, t1):
-        for j0 in range(0, nk, block_k):
-            j1 = min(nk, j0 + block_k)
-            ncols = j1 - j0
-            blk = kt[bh, d * j0 : d * j1].reshape((d, ncols))
-            for j in range(ncols):
-                for c in range(d):
-                    blk[c, j] = k[bh, j0 + j, c]
+    for j0 in range(0, nk, block_k):
+        j1 = min(nk, j0 + block_k)
+        ncols = j1 - j0
+        blk = kt[d * j0 : d * j1].reshape((d, ncols))
+        for j in range(ncols):
+            for c in range(d):
+                blk[c, j] = k[bh, j0 + j, c]
 
 
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
-def _exact_tasks(q, kt, v, out, lse, scale, bias, mask_index, has_bias, is_causal, block_q, block_k,
+def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal, block_q, block_k,
                  bits_type, t0, t1):
-    """Tasks = (batch row, block of queries); ``kt`` from :func:`_transpose_key_blocks`."""
+    """Tasks = (batch row, block of queries), those of one batch row consecutive."""
     bh_count, nq, d = q.shape
     nk = v.shape[1]
     dv = v.shape[2]
@@ -49,6 +48,10 @@ def _exact_tasks(q, kt, v, out, lse, scale, bias, mask_index, has_bias, is_causa
     n_qblocks = (nq + block_q - 1) // block_q
     # Per-call scratch (each thread runs its own call): O(block_q * (d + dv + block_k)).
     score_buf = np.empty(block_q * block_k, q.dtype)
+    # The current batch row's K as row-major K^T blocks, rebuilt when the batch row changes
+    # (a thread's tasks are consecutive: about once per row and call).
+    kt = np.empty(nk * d, q.dtype)
+    kt_row = -1
     bits = np.empty((1, 1), bits_type)  # online_softmax_tile's exp needs no scratch
     qs = np.empty((block_q, d), q.dtype)
     acc = np.empty((block_q, dv), q.dtype)
@@ -68,6 +71,9 @@ def _exact_tasks(q, kt, v, out, lse, scale, bias, mask_index, has_bias, is_causa
             l[i] = 0.0
             for c in range(dv):
                 acc[i, c] = 0.0
+        if bh != kt_row:
+            _transpose_key_blocks(k, bh, block_k, kt)
+            kt_row = bh
         slot = mask_index[bh] if has_bias else 0
         key_end = min(nk, i1) if is_causal else nk
         for j0 in range(0, key_end, block_k):
@@ -77,7 +83,7 @@ def _exact_tasks(q, kt, v, out, lse, scale, bias, mask_index, has_bias, is_causa
             s = score_buf[: nrows * ncols].reshape((nrows, ncols))
             # K^T blocks row-major: OpenBLAS packs them faster than k[bh, j0:j1].T
             # (one thread, 256 x 64 x 512: 90-92 against 85 GFLOP/s).
-            np.dot(qs[:nrows], kt[bh, d * j0 : d * j1].reshape((d, ncols)), s)
+            np.dot(qs[:nrows], kt[d * j0 : d * j1].reshape((d, ncols)), s)
             prod = pv[: nrows * dv].reshape((nrows, dv))
             # The probabilities overwrite the scores: one tile-sized buffer.
             online_softmax_tile(s, s, bits, v[bh, j0:j1], prod, m, l, acc, bias, slot, has_bias,
@@ -123,9 +129,7 @@ def forward_lse(inp):
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
     n_tasks = bh * ((nq + block_q - 1) // block_q)
-    kt = np.empty((bh, k.shape[1] * k.shape[2]), q.dtype)
-    run_tasks(_transpose_key_blocks, bh, k, block_k, kt, work=k.size)
-    run_tasks(_exact_tasks, n_tasks, q, kt, v, out, lse, q.dtype.type(inp.scale), bias, mask_index,
+    run_tasks(_exact_tasks, n_tasks, q, k, v, out, lse, q.dtype.type(inp.scale), bias, mask_index,
               has_bias, bool(inp.mask.is_causal), block_q, block_k, bits_dtype(q.dtype))
     return out, lse
 
