@@ -1,7 +1,7 @@
 """docs/tune.md's table: ``mcattn.tune`` on both real models at cosine targets 0.99 and 0.999.
 
 For each model one :class:`mcattn.tuning.TuneSession` measures the layer curves on the
-calibration text (``mcattn.studies.tune.calibration_texts``: lee_background.cor, never
+calibration text (``mcattn.studies.tune.calibration_batches``: lee_background.cor, never
 evaluated) and both targets are searched on it; each tuned plan and each best uniform setting
 is then checked on the held-out texts of ``mcattn evaluate`` (lee.cor, pang_lee_polarity.cor).
 
@@ -34,7 +34,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objective", default="ops", choices=("ops", "energy", "time"))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--calibration-docs", type=int, default=32)
+    parser.add_argument("--calibration-docs", type=int, default=48)
     parser.add_argument("--out", default="docs/measurements/tune_table")
     args = parser.parse_args(argv)
 
@@ -43,14 +43,14 @@ def main(argv=None):
     from mcattn.plan import save_plan
     from mcattn.studies.evaluate import load_tasks
     from mcattn.studies.models import load_model
-    from mcattn.studies.tune import calibration_texts, format_plan, heldout_check, tokenized
+    from mcattn.studies.tune import calibration_batches, format_plan, heldout_check
     from mcattn.tuning import TuneSession
 
     tasks = load_tasks()
     records, lines = [], []
     for name in args.models:
         encoder = load_model(name)
-        batches = tokenized(encoder, calibration_texts(args.calibration_docs))
+        batches = calibration_batches(encoder, args.calibration_docs)
         started = time.perf_counter()
         session = TuneSession(encoder.bert, batches, objective=args.objective, name=name,
                               stop_loss=(1 - min(TARGETS)) * 0.75,  # the loosest target's level
@@ -88,7 +88,8 @@ def main(argv=None):
 
 def _markdown(lines, args):
     out = [f"Objective `{args.objective}`; calibration: {args.calibration_docs} lee_background texts "
-           "(half documents, half sentences); held-out: 50 lee.cor documents + 200 polarity sentences.",
+           "(a third each documents, long and short sentences); held-out: 50 lee.cor documents + "
+           "200 polarity sentences.",
            "Command: `python benchmarks/tune_table.py" + (f" --objective {args.objective}"
                                                          if args.objective != "ops" else "") + "`", ""]
     out += ["| model | target | plan (layer: choice) | plan cost / exact | best uniform | uniform cost "

@@ -398,7 +398,8 @@ def build_parser():
     tune.add_argument("--layer-bound", type=_number(float, lambda x: x > 0, "a number > 0"),
                       help="admit a method in a layer only if its a-posteriori relative bound is "
                            "at most this on every calibration call")
-    tune.add_argument("--calibration-docs", type=_positive_int, default=32)
+    tune.add_argument("--calibration-docs", type=_positive_int, default=48,
+                      help="calibration texts: a third documents, long and short sentences")
     tune.add_argument("--seed", type=_seed, default=0)
     tune.add_argument("--out", metavar="FILE.json", help="write the plan (mcattn-plan-v1)")
     tune.add_argument("--plot", metavar="FILE", help="Pareto plot of the plans tried")

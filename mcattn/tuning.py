@@ -445,7 +445,8 @@ class TuneSession:
             failed = set()  # a method's grid runs safest to cheapest: past a miss, cheaper misses too
             for cand in self.candidates:
                 options = tuple(self._option(i, cand) for i in layers)
-                if cand.method in failed or None in options:  # None: a layer's sweep stopped before
+                admitted = all(o is not None and self._admitted(o) for o in options)
+                if cand.method in failed or not admitted:  # None: a layer's sweep stopped before
                     continue
                 point = measure(options, f"uniform {cand.label}")
                 if not point.meets:
@@ -486,11 +487,14 @@ class TuneSession:
     def _option(self, layer, cand):
         return next((o for o in self.layer_options if o.layer == layer and o.candidate == cand), None)
 
+    def _admitted(self, option):
+        """Whether ``layer_bound`` admits the option (exact always)."""
+        return option.candidate is EXACT or self.layer_bound is None \
+            or (option.bound is not None and option.bound <= self.layer_bound)
+
     def _frontier(self, layer):
         """The layer's admissible options on the cost/loss Pareto front, exact first."""
-        options = [o for o in self.layer_options if o.layer == layer
-                   and (o.candidate is EXACT or self.layer_bound is None
-                        or (o.bound is not None and o.bound <= self.layer_bound))]
+        options = [o for o in self.layer_options if o.layer == layer and self._admitted(o)]
         front = []
         for o in sorted(options, key=lambda o: (o.loss, o.cost)):
             if not front or o.cost < front[-1].cost:

@@ -26,9 +26,9 @@ def l3():
 
 @pytest.fixture(scope="module")
 def batches(l3):
-    from mcattn.studies.tune import calibration_texts, tokenized
+    from mcattn.studies.tune import calibration_batches
 
-    return tokenized(l3, calibration_texts(8), batch_size=4, max_length=64)
+    return calibration_batches(l3, 9, batch_size=4, max_length=64)
 
 
 def _cosine(encoder, batches, plan=None):
@@ -99,6 +99,19 @@ def test_costs_are_the_layers_measured_ops(l3, batches, tuned):
     assert all(o.cost > 0 and math.isfinite(o.loss) for o in tuned.layer_options)
 
 
+def test_calibration_groups_are_documents_long_and_short_sentences(batches):
+    from mcattn.studies.tune import calibration_groups
+
+    docs, long, short = calibration_groups(30)
+    assert (len(docs), len(long), len(short)) == (10, 10, 10)
+    assert all(len(t.split()) >= 50 for t in docs) and all(len(t.split()) >= 13 for t in long)
+    assert all(4 <= len(t.split()) <= 12 for t in short)
+    assert len(set(docs + long + short)) == 30
+    assert len(batches) == 3 and all(len(b["input_ids"]) == 3 for b in batches)  # kinds not mixed
+    with pytest.raises(ValueError, match="must be in"):
+        calibration_groups(2)
+
+
 def test_a_sweep_stops_after_its_first_miss(tuned):
     stop = 0.01 * 0.75  # tune's stop_loss: the required level's loss
     for layer in range(3):
@@ -137,10 +150,10 @@ def test_unmeetable_target_returns_the_exact_plan(l3, batches):
 
 
 def test_layer_bound_admits_only_methods_with_a_bound(l3, batches):
-    # hybrid has no a-posteriori bound: under layer_bound nothing but exact is admitted
+    # E-Att has no a-posteriori bound: under layer_bound nothing but exact is admitted
     with pytest.warns(RuntimeWarning, match="layer_bound 10.0 admitted 0 of 3 single-layer swaps"):
-        result = tune(l3.bert, batches, target=0.9, methods=["hybrid"], layer_bound=10.0,
-                      grid={"hybrid": ("target_keep", (0.5,))}, margin=0.0)
+        result = tune(l3.bert, batches, target=0.5, methods=["eatt"], layer_bound=10.0,
+                      grid={"eatt": ("alignment", ("hamming",))}, margin=0.0, objective="energy")
     assert not result.met and all(o.bound == math.inf for o in result.layer_options if o.candidate.knob)
     # latte's certified bound: the level admits the layers whose bound is within it, only those
     result = tune(l3.bert, batches, target=0.9, methods=["latte"], layer_bound=3.0, objective="energy",

@@ -1,8 +1,9 @@
 """``mcattn tune``: a per-layer plan for one of the real models, checked on held-out text.
 
 Calibration text: ``--calibration-docs`` texts of gensim's ``lee_background.cor`` (a corpus
-the evaluation never reads), half whole news documents truncated at 128 tokens, half single
-sentences (:func:`calibration_texts`), in batches of 16. Held-out text: what
+the evaluation never reads): a third whole news documents truncated at 128 tokens, a third
+long sentences, a third short ones (:func:`calibration_groups`), each kind in its own batches
+of 16 (a plan must meet the target on every batch). Held-out text: what
 ``mcattn evaluate`` scores, the 50 ``lee.cor`` documents and the 200 ``pang_lee_polarity.cor``
 sentences. The plan's ``measured`` figures are those of
 the held-out check (cosine to exact over the 250 texts, the token error for a token-error
@@ -16,33 +17,55 @@ import time
 
 import numpy as np
 
-__all__ = ["calibration_texts", "tokenized", "heldout_check", "format_plan", "main"]
+__all__ = ["calibration_groups", "calibration_texts", "calibration_batches", "tokenized", "heldout_check",
+           "format_plan", "main"]
 
 CALIBRATION_CORPUS = "lee_background.cor"
 
 
-def calibration_texts(count):
-    """``count`` calibration texts from gensim's ``lee_background.cor``: its first
-    ``ceil(count / 2)`` documents whole and, as short inputs, one sentence (of at least five
-    words) from each of the next ``count // 2`` documents. Short and long inputs stress the
-    methods differently (mca's budgets, latte's kept share), and the held-out text has both."""
+def calibration_groups(count):
+    """``count`` calibration texts from gensim's ``lee_background.cor``, by kind.
+
+    Returns
+    -------
+    list of three lists of str
+        The first ``ceil(count / 3)`` documents whole; then, one per following document, a
+        sentence of at least 13 words, and from the documents after those a short sentence
+        (4 to 12 words), ``count // 3`` or so of each. Long and short inputs stress the methods
+        differently (mca's budgets, latte's kept share), and text the model serves has both.
+    """
     import re
 
     from gensim.test.utils import datapath
 
     with open(datapath(CALIBRATION_CORPUS), encoding="latin-1") as fh:
         docs = [line.strip() for line in fh if line.strip()]
-    if not 1 <= count <= len(docs):
-        raise ValueError(f"--calibration-docs must be in [1, {len(docs)}], got {count}")
-    whole = (count + 1) // 2
-    sentences = []
+    if not 3 <= count <= len(docs) // 2:
+        raise ValueError(f"--calibration-docs must be in [3, {len(docs) // 2}], got {count}")
+    whole = (count + 2) // 3
+    want = {"long": (count - whole + 1) // 2, "short": (count - whole) // 2}
+    found = {"long": [], "short": []}
     for doc in docs[whole:]:
-        if len(sentences) == count // 2:
+        kind = "long" if len(found["long"]) < want["long"] else "short"
+        if len(found["short"]) == want["short"] and kind == "short":
             break
-        sentence = next((s for s in re.split(r"(?<=[.!?])\s+", doc) if len(s.split()) >= 5), None)
+        sentences = re.split(r"(?<=[.!?])\s+", doc)
+        fits = (lambda n: n >= 13) if kind == "long" else (lambda n: 4 <= n <= 12)
+        sentence = next((x for x in sentences if fits(len(x.split()))), None)
         if sentence is not None:
-            sentences.append(sentence)
-    return docs[:whole] + sentences
+            found[kind].append(sentence)
+    return [docs[:whole], found["long"], found["short"]]
+
+
+def calibration_texts(count):
+    """The texts of :func:`calibration_groups`, in one list."""
+    return [text for group in calibration_groups(count) for text in group]
+
+
+def calibration_batches(encoder, count, batch_size=16, max_length=128):
+    """:func:`calibration_groups` as model-input batches, no batch mixing two kinds."""
+    return [batch for group in calibration_groups(count)
+            for batch in tokenized(encoder, group, batch_size, max_length)]
 
 
 def tokenized(encoder, texts, batch_size=16, max_length=128):
@@ -121,7 +144,7 @@ def main(args):
         progress = lambda total: tqdm(total=total, desc="mcattn tune", unit="run",  # noqa: E731
                                       file=sys.stderr, leave=False)
     encoder = load_model(args.model)
-    batches = tokenized(encoder, calibration_texts(args.calibration_docs))
+    batches = calibration_batches(encoder, args.calibration_docs)
     grid = None
     if args.grid:
         grid = {}
