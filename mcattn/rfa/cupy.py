@@ -118,7 +118,8 @@ class _MmaLaunch(_Launch):
         super().__init__(rinp)
         module = raw_module(MMA_SOURCE)
         name = f"{_MMA_TYPES[precision]}_dv{rinp.value_dim}"
-        self.mma = {part: module.get_function(f"mcattn_rfa_mma_{part}_{name}") for part in ("states", "output")}
+        self.mma = {part: module.get_function(f"mcattn_rfa_mma_{part}_{name}")
+                    for part in ("states", "output")}
 
     def states(self, kw, v, knorm, cum, has_gate, states, mass, chunk):
         import cupy

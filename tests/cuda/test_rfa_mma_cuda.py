@@ -4,9 +4,9 @@ the fake CuPy runs the kernels on the host shim, warps and mma.sync emulated).
 
 The reference is float64 rfa on the CPU (``backend="numpy"``) with the same features.
 The 16-bit path rounds the key features, v, the query features and the state over the
-mass: relative (Frobenius) errors of a few unit roundoffs u of the type
-(docs/measurements/rfa-mma-shim-errors.txt), held to 4 u; and at least 0.05 u (float32
-would be ~1e-4 u: the 16-bit path really ran). Shapes are small: the shim runs 128 host
+mass: relative (Frobenius) errors of about half a unit roundoff u of the type
+(0.50-0.55 u, docs/measurements/rfa-mma-shim-errors.txt), held to 1.5 u; and at least
+0.1 u (float32 would be ~1e-4 u: the 16-bit path really ran). Shapes are small: the shim runs 128 host
 threads a block.
 """
 
@@ -60,7 +60,7 @@ def check(cp, precision, q, k, v, feats, **kw):
     out = run_mma(cp, precision, q, k, v, feats, **kw)
     ref = rfa.attention(*(a.astype(np.float64) for a in (q, k, v)), features=feats, backend="numpy", **kw)
     err = rel_error(out, ref) / UNIT[precision]
-    assert 0.05 < err < 4.0, err
+    assert 0.1 < err < 1.5, err
     return err
 
 
