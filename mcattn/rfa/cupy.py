@@ -1,14 +1,27 @@
-"""Random feature attention on CUDA GPUs through CuPy RawKernels (``kernels/rfa.cu``).
+"""Random feature attention on CUDA GPUs through CuPy RawKernels (``kernels/rfa.cu``,
+``kernels/rfa_mma.cu``).
 
 The algorithm and the array code between the kernels are in :mod:`mcattn.rfa._gpu`.
+With ``config.RFA_TENSOR_CORES`` set, a float32 non-causal call with value dim 32, 64
+or 128 forms the state and the output on tensor cores (:func:`tensor_cores`).
 """
 
 import numpy as np
 
+from .. import config
 from .._cupy import block_threads, raw_module
+from ..errors import ConfigError
 from . import _gpu
 
-__all__ = ["forward", "KERNEL_NAMES", "SOURCE"]
+__all__ = ["forward", "tensor_cores", "KERNEL_NAMES", "SOURCE", "MMA_SOURCE", "MMA_VALUE_DIMS"]
+
+MMA_SOURCE = "rfa/kernels/rfa_mma.cu"
+#: Value dims of the tensor-core kernels; blocks of 128 threads, 64 rows; keys per split
+#: of the state's sum (the splits are summed by CuPy).
+MMA_VALUE_DIMS = (32, 64, 128)
+_MMA_ROWS, _MMA_THREADS, _MMA_SPAN = 64, 128, 2048
+_MMA_TYPES = {"float16": "f16", "bfloat16": "bf16"}
+_MAX_GRID_YZ = 65535
 
 SOURCE = "rfa/kernels/rfa.cu"
 KERNEL_NAMES = tuple(f"mcattn_rfa_{part}_{suffix}" for suffix in ("f32", "f64")
@@ -81,4 +94,63 @@ def forward(rinp):
     out : cupy.ndarray ``[BH, Nq, dv]``
     clamped : cupy.ndarray of int64 ``[BH]``
     """
-    return _gpu.run(rinp, _Launch(rinp))
+    precision = tensor_cores(rinp)
+    launch = _Launch(rinp) if precision is None else _MmaLaunch(rinp, precision)
+    return _gpu.run(rinp, launch)
+
+
+def tensor_cores(rinp):
+    """The 16-bit type ``rfa_mma.cu`` runs these inputs in, or None (``rfa.cu`` then)."""
+    precision = config.RFA_TENSOR_CORES
+    if precision is None:
+        return None
+    if precision not in _MMA_TYPES:
+        raise ConfigError(f"RFA_TENSOR_CORES must be None, 'float16' or 'bfloat16'; got {precision!r}")
+    if rinp.is_causal or rinp.dtype != np.float32 or rinp.value_dim not in MMA_VALUE_DIMS:
+        return None
+    return precision
+
+
+class _MmaLaunch(_Launch):
+    """rfa.cu's features, then the state and the output on ``rfa_mma.cu`` (one chunk)."""
+
+    def __init__(self, rinp, precision):
+        super().__init__(rinp)
+        module = raw_module(MMA_SOURCE)
+        name = f"{_MMA_TYPES[precision]}_dv{rinp.value_dim}"
+        self.mma = {part: module.get_function(f"mcattn_rfa_mma_{part}_{name}")
+                    for part in ("states", "output")}
+
+    def states(self, kw, v, knorm, cum, has_gate, states, mass, chunk):
+        import cupy
+
+        bh, _, m, w1 = states.shape
+        nk = kw.shape[1]
+        splits = max(1, -(-nk // _MMA_SPAN))
+        v = cupy.ascontiguousarray(v)
+        states[:, 0] = 0
+        for b0 in range(0, bh if nk else 0, _MAX_GRID_YZ):  # gridDim.z is at most 65535
+            b1 = min(bh, b0 + _MAX_GRID_YZ)
+            partial = cupy.empty((splits, b1 - b0, m, w1), np.float32)
+            self.mma["states"](((m + _MMA_ROWS - 1) // _MMA_ROWS, splits, b1 - b0), (_MMA_THREADS,),
+                               (kw[b0:b1], v[b0:b1], partial, np.int32(nk), np.int32(m), np.int32(_MMA_SPAN)))
+            states[b0:b1, 0] = partial.sum(axis=0)
+        mass[:, 0] = knorm.sum(axis=1)
+
+    def output(self, fq, qnorm, kw, v, knorm, cum, has_gate, states, mass, out, flags, chunk, causal):
+        import cupy
+
+        bh, nq, m = fq.shape
+        if bh * nq == 0:
+            return
+        # [S | z] over the mass: |S| <= max|v| mass and |z| <= mass, so the rounded state
+        # fits float16; the floor's scale qnorm * mass becomes qnorm (or 0: zeros).
+        total = mass[:, 0]
+        scale = cupy.where(total > 0, 1.0 / cupy.where(total > 0, total, 1), 0).astype(np.float32)
+        ts = cupy.ascontiguousarray(states[:, 0] * scale[:, None, None])
+        qref = cupy.ascontiguousarray(qnorm * (scale > 0)[:, None])
+        for b0 in range(0, bh, _MAX_GRID_YZ):
+            b1 = min(bh, b0 + _MAX_GRID_YZ)
+            self.mma["output"](((nq + _MMA_ROWS - 1) // _MMA_ROWS, b1 - b0), (_MMA_THREADS,),
+                               (fq[b0:b1], ts[b0:b1], qref[b0:b1], out[b0:b1], flags[b0:b1], np.int32(nq),
+                                np.int32(m), np.float32(self.rinp.eps)))

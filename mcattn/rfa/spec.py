@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .._plugin import Check, Method, random_qkv
+from .._plugin import Check, Method, random_qkv, tensor_core_check
 from . import attention
 from .features import RandomFeatures
 
@@ -65,6 +65,13 @@ def _bench(put, backend, n):
     return lambda: attention(q, k, v, features=feats, backend=backend)
 
 
+def _check_mma(put, backend, dtype):
+    # non-causal, value dim 32: the shapes rfa_mma.cu takes (config.RFA_TENSOR_CORES)
+    q, k, v = random_qkv(np.random.default_rng(5), (2, 2, 70, 32), dtype, put)
+    feats = RandomFeatures(32, 48, num_heads=2, seed=6)
+    return attention(q * 0.5, k * 0.5, v, features=feats, backend=backend)
+
+
 METHOD = Method(
     name="rfa",
     description="random feature attention: exp(q.k) by random features, linear time, gate, O(1) decoding",
@@ -72,9 +79,11 @@ METHOD = Method(
     knobs_for=lambda rng, heads, nk, dv: dict(num_features=8, seed=0),
     grad="mcattn.rfa.grad",
     dask_plan=dask_plan,
-    checks={"rfa": Check(_check, {"float32": 1e-4, "float64": 1e-11}, _bench)},
+    checks={"rfa": Check(_check, {"float32": 1e-4, "float64": 1e-11}, _bench),
+            "rfa-mma": tensor_core_check("RFA_TENSOR_CORES", _check_mma, _bench)},
     kernel_sources={"rfa/kernels/rfa.cu": (
         "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
         "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
-    )},
+    ), "rfa/kernels/rfa_mma.cu": tuple(f"mcattn_rfa_mma_{part}_{t}_dv{dv}" for part in ("states", "output")
+                                       for t in ("f16", "bf16") for dv in (32, 64, 128))},
 )

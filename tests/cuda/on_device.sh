@@ -8,7 +8,7 @@
 # from the wheels folder .whl/ prepared beforehand (command in docs/cuda-testing.md).
 # Then the CUDA test lanes run on the real device (not the simulator), then
 # `mcattn selftest --bench --json`. Results go to docs/measurements/gpu-*.txt|json.
-# Finishes within 8 minutes (time limits per step: 30 + 30 + 190 + 105 + 60 + 40 + 25 s); prints a short summary last;
+# Finishes within 8 minutes (time limits per step: 20 + 20 + 190 + 105 + 60 + 40 + 25 + 20 s); prints a short summary last;
 # exits 1 when anything failed or mismatched.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -75,10 +75,10 @@ EOF
 )
 if [ -n "$MISSING" ]; then
     echo "installing from .whl/: $MISSING"
-    step "install missing dependencies ($MISSING)" 30 /tmp/mcattn-wheels.log \
+    step "install missing dependencies ($MISSING)" 20 /tmp/mcattn-wheels.log \
         $PY -m pip install -q --no-index --no-deps --find-links .whl $MISSING
 fi
-step "pip install -e . (no deps, no build isolation)" 30 /tmp/mcattn-install.log \
+step "pip install -e . (no deps, no build isolation)" 20 /tmp/mcattn-install.log \
     $PY -m pip install -q --no-build-isolation --no-deps -e .
 
 # 3. The CUDA test lanes on the device (conftest leaves the simulator off). They include
@@ -105,6 +105,10 @@ step "latte_mma vs SDPA" 40 "$OUT_DIR/gpu-latte-mma-log.txt" \
 step "eatt_mma vs SDPA" 25 "$OUT_DIR/gpu-eatt-mma-log.txt" \
     $PY benchmarks/gpu/eatt_mma_vs_sdpa.py --out "$OUT_DIR/gpu-eatt-mma.txt"
 
+# 8. Non-causal rfa with the state and output on tensor cores against SDPA flash (N = 4k, 16k).
+step "rfa_mma vs SDPA" 20 "$OUT_DIR/gpu-rfa-mma-log.txt" \
+    $PY benchmarks/gpu/rfa_mma_vs_sdpa.py --out "$OUT_DIR/gpu-rfa-mma.txt"
+
 # On a GPU machine the GPU backends must have run: a GPU row that did not pass, or a bench
 # without GPU timings, fails the script.
 if $PY - "$OUT_DIR/gpu-selftest.json" > /tmp/mcattn-gpu-rows.txt 2>&1 <<'PYEOF'
@@ -127,7 +131,7 @@ else
     FAILED=1
 fi
 
-# 8. Summary, last.
+# 9. Summary, last.
 echo
 echo "=== on_device.sh summary ($(( $(date +%s) - START ))s, $(head -2 "$OUT_DIR/gpu-environment.txt" | tail -1)) ==="
 grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /'

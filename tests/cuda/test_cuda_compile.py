@@ -7,6 +7,7 @@ import pytest
 from cuda_compile import (
     ARCHITECTURES,
     NUMBA_CUDA_MODULES,
+    SPILL_FREE,
     numba_ptx_results,
     nvrtc_compile,
     ptxas_resources,
@@ -64,6 +65,22 @@ def test_cuda_c_kernel_resources_for_sm90(source):
     resources, tool = ptxas_resources(nvrtc_compile(source, "sm_90"), "sm_90")
     assert set(KERNEL_SOURCES[source]) <= set(resources), (tool, resources)
     problems = [p for name, res in resources.items() for p in resource_problems(name, res, RESOURCE_BLOCK)]
+    assert not problems, f"{tool}: {problems}"
+
+
+#: The sources of the tensor-core kernels (cuda_compile.SPILL_FREE), held to no local
+#: memory on sm_80 (A100) too: ptxas for sm_80 allocates more registers than for sm_90.
+TENSOR_CORE_SOURCES = ("exact/kernels/exact_mma.cu", "exact/kernels/exact_mma_backward.cu",
+                       "latte/kernels/latte_mma.cu", "eatt/kernels/eatt_mma.cu", "rfa/kernels/rfa_mma.cu")
+
+
+@pytest.mark.parametrize("source", TENSOR_CORE_SOURCES)
+def test_tensor_core_kernels_have_no_spills_for_sm80(source):
+    """ptxas -v for sm_80: the tile kernels (launched with 128 threads) spill nothing."""
+    resources, tool = ptxas_resources(nvrtc_compile(source, "sm_80"), "sm_80")
+    tiles = [name for name in KERNEL_SOURCES[source] if name in SPILL_FREE]
+    assert tiles and set(tiles) <= set(resources), (tool, resources)
+    problems = [p for name in tiles for p in resource_problems(name, resources[name], 128)]
     assert not problems, f"{tool}: {problems}"
 
 

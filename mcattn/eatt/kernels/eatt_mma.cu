@@ -69,11 +69,13 @@ __device__ __forceinline__ void mcattn_eatt_mma_hamming(
     const int key_end = is_causal ? mcattn_min(nk, block_last + 1) : nk;
     for (int j0 = 0; j0 < key_end; j0 += MCATTN_EMMA_KEYS) {
         __syncthreads();  // the previous tile is no longer read (and the table is written)
+#pragma unroll 1  // rolled: no loads in flight beside o (it spilled on sm_80 at DV = 128)
         for (int e = threadIdx.x; e < MCATTN_EMMA_KEYS * MCATTN_EMMA_WORDS; e += MCATTN_EMMA_THREADS) {
             const int key = e / MCATTN_EMMA_WORDS, w = e % MCATTN_EMMA_WORDS, j = j0 + key;
             const unsigned long long x = j < nk && w < w32 ? kc[(bh * nk + j) * words + w / 2] : 0ull;
             kc_tile[key][w] = (unsigned)(w & 1 ? x >> 32 : x);
         }
+#pragma unroll 1
         for (int e = threadIdx.x; e < MCATTN_EMMA_KEYS * DV / 2; e += MCATTN_EMMA_THREADS) {
             const int dim = e % DV, kp = e / DV, j2 = j0 + 2 * kp;  // V^T: along keys (coalesced reads)
             const float v0 = j2 < nk ? vb[(long long)j2 * DV + dim] : 0.0f;

@@ -138,6 +138,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
     };
     // The int8 tiles of keys j0.. (k8 and its high nibbles) and their scales.
     auto load_keys = [&](int j0) {
+#pragma unroll 1  // rolled, as the V^T load (registers on sm_80)
         for (int e = threadIdx.x; e < MCATTN_LMMA_KEYS * W; e += MCATTN_LMMA_THREADS) {
             const int key = e / W, word = e % W, j = j0 + key;
             const unsigned w = j < nk ? mcattn_load_s8x4(kb + (long long)j * D + 4 * word) : 0u;
@@ -257,6 +258,7 @@ __device__ __forceinline__ void mcattn_latte_mma_forward(
             if (tile_any) atomicAdd(&tiles[1], 1ull);
         }
         if (!tile_any) continue;  // skipped: no V load, no score
+#pragma unroll 1  // rolled: no loads in flight beside o (it spilled on sm_80 at D = 128)
         for (int e = threadIdx.x; e < MCATTN_LMMA_KEYS * D / 2; e += MCATTN_LMMA_THREADS) {
             const int dim = e % D, kp = e / D, j2 = j0 + 2 * kp;  // V^T: along keys (coalesced reads)
             const float v0 = j2 < nk ? vb[(long long)j2 * D + dim] : 0.0f;

@@ -1,0 +1,121 @@
+"""Non-causal rfa on tensor cores (``rfa/kernels/rfa_mma.cu``) against torch SDPA.
+
+``python benchmarks/gpu/rfa_mma_vs_sdpa.py [--out docs/measurements/gpu-rfa-mma.txt]`` on a
+machine with an NVIDIA GPU, CuPy and torch (``tests/cuda/on_device.sh`` runs it).
+
+The issue's goal: non-causal rfa with 64 features at N = 16k in at most 0.3x the time of
+SDPA (flash, float16 / bfloat16), same process, same GPU. Per case ``[1, 8, N, 64]``,
+standard normal q, k, v scaled by 0.5, positive features (``RandomFeatures(64, 64,
+num_heads=8)``):
+
+* ``call``: ``mcattn.rfa.attention(..., backend="cupy", check_finite=False)`` with
+  ``config.RFA_TENSOR_CORES`` set (features on rfa.cu, state and output on rfa_mma.cu);
+* ``f32``: the same call with the knob off (today's rfa.cu kernels);
+* ``sdpa``: ``scaled_dot_product_attention`` on the same values in that type (flash).
+
+Times are medians of 3 runs (``exact_mma_vs_sdpa._time``). Each case checks the output
+against the float32 kernels (knob off): within 4 unit roundoffs of the 16-bit type
+(relative, Frobenius; the shim measures about 0.5 u against float64). A case that errors
+prints its error line and the script goes on; one summary line per type; exit status 1
+on any mismatch or error.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from exact_mma_vs_sdpa import _time  # noqa: E402  (the timing rule, written once)
+
+CASES = [("float16", 4096), ("float16", 16384), ("bfloat16", 16384)]
+HEADS, HEAD_DIM, FEATURES = 8, 64, 64
+TOLERANCE = {"float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8}
+
+
+def _case(precision, n, sync):
+    import cupy
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import mcattn
+    from mcattn.rfa.features import RandomFeatures
+
+    shape = (1, HEADS, n, HEAD_DIM)
+    rng = np.random.default_rng(n)
+    host = [(0.5 * rng.standard_normal(shape)).astype(np.float32) for _ in range(3)]
+    q, k, v = (cupy.asarray(a) for a in host)
+    tq, tk, tv = (torch.as_tensor(a, device="cuda").to(getattr(torch, precision)) for a in host)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    feats = RandomFeatures(HEAD_DIM, FEATURES, num_heads=HEADS, seed=3)
+
+    def call():
+        return mcattn.rfa.attention(q, k, v, features=feats, backend="cupy", check_finite=False)
+
+    mcattn.config.RFA_TENSOR_CORES = precision
+    try:
+        ours = call()
+        t_call = _time(call, sync)
+    finally:
+        mcattn.config.RFA_TENSOR_CORES = None
+    ref = call()  # rfa.cu, float32
+    t_f32 = _time(call, sync)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        sdpa(tq, tk, tv)
+        t_sdpa = _time(lambda: sdpa(tq, tk, tv), sync)
+    a, b = ours.get().astype(np.float64), ref.get().astype(np.float64)
+    err = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return t_call, t_f32, t_sdpa, err
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+
+    import cupy
+    import torch
+
+    def sync():
+        cupy.cuda.Device().synchronize()
+        torch.cuda.synchronize()
+
+    lines = [f"# benchmarks/gpu/rfa_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, CuPy {cupy.__version__}; [1, {HEADS}, N, {HEAD_DIM}], "
+             f"{FEATURES} positive features, non-causal",
+             f"{'type':9s} {'N':>6s} {'call ms':>8s} {'f32 ms':>8s} {'sdpa ms':>8s} {'call/sdpa':>9s} "
+             f"{'f32/sdpa':>9s} {'rel err':>8s}"]
+    print("\n".join(lines), flush=True)
+    results, bad = {}, []
+    for precision, n in CASES:
+        try:
+            t_call, t_f32, t_sdpa, err = _case(precision, n, sync)
+        except Exception as exc:  # one failing case must not hide the others
+            bad.append(f"rfa_mma {precision} N={n}: {type(exc).__name__}: {exc}"[:300])
+            print(bad[-1], flush=True)
+            continue
+        if not err < TOLERANCE[precision]:
+            bad.append(f"rfa_mma {precision} N={n}: rel err {err:.2e}")
+        results.setdefault(precision, []).append((n, t_call / t_sdpa))
+        line = (f"{precision:9s} {n:6d} {t_call * 1e3:8.3f} {t_f32 * 1e3:8.3f} {t_sdpa * 1e3:8.3f} "
+                f"{t_call / t_sdpa:9.2f} {t_f32 / t_sdpa:9.2f} {err:8.1e}")
+        lines.append(line)
+        print(line, flush=True)
+    summary = [""]
+    for precision, rows in results.items():
+        at16k = [f"{c:.2f}" for n, c in rows if n == 16384]
+        summary.append(f"summary: rfa_mma non-causal {precision}: call / SDPA "
+                       f"{min(c for _, c in rows):.2f}-{max(c for _, c in rows):.2f} over {len(rows)} N "
+                       f"(goal at N = 16k <= 0.3; there: {', '.join(at16k) or 'not run'})")
+    summary += [f"MISMATCH {m}" for m in bad] or ["every output within the tolerances of rfa.cu's"]
+    print("\n".join(summary))
+    lines += summary
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Accuracy of non-causal rfa on tensor cores under the host shim (no GPU needed).
+
+``python benchmarks/rfa_mma_shim_errors.py [--out docs/measurements/rfa-mma-shim-errors.txt]``
+
+Runs ``rfa/kernels/rfa_mma.cu`` on the fake CuPy of ``tests/cuda`` for the cases of
+``tests/cuda/test_rfa_mma_cuda.py`` (its ``CASES``, ``grid_case`` and ``check``, which
+also asserts its tolerances) and prints, per case, the relative (Frobenius) error of
+the output against float64 rfa on the CPU with the same features, in unit roundoffs u
+of the 16-bit type (2^-11 float16, 2^-8 bfloat16). The tests hold it to 1.5 u (and above 0.1 u).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    sys.path[:0] = [str(ROOT / "tests" / "cuda"), str(ROOT / "tests"), str(ROOT)]
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # what the test conftest sets without a GPU: the fake runs
+    import fake_cupy
+    import test_rfa_mma_cuda as t
+
+    lines = ["# benchmarks/rfa_mma_shim_errors.py: rel. error / u of non-causal rfa_mma.cu vs float64 rfa "
+             "(numpy backend, same features), host shim",
+             f"{'type':9s} {'d':>4s} {'dv':>4s} {'m':>4s} {'out / u':>8s}"]
+    with fake_cupy.cupy_context() as cp:
+        for d, dv, m, precision in t.CASES:
+            err = t.check(cp, precision, *t.grid_case(d, dv, m))
+            lines.append(f"{precision:9s} {d:4d} {dv:4d} {m:4d} {err:8.2f}")
+            print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
