@@ -19,7 +19,7 @@ A task is one block of query rows of one batch row (as :mod:`mcattn.latte.cpu`, 
    keys' values, so a kept key of a whole, unmasked block enters ``sum p v`` with weight
    ``w_j - f_B`` and the block adds ``f_B vsum_B``: no pass over the dropped keys' values.
    Blocks cut by the causal mask or holding masked keys sum their dropped values directly;
-5. ``sum w v`` over the kept keys (:func:`_weighted_values`), plus the blocks' terms.
+5. ``sum w v`` over the kept keys (:func:`mcattn.latte.cpu.weighted_values`), plus the blocks' terms.
 
 Scratch is ``O(BLOCK_Q * Nk)`` per thread, as LATTE's kernel.
 """
@@ -31,7 +31,7 @@ from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block
 from .._jit import njit
 from ..latte import vnni
-from ..latte.cpu import _row_units, use_vnni
+from ..latte.cpu import _row_units, use_vnni, weighted_values
 from ..latte.naive import MODES
 
 __all__ = ["forward"]
@@ -155,33 +155,6 @@ def _kept_dots(qblk, kf, bh, nrows, idxb, cnt, sc, pos, chunk):
                 for cc in range(d):
                     dot += qblk[i, cc] * kf[bh, j, cc]
                 sc[i, t] = dot
-                t += 1
-            pos[i] = t
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST)
-def _weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
-    """``acc[i] = sum_t sc[i, t] v[bh, idxb[i, t]]``, a key chunk at a time, four rows per pass."""
-    nk, dv = v.shape[1], v.shape[2]
-    acc[:nrows] = 0.0
-    pos[:nrows] = 0
-    for c0 in range(0, nk, chunk):
-        c1 = min(nk, c0 + chunk)
-        for i in range(nrows):
-            t = pos[i]
-            n = cnt[i]
-            while t + 4 <= n and idxb[i, t + 3] < c1:
-                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
-                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
-                for cc in range(dv):
-                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
-                                                                            + p3 * v[bh, j3, cc])
-                t += 4
-            while t < n and idxb[i, t] < c1:
-                j = idxb[i, t]
-                p = sc[i, t]
-                for cc in range(dv):
-                    acc[i, cc] += p * v[bh, j, cc]
                 t += 1
             pos[i] = t
 
@@ -404,7 +377,7 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
                     fclean[i, bb] = fb[i, bb] if clean[i, bb] and bb * block < rend else 0.0
         if stages < 4:  # (benchmarks: up to the weights and block shares)
             continue
-        _weighted_values(v, bh, nrows, idxb, cnt, scb, accb, posb, block_k)
+        weighted_values(v, bh, nrows, idxb, cnt, scb, accb, posb, block_k)
         if pooled:  # the clean blocks' terms of all rows at once: sum_B f_B vsum_B, one product
             np.dot(fclean[:nrows], vsum[bh], pooled_v[:nrows])
         for i in range(nrows):

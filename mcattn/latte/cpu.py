@@ -167,6 +167,33 @@ def _select(low, up, top, rend, mode, th, c, sel, idx):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
+def weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
+    """``acc[i] = sum_t sc[i, t] v[bh, idxb[i, t]]``, a key chunk at a time, four rows per pass."""
+    nk, dv = v.shape[1], v.shape[2]
+    acc[:nrows] = 0.0
+    pos[:nrows] = 0
+    for c0 in range(0, nk, chunk):
+        c1 = min(nk, c0 + chunk)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            while t + 4 <= n and idxb[i, t + 3] < c1:
+                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
+                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
+                for cc in range(dv):
+                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
+                                                                            + p3 * v[bh, j3, cc])
+                t += 4
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                p = sc[i, t]
+                for cc in range(dv):
+                    acc[i, cc] += p * v[bh, j, cc]
+                t += 1
+            pos[i] = t
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
 def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
                   bits, acc, pos, tot, chunk, dense, s8, out, bias, slot, has_bias):
     """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
@@ -247,27 +274,7 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
         for t in range(n):
             total += sc[i, t]
         tot[i] = total
-    acc[:nrows] = 0.0
-    pos[:nrows] = 0
-    for c0 in range(0, nk, chunk):  # sum p v, four value rows per pass over acc
-        c1 = min(nk, c0 + chunk)
-        for i in range(nrows):
-            t = pos[i]
-            n = cnt[i]
-            while t + 4 <= n and idxb[i, t + 3] < c1:
-                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
-                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
-                for cc in range(dv):
-                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
-                                                                            + p3 * v[bh, j3, cc])
-                t += 4
-            while t < n and idxb[i, t] < c1:
-                j = idxb[i, t]
-                p = sc[i, t]
-                for cc in range(dv):
-                    acc[i, cc] += p * v[bh, j, cc]
-                t += 1
-            pos[i] = t
+    weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk)  # sum p v
     for i in range(nrows):
         if cnt[i] > 0:
             inv = 1.0 / tot[i]
