@@ -19,14 +19,13 @@ against today's float32 kernel (``eatt.cu``, the knob off): within 4 unit roundo
 script goes on; one summary line per type; exit status 1 on any mismatch or error.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exact_mma_vs_sdpa import _time  # noqa: E402  (the timing rule, written once)
+from exact_mma_vs_sdpa import _time, finish, run_cases  # noqa: E402  (written once)
 
 CASES = [("float16", 4096), ("float16", 8192), ("float16", 16384), ("bfloat16", 8192)]
 HEADS, HEAD_DIM = 8, 64
@@ -69,52 +68,31 @@ def _case(precision, n, sync):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
-
-    import cupy
-    import torch
-
-    def sync():
-        cupy.cuda.Device().synchronize()
-        torch.cuda.synchronize()
-
-    lines = [f"# benchmarks/gpu/eatt_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}, CuPy {cupy.__version__}; [1, {HEADS}, N, {HEAD_DIM}], Hamming",
-             f"{'type':9s} {'N':>6s} {'call ms':>8s} {'kernel ms':>9s} {'sdpa ms':>8s} {'call/sdpa':>9s} "
-             f"{'kern/sdpa':>9s} {'rel err':>8s}"]
-    print("\n".join(lines), flush=True)
-    results, bad = {}, []
-    for precision, n in CASES:
-        try:
-            t_call, t_kernel, t_sdpa, err = _case(precision, n, sync)
-        except Exception as exc:  # one failing case must not hide the others
-            bad.append(f"eatt_mma {precision} N={n}: {type(exc).__name__}: {exc}"[:300])
-            print(bad[-1], flush=True)
-            continue
-        if not err < TOLERANCE[precision]:
-            bad.append(f"eatt_mma {precision} N={n}: rel err {err:.2e}")
-        results.setdefault(precision, []).append((n, t_call / t_sdpa, t_kernel / t_sdpa))
+    def measure(case, sync):
+        precision, n = case
+        t_call, t_kernel, t_sdpa, err = _case(precision, n, sync)
         line = (f"{precision:9s} {n:6d} {t_call * 1e3:8.3f} {t_kernel * 1e3:9.3f} {t_sdpa * 1e3:8.3f} "
                 f"{t_call / t_sdpa:9.2f} {t_kernel / t_sdpa:9.2f} {err:8.1e}")
-        lines.append(line)
-        print(line, flush=True)
-    summary = [""]
-    for precision, rows in results.items():
+        problems = [] if err < TOLERANCE[precision] else [f"rel err {err:.2e}"]
+        return line, problems, (t_call / t_sdpa, t_kernel / t_sdpa)
+
+    args, lines, results, bad = run_cases(
+        argv, __doc__, "eatt_mma_vs_sdpa.py", f"; [1, {HEADS}, N, {HEAD_DIM}], Hamming",
+        f"{'type':9s} {'N':>6s} {'call ms':>8s} {'kernel ms':>9s} {'sdpa ms':>8s} {'call/sdpa':>9s} "
+        f"{'kern/sdpa':>9s} {'rel err':>8s}",
+        CASES, lambda c: f"eatt_mma {c[0]} N={c[1]}", measure)
+    grouped = {}
+    for (precision, n), (c, k) in results:
+        grouped.setdefault(precision, []).append((n, c, k))
+    summary = []
+    for precision, rows in grouped.items():
         calls, kernels = [c for _, c, _ in rows], [k for _, _, k in rows]
         at8k = [f"{c:.2f} / {k:.2f}" for n, c, k in rows if n == 8192]
         summary.append(f"summary: eatt_mma hamming {precision}: "
                        f"call / SDPA {min(calls):.2f}-{max(calls):.2f}, "
                        f"kernel / SDPA {min(kernels):.2f}-{max(kernels):.2f} over {len(rows)} N "
                        f"(goal at N = 8k <= 1.0; call / kernel there: {', '.join(at8k) or 'not run'})")
-    summary += [f"MISMATCH {m}" for m in bad] or ["every output within the tolerances of eatt.cu's"]
-    print("\n".join(summary))
-    lines += summary
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-    return 1 if bad else 0
+    return finish(args, lines, summary, bad, "every output within the tolerances of eatt.cu's")
 
 
 if __name__ == "__main__":

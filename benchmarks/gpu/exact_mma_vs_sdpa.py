@@ -142,8 +142,15 @@ def _train_case(precision, shape, sync):
     return t_ours, t_sdpa, err
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_cases(argv, doc, script, detail, header, cases, label, measure):
+    """The loop every GPU benchmark here shares: parse ``--out``, print the header, run
+    ``measure(case, sync) -> (line, problems, result)`` per case (a case that raises prints
+    its error and the others still run), collect the rows.
+
+    Returns ``(args, lines, results, bad)``: ``results`` the ``(case, result)`` pairs that
+    ran, ``bad`` the problems and errors, each prefixed by ``label(case)``.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
 
@@ -154,45 +161,66 @@ def main(argv=None):
         cupy.cuda.Device().synchronize()
         torch.cuda.synchronize()
 
-    lines = [f"# benchmarks/gpu/exact_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}, CuPy {cupy.__version__}",
-             f"{'pass':7s} {'type':9s} {'B':>2s} {'H':>3s} {'N':>6s} {'d':>4s} {'mcattn ms':>10s} "
-             f"{'sdpa ms':>9s} {'ratio':>6s} {'rel err':>8s}"]
+    lines = [f"# benchmarks/gpu/{script} on {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, CuPy {cupy.__version__}{detail}", header]
     print("\n".join(lines), flush=True)
-    results, bad = {}, []
-    cases = [("fwd", t, s) for t in ("float16", "bfloat16") for s in SHAPES]
-    cases += [("fwd", "float32", s) for s in FLOAT32_SHAPES]
-    cases += [("fwd", "tf32", s) for s in TF32_SHAPES]
-    cases += [("fwd+bwd", t, s) for t in ("float16", "bfloat16") for s in TRAIN_SHAPES]
-    cases += [("fwd+bwd", "float32", s) for s in FLOAT32_TRAIN_SHAPES]
-    for what, precision, (b, h, n, d) in cases:
-        run = _case if what == "fwd" else _train_case
+    results, bad = [], []
+    for case in cases:
         try:
-            t_ours, t_sdpa, err = run(precision, (b, h, n, d), sync)
+            line, problems, result = measure(case, sync)
         except Exception as exc:  # one failing case (an SDPA backend missing...) must not hide the rest
-            bad.append(f"{what} {precision} {b}x{h}x{n}x{d}: {type(exc).__name__}: {exc}"[:300])
+            bad.append(f"{label(case)}: {type(exc).__name__}: {exc}"[:300])
             print(bad[-1], flush=True)
             continue
-        if not err < (TOLERANCE if what == "fwd" else GRAD_TOLERANCE)[precision]:
-            bad.append(f"{what} {precision} {b}x{h}x{n}x{d}: rel err {err:.2e}")
-        results.setdefault((what, precision, d), []).append(t_ours / t_sdpa)
-        line = (f"{what:7s} {precision:9s} {b:2d} {h:3d} {n:6d} {d:4d} {t_ours * 1e3:10.3f} "
-                f"{t_sdpa * 1e3:9.3f} {t_ours / t_sdpa:6.2f} {err:8.1e}")
+        bad += [f"{label(case)}: {problem}" for problem in problems]
+        results.append((case, result))
         lines.append(line)
         print(line, flush=True)
-    summary = [""]
-    for (what, precision, d), ratios in results.items():
-        names = {"float32": "exact float32 kernels", "tf32": "exact_tf32 (vs SDPA float32)"}
-        kernel = names.get(precision, f"exact_mma {precision}")
-        summary.append(f"summary: {what} {kernel} d={d}: mcattn / SDPA "
-                       f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} shapes")
-    summary += [f"MISMATCH {m}" for m in bad] or ["every output and gradient within the tolerances"]
+    return args, lines, results, bad
+
+
+def finish(args, lines, summary, bad, all_good):
+    """Print the summary lines, then the mismatches (or ``all_good``); write ``--out``; the
+    exit status (1 on any mismatch or error)."""
+    summary = [""] + summary + ([f"MISMATCH {m}" for m in bad] or [all_good])
     print("\n".join(summary))
     lines += summary
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")
     return 1 if bad else 0
+
+
+def main(argv=None):
+    cases = [("fwd", t, s) for t in ("float16", "bfloat16") for s in SHAPES]
+    cases += [("fwd", "float32", s) for s in FLOAT32_SHAPES]
+    cases += [("fwd", "tf32", s) for s in TF32_SHAPES]
+    cases += [("fwd+bwd", t, s) for t in ("float16", "bfloat16") for s in TRAIN_SHAPES]
+    cases += [("fwd+bwd", "float32", s) for s in FLOAT32_TRAIN_SHAPES]
+
+    def measure(case, sync):
+        what, precision, (b, h, n, d) = case
+        t_ours, t_sdpa, err = (_case if what == "fwd" else _train_case)(precision, (b, h, n, d), sync)
+        tolerance = (TOLERANCE if what == "fwd" else GRAD_TOLERANCE)[precision]
+        line = (f"{what:7s} {precision:9s} {b:2d} {h:3d} {n:6d} {d:4d} {t_ours * 1e3:10.3f} "
+                f"{t_sdpa * 1e3:9.3f} {t_ours / t_sdpa:6.2f} {err:8.1e}")
+        return line, [] if err < tolerance else [f"rel err {err:.2e}"], t_ours / t_sdpa
+
+    args, lines, results, bad = run_cases(
+        argv, __doc__, "exact_mma_vs_sdpa.py", "",
+        f"{'pass':7s} {'type':9s} {'B':>2s} {'H':>3s} {'N':>6s} {'d':>4s} {'mcattn ms':>10s} "
+        f"{'sdpa ms':>9s} {'ratio':>6s} {'rel err':>8s}",
+        cases, lambda c: f"{c[0]} {c[1]} {'x'.join(map(str, c[2]))}", measure)
+    grouped = {}
+    for (what, precision, shape), ratio in results:
+        grouped.setdefault((what, precision, shape[3]), []).append(ratio)
+    summary = []
+    names = {"float32": "exact float32 kernels", "tf32": "exact_tf32 (vs SDPA float32)"}
+    for (what, precision, d), ratios in grouped.items():
+        kernel = names.get(precision, f"exact_mma {precision}")
+        summary.append(f"summary: {what} {kernel} d={d}: mcattn / SDPA "
+                       f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} shapes")
+    return finish(args, lines, summary, bad, "every output and gradient within the tolerances")
 
 
 if __name__ == "__main__":

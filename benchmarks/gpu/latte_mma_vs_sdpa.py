@@ -25,7 +25,6 @@ script goes on; a summary line per type and input kind ends the output; the exit
 is 1 on any mismatch or error.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exact_mma_vs_sdpa import _time  # noqa: E402  (the timing rule, written once)
+from exact_mma_vs_sdpa import _time, finish, run_cases  # noqa: E402  (written once)
 
 #: (type, N) of the timed cases; d = 64, 8 heads.
 CASES = [("float16", 8192), ("float16", 16384), ("float16", 32768), ("bfloat16", 16384)]
@@ -119,58 +118,36 @@ def _case(precision, kind, n, sync):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
+    def measure(case, sync):
+        precision, kind, n = case
+        r = _case(precision, kind, n, sync)
+        problems = [] if r["same_kept"] else ["kept counts differ from latte.cu"]
+        problems += [] if r["err"] < TOLERANCE[precision] else [f"rel err {r['err']:.2e}"]
+        line = (f"{precision:9s} {kind:9s} {n:6d} {r['theta']:6.2f} {r['kept']:5.3f} {r['tiles']:5.3f} "
+                f"{r['call'] * 1e3:8.3f} {r['kernel'] * 1e3:9.3f} {r['sdpa'] * 1e3:8.3f} "
+                f"{r['call'] / r['sdpa']:9.2f} {r['kernel'] / r['sdpa']:9.2f} {r['err']:8.1e}")
+        return line, problems, (r["call"] / r["sdpa"], r["kernel"] / r["sdpa"])
 
-    import cupy
-    import torch
-
-    def sync():
-        cupy.cuda.Device().synchronize()
-        torch.cuda.synchronize()
-
-    lines = [f"# benchmarks/gpu/latte_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}, CuPy {cupy.__version__}; [1, {HEADS}, N, {HEAD_DIM}], "
-             f"relative threshold for {KEEP:.0%} kept",
-             f"{'type':9s} {'inputs':9s} {'N':>6s} {'theta':>6s} {'kept':>5s} {'tiles':>5s} "
-             f"{'call ms':>8s} {'kernel ms':>9s} {'sdpa ms':>8s} {'call/sdpa':>9s} {'kern/sdpa':>9s} "
-             f"{'rel err':>8s}"]
-    print("\n".join(lines), flush=True)
-    results, bad = {}, []
-    for precision, n in CASES:
-        for kind in KINDS:
-            try:
-                r = _case(precision, kind, n, sync)
-            except Exception as exc:  # one failing case must not hide the others
-                bad.append(f"latte_mma {precision} {kind} N={n}: {type(exc).__name__}: {exc}"[:300])
-                print(bad[-1], flush=True)
-                continue
-            if not r["same_kept"]:
-                bad.append(f"latte_mma {precision} {kind} N={n}: kept counts differ from latte.cu")
-            if not r["err"] < TOLERANCE[precision]:
-                bad.append(f"latte_mma {precision} {kind} N={n}: rel err {r['err']:.2e}")
-            results.setdefault((precision, kind), []).append((r["call"] / r["sdpa"], r["kernel"] / r["sdpa"]))
-            line = (f"{precision:9s} {kind:9s} {n:6d} {r['theta']:6.2f} {r['kept']:5.3f} {r['tiles']:5.3f} "
-                    f"{r['call'] * 1e3:8.3f} {r['kernel'] * 1e3:9.3f} {r['sdpa'] * 1e3:8.3f} "
-                    f"{r['call'] / r['sdpa']:9.2f} {r['kernel'] / r['sdpa']:9.2f} {r['err']:8.1e}")
-            lines.append(line)
-            print(line, flush=True)
-    summary = [""]
-    for (precision, kind), ratios in results.items():
+    args, lines, results, bad = run_cases(
+        argv, __doc__, "latte_mma_vs_sdpa.py",
+        f"; [1, {HEADS}, N, {HEAD_DIM}], relative threshold for {KEEP:.0%} kept",
+        f"{'type':9s} {'inputs':9s} {'N':>6s} {'theta':>6s} {'kept':>5s} {'tiles':>5s} "
+        f"{'call ms':>8s} {'kernel ms':>9s} {'sdpa ms':>8s} {'call/sdpa':>9s} {'kern/sdpa':>9s} "
+        f"{'rel err':>8s}",
+        [(p, kind, n) for p, n in CASES for kind in KINDS],
+        lambda c: f"latte_mma {c[0]} {c[1]} N={c[2]}", measure)
+    grouped = {}
+    for (precision, kind, _), ratios in results:
+        grouped.setdefault((precision, kind), []).append(ratios)
+    summary = []
+    for (precision, kind), ratios in grouped.items():
         calls, kernels = [c for c, _ in ratios], [k for _, k in ratios]
         summary.append(f"summary: latte_mma {precision} {kind}: "
                        f"call / SDPA {min(calls):.2f}-{max(calls):.2f}, "
                        f"kernel / SDPA {min(kernels):.2f}-{max(kernels):.2f} over {len(ratios)} N "
                        f"(goal <= 0.5; median kernel {statistics.median(kernels):.2f})")
-    summary += [f"MISMATCH {m}" for m in bad] or [
-        "every kept count equal to latte.cu's, outputs within the tolerances"]
-    print("\n".join(summary))
-    lines += summary
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-    return 1 if bad else 0
+    return finish(args, lines, summary, bad,
+                  "every kept count equal to latte.cu's, outputs within the tolerances")
 
 
 if __name__ == "__main__":

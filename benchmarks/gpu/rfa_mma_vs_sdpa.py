@@ -20,14 +20,13 @@ prints its error line and the script goes on; one summary line per type; exit st
 on any mismatch or error.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exact_mma_vs_sdpa import _time  # noqa: E402  (the timing rule, written once)
+from exact_mma_vs_sdpa import _time, finish, run_cases  # noqa: E402  (written once)
 
 CASES = [("float16", 4096), ("float16", 16384), ("bfloat16", 16384)]
 HEADS, HEAD_DIM, FEATURES = 8, 64, 64
@@ -70,51 +69,29 @@ def _case(precision, n, sync):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
-
-    import cupy
-    import torch
-
-    def sync():
-        cupy.cuda.Device().synchronize()
-        torch.cuda.synchronize()
-
-    lines = [f"# benchmarks/gpu/rfa_mma_vs_sdpa.py on {torch.cuda.get_device_name()}, "
-             f"torch {torch.__version__}, CuPy {cupy.__version__}; [1, {HEADS}, N, {HEAD_DIM}], "
-             f"{FEATURES} positive features, non-causal",
-             f"{'type':9s} {'N':>6s} {'call ms':>8s} {'f32 ms':>8s} {'sdpa ms':>8s} {'call/sdpa':>9s} "
-             f"{'f32/sdpa':>9s} {'rel err':>8s}"]
-    print("\n".join(lines), flush=True)
-    results, bad = {}, []
-    for precision, n in CASES:
-        try:
-            t_call, t_f32, t_sdpa, err = _case(precision, n, sync)
-        except Exception as exc:  # one failing case must not hide the others
-            bad.append(f"rfa_mma {precision} N={n}: {type(exc).__name__}: {exc}"[:300])
-            print(bad[-1], flush=True)
-            continue
-        if not err < TOLERANCE[precision]:
-            bad.append(f"rfa_mma {precision} N={n}: rel err {err:.2e}")
-        results.setdefault(precision, []).append((n, t_call / t_sdpa))
+    def measure(case, sync):
+        precision, n = case
+        t_call, t_f32, t_sdpa, err = _case(precision, n, sync)
         line = (f"{precision:9s} {n:6d} {t_call * 1e3:8.3f} {t_f32 * 1e3:8.3f} {t_sdpa * 1e3:8.3f} "
                 f"{t_call / t_sdpa:9.2f} {t_f32 / t_sdpa:9.2f} {err:8.1e}")
-        lines.append(line)
-        print(line, flush=True)
-    summary = [""]
-    for precision, rows in results.items():
+        return line, [] if err < TOLERANCE[precision] else [f"rel err {err:.2e}"], t_call / t_sdpa
+
+    args, lines, results, bad = run_cases(
+        argv, __doc__, "rfa_mma_vs_sdpa.py",
+        f"; [1, {HEADS}, N, {HEAD_DIM}], {FEATURES} positive features, non-causal",
+        f"{'type':9s} {'N':>6s} {'call ms':>8s} {'f32 ms':>8s} {'sdpa ms':>8s} {'call/sdpa':>9s} "
+        f"{'f32/sdpa':>9s} {'rel err':>8s}",
+        CASES, lambda c: f"rfa_mma {c[0]} N={c[1]}", measure)
+    grouped = {}
+    for (precision, n), ratio in results:
+        grouped.setdefault(precision, []).append((n, ratio))
+    summary = []
+    for precision, rows in grouped.items():
         at16k = [f"{c:.2f}" for n, c in rows if n == 16384]
         summary.append(f"summary: rfa_mma non-causal {precision}: call / SDPA "
                        f"{min(c for _, c in rows):.2f}-{max(c for _, c in rows):.2f} over {len(rows)} N "
                        f"(goal at N = 16k <= 0.3; there: {', '.join(at16k) or 'not run'})")
-    summary += [f"MISMATCH {m}" for m in bad] or ["every output within the tolerances of rfa.cu's"]
-    print("\n".join(summary))
-    lines += summary
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-    return 1 if bad else 0
+    return finish(args, lines, summary, bad, "every output within the tolerances of rfa.cu's")
 
 
 if __name__ == "__main__":
