@@ -7,7 +7,7 @@ below by this share. Run: ``python benchmarks/tune_cost_share.py``.
 
 import torch
 
-from mcattn.cost import OpCounts
+from mcattn.eatt.ops import dense_projection_ops
 from mcattn.frameworks.torch import use_method
 from mcattn.studies.models import load_model
 from mcattn.studies.tune import calibration_batches
@@ -17,8 +17,7 @@ for name in ("all-MiniLM-L6-v2", "paraphrase-MiniLM-L3-v2"):
     att, proj = [0.0, 0.0], [0.0, 0.0]
     def rec(c, att=att, proj=proj):
         lin, t = c.module.value, c.tokens
-        p = OpCounts({"fp32_mul": t * lin.in_features * lin.out_features,
-                      "fp32_add": t * (lin.in_features + 1) * lin.out_features})
+        p = dense_projection_ops(t, lin.in_features, lin.out_features, lin.bias is not None)
         att[0] += c.info.ops.total
         att[1] += c.info.ops.energy_pj()
         proj[0] += p.total

@@ -23,6 +23,7 @@ The level the calibration text must meet is stricter than the target (``margin``
 held-out text meets the target too (``mcattn tune`` checks it on held-out text).
 """
 
+import dataclasses
 import math
 import time
 import warnings
@@ -287,8 +288,7 @@ class TuneSession:
         try:
             self.reference = _outputs(model, self.batches)
             self.inputs = None
-            exact_costs, _, _ = self._run({i: (EXACT, {}) for i in range(len(self.modules))})
-            self.exact_costs = [exact_costs[i] for i in range(len(self.modules))]
+            self.exact_costs = self._exact_costs()
             self.layer_options = [LayerOption(i, EXACT, {}, c, 0.0) for i, c in enumerate(self.exact_costs)]
             for layer in range(len(self.modules)):
                 stopped = set()  # methods whose sweep in this layer passed stop_loss
@@ -326,9 +326,25 @@ class TuneSession:
         fitted = hooks.calibrate(self.inputs[layer], options)
         return dict({n: v for n, v in options.items() if n not in hooks.consumes}, **fitted)
 
-    def _plan(self, choices, label=""):
-        layers = tuple(LayerChoice(i, c.method, dict(k)) for i, (c, k) in sorted(choices.items()))
-        return Plan(self.name, layers)
+    def _exact_costs(self):
+        """Each layer's cost with mcattn's exact kernel (a plan's exact layers run the
+        model's own attention, which reports nothing)."""
+        from .frameworks.torch import use_method
+
+        costs = [0.0] * len(self.modules)
+
+        def on_call(call):
+            costs[self.layer_of[call.module]] += self._cost(call)
+
+        with use_method(self.model, "exact", on_call=on_call):
+            _outputs(self.model, self.batches)
+        self._ran()
+        return costs
+
+    def _ran(self):
+        self.runs += 1
+        if self._bar is not None:
+            self._bar.update(1)
 
     def _run(self, choices, bounds=False):
         """Measure a plan given as ``{layer: (candidate, knobs)}`` (other layers exact).
@@ -336,60 +352,48 @@ class TuneSession:
         Returns per-layer costs (exact layers at their measured exact cost), the model loss
         and, with ``bounds`` and ``layer_bound``, the largest posterior relative bound.
         """
-        from .cost import OpCounts
         from .frameworks.torch import use_method
 
-        costs = {i: 0.0 for i in choices}
+        costs = dict(enumerate(self.exact_costs))
+        for i in choices:
+            costs[i] = 0.0
         worst = [0.0]
 
         def on_call(call):
-            layer = self.layer_of[call.module]
-            costs[layer] = costs.get(layer, 0.0) + self._cost(call, OpCounts)
+            costs[self.layer_of[call.module]] += self._cost(call)
             if bounds and self.layer_bound is not None:
                 post = call.info.posterior
                 worst[0] = max(worst[0], math.inf if post is None else float(post.relative))
 
-        plan = self._plan({i: ck for i, ck in choices.items()})
-        if all(c is EXACT for c, _ in choices.values()) and len(choices) == len(self.modules):
-            # the exact costs: mcattn's exact kernel in every layer, reported
-            with use_method(self.model, "exact", on_call=on_call):
-                outs = _outputs(self.model, self.batches)
-        else:
-            with use_method(self.model, plan=plan, on_call=on_call):
-                outs = _outputs(self.model, self.batches)
-        self.runs += 1
-        if self._bar is not None:
-            self._bar.update(1)
-        full = {i: (costs[i] if i in choices and choices[i][0] is not EXACT else self.exact_costs[i])
-                for i in range(len(self.modules))} if hasattr(self, "exact_costs") else costs
-        return full, _loss(self.metric, outs, self.reference, worst_batch=True), \
+        layers = tuple(LayerChoice(i, c.method, dict(k)) for i, (c, k) in sorted(choices.items()))
+        plan = Plan(self.name, layers)
+        with use_method(self.model, plan=plan, on_call=on_call):
+            outs = _outputs(self.model, self.batches)
+        self._ran()
+        return costs, _loss(self.metric, outs, self.reference, worst_batch=True), \
             (worst[0] if bounds and self.layer_bound is not None else None)
 
-    def _cost(self, call, OpCounts):
+    def _cost(self, call):
+        """One call's cost in the objective's unit (with the dense value projection the
+        method leaves to the model: every method but those reading the projection's input)."""
         if self.objective == "time":
             return call.seconds
+        from .eatt.ops import dense_projection_ops
         from .registry import get_method
 
         ops = call.info.ops
         hooks = get_method(call.info.method).model
-        if hooks is None or not hooks.needs_value_input:  # the layer's dense value projection too
+        if hooks is None or not hooks.needs_value_input:
             linear = call.module.value
-            d_in, d_out = linear.in_features, linear.out_features
-            ops = ops + OpCounts({"fp32_mul": call.tokens * d_in * d_out,
-                                  "fp32_add": call.tokens * (d_in + (linear.bias is not None)) * d_out})
+            ops = ops + dense_projection_ops(call.tokens, linear.in_features, linear.out_features,
+                                             linear.bias is not None)
         return float(ops.total if self.objective == "ops" else ops.energy_pj())
 
     def _measure_plan(self, options, label, required):
         choices = {o.layer: (o.candidate, o.knobs) for o in options if o.candidate is not EXACT}
         costs, loss, _ = self._run(choices)
-        options = tuple(self._measured(o, costs[o.layer]) for o in options)
+        options = tuple(dataclasses.replace(o, cost=costs[o.layer]) for o in options)
         return PlanPoint(label, options, float(sum(costs.values())), loss, loss <= required)
-
-    @staticmethod
-    def _measured(option, cost):
-        return option if option.cost == cost else LayerOption(option.layer, option.candidate,
-                                                               option.knobs, cost, option.loss,
-                                                               option.bound)
 
     # -- searching ---------------------------------------------------------------------
     def search(self, target, *, margin=0.25, uniform=True, refine=True, progress=None):

@@ -97,12 +97,6 @@ def _embed(model, texts):
                                    show_progress_bar=False), dtype=np.float64)
 
 
-def _knob_names(method):
-    from ..front import methods
-
-    return next(m.knobs for m in methods() if m.name == method)
-
-
 def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=None):
     """Score exact attention and each method's knob values on both tasks.
 
@@ -122,6 +116,7 @@ def run_evaluation(methods=None, *, seed=0, progress=None, model=None, tasks=Non
         Exact attention first.
     """
     from ..frameworks.torch import use_method
+    from ..tuning import _knob_names
     from .entries import get_entries
 
     entries = get_entries(methods)
