@@ -13,6 +13,7 @@ import numpy as np
 
 import mcattn
 from mcattn import mca
+from mcattn.mca.naive import shared_budgets
 from mcattn.mca.shared import round_budgets
 
 from .common import interleaved_times
@@ -73,13 +74,14 @@ def dense_projection(layers, heads):
         (x @ w + b).reshape(x.shape[0], x.shape[1], heads, -1).transpose(0, 2, 1, 3).copy()
 
 
-def sampled_projection(layers, heads, shared, backend="numba", sampling="weight"):
+def sampled_projection(layers, heads, shared, backend="numba", sampling="weight", share="row"):
+    """The sampled projections of ``layers``; ``share="batch"``: one draw sequence per head
+    for the whole batch (with ``shared``)."""
     for x, w, b, r, tables in layers:
-        if shared and x.shape[1] >= mcattn.config.MCA_SHARED_GEMM_MIN_TOKENS:
-            # what mca.attention does before the reduced GEMMs: budgets rounded up first
-            r = round_budgets(r, x.shape[-1], mcattn.config.MCA_SHARED_SLACK)
+        if shared:  # what mca.attention does before the reduced GEMMs: budgets rounded up first
+            r = shared_budgets(r, x.shape[-1], False, round_budgets, share)
         mca.value_projection(x, w, b, num_heads=heads, budgets=r, seed=0, shared_draws=shared,
-                             backend=backend, sampling=sampling, tables=tables)
+                             backend=backend, sampling=sampling, tables=tables, share=share)
 
 
 def packed_dense_projection(layers, heads, kpm):

@@ -18,7 +18,7 @@ from ..random import resolve_seed
 from . import stream
 from ._inputs import check_sampling, check_tables, check_weight, prepare_mca
 from .cpu import weight_tables as cpu_weight_tables
-from .naive import budgets_from_probs, budgets_from_top, shared_budgets, weight_probs
+from .naive import budgets_from_probs, budgets_from_top, check_share, shared_budgets, weight_probs
 from .ops import projection_ops, shared_projection_ops
 from .posterior import rounding_allowance, token_variances
 
@@ -30,9 +30,9 @@ _GPU_MAX_D_IN = 4096
 #: The sampled value-projection kernels, one per backend.
 PROJECTION_KERNELS = (
     Kernel("numba", "mcattn.mca.cpu", "value_projection",
-           features=frozenset({"optimal", "shared_draws"})),
+           features=frozenset({"optimal", "shared_draws", "share_batch"})),
     Kernel("numpy", "mcattn.mca.naive", "value_projection",
-           features=frozenset({"optimal", "shared_draws"})),
+           features=frozenset({"optimal", "shared_draws", "share_batch"})),
     Kernel("cupy", "mcattn.mca.cupy", "value_projection", max_head_dim=128,
            features=frozenset({"optimal", "shared_draws"}), max_sizes=(("d_in", _GPU_MAX_D_IN),)),
     Kernel("cuda", "mcattn.mca.cuda", "value_projection", max_head_dim=128,
@@ -60,6 +60,8 @@ class MCAInfo(CallInfo):
     alpha : float or None
     sampling : str
     shared_draws : bool
+    share : str
+        ``"row"`` or ``"batch"`` (what one shared draw sequence serves).
     posterior : mcattn.posterior.PosteriorBound
         Per-row error bound at confidence ``1 - delta`` (:mod:`mcattn.mca.posterior`).
     """
@@ -73,6 +75,7 @@ class MCAInfo(CallInfo):
     alpha: float | None = None
     sampling: str = "weight"
     shared_draws: bool = False
+    share: str = "row"
     posterior_source: object = field(default=None, repr=False, compare=False)
 
 
@@ -200,7 +203,7 @@ def budgets(probs_attn, alpha, d_in, *, attn_mask=None, key_padding_mask=None, i
 @on_input_device
 @check_flags
 def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight",
-                     shared_draws=False, backend=None, tables=None):
+                     shared_draws=False, share="row", backend=None, tables=None):
     """The importance-sampled estimate of ``x @ w + b``, split into heads.
 
     Parameters
@@ -219,6 +222,11 @@ def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight
     shared_draws : bool
         One draw sequence per (batch row, head), tokens use its prefixes — the authors'
         kernel; correlated errors across tokens, still unbiased.
+    share : {"row", "batch"}, default "row"
+        With ``shared_draws=True``: ``"batch"`` draws one sequence per head for the tokens
+        of every batch row (``[...]`` flattened), so tokens of equal budget in different
+        sequences form one product (the CPU backends; docs/mca.md). Its draws differ from
+        ``"row"``'s; still unbiased, errors now correlated across sequences too.
     backend : {None, "numpy", "numba", "cuda", "cupy"}
     tables : WeightTables, optional
         :func:`weight_tables` of ``w``, computed once and reused (faster).
@@ -231,6 +239,7 @@ def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight
     def prepare(a):
         x, w, b, r = a["x"], a["w"], a["b"], a["budgets"]
         check_sampling(sampling, shared_draws)
+        check_share(share, shared_draws)
         if x.ndim < 2:
             raise ShapeError(f"x must have shape [..., N, d_in]; got {x.shape}")
         check_weight(w, b, num_heads, x.shape[-1])
@@ -250,26 +259,31 @@ def value_projection(x, w, b=None, *, num_heads, budgets, seed, sampling="weight
     def run(call, _):
         x3, w, b, r3, lead = call
         out, _ = _run_projection(x3, w, b, num_heads, r3, resolve_seed(seed), sampling,
-                                 shared_draws, backend, tables)
+                                 shared_draws, backend, tables, share)
         return out.reshape(lead + out.shape[1:]), None
 
     return door("mca value projection", {"x": x, "w": w, "b": b, "budgets": budgets},
                 ("x", "w", "b"), prepare, run)
 
 
-def _shared_budgets(r, on_gpu, d_in):
+def _shared_budgets(r, on_gpu, d_in, share="row"):
     """:func:`mcattn.mca.naive.shared_budgets` with the compiled rounding."""
     from .shared import round_budgets
 
-    return shared_budgets(r, d_in, on_gpu, round_budgets)
+    if share == "batch" and on_gpu:  # no GPU kernel: fail in the backend choice, not here
+        return r
+    return shared_budgets(r, d_in, on_gpu, round_budgets, share)
 
 
-def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backend, tables=None):
+def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backend, tables=None,
+                    share="row"):
     features = set()
     if sampling == "optimal":
         features.add("optimal")
     if shared_draws:
         features.add("shared_draws")
+    if share == "batch":
+        features.add("share_batch")
     xp = namespace_of(x3)
     problem = Problem(
         device="cpu" if xp is np else "cuda", dtype=x3.dtype.name,
@@ -277,6 +291,9 @@ def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backe
         features=frozenset(features), sizes=(("d_in", x3.shape[-1]),),
     )
     kernel = select_kernel("mca value projection", PROJECTION_KERNELS, problem, backend)
+    if share == "batch":  # (the GPU kernels, without it, keep their signature)
+        return kernel(x3, w, b, num_heads, r3, seed, sampling, shared_draws, tables=tables,
+                      share=share), kernel.backend
     out = kernel(x3, w, b, num_heads, r3, seed, sampling, shared_draws, tables=tables)
     return out, kernel.backend
 
@@ -285,7 +302,8 @@ def _run_projection(x3, w, b, num_heads, r3, seed, sampling, shared_draws, backe
 @check_flags
 def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_padding_mask=None,
               is_causal=False, scale=None, seed=None, sampling="weight", shared_draws=False,
-              backend=None, check_finite=True, return_info=False, tables=None, delta=0.05):
+              share="row", backend=None, check_finite=True, return_info=False, tables=None,
+              delta=0.05):
     """Monte-Carlo attention: exact probabilities, sampled values, exact ``A @ V~``.
 
     The probabilities are never held as an ``[Nq, Nk]`` matrix: they are computed twice by
@@ -319,6 +337,12 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         are first rounded up so that each head has few distinct values
         (``config.MCA_SHARED_SLACK``: a group spans at most that relative width; 0 keeps
         them as computed). ``info.budgets`` reports the budgets used, ``info.ops`` the work.
+    share : {"row", "batch"}, default "row"
+        With ``shared_draws=True``: ``"batch"`` draws one sequence per head for the keys of
+        every batch row, budgets rounded per head across the batch, and the reduced GEMMs
+        gather tokens of equal budget from all sequences (padding keys take no part): what
+        makes shared draws fast on short, padded batches on the CPU (docs/mca.md). CPU
+        backends only.
     backend : {None, "numpy", "numba", "cuda", "cupy"}
         Backend of the sampled projection (probabilities and ``A @ V~`` use NumPy/CuPy).
     check_finite : bool
@@ -344,6 +368,7 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         call = prepare_mca(a, num_heads=num_heads, sampling=sampling, shared_draws=shared_draws,
                            tables=tables, is_causal=is_causal, scale=scale,
                            check_finite=check_finite)
+        check_share(share, shared_draws)
         return call, None  # the projection's kernel is chosen once the budgets are known
 
     def run(call, _):
@@ -351,19 +376,19 @@ def attention(q, k, x, w_v, b_v=None, *, num_heads, alpha, attn_mask=None, key_p
         if not num_heads:
             return _without_heads(inp, w, b, x.shape[-1], alpha, backend)
         return _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, backend,
-                           return_info, tables, delta)
+                           return_info, tables, delta, share)
 
     def info(call, _, extra):
         if not num_heads:
             return _zero_heads_info(call[0], extra, alpha, seed, sampling, shared_draws)
-        return _info(call, extra, num_heads, alpha, sampling, shared_draws)
+        return _info(call, extra, num_heads, alpha, sampling, shared_draws, share)
 
     return door("mca attention", arrays, ("q", "k", "x", "w_v", "b_v"), prepare, run, info,
                 return_info=return_info)
 
 
 def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, backend, return_info,
-                tables, delta=0.05):
+                tables, delta=0.05, share="row"):
     """The output ``[..., H, Nq, d_v]`` of checked inputs, and what the info needs."""
     nk, d_in = x.shape[-2], x.shape[-1]
     batch_shape = tuple(inp.batch_shape)  # [..., H]
@@ -379,13 +404,13 @@ def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, ba
     valid = np.broadcast_to(valid, (batch * num_heads, nk)).reshape(batch, num_heads, nk)
     r = budgets_from_top(top.reshape(batch, num_heads, nk), alpha, d_in, xp.asarray(valid))
     if shared_draws:
-        r = _shared_budgets(r, xp is not np, d_in)
+        r = _shared_budgets(r, xp is not np, d_in, share)
     seed = resolve_seed(seed)
     if shared_draws and return_info and tables is None and xp is np:
         tables = weight_tables(w, num_heads)  # built once for the projection and its op count
     x3 = x.reshape(batch, nk, d_in)
     values, used = _run_projection(xp.ascontiguousarray(x3), w, b, num_heads, r, seed, sampling,
-                                   shared_draws, backend, tables)
+                                   shared_draws, backend, tables, share)
     flat = values.reshape(batch * num_heads, nk, values.shape[-1])
     bound = None
     if return_info:  # the a-posteriori bound's variances ride on the same probability blocks
@@ -403,7 +428,7 @@ def _with_heads(inp, x, w, b, num_heads, alpha, seed, sampling, shared_draws, ba
     return out.reshape(batch_shape + (inp.nq, out.shape[-1])), (r, used, valid, x3, seed, tables, bound)
 
 
-def _info(call, extra, num_heads, alpha, sampling, shared_draws):
+def _info(call, extra, num_heads, alpha, sampling, shared_draws, share="row"):
     """The :class:`MCAInfo` of a call with heads."""
     inp, _, w, _ = call
     r, used, valid, x3, seed, tables, bound = extra
@@ -413,7 +438,7 @@ def _info(call, extra, num_heads, alpha, sampling, shared_draws):
     r_host = np.asarray(r.get() if hasattr(r, "get") else r)
     proj_ops, dense_proj = projection_ops(r_host, d_in, dv, sampling, valid)
     if shared_draws:
-        proj_ops = shared_projection_ops(r_host, x3, w, num_heads, seed, tables)
+        proj_ops = shared_projection_ops(r_host, x3, w, num_heads, seed, tables, share)
     attn_ops = exact_ops(inp, value_dim=dv)
     budget_ops = OpCounts({"fp32_cmp": attn_ops["fp32_exp"], "fp32_mul": 3 * int(valid.sum())})
     kept = np.minimum(r_host, d_in)[valid]
@@ -423,7 +448,7 @@ def _info(call, extra, num_heads, alpha, sampling, shared_draws):
         macs_kept=float(kept.mean() / d_in) if kept.size else float("nan"),
         exact_fraction=float((r_host[valid] >= d_in).mean()) if kept.size else float("nan"),
         projection_ops=proj_ops, dense_projection_ops=dense_proj, seed=seed, alpha=float(alpha),
-        sampling=sampling, shared_draws=bool(shared_draws), posterior_source=bound,
+        sampling=sampling, shared_draws=bool(shared_draws), share=share, posterior_source=bound,
     )
 
 

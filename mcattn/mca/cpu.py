@@ -20,7 +20,7 @@ from .. import config
 from .. import random as mrandom
 from .._cpu import run_tasks
 from .._jit import njit
-from .naive import SHARED_STREAM_BASE
+from .naive import SHARED_STREAM_BASE, check_share
 from .shared_cpu import value_projection as shared_projection
 from .tables import WeightTables, alias_tables, weight_tables
 from .tables import alias_draw as _alias
@@ -191,13 +191,14 @@ def _shared_tasks(x, nonzero, w, bias, has_bias, budgets, threshold, alias, shif
 
 
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", shared_draws=False,
-                     tables=None):
+                     tables=None, share="row"):
     """Numba version of :func:`mcattn.mca.naive.value_projection` (same signature, same draws)."""
-    if shared_draws and x.shape[1] >= int(config.MCA_SHARED_GEMM_MIN_TOKENS):
+    check_share(share, shared_draws)
+    if shared_draws and (share == "batch" or x.shape[1] >= int(config.MCA_SHARED_GEMM_MIN_TOKENS)):
         # Reduced GEMMs over the distinct drawn rows (mcattn.mca.shared_cpu). Very short
         # sequences stay in the per-draw kernel below, where planning the groups costs
-        # more than the draws themselves.
-        return shared_projection(x, w, bias, num_heads, budgets, seed, tables)
+        # more than the draws themselves (share="batch": the whole batch is one row).
+        return shared_projection(x, w, bias, num_heads, budgets, seed, tables, share)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)

@@ -14,7 +14,10 @@ or ``p = p_hj`` (``sampling="optimal"``: ``p_hj(k)`` proportional to
 Randomness (identical on every backend): draw ``t`` of token ``j`` of head ``h`` in batch
 row ``b`` uses the 64 bits ``mcattn.random.sample_bits(seed, stream, t)`` with
 ``stream = (b * H + h) * N + j``; with ``shared_draws=True`` all tokens of ``(b, h)`` use
-the prefixes of one sequence, ``stream = SHARED_STREAM_BASE + b * H + h``.
+the prefixes of one sequence, ``stream = SHARED_STREAM_BASE + b * H + h``; with
+``share="batch"`` too, all tokens of head ``h`` in every batch row use the prefixes of one
+sequence, ``stream = SHARED_BATCH_STREAM_BASE + h`` (:func:`batch_as_one_row`: the batch's
+sequences end to end are one row).
 
 * Weight sampling turns the bits into an index with Walker's alias method (one table
   per head, built once per call on the host, O(1) per draw) in integer arithmetic only:
@@ -36,6 +39,11 @@ from .._validate import namespace_of
 
 __all__ = [
     "SHARED_STREAM_BASE",
+    "SHARED_BATCH_STREAM_BASE",
+    "SHARES",
+    "check_share",
+    "batch_as_one_row",
+    "batch_from_one_row",
     "WeightTables",
     "weight_tables",
     "weight_probs",
@@ -53,6 +61,49 @@ __all__ = [
 
 #: Streams of ``shared_draws=True`` start here (above every per-token stream).
 SHARED_STREAM_BASE = 1 << 62
+#: Streams of ``shared_draws=True, share="batch"`` (one per head): above every stream of
+#: ``share="row"`` (``SHARED_STREAM_BASE + b * H + h``, fewer than ``2**61`` rows and heads).
+SHARED_BATCH_STREAM_BASE = 3 << 61
+#: What one shared draw sequence serves: the tokens of a (batch row, head), or of a head in
+#: every batch row.
+SHARES = ("row", "batch")
+
+
+def check_share(share, shared_draws):
+    """``share`` checked: one of :data:`SHARES`, ``"batch"`` only with ``shared_draws=True``."""
+    if not isinstance(share, str) or share not in SHARES:
+        raise ValueError(f"share must be one of {SHARES}; got {share!r}")
+    if share == "batch" and not shared_draws:
+        raise ValueError("share='batch' needs shared_draws=True (it shares one draw sequence "
+                         "per head across the batch)")
+
+
+def batch_as_one_row(x, budgets):
+    """The batch's sequences end to end, for ``share="batch"``: one row of ``B N`` tokens.
+
+    Parameters
+    ----------
+    x : array, shape ``[B, N, d_in]``
+    budgets : array of int, shape ``[B, H, N]``
+
+    Returns
+    -------
+    x1 : array, shape ``[1, B N, d_in]``
+        A view of ``x`` when it is C-contiguous; token ``b N + j`` is ``x[b, j]``.
+    budgets1 : numpy.ndarray of int64, shape ``[1, H, B N]``
+        C-contiguous, ``budgets1[0, h, b N + j] = budgets[b, h, j]``.
+    """
+    batch, heads, n = budgets.shape
+    flat = np.ascontiguousarray(np.asarray(budgets, dtype=np.int64).transpose(1, 0, 2))
+    return x.reshape(1, batch * n, x.shape[-1]), flat.reshape(1, heads, batch * n)
+
+
+def batch_from_one_row(out, batch):
+    """``[1, H, B N, dh]`` (a projection of :func:`batch_as_one_row`'s row) as ``[B, H, N, dh]``
+    (a copy)."""
+    _, heads, total, dh = out.shape
+    n = total // batch if batch else 0
+    return np.ascontiguousarray(out.reshape(heads, batch, n, dh).transpose(1, 0, 2, 3))
 
 
 def weight_probs(w, num_heads):
@@ -268,12 +319,19 @@ def round_budgets(budgets, d_in, slack):
     return r
 
 
-def shared_budgets(r, d_in, on_gpu=False, rounding=round_budgets):
+def shared_budgets(r, d_in, on_gpu=False, rounding=round_budgets, share="row"):
     """The budgets the shared-draw projection uses: on the GPU, and on the CPU from
     ``config.MCA_SHARED_GEMM_MIN_TOKENS`` keys on (the reduced-GEMM path), rounded up to few
     distinct values per row (fewer, larger GEMMs; :func:`round_budgets`, or the compiled
     ``rounding`` the fast paths pass) and kept on the host, where the kernels build their
-    plan; else ``r`` as it is."""
+    plan; else ``r`` as it is. With ``share="batch"`` (host arrays ``[B, H, N]``) the row is
+    a head's tokens in the whole batch (:func:`batch_as_one_row`): rounded across the batch,
+    and the CPU always takes the reduced GEMMs."""
+    if share == "batch":
+        batch, heads, n = r.shape
+        _, one = batch_as_one_row(np.empty((batch, n, 0)), np.asarray(r))
+        one = rounding(one, d_in, float(config.MCA_SHARED_SLACK))
+        return np.ascontiguousarray(one.reshape(heads, batch, n).transpose(1, 0, 2))
     if not on_gpu and r.shape[-1] < int(config.MCA_SHARED_GEMM_MIN_TOKENS):
         return r
     return rounding(np.asarray(r.get() if on_gpu else r), d_in, float(config.MCA_SHARED_SLACK))
@@ -314,7 +372,7 @@ def _independent_estimates(xb, tokens, counts, streams, seed, tables, h, row_nor
 
 
 def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
-                     shared_draws=False, tables=None):
+                     shared_draws=False, tables=None, share="row"):
     """Importance-sampled value projection, split into heads.
 
     Parameters
@@ -331,11 +389,20 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
         One draw sequence per (batch row, head); tokens use its prefixes.
     tables : WeightTables, optional
         Precomputed :func:`weight_tables` of ``w`` (otherwise built here).
+    share : {"row", "batch"}
+        With ``shared_draws``: ``"batch"`` draws one sequence per head for the tokens of
+        every batch row (stream ``SHARED_BATCH_STREAM_BASE + h``).
 
     Returns
     -------
     numpy.ndarray, shape ``[B, H, N, dh]``, dtype of ``x``
     """
+    check_share(share, shared_draws)
+    stream_base = SHARED_STREAM_BASE
+    if share == "batch":  # one row of B N tokens, its own streams
+        batch_rows = x.shape[0]
+        x, budgets = batch_as_one_row(np.asarray(x), budgets)
+        stream_base = SHARED_BATCH_STREAM_BASE
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     x64 = np.asarray(x, dtype=np.float64)
@@ -359,7 +426,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
             counts = r[sampled]
             if shared_draws:
                 longest = int(counts.max())
-                stream = np.uint64(SHARED_STREAM_BASE + b * num_heads + h)
+                stream = np.uint64(stream_base + b * num_heads + h)
                 bits = mrandom.sample_bits(seed, stream, np.arange(longest))
                 k = alias_draw(bits, threshold[h], alias[h], shift)
                 terms = xb[sampled][:, k] / p_weight[h, k]  # [tokens, longest]
@@ -373,11 +440,13 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight",
                 out[b, h, tokens] += _independent_estimates(
                     xb, tokens, counts[part], streams[b, h, tokens], seed, tables, h, row_norms[h],
                     w64[:, h], sampling)
+    if share == "batch":
+        out = batch_from_one_row(out, batch_rows)
     return out.astype(x.dtype, copy=False)
 
 
 def attention(inp, x, w, bias, num_heads, alpha, seed, sampling="weight", shared_draws=False,
-              projection=value_projection):
+              projection=value_projection, share="row"):
     """Monte-Carlo attention, the dense definition: the whole probability matrix.
 
     ``A = softmax(scale q k^T + mask)`` (:func:`mcattn.exact.naive.probs`), budgets
@@ -391,7 +460,7 @@ def attention(inp, x, w, bias, num_heads, alpha, seed, sampling="weight", shared
     inp : mcattn._validate.AttentionInputs
         ``prepare_attention(q, k, k, ...)`` of ``q``, ``k`` ``[B, H, N, d]`` and the masks.
     x : numpy.ndarray, shape ``[B, Nk, d_in]``
-    w, bias, num_heads, seed, sampling, shared_draws
+    w, bias, num_heads, seed, sampling, shared_draws, share
         As :func:`value_projection`.
     alpha : float
     projection : callable, default :func:`value_projection`
@@ -409,6 +478,7 @@ def attention(inp, x, w, bias, num_heads, alpha, seed, sampling="weight", shared
     valid = np.broadcast_to(inp.mask.visible_keys(inp.nq, nk), (batch * num_heads, nk))
     r = budgets_from_probs(probs, alpha, d_in, valid).reshape(batch, num_heads, nk)
     if shared_draws:
-        r = shared_budgets(r, d_in)
-    values = projection(x, w, bias, num_heads, r, seed, sampling, shared_draws)
+        r = shared_budgets(r, d_in, share=share)
+    values = (projection(x, w, bias, num_heads, r, seed, sampling, shared_draws) if share == "row"
+              else projection(x, w, bias, num_heads, r, seed, sampling, shared_draws, share=share))
     return np.matmul(probs, values.reshape(batch * num_heads, nk, -1)), r

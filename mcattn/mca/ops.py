@@ -30,10 +30,11 @@ def projection_ops(r, d_in, dv, sampling, valid):
     return OpCounts(counts), dense
 
 
-def shared_projection_ops(r, x, w, num_heads, seed, tables):
+def shared_projection_ops(r, x, w, num_heads, seed, tables, share="row"):
     """Operations of the reduced-GEMM shared-draw projection (:mod:`mcattn.mca.shared`).
 
-    One draw sequence per (batch row, head) of the longest budget (2 random words and
+    One draw sequence per (batch row, head) — per head with ``share="batch"`` — of the
+    longest budget (2 random words and
     ``log2 d_in`` search steps per draw, as the per-draw kernels), the merge weights
     (a divide per distinct drawn row, the ``1 / r_j`` folded in), the scaling of the
     merged rows, the reduced GEMMs' multiply-adds as done, and exact tokens' dense rows.
@@ -47,8 +48,11 @@ def shared_projection_ops(r, x, w, num_heads, seed, tables):
     tables = weight_tables(host(w), num_heads) if tables is None else tables
     exact = (r >= d_in) & nonzero[:, None, :]
     sampled = (r > 0) & (r < d_in) & nonzero[:, None, :]
-    longest = int(np.where(sampled, r, 0).max(axis=-1, initial=0).sum())
-    macs, merge = reduced_macs(r, d_in, dh, seed, tables, nonzero)
+    top = np.where(sampled, r, 0)
+    if share == "batch":  # one sequence per head: the longest budget over the batch
+        top = top.max(axis=0, initial=0)
+    longest = int(top.max(axis=-1, initial=0).sum())
+    macs, merge = reduced_macs(r, d_in, dh, seed, tables, nonzero, share)
     macs += int(exact.sum()) * d_in * dh
     steps = int(np.ceil(np.log2(max(d_in, 2))))
     return OpCounts({"fp32_mul": macs + merge, "fp32_add": macs,

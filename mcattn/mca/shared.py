@@ -27,7 +27,7 @@ from .. import random as mrandom
 from .._jit import njit
 from .._validate import namespace_of
 from .cpu import weight_tables
-from .naive import SHARED_STREAM_BASE, alias_draw
+from .naive import SHARED_BATCH_STREAM_BASE, SHARED_STREAM_BASE, alias_draw, batch_as_one_row
 from .naive import round_budgets as round_budgets_reference
 
 __all__ = ["round_budgets", "round_budgets_reference", "value_projection", "group_plan"]
@@ -202,9 +202,10 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
     return out
 
 
-def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
+def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero, share="row"):
     """Work of the reduced GEMMs (sampled tokens) for host budgets ``[B, H, N]`` (the
-    reference of the compiled :func:`mcattn.mca.shared_cpu.reduced_macs`).
+    reference of the compiled :func:`mcattn.mca.shared_cpu.reduced_macs`); ``share="batch"``:
+    one draw sequence per head, groups over the whole batch.
 
     Returns
     -------
@@ -214,6 +215,10 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
         Scaling the distinct rows by ``count / (p e)``: one multiply per row and column.
     """
     total = merge = 0
+    base = SHARED_STREAM_BASE
+    if share == "batch":
+        nz, budgets = batch_as_one_row(np.asarray(x_nonzero)[..., None], budgets)
+        x_nonzero, base = nz[..., 0], SHARED_BATCH_STREAM_BASE
     batch, heads, _ = budgets.shape
     for b in range(batch):
         for h in range(heads):
@@ -222,7 +227,7 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
             if sampled.size == 0:
                 continue
             counts = np.sort(r[sampled])
-            bits = mrandom.sample_bits(seed, np.uint64(SHARED_STREAM_BASE + b * heads + h),
+            bits = mrandom.sample_bits(seed, np.uint64(base + b * heads + h),
                                        np.arange(int(counts[-1])))
             k = alias_draw(bits, tables.threshold[h], tables.alias[h], tables.shift)
             for lo, hi, rows, _ in group_plan(k, tables.p_weight[h], counts):

@@ -33,18 +33,21 @@ import numpy as np
 from .. import random as mrandom
 from .._cpu import run_tasks
 from .._jit import njit
-from .naive import SHARED_STREAM_BASE
+from .naive import SHARED_BATCH_STREAM_BASE, SHARED_STREAM_BASE, batch_as_one_row, check_share
 from .tables import alias_draw as _alias
 from .tables import weight_tables
 
 __all__ = ["value_projection", "make_plan", "SharedPlan", "reduced_macs", "token_block",
-           "TOKEN_BLOCK", "MAX_TOKEN_BLOCK", "BLAS_MIN_MACS"]
+           "TOKEN_BLOCK", "MAX_TOKEN_BLOCK", "BLAS_MIN_MACS", "BATCH_PIECE"]
 
 #: Tokens per apply task for one group per head: a block of ``x`` (``TOKEN_BLOCK * d_in``
 #: numbers) is reused from cache by every head.
 TOKEN_BLOCK = 128
 #: The most tokens per apply task (see :func:`token_block`).
 MAX_TOKEN_BLOCK = 1024
+#: ``share="batch"``: a head's sampled tokens, sorted by budget, are multiplied by pieces of
+#: this many (one BLAS product each, see :func:`_apply_batch`).
+BATCH_PIECE = 64
 #: Groups whose product has fewer multiply-adds than this use the compiled loop, larger
 #: ones a BLAS call (whose fixed cost is a few microseconds).
 BLAS_MIN_MACS = 1 << 15
@@ -57,10 +60,9 @@ _EXACT = -1
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _draw_sequence(task, longest, threshold_h, alias_h, shift, k0, k1, out):
-    """The first ``longest`` draws of (batch row, head) ``task`` (= ``b * H + h``) into ``out``."""
+def _draw_sequence(stream, longest, threshold_h, alias_h, shift, k0, k1, out):
+    """The first ``longest`` draws of random stream ``stream`` into ``out``."""
     d_in = threshold_h.shape[0]
-    stream = np.uint64(SHARED_STREAM_BASE + task)
     for pair in range((longest + 1) // 2):
         # One Philox call gives draws 2 * pair and 2 * pair + 1 (= sample_bits).
         index = np.uint64(pair)
@@ -88,10 +90,10 @@ def _mark_budgets(r, present):
 
 
 @njit(nogil=True, cache=True)
-def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_distinct, n_weights,
-                t0, t1):
-    """Per (batch row, head): the draws, and the numbers of groups, of distinct drawn rows and
-    of merged rows over all groups."""
+def _count_plan(budgets, threshold, alias, shift, k0, k1, base, draws, n_groups, n_distinct,
+                n_weights, t0, t1):
+    """Per (batch row, head) ``task``: the draws of stream ``base + task``, and the numbers of
+    groups, of distinct drawn rows and of merged rows over all groups."""
     heads = budgets.shape[1]
     d_in = threshold.shape[1]
     present = np.zeros(d_in + 1, np.bool_)
@@ -106,7 +108,8 @@ def _count_plan(budgets, threshold, alias, shift, k0, k1, draws, n_groups, n_dis
         distinct = 0
         groups = 0
         total = 0
-        _draw_sequence(task, longest, threshold[h], alias[h], shift, k0, k1, draws[task])
+        _draw_sequence(base + np.uint64(task), longest, threshold[h], alias[h], shift, k0, k1,
+                       draws[task])
         for t in range(longest):
             k = draws[task, t]
             if counts[k] == 0:
@@ -341,8 +344,158 @@ def _product_out(a, wmat, order, lo, tokens, bias, col0, out, flat_out, b, h):
             out[b, h, j, c] = prod[i, c] + bias[col0 + c]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _sort_tokens(g_of, n_g, starts, fill, order):
+    """Counting sort of one head's tokens by bucket (0 masked, 1 exact, 2 + g group g, so in
+    ascending budget): ``order[starts[s]:starts[s + 1]]`` are bucket ``s``'s tokens."""
+    for s in range(n_g + 3):
+        starts[s] = 0
+    for j in range(g_of.shape[0]):
+        starts[g_of[j] + 3] += 1
+    for s in range(n_g + 2):
+        starts[s + 1] += starts[s]
+    for s in range(n_g + 2):
+        fill[s] = starts[s]
+    for j in range(g_of.shape[0]):
+        s = g_of[j] + 2
+        order[fill[s]] = j
+        fill[s] += 1
+
+
 @njit(nogil=True, cache=True)
-def _macs_tasks(budgets, nonzero, threshold, alias, shift, k0, k1, macs, merges, t0, t1):
+def _apply_batch(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, weights,
+                 piece, out, t0, t1):
+    """``share="batch"``: tasks = heads; ``x`` is ``[1, T, d_in]``, the batch end to end, and
+    token ``t`` goes to ``out[t // N, h, t % N]``.
+
+    A head's groups all use prefixes of its one list of distinct drawn rows, so the weights
+    ``count / (p e)`` go on the side of ``x``: ``a[j, m] = x[j, rows[m]] w_g[m]`` (0 past the
+    group's width) and every product is ``a @ W_h[rows]`` with the same gathered rows of W.
+    The sampled tokens, sorted by budget, are taken ``piece`` at a time across group
+    boundaries: one BLAS product of ``piece`` rows over the widest width in the piece (the
+    zeros of the narrower groups are multiplied too; :func:`reduced_macs` counts them).
+    """
+    t_all = x.shape[1]
+    d_in = x.shape[2]
+    n = out.shape[2]
+    dh = out.shape[3]
+    xb = x[0]
+    max_groups = 0
+    for i in range(group_ptr.shape[0] - 1):
+        max_groups = max(max_groups, group_ptr[i + 1] - group_ptr[i])
+    order = np.empty(t_all, np.int64)
+    starts = np.empty(max_groups + 3, np.int64)
+    fill = np.empty(max_groups + 3, np.int64)
+    abuf = np.empty(piece * d_in, x.dtype)
+    pbuf = np.empty(piece * dh, x.dtype)
+    wbuf = np.empty(d_in * dh, x.dtype)
+    for h in range(t0, t1):
+        g0 = group_ptr[h]
+        n_g = group_ptr[h + 1] - g0
+        base = row_base[h]
+        col0 = h * dh
+        w_h = wh[h]
+        _sort_tokens(group_of[0, h], n_g, starts, fill, order)
+        for i in range(starts[0], starts[1]):  # masked keys: the bias only
+            j = order[i]
+            for c in range(dh):
+                out[j // n, h, j % n, c] = bias[col0 + c]
+        for lo in range(starts[1], starts[2], piece):  # exact keys: whole rows of x
+            cnt = min(piece, starts[2] - lo)
+            a = abuf[: cnt * d_in].reshape((cnt, d_in))
+            for i in range(cnt):
+                xj = xb[order[lo + i]]
+                ai = a[i]
+                for c in range(d_in):
+                    ai[c] = xj[c]
+            _scatter(a, w_h, order, lo, cnt, pbuf, bias, col0, out, h)
+        if n_g == 0:
+            continue
+        top = width[g0 + n_g - 1]  # every distinct drawn row of the head, in draw order
+        wrows = wbuf[: top * dh].reshape((top, dh))
+        for m in range(top):
+            src = w_h[rows[base + m]]
+            dst = wrows[m]
+            for c in range(dh):
+                dst[c] = src[c]
+        idx = rows[base : base + top]
+        g = 0  # the group of the token at position lo
+        for lo in range(starts[2], starts[n_g + 2], piece):
+            cnt = min(piece, starts[n_g + 2] - lo)
+            while starts[g + 3] <= lo:
+                g += 1
+            last = g
+            while starts[last + 3] < lo + cnt:
+                last += 1
+            wmax = width[g0 + last]
+            a = abuf[: cnt * wmax].reshape((cnt, wmax))
+            gi = g
+            for i in range(cnt):
+                while starts[gi + 3] <= lo + i:
+                    gi += 1
+                wd = width[g0 + gi]
+                w0 = weight_ptr[g0 + gi]
+                xj = xb[order[lo + i]]
+                ai = a[i]
+                for m in range(wd):
+                    ai[m] = xj[idx[m]] * weights[w0 + m]
+                for m in range(wd, wmax):
+                    ai[m] = 0
+            _scatter(a, wrows[:wmax], order, lo, cnt, pbuf, bias, col0, out, h)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _scatter(a, wmat, order, lo, cnt, pbuf, bias, col0, out, h):
+    """``out[t // N, h, t % N] = (a @ wmat)[i] + bias`` for ``t = order[lo + i]``."""
+    n = out.shape[2]
+    dh = out.shape[3]
+    prod = pbuf[: cnt * dh].reshape((cnt, dh))
+    np.dot(a, wmat, prod)
+    for i in range(cnt):
+        j = order[lo + i]
+        for c in range(dh):
+            out[j // n, h, j % n, c] = prod[i, c] + bias[col0 + c]
+
+
+@njit(nogil=True, cache=True)
+def _batch_macs(group_of, group_ptr, width, nonzero, piece, macs, merges, t0, t1):
+    """Per head of ``share="batch"`` (the plan of :func:`_apply_batch`): the products'
+    multiply-adds per column (each piece's tokens times its widest width) and the weight
+    multiplies ``x[j, rows[m]] w_g[m]``, over the pieces' tokens whose row of ``x`` is not zero."""
+    t_all = group_of.shape[2]
+    max_groups = 0
+    for i in range(group_ptr.shape[0] - 1):
+        max_groups = max(max_groups, group_ptr[i + 1] - group_ptr[i])
+    order = np.empty(t_all, np.int64)
+    starts = np.empty(max_groups + 3, np.int64)
+    fill = np.empty(max_groups + 3, np.int64)
+    for h in range(t0, t1):
+        g0 = group_ptr[h]
+        n_g = group_ptr[h + 1] - g0
+        _sort_tokens(group_of[0, h], n_g, starts, fill, order)
+        total = 0
+        merged = 0
+        g = 0
+        for lo in range(starts[2], starts[n_g + 2], piece):
+            cnt = min(piece, starts[n_g + 2] - lo)
+            last = g
+            while starts[last + 3] < lo + cnt:
+                last += 1
+            wmax = width[g0 + last]
+            gi = g
+            for i in range(cnt):
+                while starts[gi + 3] <= lo + i:
+                    gi += 1
+                if nonzero[order[lo + i]]:
+                    total += wmax
+                    merged += width[g0 + gi]
+            g = last
+        macs[h] = total
+        merges[h] = merged
+
+
+@njit(nogil=True, cache=True)
+def _macs_tasks(budgets, nonzero, threshold, alias, shift, k0, k1, base, macs, merges, t0, t1):
     """Per (batch row, head): the reduced GEMMs' multiply-adds per column (tokens of a group
     times its distinct rows, summed) and the merged rows, over tokens with a nonzero row."""
     _, heads, n = budgets.shape
@@ -362,7 +515,7 @@ def _macs_tasks(budgets, nonzero, threshold, alias, shift, k0, k1, macs, merges,
             if 0 < v < d_in and nonzero[b, j]:
                 tokens[v] += 1
                 longest = max(longest, v)
-        _draw_sequence(task, longest, threshold[h], alias[h], shift, k0, k1, draws)
+        _draw_sequence(base + np.uint64(task), longest, threshold[h], alias[h], shift, k0, k1, draws)
         distinct = 0
         total = 0
         merged = 0
@@ -378,9 +531,24 @@ def _macs_tasks(budgets, nonzero, threshold, alias, shift, k0, k1, macs, merges,
         merges[task] = merged
 
 
-def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
+def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero, share="row"):
     """:func:`mcattn.mca.shared.reduced_macs` compiled (same arguments, same ``(macs,
-    merge_muls)``): what ``mca.attention(..., return_info=True)`` reports."""
+    merge_muls)``): what ``mca.attention(..., return_info=True)`` reports. ``share="batch"``
+    counts one draw sequence per head over the whole batch (:func:`value_projection`)."""
+    base = _stream_base(share)
+    if share == "batch":
+        nonzero, one = batch_as_one_row(np.asarray(x_nonzero)[..., None], budgets)
+        if one.size == 0:
+            return 0, 0
+        plan = make_plan(one, seed, tables, base)
+        heads = one.shape[1]
+        macs = np.zeros(heads, np.int64)
+        merges = np.zeros(heads, np.int64)
+        run_tasks(_batch_macs, heads, plan.group_of, plan.group_ptr, plan.width,
+                  np.ascontiguousarray(nonzero[0, :, 0], dtype=np.bool_), int(BATCH_PIECE), macs,
+                  merges, work=one.size)
+        # the weights multiply x's entries, once per token and row (not per column)
+        return int(macs.sum()) * int(dh), int(merges.sum())
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
     batch, heads, n = budgets.shape
     if budgets.size == 0:
@@ -389,7 +557,7 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero):
     macs = np.zeros(batch * heads, np.int64)
     merges = np.zeros(batch * heads, np.int64)
     run_tasks(_macs_tasks, batch * heads, budgets, np.ascontiguousarray(x_nonzero, dtype=np.bool_),
-              tables.threshold, tables.alias, tables.shift, k0, k1, macs, merges,
+              tables.threshold, tables.alias, tables.shift, k0, k1, base, macs, merges,
               work=batch * heads * (n + 4 * d_in))
     return int(macs.sum()) * int(dh), int(merges.sum()) * int(dh)
 
@@ -439,7 +607,13 @@ class SharedPlan(NamedTuple):
     weights: np.ndarray
 
 
-def make_plan(budgets, seed, tables):
+def _stream_base(share):
+    """The first random stream of a shared-draw projection (``share`` checked)."""
+    check_share(share, True)
+    return np.uint64(SHARED_BATCH_STREAM_BASE if share == "batch" else SHARED_STREAM_BASE)
+
+
+def make_plan(budgets, seed, tables, stream_base=SHARED_STREAM_BASE):
     """The shared-draw plan of host budgets ``[B, H, N]`` (compiled, all heads at once).
 
     Parameters
@@ -449,6 +623,9 @@ def make_plan(budgets, seed, tables):
     seed : int
     tables : WeightTables
         Of the weight (its alias tables and probabilities).
+    stream_base : int, default ``SHARED_STREAM_BASE``
+        (Batch row, head) ``b * H + h`` draws from stream ``stream_base + b * H + h``
+        (``SHARED_BATCH_STREAM_BASE`` for the one row of ``share="batch"``).
 
     Returns
     -------
@@ -466,8 +643,9 @@ def make_plan(budgets, seed, tables):
     draws = np.empty((tasks, d_in), np.int64)
     # The plan is small next to the products (0.1 ms at N = 4096): on the calling thread
     # unless it is large (run_tasks' work=).
-    run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1, draws, n_groups,
-              n_distinct, n_weights, chunks_per_thread=4, work=tasks * (n + 4 * d_in))
+    run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1,
+              np.uint64(stream_base), draws, n_groups, n_distinct, n_weights, chunks_per_thread=4,
+              work=tasks * (n + 4 * d_in))
     group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
                                         (n_groups, n_distinct, n_weights))
     rows = np.empty(int(row_base[-1]), np.int64)
@@ -481,7 +659,7 @@ def make_plan(budgets, seed, tables):
     return SharedPlan(group_of, group_ptr, row_base, rows, width, weight_ptr, weights)
 
 
-def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
+def value_projection(x, w, bias, num_heads, budgets, seed, tables=None, share="row"):
     """Shared-draw value projection on the host (NumPy arrays; rounded budgets are used as given).
 
     Parameters
@@ -493,11 +671,18 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
     budgets : numpy.ndarray of int, shape ``[B, H, N]``
     seed : int
     tables : WeightTables, optional
+    share : {"row", "batch"}
+        ``"batch"``: one draw sequence per head serves the tokens of every batch row. The
+        plan sees the batch's sequences end to end as one row of ``B N`` tokens
+        (:func:`mcattn.mca.naive.batch_as_one_row`) and :func:`_apply_batch` multiplies a
+        head's sampled tokens of all sequences by pieces of ``BATCH_PIECE``, across groups
+        (one task per head); masked (padding) tokens get the bias and no product.
 
     Returns
     -------
     numpy.ndarray, shape ``[B, H, N, dh]``, dtype of ``x``
     """
+    base = _stream_base(share)
     batch, n, d_in = x.shape
     dh = w.shape[1] // num_heads
     out = np.empty((batch, num_heads, n, dh), dtype=x.dtype)
@@ -505,9 +690,16 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None):
         return out
     tables = weight_tables(w, num_heads) if tables is None else tables
     x = np.ascontiguousarray(x)
-    plan = make_plan(budgets, seed, tables)
     bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                 else np.ascontiguousarray(bias, dtype=x.dtype))
+    if share == "batch":
+        x, budgets = batch_as_one_row(x, budgets)
+        plan = make_plan(budgets, seed, tables, base)
+        run_tasks(_apply_batch, num_heads, x, tables.wh_as(x.dtype), bias_row, plan.group_of,
+                  plan.group_ptr, plan.row_base, plan.rows, plan.width, plan.weight_ptr,
+                  plan.weights.astype(x.dtype), int(BATCH_PIECE), out, chunks_per_thread=4)
+        return out
+    plan = make_plan(budgets, seed, tables, base)
     block = token_block(n, plan.width.size / (batch * num_heads))  # mean groups per head
     n_blocks = -(-n // block)
     run_tasks(_apply, batch * n_blocks, x, tables.wh_as(x.dtype), bias_row, plan.group_of,
