@@ -10,6 +10,7 @@ runs exactly one kernel thread. Results never depend on the number of threads: a
 always computes the same rows in the same order.
 """
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,7 +48,7 @@ def _blas_one_thread():
     return _controller.limit(limits=1, user_api="blas")
 
 
-def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None):
+def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None, blas=True):
     """Run ``kernel(*args, t0, t1)`` over ``[0, num_tasks)`` on the CPU threads.
 
     Parameters
@@ -63,6 +64,10 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None):
         An estimate of the call's scalar operations: below ``config.CPU_SERIAL_WORK`` the
         kernel runs on the calling thread alone (waking the pool costs tens of
         microseconds per call, more than a small phase of a kernel costs).
+    blas : bool, default True
+        The kernel may call BLAS (``np.dot``): BLAS is held to one thread during the call.
+        False skips that (about 10 microseconds of threadpoolctl per call) for kernels
+        without BLAS calls.
 
     Notes
     -----
@@ -75,7 +80,7 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None):
     threads = min(config.num_threads(), num_tasks)
     if work is not None and work < int(config.CPU_SERIAL_WORK):
         threads = 1
-    with _blas_one_thread():
+    with _blas_one_thread() if blas else contextlib.nullcontext():
         if threads == 1:
             kernel(*args, 0, num_tasks)
             return
@@ -116,7 +121,7 @@ def map_threads(fn, items):
     if not items:
         return []
     threads = min(config.num_threads(), len(items))
-    with _blas_one_thread():
+    with _blas_one_thread() if blas else contextlib.nullcontext():
         if threads == 1:
             return [fn(item) for item in items]
         return list(_get_pool(threads).map(fn, items))

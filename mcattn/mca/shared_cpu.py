@@ -46,7 +46,7 @@ TOKEN_BLOCK = 128
 #: The most tokens per apply task (see :func:`token_block`).
 MAX_TOKEN_BLOCK = 1024
 #: ``share="batch"``: a head's sampled tokens, sorted by budget, are multiplied by pieces of
-#: this many (one BLAS product each, see :func:`_apply_batch`).
+#: this many (one BLAS product each, see :func:`_project_batch`).
 BATCH_PIECE = 64
 #: Groups whose product has fewer multiply-adds than this use the compiled loop, larger
 #: ones a BLAS call (whose fixed cost is a few microseconds).
@@ -363,10 +363,77 @@ def _sort_tokens(g_of, n_g, starts, fill, order):
 
 
 @njit(nogil=True, cache=True)
-def _apply_batch(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight_ptr, weights,
-                 piece, out, t0, t1):
-    """``share="batch"``: tasks = heads; ``x`` is ``[1, T, d_in]``, the batch end to end, and
-    token ``t`` goes to ``out[t // N, h, t % N]``.
+def _plan_head(r, threshold_h, alias_h, shift, k0, k1, stream, p_h, draws, present, rank, counts,
+               group_of, rows, width, weight_ptr, weights):
+    """The plan of one row ``r`` of budgets (what :func:`_count_plan` and :func:`_fill_plan`
+    give one (batch row, head), in local arrays): ``group_of`` as :class:`SharedPlan`'s,
+    the distinct drawn rows in order of first draw, each group's width and weights
+    ``count / (p e)`` at ``weights[weight_ptr[g]:]`` (``weights`` grown when too short).
+
+    Returns
+    -------
+    (n_groups, weights)
+    """
+    d_in = threshold_h.shape[0]
+    longest = _mark_budgets(r, present)
+    _draw_sequence(stream, longest, threshold_h, alias_h, shift, k0, k1, draws)
+    g = 0
+    for v in range(1, longest + 1):  # groups in ascending budget
+        if present[v]:
+            rank[v] = g
+            g += 1
+    n_g = g
+    for j in range(r.shape[0]):
+        v = r[j]
+        if v <= 0:
+            group_of[j] = _MASKED
+        elif v >= d_in:
+            group_of[j] = _EXACT
+        else:
+            group_of[j] = rank[v]
+    for v in range(d_in):
+        counts[v] = 0
+    total = 0  # merged rows over all groups, to size the weights
+    distinct = 0
+    for t in range(longest):
+        k = draws[t]
+        if counts[k] == 0:
+            rows[distinct] = k
+            distinct += 1
+        counts[k] += 1
+        if present[t + 1]:
+            total += distinct
+    if weights.shape[0] < total:
+        weights = np.empty(2 * total, weights.dtype)
+    for v in range(d_in):
+        counts[v] = 0
+    gi = 0
+    at = 0
+    distinct = 0
+    for t in range(longest):
+        k = draws[t]
+        if counts[k] == 0:
+            distinct += 1
+        counts[k] += 1
+        if not present[t + 1]:
+            continue
+        e = np.float64(t + 1)
+        width[gi] = distinct
+        weight_ptr[gi] = at
+        for m in range(distinct):
+            kk = rows[m]
+            weights[at + m] = counts[kk] / (p_h[kk] * e)
+        at += distinct
+        gi += 1
+    return n_g, weights
+
+
+@njit(nogil=True, cache=True)
+def _project_batch(x, wh, bias, budgets, threshold, alias, shift, k0, k1, base, p_weight, piece,
+                   out, t0, t1):
+    """``share="batch"``: tasks = heads, each plans (:func:`_plan_head`, stream ``base + h``)
+    and applies its own draws; ``x`` is ``[1, T, d_in]``, the batch end to end, and token
+    ``t`` goes to ``out[t // N, h, t % N]``.
 
     A head's groups all use prefixes of its one list of distinct drawn rows, so the weights
     ``count / (p e)`` go on the side of ``x``: ``a[j, m] = x[j, rows[m]] w_g[m]`` (0 past the
@@ -380,26 +447,39 @@ def _apply_batch(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight
     n = out.shape[2]
     dh = out.shape[3]
     xb = x[0]
-    max_groups = 0
-    for i in range(group_ptr.shape[0] - 1):
-        max_groups = max(max_groups, group_ptr[i + 1] - group_ptr[i])
+    draws = np.empty(d_in, np.int64)
+    present = np.zeros(d_in + 1, np.bool_)
+    rank = np.zeros(d_in + 1, np.int64)
+    counts = np.zeros(d_in, np.int64)
+    group_of = np.empty(t_all, np.int64)
+    idx = np.empty(d_in, np.int64)
+    width = np.empty(d_in + 1, np.int64)
+    weight_ptr = np.empty(d_in + 1, np.int64)
+    weights = np.empty(4 * d_in, np.float64)
+    wts = np.empty(weights.shape[0], x.dtype)
     order = np.empty(t_all, np.int64)
-    starts = np.empty(max_groups + 3, np.int64)
-    fill = np.empty(max_groups + 3, np.int64)
+    starts = np.empty(d_in + 3, np.int64)
+    fill = np.empty(d_in + 3, np.int64)
     abuf = np.empty(piece * d_in, x.dtype)
     pbuf = np.empty(piece * dh, x.dtype)
     wbuf = np.empty(d_in * dh, x.dtype)
     for h in range(t0, t1):
-        g0 = group_ptr[h]
-        n_g = group_ptr[h + 1] - g0
-        base = row_base[h]
-        col0 = h * dh
+        n_g, weights = _plan_head(budgets[0, h], threshold[h], alias[h], shift, k0, k1,
+                                  base + np.uint64(h), p_weight[h], draws, present, rank, counts,
+                                  group_of, idx, width, weight_ptr, weights)
+        if wts.shape[0] < weights.shape[0]:
+            wts = np.empty(weights.shape[0], x.dtype)
+        used = weight_ptr[n_g - 1] + width[n_g - 1] if n_g else 0
+        for m in range(used):  # (cast once, as the row mode's plan.weights.astype)
+            wts[m] = weights[m]
+        b_h = bias[h * dh : (h + 1) * dh]
         w_h = wh[h]
-        _sort_tokens(group_of[0, h], n_g, starts, fill, order)
+        _sort_tokens(group_of, n_g, starts, fill, order)
         for i in range(starts[0], starts[1]):  # masked keys: the bias only
             j = order[i]
+            row = out[j // n, h, j % n]  # (a row view: the copy vectorises)
             for c in range(dh):
-                out[j // n, h, j % n, c] = bias[col0 + c]
+                row[c] = b_h[c]
         for lo in range(starts[1], starts[2], piece):  # exact keys: whole rows of x
             cnt = min(piece, starts[2] - lo)
             a = abuf[: cnt * d_in].reshape((cnt, d_in))
@@ -408,17 +488,16 @@ def _apply_batch(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight
                 ai = a[i]
                 for c in range(d_in):
                     ai[c] = xj[c]
-            _scatter(a, w_h, order, lo, cnt, pbuf, bias, col0, out, h)
+            _scatter(a, w_h, order, lo, cnt, pbuf, b_h, out, h)
         if n_g == 0:
             continue
-        top = width[g0 + n_g - 1]  # every distinct drawn row of the head, in draw order
+        top = width[n_g - 1]  # every distinct drawn row of the head, in draw order
         wrows = wbuf[: top * dh].reshape((top, dh))
         for m in range(top):
-            src = w_h[rows[base + m]]
+            src = w_h[idx[m]]
             dst = wrows[m]
             for c in range(dh):
                 dst[c] = src[c]
-        idx = rows[base : base + top]
         g = 0  # the group of the token at position lo
         for lo in range(starts[2], starts[n_g + 2], piece):
             cnt = min(piece, starts[n_g + 2] - lo)
@@ -427,39 +506,59 @@ def _apply_batch(x, wh, bias, group_of, group_ptr, row_base, rows, width, weight
             last = g
             while starts[last + 3] < lo + cnt:
                 last += 1
-            wmax = width[g0 + last]
+            wmax = width[last]
             a = abuf[: cnt * wmax].reshape((cnt, wmax))
-            gi = g
-            for i in range(cnt):
-                while starts[gi + 3] <= lo + i:
-                    gi += 1
-                wd = width[g0 + gi]
-                w0 = weight_ptr[g0 + gi]
-                xj = xb[order[lo + i]]
-                ai = a[i]
-                for m in range(wd):
-                    ai[m] = xj[idx[m]] * weights[w0 + m]
-                for m in range(wd, wmax):
-                    ai[m] = 0
-            _scatter(a, wrows[:wmax], order, lo, cnt, pbuf, bias, col0, out, h)
+            for gi in range(g, last + 1):  # the piece's tokens of group gi: rows i0 .. i1 - 1
+                i0 = max(starts[gi + 2], lo) - lo
+                i1 = min(starts[gi + 3], lo + cnt) - lo
+                wd = width[gi]
+                wg = wts[weight_ptr[gi] : weight_ptr[gi] + wd]
+                for i in range(i0, i1 - 3, 4):  # four tokens per loaded index and weight
+                    x0 = xb[order[lo + i]]
+                    x1 = xb[order[lo + i + 1]]
+                    x2 = xb[order[lo + i + 2]]
+                    x3 = xb[order[lo + i + 3]]
+                    a0 = a[i]
+                    a1 = a[i + 1]
+                    a2 = a[i + 2]
+                    a3 = a[i + 3]
+                    for m in range(wd):
+                        k = idx[m]
+                        sc = wg[m]
+                        a0[m] = x0[k] * sc
+                        a1[m] = x1[k] * sc
+                        a2[m] = x2[k] * sc
+                        a3[m] = x3[k] * sc
+                for i in range(i1 - (i1 - i0) % 4, i1):
+                    xj = xb[order[lo + i]]
+                    ai = a[i]
+                    for m in range(wd):
+                        ai[m] = xj[idx[m]] * wg[m]
+                for i in range(i0, i1):  # zeros past the group's width
+                    ai = a[i]
+                    for m in range(wd, wmax):
+                        ai[m] = 0
+            _scatter(a, wrows[:wmax], order, lo, cnt, pbuf, b_h, out, h)
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _scatter(a, wmat, order, lo, cnt, pbuf, bias, col0, out, h):
-    """``out[t // N, h, t % N] = (a @ wmat)[i] + bias`` for ``t = order[lo + i]``."""
+def _scatter(a, wmat, order, lo, cnt, pbuf, b_h, out, h):
+    """``out[t // N, h, t % N] = (a @ wmat)[i] + b_h`` for ``t = order[lo + i]``."""
     n = out.shape[2]
     dh = out.shape[3]
     prod = pbuf[: cnt * dh].reshape((cnt, dh))
     np.dot(a, wmat, prod)
     for i in range(cnt):
         j = order[lo + i]
+        row = out[j // n, h, j % n]
+        p = prod[i]
         for c in range(dh):
-            out[j // n, h, j % n, c] = prod[i, c] + bias[col0 + c]
+            row[c] = p[c] + b_h[c]
 
 
 @njit(nogil=True, cache=True)
 def _batch_macs(group_of, group_ptr, width, nonzero, piece, macs, merges, t0, t1):
-    """Per head of ``share="batch"`` (the plan of :func:`_apply_batch`): the products'
+    """Per head of ``share="batch"`` (the plan of :func:`_project_batch`): the products'
     multiply-adds per column (each piece's tokens times its widest width) and the weight
     multiplies ``x[j, rows[m]] w_g[m]``, over the pieces' tokens whose row of ``x`` is not zero."""
     t_all = group_of.shape[2]
@@ -546,7 +645,7 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero, share="row"):
         merges = np.zeros(heads, np.int64)
         run_tasks(_batch_macs, heads, plan.group_of, plan.group_ptr, plan.width,
                   np.ascontiguousarray(nonzero[0, :, 0], dtype=np.bool_), int(BATCH_PIECE), macs,
-                  merges, work=one.size)
+                  merges, work=one.size, blas=False)
         # the weights multiply x's entries, once per token and row (not per column)
         return int(macs.sum()) * int(dh), int(merges.sum())
     budgets = np.ascontiguousarray(budgets, dtype=np.int64)
@@ -558,7 +657,7 @@ def reduced_macs(budgets, d_in, dh, seed, tables, x_nonzero, share="row"):
     merges = np.zeros(batch * heads, np.int64)
     run_tasks(_macs_tasks, batch * heads, budgets, np.ascontiguousarray(x_nonzero, dtype=np.bool_),
               tables.threshold, tables.alias, tables.shift, k0, k1, base, macs, merges,
-              work=batch * heads * (n + 4 * d_in))
+              work=batch * heads * (n + 4 * d_in), blas=False)
     return int(macs.sum()) * int(dh), int(merges.sum()) * int(dh)
 
 
@@ -645,7 +744,7 @@ def make_plan(budgets, seed, tables, stream_base=SHARED_STREAM_BASE):
     # unless it is large (run_tasks' work=).
     run_tasks(_count_plan, tasks, budgets, t.threshold, t.alias, t.shift, k0, k1,
               np.uint64(stream_base), draws, n_groups, n_distinct, n_weights, chunks_per_thread=4,
-              work=tasks * (n + 4 * d_in))
+              work=tasks * (n + 4 * d_in), blas=False)
     group_ptr, row_base, weight_base = (np.concatenate(([0], np.cumsum(a))) for a in
                                         (n_groups, n_distinct, n_weights))
     rows = np.empty(int(row_base[-1]), np.int64)
@@ -655,7 +754,7 @@ def make_plan(budgets, seed, tables, stream_base=SHARED_STREAM_BASE):
     group_of = np.empty(budgets.shape, np.int64)
     run_tasks(_fill_plan, tasks, budgets, draws, t.p_weight, group_ptr, row_base, weight_base,
               rows, width, weight_ptr, weights, group_of, chunks_per_thread=4,
-              work=tasks * (n + d_in) + int(weight_base[-1]))
+              work=tasks * (n + d_in) + int(weight_base[-1]), blas=False)
     return SharedPlan(group_of, group_ptr, row_base, rows, width, weight_ptr, weights)
 
 
@@ -674,7 +773,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None, share="r
     share : {"row", "batch"}
         ``"batch"``: one draw sequence per head serves the tokens of every batch row. The
         plan sees the batch's sequences end to end as one row of ``B N`` tokens
-        (:func:`mcattn.mca.naive.batch_as_one_row`) and :func:`_apply_batch` multiplies a
+        (:func:`mcattn.mca.naive.batch_as_one_row`) and :func:`_project_batch` multiplies a
         head's sampled tokens of all sequences by pieces of ``BATCH_PIECE``, across groups
         (one task per head); masked (padding) tokens get the bias and no product.
 
@@ -692,12 +791,13 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None, share="r
     x = np.ascontiguousarray(x)
     bias_row = (np.zeros(num_heads * dh, x.dtype) if bias is None
                 else np.ascontiguousarray(bias, dtype=x.dtype))
-    if share == "batch":
+    if share == "batch":  # planned inside the tasks, one per head
         x, budgets = batch_as_one_row(x, budgets)
-        plan = make_plan(budgets, seed, tables, base)
-        run_tasks(_apply_batch, num_heads, x, tables.wh_as(x.dtype), bias_row, plan.group_of,
-                  plan.group_ptr, plan.row_base, plan.rows, plan.width, plan.weight_ptr,
-                  plan.weights.astype(x.dtype), int(BATCH_PIECE), out, chunks_per_thread=4)
+        k0, k1 = mrandom.seed_to_key(seed)
+        t = tables
+        run_tasks(_project_batch, num_heads, x, t.wh_as(x.dtype), bias_row, budgets, t.threshold,
+                  t.alias, t.shift, k0, k1, base, t.p_weight, int(BATCH_PIECE), out,
+                  chunks_per_thread=6)
         return out
     plan = make_plan(budgets, seed, tables, base)
     block = token_block(n, plan.width.size / (batch * num_heads))  # mean groups per head
