@@ -102,9 +102,10 @@ def uniform_problem(fraction, n=4096, d_in=384, heads=12, head_dim=32, dtype=np.
 
 def _draw_ratios(row, layers, heads, draws, rounds):
     """``row`` plus ``<label>/dense`` (sampled / dense time, interleaved) for each
-    ``(label, shared)`` of ``draws``, and the last dense time in ms."""
-    for label, shared in draws:
-        t_s, t_d = interleaved_times(lambda: sampled_projection(layers, heads, shared),  # noqa: B023
+    ``(label, shared[, share])`` of ``draws``, and the last dense time in ms."""
+    for label, shared, *share in draws:
+        share = share[0] if share else "row"
+        t_s, t_d = interleaved_times(lambda: sampled_projection(layers, heads, shared, share=share),  # noqa: B023
                                      lambda: dense_projection(layers, heads), rounds=rounds)
         row[f"{label}/dense"] = t_s / t_d
     row["dense_ms"] = t_d * 1e3
@@ -119,6 +120,8 @@ def uniform_ratio_rows(argv):
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.4])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-independent", action="store_true",
+                        help="time shared draws only (independent draws are 2-10x slower)")
     args = parser.parse_args(argv)
     title = (f"mca value projection / dense x @ W_V (NumPy BLAS), uniform budgets, B=1 N={args.n} "
              f"d_in=384, 12 heads of 32, float32, {mcattn.config.num_threads()} threads")
@@ -127,8 +130,10 @@ def uniform_ratio_rows(argv):
         for fraction in args.fractions:
             heads, layers = uniform_problem(fraction, n=args.n)
             sampled_projection(layers, heads, True)  # warm
+            draws = (("shared", True), ("batch", True, "batch"))
             yield _draw_ratios({"macs_kept": fraction}, layers, heads,
-                               (("shared", True), ("indep", False)), args.rounds)
+                               draws + ((() if args.no_independent else (("indep", False),))),
+                               args.rounds)
 
     return title, rows()
 
@@ -155,9 +160,10 @@ class McaSharedUniform:
     track_ratio_to_dense.unit = "ratio"
 
 
-def rounded_macs_kept(layers, kpm):
-    """As :func:`macs_kept` with the budgets rounded up as the shared-draw path does."""
-    return macs_kept([(x, w, b, round_budgets(r, x.shape[-1], mcattn.config.MCA_SHARED_SLACK), t)
+def rounded_macs_kept(layers, kpm, share="row"):
+    """As :func:`macs_kept` with the budgets rounded up as the shared-draw path does (per
+    head across the batch with ``share="batch"``)."""
+    return macs_kept([(x, w, b, shared_budgets(r, x.shape[-1], False, round_budgets, share), t)
                       for x, w, b, r, t in layers], kpm)
 
 
@@ -322,6 +328,9 @@ def ratio_rows(argv):
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--packed", action="store_true",
+                        help="only the shared draws (share='row' and 'batch') against the dense "
+                             "GEMM over the real tokens (no padded baseline, no independent draws)")
     args = parser.parse_args(argv)
     title = (f"mca value projection (numba {numba.__version__}) / dense x @ W_V (NumPy BLAS), "
              f"budgets from real MiniLM attention, all 6 layers, {args.dtype}, "
@@ -332,6 +341,18 @@ def ratio_rows(argv):
             heads, layers, kpm = real_problem(alpha, np.dtype(args.dtype))
             row = {"alpha": alpha, "macs_kept": macs_kept(layers, kpm),
                    "rounded_kept": rounded_macs_kept(layers, kpm)}
+            if args.packed:
+                row["batch_kept"] = rounded_macs_kept(layers, kpm, "batch")
+                for label, share in (("shared", "row"), ("batch", "batch")):
+                    t_s, t_p = interleaved_times(
+                        lambda: sampled_projection(layers, heads, True, share=share),  # noqa: B023
+                        lambda: packed_dense_projection(layers, heads, kpm),  # noqa: B023
+                        rounds=args.rounds,
+                    )
+                    row[f"{label}/packed"] = t_s / t_p
+                row["packed_ms"] = t_p * 1e3
+                yield row
+                continue
             for label, shared, sampling in (("indep", False, "weight"), ("shared", True, "weight"),
                                             ("optimal", False, "optimal")):
                 t_s, t_d = interleaved_times(

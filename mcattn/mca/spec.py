@@ -17,8 +17,8 @@ __all__ = ["METHOD", "door", "dask_plan", "row_seed"]
 
 
 def door(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weight", shared_draws=False,
-         tables=None, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None, backend=None,
-         check_finite=True, return_info=False):
+         share="row", tables=None, attn_mask=None, key_padding_mask=None, is_causal=False, scale=None,
+         backend=None, check_finite=True, return_info=False):
     """:func:`mcattn.mca.attention` as ``mcattn.attention(q, k, method="mca", x=, w_v=, alpha=)``.
 
     ``v`` must be None: MCA estimates the values from the value projection's input ``x``
@@ -30,8 +30,9 @@ def door(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weight",
     if len(shape) < 3:
         raise ShapeError(f"mca needs q of shape [..., H, Nq, d]; got {tuple(shape)}")
     return attention(q, k, x, w_v, b_v, num_heads=int(shape[-3]), alpha=alpha, seed=seed,
-                     sampling=sampling, shared_draws=shared_draws, tables=tables, attn_mask=attn_mask,
-                     key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
+                     sampling=sampling, shared_draws=shared_draws, share=share, tables=tables,
+                     attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                     scale=scale,
                      backend=backend, check_finite=check_finite, return_info=return_info)
 
 
