@@ -121,7 +121,7 @@ def map_threads(fn, items):
     if not items:
         return []
     threads = min(config.num_threads(), len(items))
-    with _blas_one_thread() if blas else contextlib.nullcontext():
+    with _blas_one_thread():
         if threads == 1:
             return [fn(item) for item in items]
         return list(_get_pool(threads).map(fn, items))

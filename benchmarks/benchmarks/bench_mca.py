@@ -132,7 +132,7 @@ def uniform_ratio_rows(argv):
             sampled_projection(layers, heads, True)  # warm
             draws = (("shared", True), ("batch", True, "batch"))
             yield _draw_ratios({"macs_kept": fraction}, layers, heads,
-                               draws + ((() if args.no_independent else (("indep", False),))),
+                               draws + (() if args.no_independent else (("indep", False),)),
                                args.rounds)
 
     return title, rows()
