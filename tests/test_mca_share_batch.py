@@ -202,3 +202,20 @@ def sample():
     from mcattn.studies.data import load_sample
 
     return load_sample()
+
+
+def test_training_forward_uses_the_same_draws():
+    from mcattn.mca import grad
+
+    rng = np.random.default_rng(7)
+    q, k = (rng.standard_normal((3, 2, 30, 8)) for _ in range(2))
+    x = rng.standard_normal((3, 30, 24))
+    w = rng.standard_normal((24, 16)) / 5
+    kpm = np.ones((3, 30), bool)
+    kpm[1, 20:] = False
+    kw = dict(alpha=0.5, seed=4, shared_draws=True, share="batch", key_padding_mask=kpm)
+    out = mca.attention(q, k, x, w, num_heads=2, **kw)
+    fwd, (_, values, c) = grad.forward(q, k, x=x, w_v=w, **kw)
+    assert rel_error(fwd, out) < 1e-13
+    row, _ = grad.forward(q, k, x=x, w_v=w, **dict(kw, share="row"))
+    assert rel_error(row, out) > 1e-3  # other draws

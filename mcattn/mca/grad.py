@@ -57,7 +57,15 @@ from . import stream
 from ._inputs import check_sampling, check_tables, check_weight
 from .api import _shared_budgets
 from .cpu import weight_tables
-from .naive import SHARED_STREAM_BASE, budgets_from_top, cumulative, token_streams
+from .naive import (
+    SHARED_BATCH_STREAM_BASE,
+    SHARED_STREAM_BASE,
+    batch_as_one_row,
+    budgets_from_top,
+    check_share,
+    cumulative,
+    token_streams,
+)
 
 __all__ = ["forward", "backward", "TRAINABLE", "sample_weights", "output_shape"]
 
@@ -83,7 +91,7 @@ def _alias(bits, heads, tables):
 
 
 def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_draws=False,
-                   tables=None):
+                   tables=None, share="row"):
     """The importance weights ``C`` of the sampled value projection (host, float64).
 
     Parameters
@@ -96,6 +104,8 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
     sampling : {"weight", "optimal"}
     shared_draws : bool
     tables : WeightTables, optional
+    share : {"row", "batch"}
+        With ``shared_draws``, as :func:`mcattn.mca.attention`.
 
     Returns
     -------
@@ -104,7 +114,13 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
         for masked ones; ``(C[b, h] * x[b]) @ W_h + b_h`` is
         :func:`mcattn.mca.naive.value_projection`'s estimate (same draws).
     """
+    check_share(share, shared_draws)
     x = np.asarray(x, dtype=np.float64)
+    base = SHARED_STREAM_BASE
+    if share == "batch":  # the batch end to end: one row, one sequence per head
+        rows_b = x.shape[0]
+        x, budgets = batch_as_one_row(x, budgets)
+        base = SHARED_BATCH_STREAM_BASE
     batch, n, d_in = x.shape
     r = np.asarray(budgets, dtype=np.int64)
     tables = weight_tables(w, num_heads) if tables is None else tables
@@ -113,14 +129,14 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
     exact = (r >= d_in) | ((r > 0) & ~nonzero[:, None, :])
     c[exact] = 1.0
     sampled = (r > 0) & ~exact
-    if not sampled.any():
+    if not sampled.any() and share == "row":
         return c
     if shared_draws:  # one sequence per (batch row, head); token j uses its first r_j draws
         for b, h in zip(*np.nonzero(sampled.any(-1))):
             tokens = np.flatnonzero(sampled[b, h])
             counts = r[b, h, tokens]
             longest = int(counts.max())
-            bits = mrandom.sample_bits(seed, np.uint64(SHARED_STREAM_BASE + b * num_heads + h),
+            bits = mrandom.sample_bits(seed, np.uint64(base + b * num_heads + h),
                                        np.arange(longest))
             k = _alias(bits, np.full(longest, h), tables)
             live = np.arange(longest)[None, :] < counts[:, None]  # [tokens, longest]
@@ -128,6 +144,9 @@ def sample_weights(x, w, num_heads, budgets, seed, sampling="weight", shared_dra
             cols = np.broadcast_to(k[None, :], live.shape)[live]
             wts = (1.0 / (tables.p_weight[h, cols] * r[b, h, rows]))
             np.add.at(c[b, h], (rows, cols), wts)
+        if share == "batch":
+            c = np.ascontiguousarray(c.reshape(num_heads, rows_b, n // max(rows_b, 1), d_in)
+                                     .transpose(1, 0, 2, 3))
         return c
     bi, hi, ji = np.nonzero(sampled)
     counts = r[bi, hi, ji]
@@ -172,9 +191,10 @@ def _seed(seed):
 
 
 def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, sampling,
-           shared_draws, tables, check_finite):
+           shared_draws, tables, check_finite, share="row"):
     """Row statistics, budgets and inputs as :func:`mcattn.mca.attention` computes them."""
     check_sampling(sampling, shared_draws)
+    check_share(share, shared_draws)
     heads = int(q.shape[-3])
     check_weight(w, b, heads, x.shape[-1])
     check_tables(tables, w, heads)
@@ -195,14 +215,14 @@ def _setup(q, k, x, w, b, alpha, attn_mask, key_padding_mask, is_causal, scale, 
     valid = np.broadcast_to(valid, (batch * heads, nk)).reshape(batch, heads, nk)
     r = budgets_from_top(top.reshape(batch, heads, nk), alpha, d_in, xp.asarray(valid))
     if shared_draws:
-        r = _shared_budgets(r, xp is not np, d_in)  # the budgets the forward's path uses
+        r = _shared_budgets(r, xp is not np, d_in, share)  # the budgets the forward's path uses
     r = np.asarray(r.get() if hasattr(r, "get") else r)
     x3 = xp.broadcast_to(x, lead + (nk, d_in)).reshape(batch, nk, d_in)
     return inp, stats, r, x3, heads, lead
 
 
 def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weight",
-            shared_draws=False, tables=None, attn_mask=None, key_padding_mask=None,
+            shared_draws=False, share="row", tables=None, attn_mask=None, key_padding_mask=None,
             is_causal=False, scale=None, backend=None, check_finite=True):
     """Monte-Carlo attention and the residuals its backward needs.
 
@@ -215,7 +235,7 @@ def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weigh
     x : array, shape ``[..., Nk, d_in]``
     w_v : array, shape ``[d_in, H * dv]``
     b_v : array, shape ``[H * dv]``, optional
-    alpha, sampling, shared_draws, tables, attn_mask, key_padding_mask, is_causal, scale,
+    alpha, sampling, shared_draws, share, tables, attn_mask, key_padding_mask, is_causal, scale,
     check_finite
         As :func:`mcattn.mca.attention`. ``backend`` is accepted and unused: the training
         forward is the array reference (its draws are those of every backend).
@@ -236,10 +256,10 @@ def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weigh
     seed = _seed(seed)
     inp, stats, r, x3, heads, lead = _setup(q, k, x, w_v, b_v, alpha, attn_mask, key_padding_mask,
                                             is_causal, scale, sampling, shared_draws, tables,
-                                            check_finite)
+                                            check_finite, share)
     xp = inp.xp
     host = lambda a: np.asarray(a.get() if xp is not np else a)  # noqa: E731
-    c = sample_weights(host(x3), host(w_v), heads, r, seed, sampling, shared_draws, tables)
+    c = sample_weights(host(x3), host(w_v), heads, r, seed, sampling, shared_draws, tables, share)
     c = xp.asarray(c)
     d_in = x3.shape[-1]
     wh = w_v.astype(np.float64).reshape(d_in, heads, -1).transpose(1, 0, 2)  # [H, d_in, dv]
@@ -255,7 +275,7 @@ def forward(q, k, v=None, *, x, w_v, b_v=None, alpha, seed=None, sampling="weigh
 
 
 def backward(q, k, v, out, residuals, dout, *, x, w_v, b_v=None, alpha, seed=None,
-             sampling="weight", shared_draws=False, tables=None, attn_mask=None,
+             sampling="weight", shared_draws=False, share="row", tables=None, attn_mask=None,
              key_padding_mask=None, is_causal=False, scale=None, backend=None, check_finite=True):
     """Gradients with respect to ``q``, ``k``, ``x``, ``w_v`` and ``b_v``.
 
