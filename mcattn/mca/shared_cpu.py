@@ -47,7 +47,10 @@ TOKEN_BLOCK = 128
 MAX_TOKEN_BLOCK = 1024
 #: ``share="batch"``: a head's sampled tokens, sorted by budget, are multiplied by pieces of
 #: this many (one BLAS product each, see :func:`_project_batch`).
-BATCH_PIECE = 64
+BATCH_PIECE = 32
+#: ``share="batch"``: chunks of heads per thread (each chunk is one kernel call, whose
+#: dispatch costs microseconds).
+BATCH_CHUNKS = 2
 #: Groups whose product has fewer multiply-adds than this use the compiled loop, larger
 #: ones a BLAS call (whose fixed cost is a few microseconds).
 BLAS_MIN_MACS = 1 << 15
@@ -797,7 +800,7 @@ def value_projection(x, w, bias, num_heads, budgets, seed, tables=None, share="r
         t = tables
         run_tasks(_project_batch, num_heads, x, t.wh_as(x.dtype), bias_row, budgets, t.threshold,
                   t.alias, t.shift, k0, k1, base, t.p_weight, int(BATCH_PIECE), out,
-                  chunks_per_thread=6)
+                  chunks_per_thread=BATCH_CHUNKS)
         return out
     plan = make_plan(budgets, seed, tables, base)
     block = token_block(n, plan.width.size / (batch * num_heads))  # mean groups per head
