@@ -42,3 +42,12 @@ def test_mca_uniform_case_runs_on_a_small_problem(ratio, monkeypatch, capsys):
     assert ratio.main(["mca_uniform", "--fractions", "0.2", "--n", "256", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "shared/dense" in out and "settle 0.0 s" in out
+
+
+def test_mca_packed_case_times_both_shares(ratio, monkeypatch, capsys):
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "SETTLE_S", 0.0)
+    assert ratio.main(["mca", "--packed", "--alphas", "1.0", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "shared/packed" in out and "batch/packed" in out and "batch_kept" in out
