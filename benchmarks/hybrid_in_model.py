@@ -4,12 +4,14 @@
 
 Each setting swaps hybrid into all 6 self-attention layers (``use_method``: per-head
 relative thresholds calibrated on each layer's first call, for a target keep fraction or
-attention mass) and scores the two tasks of :mod:`mcattn.studies.evaluate` (Lee: Pearson
+attention mass; ``spread mass``: a layer's heads share the keep budget by mass) and
+scores the two tasks of :mod:`mcattn.studies.evaluate` (Lee: Pearson
 of the 50 documents' embedding cosines with the human ratings; polarity: 5-fold logistic
 regression on 200 sentences, so one sentence is 0.005). Also printed: the spread of the
 two scores that the tasks' size alone gives: Lee's Pearson over 200 bootstrap resamples of
 the 1225 document pairs (its standard deviation), and polarity's accuracy over 5 other
-fold splits of the same exact embeddings (its range).
+fold splits of the same exact embeddings (its range). ``keep``: exactly scored pairs over
+visible pairs, summed over every call of both tasks.
 """
 
 import argparse
@@ -26,6 +28,8 @@ SETTINGS = [
     ("hybrid keep 0.25, block 8", {"target_keep": 0.25, "block": 8}),
     ("hybrid keep 0.25, block 4", {"target_keep": 0.25, "block": 4}),
     ("hybrid keep 0.25, remainder none", {"target_keep": 0.25, "remainder": "none"}),
+    ("hybrid keep 0.25, spread mass", {"target_keep": 0.25, "spread": "mass"}),
+    ("hybrid keep 0.25, spread mass, block 4", {"target_keep": 0.25, "spread": "mass", "block": 4}),
     ("hybrid keep 0.33", {"target_keep": 0.33}),
     ("hybrid keep 0.5", {"target_keep": 0.5}),
     ("hybrid mass 0.9", {"target_mass": 0.9}),
@@ -59,17 +63,25 @@ def main(argv=None):
     tasks = ev.load_tasks()
     bert = model[0].auto_model
     lines = ["# python benchmarks/hybrid_in_model.py " + " ".join(argv or sys.argv[1:]),
-             "| setting | Lee Pearson | - exact | polarity acc | - exact | cosine to exact |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| setting | keep | Lee Pearson | - exact | polarity acc | - exact | cosine to exact |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     ref = None
     for name, options in SETTINGS:
         if name == "exact":
             lee = ev._embed(model, tasks["lee_docs"])
             pol = ev._embed(model, tasks["polarity_texts"])
+            keep = "1"
         else:
-            with use_method(bert, "hybrid", **options):
+            counts = [0, 0]
+
+            def count(call, counts=counts):
+                counts[0] += call.info.kept
+                counts[1] += call.info.visible
+
+            with use_method(bert, "hybrid", on_call=count, **options):
                 lee = ev._embed(model, tasks["lee_docs"])
                 pol = ev._embed(model, tasks["polarity_texts"])
+            keep = f"{counts[0] / counts[1]:.3f}"
         both = np.concatenate([lee, pol])
         if ref is None:
             ref, ref_lee, ref_pol = both, lee, pol
@@ -79,7 +91,7 @@ def main(argv=None):
         pa = ev.polarity_accuracy(pol, tasks["polarity_labels"])
         if name == "exact":
             base = (lp, pa)
-        lines.append(f"| {name} | {lp:.3f} | {lp - base[0]:+.3f} | {pa:.3f} | {pa - base[1]:+.3f} "
+        lines.append(f"| {name} | {keep} | {lp:.3f} | {lp - base[0]:+.3f} | {pa:.3f} | {pa - base[1]:+.3f} "
                      f"| {cos:.4f} |")
         print(lines[-1], flush=True)
     # the tasks' own resolution, from the exact embeddings
