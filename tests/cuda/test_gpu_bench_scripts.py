@@ -82,3 +82,9 @@ def test_rfa_bench_script_runs_and_checks(monkeypatch, capsys):
         FEATURES=32)
     assert text.count("summary: ") == 2
     assert "every output within the tolerances of rfa.cu's" in text
+
+
+def test_eigen_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "eigen_gemm_vs_sdpa", CASES=[300], HEADS=2, HEAD_DIM=72)
+    assert "summary: eigen (cupy GEMM path)" in text
+    assert "every output within 1e-4 of the float64 reference" in text
