@@ -88,3 +88,10 @@ def test_eigen_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "eigen_gemm_vs_sdpa", CASES=[300], HEADS=2, HEAD_DIM=72)
     assert "summary: eigen (cupy GEMM path)" in text
     assert "every output within 1e-4 of the float64 reference" in text
+
+
+def test_rfa_decode_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "rfa_decode_gpu", CASES=[(1, 5), (2, 9)], HEADS=2, HEAD_DIM=8,
+                FEATURES=12)
+    assert "summary: rfa decode step on the GPU" in text
+    assert "every step within 1e-5 of the array-code step" in text
