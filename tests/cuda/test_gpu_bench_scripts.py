@@ -69,9 +69,9 @@ def test_latte_bench_script_runs_and_checks(monkeypatch, capsys):
 
 def test_eatt_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "eatt_mma_vs_sdpa",
-        CASES=[("float16", 130), ("bfloat16", 8192 // 64)],
+        CASES=[("float16", 130), ("bfloat16", 8192 // 64), ("float16", 70, "l1")],
         HEADS=1)
-    assert text.count("summary: ") == 2
+    assert text.count("summary: ") == 3 and "summary: eatt_mma l1 float16" in text
     assert "every output within the tolerances of eatt.cu's" in text
 
 
