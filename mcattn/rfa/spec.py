@@ -84,6 +84,7 @@ METHOD = Method(
     kernel_sources={"rfa/kernels/rfa.cu": (
         "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
         "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
-    ), "rfa/kernels/rfa_mma.cu": tuple(f"mcattn_rfa_mma_{part}_{t}_dv{dv}" for part in ("states", "output")
+    ), "rfa/kernels/rfa_mma.cu": tuple(f"mcattn_rfa_mma_{part}_{t}_dv{dv}"
+                                       for part in ("states", "output", "chunk_states", "causal")
                                        for t in ("f16", "bf16") for dv in (32, 64, 128))},
 )
