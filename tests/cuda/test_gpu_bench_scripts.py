@@ -77,8 +77,9 @@ def test_eatt_bench_script_runs_and_checks(monkeypatch, capsys):
 
 def test_rfa_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "rfa_mma_vs_sdpa",
-        CASES=[("float16", 130), ("bfloat16", 16384 // 128)],
+        CASES=[("float16", 130, False), ("bfloat16", 16384 // 128, False), ("float16", 130, True),
+               ("bfloat16", 16384 // 128, True)],
         HEADS=1,
         FEATURES=32)
-    assert text.count("summary: ") == 2
+    assert text.count("summary: ") == 4  # float16 / bfloat16 x non-causal / causal
     assert "every output within the tolerances of rfa.cu's" in text
