@@ -113,3 +113,23 @@ def test_rawkernels_on_real_attention():
         ref = rfa.attention(q, k, v, backend="numba", **kw)
         out, _ = _rawkernel_attention(q, k, v, threads=32, **kw)
         assert rel_error(out, ref) < 2e-5
+
+
+@pytest.mark.hostshim
+@pytest.mark.cudasim
+def test_causal_in_one_chunk():
+    """N <= chunk_size (the default 64): one chunk, whose earlier state is zero. Both GPU
+    backends once added the chunk's own sum as that state (errors of order 1)."""
+    rng = np.random.default_rng(6)
+    q, k = (rng.standard_normal((1, 2, 13, 8)) * 0.5 for _ in range(2))
+    v = rng.standard_normal((1, 2, 13, 3))
+    gate = rng.uniform(0.5, 0.99, (1, 2, 13))
+    feats = rfa.RandomFeatures(8, 16, num_heads=2, seed=1)
+    for g in (None, gate):
+        kw = dict(features=feats, is_causal=True, gate=g)
+        ref = rfa.attention(q, k, v, backend="numpy", **kw)
+        out, _ = _rawkernel_attention(q, k, v, **kw)
+        assert rel_error(out, ref) < 1e-13
+        dq, dk, dv_, dg = to_device(q, k, v, g)
+        out = host(rfa.attention(dq, dk, dv_, features=feats, is_causal=True, gate=dg, backend="cuda"))
+        assert rel_error(out, ref) < 1e-13
