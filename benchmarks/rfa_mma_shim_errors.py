@@ -33,7 +33,8 @@ def main(argv=None):
              f"{'out / u':>8s}"]
 
     def row(precision, form, n, chunk, gate, d, dv, m, err):
-        lines.append(f"{precision:9s} {form:6s} {n:4d} {chunk:>5s} {gate:>4s} {d:4d} {dv:4d} {m:4d} {err:8.2f}")
+        lines.append(f"{precision:9s} {form:6s} {n:4d} {chunk:>5s} {gate:>4s} {d:4d} {dv:4d} {m:4d} "
+                     f"{err:8.2f}")
         print(lines[-1], flush=True)
 
     with fake_cupy.cupy_context() as cp:

@@ -54,7 +54,8 @@ def _case(precision, n, causal, sync):
     feats = RandomFeatures(HEAD_DIM, FEATURES, num_heads=HEADS, seed=3)
 
     def call():
-        return mcattn.rfa.attention(q, k, v, features=feats, is_causal=causal, backend="cupy", check_finite=False)
+        return mcattn.rfa.attention(q, k, v, features=feats, is_causal=causal, backend="cupy",
+                                    check_finite=False)
 
     mcattn.config.RFA_TENSOR_CORES = precision
     try:
@@ -76,7 +77,8 @@ def main(argv=None):
     def measure(case, sync):
         precision, n, causal = case
         t_call, t_f32, t_sdpa, err = _case(precision, n, causal, sync)
-        line = (f"{precision:9s} {n:6d} {'causal' if causal else 'full':6s} {t_call * 1e3:8.3f} {t_f32 * 1e3:8.3f} {t_sdpa * 1e3:8.3f} "
+        line = (f"{precision:9s} {n:6d} {'causal' if causal else 'full':6s} {t_call * 1e3:8.3f} "
+                f"{t_f32 * 1e3:8.3f} {t_sdpa * 1e3:8.3f} "
                 f"{t_call / t_sdpa:9.2f} {t_f32 / t_sdpa:9.2f} {err:8.1e}")
         return line, [] if err < TOLERANCE[precision] else [f"rel err {err:.2e}"], t_call / t_sdpa
 

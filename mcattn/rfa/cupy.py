@@ -199,7 +199,8 @@ class _MmaLaunch(_Launch):
         if bh * nq == 0:
             return
         if causal:
-            return self._causal_output(fq, qnorm, kw, v, knorm, cum, has_gate, states, mass, out, flags, chunk)
+            return self._causal_output(fq, qnorm, kw, v, knorm, cum, has_gate, states, mass, out, flags,
+                                       chunk)
         # [S | z] over the mass: |S| <= max|v| mass and |z| <= mass, so the rounded state
         # fits float16; the floor's scale qnorm * mass becomes qnorm (or 0: zeros).
         total = mass[:, 0]

@@ -105,7 +105,7 @@ step "latte_mma vs SDPA" 40 "$OUT_DIR/gpu-latte-mma-log.txt" \
 step "eatt_mma vs SDPA" 25 "$OUT_DIR/gpu-eatt-mma-log.txt" \
     $PY benchmarks/gpu/eatt_mma_vs_sdpa.py --out "$OUT_DIR/gpu-eatt-mma.txt"
 
-# 8. Non-causal rfa with the state and output on tensor cores against SDPA flash (N = 4k, 16k).
+# 8. rfa on tensor cores against SDPA flash: non-causal (N = 4k, 16k) and causal (N = 16k).
 step "rfa_mma vs SDPA" 20 "$OUT_DIR/gpu-rfa-mma-log.txt" \
     $PY benchmarks/gpu/rfa_mma_vs_sdpa.py --out "$OUT_DIR/gpu-rfa-mma.txt"
 
@@ -138,7 +138,7 @@ grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /
 grep -E "^selftest:" "$OUT_DIR/gpu-selftest.txt" | tail -1
 grep -E "^\S+ +\S+ +\S+ +(FAIL|error) " "$OUT_DIR/gpu-selftest.txt" | head -5
 grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-exact-mma.txt" 2>/dev/null
-for kernel in latte eatt; do  # the tile kernels' summaries, or their last error lines
+for kernel in latte eatt rfa; do  # the tile kernels' summaries, or their last error lines
     grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-$kernel-mma.txt" 2>/dev/null \
         || grep -E "Error|MISMATCH" "$OUT_DIR/gpu-$kernel-mma-log.txt" 2>/dev/null | tail -3
 done

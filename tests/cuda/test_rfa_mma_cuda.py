@@ -1,6 +1,7 @@
 """rfa on the tile machinery (``mcattn/rfa/kernels/rfa_mma.cu``, ``config.RFA_TENSOR_CORES``):
-non-causal (one chunk) and causal / gated (the chunked form), through the public door (``backend="cupy"``; without a GPU
-the fake CuPy runs the kernels on the host shim, warps and mma.sync emulated).
+non-causal (one chunk) and causal / gated (the chunked form), through the public door
+(``backend="cupy"``; without a GPU the fake CuPy runs the kernels on the host shim, warps
+and mma.sync emulated).
 
 The reference is float64 rfa on the CPU (``backend="numpy"``) with the same features.
 The 16-bit path rounds the key features, v, the query features and the state over the
@@ -53,8 +54,10 @@ def run_mma(cp, precision, q, k, v, feats, **kw):
     if not GPU_PRESENT:
         tag = {"float16": "f16", "bfloat16": "bf16"}[precision]
         name = f"{tag}_dv{v.shape[-1]}"
-        parts = (f"mcattn_rfa_mma_chunk_states_{name}", "mcattn_rfa_scan_f32", f"mcattn_rfa_mma_causal_{name}") \
-            if kw.get("is_causal") else (f"mcattn_rfa_mma_states_{name}", f"mcattn_rfa_mma_output_{name}")
+        parts = (f"mcattn_rfa_mma_states_{name}", f"mcattn_rfa_mma_output_{name}")
+        if kw.get("is_causal"):
+            parts = (f"mcattn_rfa_mma_chunk_states_{name}", "mcattn_rfa_scan_f32",
+                     f"mcattn_rfa_mma_causal_{name}")
         assert _launches()[before:] == ["mcattn_rfa_features_f32"] * 2 + list(parts)
     return out.get()
 
@@ -170,7 +173,8 @@ def test_runs_only_where_it_applies(cupy_or_fake, knob):
     q, k, v, feats = grid_case(16, 32, 16)
     mcattn.config.RFA_TENSOR_CORES = "float16"
     before = len(_launches())
-    rfa.attention(*(cp.asarray(a) for a in (q, k, v[..., :16])), features=feats, is_causal=True, backend="cupy")
+    rfa.attention(*(cp.asarray(a) for a in (q, k, v[..., :16])), features=feats, is_causal=True,
+                  backend="cupy")
     rfa.attention(*(cp.asarray(a.astype(np.float64)) for a in (q, k, v)), features=feats, backend="cupy")
     if not GPU_PRESENT:
         assert not [n for n in _launches()[before:] if "mma" in n]
