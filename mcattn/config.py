@@ -47,6 +47,13 @@ EXACT_TENSOR_CORES = None
 #: of order its unit roundoff. L1 alignment stays on eatt.cu.
 EATT_TENSOR_CORES = None
 
+#: MCA's shared draws on CuPy: ``"gemm"`` (default) forms, per (batch row, head), the
+#: tokens' drawn columns times their group's weights ``[N, R]`` (R: the head's distinct
+#: drawn rows, zero-padded to the largest head's) and multiplies it with the drawn rows of
+#: W on cuBLAS (``cupy.matmul``, batched over heads); ``"kernel"``: one thread per output
+#: element (``mca/kernels/mca_shared.cu``). Same draws and weights; sums in another order.
+MCA_SHARED_CUPY = "gemm"
+
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
 #: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
 CUDA_SCRATCH_BYTES = 1 << 27
