@@ -83,3 +83,13 @@ def test_rfa_bench_script_runs_and_checks(monkeypatch, capsys):
         FEATURES=32)
     assert text.count("summary: ") == 4  # float16 / bfloat16 x non-causal / causal
     assert "every output within the tolerances of rfa.cu's" in text
+
+
+def test_mca_shared_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "mca_shared_vs_dense",
+        CASES=[("uniform", 40), ("mixed", 40)],
+        D_IN=32,
+        HEADS=2,
+        DH=8)
+    assert text.count("summary: ") == 2  # uniform / mixed budgets
+    assert "both paths equal to the CPU path's estimate" in text
