@@ -61,12 +61,14 @@ def value_projection(x, w, bias, num_heads, budgets, seed, sampling="weight", sh
 
 
 def shared_projection(x, w, bias, num_heads, budgets, seed, tables=None):
-    """Shared-draw value projection: the host plan applied by one RawKernel launch.
+    """Shared-draw value projection: the host plan applied on the device.
 
     The same estimate as :func:`mcattn.mca.shared_cpu.value_projection` (same draws, same
-    groups; accumulated in the input precision). The budgets are brought to the host, the
-    plan is built there by the compiled planner and uploaded (two transfers); then one
-    thread per output element (``kernels/mca_shared.cu``).
+    groups; accumulated in the input precision). The budgets are brought to the host and
+    the plan is built there by the compiled planner; then, by ``config.MCA_SHARED_CUPY``,
+    the reduced GEMMs on cuBLAS (:func:`shared_gemm`, ``"gemm"``) or the plan uploaded
+    (two transfers) and one thread per output element (``kernels/mca_shared.cu``,
+    ``"kernel"``).
 
     Parameters
     ----------
