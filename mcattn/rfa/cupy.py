@@ -138,7 +138,7 @@ class _MmaLaunch(_Launch):
         name = f"{_MMA_TYPES[precision]}_dv{rinp.value_dim}"
         self.mma = {part: module.get_function(f"mcattn_rfa_mma_{part}_{name}")
                     for part in ("states", "output", "chunk_states", "causal")}
-        self.kscale = None
+        self.kscale = self.kkey = None
 
     def states(self, kw, v, knorm, cum, has_gate, states, mass, chunk):
         import cupy
@@ -168,6 +168,7 @@ class _MmaLaunch(_Launch):
             states[...] = 0
             mass[...] = 0
             self.kscale = cupy.ones((bh, n_chunks), np.float32)
+            self.kkey = cupy.ones((bh, n), np.float32)
             return
 
         def per_chunk(x, fill):  # [BH, n] -> [BH, n_chunks, chunk]
@@ -183,7 +184,9 @@ class _MmaLaunch(_Launch):
         else:
             tail = cupy.ones((bh, n), np.float32)
         mass[...] = per_chunk(knorm * tail, 0.0).sum(axis=2)
-        top = per_chunk(cupy.abs(kw).max(axis=2), 0.0).max(axis=2)
+        key_top = cupy.abs(kw).max(axis=2)  # [BH, n]: each key's largest |kw| (the causal kernel's)
+        self.kkey = cupy.ascontiguousarray(cupy.where(key_top > 0, key_top, 1).astype(np.float32))
+        top = per_chunk(key_top, 0.0).max(axis=2)
         self.kscale = cupy.ascontiguousarray(cupy.where(top > 0, top, 1).astype(np.float32))
         v = cupy.ascontiguousarray(v)
         for b0 in range(0, bh, _MAX_GRID_YZ):
@@ -217,18 +220,19 @@ class _MmaLaunch(_Launch):
         import cupy
 
         bh, n, m = fq.shape
-        # The state at each chunk start over its mass (fits float16, as non-causal); the
-        # mass in units of the chunk's key scale (the kernel's units).
+        # The state at each chunk start over its mass (fits float16, as non-causal).
         live = mass > 0
         inv = cupy.where(live, 1.0 / cupy.where(live, mass, 1), 0).astype(np.float32)
         ts = cupy.ascontiguousarray(states * inv[..., None, None])
-        cmass = cupy.ascontiguousarray((mass / self.kscale * live).astype(np.float32))
+        cmass = cupy.ascontiguousarray(mass.astype(np.float32))
+        ikey = cupy.ascontiguousarray((1.0 / self.kkey).astype(np.float32))
         cum = cum if has_gate else cupy.zeros((1, 1), np.float32)
         v = cupy.ascontiguousarray(v)
         for b0 in range(0, bh, _MAX_GRID_YZ):
             b1 = min(bh, b0 + _MAX_GRID_YZ)
             self.mma["causal"](((n + _MMA_ROWS - 1) // _MMA_ROWS, b1 - b0), (_MMA_THREADS,),
                                (fq[b0:b1], kw[b0:b1], v[b0:b1], knorm[b0:b1], cum[b0:b1] if has_gate else cum,
-                                np.int32(has_gate), ts[b0:b1], cmass[b0:b1], self.kscale[b0:b1], qnorm[b0:b1],
+                                np.int32(has_gate), ts[b0:b1], cmass[b0:b1], self.kkey[b0:b1], ikey[b0:b1],
+                                qnorm[b0:b1],
                                 out[b0:b1], flags[b0:b1], np.int32(n), np.int32(m), np.int32(chunk),
                                 np.float32(self.rinp.eps)))

@@ -54,15 +54,17 @@ __device__ __forceinline__ void mcattn_rmma_tile(float (&acc)[W / 8][4], const u
 // largest weighted feature is 1 and float16 does not underflow), the sum times kscale[c]
 // written to states [BH, n_chunks, m, DV + 1].
 // dst[r][p] = rows r0 + r of x [n, m] (r < 64), features f0 + 2 p and f0 + 2 p + 1, times
-// scale, rounded; 0 outside x. The loop stays rolled: no loads in flight beside the
-// accumulators (the tile kernels' register budget).
+// the row's inv_row (none: 1), rounded; 0 outside x. The loop stays rolled: no loads in
+// flight beside the accumulators (the tile kernels' register budget).
 template <class Ops>
 __device__ __forceinline__ void mcattn_rmma_stage_rows(unsigned (*dst)[MCATTN_RMMA_LD], const float* __restrict__ x,
-                                                       int r0, int n, int f0, int m, float scale) {
+                                                       int r0, int n, int f0, int m,
+                                                       const float* __restrict__ inv_row) {
 #pragma unroll 1
     for (int e = threadIdx.x; e < MCATTN_RMMA_ROWS * MCATTN_RMMA_KEYS / 2; e += MCATTN_RMMA_THREADS) {
         const int kp = e % (MCATTN_RMMA_KEYS / 2), r = e / (MCATTN_RMMA_KEYS / 2);
         const int row = r0 + r, f = f0 + 2 * kp;
+        const float scale = inv_row != nullptr && row < n ? inv_row[row] : 1.0f;
         const float a0 = row < n && f < m ? x[(long long)row * m + f] * scale : 0.0f;
         const float a1 = row < n && f + 1 < m ? x[(long long)row * m + f + 1] * scale : 0.0f;
         dst[r][kp] = mcattn_pack16(Ops::round(a0), Ops::round(a1));
@@ -199,7 +201,7 @@ __device__ __forceinline__ void mcattn_rfa_mma_output(const float* __restrict__ 
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
     for (int r0 = 0; r0 < m; r0 += MCATTN_RMMA_KEYS) {  // 64 features at a time
         __syncthreads();
-        mcattn_rmma_stage_rows<Ops>(qt, qb, q0, nq, r0, m, 1.0f);
+        mcattn_rmma_stage_rows<Ops>(qt, qb, q0, nq, r0, m, nullptr);
         mcattn_rmma_stage_state<Ops, DV>(tt, tb, r0, m);
         __syncthreads();
         mcattn_rmma_tile<Ops, W>(acc, qt, tt, 16 * warp, g, t);
@@ -214,22 +216,26 @@ __device__ __forceinline__ void mcattn_rfa_mma_output(const float* __restrict__ 
 // Causal (and gated) rfa, the chunked form: one block per 64 query rows of a chunk (the
 // chunk a multiple of 64 rows, or all of them), num and den of row t in one accumulator
 // [num | den | 0...] of width DV + 8:
-//   1. the state at the chunk start, into_t * mass_c * fq_t (T_c / mass_c): T_c from the
-//      float32 scan, over its mass so that it fits float16 (as the non-causal output);
-//   2. the chunk's keys s <= t, tile by tile of 64: P = (fq kw^T / kscale_c) * D with
-//      D_ts = exp(b_t - b_s) (1 without a gate; b: cumulative log-gates within the chunk),
-//      the masked decay matrix, applied in registers to the scores' C fragments, then
-//      acc += P [V | 1] with P rounded to the 16-bit type as the A fragment.
-// Everything is in units of kscale_c (the chunk's largest |kw|: the rounded key features
-// are at most 1), cmass = mass_c / kscale_c, so the ratio and the floor are unchanged.
-// The floor's scale qnorm_t (into_t cmass + sum_s D_ts knorm_s / kscale_c) is summed by
-// each lane over its keys while D is applied.
+//   1. the state at the chunk start, fq_t (T_c / mass_c) (T_c from the float32 scan, over
+//      its mass so that it fits float16, as the non-causal output), worth into_t mass_c;
+//   2. the chunk's keys s <= t, tile by tile of 64: the scores fq kw'^T on mma with each
+//      key's features over its largest |kw| (ikey = 1 / that: every staged key feature is
+//      at most 1), then in registers A = scores * kkey_s * D_ts, D_ts = exp(b_t - b_s)
+//      (1 without a gate; b: cumulative log-gates within the chunk) the masked decay
+//      matrix, and acc += P [V | 1] with P = A / M_t rounded to the 16-bit type as the A
+//      fragment.
+// M_t, the row's unit, is a running maximum (as the softmax's): into_t mass_c, then the
+// largest kkey_s D_ts seen; acc and the floor's sum are rescaled when it grows. So P's
+// largest weight is 1 and a key vanishes in the 16-bit rounding only when it weighs
+// below ~2^-24 of the row's largest, whatever the weights' range. The floor's scale
+// qnorm_t (into_t mass_c + sum_s D_ts knorm_s) / M_t is summed by each lane over its
+// keys while D is applied; the ratio and the floor are unchanged by the unit.
 template <class Ops, int DV>
 __device__ __forceinline__ void mcattn_rfa_mma_causal(const float* __restrict__ fq, const float* __restrict__ kw,
                                                       const float* __restrict__ v, const float* __restrict__ knorm,
                                                       const float* __restrict__ cum, int has_gate,
                                                       const float* __restrict__ ts, const float* __restrict__ cmass,
-                                                      const float* __restrict__ kscale,
+                                                      const float* __restrict__ kkey, const float* __restrict__ ikey,
                                                       const float* __restrict__ qnorm, float* __restrict__ out,
                                                       int* __restrict__ flags, int n, int m, int chunk, float eps) {
     constexpr int W = DV + 8, G = MCATTN_RMMA_KEYS / 8;
@@ -244,14 +250,17 @@ __device__ __forceinline__ void mcattn_rfa_mma_causal(const float* __restrict__ 
     const float* kb = kw + bh * n * (long long)m;
     const float* vb = v + bh * n * (long long)DV;
     const float* nb = knorm + bh * n;
+    const float* sb = kkey + bh * n;
+    const float* ib = ikey + bh * n;
     const float* cb = cum + (has_gate ? bh * n : 0);
-    const float inv_k = 1.0f / kscale[cs], mass = cmass[cs];
+    const float mass = cmass[cs];
     const int rows[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
-    float b_row[2], fac[2], ref[2] = {0.0f, 0.0f};
+    float b_row[2], fac[2], unit[2], ref[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         b_row[h] = has_gate && rows[h] < n ? cb[rows[h]] : 0.0f;
         fac[h] = (has_gate ? mcattn_exp(b_row[h]) : 1.0f) * mass;
+        unit[h] = fac[h];  // acc = fq (T_c / mass_c) is in units of into_t mass_c
     }
     float acc[W / 8][4];
 #pragma unroll
@@ -262,15 +271,11 @@ __device__ __forceinline__ void mcattn_rfa_mma_causal(const float* __restrict__ 
         const float* tc = ts + cs * m * (long long)(DV + 1);
         for (int r0 = 0; r0 < m; r0 += MCATTN_RMMA_KEYS) {
             __syncthreads();
-            mcattn_rmma_stage_rows<Ops>(qt, qb, q0, n, r0, m, 1.0f);
+            mcattn_rmma_stage_rows<Ops>(qt, qb, q0, n, r0, m, nullptr);
             mcattn_rmma_stage_state<Ops, DV>(bt, tc, r0, m);
             __syncthreads();
             mcattn_rmma_tile<Ops, W>(acc, qt, bt, 16 * warp, g, t);
         }
-#pragma unroll
-        for (int nn = 0; nn < W / 8; ++nn)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[nn][i] *= fac[i >> 1];
     }
     for (int j0 = c0; j0 <= q0; j0 += MCATTN_RMMA_KEYS) {  // 2. the chunk's keys up to the tile's last row
         float sc[G][4];
@@ -281,12 +286,13 @@ __device__ __forceinline__ void mcattn_rfa_mma_causal(const float* __restrict__ 
         for (int r0 = 0; r0 < m; r0 += MCATTN_RMMA_KEYS) {
             __syncthreads();  // every warp is done with the previous tiles
             if (m > MCATTN_RMMA_KEYS || j0 == c0)  // one stage of features: the query tile stays
-                mcattn_rmma_stage_rows<Ops>(qt, qb, q0, n, r0, m, 1.0f);
-            mcattn_rmma_stage_rows<Ops>(kt, kb, j0, n, r0, m, inv_k);
+                mcattn_rmma_stage_rows<Ops>(qt, qb, q0, n, r0, m, nullptr);
+            mcattn_rmma_stage_rows<Ops>(kt, kb, j0, n, r0, m, ib);
             if (r0 == 0) mcattn_rmma_stage_values<Ops, DV>(bt, vb, j0, n);
             __syncthreads();
             mcattn_rmma_tile<Ops, MCATTN_RMMA_KEYS>(sc, qt, kt, 16 * warp, g, t);
         }
+        float top[2] = {0.0f, 0.0f}, mass_t[2] = {0.0f, 0.0f};  // the tile's largest weight, its floor sum
 #pragma unroll
         for (int nn = 0; nn < G; ++nn)
 #pragma unroll
@@ -294,22 +300,44 @@ __device__ __forceinline__ void mcattn_rfa_mma_causal(const float* __restrict__ 
                 const int s = j0 + 8 * nn + 2 * t + e;
                 const bool in = s < n;
                 const float b_s = has_gate && in ? cb[s] : 0.0f;
-                const float kn = in ? nb[s] * inv_k : 0.0f;
+                const float ks = in ? sb[s] : 0.0f, kn = in ? nb[s] : 0.0f;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const bool vis = in && s <= rows[h];
                     const float dec = vis ? (has_gate ? mcattn_exp(b_row[h] - b_s) : 1.0f) : 0.0f;
-                    sc[nn][2 * h + e] *= dec;
-                    ref[h] += dec * kn;
+                    const float wgt = dec * ks;
+                    sc[nn][2 * h + e] *= wgt;
+                    top[h] = mcattn_max(top[h], wgt);
+                    mass_t[h] += dec * kn;
                 }
             }
+        float alpha[2], inv[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // the row's 4 lanes meet: the new unit
+            top[h] = mcattn_max(top[h], __shfl_xor_sync(0xffffffffu, top[h], 1));
+            top[h] = mcattn_max(top[h], __shfl_xor_sync(0xffffffffu, top[h], 2));
+            const float grown = mcattn_max(unit[h], top[h]);
+            alpha[h] = grown > 0.0f ? unit[h] / grown : 1.0f;
+            inv[h] = grown > 0.0f ? 1.0f / grown : 0.0f;
+            unit[h] = grown;
+            ref[h] = ref[h] * alpha[h] + mass_t[h] * inv[h];
+        }
+#pragma unroll
+        for (int nn = 0; nn < W / 8; ++nn)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nn][i] *= alpha[i >> 1];
+#pragma unroll
+        for (int nn = 0; nn < G; ++nn)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sc[nn][i] *= inv[i >> 1];
         mcattn_mma_pv<Ops, W, G, MCATTN_RMMA_LD>(acc, sc, bt, 0, g, t);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // the row's 4 lanes' shares of the floor's sum
         ref[h] += __shfl_xor_sync(0xffffffffu, ref[h], 1);
         ref[h] += __shfl_xor_sync(0xffffffffu, ref[h], 2);
-        ref[h] = rows[h] < n ? qnorm[bh * n + rows[h]] * (fac[h] + ref[h]) : 0.0f;
+        const float state = unit[h] > 0.0f ? fac[h] / unit[h] : 0.0f;
+        ref[h] = rows[h] < n ? qnorm[bh * n + rows[h]] * (state + ref[h]) : 0.0f;
     }
     mcattn_rmma_store<DV>(acc, ref, rows, n, out + bh * n * (long long)DV, flags + bh * n, eps, lane, t);
 }
@@ -338,9 +366,9 @@ __device__ __forceinline__ void mcattn_rfa_mma_causal(const float* __restrict__ 
             const float* __restrict__ fq, const float* __restrict__ kw, const float* __restrict__ v, \
             const float* __restrict__ knorm, const float* __restrict__ cum, int has_gate,         \
             const float* __restrict__ ts, const float* __restrict__ cmass,                        \
-            const float* __restrict__ kscale, const float* __restrict__ qnorm, float* __restrict__ out, \
-            int* __restrict__ flags, int n, int m, int chunk, float eps) {                        \
-        mcattn_rfa_mma_causal<OPS, DV>(fq, kw, v, knorm, cum, has_gate, ts, cmass, kscale, qnorm, out, \
+            const float* __restrict__ kkey, const float* __restrict__ ikey, const float* __restrict__ qnorm, \
+            float* __restrict__ out, int* __restrict__ flags, int n, int m, int chunk, float eps) {   \
+        mcattn_rfa_mma_causal<OPS, DV>(fq, kw, v, knorm, cum, has_gate, ts, cmass, kkey, ikey, qnorm, out, \
                                        flags, n, m, chunk, eps);                                  \
     }
 
