@@ -49,6 +49,13 @@ EXACT_TENSOR_CORES = None
 #: order its unit roundoff. Other calls stay on eatt.cu.
 EATT_TENSOR_CORES = None
 
+#: MCA's shared draws on CuPy: ``"gemm"`` (default) forms, per (batch row, head), the
+#: tokens' drawn columns times their group's weights ``[N, R]`` (R: the head's distinct
+#: drawn rows, zero-padded to the largest head's) and multiplies it with the drawn rows of
+#: W on cuBLAS (``cupy.matmul``, batched over heads); ``"kernel"``: one thread per output
+#: element (``mca/kernels/mca_shared.cu``). Same draws and weights; sums in another order.
+MCA_SHARED_CUPY = "gemm"
+
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
 #: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
 CUDA_SCRATCH_BYTES = 1 << 27
@@ -68,12 +75,15 @@ CPU_SERIAL_WORK = 1 << 17
 #: Random feature attention (mcattn.rfa): tokens per chunk of the chunked causal/gated
 #: form (exact products inside a chunk, a carried state between chunks).
 RFA_CHUNK_SIZE = 64
-#: Tensor cores for non-causal rfa on CuPy (``mcattn/rfa/kernels/rfa_mma.cu``): ``None``
-#: (default: rfa.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 non-causal
-#: call with value dim 32, 64 or 128 forms ``[S | z] = phi(K)^T [V | 1]`` and
-#: ``phi(Q) [S | z]`` on 16-bit mma (float32 accumulation): the key features, v, the
-#: query features and the state (over the mass) rounded to that type, relative error of
-#: order its unit roundoff. Causal and gated calls stay on rfa.cu.
+#: Tensor cores for rfa on CuPy (``mcattn/rfa/kernels/rfa_mma.cu``): ``None`` (default:
+#: rfa.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 call with value dim
+#: 32, 64 or 128 forms ``[S | z] = phi(K)^T [V | 1]`` and ``phi(Q) [S | z]`` on 16-bit mma
+#: (float32 accumulation): the key features, v, the query features and the state (over
+#: the mass) rounded to that type, relative error of order its unit roundoff. Causal and
+#: gated calls run the chunked form (chunks of ``RFA_CHUNK_SIZE`` rounded up to a multiple
+#: of 64; the state carried in float32, the intra-chunk products as masked decay tiles).
+#: float16 rounds each key's features over its chunk's largest: keys weighing less than
+#: about 2^-24 of it are lost (bfloat16 keeps float32's range).
 RFA_TENSOR_CORES = None
 #: Tokens per block of RFA's CPU kernel in the non-causal form (features are computed a
 #: block at a time, so memory stays O(block x features)).

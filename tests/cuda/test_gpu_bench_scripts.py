@@ -77,10 +77,11 @@ def test_eatt_bench_script_runs_and_checks(monkeypatch, capsys):
 
 def test_rfa_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "rfa_mma_vs_sdpa",
-        CASES=[("float16", 130), ("bfloat16", 16384 // 128)],
+        CASES=[("float16", 130, False), ("bfloat16", 16384 // 128, False), ("float16", 130, True),
+               ("bfloat16", 16384 // 128, True)],
         HEADS=1,
         FEATURES=32)
-    assert text.count("summary: ") == 2
+    assert text.count("summary: ") == 4  # float16 / bfloat16 x non-causal / causal
     assert "every output within the tolerances of rfa.cu's" in text
 
 
@@ -95,3 +96,13 @@ def test_rfa_decode_bench_script_runs_and_checks(monkeypatch, capsys):
                 FEATURES=12)
     assert "summary: rfa decode step on the GPU" in text
     assert "every step within 1e-5 of the array-code step" in text
+
+
+def test_mca_shared_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "mca_shared_vs_dense",
+        CASES=[("uniform", 40), ("mixed", 40)],
+        D_IN=32,
+        HEADS=2,
+        DH=8)
+    assert text.count("summary: ") == 2  # uniform / mixed budgets
+    assert "both paths equal to the CPU path's estimate" in text

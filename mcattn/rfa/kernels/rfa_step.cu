@@ -49,7 +49,8 @@ __device__ void mcattn_rfa_step(const T* __restrict__ fq, const T* __restrict__ 
     T* zb = z + b * m;
     // The scalars of the step, the same in every thread.
     const T g = has_gate ? mcattn_exp(log_gate[b]) : T(1);
-    const T c = shift[b], l = lk[b];
+    // Read before any barrier: thread 0 writes mass and shift back at the end.
+    const T c = shift[b], l = lk[b], mass_old = mass[b];
     const T c_new = mcattn_max(c, l);
     const bool finite = c_new > neg_inf && c_new < -neg_inf;
     const T safe = finite ? c_new : T(0);
@@ -71,7 +72,7 @@ __device__ void mcattn_rfa_step(const T* __restrict__ fq, const T* __restrict__ 
     const T den0 = mcattn_block_sum(den_part, scratch);
     const T k_norm = sqrt(mcattn_block_sum(fk2, scratch));
     const T q_norm = sqrt(mcattn_block_sum(fq2, scratch));
-    T mass_b = mass[b];
+    T mass_b = mass_old;
     if (has_gate) mass_b *= g;
     mass_b *= rescale;
     mass_b += w * k_norm;
