@@ -6,7 +6,7 @@ and mma.sync emulated).
 The reference is float64 rfa on the CPU (``backend="numpy"``) with the same features.
 The 16-bit path rounds the key features, v, the query features and the state over the
 mass: relative (Frobenius) errors of about half a unit roundoff u of the type
-(0.50-0.55 u non-causal, causal likewise: docs/measurements/rfa-mma-shim-errors.txt),
+(0.50-0.55 u non-causal, 0.54-0.58 u causal: docs/measurements/rfa-mma-shim-errors.txt),
 held to 1.5 u; and at least
 0.1 u (float32 would be ~1e-4 u: the 16-bit path really ran). Shapes are small: the shim runs 128 host
 threads a block.
