@@ -39,12 +39,14 @@ CUDA_THREADS_PER_BLOCK = 64
 #: a forward and its backward. tf32 is forward only.
 EXACT_TENSOR_CORES = None
 
-#: Tensor cores for E-Att's Hamming alignment on CuPy (``mcattn/eatt/kernels/eatt_mma.cu``):
+#: Tensor cores for E-Att on CuPy (``mcattn/eatt/kernels/eatt_mma.cu``):
 #: ``None`` (default: eatt.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 call
 #: with ``alignment="hamming"``, head dim <= 128 and value dim 32, 64 or 128 scores each
-#: 64 x 64 tile by XOR + popcount of the packed codes (the same float32 scores) and rounds
-#: the probabilities and v to that type for ``P V`` (float32 accumulation): relative error
-#: of order its unit roundoff. L1 alignment stays on eatt.cu.
+#: 64 x 64 tile by XOR + popcount of the packed codes (the same float32 scores); with
+#: ``alignment="l1"`` and (head dim <= 32, value dim 32/64/128) or (head dim <= 64, value dim
+#: 32/64) by ``-sum |q - k|`` on CUDA cores from shared-memory tiles; both round the
+#: probabilities and v to that type for ``P V`` (float32 accumulation): relative error of
+#: order its unit roundoff. Other calls stay on eatt.cu.
 EATT_TENSOR_CORES = None
 
 #: MCA's shared draws on CuPy: ``"gemm"`` (default) forms, per (batch row, head), the

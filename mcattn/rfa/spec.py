@@ -98,7 +98,8 @@ METHOD = Method(
     checks={"rfa": Check(_check, {"float32": 1e-4, "float64": 1e-11}, _bench),
             "rfa-mma": tensor_core_check("RFA_TENSOR_CORES", _check_mma, _bench),
             "rfa-mma-causal": tensor_core_check("RFA_TENSOR_CORES", _check_mma_causal, _bench_causal)},
-    kernel_sources={"rfa/kernels/rfa.cu": (
+    kernel_sources={"rfa/kernels/rfa_step.cu": ("mcattn_rfa_step_f32", "mcattn_rfa_step_f64"),
+                    "rfa/kernels/rfa.cu": (
         "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
         "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
     ), "rfa/kernels/rfa_mma.cu": tuple(f"mcattn_rfa_mma_{part}_{t}_dv{dv}"

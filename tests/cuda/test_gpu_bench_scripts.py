@@ -69,9 +69,9 @@ def test_latte_bench_script_runs_and_checks(monkeypatch, capsys):
 
 def test_eatt_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "eatt_mma_vs_sdpa",
-        CASES=[("float16", 130), ("bfloat16", 8192 // 64)],
+        CASES=[("float16", 130), ("bfloat16", 8192 // 64), ("float16", 70, "l1")],
         HEADS=1)
-    assert text.count("summary: ") == 2
+    assert text.count("summary: ") == 3 and "summary: eatt_mma l1 float16" in text
     assert "every output within the tolerances of eatt.cu's" in text
 
 
@@ -83,6 +83,19 @@ def test_rfa_bench_script_runs_and_checks(monkeypatch, capsys):
         FEATURES=32)
     assert text.count("summary: ") == 4  # float16 / bfloat16 x non-causal / causal
     assert "every output within the tolerances of rfa.cu's" in text
+
+
+def test_eigen_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "eigen_gemm_vs_sdpa", CASES=[300], HEADS=2, HEAD_DIM=72)
+    assert "summary: eigen (cupy GEMM path)" in text
+    assert "every output within 1e-4 of the float64 reference" in text
+
+
+def test_rfa_decode_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "rfa_decode_gpu", CASES=[(1, 5), (2, 9)], HEADS=2, HEAD_DIM=8,
+                FEATURES=12)
+    assert "summary: rfa decode step on the GPU" in text
+    assert "every step within 1e-5 of the array-code step" in text
 
 
 def test_mca_shared_bench_script_runs_and_checks(monkeypatch, capsys):
