@@ -8,7 +8,7 @@
 # from the wheels folder .whl/ prepared beforehand (command in docs/cuda-testing.md).
 # Then the CUDA test lanes run on the real device (not the simulator), then
 # `mcattn selftest --bench --json`. Results go to docs/measurements/gpu-*.txt|json.
-# Finishes within 8 minutes (time limits per step: 20 + 20 + 180 + 105 + 60 + 40 + 25 + 20 + 10 s); prints a short summary last;
+# Finishes within 8 minutes (time limits per step: 20 + 20 + 180 + 105 + 60 + 40 + 25 + 20 + 10 s, then 30 + 10 s only while they fit in 470 s); prints a short summary last;
 # exits 1 when anything failed or mismatched.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -113,6 +113,22 @@ step "rfa_mma vs SDPA" 20 "$OUT_DIR/gpu-rfa-mma-log.txt" \
 step "mca_shared vs dense" 10 "$OUT_DIR/gpu-mca-shared-log.txt" \
     $PY benchmarks/gpu/mca_shared_vs_dense.py --out "$OUT_DIR/gpu-mca-shared.txt"
 
+# 10-11. Within what is left of the 8 minutes (each step needs its whole limit left, else it
+#    is skipped with a summary line): eigen's GEMM path at N = 4k, d = 128 against SDPA, and
+#    the rfa decoder step (rfa_step.cu) against the array-code step.
+if_time_left() {  # if_time_left NAME SECONDS ...: step, when the limit still fits in 470 s
+    local name=$1 limit=$2
+    if [ $(( $(date +%s) - START + limit )) -le 470 ]; then
+        step "$@"
+    else
+        SUMMARY+=("skip  $name: under ${limit}s of the 8 minutes left")
+    fi
+}
+if_time_left "eigen_gemm vs SDPA" 30 "$OUT_DIR/gpu-eigen-gemm-log.txt" \
+    $PY benchmarks/gpu/eigen_gemm_vs_sdpa.py --out "$OUT_DIR/gpu-eigen-gemm.txt"
+if_time_left "rfa decode step" 10 "$OUT_DIR/gpu-rfa-decode-log.txt" \
+    $PY benchmarks/gpu/rfa_decode_gpu.py --out "$OUT_DIR/gpu-rfa-decode.txt"
+
 # On a GPU machine the GPU backends must have run: a GPU row that did not pass, or a bench
 # without GPU timings, fails the script.
 if $PY - "$OUT_DIR/gpu-selftest.json" > /tmp/mcattn-gpu-rows.txt 2>&1 <<'PYEOF'
@@ -142,7 +158,7 @@ grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /
 grep -E "^selftest:" "$OUT_DIR/gpu-selftest.txt" | tail -1
 grep -E "^\S+ +\S+ +\S+ +(FAIL|error) " "$OUT_DIR/gpu-selftest.txt" | head -5
 grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-exact-mma.txt" 2>/dev/null
-for kernel in latte-mma eatt-mma rfa-mma mca-shared; do  # the tile kernels' summaries, or their last error lines
+for kernel in latte-mma eatt-mma rfa-mma mca-shared eigen-gemm rfa-decode; do  # the tile kernels' summaries, or their last error lines
     grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-$kernel.txt" 2>/dev/null \
         || grep -E "Error|MISMATCH" "$OUT_DIR/gpu-$kernel-log.txt" 2>/dev/null | tail -3
 done

@@ -106,3 +106,19 @@ def test_mca_shared_bench_script_runs_and_checks(monkeypatch, capsys):
         DH=8)
     assert text.count("summary: ") == 2  # uniform / mixed budgets
     assert "both paths equal to the CPU path's estimate" in text
+
+
+def test_on_device_script_fits_its_eight_minutes_and_runs_every_bench_script():
+    """tests/cuda/on_device.sh: the fixed steps' limits sum to at most 480 s (the optional
+    ones run only while they fit in 470 s), and every script of benchmarks/gpu with a shim
+    test here is one of its steps."""
+    import re
+
+    text = (BENCH_DIR.parents[1] / "tests" / "cuda" / "on_device.sh").read_text()
+    fixed = [int(n) for n in re.findall(r'^\s*step "[^"]+" (\d+) ', text, re.M)]
+    optional = re.findall(r'^if_time_left "[^"]+" (\d+) ', text, re.M)
+    assert len(fixed) >= 8 and sum(fixed) <= 480, fixed
+    assert optional and all(int(n) <= 470 - sum(fixed[:2]) for n in optional)
+    tested = set(re.findall(r'_run\(monkeypatch, capsys, "(\w+)"', Path(__file__).read_text()))
+    run = set(re.findall(r"benchmarks/gpu/(\w+)\.py", text))
+    assert tested <= run, tested - run
