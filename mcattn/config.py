@@ -81,9 +81,8 @@ RFA_CHUNK_SIZE = 64
 #: (float32 accumulation): the key features, v, the query features and the state (over
 #: the mass) rounded to that type, relative error of order its unit roundoff. Causal and
 #: gated calls run the chunked form (chunks of ``RFA_CHUNK_SIZE`` rounded up to a multiple
-#: of 64; the state carried in float32, the intra-chunk products as masked decay tiles).
-#: float16 rounds each key's features over its chunk's largest: keys weighing less than
-#: about 2^-24 of it are lost (bfloat16 keeps float32's range).
+#: of 64; the state carried in float32, the intra-chunk products as masked decay tiles,
+#: each row's weights over its running largest).
 RFA_TENSOR_CORES = None
 #: Tokens per block of RFA's CPU kernel in the non-causal form (features are computed a
 #: block at a time, so memory stays O(block x features)).

@@ -1,9 +1,11 @@
-// Non-causal random feature attention on tensor cores: the two products of rfa.cu's
-// states and output kernels as tiles on float16 / bfloat16 mma.sync (m16n8k16, float32
-// accumulation). The features, key weights and mass stay those of rfa.cu and the array
-// code of mcattn/rfa/_gpu.py; this file replaces steps 3 and 5 when there is one chunk.
+// Random feature attention on tensor cores: the products of rfa.cu's states and output
+// kernels as tiles on float16 / bfloat16 mma.sync (m16n8k16, float32 accumulation). The
+// features, key weights and mass stay those of rfa.cu and the array code of
+// mcattn/rfa/_gpu.py; this file replaces its steps 3 and 5: non-causal (one chunk) with
+// states + output, causal and gated (the chunked form) with chunk_states, rfa.cu's
+// float32 scan, then causal (described above its function).
 //
-// Both kernels: blocks of 4 warps (128 threads), each warp 16 rows of a 64-row tile;
+// All kernels: blocks of 4 warps (128 threads), each warp 16 rows of a 64-row tile;
 // value dim DV in {32, 64, 128} and the width W = DV + 8 of [V | 1 | 0...] (the ones
 // column gives z, the normaliser, in the same mma as S).
 //
@@ -17,6 +19,12 @@
 //   from global memory (rounded to the type), B = T^T tiles of 64 features; the
 //   denominator floored at eps * qnorm (the Cauchy-Schwarz bound over mass) and the
 //   floored rows flagged, as rfa.cu; a row with qnorm = 0 is zero.
+// chunk_states: grid (ceil(m / 64), n_chunks, BH): states as above with span = chunk,
+//   written to states [BH, n_chunks, m, DV + 1] (the keys weighted by their tail decay).
+// causal: grid (ceil(N / 64), BH): cum [BH, N] (the chunks' cumulative log-gates), ts
+//   [BH, n_chunks, m, DV + 1] (states at chunk starts over their mass), cmass [BH,
+//   n_chunks], kkey / ikey [BH, N] (each key's largest |kw| and its inverse). Static
+//   shared memory at DV = 128: (64 + 64 + 136) x 36 words.
 //
 // Layout (C-contiguous, float32): kw [BH, Nk, m], v [BH, Nk, DV], partial
 // [splits, BH, m, DV + 1]; fq [BH, Nq, m], t [BH, m, DV + 1], qnorm [BH, Nq], out
