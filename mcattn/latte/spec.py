@@ -72,5 +72,8 @@ METHOD = Method(
             "latte-mma": tensor_core_check("LATTE_TENSOR_CORES", _check_mma, _bench)},
     kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64"),
                     "latte/kernels/latte_mma.cu": tuple(f"mcattn_latte_mma_forward_{t}_d{d}"
-                                                        for t in ("f16", "bf16") for d in (32, 64, 128))},
+                                                        for t in ("f16", "bf16") for d in (32, 64, 128)),
+                    "latte/kernels/latte_mma_backward.cu": tuple(
+                        f"mcattn_latte_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv")
+                        for t in ("f16", "bf16") for d in (32, 64))},
 )
