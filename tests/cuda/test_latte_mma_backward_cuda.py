@@ -303,3 +303,40 @@ def test_what_stays_on_the_array_code(cupy_or_fake):
             latte_cupy.backward_tensor_cores(lat())
     finally:
         mcattn.config.LATTE_TENSOR_CORES = saved
+
+
+@pytest.mark.nvrtc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_ptx_has_the_int8_and_16_bit_mma(arch):
+    """Each kernel: the estimate (and int8 kept scores) on mma.sync m16n8k32 s8, the
+    gradient products on m16n8k16 of its 16-bit type."""
+    from cuda_compile import nvrtc_compile
+
+    ptx = nvrtc_compile("latte/kernels/latte_mma_backward.cu", arch)
+    for part in ("dq", "dkdv"):
+        for tag in ("f16", "bf16"):
+            for d in (32, 64):
+                body = ptx[ptx.index(f".entry mcattn_latte_mma_backward_{part}_{tag}_d{d}("):]
+                body = body[:body.find(".entry", 10)] if ".entry" in body[10:] else body
+                assert "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in body
+                assert f"mma.sync.aligned.m16n8k16.row.col.f32.{tag}.{tag}.f32" in body
+
+
+@pytest.mark.parametrize("mode,theta", [("relative", 0.0), ("absolute", 1e30)])
+def test_near_ties_keep_the_forwards_key(cupy_or_fake, mode, theta):
+    """The forward kernel's near-tie case (two keys whose estimates round to the same
+    float32): one key kept per row, so dV is dO on that key and 0 on the other (a backward
+    keeping float32 ties would split it, and give dq, dk != 0)."""
+    from test_latte_mma_cuda import near_tie_case
+
+    q, k, v = near_tie_case()
+    assert q.shape[-1] in (32, 64)
+    dout = np.random.default_rng(8).standard_normal(q.shape).astype(np.float32)
+    got, _ = tile_gradients(cupy_or_fake, "float16", q, k, v, dout, theta, mode=mode)
+    want = host_gradients(q, k, v, dout, theta, "float16", mode=mode)
+    keep = latte.kept_mask(q, k, threshold=theta, mode=mode, backend="numpy")
+    assert keep.sum(-1).tolist() == [[[1, 1, 1]]]
+    assert rel_error(got["v"], want["v"]) < UNIT["float16"]
+    kept_keys = keep.any(axis=-2)[0, 0]
+    assert np.all(got["v"][0, 0, ~kept_keys] == 0) and np.all(got["v"][0, 0, kept_keys] != 0)
+    assert np.all(got["q"] == 0) and np.all(got["k"] == 0)  # one kept key: P = 1, dS = 0
