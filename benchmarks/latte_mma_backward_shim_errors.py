@@ -1,6 +1,7 @@
 """Accuracy of LATTE's tensor-core hard-mask backward under the host shim (no GPU needed).
 
-``python benchmarks/latte_mma_backward_shim_errors.py [--out docs/measurements/latte-mma-backward-shim-errors.txt]``
+``python benchmarks/latte_mma_backward_shim_errors.py
+[--out docs/measurements/latte-mma-backward-shim-errors.txt]``
 
 Runs ``latte/kernels/latte_mma_backward.cu`` (dq pass, then dk/dv pass) on the fake CuPy
 of ``tests/cuda`` for every case of ``tests/cuda/test_latte_mma_backward_cuda.py``
@@ -28,18 +29,21 @@ def main(argv=None):
     import fake_cupy
     import test_latte_mma_backward_cuda as t
 
-    lines = ["# benchmarks/latte_mma_backward_shim_errors.py: rel. error / u of each gradient vs the "
-             "float64 host backward (same kept sets and int8 scores; q, k, v, dO rounded to the type after the "
-             "quantisation), and vs latte.grad.backward on float64 (v, dO rounded), host shim",
-             f"{'type':9s} {'case':18s} {'kept':>5s} {'dq/u':>6s} {'dk/u':>6s} {'dv/u':>6s}  (vs grad.backward: "
-             f"{'dq/u':>6s} {'dk/u':>6s} {'dv/u':>6s}) "
-             f"{'dq tiles':>9s} {'dkdv tiles':>10s}"]
+    lines = ["# benchmarks/latte_mma_backward_shim_errors.py, host shim: error / u of each gradient vs "
+             "float64 with the same kept sets and int8 scores and q, k, v, dO rounded to the type after "
+             "the quantisation (over the size |dS||K|, |dS|^T|Q|, P^T|dO|); in brackets the relative "
+             "error vs latte.grad.backward on float64 (v, dO rounded); (block, tile) pairs computed / "
+             "visited by each pass",
+             f"{'type':9s} {'case':17s} {'kept':>5s} {'dq/u':>6s} {'dk/u':>6s} {'dv/u':>6s}  "
+             f"({'dq/u':>6s} {'dk/u':>6s} {'dv/u':>6s})  {'dq tiles':>9s} {'dkdv tiles':>10s}"]
     with fake_cupy.cupy_context() as cp:
         for label, precision, build in t.CASES:
             q, k, v, dout, threshold, kw = build()
             errs, keep, tiles = t.check(cp, precision, q, k, v, dout, threshold, label, **kw)
-            lines.append(f"{precision:9s} {label:18s} {keep.mean():5.3f} {errs['q']:6.3f} {errs['k']:6.3f} "
-                         f"{errs['v']:6.3f}  ({' ' * 18}{errs['host q']:6.3f} {errs['host k']:6.3f} {errs['host v']:6.3f}) {tiles[1]:4d}/{tiles[0]:<4d} {tiles[3]:5d}/{tiles[2]:<4d}")
+            host = " ".join(f"{errs['host ' + n]:6.3f}" for n in "qkv")
+            lines.append(f"{precision:9s} {label:17s} {keep.mean():5.3f} "
+                         + " ".join(f"{errs[n]:6.3f}" for n in "qkv")
+                         + f"  ({host})  {tiles[1]:4d}/{tiles[0]:<4d} {tiles[3]:5d}/{tiles[2]:<4d}")
             print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
