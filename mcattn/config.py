@@ -101,7 +101,9 @@ LATTE_CPU_VNNI = True
 #: mode relative or absolute with int8 kept scores, no dropped mass and head dim 32, 64 or
 #: 128 (d = dv) runs the estimate on int8 mma (the same kept sets, key for key), skips the
 #: 64 x 64 tiles where nothing is kept, and rounds the probabilities and v to that type for
-#: ``P V`` (float32 accumulation): relative error of order its unit roundoff.
+#: ``P V`` (float32 accumulation): relative error of order its unit roundoff. The hard-mask
+#: backward follows it for float32, mode relative / absolute and d = dv in {32, 64}
+#: (``latte_mma_backward.cu``; int8 or float kept scores).
 LATTE_TENSOR_CORES = None
 #: Keys per chunk of the CPU kernel's kept-key pass (relative / absolute rules without a
 #: float mask): every query row of a block takes its kept keys from a chunk while the
