@@ -9,7 +9,8 @@ of ``tests/cuda`` for every case of ``tests/cuda/test_latte_mma_backward_cuda.py
 and prints, per case, the relative (Frobenius) error of dq, dk and dv against the float64
 host backward (same q, k, so the same kept sets; v and dO rounded to the 16-bit type), in
 unit roundoffs u of that type (2^-11 float16, 2^-8 bfloat16), the kept fraction and the
-(block, tile) pairs computed / visited by each pass.
+(block, tile) pairs computed / visited by each pass; then the error of the selftest row
+``latte-mma-bwd`` as the selftest measures it.
 """
 
 import argparse
@@ -45,6 +46,18 @@ def main(argv=None):
                          + " ".join(f"{errs[n]:6.3f}" for n in "qkv")
                          + f"  ({host})  {tiles[1]:4d}/{tiles[0]:<4d} {tiles[3]:5d}/{tiles[2]:<4d}")
             print(lines[-1], flush=True)
+        # the selftest row latte-mma-bwd: its measure, max|out - ref| / max|ref| vs float64 NumPy
+        import numpy as np
+
+        from mcattn.latte import spec
+
+        check = spec.METHOD.checks["latte-mma-bwd"]
+        ref = check.run(lambda a: a, "numpy", np.float64)
+        got = check.run(cp.asarray, "cupy", np.float32).get()
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        lines.append(f"selftest latte-mma-bwd (float16): max error {err:.2e}"
+                     f" (tolerance {check.tolerance['float32']:.1e})")
+        print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
 
