@@ -31,25 +31,9 @@
 #include "common.cuh"
 #include "warp.cuh"
 #include "mma_backward.cuh"
+#include "latte_int8.cuh"  // mcattn_load_s8x4, mcattn_hi_nibbles (as the forward)
 
 #define MCATTN_LBWD_GROUPS (MCATTN_MMA_BWD_TILE / 8)  // key (or query) groups of 8 per tile
-
-// Four int8 values as one word (the first in the low byte), from an address 4-aligned.
-__device__ __forceinline__ unsigned mcattn_lbwd_load_s8x4(const signed char* p) {
-#ifdef MCATTN_HOST_SHIM
-    unsigned w;
-    memcpy(&w, p, 4);
-    return w;
-#else
-    return *reinterpret_cast<const unsigned*>(p);
-#endif
-}
-
-// The signed high nibbles of four packed int8 values (as latte_mma.cu).
-__device__ __forceinline__ unsigned mcattn_lbwd_hi_nibbles(unsigned w) {
-    const unsigned x = (w >> 4) & 0x0f0f0f0fu;
-    return x | ((x & 0x08080808u) * 0x1eu);
-}
 
 // latte_mma.cu's keep rule for one visible element: hh the high-nibble product, skf256 /
 // sk256 = 256 s_k in float / double, b the bias (0 without one), cq = scale s_q. Without a
@@ -76,7 +60,7 @@ __device__ __forceinline__ void mcattn_lbwd_load_a8(unsigned (*frag)[4], const s
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int row = row0 + g + 8 * (r & 1), c = 32 * kk + 4 * t + 16 * (r >> 1);
-            frag[kk][r] = row < rows_end ? mcattn_lbwd_load_s8x4(src + (long long)row * D + c) : 0u;
+            frag[kk][r] = row < rows_end ? mcattn_load_s8x4(src + (long long)row * D + c) : 0u;
         }
 }
 
@@ -87,9 +71,9 @@ __device__ __forceinline__ void mcattn_lbwd_load_s8_tile(unsigned (*x8)[D / 4 + 
     constexpr int W = D / 4;
     for (int e = threadIdx.x; e < MCATTN_MMA_BWD_TILE * W; e += MCATTN_MMA_BWD_THREADS) {
         const int r = e / W, word = e % W, row = first + r;
-        const unsigned w = row < rows_end ? mcattn_lbwd_load_s8x4(src + (long long)row * D + 4 * word) : 0u;
+        const unsigned w = row < rows_end ? mcattn_load_s8x4(src + (long long)row * D + 4 * word) : 0u;
         x8[r][word] = w;
-        xh[r][word] = mcattn_lbwd_hi_nibbles(w);
+        xh[r][word] = mcattn_hi_nibbles(w);
     }
 }
 
@@ -173,7 +157,7 @@ __device__ __forceinline__ void mcattn_latte_mma_backward_dq(
     auto kept_bits = [&](int j0) -> unsigned {
         unsigned bits = 0, qh[D / 32][4];
         for (int kk = 0; kk < D / 32; ++kk)
-            for (int r = 0; r < 4; ++r) qh[kk][r] = mcattn_lbwd_hi_nibbles(qa8[kk][r]);
+            for (int r = 0; r < 4; ++r) qh[kk][r] = mcattn_hi_nibbles(qa8[kk][r]);
 #pragma unroll 1
         for (int n = 0; n < G; ++n) {
             int hh[4];
@@ -234,7 +218,7 @@ __device__ __forceinline__ void mcattn_latte_mma_backward_dq(
         if (is_causal && j0 > row0 + 15) continue;
         unsigned qh[D / 32][4];
         for (int kk = 0; kk < D / 32; ++kk)
-            for (int r = 0; r < 4; ++r) qh[kk][r] = mcattn_lbwd_hi_nibbles(qa8[kk][r]);
+            for (int r = 0; r < 4; ++r) qh[kk][r] = mcattn_hi_nibbles(qa8[kk][r]);
 #pragma unroll 1
         for (int n = 0; n < G; ++n) {
             int hh[4];
@@ -402,7 +386,7 @@ __device__ __forceinline__ void mcattn_latte_mma_backward_dkdv(
     const int block_first = blockIdx.x * MCATTN_MMA_BWD_ROWS;
     for (int e = threadIdx.x; e < MCATTN_MMA_BWD_ROWS * W; e += MCATTN_MMA_BWD_THREADS) {
         const int r = e / W, word = e % W, key = block_first + r;
-        k8_own[r][word] = key < nk ? mcattn_lbwd_load_s8x4(k8 + koff + (long long)key * D + 4 * word) : 0u;
+        k8_own[r][word] = key < nk ? mcattn_load_s8x4(k8 + koff + (long long)key * D + 4 * word) : 0u;
     }
     for (int e = threadIdx.x; e < MCATTN_MMA_BWD_ROWS * D / 2 && !int8_scores; e += MCATTN_MMA_BWD_THREADS) {
         const int r = e / (D / 2), pair = e % (D / 2), key = block_first + r;
@@ -451,7 +435,7 @@ __device__ __forceinline__ void mcattn_latte_mma_backward_dkdv(
             unsigned kh[D / 32][4];
             for (int kk = 0; kk < D / 32; ++kk)
                 for (int r = 0; r < 4; ++r)
-                    kh[kk][r] = mcattn_lbwd_hi_nibbles(k8_own[own + 8 * (r & 1)][8 * kk + t + 4 * (r >> 1)]);
+                    kh[kk][r] = mcattn_hi_nibbles(k8_own[own + 8 * (r & 1)][8 * kk + t + 4 * (r >> 1)]);
 #pragma unroll 1
             for (int n = 0; n < G; ++n) {
                 int hh[4];
