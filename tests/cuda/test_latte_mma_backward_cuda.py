@@ -12,8 +12,8 @@ shim, whose warps emulate mma.sync from the PTX ISA's layouts). Two float64 refe
 * :func:`host_gradients`: ``latte.grad.backward`` with backend ``numpy`` on float64 q, k (the
   same int8 values, so the same kept sets) and v, dO rounded: relative (Frobenius) error
   0.27-0.67 u, held to 1 u, except where the rounding of q and k itself moves the
-  gradient (block-diagonal inputs, dq cancels: 5.9 u; float kept scores of size ~30:
-  3.8 u), held to 8 u; and at least 0.05 u there (float32 would be ~1e-4 u: the
+  gradient (block-diagonal inputs, dq cancels: 5.9 u; float kept scores of q, k x 3:
+  up to 3.8 u), held to 8 u; and at least 0.05 u there (float32 would be ~1e-4 u: the
   16-bit path ran).
 
 Figures: ``benchmarks/latte_mma_backward_shim_errors.py``,
@@ -40,8 +40,8 @@ BOUND = 0.5
 #: The bound against the public float64 backward (latte.grad.backward, backend numpy),
 #: relative (Frobenius): 1 u, but 8 u where the input rounding itself moves the
 #: gradient (measured 5.9 u on the block-diagonal case, where dq = sum_j dS_ij k_j cancels
-#: over similar keys, and 3.8 u with float kept scores of size ~30, which the rounding of
-#: q, k moves by ~30 u).
+#: over similar keys, and up to 3.8 u with float kept scores of q, k x 3, where the
+#: rounding of q and k moves the scores, so P, themselves).
 HOST_BOUND = {"blockdiag": 8.0, "float scores": 8.0}
 
 
@@ -60,8 +60,7 @@ def _launched(before):
 
 
 def _blocks(keep, rows, cols):
-    """(block of ``rows``, tile of ``cols``) pairs of ``keep [..., Nq, Nk]`` with a kept key,
-    and all pairs the kernel visits (causal: those up to the diagonal)."""
+    """The (block of ``rows``, tile of ``cols``) pairs of ``keep [..., Nq, Nk]`` holding a kept key."""
     nq, nk = keep.shape[-2:]
     flat = keep.reshape(-1, nq, nk)
     return sum(int(flat[:, i:i + rows, j:j + cols].any(axis=(1, 2)).sum())
