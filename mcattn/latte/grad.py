@@ -6,7 +6,10 @@ backward's reference is written with array operations (NumPy on the host, CuPy o
 GPU), one batch row at a time, ``O(Nq Nk)`` memory per batch row
 (:func:`mcattn.latte.naive.reference_backward`); the hard mask also has a Numba CPU kernel that visits the
 kept keys only (:func:`mcattn.latte.cpu.backward`; the kept sets themselves are an
-``[BH, Nq, Nk]`` boolean array).
+``[BH, Nq, Nk]`` boolean array), and on CuPy with ``config.LATTE_TENSOR_CORES`` tensor-core
+kernels that recompute the kept sets per tile and never store them
+(:func:`mcattn.latte.cupy.backward`, for the calls :func:`mcattn.latte.cupy.backward_tensor_cores`
+accepts).
 
 Hard mask (``soft=False``, every ``mode``)
     The kept set ``K_i`` is fixed by the forward's 4-bit estimate; the gradient is that of
