@@ -39,13 +39,22 @@ CUDA_THREADS_PER_BLOCK = 64
 #: a forward and its backward. tf32 is forward only.
 EXACT_TENSOR_CORES = None
 
-#: Tensor cores for E-Att's Hamming alignment on CuPy (``mcattn/eatt/kernels/eatt_mma.cu``):
+#: Tensor cores for E-Att on CuPy (``mcattn/eatt/kernels/eatt_mma.cu``):
 #: ``None`` (default: eatt.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 call
 #: with ``alignment="hamming"``, head dim <= 128 and value dim 32, 64 or 128 scores each
-#: 64 x 64 tile by XOR + popcount of the packed codes (the same float32 scores) and rounds
-#: the probabilities and v to that type for ``P V`` (float32 accumulation): relative error
-#: of order its unit roundoff. L1 alignment stays on eatt.cu.
+#: 64 x 64 tile by XOR + popcount of the packed codes (the same float32 scores); with
+#: ``alignment="l1"`` and (head dim <= 32, value dim 32/64/128) or (head dim <= 64, value dim
+#: 32/64) by ``-sum |q - k|`` on CUDA cores from shared-memory tiles; both round the
+#: probabilities and v to that type for ``P V`` (float32 accumulation): relative error of
+#: order its unit roundoff. Other calls stay on eatt.cu.
 EATT_TENSOR_CORES = None
+
+#: MCA's shared draws on CuPy: ``"gemm"`` (default) forms, per (batch row, head), the
+#: tokens' drawn columns times their group's weights ``[N, R]`` (R: the head's distinct
+#: drawn rows, zero-padded to the largest head's) and multiplies it with the drawn rows of
+#: W on cuBLAS (``cupy.matmul``, batched over heads); ``"kernel"``: one thread per output
+#: element (``mca/kernels/mca_shared.cu``). Same draws and weights; sums in another order.
+MCA_SHARED_CUPY = "gemm"
 
 #: Largest global scratch (bytes) a GPU kernel may hold for per-thread work arrays, e.g.
 #: MCA's per-token CDFs in optimal sampling; a call needing more is split into launches.
@@ -66,12 +75,14 @@ CPU_SERIAL_WORK = 1 << 17
 #: Random feature attention (mcattn.rfa): tokens per chunk of the chunked causal/gated
 #: form (exact products inside a chunk, a carried state between chunks).
 RFA_CHUNK_SIZE = 64
-#: Tensor cores for non-causal rfa on CuPy (``mcattn/rfa/kernels/rfa_mma.cu``): ``None``
-#: (default: rfa.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 non-causal
-#: call with value dim 32, 64 or 128 forms ``[S | z] = phi(K)^T [V | 1]`` and
-#: ``phi(Q) [S | z]`` on 16-bit mma (float32 accumulation): the key features, v, the
-#: query features and the state (over the mass) rounded to that type, relative error of
-#: order its unit roundoff. Causal and gated calls stay on rfa.cu.
+#: Tensor cores for rfa on CuPy (``mcattn/rfa/kernels/rfa_mma.cu``): ``None`` (default:
+#: rfa.cu), ``"float16"`` or ``"bfloat16"``. With a value, a float32 call with value dim
+#: 32, 64 or 128 forms ``[S | z] = phi(K)^T [V | 1]`` and ``phi(Q) [S | z]`` on 16-bit mma
+#: (float32 accumulation): the key features, v, the query features and the state (over
+#: the mass) rounded to that type, relative error of order its unit roundoff. Causal and
+#: gated calls run the chunked form (chunks of ``RFA_CHUNK_SIZE`` rounded up to a multiple
+#: of 64; the state carried in float32, the intra-chunk products as masked decay tiles,
+#: each row's weights over its running largest).
 RFA_TENSOR_CORES = None
 #: Tokens per block of RFA's CPU kernel in the non-causal form (features are computed a
 #: block at a time, so memory stays O(block x features)).
@@ -90,7 +101,9 @@ LATTE_CPU_VNNI = True
 #: mode relative or absolute with int8 kept scores, no dropped mass and head dim 32, 64 or
 #: 128 (d = dv) runs the estimate on int8 mma (the same kept sets, key for key), skips the
 #: 64 x 64 tiles where nothing is kept, and rounds the probabilities and v to that type for
-#: ``P V`` (float32 accumulation): relative error of order its unit roundoff.
+#: ``P V`` (float32 accumulation): relative error of order its unit roundoff. The hard-mask
+#: backward follows it for float32, mode relative / absolute and d = dv in {32, 64}
+#: (``latte_mma_backward.cu``; int8 or float kept scores).
 LATTE_TENSOR_CORES = None
 #: Keys per chunk of the CPU kernel's kept-key pass (relative / absolute rules without a
 #: float mask): every query row of a block takes its kept keys from a chunk while the

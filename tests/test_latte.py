@@ -341,6 +341,63 @@ def test_calibration_hits_its_mass_target(mode, real):
         assert (per_head < 0.97).all()
 
 
+@pytest.mark.parametrize("mode", ["relative", "safe"])
+def test_mass_spread_shares_the_keep_budget_by_attention_mass(mode, real):
+    """spread="mass": the heads keep target_keep of all pairs together, each about the same
+    share of its mass, so more mass in all than an even split of the same budget."""
+    q, k, v, kpm, scale = real
+    common = dict(mode=mode, key_padding_mask=kpm, scale=scale)
+
+    def kept_share_and_mass(theta):
+        kept = latte.kept_mask(q, k, threshold=theta, **common)
+        visible = np.broadcast_to(kpm[:, None, None, :] & kpm[:, None, :, None], kept.shape)
+        _, info = latte.attention(q, k, v, threshold=theta, return_info=True, **common)
+        mass = 1 - info.dropped_mass_rows.transpose(1, 0, 2)[:, kpm].mean(-1)  # per head
+        return (kept & visible).sum() / visible.sum(), mass
+
+    even_share, even_mass = kept_share_and_mass(latte.calibrate(q, k, target_keep=0.2, **common))
+    share, mass = kept_share_and_mass(latte.calibrate(q, k, target_keep=0.2, spread="mass", **common))
+    if mode == "safe":
+        # Here 11 of the 12 heads keep more than the budget at threshold 0 already (their
+        # floor, test_calibration_hits_its_keep_target): the spread can only lower the rest.
+        assert share < even_share
+        return
+    assert 0.2 - 1e-9 <= share < 0.2 + 0.01
+    assert mass.max() - mass.min() < 0.5 * (even_mass.max() - even_mass.min())
+    assert mass.mean() > even_mass.mean()
+
+
+def test_common_mass_is_the_smallest_share_that_reaches_the_budget():
+    """Brute force over every candidate share (the heads' cumulative masses)."""
+    from mcattn.latte.calibrate import _common_mass, _mass_index
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        sizes = rng.integers(3, 40, 4)
+        kept_mass = {h: np.cumsum(rng.dirichlet(np.full(n, 0.3))) for h, n in enumerate(sizes)}
+        target = rng.uniform(0.05, 1.0)
+        total = sum(km.size for km in kept_mass.values())
+        budget = int(np.ceil(target * total - 1e-9))
+
+        def kept(m, kept_mass=kept_mass):
+            return sum(_mass_index(km, m) + 1 for km in kept_mass.values())
+
+        m = _common_mass(kept_mass, target)
+        assert kept(m) >= budget
+        candidates = sorted(x for km in kept_mass.values() for x in km if x < m - 1e-9)
+        assert all(kept(c) < budget for c in candidates)  # every smaller share misses
+
+
+def test_mass_spread_refuses_what_it_cannot_share():
+    q, k, _ = _qkv(n=5)
+    with pytest.raises(ValueError, match="threshold mode"):
+        latte.calibrate(q, k, target_keep=0.5, mode="topk", spread="mass")
+    with pytest.raises(ValueError, match="target_mass"):
+        latte.calibrate(q, k, target_mass=0.5, spread="mass")
+    with pytest.raises(ValueError, match="spread must be"):
+        latte.calibrate(q, k, target_keep=0.5, spread="heads")
+
+
 def test_bounds_hold_on_real_attention(real):
     q, k, v, kpm, scale = real
     eps = bounds.estimate_error_bound(q, k, scale=scale)

@@ -26,8 +26,7 @@ _ALL = frozenset({"mask", "causal"})
 KERNELS = (
     Kernel("numba", "mcattn.eigen.cpu", "forward", features=_ALL),
     Kernel("numpy", "mcattn.eigen.naive", "forward", features=_ALL),
-    Kernel("cupy", "mcattn.eigen.cupy", "forward", max_head_dim=64, features=_ALL,
-           max_sizes=(("n", 256), ("m", 64))),
+    Kernel("cupy", "mcattn.eigen.cupy", "forward", features=_ALL),  # any size: RawKernel or GEMMs
     Kernel("cuda", "mcattn.eigen.cuda", "forward", max_head_dim=64, features=_ALL,
            max_sizes=(("n", 256), ("m", 64))),
 )

@@ -3,7 +3,8 @@
 Inside a transformers model, ``use_method(model, "hybrid", target_keep=...)`` (or
 ``target_mass=``) fits per-head relative thresholds on each layer's own attention with
 :func:`mcattn.latte.calibrate` (the kept set is LATTE's), and the pooled remainder covers
-the dropped keys.
+the dropped keys. ``spread="mass"`` shares a ``target_keep`` budget among a layer's heads
+by attention mass instead of evenly.
 """
 
 import numpy as np
@@ -20,7 +21,7 @@ def _calibrate(layer, options):
     targets = {name: float(options[name]) for name in ("target_keep", "target_mass")
                if options.get(name) is not None}
     theta = calibrate(layer["q"], layer["k"], key_padding_mask=layer["key_padding_mask"],
-                      scale=layer["scale"], **targets)
+                      scale=layer["scale"], spread=options.get("spread") or "even", **targets)
     return {"threshold": np.asarray(theta, dtype=np.float32), "mode": "relative"}
 
 
@@ -41,7 +42,7 @@ METHOD = Method(
     attention=attention,
     knobs_for=lambda rng, heads, nk, dv: dict(threshold=max(1, nk // 4)),
     grad="mcattn.hybrid.grad",
-    model=ModelHooks(supplies=("threshold", "mode"), consumes=("target_keep", "target_mass"),
+    model=ModelHooks(supplies=("threshold", "mode"), consumes=("target_keep", "target_mass", "spread"),
                      calibrate=_calibrate,
                      needs_calibration=lambda options: options.get("target_keep") is not None
                      or options.get("target_mass") is not None),

@@ -13,6 +13,28 @@
 
 #include "warp.cuh"
 
+// o += P V for a warp's P in the mma C/D layout (p[n][i]: row (i < 2 ? g : g + 8), key
+// 8 n + 2 t + (i & 1); G even): P's fragments of key groups 2 kk and 2 kk + 1, rounded to
+// the 16-bit type, are the A fragment of their 16 keys. vt as above, D columns.
+template <class Ops, int D, int G, int LD>
+__device__ __forceinline__ void mcattn_mma_pv(float (&o)[D / 8][4], const float (&p)[G][4],
+                                              const unsigned (*vt)[LD], int kp0, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < G / 2; ++kk) {
+        const unsigned pa[4] = {
+            mcattn_pack16(Ops::round(p[2 * kk][0]), Ops::round(p[2 * kk][1])),
+            mcattn_pack16(Ops::round(p[2 * kk][2]), Ops::round(p[2 * kk][3])),
+            mcattn_pack16(Ops::round(p[2 * kk + 1][0]), Ops::round(p[2 * kk + 1][1])),
+            mcattn_pack16(Ops::round(p[2 * kk + 1][2]), Ops::round(p[2 * kk + 1][3]))};
+        const int kp = kp0 + 8 * kk;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const unsigned b[2] = {vt[8 * n + g][kp + t], vt[8 * n + g][kp + 4 + t]};
+            Ops::mma(o[n], pa, b);
+        }
+    }
+}
+
 template <class Ops, int D, int G, int LD>
 __device__ __forceinline__ void mcattn_mma_softmax_pv(float (&s)[G][4], float (&m)[2], float (&l)[2],
                                                       float (&o)[D / 8][4], const unsigned (*vt)[LD],
@@ -45,21 +67,7 @@ __device__ __forceinline__ void mcattn_mma_softmax_pv(float (&s)[G][4], float (&
             s[n][i] = exp2f(s[n][i] - base[i >> 1]);
             l[i >> 1] += s[n][i];
         }
-    // P's fragments of key groups 2 kk and 2 kk + 1 are the A fragment of their 16 keys.
-#pragma unroll
-    for (int kk = 0; kk < G / 2; ++kk) {
-        const unsigned pa[4] = {
-            mcattn_pack16(Ops::round(s[2 * kk][0]), Ops::round(s[2 * kk][1])),
-            mcattn_pack16(Ops::round(s[2 * kk][2]), Ops::round(s[2 * kk][3])),
-            mcattn_pack16(Ops::round(s[2 * kk + 1][0]), Ops::round(s[2 * kk + 1][1])),
-            mcattn_pack16(Ops::round(s[2 * kk + 1][2]), Ops::round(s[2 * kk + 1][3]))};
-        const int kp = kp0 + 8 * kk;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            const unsigned b[2] = {vt[8 * n + g][kp + t], vt[8 * n + g][kp + 4 + t]};
-            Ops::mma(o[n], pa, b);
-        }
-    }
+    mcattn_mma_pv<Ops, D, G, LD>(o, s, vt, kp0, g, t);
 }
 
 // The rows' sums over their 4 lanes, then out = o / l for the rows below nq (zeros for a

@@ -37,7 +37,7 @@ def _pairs_of_row(lat, b, mode):
 
 
 def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn_mask=None,
-              key_padding_mask=None, is_causal=False, scale=None):
+              key_padding_mask=None, is_causal=False, scale=None, spread="even"):
     """Per-head thresholds that keep a target fraction of keys or of attention mass.
 
     Parameters
@@ -55,6 +55,12 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
     attn_mask, key_padding_mask, is_causal, scale
         As :func:`mcattn.latte.attention`. In self-attention (``Nq == Nk``) the query
         rows at padding positions of ``key_padding_mask`` are left out of the statistics.
+    spread : {"even", "mass"}
+        How a ``target_keep`` budget is shared by the heads. ``"even"``: every head keeps
+        ``target_keep`` of its own pairs. ``"mass"``: the heads keep ``target_keep`` of all
+        their pairs together, split so that every head keeps the same share of its
+        attention mass (peaked heads give keys to diffuse ones); the smallest common mass
+        share that reaches the budget is used. Threshold modes only (not ``topk``).
 
     Returns
     -------
@@ -75,6 +81,12 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
     target = float(target_keep if target_keep is not None else target_mass)
     if not (0 < target <= 1) or math.isnan(target):
         raise ValueError(f"the target must be in (0, 1]; got {target}")
+    if spread not in ("even", "mass"):
+        raise ValueError(f"spread must be 'even' or 'mass'; got {spread!r}")
+    if spread == "mass" and (target_keep is None or mode == "topk"):
+        raise ValueError("spread='mass' shares a target_keep budget among the heads of a "
+                         "threshold mode (relative, absolute, safe); "
+                         f"got {'topk' if mode == 'topk' else 'target_mass'}")
     _, a = import_arrays({"q": q, "k": k, "attn_mask": attn_mask, "key_padding_mask": key_padding_mask},
                          float_names=("q", "k"))
     host = {name: (None if x is None else host_copy(x)) for name, x in a.items()}
@@ -92,6 +104,7 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
         per_batch = bh // max(1, lat.inp.batch_shape[0]) if lat.inp.batch_shape else bh
         real_rows = kpm[np.minimum(np.arange(bh) // per_batch, kpm.shape[0] - 1)]
     out = np.zeros(heads, dtype=np.int64 if mode == "topk" else np.float64)
+    sorted_keys, kept_mass = {}, {}  # per head: keep-order keys and their cumulative mass
     for h in range(heads):
         keys, masses, ranks, rows, counts = [], [], [], 0, []
         for b in range(h, bh, heads):
@@ -120,15 +133,53 @@ def calibrate(q, k, *, target_keep=None, target_mass=None, mode="relative", attn
                 out[h] = int(np.searchsorted(kept_by_rank, target - 1e-12)) + 1
             continue
         order = np.argsort(key, kind="stable")
-        key = key[order]
-        if target_keep is not None:
+        sorted_keys[h] = key[order]
+        kept_mass[h] = np.cumsum(mass[order]) / rows
+    if spread == "mass":
+        # Relative and safe thresholds are >= 0, so a head keeps at least its keys at 0.
+        floors = {h: (int(np.searchsorted(key, 0.0, side="right")) if mode != "absolute" else 0)
+                  for h, key in sorted_keys.items()}
+        target = _common_mass(kept_mass, target, floors)
+    for h, key in sorted_keys.items():
+        if target_keep is not None and spread == "even":
             index = max(0, math.ceil(target * key.size - 1e-9) - 1)
         else:
-            kept = np.cumsum(mass[order]) / rows
-            index = min(int(np.searchsorted(kept, target - 1e-12)), key.size - 1)
+            index = _mass_index(kept_mass[h], target)
         theta = float(key[index])
         if mode == "absolute":
             out[h] = np.inf if theta == -np.inf else -theta - _NUDGE * max(1.0, abs(theta))
         else:
             out[h] = max(0.0, theta + _NUDGE * max(1.0, abs(theta)))
     return out
+
+
+def _mass_index(kept_mass, target):
+    """Index of the first pair (in keep order) at which a head's kept mass reaches ``target``."""
+    return min(int(np.searchsorted(kept_mass, target - 1e-12)), kept_mass.size - 1)
+
+
+def _common_mass(kept_mass, target_keep, floors=None):
+    """The smallest mass share that, kept by every head, keeps ``target_keep`` of all pairs.
+
+    ``kept_mass[h]`` is head ``h``'s kept mass after each pair in its keep order
+    (non-decreasing), so the pairs kept for a mass share ``m`` grow with ``m``; a
+    bisection on ``m`` finds where their total first reaches the budget. ``floors[h]``:
+    the pairs head ``h`` keeps whatever its threshold (counted towards the budget).
+    """
+    floors = floors or {}
+    total = sum(km.size for km in kept_mass.values())
+    budget = math.ceil(target_keep * total - 1e-9)
+
+    def kept(m):
+        return sum(max(_mass_index(km, m) + 1, floors.get(h, 0)) for h, km in kept_mass.items())
+
+    lo, hi = 0.0, 1.0 + 1e-9
+    if kept(hi) < budget:  # every pair is needed
+        return hi
+    for _ in range(100):  # to float resolution: 2^-100 << the spacing of the masses
+        mid = 0.5 * (lo + hi)
+        if kept(mid) >= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -4,6 +4,10 @@ The algorithm is that of :mod:`mcattn.latte.cuda`. With ``config.LATTE_TENSOR_CO
 (``"float16"`` or ``"bfloat16"``) the calls the tile kernel covers (:func:`tensor_cores`)
 run on ``latte_mma.cu`` instead: the estimate on int8 mma, tiles of 64 queries x 64 keys
 with no kept key skipped, ``P V`` on 16-bit mma. The kept sets are the same either way.
+The hard-mask backward of the calls :func:`backward_tensor_cores` covers runs on
+``latte_mma_backward.cu`` (:func:`backward`): FlashAttention-2's dq and dk/dv passes with
+the kept sets recomputed per tile; the rest stays on the array code
+(:func:`mcattn.latte.naive.backward`).
 """
 
 import numpy as np
@@ -14,17 +18,22 @@ from ..errors import ConfigError
 from .naive import MODES
 
 __all__ = ["forward", "kept_mask", "kernel_arguments", "tensor_cores", "MMA_HEAD_DIMS",
-           "last_tile_counts"]
+           "last_tile_counts", "backward", "backward_tensor_cores", "MMA_TRAINING_HEAD_DIMS",
+           "last_backward_tile_counts"]
 
 _SOURCE = "latte/kernels/latte.cu"
 _MMA_SOURCE = "latte/kernels/latte_mma.cu"
+_MMA_BACKWARD_SOURCE = "latte/kernels/latte_mma_backward.cu"
 _MAX_GRID_Y = 65535
 #: Head dims (d = dv) of the tensor-core kernel; its blocks: 128 threads, 64 query rows.
 MMA_HEAD_DIMS = (32, 64, 128)
+#: Head dims (d = dv) of the tensor-core backward (as exact's training pair).
+MMA_TRAINING_HEAD_DIMS = (32, 64)
 _MMA_ROWS, _MMA_THREADS = 64, 128
 _MMA_TYPES = {"float16": "f16", "bfloat16": "bf16"}
 _MMA_MODES = ("relative", "absolute")
 _tiles = {}
+_backward_tiles = {}
 
 
 def tensor_cores(lat, *, do_output=True):
@@ -152,3 +161,90 @@ def forward(lat):
 def kept_mask(lat):
     """The kept sets, bool ``[BH, Nq, Nk]``."""
     return _run(lat, do_output=False, write_mask=True)[3]
+
+
+def backward_tensor_cores(lat):
+    """The 16-bit type ``latte_mma_backward.cu`` runs the hard-mask backward of ``lat`` in, or None.
+
+    Needs ``config.LATTE_TENSOR_CORES``, float32 inputs, mode relative or absolute and head
+    dim = value dim in :data:`MMA_TRAINING_HEAD_DIMS`; int8 or float kept scores.
+    """
+    precision = config.LATTE_TENSOR_CORES
+    if precision is None:
+        return None
+    if precision not in _MMA_TYPES:
+        raise ConfigError(f"LATTE_TENSOR_CORES must be None, 'float16' or 'bfloat16'; got {precision!r}")
+    inp = lat.inp
+    d = inp.q.shape[2]
+    if (inp.q.dtype != np.float32 or d not in MMA_TRAINING_HEAD_DIMS or inp.value_dim != d
+            or lat.mode not in _MMA_MODES):
+        return None
+    return precision
+
+
+def last_backward_tile_counts():
+    """``(dq visited, dq computed, dkdv visited, dkdv computed)``: the (block of 64 rows or
+    keys, tile of 32 keys or queries) pairs of the last tensor-core backward on the current
+    device, and those with a kept key (the others load no 16-bit operand). Synchronises."""
+    import cupy
+
+    counts = _backward_tiles.get(cupy.cuda.runtime.getDevice())
+    return None if counts is None else tuple(int(c) for c in counts.get())
+
+
+def backward(lat, dout):
+    """LATTE's hard-mask gradients on tensor cores (``kernels/latte_mma_backward.cu``).
+
+    Parameters
+    ----------
+    lat : mcattn.latte.LatteInputs
+        Canonical CuPy inputs that :func:`backward_tensor_cores` accepts.
+    dout : cupy.ndarray, shape ``[BH, Nq, d]``
+        Gradient of the loss with respect to the output.
+
+    Returns
+    -------
+    dq, dk, dv : cupy.ndarray of float32
+        ``[BH, Nq, d]``, ``[BH, Nk, d]``, ``[BH, Nk, d]``. The kept sets are recomputed per
+        tile (never stored); besides the gradients the kernels use ``O(BH Nq)`` memory (the
+        rows' cut, log-sum-exp and delta).
+    """
+    import cupy
+
+    precision = backward_tensor_cores(lat)
+    inp = lat.inp
+    q, k, v = inp.q, inp.k, inp.v
+    bh, nq, d = q.shape
+    nk = inp.nk
+    dq, dk, dv = cupy.zeros_like(q), cupy.zeros_like(k), cupy.zeros_like(v)
+    tiles = cupy.zeros(4, dtype=np.uint64)
+    _backward_tiles[cupy.cuda.runtime.getDevice()] = tiles
+    if bh == 0 or nq == 0 or nk == 0:
+        return dq, dk, dv
+    dout = cupy.ascontiguousarray(dout, dtype=q.dtype)
+    cut = cupy.zeros((bh, nq), dtype=np.float64)
+    lse2 = cupy.zeros((bh, nq), dtype=q.dtype)
+    delta = cupy.zeros((bh, nq), dtype=q.dtype)
+    has_bias = inp.mask.bias is not None
+    bias = cupy.ascontiguousarray(inp.mask.bias if has_bias else cupy.zeros((1, 1, 1), q.dtype))
+    mask_index = cupy.asarray(inp.mask.mask_index if has_bias else np.zeros(1, np.int64))
+    sk256 = 256.0 * lat.s_k.astype(np.float64)
+    theta = cupy.asarray(lat.theta)
+    module = raw_module(_MMA_BACKWARD_SOURCE)
+    tag = f"{_MMA_TYPES[precision]}_d{d}"
+    dq_kernel = module.get_function(f"mcattn_latte_mma_backward_dq_{tag}")
+    dkdv_kernel = module.get_function(f"mcattn_latte_mma_backward_dkdv_{tag}")
+    int8_scores = np.int32(lat.exact_scores == "int8")
+    tail = (np.int32(has_bias), np.int32(bias.shape[1]), np.int32(inp.mask.is_causal))
+    for b0 in range(0, bh, _MAX_GRID_Y):  # gridDim.y is at most 65535
+        r = slice(b0, min(bh, b0 + _MAX_GRID_Y))
+        common = (lat.q8[r], lat.k8[r], q[r], k[r], v[r], dout[r], lat.s_q[r], lat.s_k[r], sk256[r])
+        # Same stream, in this order: the dk/dv kernel reads the cut, lse and delta of the dq kernel.
+        dq_kernel(((nq + _MMA_ROWS - 1) // _MMA_ROWS, r.stop - b0), (_MMA_THREADS,),
+                  common + (theta[r], bias, mask_index[r], dq[r], cut[r], lse2[r], delta[r], tiles,
+                            np.int32(nq), np.int32(nk), np.float64(inp.scale),
+                            np.int32(MODES[lat.mode]), int8_scores) + tail)
+        dkdv_kernel(((nk + _MMA_ROWS - 1) // _MMA_ROWS, r.stop - b0), (_MMA_THREADS,),
+                    common + (bias, mask_index[r], cut[r], lse2[r], delta[r], dk[r], dv[r], tiles,
+                              np.int32(nq), np.int32(nk), np.float64(inp.scale), int8_scores) + tail)
+    return dq, dk, dv

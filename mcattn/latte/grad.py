@@ -6,7 +6,10 @@ backward's reference is written with array operations (NumPy on the host, CuPy o
 GPU), one batch row at a time, ``O(Nq Nk)`` memory per batch row
 (:func:`mcattn.latte.naive.reference_backward`); the hard mask also has a Numba CPU kernel that visits the
 kept keys only (:func:`mcattn.latte.cpu.backward`; the kept sets themselves are an
-``[BH, Nq, Nk]`` boolean array).
+``[BH, Nq, Nk]`` boolean array), and on CuPy with ``config.LATTE_TENSOR_CORES`` tensor-core
+kernels that recompute the kept sets per tile and never store them
+(:func:`mcattn.latte.cupy.backward`, for the calls :func:`mcattn.latte.cupy.backward_tensor_cores`
+accepts).
 
 Hard mask (``soft=False``, every ``mode``)
     The kept set ``K_i`` is fixed by the forward's 4-bit estimate; the gradient is that of
@@ -146,10 +149,15 @@ def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_
         dq, dk, dv, dtheta = naive.reference_backward(lat, g, soft=True, temperature=temperature)
     else:
         backend = None if backend == "cuda" else backend
-        problem = inp.problem({"topk"} if mode == "topk" else ())
-        kept = select_kernel("latte kept_mask (training)", MASK_KERNELS, problem, backend)(lat)
-        kernel = select_kernel("latte backward", BACKWARD_KERNELS, problem, backend)
-        dq, dk, dv = kernel(lat, kept, g)
+        tiles = None
+        if is_cupy(inp.q) and backend in (None, "cupy"):
+            from . import cupy as latte_cupy
+
+            tiles = latte_cupy.backward_tensor_cores(lat)
+        if tiles is not None:  # config.LATTE_TENSOR_CORES: kept sets recomputed per tile
+            dq, dk, dv = latte_cupy.backward(lat, g)
+        else:
+            dq, dk, dv = _hard_backward(lat, g, mode, backend)
         dtheta = xp.zeros(bh, dtype=np.float64)
     batch = tuple(inp.batch_shape)
     grads = {"q": sum_to_shape(dq.reshape(batch + dq.shape[1:]), q.shape).astype(q.dtype),
@@ -159,6 +167,14 @@ def backward(q, k, v, out, residuals, dout, *, threshold, mode="relative", attn_
     per_head = dtheta.reshape(-1, heads).sum(axis=0) if bh else xp.zeros(heads, dtype=np.float64)
     grads["threshold"] = _threshold_grad(per_head, threshold)
     return grads
+
+
+def _hard_backward(lat, g, mode, backend):
+    """The hard mask's kept sets ``[BH, Nq, Nk]``, then a :data:`BACKWARD_KERNELS` kernel."""
+    problem = lat.inp.problem({"topk"} if mode == "topk" else ())
+    kept = select_kernel("latte kept_mask (training)", MASK_KERNELS, problem, backend)(lat)
+    kernel = select_kernel("latte backward", BACKWARD_KERNELS, problem, backend)
+    return kernel(lat, kept, g)
 
 
 def _threshold_grad(per_head, threshold):

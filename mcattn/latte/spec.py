@@ -5,6 +5,8 @@ per-head relative thresholds on each layer's own attention (the calibration batc
 the first batch the layer sees) with :func:`mcattn.latte.calibrate`.
 """
 
+import dataclasses
+
 import numpy as np
 
 from .._plugin import Check, Method, ModelHooks, random_qkv, tensor_core_check
@@ -58,6 +60,33 @@ def _check_mma(put, backend, dtype):
     return attention(q, k, v, threshold=theta, is_causal=True, backend=backend)
 
 
+def _check_mma_backward(put, backend, dtype):
+    """The hard-mask backward on inputs the tensor-core backward takes (head dim 32, causal,
+    two query blocks, three key tiles): dq, dk, dv concatenated."""
+    from .._validate import namespace_of
+    from . import grad
+
+    rng = np.random.default_rng(7)
+    q, k, v, dout = (put(rng.standard_normal((2, 2, n, 32)).astype(dtype)) for n in (70, 90, 90, 70))
+    theta = put(np.array([2.0, 4.0], dtype))
+    grads = grad.backward(q, k, v, None, (), dout, threshold=theta, is_causal=True, backend=backend)
+    return namespace_of(q).concatenate([grads[n].reshape(-1) for n in "qkv"])
+
+
+def _bench_mma_backward(put, backend, n):
+    from . import grad
+
+    rng = np.random.default_rng(7)
+    q, k, v, dout = random_qkv(rng, (1, 8, n, 64), np.float32, put) + (
+        put(rng.standard_normal((1, 8, n, 64)).astype(np.float32)),)
+
+    def step():
+        out, res = grad.forward(q, k, v, threshold=4.0, backend=backend)
+        return grad.backward(q, k, v, out, res, dout, threshold=4.0, backend=backend)
+
+    return step
+
+
 METHOD = Method(
     name="latte",
     description="LATTE: a 4-bit (high-nibble) score estimate filters keys per head (thresholds); "
@@ -69,8 +98,15 @@ METHOD = Method(
     model=ModelHooks(supplies=("threshold",), consumes=("target_mass",), calibrate=_calibrate,
                      needs_calibration=lambda options: options.get("target_mass") is not None),
     checks={"latte": Check(_check, {"float32": 1e-5, "float64": 1e-12}, _bench),
-            "latte-mma": tensor_core_check("LATTE_TENSOR_CORES", _check_mma, _bench)},
+            "latte-mma": tensor_core_check("LATTE_TENSOR_CORES", _check_mma, _bench),
+            # the training step (forward, then backward) up to N = 4k: on_device.sh's selftest time
+            "latte-mma-bwd": dataclasses.replace(
+                tensor_core_check("LATTE_TENSOR_CORES", _check_mma_backward, _bench_mma_backward),
+                bench_max_n=4096)},
     kernel_sources={"latte/kernels/latte.cu": ("mcattn_latte_forward_f32", "mcattn_latte_forward_f64"),
                     "latte/kernels/latte_mma.cu": tuple(f"mcattn_latte_mma_forward_{t}_d{d}"
-                                                        for t in ("f16", "bf16") for d in (32, 64, 128))},
+                                                        for t in ("f16", "bf16") for d in (32, 64, 128)),
+                    "latte/kernels/latte_mma_backward.cu": tuple(
+                        f"mcattn_latte_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv")
+                        for t in ("f16", "bf16") for d in (32, 64))},
 )

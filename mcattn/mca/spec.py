@@ -158,6 +158,25 @@ def _check_shared(put, backend, dtype):
     return attention(q, k, x, w, b, num_heads=3, alpha=0.5, seed=9, shared_draws=True, backend=backend)
 
 
+def _kernel_path(fn):
+    """``fn`` with CuPy's shared draws on ``mca_shared.cu`` (``config.MCA_SHARED_CUPY = "kernel"``)."""
+    from .. import config
+
+    def switched(*args):
+        saved = config.MCA_SHARED_CUPY
+        config.MCA_SHARED_CUPY = "kernel"
+        try:
+            return fn(*args)
+        finally:
+            config.MCA_SHARED_CUPY = saved
+
+    return switched
+
+
+def _bench_shared_kernel(put, backend, n):
+    return _kernel_path(_bench(put, backend, n, True))
+
+
 _TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 METHOD = Method(
@@ -171,8 +190,10 @@ METHOD = Method(
     model=ModelHooks(supplies=("x", "w_v", "b_v"), needs_value_input=True, resolve=_model_knobs),
     checks={
         "mca": Check(_check, _TOLERANCE, _bench),
-        # Not a method: MCA's shared-draw path (its own GPU kernels; benched up to n = 4096).
+        # Not a method: MCA's shared-draw path (cuBLAS GEMMs on CuPy; benched up to n = 4096),
+        # and on CuPy its one-kernel form (mca_shared.cu) beside it.
         "mca-shared": Check(_check_shared, _TOLERANCE, lambda put, b, n: _bench(put, b, n, True), 4096),
+        "mca-shared-kernel": Check(_kernel_path(_check_shared), _TOLERANCE, _bench_shared_kernel, 4096),
     },
     kernel_sources={
         "mca/kernels/mca.cu": (

@@ -11,7 +11,7 @@ a little array code between them (``xp``: CuPy on a GPU, NumPy under the simulat
 3. ``states`` — one thread per (batch row, chunk, entry of ``[S | z]`` or the mass): the
    chunk's own sum ``sum_s exp(b_L - b_s) w_s f_s [v_s, 1]``. Non-causal attention is one
    chunk holding every key;
-4. ``scan`` (causal, more than one chunk) — one thread per (batch row, entry): turns the
+4. ``scan`` (causal) — one thread per (batch row, entry): turns the
    chunk sums into the state at each chunk's start, ``S_c = e^{b_L} S_{c-1} + sum_{c-1}``;
 5. ``output`` — one thread per query row: ``e^{b_i} f(q_i) [S | z]_c`` plus, when causal,
    the exact products with the chunk's earlier keys, the floored denominator, the output.
@@ -82,7 +82,7 @@ def run(rinp, launch):
     states = xp.empty((bh, n_chunks, m, dv + 1), dt)
     mass = xp.empty((bh, n_chunks), dt)
     launch.states(kw, rinp.v, knorm, cum, has_gate, states, mass, chunk)
-    if rinp.is_causal and n_chunks > 1:
+    if rinp.is_causal:  # one chunk too: the state before it is zero, not its own sum
         launch.scan(states, mass, chunk_decay)
     out = xp.empty((bh, nq, dv), dt)
     flags = xp.zeros((bh, nq), np.int32)

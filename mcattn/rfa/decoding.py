@@ -50,8 +50,17 @@ class RFADecoder:
         """Forget every token."""
         self.state = None
         self.position = 0
-        self.clamped = 0
+        self._clamped = 0
+        self._clamped_device = None  # steps on a GPU count their floored rows there
         self._signature = None
+
+    @property
+    def clamped(self):
+        """Query rows whose denominator was floored so far (reads GPU steps' count back)."""
+        if self._clamped_device is not None:
+            self._clamped += int(self._clamped_device.sum())
+            self._clamped_device = None
+        return self._clamped
 
     def _prepare(self, q, k, v, gate, check_finite):
         bridge, a = import_arrays({"q": q, "k": k, "v": v, "gate": gate}, float_names=("q", "k", "v"))
@@ -105,13 +114,15 @@ class RFADecoder:
             from . import cpu
 
             out, low = cpu.step(self.state, rinp)
-        else:
+            self._clamped += int(low.sum())
+        else:  # CuPy: the features as array code, the step itself one launch (rfa_step.cu)
             fq, fk, lk = naive.row_features(rinp)
             log_gate = None if rinp.log_gate is None else rinp.log_gate[:, 0]
-            out, low = naive.step(self.state, fq[:, 0], fk[:, 0], lk[:, 0], rinp.v[:, 0], log_gate,
-                                  rinp.eps, rinp.xp)
+            out, low = gpu_step(self.state, fq[:, 0], fk[:, 0], lk[:, 0], rinp.v[:, 0], log_gate,
+                                rinp.eps)
+            # Counted on the device: reading a count back would wait for the GPU every token.
+            self._clamped_device = low if self._clamped_device is None else self._clamped_device + low
         self.position += 1
-        self.clamped += int(low.sum())
         return bridge.export(out.reshape(tuple(rinp.batch_shape) + (rinp.value_dim,)))
 
     def extend(self, q, k, v, gate=None, *, check_finite=True):
@@ -132,8 +143,47 @@ class RFADecoder:
         bridge, rinp, inp = self._prepare(q, k, v, gate, check_finite)
         out, clamped, self.state = naive.chunked(rinp, state=self.state)
         self.position += inp.nq
-        self.clamped += int(clamped.sum())
+        self._clamped += int(clamped.sum())
         return bridge.export(out.reshape(inp.out_shape))
+
+
+STEP_SOURCE = "rfa/kernels/rfa_step.cu"
+_STEP_THREADS = 256  # the kernel's shared scratch (MCATTN_STEP_THREADS)
+
+
+def gpu_step(state, fq, fk, lk, v, log_gate, eps):
+    """:func:`mcattn.rfa.naive.step` on CuPy arrays in one RawKernel launch (``rfa_step.cu``).
+
+    ``fq``, ``fk`` ``[BH, m]``; ``lk`` ``[BH]``; ``v`` ``[BH, dv]``; ``log_gate`` ``[BH]``
+    or None. The state's arrays are updated in place (they must be C-contiguous, in the
+    inputs' dtype). Returns the output ``[BH, dv]`` and the floored flags ``[BH]`` (int32).
+    """
+    import cupy
+
+    from .._cupy import raw_module
+
+    bh, m = fq.shape
+    dv = v.shape[-1]
+    dt = fq.dtype
+    suffix = "f32" if dt == np.float32 else "f64"
+    kernel = raw_module(STEP_SOURCE).get_function(f"mcattn_rfa_step_{suffix}")
+    out = cupy.empty((bh, dv), dtype=dt)
+    low = cupy.zeros(bh, dtype=np.int32)
+    if bh == 0:
+        return out, low
+    threads = 32
+    while threads < min(_STEP_THREADS, max(m, dv)):  # a power of two for the block sums
+        threads *= 2
+    for name in ("S", "z", "mass", "shift"):  # updated in place by the kernel
+        a = getattr(state, name)
+        if a.dtype != dt or not a.flags.c_contiguous:
+            setattr(state, name, cupy.ascontiguousarray(a, dtype=dt))
+    gate = log_gate if log_gate is not None else lk  # any array: the kernel does not read it
+    args = [cupy.ascontiguousarray(a, dtype=dt) for a in (fq, fk, lk, v, gate)]
+    kernel((bh,), (threads,), (*args, state.S, state.z, state.mass, state.shift, out, low,
+                                np.int32(m), np.int32(dv), np.int32(log_gate is not None),
+                                dt.type(eps)))
+    return out, low
 
 
 def _expand_dims(x, axis):

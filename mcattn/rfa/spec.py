@@ -72,6 +72,22 @@ def _check_mma(put, backend, dtype):
     return attention(q * 0.5, k * 0.5, v, features=feats, backend=backend)
 
 
+def _check_mma_causal(put, backend, dtype):
+    # causal and gated over three chunks of 64 (the last one short): rfa_mma.cu's chunk
+    # states, rfa.cu's float32 scan and the causal tile kernel
+    rng = np.random.default_rng(7)
+    q, k, v = random_qkv(rng, (2, 2, 150, 32), dtype, put)
+    gate = put(rng.uniform(0.8, 1.0, (2, 2, 150)).astype(dtype))
+    feats = RandomFeatures(32, 48, num_heads=2, seed=8)
+    return attention(q * 0.5, k * 0.5, v, features=feats, gate=gate, is_causal=True, backend=backend)
+
+
+def _bench_causal(put, backend, n):
+    q, k, v = random_qkv(np.random.default_rng(2), (1, 8, n, 64), np.float32, put)
+    feats = RandomFeatures(64, 64, num_heads=8, seed=3)
+    return lambda: attention(q, k, v, features=feats, is_causal=True, backend=backend)
+
+
 METHOD = Method(
     name="rfa",
     description="random feature attention: exp(q.k) by random features, linear time, gate, O(1) decoding",
@@ -80,10 +96,13 @@ METHOD = Method(
     grad="mcattn.rfa.grad",
     dask_plan=dask_plan,
     checks={"rfa": Check(_check, {"float32": 1e-4, "float64": 1e-11}, _bench),
-            "rfa-mma": tensor_core_check("RFA_TENSOR_CORES", _check_mma, _bench)},
-    kernel_sources={"rfa/kernels/rfa.cu": (
+            "rfa-mma": tensor_core_check("RFA_TENSOR_CORES", _check_mma, _bench),
+            "rfa-mma-causal": tensor_core_check("RFA_TENSOR_CORES", _check_mma_causal, _bench_causal)},
+    kernel_sources={"rfa/kernels/rfa_step.cu": ("mcattn_rfa_step_f32", "mcattn_rfa_step_f64"),
+                    "rfa/kernels/rfa.cu": (
         "mcattn_rfa_features_f32", "mcattn_rfa_states_f32", "mcattn_rfa_scan_f32", "mcattn_rfa_output_f32",
         "mcattn_rfa_features_f64", "mcattn_rfa_states_f64", "mcattn_rfa_scan_f64", "mcattn_rfa_output_f64",
-    ), "rfa/kernels/rfa_mma.cu": tuple(f"mcattn_rfa_mma_{part}_{t}_dv{dv}" for part in ("states", "output")
+    ), "rfa/kernels/rfa_mma.cu": tuple(f"mcattn_rfa_mma_{part}_{t}_dv{dv}"
+                                       for part in ("states", "output", "chunk_states", "causal")
                                        for t in ("f16", "bf16") for dv in (32, 64, 128))},
 )

@@ -110,8 +110,13 @@ SPILL_FREE = tuple(
     + [f"mcattn_exact_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv") for t in ("f16", "bf16")
        for d in (32, 64)]
     + [f"mcattn_latte_mma_forward_{t}_d{d}" for t in ("f16", "bf16") for d in (32, 64, 128)]
+    + [f"mcattn_latte_mma_backward_{p}_{t}_d{d}" for p in ("dq", "dkdv") for t in ("f16", "bf16")
+       for d in (32, 64)]
     + [f"mcattn_eatt_mma_hamming_{t}_dv{d}" for t in ("f16", "bf16") for d in (32, 64, 128)]
-    + [f"mcattn_rfa_mma_{p}_{t}_dv{d}" for p in ("states", "output") for t in ("f16", "bf16")
+    + [f"mcattn_eatt_mma_l1_{t}_d{d}_dv{dv}" for t in ("f16", "bf16")
+       for d, dv in ((32, 32), (32, 64), (32, 128), (64, 32), (64, 64))]
+    + [f"mcattn_rfa_mma_{p}_{t}_dv{d}" for p in ("states", "output", "chunk_states", "causal")
+       for t in ("f16", "bf16")
        for d in (32, 64, 128)])
 
 

@@ -8,7 +8,7 @@
 # from the wheels folder .whl/ prepared beforehand (command in docs/cuda-testing.md).
 # Then the CUDA test lanes run on the real device (not the simulator), then
 # `mcattn selftest --bench --json`. Results go to docs/measurements/gpu-*.txt|json.
-# Finishes within 8 minutes (time limits per step: 20 + 20 + 190 + 105 + 60 + 40 + 25 + 20 s); prints a short summary last;
+# Finishes within 8 minutes (time limits per step: 20 + 20 + 180 + 105 + 60 + 40 + 25 + 20 + 10 s, then 30 + 10 s only while they fit in 470 s); prints a short summary last;
 # exits 1 when anything failed or mismatched.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -83,7 +83,7 @@ step "pip install -e . (no deps, no build isolation)" 20 /tmp/mcattn-install.log
 
 # 3. The CUDA test lanes on the device (conftest leaves the simulator off). They include
 #    MCA's shared-draw kernels (test_mca_shared_cuda.py: both GPU backends against the CPU plan).
-step "pytest tests/cuda on the GPU" 190 "$OUT_DIR/gpu-pytest.txt" \
+step "pytest tests/cuda on the GPU" 180 "$OUT_DIR/gpu-pytest.txt" \
     $PY -m pytest tests/cuda -q -p no:cacheprovider -o addopts="-ra --strict-markers" --timeout=180
 
 # 4. The self-test with GPU timings next to torch SDPA (its mca-shared rows check MCA's
@@ -105,9 +105,29 @@ step "latte_mma vs SDPA" 40 "$OUT_DIR/gpu-latte-mma-log.txt" \
 step "eatt_mma vs SDPA" 25 "$OUT_DIR/gpu-eatt-mma-log.txt" \
     $PY benchmarks/gpu/eatt_mma_vs_sdpa.py --out "$OUT_DIR/gpu-eatt-mma.txt"
 
-# 8. Non-causal rfa with the state and output on tensor cores against SDPA flash (N = 4k, 16k).
+# 8. rfa on tensor cores against SDPA flash: non-causal (N = 4k, 16k) and causal (N = 16k).
 step "rfa_mma vs SDPA" 20 "$OUT_DIR/gpu-rfa-mma-log.txt" \
     $PY benchmarks/gpu/rfa_mma_vs_sdpa.py --out "$OUT_DIR/gpu-rfa-mma.txt"
+
+# 9. MCA's shared draws (cuBLAS GEMMs and mca_shared.cu) against the dense cuBLAS projection.
+step "mca_shared vs dense" 10 "$OUT_DIR/gpu-mca-shared-log.txt" \
+    $PY benchmarks/gpu/mca_shared_vs_dense.py --out "$OUT_DIR/gpu-mca-shared.txt"
+
+# 10-11. Within what is left of the 8 minutes (each step needs its whole limit left, else it
+#    is skipped with a summary line): eigen's GEMM path at N = 4k, d = 128 against SDPA, and
+#    the rfa decoder step (rfa_step.cu) against the array-code step.
+if_time_left() {  # if_time_left NAME SECONDS ...: step, when the limit still fits in 470 s
+    local name=$1 limit=$2
+    if [ $(( $(date +%s) - START + limit )) -le 470 ]; then
+        step "$@"
+    else
+        SUMMARY+=("skip  $name: under ${limit}s of the 8 minutes left")
+    fi
+}
+if_time_left "eigen_gemm vs SDPA" 30 "$OUT_DIR/gpu-eigen-gemm-log.txt" \
+    $PY benchmarks/gpu/eigen_gemm_vs_sdpa.py --out "$OUT_DIR/gpu-eigen-gemm.txt"
+if_time_left "rfa decode step" 10 "$OUT_DIR/gpu-rfa-decode-log.txt" \
+    $PY benchmarks/gpu/rfa_decode_gpu.py --out "$OUT_DIR/gpu-rfa-decode.txt"
 
 # On a GPU machine the GPU backends must have run: a GPU row that did not pass, or a bench
 # without GPU timings, fails the script.
@@ -131,16 +151,16 @@ else
     FAILED=1
 fi
 
-# 9. Summary, last.
+# 10. Summary, last.
 echo
 echo "=== on_device.sh summary ($(( $(date +%s) - START ))s, $(head -2 "$OUT_DIR/gpu-environment.txt" | tail -1)) ==="
 grep -E "passed|failed" "$OUT_DIR/gpu-pytest.txt" | tail -1 | sed 's/^/pytest: /'
 grep -E "^selftest:" "$OUT_DIR/gpu-selftest.txt" | tail -1
 grep -E "^\S+ +\S+ +\S+ +(FAIL|error) " "$OUT_DIR/gpu-selftest.txt" | head -5
 grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-exact-mma.txt" 2>/dev/null
-for kernel in latte eatt; do  # the tile kernels' summaries, or their last error lines
-    grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-$kernel-mma.txt" 2>/dev/null \
-        || grep -E "Error|MISMATCH" "$OUT_DIR/gpu-$kernel-mma-log.txt" 2>/dev/null | tail -3
+for kernel in latte-mma eatt-mma rfa-mma mca-shared eigen-gemm rfa-decode; do  # the tile kernels' summaries, or their last error lines
+    grep -E "^(summary|MISMATCH)" "$OUT_DIR/gpu-$kernel.txt" 2>/dev/null \
+        || grep -E "Error|MISMATCH" "$OUT_DIR/gpu-$kernel-log.txt" 2>/dev/null | tail -3
 done
 printf '%s\n' "${SUMMARY[@]}"
 if [ $FAILED -ne 0 ]; then

@@ -151,3 +151,38 @@ def _values_of(kw):
     heads = kw["q"].shape[-3]
     v = x @ w + (kw.get("b_v") if kw.get("b_v") is not None else 0)
     return v.reshape(x.shape[:-1] + (heads, -1)).swapaxes(-2, -3)
+
+
+TRAINABLE_METHODS = [n for n in method_names() if get_method(n).grad is not None]
+
+
+@pytest.mark.parametrize("name", TRAINABLE_METHODS)
+def test_gradients_on_cupy_arrays_equal_the_hosts(name):
+    """Each trainable method's ``grad.forward`` / ``grad.backward`` on CuPy arrays (fake CuPy,
+    ``backend="cupy"``: its GPU backward kernel or array code) give the NumPy backend's
+    gradients, as CuPy arrays (docs/cuda-testing.md, "The backward on a GPU")."""
+    import importlib
+
+    module = importlib.import_module(get_method(name).grad)
+    kw = _example(name)
+    arrays = {n: a for n, a in kw.items() if n in ("q", "k", "v")}
+    knobs = {n: a for n, a in kw.items() if n not in ("q", "k", "v")}
+    out, res = module.forward(**arrays, backend="numpy", **knobs)
+    dout = np.random.default_rng(1).standard_normal(np.shape(out))
+    ref = module.backward(**arrays, out=out, residuals=res, dout=dout, backend="numpy", **knobs)
+    with cupy_context() as cp:
+        put = {n: cp.asarray(a) if isinstance(a, np.ndarray) else a for n, a in kw.items()}
+        c_arrays = {n: put[n] for n in arrays}
+        c_knobs = {n: put[n] for n in knobs}
+        c_out, c_res = module.forward(**c_arrays, backend="cupy", **c_knobs)
+        got = module.backward(**c_arrays, out=c_out, residuals=c_res, dout=cp.asarray(dout),
+                              backend="cupy", **c_knobs)
+        assert set(got) == set(ref)
+        for n, g in ref.items():
+            if g is None:
+                assert got[n] is None, n
+                continue
+            on_device = isinstance(put[n], cp.ndarray)  # a Python scalar knob's gradient stays on the host
+            assert isinstance(got[n], cp.ndarray) == on_device, n
+            host = got[n].get() if on_device else np.asarray(got[n])
+            np.testing.assert_allclose(host, np.asarray(g), rtol=1e-9, atol=1e-11, err_msg=n)

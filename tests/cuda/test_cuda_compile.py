@@ -71,7 +71,8 @@ def test_cuda_c_kernel_resources_for_sm90(source):
 #: The sources of the tensor-core kernels (cuda_compile.SPILL_FREE), held to no local
 #: memory on sm_80 (A100) too: ptxas for sm_80 allocates more registers than for sm_90.
 TENSOR_CORE_SOURCES = ("exact/kernels/exact_mma.cu", "exact/kernels/exact_mma_backward.cu",
-                       "latte/kernels/latte_mma.cu", "eatt/kernels/eatt_mma.cu", "rfa/kernels/rfa_mma.cu")
+                       "latte/kernels/latte_mma.cu", "latte/kernels/latte_mma_backward.cu",
+                       "eatt/kernels/eatt_mma.cu", "rfa/kernels/rfa_mma.cu")
 
 
 @pytest.mark.parametrize("source", TENSOR_CORE_SOURCES)

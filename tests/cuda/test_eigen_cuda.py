@@ -96,3 +96,58 @@ def test_limits():
     b = eigen.fit(rng.standard_normal((5, 300)), rank=2)
     with pytest.raises(BackendError, match="n up to 256"):
         eigen.attention(big, big, big, basis=b, columns=4, backend="cuda")
+
+
+# --- the GEMM path (calls beyond the RawKernel's limits) ---------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 3e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("estimator,per_query,fixed", [
+    ("conditional", 9, 6),   # a_S G (m < d)
+    ("deim", 0, 6),
+    ("conditional", 20, 12),  # reconstructed keys Kt = G^T K[S] (d < m)
+])
+def test_gemm_path_matches_the_reference(dtype, tol, estimator, per_query, fixed):
+    """forward_gemm on NumPy arrays, with row chunks smaller than the call (every mask)."""
+    from mcattn._door import qkv_inputs
+    from mcattn.eigen.cupy import forward_gemm
+
+    rng, q, k, v, bases = _case(dtype, seed=4, shape=(2, 3, 37, 8), dv=5)
+    cols = [np.sort(rng.choice(37, fixed, replace=False)) for _ in range(3)]
+    plan = make_plan(bases, cols, per_query=per_query, estimator=estimator)
+    for mask in _masks(rng, dtype, 2, 37):
+        ref = _reference(q, k, v, bases, plan, **mask)
+        arrays = {"q": q, "k": k, "v": v, **{n: mask.get(n) for n in ("attn_mask", "key_padding_mask")}}
+        inp = qkv_inputs(arrays, is_causal=mask.get("is_causal", False), scale=None, check_finite=True)
+        out = forward_gemm(inp, plan, chunk_elements=37 * 10).reshape(ref.shape)
+        assert rel_error(out, ref) < tol, mask
+
+
+def test_gemm_path_takes_ties_in_key_order():
+    """Equal reconstructed scores: the extra columns are the lower key indices (the reference)."""
+    from mcattn.eigen.cupy import _exact_extras
+
+    rng = np.random.default_rng(5)
+    s = np.array([[1.0, 3.0, 2.0, 2.0, 2.0, -np.inf, 2.0],
+                  [0.0, -np.inf, -np.inf, -np.inf, 5.0, -np.inf, -np.inf]])
+    qs, kb = rng.standard_normal((2, 3)), rng.standard_normal((7, 3))
+    out = s.copy()
+    _exact_extras(np, out, qs, kb, np.array([1]), 3, None, 0, 2)
+    exact = qs @ kb.T
+    # row 0: column 1 is fixed; candidates 2.0 at 2, 3, 4, 6: the first three win
+    close = dict(rtol=1e-12, atol=0)  # einsum and @ may round the dots differently
+    np.testing.assert_allclose(out[0], [1.0, 3.0, exact[0, 2], exact[0, 3], exact[0, 4], -np.inf, 2.0],
+                               **close)
+    # row 1: only two visible candidates (0 and 4): both exact, the masked stay -inf
+    np.testing.assert_allclose(out[1], [exact[1, 0], -np.inf, -np.inf, -np.inf, exact[1, 4], -np.inf,
+                                        -np.inf], **close)
+
+
+@pytest.mark.hostshim
+def test_cupy_backend_beyond_the_kernel_limits():
+    """backend="cupy" at n = 300 > 256 and d = 96 > 64 runs the GEMM path (fake CuPy)."""
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((1, 2, 300, 96)).astype(np.float32) for _ in range(3))
+    bases = eigen.fit_heads(q.astype(np.float64), k.astype(np.float64), rank=8, center=True)
+    plan = make_plan(bases, 80)
+    ref = _reference(q, k, v, bases, plan)
+    assert rel_error(_gpu("cupy", q, k, v, plan), ref) < 3e-5

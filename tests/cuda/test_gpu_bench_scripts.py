@@ -69,16 +69,56 @@ def test_latte_bench_script_runs_and_checks(monkeypatch, capsys):
 
 def test_eatt_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "eatt_mma_vs_sdpa",
-        CASES=[("float16", 130), ("bfloat16", 8192 // 64)],
+        CASES=[("float16", 130), ("bfloat16", 8192 // 64), ("float16", 70, "l1")],
         HEADS=1)
-    assert text.count("summary: ") == 2
+    assert text.count("summary: ") == 3 and "summary: eatt_mma l1 float16" in text
     assert "every output within the tolerances of eatt.cu's" in text
 
 
 def test_rfa_bench_script_runs_and_checks(monkeypatch, capsys):
     text = _run(monkeypatch, capsys, "rfa_mma_vs_sdpa",
-        CASES=[("float16", 130), ("bfloat16", 16384 // 128)],
+        CASES=[("float16", 130, False), ("bfloat16", 16384 // 128, False), ("float16", 130, True),
+               ("bfloat16", 16384 // 128, True)],
         HEADS=1,
         FEATURES=32)
-    assert text.count("summary: ") == 2
+    assert text.count("summary: ") == 4  # float16 / bfloat16 x non-causal / causal
     assert "every output within the tolerances of rfa.cu's" in text
+
+
+def test_eigen_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "eigen_gemm_vs_sdpa", CASES=[300], HEADS=2, HEAD_DIM=72)
+    assert "summary: eigen (cupy GEMM path)" in text
+    assert "every output within 1e-4 of the float64 reference" in text
+
+
+def test_rfa_decode_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "rfa_decode_gpu", CASES=[(1, 5), (2, 9)], HEADS=2, HEAD_DIM=8,
+                FEATURES=12)
+    assert "summary: rfa decode step on the GPU" in text
+    assert "every step within 1e-5 of the array-code step" in text
+
+
+def test_mca_shared_bench_script_runs_and_checks(monkeypatch, capsys):
+    text = _run(monkeypatch, capsys, "mca_shared_vs_dense",
+        CASES=[("uniform", 40), ("mixed", 40)],
+        D_IN=32,
+        HEADS=2,
+        DH=8)
+    assert text.count("summary: ") == 2  # uniform / mixed budgets
+    assert "both paths equal to the CPU path's estimate" in text
+
+
+def test_on_device_script_fits_its_eight_minutes_and_runs_every_bench_script():
+    """tests/cuda/on_device.sh: the fixed steps' limits sum to at most 480 s (the optional
+    ones run only while they fit in 470 s), and every script of benchmarks/gpu with a shim
+    test here is one of its steps."""
+    import re
+
+    text = (BENCH_DIR.parents[1] / "tests" / "cuda" / "on_device.sh").read_text()
+    fixed = [int(n) for n in re.findall(r'^\s*step "[^"]+" (\d+) ', text, re.M)]
+    optional = re.findall(r'^if_time_left "[^"]+" (\d+) ', text, re.M)
+    assert len(fixed) >= 8 and sum(fixed) <= 480, fixed
+    assert optional and all(int(n) <= 470 - sum(fixed[:2]) for n in optional)
+    tested = set(re.findall(r'_run\(monkeypatch, capsys, "(\w+)"', Path(__file__).read_text()))
+    run = set(re.findall(r"benchmarks/gpu/(\w+)\.py", text))
+    assert tested <= run, tested - run

@@ -1,7 +1,9 @@
-"""MCA's shared draws on the GPU backends: one launch applies the host plan.
+"""MCA's shared draws on the GPU backends: the host plan applied on the device.
 
-``backend="cupy"`` runs ``mca/kernels/mca_shared.cu`` (host shim under the fake CuPy, or a
-GPU), ``backend="cuda"`` the numba.cuda kernel (simulator, or a GPU); both must give the
+``backend="cupy"`` runs the reduced GEMMs on cuBLAS (``config.MCA_SHARED_CUPY = "gemm"``,
+the default: CuPy array code and ``cupy.matmul``) or ``mca/kernels/mca_shared.cu``
+(``"kernel"``; host shim under the fake CuPy, or a GPU); the cupy tests run both.
+``backend="cuda"`` runs the numba.cuda kernel (simulator, or a GPU); all must give the
 compiled CPU version's estimate (:func:`mcattn.mca.shared_cpu.value_projection`: same
 draws, same groups, accumulated in the input precision).
 """
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 from helpers import GPU_PRESENT, host, rel_error, to_device
 
-from mcattn import mca
+from mcattn import config, mca
+from mcattn.errors import ConfigError
 from mcattn.mca import _gpu, shared, shared_cpu
 
 needs_fake = pytest.mark.skipif(GPU_PRESENT, reason="inspects the fake CuPy's launch records")
@@ -36,6 +39,13 @@ def _problem(seed, batch, n, d_in, heads, dh, dtype, with_bias=True):
     return x, w, b, r
 
 
+@pytest.fixture(params=["gemm", "kernel"])
+def path(request, monkeypatch):
+    """The CuPy path of the shared draws (``config.MCA_SHARED_CUPY``)."""
+    monkeypatch.setattr(config, "MCA_SHARED_CUPY", request.param)
+    return request.param
+
+
 def _masked_is_bias(out, b, r, dh):
     """Masked tokens get exactly the bias (zeros without one)."""
     heads = r.shape[1]
@@ -48,7 +58,7 @@ def _masked_is_bias(out, b, r, dh):
 @pytest.mark.hostshim
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("dh,with_bias", [(8, True), (48, False), (48, True)])
-def test_cupy_shared_projection_equals_cpu(cupy_or_fake, dtype, dh, with_bias):
+def test_cupy_shared_projection_equals_cpu(cupy_or_fake, path, dtype, dh, with_bias):
     cp = cupy_or_fake
     x, w, b, r = _problem(1, 2, 10, 24, 3, dh, dtype, with_bias)
     ref = shared_cpu.value_projection(x, w, b, 3, r, 17)
@@ -60,10 +70,35 @@ def test_cupy_shared_projection_equals_cpu(cupy_or_fake, dtype, dh, with_bias):
     assert host.dtype == dtype and host.shape == (2, 3, 10, dh)
     assert rel_error(host, ref) < TOL[dtype]
     _masked_is_bias(host, b, r, dh)
-    if not GPU_PRESENT:  # one launch for the whole projection
+    if not GPU_PRESENT:  # one launch for the whole projection, or none (cuBLAS)
         suffix = "f32" if dtype == np.float32 else "f64"
         new = cp.LAUNCHES[launches:]
-        assert [launch["kernel"] for launch in new] == [f"mcattn_mca_shared_apply_{suffix}"]
+        expected = [f"mcattn_mca_shared_apply_{suffix}"] if path == "kernel" else []
+        assert [launch["kernel"] for launch in new] == expected
+
+
+@pytest.mark.hostshim
+def test_cupy_gemm_chunks_and_padding(cupy_or_fake, monkeypatch):
+    """The GEMM path over several chunks of batch rows (a scratch of one batch row's
+    operands) on heads with different numbers of distinct drawn rows (padded to the
+    largest), against the CPU path draw for draw."""
+    cp = cupy_or_fake
+    monkeypatch.setattr(config, "MCA_SHARED_CUPY", "gemm")
+    x, w, b, r = _problem(5, 3, 12, 32, 4, 8, np.float64)
+    r[:, 0] = np.minimum(r[:, 0], 4)  # head 0: few draws, few distinct rows
+    plan = shared_cpu.make_plan(r, 11, mca.weight_tables(w, 4))
+    distinct = np.diff(plan.row_base)
+    assert distinct.min() < distinct.max()  # padding really happens
+    ref = shared_cpu.value_projection(x, w, b, 4, r, 11)
+    monkeypatch.setattr(config, "CUDA_SCRATCH_BYTES", 2 * 12 * int(distinct.max()) * 8)  # one row a chunk
+    out = mca.value_projection(cp.asarray(x), cp.asarray(w), cp.asarray(b), num_heads=4,
+                               budgets=cp.asarray(r), seed=11, shared_draws=True, backend="cupy").get()
+    assert rel_error(out, ref) < 1e-12
+    _masked_is_bias(out, b, r, 8)
+    monkeypatch.setattr(config, "MCA_SHARED_CUPY", "cublas")
+    with pytest.raises(ConfigError):
+        mca.value_projection(cp.asarray(x), cp.asarray(w), cp.asarray(b), num_heads=4,
+                             budgets=cp.asarray(r), seed=11, shared_draws=True, backend="cupy")
 
 
 @pytest.mark.hostshim
@@ -71,6 +106,7 @@ def test_cupy_grid_stride_and_given_tables(cupy_or_fake, monkeypatch):
     """Fewer blocks than elements (the kernel's grid-stride loop) and ``tables=`` given
     (device copies kept on the tables, the float32 ``wh`` cast once)."""
     cp = cupy_or_fake
+    monkeypatch.setattr(config, "MCA_SHARED_CUPY", "kernel")
     monkeypatch.setattr(_gpu, "SHARED_MAX_BLOCKS", 3)
     x, w, b, r = _problem(2, 2, 9, 20, 2, 16, np.float32)
     tables = mca.weight_tables(w, 2)
@@ -88,7 +124,7 @@ def test_cupy_grid_stride_and_given_tables(cupy_or_fake, monkeypatch):
 
 @pytest.mark.hostshim
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cupy_shared_attention_equals_host(cupy_or_fake, dtype):
+def test_cupy_shared_attention_equals_host(cupy_or_fake, path, dtype):
     """The whole method: budgets rounded on the host as on the CPU (Nk >= the CPU's
     MCA_SHARED_GEMM_MIN_TOKENS, so both round), the same estimate."""
     cp = cupy_or_fake
@@ -110,7 +146,7 @@ def test_cupy_shared_attention_equals_host(cupy_or_fake, dtype):
 
 
 @pytest.mark.hostshim
-def test_cupy_shared_projection_of_no_tokens(cupy_or_fake):
+def test_cupy_shared_projection_of_no_tokens(cupy_or_fake, path):
     cp = cupy_or_fake
     x = cp.zeros((2, 0, 12))
     out = mca.value_projection(x, cp.ones((12, 8)), num_heads=2, budgets=cp.zeros((2, 2, 0), np.int64),
@@ -129,7 +165,7 @@ def _nothing_sampled(batch=1, n=4, d_in=12, heads=2, dh=8):
 
 
 @pytest.mark.hostshim
-def test_cupy_nothing_sampled(cupy_or_fake):
+def test_cupy_nothing_sampled(cupy_or_fake, path):
     cp = cupy_or_fake
     x, w, b, r = _nothing_sampled()
     out = mca.value_projection(*(cp.asarray(a) for a in (x, w, b)), num_heads=2, budgets=cp.asarray(r),

@@ -113,3 +113,56 @@ def test_rawkernels_on_real_attention():
         ref = rfa.attention(q, k, v, backend="numba", **kw)
         out, _ = _rawkernel_attention(q, k, v, threads=32, **kw)
         assert rel_error(out, ref) < 2e-5
+
+
+@pytest.mark.hostshim
+@pytest.mark.parametrize("kind", rfa.KINDS)
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_decoder_step_on_the_gpu_matches_the_host_decoder(kind, dtype, tol):
+    """RFADecoder.step on CuPy arrays (rfa_step.cu, every batch row in one launch) against the
+    host decoder token by token: plain and gated, after a prompt absorbed by extend(), with
+    more features than the block's threads (m = 300) and a value dim above the features. (A row
+    near the floor caught a race here: thread 0 wrote the mass back while others still read it.)"""
+    rng = np.random.default_rng(12)
+    for (b, h, n, d, dv, m) in ((2, 3, 9, 5, 4, 7), (1, 2, 5, 6, 40, 300)):
+        q, k = (rng.standard_normal((b, h, n, d)).astype(dtype) * 0.7 for _ in range(2))
+        v = rng.standard_normal((b, h, n, dv)).astype(dtype)
+        gate = rng.uniform(0.5, 0.99, (b, h, n)).astype(dtype)
+        feats = rfa.RandomFeatures(d, m, kind=kind, num_heads=h, seed=4)
+        for g in (None, gate):
+            host_dec, dev_dec = feats.decoder(), feats.decoder()
+            prompt = 2
+            gp = None if g is None else g[:, :, :prompt]
+            host_dec.extend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], gp)
+            with cupy_context() as cp:
+                dev_dec.extend(*(cp.asarray(x[:, :, :prompt]) for x in (q, k, v)),
+                               None if gp is None else cp.asarray(gp))
+                for t in range(prompt, n):
+                    gt = None if g is None else g[:, :, t]
+                    want = host_dec.step(q[:, :, t], k[:, :, t], v[:, :, t], gt)
+                    got = dev_dec.step(*(cp.asarray(x[:, :, t]) for x in (q, k, v)),
+                                       None if gt is None else cp.asarray(gt))
+                    assert isinstance(got, cp.ndarray) and got.dtype == dtype
+                    assert rel_error(got.get(), want) < tol, (kind, g is None, t)
+                assert dev_dec.clamped == host_dec.clamped and dev_dec.position == n
+                np.testing.assert_allclose(dev_dec.state.S.get(), host_dec.state.S, rtol=tol * 10,
+                                           atol=tol * np.abs(host_dec.state.S).max())
+
+
+@pytest.mark.cudasim
+def test_causal_in_one_chunk():
+    """N <= chunk_size (the default 64): one chunk, whose earlier state is zero. Both GPU
+    backends once added the chunk's own sum as that state (errors of order 1)."""
+    rng = np.random.default_rng(6)
+    q, k = (rng.standard_normal((1, 2, 13, 8)) * 0.5 for _ in range(2))
+    v = rng.standard_normal((1, 2, 13, 3))
+    gate = rng.uniform(0.5, 0.99, (1, 2, 13))
+    feats = rfa.RandomFeatures(8, 16, num_heads=2, seed=1)
+    for g in (None, gate):
+        kw = dict(features=feats, is_causal=True, gate=g)
+        ref = rfa.attention(q, k, v, backend="numpy", **kw)
+        out, _ = _rawkernel_attention(q, k, v, **kw)
+        assert rel_error(out, ref) < 1e-13
+        dq, dk, dv_, dg = to_device(q, k, v, g)
+        out = host(rfa.attention(dq, dk, dv_, features=feats, is_causal=True, gate=dg, backend="cuda"))
+        assert rel_error(out, ref) < 1e-13
