@@ -189,6 +189,43 @@ def weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
             pos[i] = e
 
 
+@njit(nogil=True, cache=True)
+def _dense_scores(s8, qw8, kw8, corr8, s_k, bh, nrows, idxb, cnt, cvals, sc, pos, tot, bias, slot,
+                  r0, row_bias, has_bias):
+    """The dense path of :func:`_block_output`: the int8 score tile a key chunk at a time, the
+    kept keys' scores ``c s_k q8.k8 (+ bias)`` into ``sc`` and each row's maximum into ``tot``.
+
+    Compiled without fast-math, so that ``+ bias`` is never fused with the product into one
+    multiply-add: an all-visible float mask must leave the scores, hence the output, bit for
+    bit unchanged (the caller's ``P V`` sums may be reordered).
+    """
+    chunk8 = s8.shape[1]
+    kmax = 0
+    for i in range(nrows):
+        tot[i] = -np.inf
+        if cnt[i] > 0:
+            kmax = max(kmax, idxb[i, cnt[i] - 1] + 1)
+    for c0 in range(0, kmax, chunk8):
+        c1 = min(kmax, c0 + chunk8)
+        for tj in range(c0, c1, vnni.NR):
+            for ti in range(0, nrows, vnni.MR):
+                vnni.estimate_tile_at(s8, tj - c0, qw8, kw8, corr8, ti, tj)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            smax = np.float64(tot[i])
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j - c0])
+                if has_bias:
+                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
+                sc[i, t] = sval
+                smax = max(smax, sc[i, t])
+                t += 1
+            pos[i] = t
+            tot[i] = smax
+
+
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
                   bits, acc, pos, tot, chunk, dense, s8, qw8, kw8, corr8, out, bias, slot, has_bias,
@@ -215,40 +252,8 @@ def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores
     r0 = i0
     pos[:nrows] = 0
     if dense:  # the scores' scales and the row max in the same pass as the tile loads
-        chunk8 = s8.shape[1]
-        kmax = 0
-        for i in range(nrows):
-            tot[i] = -np.inf
-            if cnt[i] > 0:
-                kmax = max(kmax, idxb[i, cnt[i] - 1] + 1)
-        for c0 in range(0, kmax, chunk8):
-            c1 = min(kmax, c0 + chunk8)
-            for tj in range(c0, c1, vnni.NR):
-                for ti in range(0, nrows, vnni.MR):
-                    vnni.estimate_tile_at(s8, tj - c0, qw8, kw8, corr8, ti, tj)
-            for i in range(nrows):
-                t = pos[i]
-                e = t
-                n = cnt[i]
-                while e < n and idxb[i, e] < c1:
-                    e += 1
-                cv = cvals[i]
-                smax = np.float64(tot[i])
-                # no branch and llvm.maxnum (fmax) in the loop: no chain through a compare
-                if has_bias:
-                    rb = r0 + i if row_bias else 0
-                    for tt in range(t, e):
-                        j = idxb[i, tt]
-                        sc[i, tt] = (cv * np.float64(s_k[bh, j]) * np.float64(s8[i, j - c0])
-                                     + np.float64(bias[slot, rb, j]))
-                        smax = fmax(smax, np.float64(sc[i, tt]))
-                else:
-                    for tt in range(t, e):
-                        j = idxb[i, tt]
-                        sc[i, tt] = cv * np.float64(s_k[bh, j]) * np.float64(s8[i, j - c0])
-                        smax = fmax(smax, np.float64(sc[i, tt]))
-                pos[i] = e
-                tot[i] = smax
+        _dense_scores(s8, qw8, kw8, corr8, s_k, bh, nrows, idxb, cnt, cvals, sc, pos, tot, bias,
+                      slot, r0, row_bias, has_bias)
     for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
         c1 = min(nk, c0 + chunk)
         for i in range(nrows):
