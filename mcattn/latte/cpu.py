@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import aligned_rows, bits_dtype, exp_block, fmax, gather_axpy
+from .._cpu_math import aligned_rows, bits_dtype, exp_block, gather_axpy
 from .._jit import njit
 from . import vnni
 from .naive import MODES
