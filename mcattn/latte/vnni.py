@@ -33,8 +33,8 @@ from numba.extending import intrinsic, overload
 
 from .._jit import njit
 
-__all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "estimate_tile_at", "pack_keys", "pack_queries", "max_groups",
-           "compress_groups"]
+__all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "estimate_tile_at", "pack_keys", "pack_queries",
+           "max_groups", "compress_groups"]
 
 #: Query rows and keys of one register tile: 6 x 4 accumulators of 16 int32 lanes (24 of
 #: the 32 zmm registers; 4 more hold the key words).
