@@ -17,9 +17,12 @@ A task is one block of query rows of one batch row (``LATTE_CPU_BLOCK_Q``, at mo
 3. only the kept keys are visited: their score (``q8 . k8``, exact, or ``q . k``), the
    softmax, and ``sum p_j v_j``, for all rows of the block at once, a key chunk
    (``LATTE_CPU_BLOCK_K``) at a time (:func:`_block_output`); with VNNI the
-   int8 scores are read from a dense ``q8 . k8`` tile of the block (one more int8 tile,
-   cheaper than ``d`` multiply-adds per kept key). Every rule and mask takes this pass,
-   so a float mask of zeros or ``return_info`` leaves the output bit for bit unchanged.
+   int8 scores are read from a dense ``q8 . k8`` tile of the block, computed a key chunk
+   at a time (:func:`_dense_scores`; one more int8 tile, cheaper than ``d`` multiply-adds
+   per kept key). ``sum p v`` keeps each row's accumulator in registers over its kept keys
+   of a chunk (:func:`mcattn._cpu_math.gather_axpy`), reading a 64-byte aligned copy of
+   the head's values. Every rule and mask takes this pass, so a float mask of zeros or
+   ``return_info`` leaves the output bit for bit unchanged.
 
 Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (the block's estimate and score
 tiles, kept lists) plus the current head's nibble and int8 matrices (``Nk x d``): no
