@@ -5,9 +5,17 @@ Usage::
     python benchmarks/latte_kept_pass.py [CHUNK ...]    # key chunks, default 64 128 512 4096
 
 One block of 64 query rows, N = 4096 keys, dv = 64, float32, 15 % of the keys kept per
-row at random, int8 kept scores read from a dense score tile (the VNNI path): the scores'
-scales and row max, the exponentials and ``P V``. Best of 5 x 20 calls, CPU time of this
-process (one thread), printed in nanoseconds per kept key for each key chunk.
+row at random. Rows printed, in nanoseconds per kept key (best of 5 x 20 calls, CPU time
+of this process, one thread):
+
+* ``pv_loop``: ``sum p v`` as a Numba loop over the value columns, four keys per pass
+  (the kernel before issue 22's kept-pass work, kept here as the baseline), on NumPy's
+  array (16 bytes past a 64-byte boundary);
+* ``pv``: :func:`mcattn.latte.cpu.weighted_values` (the row's accumulator in registers,
+  :func:`mcattn._cpu_math.gather_axpy`) on the same array, and ``pv_aligned`` on a
+  64-byte aligned copy (:func:`mcattn._cpu_math.aligned_rows`, what the kernel uses);
+* ``pass``: the whole kept pass on the aligned copy: the int8 score tile a key chunk at a
+  time (VNNI), the scores' scales, the softmax and ``P V``.
 """
 
 import sys
@@ -15,41 +23,91 @@ import time
 
 import numpy as np
 
-from mcattn.latte import cpu
+from mcattn._cpu_math import aligned_rows
+from mcattn._jit import njit
+from mcattn.latte import cpu, vnni
+
+
+@njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
+def pv_loop(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
+    """The former ``weighted_values``: a column loop LLVM vectorises behind alias checks."""
+    nk, dv = v.shape[1], v.shape[2]
+    acc[:nrows] = 0.0
+    pos[:nrows] = 0
+    for c0 in range(0, nk, chunk):
+        c1 = min(nk, c0 + chunk)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            while t + 4 <= n and idxb[i, t + 3] < c1:
+                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
+                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
+                for cc in range(dv):
+                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
+                                                                            + p3 * v[bh, j3, cc])
+                t += 4
+            while t < n and idxb[i, t] < c1:
+                j = idxb[i, t]
+                p = sc[i, t]
+                for cc in range(dv):
+                    acc[i, cc] += p * v[bh, j, cc]
+                t += 1
+            pos[i] = t
+
+
+def _best(fn, args, keys):
+    fn(*args)
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(20):
+            fn(*args)
+        best = min(best, (time.process_time() - start) / 20)
+    return best / keys * 1e9
 
 
 def main(chunks):
     rng = np.random.default_rng(0)
     nk, d, bq = 4096, 64, 64
     v = rng.standard_normal((1, nk, d)).astype(np.float32)
+    va = aligned_rows(v, nk)
+    va[0] = v[0]
     s_k = rng.random((1, nk)).astype(np.float32)
-    qblk = np.zeros((bq, d), np.float32)  # unused with dense scores
-    krows = np.zeros((1, d), np.float32)
-    s8 = rng.integers(-30000, 30000, (bq, nk)).astype(np.float32)
     keep = rng.random((bq, nk)) < 0.15
     idxb = np.zeros((bq, nk + 16), np.int32)
     cnt = keep.sum(1).astype(np.int64)
     for i in range(bq):
         idxb[i, :cnt[i]] = np.flatnonzero(keep[i])
-    sc = np.empty((bq, nk + 1), np.float32)
+    q8 = rng.integers(-127, 128, (1, bq, d)).astype(np.int8)
+    k8 = rng.integers(-127, 128, (1, nk, d)).astype(np.int8)
+    d4, rows_pad = d // 4, -(-bq // vnni.MR) * vnni.MR
+    kbytes = np.zeros(d4 * nk * 4, np.int8)
+    kw8 = kbytes.view(np.int32).reshape(d4, nk)
+    corr8 = np.zeros(nk, np.int32)
+    vnni.pack_keys(k8, 0, nk, True, kbytes.reshape(d4, nk, 4), kw8, corr8)
+    qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
+    qw8 = qbytes.view(np.int32).reshape(rows_pad, d4)
+    vnni.pack_queries(q8, 0, 0, bq, True, qbytes.reshape(rows_pad, 4 * d4))
+    sc = rng.random((bq, nk + 1)).astype(np.float32)
     bits = np.empty((1, nk + 1), np.int32)
     acc = np.empty((bq, d), np.float32)
     pos = np.zeros(bq, np.int64)
     tot = np.zeros(bq, np.float32)
-    cvals = np.full(bq, 1e-4)
+    cvals = np.full(bq, 1e-5)
     out = np.zeros((1, bq, d), np.float32)
-    print("# chunk  ns_per_kept_key (one thread, CPU time)")
+    bias = np.zeros((1, 1, 1), np.float32)
+    keys = cnt.sum()
+    print("# chunk  pv_loop  pv  pv_aligned  pass   (ns per kept key, one thread, CPU time)")
     for chunk in chunks:
-        args = (qblk, krows, v, s_k, 0, 0, bq, cvals, 0.125, True, idxb, cnt, sc, bits, acc, pos,
-                tot, chunk, True, s8, out)
-        cpu._block_output(*args)
-        best = float("inf")
-        for _ in range(5):
-            start = time.process_time()
-            for _ in range(20):
-                cpu._block_output(*args)
-            best = min(best, (time.process_time() - start) / 20)
-        print(f"{chunk:7d}  {best / cnt.sum() * 1e9:.2f}", flush=True)
+        pv_args = (0, bq, idxb, cnt, sc, acc, pos, chunk)
+        row = [_best(pv_loop, (v,) + pv_args, keys), _best(cpu.weighted_values, (v,) + pv_args, keys),
+               _best(cpu.weighted_values, (va,) + pv_args, keys)]
+        s8 = np.empty((rows_pad, -(-chunk // vnni.NR) * vnni.NR), np.float32)
+        args = (np.zeros((bq, d), np.float32), np.zeros((1, d), np.float32), va, s_k, 0, 0, bq, cvals,
+                0.125, True, idxb, cnt, sc, bits, acc, pos, tot, chunk, True, s8, qw8, kw8, corr8, out,
+                bias, 0, False, True)
+        row.append(_best(cpu._block_output, args, keys))
+        print(f"{chunk:7d}  " + "  ".join(f"{x:.2f}" for x in row), flush=True)
 
 
 if __name__ == "__main__":

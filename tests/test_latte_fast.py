@@ -42,7 +42,7 @@ def _packed_product(q8, k8, full, plain=False):
     if plain:
         for ti in range(0, nq, vnni.MR):
             for tj in range(0, nk, vnni.NR):
-                vnni._plain_tile(est, qw, kw, corr, ti, tj)
+                vnni._plain_tile(est, qw, kw, corr, ti, tj, tj)
     else:
         _tiles(est, qw, kw, corr, nq, nk)
     return est[:nq, :nk]

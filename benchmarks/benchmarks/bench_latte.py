@@ -58,8 +58,9 @@ class Latte:
 
 def _phases(q, k, v, theta):
     """Seconds of the kernel's phases (int8 kept scores): quantisation; the estimate alone;
-    the estimate and the keep rule (``filter_s``); the whole kernel (``kernel_s``: with the
-    kept scores, softmax and ``P V``; with VNNI also the dense ``q8 . k8`` tile)."""
+    the estimate and the keep rule (``filter_s``); plus the kept scores and their softmax
+    (``scores_s``; with VNNI the dense ``q8 . k8`` tile, a key chunk at a time); the whole
+    kernel (``kernel_s``: plus ``P V``)."""
     import time
 
     from mcattn.latte import cpu
@@ -88,6 +89,7 @@ def _phases(q, k, v, theta):
         "quantise_s": best(prepare),
         "estimate_s": best(lambda: cpu._run(lat, do_output=False, write_mask=False, select=False)),
         "filter_s": filt,
+        "scores_s": best(lambda: cpu._run(lat, do_output=True, write_mask=False, pv=False)),
         "kernel_s": kernel,
     }
 

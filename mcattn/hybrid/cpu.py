@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import bits_dtype, exp_block
+from .._cpu_math import aligned_rows, bits_dtype, exp_block
 from .._jit import njit
 from ..latte import vnni
 from ..latte.cpu import _row_units, use_vnni, weighted_values
@@ -277,6 +277,7 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
     fclean = np.zeros((block_q, nblocks), v.dtype)  # f_B on clean blocks, 0 elsewhere
     pooled_v = np.zeros((block_q, dv), v.dtype)
     qblk = np.zeros((block_q, d), qf.dtype)
+    vh = aligned_rows(v, nk)  # the current head's value rows, 64-byte aligned (sum w v)
     plain = (mode == 0 or mode == 1) and not has_bias
     for task in range(t0, t1):
         bh = task // n_qblocks
@@ -294,6 +295,8 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
                 for j in range(nk):
                     for cc in range(d):
                         hk[j, cc] = k8[bh, j, cc] >> 4
+            if stages >= 4:
+                vh[0] = v[bh]
             current = bh
         if use_vnni:
             vnni.pack_queries(q8, bh, i0, nrows, False, qbytes.reshape((rows_pad, 4 * d4)))
@@ -377,7 +380,7 @@ def _hybrid_tasks(q8, k8, qf, kf, v, s_q, sk256, scale, theta, mode, bias, mask_
                     fclean[i, bb] = fb[i, bb] if clean[i, bb] and bb * block < rend else 0.0
         if stages < 4:  # (benchmarks: up to the weights and block shares)
             continue
-        weighted_values(v, bh, nrows, idxb, cnt, scb, accb, posb, block_k)
+        weighted_values(vh, 0, nrows, idxb, cnt, scb, accb, posb, block_k)
         if pooled:  # the clean blocks' terms of all rows at once: sum_B f_B vsum_B, one product
             np.dot(fclean[:nrows], vsum[bh], pooled_v[:nrows])
         for i in range(nrows):

@@ -17,9 +17,12 @@ A task is one block of query rows of one batch row (``LATTE_CPU_BLOCK_Q``, at mo
 3. only the kept keys are visited: their score (``q8 . k8``, exact, or ``q . k``), the
    softmax, and ``sum p_j v_j``, for all rows of the block at once, a key chunk
    (``LATTE_CPU_BLOCK_K``) at a time (:func:`_block_output`); with VNNI the
-   int8 scores are read from a dense ``q8 . k8`` tile of the block (one more int8 tile,
-   cheaper than ``d`` multiply-adds per kept key). Every rule and mask takes this pass,
-   so a float mask of zeros or ``return_info`` leaves the output bit for bit unchanged.
+   int8 scores are read from a dense ``q8 . k8`` tile of the block, computed a key chunk
+   at a time (:func:`_dense_scores`; one more int8 tile, cheaper than ``d`` multiply-adds
+   per kept key). ``sum p v`` keeps each row's accumulator in registers over its kept keys
+   of a chunk (:func:`mcattn._cpu_math.gather_axpy`), reading a 64-byte aligned copy of
+   the head's values. Every rule and mask takes this pass, so a float mask of zeros or
+   ``return_info`` leaves the output bit for bit unchanged.
 
 Scratch is ``O(BLOCK_Q * Nk)`` numbers per thread (the block's estimate and score
 tiles, kept lists) plus the current head's nibble and int8 matrices (``Nk x d``): no
@@ -37,7 +40,7 @@ import numpy as np
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import bits_dtype, exp_block
+from .._cpu_math import aligned_rows, bits_dtype, exp_block, gather_axpy
 from .._jit import njit
 from . import vnni
 from .naive import MODES
@@ -166,36 +169,70 @@ def _select(low, up, top, rend, mode, th, c, sel, idx):
     return n
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(nogil=True, cache=True)
 def weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
-    """``acc[i] = sum_t sc[i, t] v[bh, idxb[i, t]]``, a key chunk at a time, four rows per pass."""
-    nk, dv = v.shape[1], v.shape[2]
+    """``acc[i] = sum_t sc[i, t] v[bh, idxb[i, t]]`` for the block's rows, a key chunk at a time.
+
+    Each row's run of kept keys inside the chunk goes through one
+    :func:`mcattn._cpu_math.gather_axpy` (the row's accumulator in registers for the run).
+    """
+    nk = v.shape[1]
     acc[:nrows] = 0.0
     pos[:nrows] = 0
     for c0 in range(0, nk, chunk):
         c1 = min(nk, c0 + chunk)
         for i in range(nrows):
             t = pos[i]
+            e = t
             n = cnt[i]
-            while t + 4 <= n and idxb[i, t + 3] < c1:
-                j0, j1, j2, j3 = idxb[i, t], idxb[i, t + 1], idxb[i, t + 2], idxb[i, t + 3]
-                p0, p1, p2, p3 = sc[i, t], sc[i, t + 1], sc[i, t + 2], sc[i, t + 3]
-                for cc in range(dv):
-                    acc[i, cc] += (p0 * v[bh, j0, cc] + p1 * v[bh, j1, cc]) + (p2 * v[bh, j2, cc]
-                                                                            + p3 * v[bh, j3, cc])
-                t += 4
+            while e < n and idxb[i, e] < c1:
+                e += 1
+            if e > t:
+                gather_axpy(acc, i, v, bh, idxb, sc, t, e)
+            pos[i] = e
+
+
+@njit(nogil=True, cache=True)
+def _dense_scores(s8, qw8, kw8, corr8, s_k, bh, nrows, idxb, cnt, cvals, sc, pos, tot, bias, slot,
+                  r0, row_bias, has_bias):
+    """The dense path of :func:`_block_output`: the int8 score tile a key chunk at a time, the
+    kept keys' scores ``c s_k q8.k8 (+ bias)`` into ``sc`` and each row's maximum into ``tot``.
+
+    Compiled without fast-math, so that ``+ bias`` is never fused with the product into one
+    multiply-add: an all-visible float mask must leave the scores, hence the output, bit for
+    bit unchanged (the caller's ``P V`` sums may be reordered).
+    """
+    chunk8 = s8.shape[1]
+    kmax = 0
+    for i in range(nrows):
+        tot[i] = -np.inf
+        if cnt[i] > 0:
+            kmax = max(kmax, idxb[i, cnt[i] - 1] + 1)
+    for c0 in range(0, kmax, chunk8):
+        c1 = min(kmax, c0 + chunk8)
+        for tj in range(c0, c1, vnni.NR):
+            for ti in range(0, nrows, vnni.MR):
+                vnni.estimate_tile_at(s8, tj - c0, qw8, kw8, corr8, ti, tj)
+        for i in range(nrows):
+            t = pos[i]
+            n = cnt[i]
+            smax = np.float64(tot[i])
             while t < n and idxb[i, t] < c1:
                 j = idxb[i, t]
-                p = sc[i, t]
-                for cc in range(dv):
-                    acc[i, cc] += p * v[bh, j, cc]
+                sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j - c0])
+                if has_bias:
+                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
+                sc[i, t] = sval
+                smax = max(smax, sc[i, t])
                 t += 1
             pos[i] = t
+            tot[i] = smax
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
-                  bits, acc, pos, tot, chunk, dense, s8, out, bias, slot, has_bias):
+def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
+                  bits, acc, pos, tot, chunk, dense, s8, qw8, kw8, corr8, out, bias, slot, has_bias,
+                  do_pv):
     """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
 
     Row ``i`` (query ``i0 + i``) keeps ``idxb[i, :cnt[i]]`` (ascending). The keys are
@@ -203,26 +240,23 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
     chunk's key and value rows stay in cache while every row takes its kept keys from it
     (row by row, each row would sweep the head's whole ``K`` and ``V``). ``qblk [nrows, d]``
     holds the rows' int8 (as floats) or float queries; ``cvals [nrows]`` their
-    ``scale s_q``; ``sc`` the kept scores, then probabilities. With ``dense`` the int8
-    scores ``q8 . k8`` are read from the tile ``s8 [>= nrows, >= Nk]`` instead.
+    ``scale s_q``; ``sc`` the kept scores, then probabilities; ``vh [1, Nk, dv]`` the
+    head's value rows. With ``dense`` the int8 scores ``q8 . k8`` are read from a dense
+    VNNI tile instead, computed a key chunk at a time into ``s8 [>= rows_pad, chunk8]``
+    (``chunk8``: a multiple of :data:`mcattn.latte.vnni.NR`) from the block's packed
+    queries ``qw8`` and the head's packed keys ``kw8``, ``corr8``
+    (:func:`mcattn.latte.vnni.pack_keys` with ``full=True``): the chunk's tile stays in
+    L2 while its kept scores are read (the whole ``BLOCK_Q x Nk`` tile would not).
     """
-    nk = v.shape[1]
+    nk = vh.shape[1]
     d = qblk.shape[1]
-    dv = v.shape[2]
+    dv = vh.shape[2]
     row_bias = bias.shape[1] > 1
     r0 = i0
     pos[:nrows] = 0
     if dense:  # the scores' scales and the row max in the same pass as the tile loads
-        for i in range(nrows):
-            smax = -np.inf
-            for t in range(cnt[i]):
-                j = idxb[i, t]
-                sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j])
-                if has_bias:
-                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
-                sc[i, t] = sval
-                smax = max(smax, sc[i, t])
-            tot[i] = smax
+        _dense_scores(s8, qw8, kw8, corr8, s_k, bh, nrows, idxb, cnt, cvals, sc, pos, tot, bias,
+                      slot, r0, row_bias, has_bias)
     for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
         c1 = min(nk, c0 + chunk)
         for i in range(nrows):
@@ -274,7 +308,9 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
         for t in range(n):
             total += sc[i, t]
         tot[i] = total
-    weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk)  # sum p v
+    if not do_pv:  # (benchmarks: the kept scores and softmax alone)
+        return
+    weighted_values(vh, 0, nrows, idxb, cnt, sc, acc, pos, chunk)  # sum p v
     for i in range(nrows):
         if cnt[i] > 0:
             inv = 1.0 / tot[i]
@@ -286,7 +322,7 @@ def _block_output(qblk, krows, v, s_k, bh, i0, nrows, cvals, scale, int8_scores,
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
                  do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
-                 use_vnni, block_k, t0, t1):
+                 use_vnni, block_k, do_pv, t0, t1):
     bh_count, nq, d = q8.shape
     nk = k8.shape[1]
     dv = v.shape[2]
@@ -314,8 +350,10 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     corr8 = np.zeros(nk8, np.int32)
     qbytes8 = np.zeros((rows_pad if dense else 1) * d4 * 4, np.uint8)
     qw8 = qbytes8.view(np.int32).reshape((rows_pad if dense else 1, d4))
-    s8_tiles = np.empty((rows_pad if dense else 1, nk8), np.float32)
+    chunk8 = (block_k + vnni.NR - 1) // vnni.NR * vnni.NR if dense else 1
+    s8_tiles = np.empty((rows_pad if dense else 1, chunk8), np.float32)  # one key chunk's
     kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
+    vh = aligned_rows(v, nk if do_output else 1)  # the current head's value rows (aligned)
     current = -1
     err_buf = np.empty(block_q * nk if mode == 3 else 1, np.float32)
     true_buf = np.empty(block_q * nk if want_mass else 1, qf.dtype)
@@ -358,17 +396,16 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                         hk[j, cc] = x >> 4
                     if int8_scores:
                         kbuf[j, cc] = x
+            if do_output:
+                vh[0] = v[bh]
             current = bh
         if use_vnni:  # the same integers as the BLAS product, in int8 arithmetic
             vnni.pack_queries(q8, bh, i0, nrows, False, qbytes.reshape((rows_pad, 4 * d4)))
             for tj in range(0, kend, vnni.NR):  # a key block's words stay in L1 for all rows
                 for ti in range(0, nrows, vnni.MR):
                     vnni.estimate_tile(est_tiles, qw, kw, corr, ti, tj)
-            if dense and do_select:
+            if dense and do_select:  # (its tile: in _block_output, a key chunk at a time)
                 vnni.pack_queries(q8, bh, i0, nrows, True, qbytes8.reshape((rows_pad, 4 * d4)))
-                for tj in range(0, kend, vnni.NR):
-                    for ti in range(0, nrows, vnni.MR):
-                        vnni.estimate_tile(s8_tiles, qw8, kw8, corr8, ti, tj)
             est = est_tiles
         else:
             for i in range(nrows):
@@ -402,9 +439,10 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                 for cc in range(d):
                     qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
             if do_output:
-                _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
+                _block_output(qblk, kbuf if int8_scores else kf[bh], vh, s_k, bh, i0, nrows, cvals,
                               scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
-                              block_k, dense, s8_tiles, out, bias, slot, has_bias)
+                              block_k, dense, s8_tiles, qw8, kw8, corr8, out, bias, slot,
+                          has_bias, do_pv)
             continue
         for i in range(nrows):
             row = i0 + i
@@ -448,9 +486,10 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                 for cc in range(d):
                     qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
         if do_output:
-            _block_output(qblk, kbuf if int8_scores else kf[bh], v, s_k, bh, i0, nrows, cvals,
+            _block_output(qblk, kbuf if int8_scores else kf[bh], vh, s_k, bh, i0, nrows, cvals,
                           scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
-                          block_k, dense, s8_tiles, out, bias, slot, has_bias)
+                          block_k, dense, s8_tiles, qw8, kw8, corr8, out, bias, slot,
+                          has_bias, do_pv)
 
 
 def use_vnni(lat):
@@ -477,7 +516,7 @@ def kernel_arrays(lat):
     }
 
 
-def _run(lat, *, do_output, write_mask, select=True):
+def _run(lat, *, do_output, write_mask, select=True, pv=True):
     inp = lat.inp
     q, k, v = inp.q, inp.k, inp.v
     bh, nq, nk = q.shape[0], inp.nq, inp.nk
@@ -501,7 +540,7 @@ def _run(lat, *, do_output, write_mask, select=True):
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
               bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,
               out, kept, dropped, mask_out, bits_dtype(q.dtype), use_vnni(lat),
-              max(1, int(config.LATTE_CPU_BLOCK_K)))
+              max(1, int(config.LATTE_CPU_BLOCK_K)), bool(pv))
     return out, kept, dropped, mask_out
 
 

@@ -33,8 +33,8 @@ from numba.extending import intrinsic, overload
 
 from .._jit import njit
 
-__all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "pack_keys", "pack_queries", "max_groups",
-           "compress_groups"]
+__all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "estimate_tile_at", "pack_keys", "pack_queries",
+           "max_groups", "compress_groups"]
 
 #: Query rows and keys of one register tile: 6 x 4 accumulators of 16 int32 lanes (24 of
 #: the 32 zmm registers; 4 more hold the key words).
@@ -58,14 +58,14 @@ _I64 = ir.IntType(64)
 
 
 @intrinsic
-def _vnni_tile(typingctx, est, qw, kw, corr, i0, j0):
-    """``est[i0:i0+MR, j0:j0+NR] = qw[i0:i0+MR] . kw[:, j0:j0+NR] - corr[j0:j0+NR]`` (float32)."""
-    sig = types.void(est, qw, kw, corr, i0, j0)
+def _vnni_tile(typingctx, est, qw, kw, corr, i0, j0, e0):
+    """``est[i0:i0+MR, e0:e0+NR] = qw[i0:i0+MR] . kw[:, j0:j0+NR] - corr[j0:j0+NR]`` (float32)."""
+    sig = types.void(est, qw, kw, corr, i0, j0, e0)
 
     def codegen(context, builder, signature, args):
         est_a, qw_a, kw_a, corr_a = (context.make_array(t)(context, builder, a)
                                      for t, a in zip(signature.args[:4], args[:4]))
-        i0v, j0v = args[4], args[5]
+        i0v, j0v, e0v = args[4], args[5], args[6]
         d4 = cgutils.unpack_tuple(builder, qw_a.shape, 2)[1]
         ldk = cgutils.unpack_tuple(builder, kw_a.shape, 2)[1]
         lde = cgutils.unpack_tuple(builder, est_a.shape, 2)[1]
@@ -97,7 +97,8 @@ def _vnni_tile(typingctx, est, qw, kw, corr, i0, j0):
             for m in range(MR):
                 val = builder.sitofp(builder.sub(builder.load(accs[m][n]), cv), f16)
                 row = builder.mul(builder.add(i0v, ir.Constant(_I64, m)), lde)
-                ptr = builder.gep(est_a.data, [builder.add(row, off)])
+                eoff = builder.add(e0v, ir.Constant(_I64, 16 * n))
+                ptr = builder.gep(est_a.data, [builder.add(row, eoff)])
                 builder.store(val, builder.bitcast(ptr, ir.PointerType(f16)), align=4)
         return context.get_dummy_value()
 
@@ -105,7 +106,7 @@ def _vnni_tile(typingctx, est, qw, kw, corr, i0, j0):
 
 
 @njit(nogil=True, cache=True)
-def _plain_tile(est, qw, kw, corr, i0, j0):
+def _plain_tile(est, qw, kw, corr, i0, j0, e0):
     """The same tile with scalar byte arithmetic (hosts without VNNI; never on the fast path)."""
     qb = qw.view(np.uint8)
     kb = kw.view(np.int8)
@@ -116,19 +117,31 @@ def _plain_tile(est, qw, kw, corr, i0, j0):
             for c in range(qw.shape[1]):
                 for b in range(4):
                     s += np.int32(qb[i0 + m, 4 * c + b]) * np.int32(kb[c, 4 * j + b])
-            est[i0 + m, j] = np.float32(s - corr[j])
+            est[i0 + m, e0 + jj] = np.float32(s - corr[j])
 
 
 def estimate_tile(est, qw, kw, corr, i0, j0):
-    """One ``MR x NR`` tile of the estimate (Numba only)."""
+    """One ``MR x NR`` tile of the estimate, keys ``j0 ...`` into columns ``j0 ...`` (Numba only)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+def estimate_tile_at(est, e0, qw, kw, corr, i0, j0):
+    """:func:`estimate_tile` into columns ``e0 ...`` of ``est`` (a tile of a key chunk; Numba only)."""
     raise NotImplementedError("only callable from Numba-compiled code")
 
 
 @overload(estimate_tile, jit_options={"nogil": True})
 def _estimate_tile_typed(est, qw, kw, corr, i0, j0):
     if AVAILABLE:
-        return lambda est, qw, kw, corr, i0, j0: _vnni_tile(est, qw, kw, corr, i0, j0)
-    return lambda est, qw, kw, corr, i0, j0: _plain_tile(est, qw, kw, corr, i0, j0)
+        return lambda est, qw, kw, corr, i0, j0: _vnni_tile(est, qw, kw, corr, i0, j0, j0)
+    return lambda est, qw, kw, corr, i0, j0: _plain_tile(est, qw, kw, corr, i0, j0, j0)
+
+
+@overload(estimate_tile_at, jit_options={"nogil": True})
+def _estimate_tile_at_typed(est, e0, qw, kw, corr, i0, j0):
+    if AVAILABLE:
+        return lambda est, e0, qw, kw, corr, i0, j0: _vnni_tile(est, qw, kw, corr, i0, j0, e0)
+    return lambda est, e0, qw, kw, corr, i0, j0: _plain_tile(est, qw, kw, corr, i0, j0, e0)
 
 
 @njit(nogil=True, cache=True)
