@@ -71,7 +71,7 @@ def _keep_helpers(est, sk, cut, idx):
     return vnni.max_groups(est, sk, g8), vnni.compress_groups(est, sk, g16, cut, idx)
 
 
-@pytest.mark.parametrize("n", [16, 37, 4096])
+@pytest.mark.parametrize("n", [16, 37, 40, 4096])
 def test_vector_max_and_kept_indices_match_numpy(n):
     rng = np.random.default_rng(n)
     est = rng.integers(-4096, 4097, n).astype(np.float32)
@@ -89,6 +89,49 @@ def test_vector_max_and_kept_indices_match_numpy(n):
     expect = np.flatnonzero(u[:whole16] >= cut)
     assert count == len(expect) and np.array_equal(idx[:count], expect)
     assert 0 < count < whole16  # the test sees kept and dropped keys
+
+
+@njit
+def _kept_rows(sc, dots, qb, kpad, idx, cnt, corr, s_k, c):
+    tops = np.empty(qb.shape[0])
+    for i in range(qb.shape[0]):
+        vnni.kept_dots(dots, i, qb, kpad, idx, 0, cnt[i])
+        tops[i] = vnni.kept_scores(sc, i, qb, kpad, idx, cnt[i], corr, s_k, 0, c[i])
+    return tops
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [24, 64, 100])
+def test_kept_scores_are_the_scalar_scores_bit_for_bit(dtype, d):
+    """The gathered int8 dot products (16 keys at a time, any tail) are the exact integers, and
+    their scaling is the scalar code's float64 expression rounded once to the scores' dtype."""
+    rng = np.random.default_rng(d)
+    nk, counts = 90, [0, 1, 15, 16, 17, 33, 90]
+    rows = len(counts)
+    k8 = rng.integers(-127, 128, (nk, d)).astype(np.int8)
+    q8 = rng.integers(-127, 128, (rows, d)).astype(np.int8)
+    k8[0], q8[0] = -127, -127  # the extremes of both ranges
+    dpad = -(-d // 64) * 64
+    kpad = np.zeros((nk, dpad), np.int8)
+    kpad[:, :d] = k8
+    qb = np.full((rows, dpad), 77, np.uint8)  # bytes past d meet zero key bytes
+    qb[:, :d] = (q8.astype(np.int32) + 128).astype(np.uint8)
+    idx = np.full((rows, nk + 16), nk + 10**6, np.int32)  # slack slots hold no valid key
+    for i, n in enumerate(counts):
+        idx[i, :n] = np.sort(rng.choice(nk, n, replace=False))
+    corr = (128 * k8.astype(np.int32).sum(1)).astype(np.int32)
+    s_k = (rng.random((1, nk)) * 0.02 + 1e-3).astype(np.float32)
+    c = rng.random(rows) * 0.1
+    dots = np.zeros((rows, nk + 32), np.int32)
+    sc = np.zeros((rows, nk + 16), dtype)
+    tops = _kept_rows(sc, dots, qb, kpad, idx, np.array(counts), corr, s_k, c)
+    for i, n in enumerate(counts):
+        j = idx[i, :n]
+        exact = q8[i].astype(np.int64) @ k8[j].astype(np.int64).T
+        assert np.array_equal(dots[i, :n] - corr[j], exact)
+        expect = (c[i] * s_k[0, j].astype(np.float64) * exact.astype(np.float64)).astype(dtype)
+        assert np.array_equal(sc[i, :n], expect)
+        assert tops[i] == (expect.max() if n else -np.inf)
 
 
 def _qkv(shape, n, nk, d, dtype, seed):

@@ -193,46 +193,41 @@ def weighted_values(v, bh, nrows, idxb, cnt, sc, acc, pos, chunk):
 
 
 @njit(nogil=True, cache=True)
-def _dense_scores(s8, qw8, kw8, corr8, s_k, bh, nrows, idxb, cnt, cvals, sc, pos, tot, bias, slot,
-                  r0, row_bias, has_bias):
-    """The dense path of :func:`_block_output`: the int8 score tile a key chunk at a time, the
-    kept keys' scores ``c s_k q8.k8 (+ bias)`` into ``sc`` and each row's maximum into ``tot``.
+def _gathered_scores(qb8, kpad, corr128, s_k, bh, nrows, idxb, cnt, cvals, dots, sc, tot, bias,
+                     slot, r0, row_bias, has_bias):
+    """The VNNI path of :func:`_block_output`: each row's kept int8 scores ``q8 . k8`` from its
+    kept key rows only (:func:`mcattn.latte.vnni.kept_dots`, 16 keys at a time), scaled to
+    ``c s_k q8.k8 (+ bias)`` into ``sc``, and each row's maximum into ``tot``.
 
-    Compiled without fast-math, so that ``+ bias`` is never fused with the product into one
+    ``qb8 [rows, dpad]`` holds the block's queries ``q8 + 128``, ``kpad [Nk, dpad]`` the
+    head's int8 keys (aligned, zero-padded), ``corr128 [Nk]`` ``128 sum_c k8``. Compiled
+    without fast-math, so that ``+ bias`` is never fused with the product into one
     multiply-add: an all-visible float mask must leave the scores, hence the output, bit for
     bit unchanged (the caller's ``P V`` sums may be reordered).
     """
-    chunk8 = s8.shape[1]
-    kmax = 0
     for i in range(nrows):
-        tot[i] = -np.inf
-        if cnt[i] > 0:
-            kmax = max(kmax, idxb[i, cnt[i] - 1] + 1)
-    for c0 in range(0, kmax, chunk8):
-        c1 = min(kmax, c0 + chunk8)
-        for tj in range(c0, c1, vnni.NR):
-            for ti in range(0, nrows, vnni.MR):
-                vnni.estimate_tile_at(s8, tj - c0, qw8, kw8, corr8, ti, tj)
-        for i in range(nrows):
-            t = pos[i]
-            n = cnt[i]
-            smax = np.float64(tot[i])
-            while t < n and idxb[i, t] < c1:
-                j = idxb[i, t]
-                sval = cvals[i] * np.float64(s_k[bh, j]) * np.float64(s8[i, j - c0])
-                if has_bias:
-                    sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
-                sc[i, t] = sval
-                smax = max(smax, sc[i, t])
-                t += 1
-            pos[i] = t
-            tot[i] = smax
+        n = cnt[i]
+        if not has_bias:  # dots, scales and the max in vector registers
+            tot[i] = vnni.kept_scores(sc, i, qb8, kpad, idxb, n, corr128, s_k, bh, cvals[i])
+            continue
+        smax = -np.inf
+        if n > 0:
+            vnni.kept_dots(dots, i, qb8, kpad, idxb, 0, n)
+        c = cvals[i]
+        for t in range(n):
+            j = idxb[i, t]
+            sval = c * np.float64(s_k[bh, j]) * np.float64(dots[i, t] - corr128[j])
+            if has_bias:
+                sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
+            sc[i, t] = sval
+            smax = max(smax, sc[i, t])
+        tot[i] = smax
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
-                  bits, acc, pos, tot, chunk, dense, s8, qw8, kw8, corr8, out, bias, slot, has_bias,
-                  do_pv):
+                  bits, acc, pos, tot, chunk, gathered, qb8, kpad, corr128, dots, out, bias, slot,
+                  has_bias, do_pv):
     """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
 
     Row ``i`` (query ``i0 + i``) keeps ``idxb[i, :cnt[i]]`` (ascending). The keys are
@@ -254,10 +249,10 @@ def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores
     row_bias = bias.shape[1] > 1
     r0 = i0
     pos[:nrows] = 0
-    if dense:  # the scores' scales and the row max in the same pass as the tile loads
-        _dense_scores(s8, qw8, kw8, corr8, s_k, bh, nrows, idxb, cnt, cvals, sc, pos, tot, bias,
-                      slot, r0, row_bias, has_bias)
-    for c0 in range(0, nk if not dense else 0, chunk):  # kept scores q . k, four keys at a time
+    if gathered:  # the scores' scales and the row max in the same pass as the dots
+        _gathered_scores(qb8, kpad, corr128, s_k, bh, nrows, idxb, cnt, cvals, dots, sc, tot, bias,
+                         slot, r0, row_bias, has_bias)
+    for c0 in range(0, nk if not gathered else 0, chunk):  # kept scores q . k, four keys at a time
         c1 = min(nk, c0 + chunk)
         for i in range(nrows):
             t = pos[i]
@@ -287,7 +282,7 @@ def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores
             pos[i] = t
     for i in range(nrows):  # the scores' scales, the row max and exp
         n = cnt[i]
-        if dense:
+        if gathered:
             smax = tot[i]
         else:
             smax = -np.inf
@@ -319,6 +314,22 @@ def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores
 
 
 @njit(nogil=True, cache=True)
+def _pad_keys(k8, bh, kpad, corr128):
+    """Head ``bh``'s int8 keys into ``kpad [Nk, dpad]`` (bytes past ``d`` zero) and
+    ``corr128[j] = 128 sum_c k8[j, c]`` (the queries' bias of :func:`mcattn.latte.vnni.kept_dots`)."""
+    d = k8.shape[2]
+    for j in range(k8.shape[1]):
+        s = np.int32(0)
+        for cc in range(d):
+            x = k8[bh, j, cc]
+            kpad[j, cc] = x
+            s += np.int32(x)
+        for cc in range(d, kpad.shape[1]):
+            kpad[j, cc] = 0
+        corr128[j] = 128 * s
+
+
+@njit(nogil=True, cache=True)
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
                  do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
@@ -342,16 +353,14 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
     qw = qbytes.view(np.int32).reshape((rows_pad, d4))
     est_tiles = np.empty((rows_pad, nk_pad), np.float32)
-    # With VNNI, the plain rules' int8 kept scores come from a dense q8 . k8 tile too.
-    dense = use_vnni and int8_scores and do_output
-    nk8 = nk_pad if dense else 1
-    kbytes8 = np.zeros(d4 * nk8 * 4, np.int8)
-    kw8 = kbytes8.view(np.int32).reshape((d4, nk8))
-    corr8 = np.zeros(nk8, np.int32)
-    qbytes8 = np.zeros((rows_pad if dense else 1) * d4 * 4, np.uint8)
-    qw8 = qbytes8.view(np.int32).reshape((rows_pad if dense else 1, d4))
-    chunk8 = (block_k + vnni.NR - 1) // vnni.NR * vnni.NR if dense else 1
-    s8_tiles = np.empty((rows_pad if dense else 1, chunk8), np.float32)  # one key chunk's
+    # With VNNI, the int8 kept scores are dot products of the kept key rows in int8
+    # (vnni.kept_dots): the head's keys 64-byte aligned and zero-padded to whole vectors.
+    gathered = use_vnni and int8_scores and do_output
+    dpad = (d + 63) // 64 * 64
+    kpad = aligned_rows(np.zeros((1, 1, dpad), np.int8), nk if gathered else 1)[0]
+    corr128 = np.zeros(nk if gathered else 1, np.int32)
+    qb8 = np.zeros((block_q if gathered else 1, dpad), np.uint8)
+    dots = np.empty((block_q if gathered else 1, nk + 32), np.int32)  # 16-lane stores past n
     kbuf = np.empty((nk if int8_scores else 1, d), qf.dtype)
     vh = aligned_rows(v, nk if do_output else 1)  # the current head's value rows (aligned)
     current = -1
@@ -368,7 +377,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     pb = block_q
     idxb = np.empty((pb, nk + 16), np.int32)  # 16 slots of slack: vnni.compress_groups
     cnt = np.zeros(pb, np.int64)
-    scb = np.empty((pb, nk + 1), v.dtype)
+    scb = np.empty((pb, nk + 16), v.dtype)  # 15 slots of slack: vnni.kept_scores
     bitsb = np.empty((1, nk + 1), bits_type)
     accb = np.empty((pb, dv), v.dtype)
     posb = np.zeros(pb, np.int64)
@@ -387,9 +396,9 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
         if bh != current:
             if use_vnni:
                 vnni.pack_keys(k8, bh, nk, False, kbytes.reshape((d4, nk_pad, 4)), kw, corr)
-            if dense:
-                vnni.pack_keys(k8, bh, nk, True, kbytes8.reshape((d4, nk8, 4)), kw8, corr8)
-            for j in range(nk if not use_vnni or (int8_scores and not dense) else 0):
+            if gathered:
+                _pad_keys(k8, bh, kpad, corr128)
+            for j in range(nk if not use_vnni or (int8_scores and not gathered) else 0):
                 for cc in range(d):
                     x = k8[bh, j, cc]
                     if not use_vnni:
@@ -404,8 +413,10 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
             for tj in range(0, kend, vnni.NR):  # a key block's words stay in L1 for all rows
                 for ti in range(0, nrows, vnni.MR):
                     vnni.estimate_tile(est_tiles, qw, kw, corr, ti, tj)
-            if dense and do_select:  # (its tile: in _block_output, a key chunk at a time)
-                vnni.pack_queries(q8, bh, i0, nrows, True, qbytes8.reshape((rows_pad, 4 * d4)))
+            if gathered and do_select:
+                for i in range(nrows):
+                    for cc in range(d):
+                        qb8[i, cc] = np.uint8(np.int32(q8[bh, i0 + i, cc]) + 128)
             est = est_tiles
         else:
             for i in range(nrows):
@@ -441,7 +452,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
             if do_output:
                 _block_output(qblk, kbuf if int8_scores else kf[bh], vh, s_k, bh, i0, nrows, cvals,
                               scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
-                              block_k, dense, s8_tiles, qw8, kw8, corr8, out, bias, slot,
+                              block_k, gathered, qb8, kpad, corr128, dots, out, bias, slot,
                           has_bias, do_pv)
             continue
         for i in range(nrows):
@@ -488,7 +499,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
         if do_output:
             _block_output(qblk, kbuf if int8_scores else kf[bh], vh, s_k, bh, i0, nrows, cvals,
                           scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
-                          block_k, dense, s8_tiles, qw8, kw8, corr8, out, bias, slot,
+                          block_k, gathered, qb8, kpad, corr128, dots, out, bias, slot,
                           has_bias, do_pv)
 
 

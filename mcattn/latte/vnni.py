@@ -199,23 +199,44 @@ def _ptr(builder, arr, index, vtype):
 
 @intrinsic
 def _max_groups(typingctx, est_row, sk_row, groups):
-    """``max u`` over the first ``8 groups`` keys (float64; -inf for none)."""
+    """``max u`` over the first ``8 groups`` keys (float64; -inf for none).
+
+    Four independent running maxima (one per group modulo 4) so that each vector max waits
+    only on the one four groups back, and ``x > m ? x : m`` rather than ``llvm.maxnum``
+    (whose NaN handling adds a compare and a blend to the chain): the same maximum, as no
+    ``u`` is NaN (finite integers times positive scales) and a maximum does not depend on
+    its order.
+    """
     sig = types.float64(est_row, sk_row, groups)
 
     def codegen(context, builder, signature, args):
         est_a, sk_a = (context.make_array(t)(context, builder, a)
                        for t, a in zip(signature.args[:2], args[:2]))
-        fmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_D8, [_D8, _D8]),
-                                              "llvm.maxnum.v8f64")
         red = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.DoubleType(), [_D8]), "llvm.vector.reduce.fmax.v8f64")
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_D8, [float("-inf")] * 8))
-        with cgutils.for_range(builder, args[2]) as loop:
-            off = builder.mul(loop.index, ir.Constant(_I64, 8))
+        ninf = ir.Constant(_D8, [float("-inf")] * 8)
+        accs = [cgutils.alloca_once_value(builder, ninf) for _ in range(4)]
+
+        def step(acc, group):
+            off = builder.mul(group, ir.Constant(_I64, 8))
             e = builder.fpext(builder.load(_ptr(builder, est_a, off, _F8), align=4), _D8)
-            s = builder.load(_ptr(builder, sk_a, off, _D8), align=8)
-            builder.store(builder.call(fmax, [builder.load(acc), builder.fmul(e, s)]), acc)
-        return builder.call(red, [builder.load(acc)])
+            u = builder.fmul(e, builder.load(_ptr(builder, sk_a, off, _D8), align=8))
+            m = builder.load(acc)
+            builder.store(builder.select(builder.fcmp_ordered(">", u, m), u, m), acc)
+
+        quads = builder.sdiv(args[2], ir.Constant(_I64, 4))
+        with cgutils.for_range(builder, quads) as loop:
+            for a in range(4):
+                step(accs[a], builder.add(builder.mul(loop.index, ir.Constant(_I64, 4)),
+                                          ir.Constant(_I64, a)))
+        done = builder.mul(quads, ir.Constant(_I64, 4))
+        with cgutils.for_range(builder, builder.sub(args[2], done)) as loop:
+            step(accs[0], builder.add(done, loop.index))
+        m01 = [builder.load(a) for a in accs]
+        best = m01[0]
+        for m in m01[1:]:
+            best = builder.select(builder.fcmp_ordered(">", m, best), m, best)
+        return builder.call(red, [best])
 
     return sig, codegen
 
@@ -307,3 +328,296 @@ def _compress_groups_typed(est_row, sk_row, groups, cut, idx):
             est_row, sk_row, groups, cut, idx)
     return lambda est_row, sk_row, groups, cut, idx: _compress_groups_plain(
         est_row, sk_row, groups, cut, idx)
+
+
+# ------------------------------------------------------------------- kept int8 scores
+# ``q8 . k8`` for a run of kept keys of one query row: per key one 64-byte load of its
+# (aligned, zero-padded) int8 row and one ``vpdpbusd`` per 64 bytes of the head dim, 16 keys
+# at a time; the 16 partial-sum vectors are then added pairwise in a transpose tree (15
+# vector adds and 30 shuffles for 16 keys) so that one store writes the 16 scores. Against
+# the dense ``q8 . k8`` tile of the block this does ``keep`` of the work plus the tree.
+
+def _hadd(builder, a, b):
+    """Lanes ``0..7``: pair sums of ``a``'s lanes; ``8..15``: of ``b``'s (int32 x 16)."""
+    even = builder.shuffle_vector(a, b, ir.Constant(_V16, list(range(0, 32, 2))))
+    odd = builder.shuffle_vector(a, b, ir.Constant(_V16, list(range(1, 32, 2))))
+    return builder.add(even, odd)
+
+
+def _fold(builder, a, b, width):
+    """``x + y`` with ``x``/``y`` the even/odd ``width``-lane blocks of each 128-bit... of ``a, b``."""
+    raise NotImplementedError
+
+
+TREE = "granular"
+
+
+def _transpose_sum(builder, vecs):
+    """The 16 lane sums of 16 int32 x 16 vectors, as one vector (lane ``s``: ``vecs[s]``)."""
+    if TREE == "hadd":
+        level = vecs
+        while len(level) > 1:
+            level = [_hadd(builder, level[n], level[n + 1]) for n in range(0, len(level), 2)]
+        return level[0]
+    # Fold with shuffles of 256-, 128-, 64-, then 32-bit granularity (cheaper than a full
+    # two-source permute), tracking which lane holds which key; one permute restores order.
+    def sel(lanes):
+        return ir.Constant(_V16, lanes)
+    # level 1: [a_lo | b_lo] + [a_hi | b_hi]  (8 lanes per key)
+    l1 = [builder.add(builder.shuffle_vector(vecs[n], vecs[n + 1], sel(list(range(8)) + list(range(16, 24)))),
+                      builder.shuffle_vector(vecs[n], vecs[n + 1], sel(list(range(8, 16)) + list(range(24, 32)))))
+          for n in range(0, 16, 2)]
+    # keys per 4-lane block of l1[n]: blocks 0,1 -> key 2n (halves), blocks 2,3 -> key 2n+1
+    # level 2: 128-bit blocks [u.0, u.2, w.0, w.2] + [u.1, u.3, w.1, w.3]  (4 lanes per key)
+    def blk(b):
+        return list(range(4 * b, 4 * b + 4))
+    l2 = [builder.add(builder.shuffle_vector(l1[n], l1[n + 1], sel(blk(0) + blk(2) + blk(4) + blk(6))),
+                      builder.shuffle_vector(l1[n], l1[n + 1], sel(blk(1) + blk(3) + blk(5) + blk(7))))
+          for n in range(0, 8, 2)]
+    # l2[m] 128-bit block k holds key 4m + k.
+    # level 3: per 128-bit block, qwords [u.q0, w.q0] + [u.q1, w.q1]  (2 lanes per key)
+    lo = []
+    hi = []
+    for k in range(4):
+        lo += [4 * k, 4 * k + 1, 16 + 4 * k, 16 + 4 * k + 1]
+        hi += [4 * k + 2, 4 * k + 3, 16 + 4 * k + 2, 16 + 4 * k + 3]
+    l3 = [builder.add(builder.shuffle_vector(l2[n], l2[n + 1], sel(lo)),
+                      builder.shuffle_vector(l2[n], l2[n + 1], sel(hi)))
+          for n in range(0, 4, 2)]
+    # l3[p] block k: qword 0 = key 8p + k, qword 1 = key 8p + 4 + k.
+    # level 4: per block, dwords [u.d0, u.d2, w.d0, w.d2] + [u.d1, u.d3, w.d1, w.d3]
+    ev = []
+    od = []
+    for k in range(4):
+        ev += [4 * k, 4 * k + 2, 16 + 4 * k, 16 + 4 * k + 2]
+        od += [4 * k + 1, 4 * k + 3, 16 + 4 * k + 1, 16 + 4 * k + 3]
+    l4 = builder.add(builder.shuffle_vector(l3[0], l3[1], sel(ev)),
+                     builder.shuffle_vector(l3[0], l3[1], sel(od)))
+    # l4 block k: lanes [key k, key 4 + k, key 8 + k, key 12 + k]: lane 4k + r holds key 4r + k
+    order = [0] * 16
+    for k in range(4):
+        for r in range(4):
+            order[4 * r + k] = 4 * k + r
+    return builder.shuffle_vector(l4, ir.Constant(_V16, None), sel(order))
+
+
+def _kept_dots_codegen(context, builder, _unused, iv, qb_a, kp_a, idx_a, t0v, t1v, store):
+    """The loop of :func:`_kept_dots`: per group of 16 kept keys, ``store(tb, keys, sums)``
+    with ``tb`` the group's first slot, ``keys`` the 16 key indices (int64; the tail repeats
+    key ``t1 - 1``) and ``sums`` their 16 dot products (int32 x 16, in slot order)."""
+    dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16, [_V16] * 3),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    pv = ir.PointerType(_V16)
+    ldq = cgutils.unpack_tuple(builder, qb_a.shape, 2)[1]
+    ldk = cgutils.unpack_tuple(builder, kp_a.shape, 2)[1]
+    ldi = cgutils.unpack_tuple(builder, idx_a.shape, 2)[1]
+    nchunks = builder.udiv(ldk, ir.Constant(_I64, 64))
+    qrow = builder.gep(qb_a.data, [builder.mul(iv, ldq)])
+    irow = builder.gep(idx_a.data, [builder.mul(iv, ldi)])
+    last = builder.sub(t1v, ir.Constant(_I64, 1))
+    ngroups = builder.sdiv(builder.add(builder.sub(t1v, t0v), ir.Constant(_I64, 15)),
+                           ir.Constant(_I64, 16))
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16, None)) for _ in range(16)]
+    with cgutils.for_range(builder, ngroups) as group:
+        tb = builder.add(t0v, builder.mul(group.index, ir.Constant(_I64, 16)))
+        rows = []
+        keys = []
+        for s in range(16):
+            t = builder.add(tb, ir.Constant(_I64, s))
+            t = builder.select(builder.icmp_signed("<", t, last), t, last)
+            j = builder.sext(builder.load(builder.gep(irow, [t])), _I64)
+            keys.append(j)
+            rows.append(builder.gep(kp_a.data, [builder.mul(j, ldk)]))
+            builder.store(ir.Constant(_V16, None), accs[s])
+        with cgutils.for_range(builder, nchunks) as chunk:
+            off = builder.mul(chunk.index, ir.Constant(_I64, 64))
+            qv = builder.load(builder.bitcast(builder.gep(qrow, [off]), pv), align=1)
+            for s in range(16):
+                kv = builder.load(builder.bitcast(builder.gep(rows[s], [off]), pv), align=64)
+                builder.store(builder.call(dp, [builder.load(accs[s]), qv, kv]), accs[s])
+        store(tb, keys, _transpose_sum(builder, [builder.load(a) for a in accs]))
+
+
+@intrinsic
+def _kept_dots(typingctx, dots, i, qb, kpad, idx, t0, t1):
+    """``dots[i, t] = qb[i] . kpad[idx[i, t]]`` (uint8 x int8 into int32) for ``t0 <= t < t1``;
+    lanes up to the next multiple of 16 past ``t1`` are written too (repeats of key ``t1 - 1``)."""
+    sig = types.void(dots, i, qb, kpad, idx, t0, t1)
+
+    def codegen(context, builder, signature, args):
+        dots_a, qb_a, kp_a, idx_a = (context.make_array(signature.args[n])(context, builder, args[n])
+                                     for n in (0, 2, 3, 4))
+        iv, t0v, t1v = (context.cast(builder, args[n], signature.args[n], types.int64)
+                        for n in (1, 5, 6))
+        ldd = cgutils.unpack_tuple(builder, dots_a.shape, 2)[1]
+        drow = builder.gep(dots_a.data, [builder.mul(iv, ldd)])
+
+        def store(tb, keys, sums):
+            builder.store(sums, builder.bitcast(builder.gep(drow, [tb]), ir.PointerType(_V16)), align=4)
+
+        _kept_dots_codegen(context, builder, dots_a, iv, qb_a, kp_a, idx_a, t0v, t1v, store)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _kept_scores(typingctx, sc, i, qb, kpad, idx, n, corr, s_k, bh, c):
+    """``sc[i, t] = c s_k[bh, j] (qb[i] . kpad[j] - corr[j])``, ``j = idx[i, t]``, ``t < n``
+    (float64 products in this order, then rounded to ``sc``'s dtype, as the scalar code
+    does); returns their maximum (-inf for ``n = 0``). Lanes up to the next multiple of 16
+    are written too."""
+    if sc.dtype not in (types.float32, types.float64) or s_k.dtype != types.float32:
+        return None
+    sig = types.float64(sc, i, qb, kpad, idx, n, corr, s_k, bh, c)
+
+    def codegen(context, builder, signature, args):
+        sc_a, qb_a, kp_a, idx_a, corr_a, sk_a = (
+            context.make_array(signature.args[m])(context, builder, args[m]) for m in (0, 2, 3, 4, 6, 7))
+        iv, nv, bhv = (context.cast(builder, args[m], signature.args[m], types.int64) for m in (1, 5, 8))
+        cv = context.cast(builder, args[9], signature.args[9], types.float64)
+        out_t = context.get_value_type(signature.args[0].dtype)
+        f64 = ir.DoubleType()
+        d16 = ir.VectorType(f64, 16)
+        o16 = ir.VectorType(out_t, 16)
+        ldsc = cgutils.unpack_tuple(builder, sc_a.shape, 2)[1]
+        ldsk = cgutils.unpack_tuple(builder, sk_a.shape, 2)[1]
+        srow = builder.gep(sc_a.data, [builder.mul(iv, ldsc)])
+        skrow = builder.gep(sk_a.data, [builder.mul(bhv, ldsk)])
+        csplat = builder.insert_element(ir.Constant(d16, None), cv, ir.Constant(ir.IntType(32), 0))
+        csplat = builder.shuffle_vector(csplat, ir.Constant(d16, None), ir.Constant(_V16, [0] * 16))
+        vmax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(o16, [o16, o16]),
+                                              f"llvm.maxnum.v16{'f32' if out_t == ir.FloatType() else 'f64'}")
+        top = cgutils.alloca_once_value(builder, ir.Constant(o16, [float("-inf")] * 16))
+
+        i64v = ir.VectorType(_I64, 16)
+        f16v = ir.VectorType(ir.FloatType(), 16)
+        pi32 = ir.VectorType(ir.PointerType(ir.IntType(32)), 16)
+        pf32 = ir.VectorType(ir.PointerType(ir.FloatType()), 16)
+        ones = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
+        g32 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _V16, [pi32, ir.IntType(32), ones.type, _V16]), "llvm.masked.gather.v16i32.v16p0i32")
+        gf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            f16v, [pf32, ir.IntType(32), ones.type, f16v]), "llvm.masked.gather.v16f32.v16p0f32")
+
+        def splat64(x):
+            v = builder.insert_element(ir.Constant(i64v, None), x, ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(v, ir.Constant(i64v, None), ir.Constant(_V16, [0] * 16))
+
+        cbase = splat64(builder.ptrtoint(corr_a.data, _I64))
+        sbase = splat64(builder.ptrtoint(skrow, _I64))
+
+        ldi = cgutils.unpack_tuple(builder, idx_a.shape, 2)[1]
+        irow = builder.gep(idx_a.data, [builder.mul(iv, ldi)])
+        lanes = ir.Constant(i64v, list(range(16)))
+
+        def store(tb, keys, sums):
+            # the group's 16 key indices in one load; lanes past n repeat key n - 1
+            jv = builder.load(builder.bitcast(builder.gep(irow, [tb]), ir.PointerType(_V16)), align=4)
+            jv = builder.sext(jv, i64v)
+            inside = builder.icmp_signed("<", builder.add(splat64(tb), lanes), splat64(nv))
+            jv = builder.select(inside, jv, splat64(keys[15]))
+            off = builder.mul(jv, ir.Constant(i64v, [4] * 16))
+            corrv = builder.call(g32, [builder.inttoptr(builder.add(cbase, off), pi32),
+                                       ir.Constant(ir.IntType(32), 4), ones, ir.Constant(_V16, None)])
+            skv = builder.fpext(builder.call(gf, [builder.inttoptr(builder.add(sbase, off), pf32),
+                                                  ir.Constant(ir.IntType(32), 4), ones,
+                                                  ir.Constant(f16v, None)]), d16)
+            x = builder.sitofp(builder.sub(sums, corrv), d16)
+            val = builder.fmul(builder.fmul(csplat, skv), x)
+            val = builder.fptrunc(val, o16) if out_t != f64 else val
+            builder.store(val, builder.bitcast(builder.gep(srow, [tb]), ir.PointerType(o16)),
+                          align=context.get_abi_sizeof(out_t))
+            builder.store(builder.call(vmax, [builder.load(top), val]), top)
+
+        _kept_dots_codegen(context, builder, None, iv, qb_a, kp_a, idx_a, ir.Constant(_I64, 0), nv, store)
+        red = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(out_t, [o16]),
+            f"llvm.vector.reduce.fmax.v16{'f32' if out_t == ir.FloatType() else 'f64'}")
+        res = builder.call(red, [builder.load(top)])
+        return builder.fpext(res, f64) if out_t != f64 else res
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _kept_dots_plain(dots, i, qb, kpad, idx, t0, t1):
+    for t in range(t0, t1):
+        j = idx[i, t]
+        s = np.int32(0)
+        for c in range(kpad.shape[1]):
+            s += np.int32(qb[i, c]) * np.int32(kpad[j, c])
+        dots[i, t] = s
+
+
+def kept_dots(dots, i, qb, kpad, idx, t0, t1):
+    """``dots[i, t] = sum_c qb[i, c] kpad[idx[i, t], c]`` for ``t0 <= t < t1`` (Numba only).
+
+    Parameters
+    ----------
+    dots : int32 array ``[rows, >= t1 + 15]``
+        Output; with VNNI the lanes up to the next multiple of 16 past ``t1 - t0`` are
+        overwritten too.
+    qb : uint8 array ``[rows, dpad]``
+        Biased query rows ``q8 + 128`` (bytes past ``d`` are any value).
+    kpad : int8 array ``[Nk, dpad]``
+        The head's int8 keys, ``dpad`` a multiple of 64, rows 64-byte aligned, bytes past
+        ``d`` zero (:func:`mcattn._cpu_math.aligned_rows`).
+    idx : int32 array ``[rows, >= t1]``
+        Kept key indices.
+    """
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(kept_dots, jit_options={"nogil": True})
+def _kept_dots_typed(dots, i, qb, kpad, idx, t0, t1):
+    if AVAILABLE:
+        return lambda dots, i, qb, kpad, idx, t0, t1: _kept_dots(dots, i, qb, kpad, idx, t0, t1)
+    return lambda dots, i, qb, kpad, idx, t0, t1: _kept_dots_plain(dots, i, qb, kpad, idx, t0, t1)
+
+
+@njit(nogil=True, cache=True)
+def _kept_scores_plain(sc, i, qb, kpad, idx, n, corr, s_k, bh, c):
+    top = -np.inf
+    for t in range(n):
+        j = idx[i, t]
+        s = np.int32(0)
+        for cc in range(kpad.shape[1]):
+            s += np.int32(qb[i, cc]) * np.int32(kpad[j, cc])
+        sc[i, t] = c * np.float64(s_k[bh, j]) * np.float64(s - corr[j])
+        top = max(top, np.float64(sc[i, t]))
+    return top
+
+
+def kept_scores(sc, i, qb, kpad, idx, n, corr, s_k, bh, c):
+    """The kept int8 scores of row ``i``, scaled: ``sc[i, t] = c s_k[bh, j] (qb[i] . kpad[j] -
+    corr[j])`` for ``j = idx[i, t]``, ``t < n``; returns their maximum (Numba only).
+
+    The dot products are those of :func:`kept_dots` (exact integers); the scaling is the
+    same float64 operations in the same order as the scalar expression
+    ``c * float64(s_k[bh, j]) * float64(dot - corr[j])``, rounded once to ``sc``'s dtype,
+    so the scores are bit for bit those of the scalar code. ``sc`` needs 15 columns of
+    slack past ``n`` (written with repeats of the last key's score).
+
+    Parameters
+    ----------
+    sc : float32 or float64 array ``[rows, >= n + 15]``
+    qb, kpad, idx
+        As in :func:`kept_dots`.
+    corr : int32 array ``[Nk]``
+        ``128 sum_c k8[j, c]``: removes the queries' bias.
+    s_k : float32 array ``[BH, Nk]``
+        The keys' quantisation scales.
+    c : float
+        The row's ``scale s_q``.
+    """
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(kept_scores, jit_options={"nogil": True})
+def _kept_scores_typed(sc, i, qb, kpad, idx, n, corr, s_k, bh, c):
+    if AVAILABLE:
+        return lambda sc, i, qb, kpad, idx, n, corr, s_k, bh, c: _kept_scores(
+            sc, i, qb, kpad, idx, n, corr, s_k, bh, c)
+    return lambda sc, i, qb, kpad, idx, n, corr, s_k, bh, c: _kept_scores_plain(
+        sc, i, qb, kpad, idx, n, corr, s_k, bh, c)
