@@ -337,68 +337,36 @@ def _compress_groups_typed(est_row, sk_row, groups, cut, idx):
 # vector adds and 30 shuffles for 16 keys) so that one store writes the 16 scores. Against
 # the dense ``q8 . k8`` tile of the block this does ``keep`` of the work plus the tree.
 
-def _hadd(builder, a, b):
-    """Lanes ``0..7``: pair sums of ``a``'s lanes; ``8..15``: of ``b``'s (int32 x 16)."""
-    even = builder.shuffle_vector(a, b, ir.Constant(_V16, list(range(0, 32, 2))))
-    odd = builder.shuffle_vector(a, b, ir.Constant(_V16, list(range(1, 32, 2))))
-    return builder.add(even, odd)
-
-
-def _fold(builder, a, b, width):
-    """``x + y`` with ``x``/``y`` the even/odd ``width``-lane blocks of each 128-bit... of ``a, b``."""
-    raise NotImplementedError
-
-
-TREE = "granular"
+def _fold(builder, a, b, lo, hi):
+    """``shuffle(a, b, lo) + shuffle(a, b, hi)`` (int32 x 16; lanes 16.. index ``b``)."""
+    return builder.add(builder.shuffle_vector(a, b, ir.Constant(_V16, lo)),
+                       builder.shuffle_vector(a, b, ir.Constant(_V16, hi)))
 
 
 def _transpose_sum(builder, vecs):
-    """The 16 lane sums of 16 int32 x 16 vectors, as one vector (lane ``s``: ``vecs[s]``)."""
-    if TREE == "hadd":
-        level = vecs
-        while len(level) > 1:
-            level = [_hadd(builder, level[n], level[n + 1]) for n in range(0, len(level), 2)]
-        return level[0]
-    # Fold with shuffles of 256-, 128-, 64-, then 32-bit granularity (cheaper than a full
-    # two-source permute), tracking which lane holds which key; one permute restores order.
-    def sel(lanes):
-        return ir.Constant(_V16, lanes)
-    # level 1: [a_lo | b_lo] + [a_hi | b_hi]  (8 lanes per key)
-    l1 = [builder.add(builder.shuffle_vector(vecs[n], vecs[n + 1], sel(list(range(8)) + list(range(16, 24)))),
-                      builder.shuffle_vector(vecs[n], vecs[n + 1], sel(list(range(8, 16)) + list(range(24, 32)))))
+    """The lane sums of 16 int32 x 16 vectors as one vector (lane ``s``: the sum of ``vecs[s]``).
+
+    Four levels of pairwise folds, each halving the lanes per vector: shuffles of 256-bit,
+    then 128-bit halves, then 64- and 32-bit elements within 128-bit blocks (cheaper than
+    full two-source permutes); the keys end in a known order that one permute restores.
+    """
+    def blocks(size, picks):  # lane lists of the given blocks of ``size`` lanes
+        return [size * blk + r for blk in picks for r in range(size)]
+
+    # 1: [a_lo | b_lo] + [a_hi | b_hi]: l1[n] lanes 0-7 fold key 2n, lanes 8-15 key 2n + 1
+    l1 = [_fold(builder, vecs[n], vecs[n + 1], blocks(8, (0, 2)), blocks(8, (1, 3)))
           for n in range(0, 16, 2)]
-    # keys per 4-lane block of l1[n]: blocks 0,1 -> key 2n (halves), blocks 2,3 -> key 2n+1
-    # level 2: 128-bit blocks [u.0, u.2, w.0, w.2] + [u.1, u.3, w.1, w.3]  (4 lanes per key)
-    def blk(b):
-        return list(range(4 * b, 4 * b + 4))
-    l2 = [builder.add(builder.shuffle_vector(l1[n], l1[n + 1], sel(blk(0) + blk(2) + blk(4) + blk(6))),
-                      builder.shuffle_vector(l1[n], l1[n + 1], sel(blk(1) + blk(3) + blk(5) + blk(7))))
+    # 2: 128-bit blocks [u0 u2 w0 w2] + [u1 u3 w1 w3]: l2[m] block k folds key 4m + k
+    l2 = [_fold(builder, l1[n], l1[n + 1], blocks(4, (0, 2, 4, 6)), blocks(4, (1, 3, 5, 7)))
           for n in range(0, 8, 2)]
-    # l2[m] 128-bit block k holds key 4m + k.
-    # level 3: per 128-bit block, qwords [u.q0, w.q0] + [u.q1, w.q1]  (2 lanes per key)
-    lo = []
-    hi = []
-    for k in range(4):
-        lo += [4 * k, 4 * k + 1, 16 + 4 * k, 16 + 4 * k + 1]
-        hi += [4 * k + 2, 4 * k + 3, 16 + 4 * k + 2, 16 + 4 * k + 3]
-    l3 = [builder.add(builder.shuffle_vector(l2[n], l2[n + 1], sel(lo)),
-                      builder.shuffle_vector(l2[n], l2[n + 1], sel(hi)))
-          for n in range(0, 4, 2)]
-    # l3[p] block k: qword 0 = key 8p + k, qword 1 = key 8p + 4 + k.
-    # level 4: per block, dwords [u.d0, u.d2, w.d0, w.d2] + [u.d1, u.d3, w.d1, w.d3]
-    ev = []
-    od = []
-    for k in range(4):
-        ev += [4 * k, 4 * k + 2, 16 + 4 * k, 16 + 4 * k + 2]
-        od += [4 * k + 1, 4 * k + 3, 16 + 4 * k + 1, 16 + 4 * k + 3]
-    l4 = builder.add(builder.shuffle_vector(l3[0], l3[1], sel(ev)),
-                     builder.shuffle_vector(l3[0], l3[1], sel(od)))
-    # l4 block k: lanes [key k, key 4 + k, key 8 + k, key 12 + k]: lane 4k + r holds key 4r + k
-    order = [0] * 16
-    for k in range(4):
-        for r in range(4):
-            order[4 * r + k] = 4 * k + r
-    return builder.shuffle_vector(l4, ir.Constant(_V16, None), sel(order))
+    # 3: per block k, qwords [u.q0 w.q0] + [u.q1 w.q1]: l3[p] block k holds keys 8p + k, 8p + 4 + k
+    lo = [x for k in range(4) for x in (4 * k, 4 * k + 1, 16 + 4 * k, 17 + 4 * k)]
+    l3 = [_fold(builder, l2[n], l2[n + 1], lo, [x + 2 for x in lo]) for n in (0, 2)]
+    # 4: per block k, dwords [u.d0 u.d2 w.d0 w.d2] + [u.d1 u.d3 w.d1 w.d3]: lane 4k + r = key 4r + k
+    ev = [x for k in range(4) for x in (4 * k, 4 * k + 2, 16 + 4 * k, 18 + 4 * k)]
+    l4 = _fold(builder, l3[0], l3[1], ev, [x + 1 for x in ev])
+    order = [4 * (s % 4) + s // 4 for s in range(16)]  # lane holding key s
+    return builder.shuffle_vector(l4, ir.Constant(_V16, None), ir.Constant(_V16, order))
 
 
 def _kept_dots_codegen(context, builder, _unused, iv, qb_a, kp_a, idx_a, t0v, t1v, store):
