@@ -188,3 +188,24 @@ def test_fast_path_on_real_attention():
             assert np.array_equal(keep, keep_ref)
             assert rel_error(out, ref) < 2e-6
         assert keep_ref.mean() < 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threaded_quantisation_is_the_reference_bit_for_bit(dtype):
+    """mcattn.latte.cpu.quantize_rows (used for every host array) against the NumPy reference:
+    random rows of several magnitudes, a zero row, exact .5 ties, inf and NaN rows."""
+    from mcattn.latte import cpu, naive
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 200, 37)).astype(dtype) * np.logspace(-30, 30, 200)[:, None].astype(dtype)
+    x[0, 0] = 0
+    x[0, 1, 5] = np.inf
+    x[0, 2, 3] = np.nan
+    x[1, 4] = np.arange(37) - 18.5  # scale 18.5 / 127: q / scale has halves to round to even
+    x[2, 5] = 127.0 * (np.arange(37) % 3 - 1) + 0.5
+    with np.errstate(all="ignore"):
+        ref8, ref_s = naive.quantize_rows(x)
+        got8, got_s = cpu.quantize_rows(x)
+    assert got8.dtype == np.int8 and got_s.dtype == np.float32 and got_s.shape == (3, 200, 1)
+    assert np.array_equal(got8, ref8) and np.array_equal(got_s, ref_s)
+    assert np.abs(ref8).max() == 127 and (np.diff(ref8[1, 4].astype(int)) >= 0).all()

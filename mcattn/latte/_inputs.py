@@ -85,6 +85,12 @@ def check_thresholds(threshold, mode, heads):
     return np.full(heads, float(t)) if t.ndim == 0 else t
 
 
+def _cpu_quantize_rows():
+    from .cpu import quantize_rows as fast  # (imports Numba: only for host arrays)
+
+    return fast
+
+
 def prepare_latte(q, k, v, *, threshold, mode, attn_mask, key_padding_mask, is_causal, scale,
                   exact_scores, check_finite, want_mass):
     """Validate a LATTE call and quantise ``q`` and ``k``; returns :class:`LatteInputs`."""
@@ -99,9 +105,11 @@ def prepare_latte(q, k, v, *, threshold, mode, attn_mask, key_padding_mask, is_c
     thresholds = check_thresholds(threshold, mode, heads)
     bh = inp.q.shape[0]
     theta = np.ascontiguousarray(np.tile(thresholds, bh // heads if heads else 0))
-    q8, s_q = quantize_rows(inp.q)
-    k8, s_k = quantize_rows(inp.k)
     xp = inp.xp
+    # Host arrays: the same quantisation on the CPU threads (identical int8 values and scales).
+    quantize = _cpu_quantize_rows() if xp is np else quantize_rows
+    q8, s_q = quantize(inp.q)
+    k8, s_k = quantize(inp.k)
     return LatteInputs(inp=inp, q8=q8, k8=k8, s_q=xp.ascontiguousarray(s_q[..., 0]),
                        s_k=xp.ascontiguousarray(s_k[..., 0]), theta=theta,
                        thresholds=thresholds, mode=mode, exact_scores=exact_scores,

@@ -45,7 +45,7 @@ from .._jit import njit
 from . import vnni
 from .naive import MODES
 
-__all__ = ["forward", "kept_mask", "backward", "kernel_arrays", "use_vnni"]
+__all__ = ["forward", "kept_mask", "backward", "kernel_arrays", "use_vnni", "quantize_rows"]
 
 
 _FAST = {"nsz", "contract", "reassoc"}  # order of sums only, for the kept scores and P V
@@ -501,6 +501,62 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                           scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
                           block_k, gathered, qb8, kpad, corr128, dots, out, bias, slot,
                           has_bias, do_pv)
+
+
+@njit(nogil=True, cache=True)
+def _quantize_tasks(rows, x8, scale, bad, t0, t1):
+    """Rows ``[t0 * 64, t1 * 64)`` of :func:`quantize_rows` (64 rows a task)."""
+    n, d = rows.shape
+    for r in range(t0 * 64, min(n, t1 * 64)):
+        amax = 0.0
+        finite = True
+        for c in range(d):
+            a = abs(np.float64(rows[r, c]))
+            finite &= a <= 1.7976931348623157e308  # False for inf and NaN
+            amax = a if a > amax else amax
+        if not finite:  # (the caller redoes the row with NumPy's semantics)
+            bad[r] = True
+            continue
+        s = np.float32(amax / 127.0)
+        s = s if s > 0 else np.float32(1.0)
+        scale[r, 0] = s
+        s64 = np.float64(s)
+        for c in range(d):
+            y = np.rint(np.float64(rows[r, c]) / s64)
+            x8[r, c] = np.int8(min(127.0, max(-127.0, y)))
+
+
+def quantize_rows(x):
+    """:func:`mcattn.latte.naive.quantize_rows` of a NumPy float array on the CPU threads.
+
+    The same IEEE operations per element (float64 row maximum, the float32 scale, one
+    float64 division, round half to even, clip), so the same int8 values and scales bit for
+    bit; rows holding inf or NaN are redone by the NumPy reference (its casts define them).
+
+    Parameters
+    ----------
+    x : numpy.ndarray, float32 or float64, ``[..., N, d]``
+
+    Returns
+    -------
+    x8 : numpy.ndarray of int8, ``[..., N, d]``
+    scale : numpy.ndarray of float32, ``[..., N, 1]``
+    """
+    from .naive import quantize_rows as reference
+
+    d = x.shape[-1] if x.ndim else 1
+    if x.dtype not in (np.float32, np.float64) or d == 0 or x.size == 0:
+        return reference(x)
+    rows = np.ascontiguousarray(x).reshape(-1, d)
+    x8 = np.empty(rows.shape, np.int8)
+    scale = np.empty((rows.shape[0], 1), np.float32)
+    bad = np.zeros(rows.shape[0], np.bool_)
+    run_tasks(_quantize_tasks, (rows.shape[0] + 63) // 64, rows, x8, scale, bad,
+              work=rows.size * 8, blas=False)
+    if bad.any():
+        r = np.flatnonzero(bad)
+        x8[r], scale[r] = reference(rows[r])
+    return x8.reshape(x.shape), scale.reshape(x.shape[:-1] + (1,))
 
 
 def use_vnni(lat):
