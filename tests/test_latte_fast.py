@@ -71,6 +71,11 @@ def _keep_helpers(est, sk, cut, idx):
     return vnni.max_groups(est, sk, g8), vnni.compress_groups(est, sk, g16, cut, idx)
 
 
+@njit
+def _screened(est, sk, s_k, cut, idx):
+    return vnni.compress_groups_screened(est, sk, s_k, est.shape[0] // 16, cut, idx)
+
+
 @pytest.mark.parametrize("n", [16, 37, 40, 4096])
 def test_vector_max_and_kept_indices_match_numpy(n):
     rng = np.random.default_rng(n)
@@ -89,6 +94,17 @@ def test_vector_max_and_kept_indices_match_numpy(n):
     expect = np.flatnonzero(u[:whole16] >= cut)
     assert count == len(expect) and np.array_equal(idx[:count], expect)
     assert 0 < count < whole16  # the test sees kept and dropped keys
+    # The float32 screen: the same sets, also where float32 cannot tell u from the cut (the
+    # tie above; a cut just above or below a key's u, equal to it in float32).
+    s_k = (sk / 256).astype(np.float32)
+    assert np.array_equal(s_k.astype(np.float64) * 256, sk)
+    near = (cut, np.nextafter(cut, np.inf), np.nextafter(cut, -np.inf))
+    assert all(np.float32(c / 256) == np.float32(cut / 256) for c in near)
+    for c in near + (0.0, -1e300, 1e300):
+        got = np.full(n + 16, -1, np.int32)
+        k = _screened(est, sk, s_k, c, got)
+        expect = np.flatnonzero(u[:whole16] >= c)
+        assert k == len(expect) and np.array_equal(got[:k], expect)
 
 
 @njit

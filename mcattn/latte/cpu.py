@@ -107,13 +107,14 @@ def _dropped_share(sel, rend, tmax, idx, n):
 
 
 @njit(nogil=True, cache=True)
-def _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx):
+def _row_keep_plain(est, i, sk256, s_k, bh, rend, mode, th, c, idx):
     """Relative / absolute rule of one row without a float mask, in one pass over the tile row.
 
     The same IEEE operations as :func:`_row_units` and :func:`_select` (``u = est * 256 s_k``
     in float64, exact, then one compare with the row's cut), but ``u`` is recomputed in
     vector registers instead of stored, and the kept indices are packed 16 keys at a
-    time (:func:`mcattn.latte.vnni.compress_groups`), with no branch per key (a 15 % rule
+    time (:func:`mcattn.latte.vnni.compress_groups_screened`: decided in float32 where that
+    is exact, in float64 otherwise), with no branch per key (a 15 % rule
     would mispredict most kept keys). ``idx`` needs ``rend + 16`` slots. Returns the kept
     count.
     """
@@ -127,7 +128,7 @@ def _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idx):
         return 0
     cut = top - th / c if mode == 0 else min(th / c, top)
     g16 = rend // 16
-    n = vnni.compress_groups(est_row, sk_row, g16, cut, idx)
+    n = vnni.compress_groups_screened(est_row, sk_row, s_k[bh], g16, cut, idx)
     for j in range(16 * g16, rend):
         idx[n] = j
         n += np.float64(est_row[j]) * sk_row[j] >= cut
@@ -439,7 +440,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                 rend = min(kend, row + 1) if is_causal else kend
                 c = scale * np.float64(s_q[bh, row])
                 cvals[i] = c
-                n = _row_keep_plain(est, i, sk256, bh, rend, mode, th, c, idxb[i])
+                n = _row_keep_plain(est, i, sk256, s_k, bh, rend, mode, th, c, idxb[i])
                 cnt[i] = n
                 kept_out[bh, row] = n
                 if write_mask:

@@ -34,7 +34,7 @@ from numba.extending import intrinsic, overload
 from .._jit import njit
 
 __all__ = ["AVAILABLE", "MR", "NR", "estimate_tile", "estimate_tile_at", "pack_keys", "pack_queries",
-           "max_groups", "compress_groups"]
+           "max_groups", "compress_groups", "compress_groups_screened", "kept_dots", "kept_scores"]
 
 #: Query rows and keys of one register tile: 6 x 4 accumulators of 16 int32 lanes (24 of
 #: the 32 zmm registers; 4 more hold the key words).
@@ -241,48 +241,101 @@ def _max_groups(typingctx, est_row, sk_row, groups):
     return sig, codegen
 
 
+def _compress_codegen(context, builder, est_a, sk_a, groups, cut, idx_a, s_k_row=None):
+    """The loop of :func:`_compress_groups`. With ``s_k_row`` (a pointer to the row's float32
+    scales ``s_k = sk / 256``) each group is first screened in float32 (see
+    :func:`_compress_groups_screened`); only a group with a lane that float32 cannot decide
+    takes the float64 products."""
+    i32 = ir.IntType(32)
+    i16 = ir.IntType(16)
+    comp = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _B16]), "llvm.x86.avx512.mask.compress.v16i32")
+    pop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+    sel8 = ir.VectorType(i32, 8)
+    cutv = builder.insert_element(ir.Constant(_D8, None), cut, ir.Constant(i32, 0))
+    cutv = builder.shuffle_vector(cutv, ir.Constant(_D8, None), ir.Constant(sel8, [0] * 8))
+    if s_k_row is not None:  # cut / 256 (exact in float64), rounded to float32
+        c32 = builder.fptrunc(builder.fmul(cut, ir.Constant(ir.DoubleType(), 1.0 / 256.0)),
+                              ir.FloatType())
+        c32 = builder.insert_element(ir.Constant(_F16, None), c32, ir.Constant(i32, 0))
+        c32 = builder.shuffle_vector(c32, ir.Constant(_F16, None), ir.Constant(_V16, [0] * 16))
+    lanes = ir.Constant(_V16, list(range(16)))
+    count = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
+    mask = cgutils.alloca_once_value(builder, ir.Constant(_B16, None))
+
+    def exact_mask(e, off):
+        masks = []
+        for h in range(2):
+            half = builder.shuffle_vector(e, ir.Constant(_F16, None),
+                                          ir.Constant(sel8, list(range(8 * h, 8 * h + 8))))
+            at = builder.add(off, ir.Constant(_I64, 8 * h))
+            s = builder.load(_ptr(builder, sk_a, at, _D8), align=8)
+            masks.append(builder.fcmp_ordered(">=", builder.fmul(builder.fpext(half, _D8), s), cutv))
+        return builder.shuffle_vector(masks[0], masks[1], lanes)
+
+    with cgutils.for_range(builder, groups) as loop:
+        off = builder.mul(loop.index, ir.Constant(_I64, 16))
+        e = builder.load(_ptr(builder, est_a, off, _F16), align=4)
+        if s_k_row is None:
+            builder.store(exact_mask(e, off), mask)
+        else:
+            sk32 = builder.load(builder.bitcast(builder.gep(s_k_row, [off]), ir.PointerType(_F16)), align=4)
+            p = builder.fmul(e, sk32)
+            sure = builder.fcmp_ordered(">", p, c32)
+            maybe = builder.fcmp_ordered(">=", p, c32)
+            builder.store(sure, mask)
+            open_lanes = builder.bitcast(builder.xor(sure, maybe), i16)
+            with cgutils.if_unlikely(builder, builder.icmp_unsigned("!=", open_lanes, ir.Constant(i16, 0))):
+                builder.store(exact_mask(e, off), mask)
+        m = builder.load(mask)
+        base = builder.trunc(off, i32)
+        bvec = builder.insert_element(ir.Constant(_V16, None), base, ir.Constant(i32, 0))
+        bvec = builder.shuffle_vector(bvec, ir.Constant(_V16, None), ir.Constant(_V16, [0] * 16))
+        packed = builder.call(comp, [builder.add(bvec, lanes), ir.Constant(_V16, None), m])
+        n = builder.load(count)
+        builder.store(packed, _ptr(builder, idx_a, n, _V16), align=4)
+        bits = builder.bitcast(m, i16)
+        builder.store(builder.add(n, builder.zext(builder.call(pop, [bits]), _I64)), count)
+    return builder.load(count)
+
+
 @intrinsic
 def _compress_groups(typingctx, est_row, sk_row, groups, cut, idx):
     """Indices ``j < 16 groups`` with ``u_j >= cut`` into ``idx`` (ascending); their count.
 
     ``idx`` (int32) needs 16 slots of slack past the count: each group stores 16 lanes.
     """
+    if cut != types.float64:
+        return None
     sig = types.int64(est_row, sk_row, groups, cut, idx)
 
     def codegen(context, builder, signature, args):
-        est_a, sk_a = (context.make_array(t)(context, builder, a)
-                       for t, a in zip(signature.args[:2], args[:2]))
-        idx_a = context.make_array(signature.args[4])(context, builder, args[4])
-        i32 = ir.IntType(32)
-        i16 = ir.IntType(16)
-        comp = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _B16]), "llvm.x86.avx512.mask.compress.v16i32")
-        pop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
-        cutv = builder.insert_element(ir.Constant(_D8, None), args[3], ir.Constant(i32, 0))
-        sel8 = ir.VectorType(i32, 8)
-        cutv = builder.shuffle_vector(cutv, ir.Constant(_D8, None), ir.Constant(sel8, [0] * 8))
-        lanes = ir.Constant(_V16, list(range(16)))
-        count = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
-        with cgutils.for_range(builder, args[2]) as loop:
-            off = builder.mul(loop.index, ir.Constant(_I64, 16))
-            e = builder.load(_ptr(builder, est_a, off, _F16), align=4)
-            masks = []
-            for h in range(2):
-                half = builder.shuffle_vector(e, ir.Constant(_F16, None),
-                                              ir.Constant(sel8, list(range(8 * h, 8 * h + 8))))
-                at = builder.add(off, ir.Constant(_I64, 8 * h))
-                s = builder.load(_ptr(builder, sk_a, at, _D8), align=8)
-                masks.append(builder.fcmp_ordered(">=", builder.fmul(builder.fpext(half, _D8), s), cutv))
-            m = builder.shuffle_vector(masks[0], masks[1], lanes)
-            base = builder.trunc(off, i32)
-            bvec = builder.insert_element(ir.Constant(_V16, None), base, ir.Constant(i32, 0))
-            bvec = builder.shuffle_vector(bvec, ir.Constant(_V16, None), ir.Constant(_V16, [0] * 16))
-            packed = builder.call(comp, [builder.add(bvec, lanes), ir.Constant(_V16, None), m])
-            n = builder.load(count)
-            builder.store(packed, _ptr(builder, idx_a, n, _V16), align=4)
-            bits = builder.bitcast(m, ir.IntType(16))
-            builder.store(builder.add(n, builder.zext(builder.call(pop, [bits]), _I64)), count)
-        return builder.load(count)
+        est_a, sk_a, idx_a = (context.make_array(signature.args[n])(context, builder, args[n])
+                              for n in (0, 1, 4))
+        return _compress_codegen(context, builder, est_a, sk_a, args[2], args[3], idx_a)
+
+    return sig, codegen
+
+
+@intrinsic
+def _compress_groups_screened(typingctx, est_row, sk_row, s_k_row, groups, cut, idx):
+    """:func:`_compress_groups` screened in float32: ``s_k_row = sk_row / 256`` (float32).
+
+    ``p = fl32(est s_k)`` is the float32 rounding of the exact ``x = est s_k = u / 256`` and
+    ``c = fl32(cut / 256)``; rounding is monotone, so ``p > c`` implies ``u >= cut`` and
+    ``p < c`` implies ``u < cut`` (inf and NaN included: a NaN product fails both tests in
+    either precision). Only ``p == c`` is undecided; such a group takes the float64 products.
+    The kept sets are those of the float64 rule exactly, at half the vector operations.
+    """
+    if cut != types.float64 or s_k_row.dtype != types.float32:
+        return None
+    sig = types.int64(est_row, sk_row, s_k_row, groups, cut, idx)
+
+    def codegen(context, builder, signature, args):
+        est_a, sk_a, s32_a, idx_a = (context.make_array(signature.args[n])(context, builder, args[n])
+                                     for n in (0, 1, 2, 5))
+        return _compress_codegen(context, builder, est_a, sk_a, args[3], args[4], idx_a,
+                                 s_k_row=s32_a.data)
 
     return sig, codegen
 
@@ -589,3 +642,18 @@ def _kept_scores_typed(sc, i, qb, kpad, idx, n, corr, s_k, bh, c):
             sc, i, qb, kpad, idx, n, corr, s_k, bh, c)
     return lambda sc, i, qb, kpad, idx, n, corr, s_k, bh, c: _kept_scores_plain(
         sc, i, qb, kpad, idx, n, corr, s_k, bh, c)
+
+
+def compress_groups_screened(est_row, sk_row, s_k_row, groups, cut, idx):
+    """:func:`compress_groups` with a float32 screen (``s_k_row = sk_row / 256``, float32):
+    the same kept indices and count (Numba only)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(compress_groups_screened, jit_options={"nogil": True})
+def _compress_groups_screened_typed(est_row, sk_row, s_k_row, groups, cut, idx):
+    if AVAILABLE:
+        return lambda est_row, sk_row, s_k_row, groups, cut, idx: _compress_groups_screened(
+            est_row, sk_row, s_k_row, groups, cut, idx)
+    return lambda est_row, sk_row, s_k_row, groups, cut, idx: _compress_groups_plain(
+        est_row, sk_row, groups, cut, idx)
