@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import aligned_rows, bits_dtype, exp_block, gather_axpy
+from .._cpu_math import aligned_rows, bits_dtype, exp_block, exp_scalar, gather_axpy
 from .._jit import njit
 from . import vnni
 from .naive import MODES
@@ -297,12 +297,13 @@ def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores
                     sval += np.float64(bias[slot, r0 + i if row_bias else 0, j])
                 sc[i, t] = sval
                 smax = max(smax, sc[i, t])
-        for t in range(n):
-            sc[i, t] -= smax
-        exp_block(sc[i:i + 1], bits, 1, n)
+        tot[i] = smax
+        top = tot[i]  # (in the scores' dtype: the same differences as an in-place subtract)
         total = sc[i, 0] * 0
-        for t in range(n):
-            total += sc[i, t]
+        for t in range(n):  # one pass: shifted score, exp and the row sum
+            e = exp_scalar(sc[i, t] - top)
+            sc[i, t] = e
+            total += e
         tot[i] = total
     if not do_pv:  # (benchmarks: the kept scores and softmax alone)
         return
