@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mcattn import config  # noqa: E402
 from mcattn._cpu import _blas_one_thread  # noqa: E402
 from mcattn._jit import njit  # noqa: E402
-from mcattn.exact.cpu import _exact_tasks, _transpose_key_blocks  # noqa: E402
+from mcattn.exact.cpu import _exact_tasks, _score_unit, _transpose_key_blocks  # noqa: E402
 
 
 @njit(nogil=True, cache=True)
@@ -73,8 +73,9 @@ def main(argv=None):
     q, k, v = (rng.standard_normal((args.heads, n, d), dtype=np.float32) for _ in range(3))
     tq, tk, tv = (torch.from_numpy(a)[None] for a in (q, k, v))
     scale = np.float32(d**-0.5)
-    bq = max(1, min(int(config.CPU_BLOCK_Q), n))
-    bk = max(1, min(int(config.CPU_BLOCK_K), n))
+    bq = max(1, min(int(config.EXACT_CPU_BLOCK_Q), n))
+    bk = max(1, min(int(config.EXACT_CPU_BLOCK_K), n))
+    diag = max(1, int(config.EXACT_CPU_DIAG_K))
     tasks = args.heads * (-(-n // bq))
     out = np.zeros_like(q)
     lse = np.zeros((args.heads, n), np.float32)
@@ -83,9 +84,12 @@ def main(argv=None):
 
     kt = np.empty((args.heads, n * d), np.float32)
 
+    q_unit, lse_unit = _score_unit(np.float32)
+    kscale, kunit = np.float32(d**-0.5 * q_unit), np.float32(lse_unit)
+
     def kernel():
-        _exact_tasks(q, k, v, out, lse, scale, no_bias, no_index, False, args.causal, bq, bk,
-                     np.int32, 0, tasks)
+        _exact_tasks(q, k, v, out, lse, kscale, kunit, no_bias, no_index, False, args.causal, bq,
+                     bk, diag, np.int32, 0, tasks)
 
     def gemms():
         for h in range(args.heads):
