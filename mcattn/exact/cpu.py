@@ -13,12 +13,11 @@ memory is ``O(N d)`` whatever ``N`` is; with ``is_causal`` the key blocks after 
 import math
 
 import numpy as np
-
-from .. import config
-from .._cpu import run_tasks
 from numba import types
 from numba.extending import overload
 
+from .. import config
+from .._cpu import run_tasks
 from .._cpu_math import bits_dtype, exp_block, online_softmax_tile, online_softmax_tile_exp2
 from .._jit import njit
 
@@ -28,10 +27,15 @@ _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math as
 
 
 @njit(nogil=True, cache=True)
-def _transpose_key_blocks(k, bh, block_k, kt):
-    """``kt[d j0 : d j1] = k[bh, j0:j1].T`` (row-major ``[d, j1 - j0]``) per key block."""
+def _transpose_key_blocks(k, bh, block_k, kt, start=0, stop=-1):
+    """``kt[d j0 : d j1] = k[bh, j0:j1].T`` (row-major ``[d, j1 - j0]``) per key block.
+
+    Only the blocks from ``start`` (a multiple of ``block_k``) to the one holding key
+    ``stop - 1`` (all of them with ``stop < 0``).
+    """
     nk, d = k.shape[1], k.shape[2]
-    for j0 in range(0, nk, block_k):
+    end = nk if stop < 0 else min(nk, stop)
+    for j0 in range(start, end, block_k):
         j1 = min(nk, j0 + block_k)
         ncols = j1 - j0
         blk = kt[d * j0 : d * j1].reshape((d, ncols))
@@ -91,6 +95,7 @@ def _exact_tasks(q, k, v, out, lse, scale, lse_unit, bias, mask_index, has_bias,
     # (a thread's tasks are consecutive: about once per row and call).
     kt = np.empty(nk * d, q.dtype)
     kt_row = -1
+    kt_end = 0  # keys [0, kt_end) of batch row kt_row are in kt
     bits = np.empty((1, 1), bits_type)  # online_softmax_tile's exp needs no scratch
     qs = np.empty((block_q, d), q.dtype)
     acc = np.empty((block_q, dv), q.dtype)
@@ -102,7 +107,10 @@ def _exact_tasks(q, k, v, out, lse, scale, lse_unit, bias, mask_index, has_bias,
     neg_inf = -np.inf
     for task in range(t0, t1):
         bh = task // n_qblocks
-        i0 = (task % n_qblocks) * block_q
+        # Causal: a batch row's most expensive (last) query blocks first, so that the
+        # threads end the call on cheap tasks (the chunks are taken in order).
+        qb = task % n_qblocks
+        i0 = (n_qblocks - 1 - qb if is_causal else qb) * block_q
         i1 = min(nq, i0 + block_q)
         nrows = i1 - i0
         for i in range(nrows):
@@ -112,11 +120,14 @@ def _exact_tasks(q, k, v, out, lse, scale, lse_unit, bias, mask_index, has_bias,
             l[i] = 0.0
             for c in range(dv):
                 acc[i, c] = 0.0
-        if bh != kt_row:
-            _transpose_key_blocks(k, bh, block_k, kt)
-            kt_row = bh
-        slot = mask_index[bh] if has_bias else 0
         key_end = min(nk, i1) if is_causal else nk
+        if bh != kt_row:
+            kt_row = bh
+            kt_end = 0
+        if kt_end < key_end:  # causal: only the key blocks this task needs, once
+            _transpose_key_blocks(k, bh, block_k, kt, kt_end, key_end)
+            kt_end = min(nk, (key_end + block_k - 1) // block_k * block_k)
+        slot = mask_index[bh] if has_bias else 0
         for j0 in range(0, key_end, block_k):
             # Whole key blocks, as stored in kt (causal: the tile masks keys after a query).
             j1 = min(nk, j0 + block_k)
@@ -193,7 +204,9 @@ def forward_lse(inp):
     q_unit, lse_unit = _score_unit(q.dtype)
     run_tasks(_exact_tasks, n_tasks, q, k, v, out, lse, q.dtype.type(inp.scale * q_unit),
               q.dtype.type(lse_unit), bias, mask_index, has_bias, bool(inp.mask.is_causal), block_q,
-              block_k, diag_k, bits_dtype(q.dtype))
+              block_k, diag_k, bits_dtype(q.dtype),
+              # causal tasks differ in cost up to Nq / block_q times: smaller chunks
+              chunks_per_thread=16 if inp.mask.is_causal else 4)
     return out, lse
 
 
