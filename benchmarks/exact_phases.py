@@ -26,12 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mcattn import config  # noqa: E402
 from mcattn._cpu import _blas_one_thread  # noqa: E402
 from mcattn._jit import njit  # noqa: E402
-from mcattn.exact.cpu import _exact_tasks, _transpose_key_blocks  # noqa: E402
+from mcattn.exact.cpu import _exact_tasks, _score_unit, _transpose_key_blocks  # noqa: E402
 
 
 @njit(nogil=True, cache=True)
-def _gemms_only(q, kt, v, scale, block_q, block_k, is_causal):
-    """The kernel's loop over (query block, key block) with only its two BLAS products."""
+def _gemms_only(q, kt, v, scale, block_q, block_k, diag_k, is_causal):
+    """The kernel's loop over (query block, key block) with only its two BLAS products
+    (causal: the diagonal block in strips of ``diag_k`` keys, as the kernel)."""
     bh_count, nq, d = q.shape
     nk = v.shape[1]
     dv = v.shape[2]
@@ -49,6 +50,16 @@ def _gemms_only(q, kt, v, scale, block_q, block_k, is_causal):
             key_end = min(nk, i1) if is_causal else nk
             for j0 in range(0, key_end, block_k):
                 j1 = min(nk, j0 + block_k)  # whole blocks, as the kernel
+                if is_causal and j1 - 1 > i0 and diag_k < j1 - j0:
+                    kblk = kt[bh, d * j0 : d * j1].reshape((d, j1 - j0))
+                    for c0 in range(j0, min(j1, i1), diag_k):
+                        w = min(j1, c0 + diag_k) - c0
+                        r0 = max(i0, c0) - i0
+                        ktd = np.ascontiguousarray(kblk[:, c0 - j0 : c0 - j0 + w])
+                        s = s_buf[: (nrows - r0) * w].reshape((nrows - r0, w))
+                        np.dot(qs[r0:nrows], ktd, s)
+                        np.dot(s, v[bh, c0 : c0 + w], pv[: nrows - r0])
+                    continue
                 s = s_buf[: nrows * (j1 - j0)].reshape((nrows, j1 - j0))
                 np.dot(qs[:nrows], kt[bh, d * j0 : d * j1].reshape((d, j1 - j0)), s)
                 np.dot(s, v[bh, j0:j1], pv[:nrows])
@@ -73,8 +84,9 @@ def main(argv=None):
     q, k, v = (rng.standard_normal((args.heads, n, d), dtype=np.float32) for _ in range(3))
     tq, tk, tv = (torch.from_numpy(a)[None] for a in (q, k, v))
     scale = np.float32(d**-0.5)
-    bq = max(1, min(int(config.CPU_BLOCK_Q), n))
-    bk = max(1, min(int(config.CPU_BLOCK_K), n))
+    bq = max(1, min(int(config.EXACT_CPU_BLOCK_Q), n))
+    bk = max(1, min(int(config.EXACT_CPU_BLOCK_K), n))
+    diag = max(1, int(config.EXACT_CPU_DIAG_K))
     tasks = args.heads * (-(-n // bq))
     out = np.zeros_like(q)
     lse = np.zeros((args.heads, n), np.float32)
@@ -83,14 +95,17 @@ def main(argv=None):
 
     kt = np.empty((args.heads, n * d), np.float32)
 
+    q_unit, lse_unit = _score_unit(np.float32)
+    kscale, kunit = np.float32(d**-0.5 * q_unit), np.float32(lse_unit)
+
     def kernel():
-        _exact_tasks(q, k, v, out, lse, scale, no_bias, no_index, False, args.causal, bq, bk,
-                     np.int32, 0, tasks)
+        _exact_tasks(q, k, v, out, lse, kscale, kunit, no_bias, no_index, False, args.causal, bq,
+                     bk, diag, np.int32, 0, tasks)
 
     def gemms():
         for h in range(args.heads):
             _transpose_key_blocks(k, h, bk, kt[h])
-        _gemms_only(q, kt, v, scale, bq, bk, args.causal)
+        _gemms_only(q, kt, v, scale, bq, bk, diag, args.causal)
 
     def sdpa():
         with torch.no_grad():

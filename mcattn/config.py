@@ -11,10 +11,21 @@ import os
 #: Threads the CPU (Numba) kernels run on. ``None`` means ``os.cpu_count()``.
 NUM_THREADS = None
 
-#: Query rows per task of the CPU exact-attention kernel.
+#: Query rows per task of the CPU E-Att kernel (mcattn.eatt.cpu).
 CPU_BLOCK_Q = 256
-#: Keys per streamed block of the CPU exact-attention kernel (S block is BLOCK_Q x BLOCK_K).
+#: Keys per streamed block of the CPU E-Att kernel (S block is BLOCK_Q x BLOCK_K).
 CPU_BLOCK_K = 512
+
+#: Query rows per task of the CPU exact-attention forward (mcattn.exact.cpu). Measured
+#: (one thread, N = 4096, d = 64, docs/benchmarks.md): 512 x 512 blocks run the kernel
+#: about 5 % faster than 256 x 512 (OpenBLAS multiplies larger panels faster).
+EXACT_CPU_BLOCK_Q = 512
+#: Keys per streamed block of the CPU exact-attention forward (S block is BLOCK_Q x BLOCK_K).
+EXACT_CPU_BLOCK_K = 512
+#: With ``is_causal``, the key block on the diagonal is split into column strips of this
+#: many keys (each multiplied only with the query rows that see some of its keys), so
+#: that about half of the diagonal block's products are skipped rather than masked.
+EXACT_CPU_DIAG_K = 128
 
 #: Query and key rows per block of the CPU exact-attention backward (one batch row per task).
 CPU_BWD_BLOCK_Q = 128

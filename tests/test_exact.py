@@ -29,6 +29,9 @@ def small_blocks(monkeypatch):
     """Force several blocks even on small inputs, so that streaming is exercised."""
     monkeypatch.setattr(config, "CPU_BLOCK_Q", 7)
     monkeypatch.setattr(config, "CPU_BLOCK_K", 5)
+    monkeypatch.setattr(config, "EXACT_CPU_BLOCK_Q", 7)
+    monkeypatch.setattr(config, "EXACT_CPU_BLOCK_K", 5)
+    monkeypatch.setattr(config, "EXACT_CPU_DIAG_K", 2)
     monkeypatch.setattr(config, "NUMPY_BLOCK_K", 5)
     monkeypatch.setattr(config, "NUMPY_MAX_BLOCK_ELEMENTS", 64)
 
@@ -120,7 +123,7 @@ def test_float16_computes_in_float32_and_returns_float16(backend):
 def test_results_do_not_depend_on_thread_count(monkeypatch):
     rng = np.random.default_rng(7)
     q, k, v = _qkv(rng, (3, 2), 300, 300, 32, 32, np.float32)
-    monkeypatch.setattr(config, "CPU_BLOCK_Q", 32)
+    monkeypatch.setattr(config, "EXACT_CPU_BLOCK_Q", 32)
     outs = []
     for threads in (1, 2, 3):
         monkeypatch.setattr(config, "NUM_THREADS", threads)

@@ -13,10 +13,12 @@ memory is ``O(N d)`` whatever ``N`` is; with ``is_causal`` the key blocks after 
 import math
 
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import bits_dtype, exp_block, online_softmax_tile
+from .._cpu_math import bits_dtype, exp_block, online_softmax_tile, online_softmax_tile_exp2
 from .._jit import njit
 
 __all__ = ["forward", "forward_lse", "backward"]
@@ -25,10 +27,15 @@ _FLAGS = {"nsz", "contract", "reassoc"}  # order of sums only; no finite-math as
 
 
 @njit(nogil=True, cache=True)
-def _transpose_key_blocks(k, bh, block_k, kt):
-    """``kt[d j0 : d j1] = k[bh, j0:j1].T`` (row-major ``[d, j1 - j0]``) per key block."""
+def _transpose_key_blocks(k, bh, block_k, kt, start=0, stop=-1):
+    """``kt[d j0 : d j1] = k[bh, j0:j1].T`` (row-major ``[d, j1 - j0]``) per key block.
+
+    Only the blocks from ``start`` (a multiple of ``block_k``) to the one holding key
+    ``stop - 1`` (all of them with ``stop < 0``).
+    """
     nk, d = k.shape[1], k.shape[2]
-    for j0 in range(0, nk, block_k):
+    end = nk if stop < 0 else min(nk, stop)
+    for j0 in range(start, end, block_k):
         j1 = min(nk, j0 + block_k)
         ncols = j1 - j0
         blk = kt[d * j0 : d * j1].reshape((d, ncols))
@@ -37,10 +44,46 @@ def _transpose_key_blocks(k, bh, block_k, kt):
                 blk[c, j] = k[bh, j0 + j, c]
 
 
+def _fold_tile(s, bits, v_tile, prod, alpha, m, l, acc, bias, slot, has_bias, row_bias, is_causal,
+               i0, j0, nrows, ncols):
+    """One tile into the streaming softmax, by dtype (Numba only): float32 base-2 scores
+    (:func:`mcattn._cpu_math.online_softmax_tile_exp2`), float64 base-e with libm ``exp``
+    (:func:`mcattn._cpu_math.online_softmax_tile`)."""
+    raise NotImplementedError("only callable from Numba-compiled code")
+
+
+@overload(_fold_tile, jit_options={"nogil": True})
+def _fold_tile_typed(s, bits, v_tile, prod, alpha, m, l, acc, bias, slot, has_bias, row_bias,
+                     is_causal, i0, j0, nrows, ncols):
+    if s.dtype == types.float32:
+        def impl(s, bits, v_tile, prod, alpha, m, l, acc, bias, slot, has_bias, row_bias, is_causal,
+                 i0, j0, nrows, ncols):
+            online_softmax_tile_exp2(s, v_tile, prod, alpha, m, l, acc, bias, slot, has_bias,
+                                     row_bias, is_causal, i0, j0, nrows, ncols)
+        return impl
+
+    def impl64(s, bits, v_tile, prod, alpha, m, l, acc, bias, slot, has_bias, row_bias, is_causal,
+               i0, j0, nrows, ncols):
+        online_softmax_tile(s, s, bits, v_tile, prod, m, l, acc, bias, slot, has_bias, row_bias,
+                            is_causal, i0, j0, nrows, ncols)
+    return impl64
+
+
+def _score_unit(dtype):
+    """``(query factor, lse factor)``: float32 scores are base-2 logits (``scale log2 e``)."""
+    return (math.log2(math.e), math.log(2.0)) if np.dtype(dtype) == np.float32 else (1.0, 1.0)
+
+
 @njit(nogil=True, cache=True, fastmath=_FLAGS)
-def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal, block_q, block_k,
-                 bits_type, t0, t1):
-    """Tasks = (batch row, block of queries), those of one batch row consecutive."""
+def _exact_tasks(q, k, v, out, lse, scale, lse_unit, bias, mask_index, has_bias, is_causal, block_q,
+                 block_k, diag_k, bits_type, t0, t1):
+    """Tasks = (batch row, block of queries), those of one batch row consecutive.
+
+    ``scale`` multiplies the queries (for float32 it includes log2(e): base-2 scores);
+    ``lse_unit`` turns the running maximum back into natural-log units (ln 2, or 1).
+    With ``is_causal``, a key block that holds keys after some of the block's queries is
+    taken in strips of ``diag_k`` keys, each with only the query rows that see a key of it.
+    """
     bh_count, nq, d = q.shape
     nk = v.shape[1]
     dv = v.shape[2]
@@ -52,16 +95,22 @@ def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal
     # (a thread's tasks are consecutive: about once per row and call).
     kt = np.empty(nk * d, q.dtype)
     kt_row = -1
+    kt_end = 0  # keys [0, kt_end) of batch row kt_row are in kt
     bits = np.empty((1, 1), bits_type)  # online_softmax_tile's exp needs no scratch
     qs = np.empty((block_q, d), q.dtype)
     acc = np.empty((block_q, dv), q.dtype)
     pv = np.empty((block_q * dv,), q.dtype)
     m = np.empty(block_q, q.dtype)
     l = np.empty(block_q, q.dtype)
+    alpha = np.empty(block_q, q.dtype)
+    ktd_buf = np.empty(d * min(diag_k, block_k), q.dtype)  # one strip of K^T, contiguous
     neg_inf = -np.inf
     for task in range(t0, t1):
         bh = task // n_qblocks
-        i0 = (task % n_qblocks) * block_q
+        # Causal: a batch row's most expensive (last) query blocks first, so that the
+        # threads end the call on cheap tasks (the chunks are taken in order).
+        qb = task % n_qblocks
+        i0 = (n_qblocks - 1 - qb if is_causal else qb) * block_q
         i1 = min(nq, i0 + block_q)
         nrows = i1 - i0
         for i in range(nrows):
@@ -71,30 +120,52 @@ def _exact_tasks(q, k, v, out, lse, scale, bias, mask_index, has_bias, is_causal
             l[i] = 0.0
             for c in range(dv):
                 acc[i, c] = 0.0
-        if bh != kt_row:
-            _transpose_key_blocks(k, bh, block_k, kt)
-            kt_row = bh
-        slot = mask_index[bh] if has_bias else 0
         key_end = min(nk, i1) if is_causal else nk
+        if bh != kt_row:
+            kt_row = bh
+            kt_end = 0
+        if kt_end < key_end:  # causal: only the key blocks this task needs, once
+            _transpose_key_blocks(k, bh, block_k, kt, kt_end, key_end)
+            kt_end = min(nk, (key_end + block_k - 1) // block_k * block_k)
+        slot = mask_index[bh] if has_bias else 0
         for j0 in range(0, key_end, block_k):
             # Whole key blocks, as stored in kt (causal: the tile masks keys after a query).
             j1 = min(nk, j0 + block_k)
             ncols = j1 - j0
+            if is_causal and j1 - 1 > i0 and diag_k < ncols:
+                # The diagonal block in strips: rows before a strip's first key see none of
+                # it and are skipped (about half the block's products at 128 of 512).
+                kblk = kt[d * j0 : d * j1].reshape((d, ncols))
+                for c0 in range(j0, min(j1, i1), diag_k):
+                    c1 = min(j1, c0 + diag_k)
+                    w = c1 - c0
+                    r0 = max(i0, c0) - i0
+                    rows = nrows - r0
+                    ktd = ktd_buf[: d * w].reshape((d, w))
+                    for c in range(d):
+                        for j in range(w):
+                            ktd[c, j] = kblk[c, c0 - j0 + j]
+                    s = score_buf[: rows * w].reshape((rows, w))
+                    np.dot(qs[r0:nrows], ktd, s)
+                    prod = pv[: rows * dv].reshape((rows, dv))
+                    _fold_tile(s, bits, v[bh, c0:c1], prod, alpha[r0:], m[r0:], l[r0:], acc[r0:],
+                               bias, slot, has_bias, row_bias, is_causal, i0 + r0, c0, rows, w)
+                continue
             s = score_buf[: nrows * ncols].reshape((nrows, ncols))
             # K^T blocks row-major: OpenBLAS packs them faster than k[bh, j0:j1].T
             # (one thread, 256 x 64 x 512: 90-92 against 85 GFLOP/s).
             np.dot(qs[:nrows], kt[d * j0 : d * j1].reshape((d, ncols)), s)
             prod = pv[: nrows * dv].reshape((nrows, dv))
             # The probabilities overwrite the scores: one tile-sized buffer.
-            online_softmax_tile(s, s, bits, v[bh, j0:j1], prod, m, l, acc, bias, slot, has_bias,
-                                row_bias, is_causal, i0, j0, nrows, ncols)
+            _fold_tile(s, bits, v[bh, j0:j1], prod, alpha, m, l, acc, bias, slot, has_bias,
+                       row_bias, is_causal, i0, j0, nrows, ncols)
         for i in range(nrows):
             inv = 1.0 / l[i] if l[i] > 0 else 0.0
             for c in range(dv):
                 out[bh, i0 + i, c] = acc[i, c] * inv
             # Row log-sum-exp of the scaled, masked scores (-inf for a row with no visible
-            # key), saved for the backward pass.
-            lse[bh, i0 + i] = m[i] + math.log(l[i]) if l[i] > 0 else neg_inf
+            # key), saved for the backward pass; float64: lse_unit is 1, m[i] * 1 exact.
+            lse[bh, i0 + i] = m[i] * lse_unit + math.log(l[i]) if l[i] > 0 else neg_inf
 
 
 def forward(inp):
@@ -123,14 +194,19 @@ def forward_lse(inp):
     lse = np.full((bh, nq), -np.inf, dtype=q.dtype)
     if bh == 0 or nq == 0 or inp.nk == 0:
         return out, lse
-    block_q = max(1, min(int(config.CPU_BLOCK_Q), nq))
-    block_k = max(1, min(int(config.CPU_BLOCK_K), inp.nk))
+    block_q = max(1, min(int(config.EXACT_CPU_BLOCK_Q), nq))
+    block_k = max(1, min(int(config.EXACT_CPU_BLOCK_K), inp.nk))
+    diag_k = max(1, int(config.EXACT_CPU_DIAG_K))
     has_bias = inp.mask.bias is not None
     bias = inp.mask.bias if has_bias else np.zeros((1, 1, 1), q.dtype)
     mask_index = inp.mask.mask_index if has_bias else np.zeros(1, np.int64)
     n_tasks = bh * ((nq + block_q - 1) // block_q)
-    run_tasks(_exact_tasks, n_tasks, q, k, v, out, lse, q.dtype.type(inp.scale), bias, mask_index,
-              has_bias, bool(inp.mask.is_causal), block_q, block_k, bits_dtype(q.dtype))
+    q_unit, lse_unit = _score_unit(q.dtype)
+    run_tasks(_exact_tasks, n_tasks, q, k, v, out, lse, q.dtype.type(inp.scale * q_unit),
+              q.dtype.type(lse_unit), bias, mask_index, has_bias, bool(inp.mask.is_causal), block_q,
+              block_k, diag_k, bits_dtype(q.dtype),
+              # causal tasks differ in cost up to Nq / block_q times: smaller chunks
+              chunks_per_thread=16 if inp.mask.is_causal else 4)
     return out, lse
 
 
