@@ -11,6 +11,8 @@ always computes the same rows in the same order.
 """
 
 import contextlib
+import ctypes
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +26,92 @@ _lock = threading.Lock()
 _pool = None
 _pool_size = 0
 _controller = None
+
+
+def _load_getcpu():
+    """libc's ``sched_getcpu`` (the CPU the calling thread runs on), or None off Linux."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = []
+    return fn
+
+
+_getcpu = _load_getcpu()
+_placed = threading.local()  # a pool thread's affinity as last set by _keep_off
+
+
+def _hold_cpu():
+    """Where to keep the calling thread: ``(cpu, its affinity)`` for :func:`_pin`,
+    :func:`_keep_off` and :func:`_release`, or None (not Linux, one CPU allowed, or
+    ``config.CPU_SPREAD_THREADS`` off).
+
+    Why: a kernel that packs wake-ups onto busy CPUs (some virtual machines', to leave idle
+    vCPUs asleep) wakes the pool thread on the caller's CPU, and the caller, woken by the
+    pool thread at the end of the call, on the pool thread's: after a pause both then share
+    one core until the load balancer separates them, tens of milliseconds later (the first
+    6-layer MCA calls after 0.15 s of sleep took 1.5x as long; docs/mca.md, "Speed on the
+    CPU"). Moving only the pool thread does not help: the two chase each other.
+    """
+    if _getcpu is None or not config.CPU_SPREAD_THREADS:
+        return None
+    try:
+        allowed = os.sched_getaffinity(0)
+    except OSError:
+        return None
+    cpu = _getcpu()
+    if len(allowed) < 2 or cpu not in allowed:
+        return None
+    return cpu, allowed
+
+
+def _pin(held):
+    """Keep the calling thread on CPU ``held[0]`` until :func:`_release` (after the pool
+    threads are started: threads inherit the affinity of the thread that starts them)."""
+    if held is None:
+        return None
+    try:
+        os.sched_setaffinity(0, (held[0],))
+    except OSError:  # (a sandbox may forbid it: placement is left to the scheduler)
+        return None
+    return held
+
+
+def _keep_off(held):
+    """Keep the calling pool thread off the caller's CPU ``held[0]`` (moved at once if it
+    is there). The thread keeps that affinity after the call: set again only when the
+    caller's CPU changes, one system call of about 2 microseconds."""
+    cpu, allowed = held
+    want = allowed - {cpu}
+    if getattr(_placed, "mask", None) == want:
+        return
+    try:
+        if getattr(_placed, "mask", None) is None:
+            _placed.free = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, want)
+        _placed.mask = want
+    except OSError:
+        pass
+
+
+def _unplace():
+    """Give a pool thread that :func:`_keep_off` placed its old affinity back (for
+    :func:`map_threads`, whose items run on pool threads only, all of whose CPUs count)."""
+    if getattr(_placed, "mask", None) is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, _placed.free)
+        _placed.mask = None
+
+
+def _release(held):
+    """Give the calling thread back the affinity :func:`_hold_cpu` found."""
+    if held is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, held[1])
 
 
 def _get_pool(n):
@@ -73,7 +161,9 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None, blas=Tru
     -----
     The calling thread works too: it and ``threads - 1`` pool threads take chunks, in
     order, from a shared counter until none is left. So a descheduled thread (a busy
-    machine) delays only the chunk it holds, and one wake-up per call is saved.
+    machine) delays only the chunk it holds, and one wake-up per call is saved. With
+    ``config.CPU_SPREAD_THREADS`` (Linux) the calling thread is held on its CPU for the
+    call and the pool threads are kept off it (:func:`_hold_cpu` says why).
     """
     if num_tasks <= 0:
         return
@@ -88,8 +178,11 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None, blas=Tru
         bounds = [num_tasks * c // n_chunks for c in range(n_chunks + 1)]
         chunks = iter(range(n_chunks))
         take = threading.Lock()
+        held = _hold_cpu()
 
-        def worker():
+        def worker(helper=True):
+            if helper and held is not None:
+                _keep_off(held)
             while True:
                 with take:
                     c = next(chunks, None)
@@ -99,14 +192,19 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None, blas=Tru
 
         pool = _get_pool(threads - 1)
         futures = [pool.submit(worker) for _ in range(threads - 1)]
+        pinned = _pin(held)
         try:
-            worker()
+            worker(False)
         finally:
-            for f in futures:
-                # A helper that never started has nothing left to do: drop it rather than
-                # wait for a free pool thread (none may come when run_tasks is nested).
-                if not f.cancel():
-                    f.result()
+            try:
+                for f in futures:
+                    # A helper that never started has nothing left to do: drop it rather
+                    # than wait for a free pool thread (none may come when run_tasks is
+                    # nested).
+                    if not f.cancel():
+                        f.result()
+            finally:
+                _release(pinned)
 
 
 def map_threads(fn, items):
@@ -124,5 +222,10 @@ def map_threads(fn, items):
     with _blas_one_thread():
         if threads == 1:
             return [fn(item) for item in items]
-        return list(_get_pool(threads).map(fn, items))
+
+        def run(item):
+            _unplace()
+            return fn(item)
+
+        return list(_get_pool(threads).map(run, items))
 

@@ -72,6 +72,13 @@ def num_threads():
 #: microseconds, more than such a call.
 CPU_SERIAL_WORK = 1 << 17
 
+#: During a multi-threaded kernel call (mcattn._cpu.run_tasks), keep the calling thread on
+#: its CPU and the pool threads off it (Linux thread affinity; the caller's is restored
+#: when the call returns). Some kernels pack wake-ups onto busy CPUs (virtual machines
+#: whose idle vCPUs are left asleep): after a pause the pool thread then shares the
+#: caller's core for tens of milliseconds. False leaves placement to the scheduler.
+CPU_SPREAD_THREADS = True
+
 #: Random feature attention (mcattn.rfa): tokens per chunk of the chunked causal/gated
 #: form (exact products inside a chunk, a carried state between chunks).
 RFA_CHUNK_SIZE = 64

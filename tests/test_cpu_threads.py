@@ -1,11 +1,12 @@
 """The CPU kernels' task runner (mcattn._cpu.run_tasks)."""
 
+import os
 import threading
 
 import numpy as np
 import pytest
 
-from mcattn import config
+from mcattn import _cpu, config
 from mcattn._cpu import map_threads, run_tasks
 
 
@@ -99,3 +100,53 @@ def test_nested_calls_from_pool_threads_finish(monkeypatch):
     thread.join(timeout=30)
     assert not thread.is_alive(), "nested run_tasks deadlocked"
     assert len(done) == 4 * 4 * 6 and sorted(set(done)) == list(range(6))
+
+
+_affinity = pytest.mark.skipif(
+    _cpu._getcpu is None or not hasattr(os, "sched_getaffinity")
+    or len(os.sched_getaffinity(0)) < 2, reason="needs Linux thread affinity and 2 CPUs")
+
+
+def _placement_kernel(seen):
+    def kernel(t0, t1):
+        seen.append((threading.get_ident(), frozenset(os.sched_getaffinity(0)), _cpu._getcpu()))
+        threading.Event().wait(0.002)  # long enough that the pool thread takes chunks too
+
+    return kernel
+
+
+@_affinity
+def test_pool_threads_run_off_the_callers_cpu(monkeypatch):
+    """CPU_SPREAD_THREADS: during the call the caller is held on its CPU and the pool thread
+    kept off it; afterwards the caller's affinity is what it was."""
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(config, "CPU_SPREAD_THREADS", True)
+    me = threading.get_ident()
+    before = os.sched_getaffinity(0)
+    for _ in range(20):  # until the pool thread takes a chunk (up to the scheduler)
+        seen = []
+        run_tasks(_placement_kernel(seen), 16, chunks_per_thread=8)
+        assert os.sched_getaffinity(0) == before
+        mine = {mask for ident, mask, _ in seen if ident == me}
+        assert len(mine) == 1 and len(next(iter(mine))) == 1
+        (held,) = next(iter(mine))
+        helpers = [(mask, cpu) for ident, mask, cpu in seen if ident != me]
+        for mask, cpu in helpers:
+            assert held not in mask and cpu != held and mask == frozenset(before) - {held}
+        if helpers:
+            break
+    else:
+        pytest.skip("the pool thread never took a chunk")
+    # map_threads' items run on pool threads alone: they get every CPU back
+    assert set(map_threads(lambda i: frozenset(os.sched_getaffinity(0)), range(8))) == {
+        frozenset(before)}
+
+
+@_affinity
+def test_spread_off_leaves_affinity_alone(monkeypatch):
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(config, "CPU_SPREAD_THREADS", False)
+    before = frozenset(os.sched_getaffinity(0))
+    seen = []
+    run_tasks(_placement_kernel(seen), 16, chunks_per_thread=8)
+    assert {mask for ident, mask, _ in seen if ident == threading.get_ident()} == {before}
