@@ -14,11 +14,17 @@ import contextlib
 import ctypes
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
 from . import config
+from ._jit import njit
 
 __all__ = ["run_tasks", "map_threads"]
 
@@ -114,6 +120,128 @@ def _release(held):
             os.sched_setaffinity(0, held[1])
 
 
+@intrinsic
+def _load_acquire(typingctx, state, index):
+    """``state[index]`` (int64) read with acquire ordering: a load the compiler keeps
+    inside a spin loop (a plain one would be hoisted out of it)."""
+    if not (isinstance(state, types.Array) and state.dtype == types.int64 and state.ndim == 1):
+        return None
+    sig = types.int64(state, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _spin_until(state, index, target, spins, linger):
+    """Read ``state[index]`` until it is ``>= target``, at most ``spins`` times, without the
+    GIL; once it is, ``linger`` more reads (see :class:`_Helper`). Returns whether it was."""
+    for _ in range(spins):
+        if _load_acquire(state, index) >= target:
+            seen = 0
+            for _ in range(linger):
+                seen += _load_acquire(state, index) >= target
+            return seen >= 0
+    return False
+
+
+_spin_ns = None  # nanoseconds per read of _spin_until, measured once
+
+
+def _spins(seconds):
+    """How many reads of :func:`_spin_until` take about ``seconds``."""
+    global _spin_ns
+    if _spin_ns is None:
+        probe = np.zeros(1, np.int64)
+        _spin_until(probe, 0, 1, 1000, 0)  # (compile or load)
+        start = time.perf_counter()
+        _spin_until(probe, 0, 1, 200_000, 0)
+        _spin_ns = max(0.05, (time.perf_counter() - start) * 1e9 / 200_000)
+    return max(0, int(seconds * 1e9 / _spin_ns))
+
+
+class _Helper:
+    """One pool thread of :func:`run_tasks` that spins a little before it sleeps.
+
+    Why: on a virtual machine whose idle vCPUs halt at once, every futex wake-up of a
+    sleeping thread costs 60-90 microseconds (the host has to run the vCPU again), twice
+    per call (the pool thread's start and the caller's wait for it) — 6 of MCA's 6-layer
+    calls of about 4 ms each. So the thread, done with a job, reads its job counter
+    without the GIL for ``config.CPU_SPIN_S`` before it sleeps on a condition, and the
+    caller likewise reads the done counter for up to ``config.CPU_JOIN_SPIN_S`` before it
+    sleeps. Seen, each side keeps reading a little longer (``config.CPU_LINGER_S``,
+    ``CPU_JOIN_LINGER_S``): the other still holds the GIL for a while, and a thread that
+    has to wait for the GIL sleeps on a futex too.
+
+    ``state[0]`` counts the jobs posted, ``state[1]`` those done.
+    """
+
+    def __init__(self):
+        self.state = np.zeros(2, np.int64)
+        self.cv = threading.Condition()
+        self.job = None
+        self.error = None
+        self.thread = threading.Thread(target=self._loop, name="mcattn-helper", daemon=True)
+        self.thread.start()
+
+    def post(self, job):
+        """Start ``job()`` on the thread; returns the number to :meth:`join`."""
+        self.job = job
+        with self.cv:
+            self.state[0] += 1
+            self.cv.notify()
+            return int(self.state[0])
+
+    def join(self, ticket):
+        """Wait until job ``ticket`` is done; raise what it raised."""
+        linger = _spins(config.CPU_JOIN_LINGER_S)
+        if not _spin_until(self.state, 1, ticket, _spins(config.CPU_JOIN_SPIN_S), linger):
+            with self.cv:
+                while self.state[1] < ticket:
+                    self.cv.wait()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def _loop(self):
+        done = 0
+        while True:
+            if not _spin_until(self.state, 0, done + 1, _spins(config.CPU_SPIN_S),
+                               _spins(config.CPU_LINGER_S)):
+                with self.cv:
+                    while self.state[0] <= done:
+                        self.cv.wait()
+            try:
+                self.job()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by join in the caller
+                self.error = exc
+            self.job = None
+            done += 1
+            with self.cv:
+                self.state[1] = done
+                self.cv.notify_all()
+
+
+_helpers = []
+_helpers_busy = threading.Lock()  # one caller at a time: the others run alone
+
+
+def _reset_helpers():
+    """After ``fork`` the child has none of the parent's threads."""
+    global _helpers_busy
+    _helpers.clear()
+    _helpers_busy = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_helpers)
+
+
 def _get_pool(n):
     global _pool, _pool_size
     with _lock:
@@ -190,21 +318,33 @@ def run_tasks(kernel, num_tasks, *args, chunks_per_thread=4, work=None, blas=Tru
                     return
                 kernel(*args, bounds[c], bounds[c + 1])
 
-        pool = _get_pool(threads - 1)
-        futures = [pool.submit(worker) for _ in range(threads - 1)]
-        pinned = _pin(held)
-        try:
+        if not _helpers_busy.acquire(blocking=False):
+            # Another thread's call (or the one this call is nested in) has the helpers:
+            # this one takes every chunk itself.
             worker(False)
-        finally:
+            return
+        try:
+            with _lock:
+                while len(_helpers) < threads - 1:
+                    _helpers.append(_Helper())
+            tickets = [(h, h.post(worker)) for h in _helpers[: threads - 1]]
+            pinned = _pin(held)
             try:
-                for f in futures:
-                    # A helper that never started has nothing left to do: drop it rather
-                    # than wait for a free pool thread (none may come when run_tasks is
-                    # nested).
-                    if not f.cancel():
-                        f.result()
+                worker(False)
             finally:
-                _release(pinned)
+                try:
+                    errors = []
+                    for h, ticket in tickets:
+                        try:
+                            h.join(ticket)
+                        except BaseException as exc:  # noqa: BLE001 - the first one is raised
+                            errors.append(exc)
+                    if errors:
+                        raise errors[0]
+                finally:
+                    _release(pinned)
+        finally:
+            _helpers_busy.release()
 
 
 def map_threads(fn, items):
