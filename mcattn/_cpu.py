@@ -8,6 +8,10 @@ from inside an OpenMP parallel region either warns and risks hanging or oversubs
 the cores; with plain threads and BLAS held to one thread during the call, each core
 runs exactly one kernel thread. Results never depend on the number of threads: a task
 always computes the same rows in the same order.
+
+The pool threads of :func:`run_tasks` are its own (:class:`_Helper`: they spin briefly,
+without the GIL, before they sleep) and are kept off the caller's CPU during a call
+(:func:`_hold_cpu`); :func:`map_threads` uses a ``ThreadPoolExecutor``.
 """
 
 import contextlib

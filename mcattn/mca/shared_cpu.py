@@ -42,7 +42,7 @@ __all__ = ["value_projection", "make_plan", "SharedPlan", "reduced_macs", "token
 
 #: The fewest tokens per apply task (one group per head: uniform budgets): a block of ``x``
 #: (``TOKEN_BLOCK * d_in`` numbers, 384 KB at d_in = 384 in float32) is reused from the
-#: core's L2 by every head. 256 against 128: half the BLAS calls, 3-5 % faster at 20 %
+#: core's L2 by every head. 256 against 128: half the BLAS calls, 2-5 % faster at 20 %
 #: uniform budgets (N = 4096); 512 was slower (its block no longer stays in L2).
 TOKEN_BLOCK = 256
 #: Tokens per apply task for each group per head (see :func:`token_block`).
