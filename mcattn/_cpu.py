@@ -52,7 +52,7 @@ def _load_getcpu():
 
 
 _getcpu = _load_getcpu()
-_placed = threading.local()  # a pool thread's affinity as last set by _keep_off
+_placed = threading.local()  # a helper thread's affinity as last set by _keep_off
 
 
 def _hold_cpu():
@@ -100,21 +100,10 @@ def _keep_off(held):
     if getattr(_placed, "mask", None) == want:
         return
     try:
-        if getattr(_placed, "mask", None) is None:
-            _placed.free = os.sched_getaffinity(0)
         os.sched_setaffinity(0, want)
         _placed.mask = want
     except OSError:
         pass
-
-
-def _unplace():
-    """Give a pool thread that :func:`_keep_off` placed its old affinity back (for
-    :func:`map_threads`, whose items run on pool threads only, all of whose CPUs count)."""
-    if getattr(_placed, "mask", None) is not None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, _placed.free)
-        _placed.mask = None
 
 
 def _release(held):
@@ -366,10 +355,5 @@ def map_threads(fn, items):
     with _blas_one_thread():
         if threads == 1:
             return [fn(item) for item in items]
-
-        def run(item):
-            _unplace()
-            return fn(item)
-
-        return list(_get_pool(threads).map(run, items))
+        return list(_get_pool(threads).map(fn, items))
 

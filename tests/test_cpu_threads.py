@@ -137,7 +137,7 @@ def test_pool_threads_run_off_the_callers_cpu(monkeypatch):
             break
     else:
         pytest.skip("the pool thread never took a chunk")
-    # map_threads' items run on pool threads alone: they get every CPU back
+    # map_threads runs on its own pool threads, which keep every CPU
     assert set(map_threads(lambda i: frozenset(os.sched_getaffinity(0)), range(8))) == {
         frozenset(before)}
 
