@@ -83,6 +83,26 @@ def num_threads():
 #: microseconds, more than such a call.
 CPU_SERIAL_WORK = 1 << 17
 
+#: During a multi-threaded kernel call (mcattn._cpu.run_tasks), keep the calling thread on
+#: its CPU and the pool threads off it (Linux thread affinity; the caller's is restored
+#: when the call returns). Some kernels pack wake-ups onto busy CPUs (virtual machines
+#: whose idle vCPUs are left asleep): after a pause the pool thread then shares the
+#: caller's core for tens of milliseconds. False leaves placement to the scheduler.
+CPU_SPREAD_THREADS = True
+
+#: Seconds a pool thread of mcattn._cpu.run_tasks keeps looking for the next job (without
+#: the GIL, one core busy) before it sleeps; waking a sleeping thread costs tens of
+#: microseconds on a virtual machine (mcattn._cpu._Helper). 0: sleep at once.
+CPU_SPIN_S = 5e-4
+#: Seconds the calling thread looks for the pool threads' end before it sleeps.
+CPU_JOIN_SPIN_S = 2e-3
+#: Seconds a pool thread keeps spinning after it saw a job, and the calling thread after it
+#: saw the pool threads' end: the other side still holds the GIL (the caller until it
+#: enters its own kernel, tens of microseconds; a pool thread a few after its end), and a
+#: thread that waits for the GIL sleeps on a futex too.
+CPU_LINGER_S = 5e-5
+CPU_JOIN_LINGER_S = 5e-6
+
 #: Random feature attention (mcattn.rfa): tokens per chunk of the chunked causal/gated
 #: form (exact products inside a chunk, a carried state between chunks).
 RFA_CHUNK_SIZE = 64

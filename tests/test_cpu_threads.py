@@ -1,11 +1,12 @@
 """The CPU kernels' task runner (mcattn._cpu.run_tasks)."""
 
+import os
 import threading
 
 import numpy as np
 import pytest
 
-from mcattn import config
+from mcattn import _cpu, config
 from mcattn._cpu import map_threads, run_tasks
 
 
@@ -99,3 +100,120 @@ def test_nested_calls_from_pool_threads_finish(monkeypatch):
     thread.join(timeout=30)
     assert not thread.is_alive(), "nested run_tasks deadlocked"
     assert len(done) == 4 * 4 * 6 and sorted(set(done)) == list(range(6))
+
+
+_affinity = pytest.mark.skipif(
+    _cpu._getcpu is None or not hasattr(os, "sched_getaffinity")
+    or len(os.sched_getaffinity(0)) < 2, reason="needs Linux thread affinity and 2 CPUs")
+
+
+def _placement_kernel(seen):
+    def kernel(t0, t1):
+        seen.append((threading.get_ident(), frozenset(os.sched_getaffinity(0)), _cpu._getcpu()))
+        threading.Event().wait(0.002)  # long enough that the pool thread takes chunks too
+
+    return kernel
+
+
+@_affinity
+def test_pool_threads_run_off_the_callers_cpu(monkeypatch):
+    """CPU_SPREAD_THREADS: during the call the caller is held on its CPU and the pool thread
+    kept off it; afterwards the caller's affinity is what it was."""
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(config, "CPU_SPREAD_THREADS", True)
+    me = threading.get_ident()
+    before = os.sched_getaffinity(0)
+    for _ in range(20):  # until the pool thread takes a chunk (up to the scheduler)
+        seen = []
+        run_tasks(_placement_kernel(seen), 16, chunks_per_thread=8)
+        assert os.sched_getaffinity(0) == before
+        mine = {mask for ident, mask, _ in seen if ident == me}
+        assert len(mine) == 1 and len(next(iter(mine))) == 1
+        (held,) = next(iter(mine))
+        helpers = [(mask, cpu) for ident, mask, cpu in seen if ident != me]
+        for mask, cpu in helpers:
+            assert held not in mask and cpu != held and mask == frozenset(before) - {held}
+        if helpers:
+            break
+    else:
+        pytest.skip("the pool thread never took a chunk")
+    # map_threads runs on its own pool threads, which keep every CPU
+    assert set(map_threads(lambda i: frozenset(os.sched_getaffinity(0)), range(8))) == {
+        frozenset(before)}
+
+
+@_affinity
+def test_spread_off_leaves_affinity_alone(monkeypatch):
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(config, "CPU_SPREAD_THREADS", False)
+    before = frozenset(os.sched_getaffinity(0))
+    seen = []
+    run_tasks(_placement_kernel(seen), 16, chunks_per_thread=8)
+    assert {mask for ident, mask, _ in seen if ident == threading.get_ident()} == {before}
+
+
+def test_spin_until_sees_the_counter():
+    state = np.array([3, 0], np.int64)
+    assert _cpu._spin_until(state, 0, 3, 10, 5)
+    assert not _cpu._spin_until(state, 0, 4, 1000, 5)
+    assert not _cpu._spin_until(state, 1, 1, 0, 0)  # no reads: not seen
+
+
+@pytest.mark.parametrize("spin", [0.0, 1e-3])
+def test_helpers_that_sleep_or_spin_run_every_task(monkeypatch, spin):
+    """Pool threads that sleep at once (CPU_SPIN_S = 0, and a caller that sleeps too) or
+    spin first take the same chunks; errors in either come back to the caller."""
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    monkeypatch.setattr(config, "CPU_SPIN_S", spin)
+    monkeypatch.setattr(config, "CPU_JOIN_SPIN_S", spin)
+    for _ in range(5):
+        calls = []
+        run_tasks(_recording_kernel(calls), 13, "z", chunks_per_thread=4)
+        covered = np.zeros(13, int)
+        for _, t0, t1, _ in calls:
+            covered[t0:t1] += 1
+        assert np.all(covered == 1) and len(calls) == 8
+
+    def failing(t0, t1):
+        threading.Event().wait(0.001)
+        if t0 >= 6:
+            raise KeyError(t0)
+
+    with pytest.raises(KeyError):
+        run_tasks(failing, 8, chunks_per_thread=4)
+    run_tasks(lambda t0, t1: None, 8)  # the helpers still work afterwards
+
+
+def test_calls_from_two_threads_at_once(monkeypatch):
+    """One caller at a time has the pool threads; another one meanwhile runs its chunks
+    alone: both finish with every task done once."""
+    monkeypatch.setattr(config, "NUM_THREADS", 2)
+    results = {}
+
+    def call(tag):
+        calls = []
+        for _ in range(10):
+            run_tasks(_placement_free_kernel(calls), 16, chunks_per_thread=4)
+        covered = np.zeros(16, int)
+        for t0, t1 in calls:
+            covered[t0:t1] += 1
+        results[tag] = covered
+
+    threads = [threading.Thread(target=call, args=(tag,)) for tag in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert all(np.all(results[tag] == 10) for tag in "ab")
+
+
+def _placement_free_kernel(calls):
+    lock = threading.Lock()
+
+    def kernel(t0, t1):
+        threading.Event().wait(0.0002)
+        with lock:
+            calls.append((t0, t1))
+
+    return kernel
