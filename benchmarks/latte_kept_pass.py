@@ -14,8 +14,8 @@ of this process, one thread):
 * ``pv``: :func:`mcattn.latte.cpu.weighted_values` (the row's accumulator in registers,
   :func:`mcattn._cpu_math.gather_axpy`) on the same array, and ``pv_aligned`` on a
   64-byte aligned copy (:func:`mcattn._cpu_math.aligned_rows`, what the kernel uses);
-* ``pass``: the whole kept pass on the aligned copy: the int8 score tile a key chunk at a
-  time (VNNI), the scores' scales, the softmax and ``P V``.
+* ``pass``: the whole kept pass on the aligned copy: the kept keys' int8 scores (gathered
+  VNNI dot products, :func:`mcattn.latte.vnni.kept_scores`), the softmax and ``P V``.
 """
 
 import sys
@@ -25,7 +25,7 @@ import numpy as np
 
 from mcattn._cpu_math import aligned_rows
 from mcattn._jit import njit
-from mcattn.latte import cpu, vnni
+from mcattn.latte import cpu
 
 
 @njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
@@ -80,16 +80,12 @@ def main(chunks):
         idxb[i, :cnt[i]] = np.flatnonzero(keep[i])
     q8 = rng.integers(-127, 128, (1, bq, d)).astype(np.int8)
     k8 = rng.integers(-127, 128, (1, nk, d)).astype(np.int8)
-    d4, rows_pad = d // 4, -(-bq // vnni.MR) * vnni.MR
-    kbytes = np.zeros(d4 * nk * 4, np.int8)
-    kw8 = kbytes.view(np.int32).reshape(d4, nk)
-    corr8 = np.zeros(nk, np.int32)
-    vnni.pack_keys(k8, 0, nk, True, kbytes.reshape(d4, nk, 4), kw8, corr8)
-    qbytes = np.zeros(rows_pad * d4 * 4, np.uint8)
-    qw8 = qbytes.view(np.int32).reshape(rows_pad, d4)
-    vnni.pack_queries(q8, 0, 0, bq, True, qbytes.reshape(rows_pad, 4 * d4))
-    sc = rng.random((bq, nk + 1)).astype(np.float32)
-    bits = np.empty((1, nk + 1), np.int32)
+    kpad = aligned_rows(np.zeros((1, 1, d), np.int8), nk)[0]  # (d = 64: one vector per row)
+    corr128 = np.zeros(nk, np.int32)
+    cpu._pad_keys(k8, 0, kpad, corr128)
+    qb8 = (q8[0].astype(np.int32) + 128).astype(np.uint8)
+    dots = np.empty((bq, nk + 32), np.int32)
+    sc = rng.random((bq, nk + 16)).astype(np.float32)
     acc = np.empty((bq, d), np.float32)
     pos = np.zeros(bq, np.int64)
     tot = np.zeros(bq, np.float32)
@@ -102,9 +98,8 @@ def main(chunks):
         pv_args = (0, bq, idxb, cnt, sc, acc, pos, chunk)
         row = [_best(pv_loop, (v,) + pv_args, keys), _best(cpu.weighted_values, (v,) + pv_args, keys),
                _best(cpu.weighted_values, (va,) + pv_args, keys)]
-        s8 = np.empty((rows_pad, -(-chunk // vnni.NR) * vnni.NR), np.float32)
         args = (np.zeros((bq, d), np.float32), np.zeros((1, d), np.float32), va, s_k, 0, 0, bq, cvals,
-                0.125, True, idxb, cnt, sc, bits, acc, pos, tot, chunk, True, s8, qw8, kw8, corr8, out,
+                0.125, True, idxb, cnt, sc, acc, pos, tot, chunk, True, qb8, kpad, corr128, dots, out,
                 bias, 0, False, True)
         row.append(_best(cpu._block_output, args, keys))
         print(f"{chunk:7d}  " + "  ".join(f"{x:.2f}" for x in row), flush=True)

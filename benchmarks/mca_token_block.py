@@ -8,22 +8,13 @@ Usage: ``python benchmarks/mca_token_block.py [--fraction 0.2] [--blocks 128 256
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.bench_mca import dense_projection, sampled_projection, uniform_problem  # noqa: E402
+from mca_batch_phases import _best  # noqa: E402
 
 from mcattn.mca import shared_cpu  # noqa: E402
-
-
-def _best(fn, n=30):
-    best = float("inf")
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main(argv=None):
@@ -34,12 +25,12 @@ def main(argv=None):
     heads, layers = uniform_problem(args.fraction)
     dense = lambda: dense_projection(layers, heads)  # noqa: E731
     dense()
-    print(f"# ms, fraction {args.fraction}; dense {_best(dense):.3f}")
+    print(f"# ms, fraction {args.fraction}; dense {_best(dense, 30):.3f}")
     for block in args.blocks + args.blocks:
         shared_cpu.TOKEN_BLOCK = block
         run = lambda: sampled_projection(layers, heads, True)  # noqa: E731
         run()
-        print(f"TOKEN_BLOCK={block:<5} {_best(run):.3f}")
+        print(f"TOKEN_BLOCK={block:<5} {_best(run, 30):.3f}")
     return 0
 
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import config
 from .._cpu import run_tasks
-from .._cpu_math import aligned_rows, bits_dtype, exp_scalar, gather_axpy
+from .._cpu_math import aligned_rows, exp_scalar, gather_axpy
 from .._jit import njit
 from . import vnni
 from .naive import MODES
@@ -230,7 +230,7 @@ def _gathered_scores(qb8, kpad, corr128, s_k, bh, nrows, idxb, cnt, cvals, dots,
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def _block_output(qblk, krows, vh, s_k, bh, i0, nrows, cvals, scale, int8_scores, idxb, cnt, sc,
-                  bits, acc, pos, tot, chunk, gathered, qb8, kpad, corr128, dots, out, bias, slot,
+                  acc, pos, tot, chunk, gathered, qb8, kpad, corr128, dots, out, bias, slot,
                   has_bias, do_pv):
     """Softmax over each row's kept keys and ``sum p v`` for a block of query rows.
 
@@ -335,7 +335,7 @@ def _pad_keys(k8, bh, kpad, corr128):
 @njit(nogil=True, cache=True)
 def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, theta,
                  mode, int8_scores, bias, mask_index, has_bias, is_causal, block_q, want_mass,
-                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out, bits_type,
+                 do_select, write_mask, do_output, out, kept_out, dropped_out, mask_out,
                  use_vnni, block_k, do_pv, t0, t1):
     bh_count, nq, d = q8.shape
     nk = k8.shape[1]
@@ -381,7 +381,6 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
     idxb = np.empty((pb, nk + 16), np.int32)  # 16 slots of slack: vnni.compress_groups
     cnt = np.zeros(pb, np.int64)
     scb = np.empty((pb, nk + 16), v.dtype)  # 15 slots of slack: vnni.kept_scores
-    bitsb = np.empty((1, nk + 1), bits_type)
     accb = np.empty((pb, dv), v.dtype)
     posb = np.zeros(pb, np.int64)
     totb = np.zeros(pb, v.dtype)
@@ -454,7 +453,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                     qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
             if do_output:
                 _block_output(qblk, kbuf if int8_scores else kf[bh], vh, s_k, bh, i0, nrows, cvals,
-                              scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
+                              scale, int8_scores, idxb, cnt, scb, accb, posb, totb,
                               block_k, gathered, qb8, kpad, corr128, dots, out, bias, slot,
                           has_bias, do_pv)
             continue
@@ -501,7 +500,7 @@ def _latte_tasks(q8, k8, aq, bk, l1q, l1k, qf, kf, v, s_q, s_k, sk256, scale, th
                     qblk[i, cc] = q8[bh, row, cc] if int8_scores else qf[bh, row, cc]
         if do_output:
             _block_output(qblk, kbuf if int8_scores else kf[bh], vh, s_k, bh, i0, nrows, cvals,
-                          scale, int8_scores, idxb, cnt, scb, bitsb, accb, posb, totb,
+                          scale, int8_scores, idxb, cnt, scb, accb, posb, totb,
                           block_k, gathered, qb8, kpad, corr128, dots, out, bias, slot,
                           has_bias, do_pv)
 
@@ -609,7 +608,7 @@ def _run(lat, *, do_output, write_mask, select=True, pv=True):
               256.0 * lat.s_k.astype(np.float64), float(inp.scale),
               lat.theta, MODES[lat.mode], int8_scores, bias, mask_index, has_bias,
               bool(inp.mask.is_causal), block_q, bool(lat.want_mass), select, write_mask, do_output,
-              out, kept, dropped, mask_out, bits_dtype(q.dtype), use_vnni(lat),
+              out, kept, dropped, mask_out, use_vnni(lat),
               max(1, int(config.LATTE_CPU_BLOCK_K)), bool(pv))
     return out, kept, dropped, mask_out
 

@@ -422,7 +422,7 @@ def _transpose_sum(builder, vecs):
     return builder.shuffle_vector(l4, ir.Constant(_V16, None), ir.Constant(_V16, order))
 
 
-def _kept_dots_codegen(context, builder, _unused, iv, qb_a, kp_a, idx_a, t0v, t1v, store):
+def _kept_dots_codegen(context, builder, iv, qb_a, kp_a, idx_a, t0v, t1v, store):
     """The loop of :func:`_kept_dots`: per group of 16 kept keys, ``store(tb, keys, sums)``
     with ``tb`` the group's first slot, ``keys`` the 16 key indices (int64; the tail repeats
     key ``t1 - 1``) and ``sums`` their 16 dot products (int32 x 16, in slot order)."""
@@ -476,7 +476,7 @@ def _kept_dots(typingctx, dots, i, qb, kpad, idx, t0, t1):
         def store(tb, keys, sums):
             builder.store(sums, builder.bitcast(builder.gep(drow, [tb]), ir.PointerType(_V16)), align=4)
 
-        _kept_dots_codegen(context, builder, dots_a, iv, qb_a, kp_a, idx_a, t0v, t1v, store)
+        _kept_dots_codegen(context, builder, iv, qb_a, kp_a, idx_a, t0v, t1v, store)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -551,7 +551,7 @@ def _kept_scores(typingctx, sc, i, qb, kpad, idx, n, corr, s_k, bh, c):
                           align=context.get_abi_sizeof(out_t))
             builder.store(builder.call(vmax, [builder.load(top), val]), top)
 
-        _kept_dots_codegen(context, builder, None, iv, qb_a, kp_a, idx_a, ir.Constant(_I64, 0), nv, store)
+        _kept_dots_codegen(context, builder, iv, qb_a, kp_a, idx_a, ir.Constant(_I64, 0), nv, store)
         red = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(out_t, [o16]),
             f"llvm.vector.reduce.fmax.v16{'f32' if out_t == ir.FloatType() else 'f64'}")
